@@ -1,0 +1,181 @@
+"""The gated MLP, dense and sparse, in the order contract of ``order_contract.py``.
+
+``MLP(x) = (act(x W_gate^T) * (x W_up^T)) W_down^T`` with Hugging Face layouts
+``w_gate``, ``w_up``: [k, d] and ``w_down``: [d, k]. Steps: (1) h1 = act(gate),
+(2) h2 = up, (3) h3 = h1 * h2, (4) out = down(h3).
+
+Sparse modes (``mlp_sparse``):
+* ``predicted``: skip the rows the sign predictor flags in steps 1, 2 and 4.
+* ``predicted+actual``: also skip rows whose h1 is exactly zero in steps 2 and 4 (+AS).
+* ``oracle``: skip exactly the true zero set (h1 == 0) in every step.
+Output bits of ``predicted`` and ``predicted+actual`` are identical (a row with h1 == 0
+contributes a zero h3, which the down projection skips anyway); they differ in work done.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import order_contract as oc
+from .activations import Activation
+from .dtypes import WEIGHT_DTYPES, check_dtype, check_no_nan, dtype_name
+from .errors import SparseInferError
+from .signs import alpha_to_milli, negative_product_counts, pack_signs, words_per_row, zero_rows_from_counts
+
+MODES = ("predicted", "predicted+actual", "oracle")
+SIGN_WORD_BYTES = 4
+
+
+@dataclass
+class MLPTrace:
+    """What one sparse MLP call did. Masks are bool [k]; True = row zero / row computed."""
+
+    mode: str
+    d: int
+    k: int
+    weight_dtype: str
+    alpha_milli: int
+    predicted_zero: np.ndarray   # the skip set used in step 1 (oracle: the true zero set)
+    actual_zero: np.ndarray      # true h1 == 0 (from the full gate, for statistics)
+    computed_gate: np.ndarray    # rows whose W_gate row was read (step 1)
+    computed_up: np.ndarray      # rows whose W_up row was read (steps 2-3)
+    computed_down: np.ndarray    # rows whose W_down^T row was read (step 4)
+
+    @property
+    def rows(self) -> dict:
+        return {"gate": int(self.computed_gate.sum()), "up": int(self.computed_up.sum()),
+                "down": int(self.computed_down.sum())}
+
+    @property
+    def macs(self) -> dict:
+        r = self.rows
+        m = {step: n * self.d for step, n in r.items()}
+        m["total"] = sum(m.values())
+        return m
+
+    @property
+    def predictor_xor_words(self) -> int:
+        """32-bit XOR+popcount operations of the predictor (0 for the oracle)."""
+        return 0 if self.mode == "oracle" else self.k * words_per_row(self.d)
+
+    @property
+    def weight_bytes_read(self) -> dict:
+        itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[self.weight_dtype]
+        b = {step: n * self.d * itemsize for step, n in self.rows.items()}
+        b["predictor"] = self.predictor_xor_words * SIGN_WORD_BYTES
+        b["total"] = sum(b.values())
+        return b
+
+    @property
+    def predicted_sparsity(self) -> float:
+        return float(self.predicted_zero.mean())
+
+    @property
+    def actual_sparsity(self) -> float:
+        return float(self.actual_zero.mean())
+
+    @property
+    def union_sparsity(self) -> float:
+        return float((self.predicted_zero | self.actual_zero).mean())
+
+    @property
+    def precision(self) -> float:
+        """Of the rows predicted zero, the fraction truly zero (paper Fig. 3); 1.0 if none predicted."""
+        n = int(self.predicted_zero.sum())
+        return 1.0 if n == 0 else float((self.predicted_zero & self.actual_zero).sum() / n)
+
+    @property
+    def recall(self) -> float:
+        """Of the truly zero rows, the fraction predicted zero; 1.0 if none are zero."""
+        n = int(self.actual_zero.sum())
+        return 1.0 if n == 0 else float((self.predicted_zero & self.actual_zero).sum() / n)
+
+    def summary(self) -> dict:
+        return {"mode": self.mode, "d": self.d, "k": self.k, "weight_dtype": self.weight_dtype,
+                "alpha_milli": self.alpha_milli, "rows": self.rows, "macs": self.macs,
+                "predictor_xor_words": self.predictor_xor_words,
+                "weight_bytes_read": self.weight_bytes_read,
+                "predicted_sparsity": self.predicted_sparsity, "actual_sparsity": self.actual_sparsity,
+                "union_sparsity": self.union_sparsity, "precision": self.precision, "recall": self.recall}
+
+
+def check_mlp_inputs(x, w_gate, w_up, w_down):
+    """Validate shapes, dtypes and NaN; returns (x float32, d, k)."""
+    x = np.asarray(x)
+    if x.dtype != np.float32:
+        raise SparseInferError(f"x has dtype {x.dtype}; expected float32")
+    if x.ndim != 1:
+        raise SparseInferError(f"x must be one token's vector [d], got shape {x.shape}")
+    d = x.shape[0]
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+        check_dtype(name, np.asarray(w), WEIGHT_DTYPES)
+    if w_gate.ndim != 2 or w_gate.shape[1] != d:
+        raise SparseInferError(f"w_gate has shape {w_gate.shape}; expected [k, d] with d = {d}")
+    k = w_gate.shape[0]
+    if w_up.shape != (k, d):
+        raise SparseInferError(f"w_up has shape {w_up.shape}; expected [k, d] = {(k, d)}")
+    if w_down.shape != (d, k):
+        raise SparseInferError(f"w_down has shape {w_down.shape}; expected [d, k] = {(d, k)} (Hugging Face layout)")
+    if not (w_gate.dtype == w_up.dtype == w_down.dtype):
+        raise SparseInferError(
+            f"weights must share one dtype, got {w_gate.dtype}, {w_up.dtype}, {w_down.dtype}")
+    check_no_nan("x", x)
+    return x, d, k
+
+
+def _finish(x, w_up, w_down, h1, up_rows):
+    """Steps 2-4 given h1 and the rows to compute in step 2."""
+    h2 = np.zeros_like(h1)
+    h2[up_rows] = oc.warp_dot_rows(w_up[up_rows], x)
+    h3 = h1 * h2
+    return oc.down_projection(h3, np.ascontiguousarray(w_down.T))
+
+
+def mlp_dense(x, w_gate, w_up, w_down, activation) -> np.ndarray:
+    """Dense MLP output [d] float32, every dot product in the order contract."""
+    act = Activation.parse(activation)
+    x, d, k = check_mlp_inputs(x, w_gate, w_up, w_down)
+    h1 = act(oc.warp_dot_rows(w_gate, x))
+    if not act.sparse_capable:
+        h2 = oc.warp_dot_rows(w_up, x)
+        return oc.down_projection(h1 * h2, np.ascontiguousarray(w_down.T))
+    return _finish(x, w_up, w_down, h1, np.arange(k))
+
+
+def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+actual",
+               w_signs=None):
+    """Sparse MLP: returns (output [d] float32, MLPTrace).
+
+    ``w_signs`` (``pack_signs(w_gate)``) may be passed to avoid re-packing per call,
+    the way a kernel packs W_gate once at load time.
+    """
+    act = Activation.parse(activation)
+    if not act.sparse_capable:
+        raise SparseInferError(f"activation {act} has no exact zeros; sparse modes need relu or fatrelu")
+    if mode not in MODES:
+        raise SparseInferError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+    x, d, k = check_mlp_inputs(x, w_gate, w_up, w_down)
+    alpha_milli = alpha_to_milli(alpha)
+
+    # The true h1 for every row: the statistics (actual mask) need it, and for the rows
+    # the mode computes it is bit-identical to what a kernel computes for them.
+    h1_true = act(oc.warp_dot_rows(w_gate, x))
+    actual_zero = h1_true == 0
+
+    if mode == "oracle":
+        predicted_zero = actual_zero.copy()
+    else:
+        if w_signs is None:
+            w_signs = pack_signs(w_gate)
+        counts = negative_product_counts(w_signs, pack_signs(x), d)
+        predicted_zero = zero_rows_from_counts(counts, d, alpha_milli)
+
+    computed_gate = ~predicted_zero
+    h1 = np.where(computed_gate, h1_true, np.float32(0))
+    computed_up = computed_gate & (h1 != 0) if mode != "predicted" else computed_gate.copy()
+    out = _finish(x, w_up, w_down, h1, np.flatnonzero(computed_up))
+    trace = MLPTrace(mode=mode, d=d, k=k, weight_dtype=dtype_name(w_gate.dtype), alpha_milli=alpha_milli,
+                     predicted_zero=predicted_zero, actual_zero=actual_zero, computed_gate=computed_gate,
+                     computed_up=computed_up, computed_down=computed_up.copy())
+    return out, trace

@@ -1,0 +1,150 @@
+"""The float32 accumulation-order contract shared by the reference and the GPU kernels.
+
+This module is the ONE place that defines the order. Deterministic kernels in
+``kernels/`` must produce the same bits as the functions here; a change here is a change
+of contract and must be mirrored there.
+
+Row dot products (gate and up projections, ``z_i = W[i, :] . x``)
+-----------------------------------------------------------------
+* One warp of ``WARP_SIZE`` = 32 lanes per row. Weights are widened to float32 exactly
+  (fp16 and bf16 are subsets of fp32); x is float32.
+* The row is cut into chunks of ``V = vector_width(weight dtype)`` consecutive elements
+  (16 bytes of weights: V = 4 for fp32, 8 for fp16/bf16). Lane ``l`` owns chunks
+  ``l, l + 32, l + 64, ...``, i.e. element ``j = (t * 32 + l) * V + v`` for
+  iteration ``t`` and position ``v``.
+* Each lane keeps one float32 accumulator, starting at +0.0, and adds its products in
+  order ``t = 0, 1, ...`` then ``v = 0 .. V-1``: ``acc = fl(acc + fl(w_j * x_j))``.
+  Products and sums are rounded separately: no fused multiply-add (``__fmul_rn`` /
+  ``__fadd_rn`` or NVRTC ``--fmad=false``); subnormals are kept (no flush-to-zero).
+* Elements past ``d`` contribute nothing. (Adding a +0.0 product instead is
+  equivalent: an accumulator that starts at +0.0 can never become -0.0 under
+  round-to-nearest, so ``acc + 0.0 == acc`` bit for bit.)
+* Butterfly reduction: for offset in ``BUTTERFLY_OFFSETS`` = (16, 8, 4, 2, 1),
+  ``acc[l] = fl(acc[l] + acc[l ^ offset])``. IEEE addition is commutative, so all lanes
+  end with the same value; the result is lane 0's.
+
+Activation and product (steps 1 and 3)
+--------------------------------------
+``h1 = act(z)`` (see ``activations.py``), ``h3 = fl(h1 * h2)``.
+
+Down projection (step 4, on W_down^T, shape [k, d])
+---------------------------------------------------
+* ``out[j] = sum_i h3[i] * Wt[i, j]``. Rows are cut into chunks of ``DOWN_ROW_CHUNK``
+  consecutive rows. Within chunk ``c``, ``partial[c, j]`` starts at +0.0 and adds
+  ``fl(h3[i] * Wt[i, j])`` over the chunk's rows ``i`` in ascending order, skipping rows
+  whose ``h3[i]`` is exactly zero (for finite weights a skipped row would add ±0.0, a
+  no-op, so skipping is bit-identical to adding; this is why a sparse kernel equals the
+  dense one on the true zero set).
+* Then ``out[j] = (((+0.0 + partial[0, j]) + partial[1, j]) + ...)`` over chunks in
+  ascending order.
+
+Order-free variants (the paper's atomicAdd down projection) are checked against
+:func:`rigorous_error_bound` instead of bit for bit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+WARP_SIZE = 32
+BUTTERFLY_OFFSETS = (16, 8, 4, 2, 1)
+VECTOR_BYTES = 16          # one 128-bit load of weights per lane per iteration
+DOWN_ROW_CHUNK = 512       # rows of W_down^T reduced into one partial sum
+UNIT_ROUNDOFF_FP32 = 2.0 ** -24
+UNIT_ROUNDOFF_FP64 = 2.0 ** -53
+
+_F32 = np.float32
+
+
+def vector_width(weight_dtype) -> int:
+    """V: weights per lane per iteration, 16 bytes' worth (fp32: 4, fp16/bf16: 8)."""
+    return VECTOR_BYTES // np.dtype(weight_dtype).itemsize
+
+
+def warp_dot_rows(w_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """``z[i] = w_rows[i] . x`` in the contract's order. w_rows [n, d] fp32/fp16/bf16, x [d] fp32."""
+    n, d = w_rows.shape
+    v_width = vector_width(w_rows.dtype)
+    step = WARP_SIZE * v_width
+    iters = -(-d // step)
+    padded = iters * step
+    if padded != d:
+        w_rows = np.pad(w_rows, ((0, 0), (0, padded - d)))
+        x = np.pad(x, (0, padded - d))
+    w4 = w_rows.reshape(n, iters, WARP_SIZE, v_width)
+    x4 = x.astype(_F32, copy=False).reshape(iters, WARP_SIZE, v_width)
+    acc = np.zeros((n, WARP_SIZE), dtype=_F32)
+    prod = np.empty((n, WARP_SIZE), dtype=_F32)
+    for t in range(iters):
+        # widen one [n, 32, V] slab at a time: exact, and bounded memory for 13B shapes
+        wt = w4[:, t].astype(_F32)
+        for v in range(v_width):
+            np.multiply(wt[:, :, v], x4[t, :, v], out=prod)
+            np.add(acc, prod, out=acc)
+    return butterfly_reduce(acc)
+
+
+def butterfly_reduce(acc: np.ndarray) -> np.ndarray:
+    """Xor-shuffle reduction of per-lane sums [n, 32] -> [n] (lane 0's value)."""
+    lanes = np.arange(WARP_SIZE)
+    for offset in BUTTERFLY_OFFSETS:
+        acc = acc + acc[:, lanes ^ offset]
+    return acc[:, 0].copy()
+
+
+def down_projection(h3: np.ndarray, w_down_t: np.ndarray, row_chunk: int = DOWN_ROW_CHUNK) -> np.ndarray:
+    """``out = h3 @ Wt`` in the contract's order. h3 [k] fp32, w_down_t [k, d] -> [d] fp32."""
+    k, d = w_down_t.shape
+    h3 = np.asarray(h3, dtype=_F32)
+    n_chunks = -(-k // row_chunk)
+    rows = np.flatnonzero(h3)
+    partial = np.zeros((n_chunks, d), dtype=_F32)
+    if rows.size:
+        chunk = rows // row_chunk
+        starts = np.searchsorted(chunk, np.arange(n_chunks))
+        rank = np.arange(rows.size) - starts[chunk]   # position among the chunk's nonzero rows
+        for r in range(int(rank.max()) + 1):
+            sel = rank == r
+            rr, cc = rows[sel], chunk[sel]
+            # each chunk appears at most once per r, so the fancy-indexed add is safe
+            partial[cc] += h3[rr, None] * w_down_t[rr].astype(_F32)
+    out = np.zeros(d, dtype=_F32)
+    for c in range(n_chunks):
+        out += partial[c]
+    return out
+
+
+# --- the mathematical oracle and the rigorous bound --------------------------------------
+
+def exact_rows(w_rows: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """float64 ``w_rows @ x``: the mathematical oracle for any order."""
+    return w_rows.astype(np.float64) @ np.asarray(x, dtype=np.float64)
+
+
+def gamma(n: int, u: float = UNIT_ROUNDOFF_FP32) -> float:
+    """Higham's gamma_n = n u / (1 - n u)."""
+    nu = n * u
+    if nu >= 1:
+        return float("inf")
+    return nu / (1 - nu)
+
+
+def rigorous_error_bound(abs_terms_sum, n_terms) -> np.ndarray:
+    """Bound on |fl32(sum of n products) - exact| for ANY summation order and tree.
+
+    ``abs_terms_sum`` = sum_i |a_i b_i| (float64); each product is rounded once and the
+    sum has n - 1 roundings, so ``gamma_n * sum|a_i b_i|`` bounds the float32 error
+    (Higham, Accuracy and Stability of Numerical Algorithms, eq. 3.5). A slack of
+    ``gamma_n`` in float64 covers the error of evaluating the oracle itself.
+    """
+    n = np.asarray(n_terms)
+    g32 = np.vectorize(gamma, otypes=[np.float64])(np.maximum(n, 1))
+    g64 = np.vectorize(lambda m: gamma(m, UNIT_ROUNDOFF_FP64), otypes=[np.float64])(np.maximum(n, 1))
+    return (g32 + g64) * np.asarray(abs_terms_sum, dtype=np.float64)
+
+
+def down_projection_error_bound(h3: np.ndarray, w_down_t: np.ndarray) -> np.ndarray:
+    """Per output column, the bound between an order-free fp32 down projection and exact."""
+    h3 = np.asarray(h3, dtype=np.float64)
+    rows = np.flatnonzero(h3)
+    abs_sum = np.abs(h3[rows]) @ np.abs(w_down_t[rows].astype(np.float64))
+    return rigorous_error_bound(abs_sum, max(rows.size, 1))

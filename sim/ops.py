@@ -1,0 +1,115 @@
+"""Operation and predictor-memory counts per MLP block, closed form and from a trace.
+
+Conventions of paper Table I: one "op" is one multiply-accumulate of the MLP (3·d·k for
+the dense block), one FP16 multiply-accumulate of the DejaVu predictor (d·r + r·k), or
+one 32-bit XOR(+popcount) word of the SparseInfer predictor (k·d/32).
+"""
+from __future__ import annotations
+
+from fractions import Fraction
+
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.signs import words_per_row
+
+from . import paper
+from .models import ModelShape
+
+MIB = 1 << 20
+FP16_BYTES = 2
+SIGN_WORD_BYTES = 4
+METHODS = ("llama.cpp", "PowerInfer", "SparseInfer")
+
+
+def as_fraction(sparsity) -> Fraction:
+    """Sparsity as an exact fraction of its decimal text (0.92 -> 23/25), checked in [0, 1)."""
+    try:
+        s = Fraction(str(sparsity))
+    except (ValueError, ZeroDivisionError):
+        raise SparseInferError(f"sparsity {sparsity!r} is not a number") from None
+    if not 0 <= s < 1:
+        raise SparseInferError(f"sparsity must be in [0, 1), got {sparsity}")
+    return s
+
+
+def check_rank(rank: int) -> int:
+    if int(rank) < 1:
+        raise SparseInferError(f"predictor rank must be >= 1, got {rank}")
+    return int(rank)
+
+
+def dense_mlp_ops(m: ModelShape) -> int:
+    """gate + up + down multiply-accumulates: 3·d·k (Table I, llama.cpp row)."""
+    return 3 * m.d * m.k
+
+
+def sparse_mlp_ops(m: ModelShape, sparsity) -> Fraction:
+    """3·d·k·(1 − s): the MLP work left when a fraction s of rows is skipped (Table I)."""
+    return dense_mlp_ops(m) * (1 - as_fraction(sparsity))
+
+
+def powerinfer_predictor_ops(m: ModelShape, rank: int = paper.TABLE1_POWERINFER_RANK) -> int:
+    """DejaVu predictor, Linear d→r then r→k: d·r + r·k FP16 MACs (Table I)."""
+    r = check_rank(rank)
+    return m.d * r + r * m.k
+
+
+def sparseinfer_predictor_ops(m: ModelShape) -> int:
+    """k rows of ceil(d/32) 32-bit XOR+popcount words (Table I: k·d/32)."""
+    return m.k * words_per_row(m.d)
+
+
+def powerinfer_predictor_bytes(m: ModelShape, rank: int = paper.TABLE1_POWERINFER_RANK) -> int:
+    """FP16 predictor weights of all layers (Sec. V-B: (d·r + r·k)·2 B·L)."""
+    return powerinfer_predictor_ops(m, rank) * FP16_BYTES * m.num_layers
+
+
+def sparseinfer_predictor_bytes(m: ModelShape) -> int:
+    """Packed W_gate sign words of all layers (Sec. V-B: k·(d/32)·4 B·L)."""
+    return sparseinfer_predictor_ops(m) * SIGN_WORD_BYTES * m.num_layers
+
+
+def ops_per_layer(m: ModelShape, sparsity, rank: int = paper.TABLE1_POWERINFER_RANK) -> list[dict]:
+    """Rows of Table I for any model: method, prediction ops, MLP block ops."""
+    sparse = sparse_mlp_ops(m, sparsity)
+    return [
+        {"method": "llama.cpp", "prediction_ops": 0, "mlp_ops": dense_mlp_ops(m)},
+        {"method": "PowerInfer", "prediction_ops": powerinfer_predictor_ops(m, rank), "mlp_ops": sparse},
+        {"method": "SparseInfer", "prediction_ops": sparseinfer_predictor_ops(m), "mlp_ops": sparse},
+    ]
+
+
+def ops_per_token(m: ModelShape, sparsity, rank: int = paper.TABLE1_POWERINFER_RANK) -> list[dict]:
+    """Per-layer rows times the number of layers (MLP blocks only)."""
+    return [{key: (v * m.num_layers if key != "method" else v) for key, v in row.items()}
+            for row in ops_per_layer(m, sparsity, rank)]
+
+
+def predictor_memory_mib(m: ModelShape, rank: int = paper.TABLE1_POWERINFER_RANK) -> dict:
+    return {"PowerInfer": powerinfer_predictor_bytes(m, rank) / MIB,
+            "SparseInfer": sparseinfer_predictor_bytes(m) / MIB}
+
+
+def ops_from_trace(trace) -> dict:
+    """Prediction and MLP ops actually executed in one reference ``mlp_sparse`` call."""
+    return {"method": "SparseInfer", "mode": trace.mode, "prediction_ops": trace.predictor_xor_words,
+            "mlp_ops": trace.macs["total"]}
+
+
+def number(v):
+    """JSON-friendly value: ints stay ints, fractions become floats."""
+    if isinstance(v, Fraction):
+        return int(v) if v.denominator == 1 else float(v)
+    return v
+
+
+def table1(m: ModelShape, sparsity=paper.TABLE1_SPARSITY, rank: int = paper.TABLE1_POWERINFER_RANK) -> dict:
+    """Table I as data (the shape of ``sparseinfer table1 --json``)."""
+    mem = predictor_memory_mib(m, rank)
+    return {
+        "model": m.name,
+        "sparsity": float(as_fraction(sparsity)),
+        "rank": rank,
+        "rows": [{k: number(v) for k, v in row.items()} for row in ops_per_layer(m, sparsity, rank)],
+        "predictor_memory_mib": mem,
+        "predictor_memory_ratio": mem["PowerInfer"] / mem["SparseInfer"],
+    }

@@ -1,0 +1,1 @@
+"""The ``sparseinfer`` command-line interface."""

@@ -1,0 +1,61 @@
+"""The ``sparseinfer`` command: a click group with a few verbs.
+
+Each domain keeps its commands in its own module (``sim_commands``, …) and registers
+them here. Every error is one line on stderr (``error: …``) with exit code 2.
+"""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from sparseinfer.reference.errors import SparseInferError
+
+
+class OneLineErrors(click.Group):
+    """A click group whose usage errors and SparseInferErrors print one line and exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(130)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(2)
+        except (SparseInferError, FileNotFoundError) as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="sparseinfer")
+def cli():
+    """SparseInfer: training-free sign-bit prediction of activation sparsity.
+
+    Reproduce the paper's counts (table1, ops, memory), list model shapes (models).
+    Run ``sparseinfer COMMAND --help`` for each command.
+    """
+
+
+def _register():
+    from . import sim_commands
+
+    for module in (sim_commands,):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main():
+    cli()
+
+
+if __name__ == "__main__":
+    main()

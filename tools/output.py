@@ -1,0 +1,35 @@
+"""Small output helpers shared by the commands: aligned text tables and JSON."""
+from __future__ import annotations
+
+import json
+
+import click
+
+
+def echo_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    """Left-aligned first column, right-aligned others."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
+
+    def line(values):
+        return "  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(values, widths)))
+
+    out = [line(headers), "  ".join("-" * w for w in widths)]
+    out += [line(r) for r in cells]
+    return "\n".join(out)
+
+
+def sci(v, digits: int = 4) -> str:
+    """Scientific notation with ``digits`` significant figures, '0' for zero."""
+    return "0" if v == 0 else f"{float(v):.{digits - 1}e}"
+
+
+def rel_diff(ours, theirs) -> str:
+    if theirs == 0:
+        return "exact" if ours == 0 else "n/a"
+    r = (float(ours) - float(theirs)) / float(theirs)
+    return f"{r:+.2%}"
