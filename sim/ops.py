@@ -113,3 +113,31 @@ def table1(m: ModelShape, sparsity=paper.TABLE1_SPARSITY, rank: int = paper.TABL
         "predictor_memory_mib": mem,
         "predictor_memory_ratio": mem["PowerInfer"] / mem["SparseInfer"],
     }
+
+
+# ---- decode-step counts outside the MLP block (used by the latency model) ----
+
+def kv_dim(m: ModelShape) -> int:
+    """Width of one layer's K (or V) vector: num_kv_heads · head_dim (= d without GQA)."""
+    return m.num_kv_heads * m.head_dim
+
+
+def attention_projection_macs(m: ModelShape) -> int:
+    """Q, K, V and O projections of one layer for one token: d·d + 2·d·kv_dim + d·d MACs."""
+    return 2 * m.d * m.d + 2 * m.d * kv_dim(m)
+
+
+def kv_cache_bytes(m: ModelShape, context_tokens: int, itemsize: int = FP16_BYTES) -> int:
+    """K and V cache read by one layer's attention at ``context_tokens`` positions."""
+    return 2 * int(context_tokens) * kv_dim(m) * itemsize
+
+
+def kv_cache_macs(m: ModelShape, context_tokens: int) -> int:
+    """q·K^T and softmax·V of one layer for one token: 2 · context · d MACs."""
+    return 2 * int(context_tokens) * m.d
+
+
+def lm_head_macs(m: ModelShape) -> int:
+    """Output projection vocab × d (one token)."""
+    return m.vocab_size * m.d
+
