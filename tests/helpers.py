@@ -1,0 +1,35 @@
+"""Test helpers: weight construction and self-explaining comparisons (gpu-mode style)."""
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import numpy as np
+
+from sparseinfer.reference.dtypes import BFLOAT16
+
+WEIGHT_DTYPES = (np.float32, np.float16, BFLOAT16)
+
+
+def assert_bits_equal(actual, expected, what: str = "", context: str = "") -> None:
+    """Bit-for-bit float32 equality; on failure report count and the first mismatches."""
+    a = np.asarray(actual, dtype=np.float32)
+    e = np.asarray(expected, dtype=np.float32)
+    assert a.shape == e.shape, f"{what}: shape {a.shape} != {e.shape} {context}"
+    bad = np.flatnonzero(a.view(np.uint32).ravel() != e.view(np.uint32).ravel())
+    if bad.size:
+        first = ", ".join(f"[{i}] {a.ravel()[i]!r} vs {e.ravel()[i]!r}" for i in bad[:5])
+        raise AssertionError(f"{what}: {bad.size} of {a.size} values differ in bits; first: {first} {context}")
+
+
+def mlp_weights(rng, d: int, k: int, dtype=np.float32, sparsity: float = 0.5):
+    """Random HF-layout weights and x whose gate pre-activations are negative with about
+    probability ``sparsity``: each W_gate row gets a shift along sign(x) that moves z by
+    ``-Phi^-1(sparsity)`` standard deviations (ProSparse-like when sparsity ~ 0.9)."""
+    x = rng.standard_normal(d).astype(np.float32)
+    w_gate = rng.standard_normal((k, d)) / np.sqrt(d)
+    z_std = np.linalg.norm(x) / np.sqrt(d)
+    shift = -NormalDist().inv_cdf(sparsity) * z_std
+    w_gate += shift * np.sign(x) / np.abs(x).sum()
+    w_up = rng.standard_normal((k, d)) / np.sqrt(d)
+    w_down = rng.standard_normal((d, k)) / np.sqrt(k)
+    return x, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)

@@ -1,0 +1,60 @@
+"""The sparseinfer CLI through click's runner: outputs and one-line errors with exit code 2."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sparseinfer.tools.cli import cli
+
+
+def run(*args):
+    return CliRunner().invoke(cli, list(args))
+
+
+def test_table1_json():
+    r = run("table1", "--json")
+    assert r.exit_code == 0, r.output
+    t = json.loads(r.stdout)
+    assert set(t) >= {"model", "sparsity", "rows", "predictor_memory_mib"}
+    assert [row["method"] for row in t["rows"]] == ["llama.cpp", "PowerInfer", "SparseInfer"]
+    assert [row["prediction_ops"] for row in t["rows"]] == [0, 19_398_656, 2_211_840]
+    assert t["rows"][0]["mlp_ops"] == 212_336_640
+
+
+def test_table1_text_shows_paper_beside_ours():
+    r = run("table1")
+    assert r.exit_code == 0
+    assert "2,211,840" in r.stdout and "2.211e+06" in r.stdout and "337.5" in r.stdout and "1480.0" in r.stdout
+
+
+def test_ops_memory_models():
+    r = run("ops", "--model", "prosparse-llama2-7b", "--sparsity", "0.9", "--json")
+    assert r.exit_code == 0
+    ops = json.loads(r.stdout)
+    assert ops["per_layer"][2]["prediction_ops"] == 11008 * 128
+    r = run("memory", "--model", "prosparse-llama2-13b", "--json")
+    assert json.loads(r.stdout)["predictor_memory_mib"]["SparseInfer"] == 337.5
+    r = run("models")
+    assert "prosparse-llama2-13b" in r.stdout and "13824" in r.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["ops", "--model", "gpt-17"], "unknown model 'gpt-17'"),
+    (["ops", "--model", "prosparse-llama2-7b", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
+    (["memory", "--model", "/nonexistent/config.json"], "no such config file"),
+    (["table1", "--rank", "0"], "rank must be >= 1"),
+    (["ops", "--rank", "x", "--model", "prosparse-llama2-7b"], "Invalid value for '--rank'"),
+    (["frobnicate"], "No such command"),
+])
+def test_errors_are_one_line_exit_2(args, message):
+    r = run(*args)
+    assert r.exit_code == 2
+    assert r.stdout == ""
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+def test_every_command_has_help():
+    for name, command in cli.commands.items():
+        r = run(name, "--help")
+        assert r.exit_code == 0 and len(command.help or "") > 20, name

@@ -1,0 +1,149 @@
+"""The vectorised order-contract emulation against a literal, scalar transcription of it."""
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sparseinfer.reference import order_contract as oc
+
+from helpers import WEIGHT_DTYPES, assert_bits_equal
+from shapes import TAIL_DS
+
+F32 = np.float32
+
+
+def scalar_warp_dot(w_row, x):
+    """One row, lane by lane, element by element, exactly as order_contract.py's docstring reads."""
+    d = len(x)
+    v_width = oc.vector_width(w_row.dtype)
+    lanes = [F32(0.0)] * oc.WARP_SIZE
+    t = 0
+    while t * oc.WARP_SIZE * v_width < d:
+        for lane in range(oc.WARP_SIZE):
+            for v in range(v_width):
+                j = (t * oc.WARP_SIZE + lane) * v_width + v
+                if j < d:
+                    lanes[lane] = F32(lanes[lane] + F32(F32(w_row[j]) * x[j]))
+        t += 1
+    for offset in oc.BUTTERFLY_OFFSETS:
+        lanes = [F32(lanes[lane] + lanes[lane ^ offset]) for lane in range(oc.WARP_SIZE)]
+    assert len({float(v) for v in lanes}) == 1 or any(np.isnan(lanes))  # all lanes agree
+    return lanes[0]
+
+
+def scalar_down(h3, w_t, chunk):
+    k, d = w_t.shape
+    out = np.zeros(d, F32)
+    for j in range(d):
+        total = F32(0.0)
+        for c0 in range(0, k, chunk):
+            partial = F32(0.0)
+            for i in range(c0, min(c0 + chunk, k)):
+                if h3[i] != 0:
+                    partial = F32(partial + F32(h3[i] * F32(w_t[i, j])))
+            total = F32(total + partial)
+        out[j] = total
+    return out
+
+
+def _widely_scaled(rng, shape):
+    # mixed magnitudes make the order visible in the low bits
+    return (rng.standard_normal(shape) * np.exp2(rng.integers(-8, 8, shape))).astype(F32)
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=lambda t: np.dtype(t).name)
+@given(d=st.one_of(st.sampled_from(TAIL_DS), st.integers(1, 600)), seed=st.integers(0, 2**32 - 1))
+def test_warp_dot_rows_equals_scalar_transcription(dtype, d, seed):
+    rng = np.random.default_rng(seed)
+    w = _widely_scaled(rng, (3, d)).astype(dtype)
+    x = _widely_scaled(rng, d)
+    got = oc.warp_dot_rows(w, x)
+    want = np.array([scalar_warp_dot(w[i], x) for i in range(3)], F32)
+    assert_bits_equal(got, want, "warp_dot_rows", f"d={d} dtype={np.dtype(dtype).name} seed={seed}")
+
+
+def test_order_is_not_plain_sequential():
+    """The contract's order really differs from a left-to-right sum on some data (it is not vacuous)."""
+    rng = np.random.default_rng(7)
+    differs = 0
+    for _ in range(20):
+        w = _widely_scaled(rng, (1, 1000))
+        x = _widely_scaled(rng, 1000)
+        seq = F32(0)
+        for j in range(1000):
+            seq = F32(seq + F32(w[0, j] * x[j]))
+        differs += oc.warp_dot_rows(w, x)[0] != seq
+    assert differs > 0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, oc.DOWN_ROW_CHUNK])
+@given(k=st.integers(1, 300), d=st.integers(1, 40), density=st.floats(0.0, 1.0),
+       seed=st.integers(0, 2**32 - 1))
+def test_down_projection_equals_scalar_transcription(chunk, k, d, density, seed):
+    rng = np.random.default_rng(seed)
+    h3 = np.where(rng.random(k) < density, _widely_scaled(rng, k), F32(0)).astype(F32)
+    w_t = _widely_scaled(rng, (k, d)).astype(np.float16)
+    assert_bits_equal(oc.down_projection(h3, w_t, chunk), scalar_down(h3, w_t, chunk), "down_projection",
+                      f"k={k} d={d} chunk={chunk} seed={seed}")
+
+
+def test_skipping_zero_rows_is_bit_identical_to_adding_them():
+    """Why a sparse kernel equals dense on the true zero set: 0 * w adds nothing."""
+    rng = np.random.default_rng(3)
+    k, d = 700, 50
+    h3 = _widely_scaled(rng, k)
+    h3[rng.random(k) < 0.9] = 0
+    h3[::7] = -0.0
+    w_t = _widely_scaled(rng, (k, d))
+    # dense transcription that adds every row, zero or not
+    chunk = oc.DOWN_ROW_CHUNK
+    out = np.zeros(d, F32)
+    for c0 in range(0, k, chunk):
+        partial = np.zeros(d, F32)
+        for i in range(c0, min(c0 + chunk, k)):
+            partial = partial + h3[i] * w_t[i]
+        out = out + partial
+    assert (h3 == 0).sum() > 0 and (h3 != 0).sum() > 0
+    assert_bits_equal(oc.down_projection(h3, w_t), out, "down_projection vs dense")
+
+
+@given(n=st.integers(1, 3000), seed=st.integers(0, 2**32 - 1))
+def test_error_bound_covers_any_order(n, seed):
+    """A random-order and a pairwise float32 sum both stay within gamma_n * sum|terms| of exact."""
+    rng = np.random.default_rng(seed)
+    a = _widely_scaled(rng, n)
+    b = _widely_scaled(rng, n)
+    terms = (a * b).astype(F32)  # products rounded once
+    exact = a.astype(np.float64) @ b.astype(np.float64)
+    bound = oc.rigorous_error_bound(np.abs(a.astype(np.float64) * b.astype(np.float64)).sum(), n)
+    shuffled = F32(0)
+    for t in rng.permutation(terms):
+        shuffled = F32(shuffled + t)
+    pairwise = terms.sum(dtype=F32)
+    assert abs(float(shuffled) - exact) <= bound
+    assert abs(float(pairwise) - exact) <= bound
+
+
+def test_down_projection_error_bound_is_tight_enough_to_catch_a_dropped_row():
+    rng = np.random.default_rng(5)
+    k, d = 4000, 64
+    h3 = rng.standard_normal(k).astype(F32)
+    w_t = rng.standard_normal((k, d)).astype(F32)
+    ref = oc.down_projection(h3, w_t)
+    bound = oc.down_projection_error_bound(h3, w_t)
+    exact = h3.astype(np.float64) @ w_t.astype(np.float64)
+    assert np.all(np.abs(ref - exact) <= bound)
+    dropped = h3.copy()
+    dropped[123] = 0
+    wrong = oc.down_projection(dropped, w_t)
+    assert np.any(np.abs(wrong - exact) > bound)
+
+
+def test_contract_constants():
+    """Changing these changes the contract the kernels are checked against: do it deliberately."""
+    assert oc.WARP_SIZE == 32 and oc.BUTTERFLY_OFFSETS == (16, 8, 4, 2, 1)
+
+
+def test_vector_width_is_16_bytes():
+    from sparseinfer.reference.dtypes import BFLOAT16
+    assert [oc.vector_width(t) for t in (np.float32, np.float16, BFLOAT16)] == [4, 8, 8]
