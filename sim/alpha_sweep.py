@@ -1,0 +1,112 @@
+"""α design-space exploration: run a model at several α, simulate latency, score quality.
+
+A *runner* is anything with ``shape`` (a ModelShape), ``dense_logits()`` -> [tokens, vocab]
+and ``sparse(schedule)`` -> (logits [tokens, vocab], traces_by_token [tokens][layers] of
+MLPTrace) over one fixed set of prompts; ``sim.model_runner`` builds one from a
+checkpoint. Latency is simulated for the runner's own shape from the *measured*
+per-layer sparsity of each α.
+"""
+from __future__ import annotations
+
+from decimal import Decimal, InvalidOperation
+
+from sparseinfer.reference.alpha import AlphaSchedule
+from sparseinfer.reference.errors import SparseInferError
+
+from . import latency as lat
+from .hardware import HardwareSpec
+from .predictor_stats import per_layer_stats, summary
+from .quality import quality
+from .sparsity_model import LayerSparsity
+
+MAX_SWEEP_POINTS = 101
+
+
+def parse_alpha_range(spec: str) -> list[int]:
+    """``START:STOP:STEP`` (inclusive) or one value, as α in thousandths."""
+    text = str(spec).strip()
+    parts = text.split(":")
+    if len(parts) not in (1, 3):
+        raise SparseInferError(f"alpha range {text!r}: use START:STOP:STEP, e.g. 1.00:1.05:0.01")
+    try:
+        values = [Decimal(p.strip()) * 1000 for p in parts]
+    except InvalidOperation:
+        raise SparseInferError(f"alpha range {text!r}: not numbers (use START:STOP:STEP, e.g. 1.00:1.05:0.01)") from None
+    if any(not v.is_finite() or v != v.to_integral_value() for v in values):
+        raise SparseInferError(f"alpha range {text!r}: values need at most 3 decimals")
+    milli = [int(v) for v in values]
+    if len(milli) == 1:
+        milli = [milli[0], milli[0], 1]
+    start, stop, step = milli
+    if start <= 0:
+        raise SparseInferError(f"alpha range {text!r}: alpha must be > 0")
+    if step <= 0:
+        raise SparseInferError(f"alpha range {text!r}: STEP must be > 0")
+    if stop < start:
+        raise SparseInferError(f"alpha range {text!r}: STOP is below START")
+    points = list(range(start, stop + 1, step))
+    if len(points) > MAX_SWEEP_POINTS:
+        raise SparseInferError(f"alpha range {text!r}: {len(points)} points, at most {MAX_SWEEP_POINTS}")
+    return points
+
+
+def parse_layers(spec, num_layers: int) -> tuple[int, int]:
+    """``A-B`` (inclusive) or ``all``: the layers whose α is swept (others stay at 1.00)."""
+    text = str(spec).strip().lower()
+    if text in ("", "all"):
+        return 0, num_layers - 1
+    lo, sep, hi = text.partition("-")
+    try:
+        a, b = int(lo), int(hi) if sep else int(lo)
+    except ValueError:
+        raise SparseInferError(f"layers {spec!r}: use A-B, e.g. 0-19") from None
+    if not 0 <= a <= b < num_layers:
+        raise SparseInferError(f"layers {spec!r}: need 0 <= A <= B <= {num_layers - 1}")
+    return a, b
+
+
+def schedule_for(alpha_milli: int, layers: tuple[int, int]) -> AlphaSchedule:
+    a, b = layers
+    return AlphaSchedule.parse(f"{alpha_milli / 1000:.3f}@{a}-{b},1.00")
+
+
+def measured_layers(stats) -> list[LayerSparsity]:
+    return [LayerSparsity(s.predicted_sparsity, max(s.predicted_sparsity, s.union_sparsity)) for s in stats]
+
+
+def pareto_front(rows: list[dict], x: str = "latency_ms", y: str = "mean_kl") -> list[int]:
+    """Indices of rows no other row beats on both ``x`` and ``y`` (lower is better)."""
+    front = []
+    for i, r in enumerate(rows):
+        dominated = any((o[x] <= r[x] and o[y] <= r[y]) and (o[x] < r[x] or o[y] < r[y])
+                        for j, o in enumerate(rows) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def run_sweep(runner, alphas_milli: list[int], layers: tuple[int, int], hw: HardwareSpec,
+              context_tokens: int = lat.DEFAULT_CONTEXT_TOKENS, progress=None) -> dict:
+    """One row per α: simulated latency and speedup, measured sparsity, quality vs dense."""
+    m = runner.shape
+    dense = runner.dense_logits()
+    base = lat.method_latency(m, hw, "llama.cpp", [LayerSparsity(0.0, 0.0)] * m.num_layers, context_tokens)
+    rows = []
+    for i, milli in enumerate(alphas_milli):
+        schedule = schedule_for(milli, layers)
+        logits, traces = runner.sparse(schedule)
+        stats = per_layer_stats(traces)
+        sim = lat.method_latency(m, hw, lat.FIG4_METHOD, measured_layers(stats), context_tokens)
+        mean = summary(stats)
+        rows.append({"alpha": milli / 1000, "schedule": str(schedule), "latency_ms": sim.total_us / 1000,
+                     "speedup_vs_llama.cpp": base.total_us / sim.total_us,
+                     "predicted_sparsity": mean["predicted_sparsity"], "actual_sparsity": mean["actual_sparsity"],
+                     "union_sparsity": mean["union_sparsity"], "precision": mean["precision"],
+                     "recall": mean["recall"], **quality(dense, logits)})
+        if progress:
+            progress(i + 1, len(alphas_milli), rows[-1])
+    front = pareto_front(rows)
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    return {"model": m.name, "hardware": hw.name, "layers": f"{layers[0]}-{layers[1]}",
+            "dense_latency_ms": base.total_us / 1000, "method": lat.FIG4_METHOD, "rows": rows}

@@ -1,0 +1,112 @@
+"""Run a checkpoint on prompts with the NumPy reference Llama (issue 4's loader and model).
+
+The dense model first decodes a greedy continuation of every prompt; every sparse run is
+then teacher-forced on the same tokens, so that the dense and sparse logits of each
+decode step are compared position by position. Prefill stays dense (the paper uses
+sparsity in decoding only); only decode steps are traced and scored.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.reference.errors import SparseInferError
+
+DEFAULT_PROMPTS = (
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+)
+PROMPT_FIELDS = ("question", "prompt", "text")
+
+
+def read_prompts(path=None, max_prompts: int = 4) -> list[str]:
+    """Prompts from a text file (one per line) or JSONL ('question'/'prompt'/'text')."""
+    if int(max_prompts) < 1:
+        raise SparseInferError(f"--max-prompts must be >= 1, got {max_prompts}")
+    if path is None:
+        return list(DEFAULT_PROMPTS[:max_prompts])
+    p = Path(path)
+    if not p.is_file():
+        raise SparseInferError(f"no such prompts file: {p}")
+    prompts = []
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SparseInferError(f"cannot read prompts file {p}: {e}") from None
+    for n, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line:
+            continue
+        if p.suffix.lower() in (".jsonl", ".json") or line.startswith("{"):
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError:
+                raise SparseInferError(f"{p}:{n}: not a JSON object") from None
+            text = next((obj[f] for f in PROMPT_FIELDS if isinstance(obj, dict) and isinstance(obj.get(f), str)), None)
+            if text is None:
+                raise SparseInferError(f"{p}:{n}: no {'/'.join(PROMPT_FIELDS)} field")
+            prompts.append(text)
+        else:
+            prompts.append(line)
+        if len(prompts) >= max_prompts:
+            break
+    if not prompts:
+        raise SparseInferError(f"{p}: no prompts found")
+    return prompts
+
+
+class ReferenceRunner:
+    """The sweep's runner interface over a loaded checkpoint (see ``alpha_sweep``)."""
+
+    def __init__(self, checkpoint, prompts: list[str], max_new_tokens: int = 8):
+        from sparseinfer.reference.llama import LlamaReference
+
+        if int(max_new_tokens) < 1:
+            raise SparseInferError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        self._model_class = LlamaReference
+        self.weights = checkpoint.weights
+        self.shape = checkpoint.shape
+        tok = checkpoint.tokenizer
+        if tok is None:
+            raise SparseInferError(f"{checkpoint.source}: no tokenizer.json; cannot encode prompts")
+        bos = [] if checkpoint.bos_token_id is None else [checkpoint.bos_token_id]
+        self.prompt_ids = [np.array(bos + tok.encode(p).ids, dtype=np.int64) for p in prompts]
+        self.max_new_tokens = int(max_new_tokens)
+        self.continuations = [self._model_class(self.weights).greedy(ids, self.max_new_tokens)
+                              for ids in self.prompt_ids]
+        self._dense = None
+
+    def _run(self, sparse: bool, alpha="1.00"):
+        model = self._model_class(self.weights, sparse=sparse, alpha=alpha)
+        logits, traces = [], []
+        for ids, cont in zip(self.prompt_ids, self.continuations):
+            model.prefill(ids)
+            for tok in cont:
+                step = model.decode(tok, trace=sparse)
+                logits.append(step.logits)
+                if sparse:
+                    traces.append(step.traces)
+        return np.stack(logits), traces
+
+    def dense_logits(self) -> np.ndarray:
+        if self._dense is None:
+            self._dense = self._run(False)[0]
+        return self._dense
+
+    def sparse(self, schedule):
+        return self._run(True, str(schedule))
+
+
+def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8) -> ReferenceRunner:
+    try:
+        from sparseinfer.model_export.checkpoint import load_checkpoint
+        from sparseinfer.reference import llama  # noqa: F401
+    except ImportError:
+        raise SparseInferError("running a checkpoint needs the checkpoint loader and reference Llama model "
+                               "(issue 4, branch export), which this build does not have") from None
+    prompts = read_prompts(prompts_file, max_prompts)
+    return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens)

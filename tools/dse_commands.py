@@ -1,0 +1,243 @@
+"""Commands of the hardware simulator and design-space exploration: latency, fig4,
+hardware, predictor-stats, sweep."""
+from __future__ import annotations
+
+import json
+
+import click
+
+from sparseinfer.sim import latency as lat
+from sparseinfer.sim import paper
+from sparseinfer.sim.hardware import builtin_hardware, load_hardware
+from sparseinfer.sim.models import load_model
+
+from .output import echo_json, format_table, rel_diff
+from .sim_commands import MODEL_HELP
+
+HW_HELP = "Platform: a built-in name (see `sparseinfer hardware`) or a TOML file of the same form."
+ALPHA_HELP = "α schedule, e.g. 1.00 or '1.03@0-19,1.00' (α > 1 is more conservative)."
+
+
+def _hardware(hw, hw_file):
+    return load_hardware(hw_file if hw_file else hw)
+
+
+def hw_options(f):
+    f = click.option("--hw-file", type=click.Path(dir_okay=False),
+                     help="Add a platform from a small TOML file (overrides --hw).")(f)
+    return click.option("--hw", default="jetson-orin-agx", show_default=True, help=HW_HELP)(f)
+
+
+def _fmt_latency(data: dict) -> str:
+    rows = [[r["method"], f"{r['ms_per_token']:.2f}", f"{r['stage_us'].get('attention', 0) / 1000:.2f}",
+             f"{r['stage_us'].get('predictor', 0) / 1000:.2f}", f"{r['stage_us'].get('mlp', 0) / 1000:.2f}",
+             f"{r['stage_us'].get('lm_head', 0) / 1000:.2f}",
+             f"{r['speedup_vs_llama.cpp']:.3f}x" if r["speedup_vs_llama.cpp"] else "-",
+             f"{r['speedup_vs_PowerInfer']:.3f}x" if r["speedup_vs_PowerInfer"] else "-"] for r in data["methods"]]
+    return format_table(["method", "ms/token", "attention", "predictor", "MLP", "LM head", "vs llama.cpp", "vs PowerInfer"],
+                        rows)
+
+
+def _fmt_ops(method_row: dict) -> str:
+    rows = [[o["name"], o["stage"], f"{o['bytes'] / 1e6:.2f}", f"{o['ops'] / 1e6:.2f}", o["unit"], o["launches"],
+             o["bandwidth"], o["bound"], f"{o['time_us']:.1f}"] for o in method_row["ops"]]
+    return format_table(["op", "stage", "MB", "Mops", "unit", "launches", "bw", "bound", "us/token"], rows)
+
+
+@click.command()
+@click.option("--model", "model_name", default="prosparse-llama2-13b", show_default=True, help=MODEL_HELP)
+@hw_options
+@click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
+@click.option("--sparsity", default=None,
+              help="True activation sparsity in [0, 1) (default: the model's reported one, 0.8880 for 13B).")
+@click.option("--context", "context_tokens", default=lat.DEFAULT_CONTEXT_TOKENS, show_default=True, type=int,
+              help="KV-cache length (tokens) of the decode step.")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=int,
+              help="Rank r of PowerInfer's DejaVu predictor.")
+@click.option("--ops", "show_ops", default=None, type=click.Choice(lat.METHODS),
+              help="Also print the per-op breakdown of one method.")
+@click.option("--calibrate", "results_file", type=click.Path(dir_okay=False),
+              help="Benchmark results JSON (benchmarks/results/*.json): fit the platform's efficiency "
+                   "constants to it, report the model's error per measured row, then simulate with them.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show_ops, results_file, as_json):
+    """Per-token decode latency of each method, per op, on one platform.
+
+    Methods: llama.cpp (dense), PowerInfer (DejaVu predictor of rank r, fp16 tensor cores)
+    and SparseInfer with/without kernel fusion (+KF) and actual sparsity (+AS). Every op is
+    timed as launches x launch time + max(bytes / achieved bandwidth, ops / achieved
+    compute); the binding limit is reported. Example:
+
+        sparseinfer latency --model prosparse-llama2-13b --hw jetson-orin-agx --alpha '1.02@0-19,1.00'
+    """
+    from sparseinfer.sim import calibrate as cal
+
+    model = load_model(model_name)
+    spec = _hardware(hw, hw_file)
+    calibration = None
+    if results_file:
+        calibration = cal.calibrate(spec, cal.read_results(results_file))
+        spec = cal.calibrated_hardware(spec, calibration)
+    data = lat.decode_latency(model, spec, alpha, sparsity, lat.METHODS, context_tokens, rank)
+    if calibration:
+        data["calibration"] = calibration
+    if as_json:
+        echo_json(data)
+        return
+    if calibration:
+        click.echo(f"calibrated from {results_file} ({calibration['device']}, {calibration['date']}): "
+                   + ", ".join(f"{k} {v:.3g}" for k, v in calibration["efficiency"].items()))
+        click.echo(format_table(["kernel", "version", "class", "measured us", "model us", "error"],
+                                [[r["kernel"], r["version"], r["class"], f"{r['measured_us']:.1f}",
+                                  f"{r['model_us']:.1f}", f"{r['rel_error']:+.1%}"] for r in calibration["rows"]]))
+        click.echo("")
+    eff = data["efficiency"]
+    si = data["sparseinfer_layers"]
+    click.echo(f"{model.name} on {spec.name}: alpha {alpha}, context {context_tokens}, "
+               f"weights {data['weight_gib']:.1f} GiB{'' if data['fits_in_memory'] else ' (DOES NOT FIT in device memory)'}")
+    click.echo(f"efficiency: dense bw {eff['dense_bandwidth_fraction']:.2f}, sparse bw {eff['sparse_bandwidth_fraction']:.2f}, "
+               f"launch {eff['kernel_launch_us']:.1f} us, compute {eff['compute_fraction']:.2f}; "
+               f"SparseInfer predicted sparsity {min(s['predicted'] for s in si):.3f}-{max(s['predicted'] for s in si):.3f}, "
+               f"PowerInfer {data['powerinfer_predicted_sparsity']:.3f}")
+    click.echo(_fmt_latency(data))
+    if show_ops:
+        click.echo("")
+        click.echo(_fmt_ops(next(r for r in data["methods"] if r["method"] == show_ops)))
+
+
+@click.command()
+@hw_options
+@click.option("--context", "context_tokens", default=lat.DEFAULT_CONTEXT_TOKENS, show_default=True, type=int,
+              help="KV-cache length (tokens) of the decode step.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Also write a PNG bar chart here.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON rows.")
+def fig4(hw, hw_file, context_tokens, plot_file, as_json):
+    """Reproduce the paper's Fig. 4 speedups (Jetson Orin AGX) beside the published values.
+
+    Eight numbers: 13B and 7B at α 1.00, 13B at 1.02 and 7B at 1.03 on the first 20
+    layers; SparseInfer (+KF+AS) versus llama.cpp and versus PowerInfer.
+    """
+    spec = _hardware(hw, hw_file)
+    rows = lat.fig4(spec, context_tokens)
+    if plot_file:
+        from sparseinfer.sim.plots import plot_fig4
+
+        plot_fig4(rows, plot_file)
+    if as_json:
+        echo_json(rows)
+        return
+    click.echo(f"Fig. 4 on {spec.name} (SparseInfer = {lat.FIG4_METHOD}, context {context_tokens})")
+    click.echo(format_table(["model", "alpha", "vs", "paper", "simulated", "error"],
+                            [[r["model"], r["alpha"], r["vs"], f"{r['paper']:.2f}x", f"{r['simulated']:.2f}x",
+                              rel_diff(r["simulated"], r["paper"])] for r in rows]))
+    if plot_file:
+        click.echo(f"wrote {plot_file}")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def hardware(as_json):
+    """List the built-in platforms with their peak figures and efficiency constants."""
+    specs = builtin_hardware().values()
+    if as_json:
+        echo_json([s.to_dict() for s in specs])
+        return
+    click.echo(format_table(
+        ["name", "GB/s", "GiB", "fp16 TC TFLOPS", "fp32 TFLOPS", "dense bw", "sparse bw", "launch us"],
+        [[s.name, s.memory_bandwidth_gb_per_s, s.memory_gib, s.fp16_tensor_tflops, s.fp32_cuda_tflops,
+          s.efficiency.dense_bandwidth_fraction, s.efficiency.sparse_bandwidth_fraction, s.efficiency.kernel_launch_us]
+         for s in specs]))
+
+
+def _progress(done, total, row):
+    click.echo(f"[{done}/{total}] alpha {row['alpha']:.3f}: {row['latency_ms']:.3f} ms, "
+               f"sparsity {row['union_sparsity']:.3f}, top-1 {row['top1_agreement']:.3f}", err=True)
+
+
+@click.command(name="predictor-stats")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Text file (one prompt per line) or JSONL with 'question'/'prompt'/'text' fields.")
+@click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
+@click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps traced per prompt.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a Fig. 3-style PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens, plot_file, as_json):
+    """Per-layer precision / recall of the predicted zero rows (paper Fig. 3).
+
+    Runs the checkpoint on real prompts with the NumPy reference model and reports, per
+    layer, precision and recall of zero rows, predicted / actual / union sparsity and the
+    fraction of the MLP's weight bytes skipped.
+    """
+    from sparseinfer.sim import model_runner
+    from sparseinfer.sim.predictor_stats import per_layer_stats, summary
+
+    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens)
+    _, traces = runner.sparse(alpha)
+    stats = per_layer_stats(traces)
+    data = {"checkpoint": str(checkpoint), "model": runner.shape.name, "alpha": str(alpha),
+            "tokens": len(traces), "layers": [s.to_dict() for s in stats], "mean": summary(stats)}
+    if plot_file:
+        from sparseinfer.sim.plots import plot_precision_recall
+
+        plot_precision_recall(data["layers"], plot_file, f"{runner.shape.name}, alpha {alpha}")
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(f"{runner.shape.name}: alpha {alpha}, {len(traces)} decoded tokens")
+    click.echo(format_table(["layer", "precision", "recall", "predicted", "actual", "union", "bytes skipped"],
+                            [[s.layer, f"{s.precision:.4f}", f"{s.recall:.4f}", f"{s.predicted_sparsity:.4f}",
+                              f"{s.actual_sparsity:.4f}", f"{s.union_sparsity:.4f}", f"{s.bytes_skipped:.4f}"]
+                             for s in stats]))
+    if plot_file:
+        click.echo(f"wrote {plot_file}")
+
+
+@click.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--alpha", "alpha_range", default="1.00:1.05:0.01", show_default=True,
+              help="α values START:STOP:STEP (inclusive), applied to --layers; other layers stay at 1.00.")
+@click.option("--layers", default="0-19", show_default=True, help="Layers A-B whose α is swept (or 'all').")
+@hw_options
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Text file (one prompt per line) or JSONL with 'question'/'prompt'/'text' fields.")
+@click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps per prompt.")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write the latency-quality PNG here.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompts, max_new_tokens, plot_file, as_json):
+    """α sweep: simulated latency and speedup vs measured sparsity and quality.
+
+    For each α: the simulated per-token latency (SparseInfer+KF+AS on --hw, from the
+    measured per-layer sparsity), its speedup over dense llama.cpp, the measured sparsity,
+    and quality against the dense model on the same prompts (top-1 agreement, mean KL,
+    max |delta logit|). Pareto-optimal points (latency, KL) are marked.
+    """
+    from sparseinfer.sim import alpha_sweep, model_runner
+
+    alphas = alpha_sweep.parse_alpha_range(alpha_range)
+    spec = _hardware(hw, hw_file)
+    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens)
+    span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
+    result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
+    if plot_file:
+        from sparseinfer.sim.plots import plot_sweep
+
+        plot_sweep(result, plot_file)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(f"{result['model']} on {result['hardware']}: layers {result['layers']}, "
+               f"dense {result['dense_latency_ms']:.3f} ms/token")
+    click.echo(format_table(
+        ["alpha", "ms/token", "speedup", "pred sparsity", "union sparsity", "top-1", "mean KL", "max |dlogit|", "pareto"],
+        [[f"{r['alpha']:.3f}", f"{r['latency_ms']:.3f}", f"{r['speedup_vs_llama.cpp']:.3f}x",
+          f"{r['predicted_sparsity']:.4f}", f"{r['union_sparsity']:.4f}", f"{r['top1_agreement']:.3f}",
+          f"{r['mean_kl']:.3g}", f"{r['max_abs_logit_delta']:.3g}", "*" if r["pareto"] else ""]
+         for r in result["rows"]]))
+    if plot_file:
+        click.echo(f"wrote {plot_file}")
+
+
+COMMANDS = (latency, fig4, hardware, predictor_stats, sweep)
