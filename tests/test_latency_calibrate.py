@@ -1,0 +1,88 @@
+"""Calibration against the kernels benchmarks' results schema, on synthesised results."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.sim import calibrate as cal
+from sparseinfer.sim.hardware import load_hardware
+from sparseinfer.tools.cli import cli
+
+ORIN = load_hardware("jetson-orin-agx")
+# a "true" device whose constants differ from the shipped ones
+TRUE = ORIN.with_efficiency(dense_bandwidth_fraction=0.61, sparse_bandwidth_fraction=0.19, kernel_launch_us=6.5)
+
+D, K = 5120, 13824
+ROWS = [
+    {"kernel": "dense_gemv", "version": "v1", "model": "prosparse-llama2-13b", "d": D, "k": K, "sparsity": 0.0,
+     "bytes": D * K * 2},
+    {"kernel": "predictor", "version": "v1", "model": "prosparse-llama2-13b", "d": D, "k": K, "sparsity": 0.888,
+     "bytes": K * 160 * 4},
+    {"kernel": "sparse_gemv", "version": "v1", "model": "prosparse-llama2-13b", "d": D, "k": K, "sparsity": 0.888,
+     "bytes": int(0.112 * K) * D * 2},
+    {"kernel": "sparse_gemv", "version": "v2", "model": "prosparse-llama2-13b", "d": D, "k": K, "sparsity": 0.5,
+     "bytes": int(0.5 * K) * D * 2},
+    {"kernel": "sparse_down", "version": "v1", "model": "prosparse-llama2-7b", "d": 4096, "k": 11008,
+     "sparsity": 0.9, "bytes": 1101 * 4096 * 2},
+]
+
+
+def test_calibration_recovers_known_constants_and_reports_each_row():
+    results = cal.synthesise_results(TRUE, ROWS)
+    cal.validate_results(results)
+    report = cal.calibrate(ORIN, results)
+    eff = report["efficiency"]
+    assert eff["dense_bandwidth_fraction"] == pytest.approx(0.61, rel=1e-9)
+    assert eff["sparse_bandwidth_fraction"] == pytest.approx(0.19, rel=1e-9)
+    assert eff["kernel_launch_us"] == pytest.approx(6.5, rel=1e-9)
+    assert report["previous_efficiency"]["dense_bandwidth_fraction"] == 0.70
+    assert len(report["rows"]) == len(ROWS)
+    assert report["max_abs_rel_error"] < 1e-9
+    assert [r["class"] for r in report["rows"]] == ["dense", "dense", "sparse", "sparse", "sparse"]
+
+
+def test_per_row_error_is_reported_when_the_model_does_not_fit():
+    results = cal.synthesise_results(TRUE, ROWS)
+    results["rows"][2]["latency_us"] *= 1.5          # one slow measurement
+    report = cal.calibrate(ORIN, results)
+    errors = [abs(r["rel_error"]) for r in report["rows"]]
+    assert report["max_abs_rel_error"] == max(errors) > 0.01
+    assert sum(e > 1e-6 for e in errors) >= 2        # least squares spreads the misfit
+
+
+def test_unverified_rows_are_skipped_and_launch_kept_when_underdetermined():
+    rows = [dict(ROWS[0]), dict(ROWS[2], verified=False), dict(ROWS[3])]
+    report = cal.calibrate(ORIN, cal.synthesise_results(TRUE, rows))
+    assert report["skipped_unverified"] == ["sparse_gemv v1"]
+    assert report["fitted"] == ["dense", "sparse"]          # 2 rows, 2 classes: launch not fitted
+    assert report["efficiency"]["kernel_launch_us"] == ORIN.efficiency.kernel_launch_us
+    with pytest.raises(SparseInferError, match="no verified rows"):
+        cal.calibrate(ORIN, cal.synthesise_results(TRUE, [dict(ROWS[0], verified=False)]))
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda r: r.pop("peak_bandwidth_gb_per_s"), "missing peak_bandwidth_gb_per_s"),
+    (lambda r: r["rows"][0].pop("bytes"), r"rows\[0\]: missing bytes"),
+    (lambda r: r["rows"][1].update(verified="yes"), r"rows\[1\]: verified has the wrong type"),
+    (lambda r: r["rows"][0].update(latency_us=0), "latency_us > 0"),
+])
+def test_malformed_results(mutate, message):
+    results = cal.synthesise_results(TRUE, ROWS)
+    mutate(results)
+    with pytest.raises(SparseInferError, match=message):
+        cal.validate_results(results)
+
+
+def test_cli_calibrate(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(cal.synthesise_results(TRUE, ROWS)))
+    r = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--json"])
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert data["efficiency"]["sparse_bandwidth_fraction"] == pytest.approx(0.19)
+    assert len(data["calibration"]["rows"]) == 5
+    text = CliRunner().invoke(cli, ["latency", "--calibrate", str(path)])
+    assert text.exit_code == 0 and "calibrated from" in text.stdout and "sparse_gemv" in text.stdout
+    bad = CliRunner().invoke(cli, ["latency", "--calibrate", str(tmp_path / "none.json")])
+    assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: no such results file")
