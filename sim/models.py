@@ -20,6 +20,9 @@ class ModelShape:
     hidden_act: str = "relu"
     max_position_embeddings: int = 4096
     source: str = ""
+    rope_theta: float = 10000.0         # HF LlamaConfig defaults for the three fields below
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
 
     @property
     def d(self) -> int:
@@ -42,10 +45,10 @@ class ModelShape:
 BUILTIN_MODELS = {
     "prosparse-llama2-7b": ModelShape(
         "prosparse-llama2-7b", 4096, 11008, 32, 32, 32, 32000, "fatrelu:0.01", 4096,
-        "SparseLLM/prosparse-llama-2-7b config.json; paper Sec. V-A"),
+        "SparseLLM/prosparse-llama-2-7b config.json; paper Sec. V-A", rms_norm_eps=1e-5),
     "prosparse-llama2-13b": ModelShape(
         "prosparse-llama2-13b", 5120, 13824, 40, 40, 40, 32000, "fatrelu:0.01", 4096,
-        "SparseLLM/prosparse-llama-2-13b config.json; paper Sec. V-A"),
+        "SparseLLM/prosparse-llama-2-13b config.json; paper Sec. V-A", rms_norm_eps=1e-5),
 }
 
 _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
@@ -69,7 +72,9 @@ def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
         intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
         num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
         vocab_size=int(cfg.get("vocab_size", 32000)), hidden_act=activation_from_config(cfg),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), source=name)
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), source=name,
+        rope_theta=float(cfg.get("rope_theta") or 10000.0), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
 
 
 def read_config(path) -> dict:

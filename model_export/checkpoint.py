@@ -1,0 +1,190 @@
+"""Load Llama / ProSparse checkpoints into ``reference.llama.LlamaWeights``.
+
+``load_checkpoint(path)`` accepts
+* a Hugging Face directory: ``config.json`` + ``model.safetensors`` or shards listed in
+  ``model.safetensors.index.json``; architectures ``LlamaForCausalLM`` and ProSparse's
+  ``SparseLlamaForCausalLM`` (model_type ``sparsellama``, ``hidden_act: fatrelu`` with
+  ``hidden_act_param``); MHA or GQA; tied or untied embeddings; bf16 / fp16 / fp32;
+  ``tokenizer.json`` when present;
+* a ``.gguf`` file (see ``gguf_loader``).
+
+The model shape comes from ``sim.models.from_hf_config`` (one place for shapes). Every
+problem is a one-line ``SparseInferError``: missing file, unsupported architecture,
+a tensor missing or shaped differently from what the config implies.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.reference.dtypes import BFLOAT16, dtype_name
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.llama import LayerWeights, LlamaWeights
+from sparseinfer.sim.models import ModelShape, from_hf_config, read_config
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
+SUPPORTED_MODEL_TYPES = ("llama", "sparsellama")
+SUPPORTED_ACTIVATIONS = ("relu", "fatrelu", "silu")
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+# Hugging Face tensor names of one decoder layer, by LayerWeights field
+LAYER_TENSORS = {
+    "input_norm": "input_layernorm.weight",
+    "q": "self_attn.q_proj.weight",
+    "k": "self_attn.k_proj.weight",
+    "v": "self_attn.v_proj.weight",
+    "o": "self_attn.o_proj.weight",
+    "post_norm": "post_attention_layernorm.weight",
+    "gate": "mlp.gate_proj.weight",
+    "up": "mlp.up_proj.weight",
+    "down": "mlp.down_proj.weight",
+}
+MLP_FIELDS = ("gate", "up", "down")
+
+
+@dataclass
+class Checkpoint:
+    """Weights, shape, tokenizer (``tokenizers.Tokenizer`` or None) and where they came from."""
+
+    weights: LlamaWeights
+    tokenizer: object
+    source: str
+    stored_dtype: str
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
+
+    @property
+    def shape(self) -> ModelShape:
+        return self.weights.shape
+
+
+def expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes a config implies for one layer (HF layouts), by LayerWeights field."""
+    d, k, hd = shape.d, shape.k, shape.head_dim
+    return {"input_norm": (d,), "q": (shape.num_heads * hd, d), "k": (shape.num_kv_heads * hd, d),
+            "v": (shape.num_kv_heads * hd, d), "o": (d, shape.num_heads * hd), "post_norm": (d,),
+            "gate": (k, d), "up": (k, d), "down": (d, k)}
+
+
+def check_config(cfg: dict, name: str) -> ModelShape:
+    """Architecture, activation and head checks; returns the model shape."""
+    archs = cfg.get("architectures") or []
+    model_type = str(cfg.get("model_type", "")).lower()
+    if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or model_type in SUPPORTED_MODEL_TYPES):
+        got = ", ".join(archs) or model_type or "none given"
+        raise SparseInferError(f"{name}: unsupported architecture {got}; supported: "
+                               f"{', '.join(SUPPORTED_ARCHITECTURES)} (model_type {', '.join(SUPPORTED_MODEL_TYPES)})")
+    act = str(cfg.get("hidden_act", "silu")).lower()
+    if act not in SUPPORTED_ACTIVATIONS:
+        raise SparseInferError(f"{name}: unsupported hidden_act {act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+    shape = from_hf_config(cfg, name)
+    if shape.d % shape.num_heads or shape.num_heads % shape.num_kv_heads:
+        raise SparseInferError(f"{name}: hidden_size {shape.d}, {shape.num_heads} heads and "
+                               f"{shape.num_kv_heads} key/value heads do not divide evenly")
+    if shape.head_dim % 2:
+        raise SparseInferError(f"{name}: head dimension {shape.head_dim} is odd; rotary embeddings need it even")
+    return shape
+
+
+def check_tensor(name: str, array: np.ndarray, expected: tuple[int, ...], source: str) -> None:
+    if tuple(array.shape) != tuple(expected):
+        raise SparseInferError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
+                               f"but the config implies {tuple(expected)}")
+
+
+def assemble(shape: ModelShape, get, source: str) -> LlamaWeights:
+    """Build LlamaWeights from ``get(hf_name) -> ndarray or None`` with shape checks.
+
+    Attention, norms and embeddings become float32; MLP weights keep fp16/bf16/fp32.
+    """
+    def fetch(name, expected, keep_dtype=False):
+        a = get(name)
+        if a is None:
+            raise SparseInferError(f"{source}: tensor {name} is missing")
+        check_tensor(name, a, expected, source)
+        if keep_dtype and a.dtype in (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16):
+            return np.ascontiguousarray(a)
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    d, v = shape.d, shape.vocab_size
+    exp = expected_shapes(shape)
+    embed = fetch("model.embed_tokens.weight", (v, d))
+    layers = []
+    for i in range(shape.num_layers):
+        fields = {f: fetch(f"model.layers.{i}.{hf}", exp[f], keep_dtype=f in MLP_FIELDS)
+                  for f, hf in LAYER_TENSORS.items()}
+        layers.append(LayerWeights(**fields))
+    final_norm = fetch("model.norm.weight", (d,))
+    if shape.tie_word_embeddings:
+        lm_head = embed
+    else:
+        lm_head = fetch("lm_head.weight", (v, d))
+    return LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+def _safetensor_files(root: Path) -> list[Path]:
+    index = root / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise SparseInferError(f"cannot read {index}: {e}") from None
+        files = [root / f for f in dict.fromkeys(weight_map.values())]
+    elif (root / SINGLE_FILE).is_file():
+        files = [root / SINGLE_FILE]
+    else:
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise SparseInferError(f"{root}: no model.safetensors, {INDEX_FILE} or *.safetensors found")
+    for f in files:
+        if not f.is_file():
+            raise SparseInferError(f"{root}: shard {f.name} listed in {INDEX_FILE} is missing")
+    return files
+
+
+def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
+    """All tensors of the files (bf16 arrives as ml_dtypes.bfloat16)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    tensors = {}
+    for f in files:
+        try:
+            tensors.update(load_file(str(f)))
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise SparseInferError(f"cannot read {f}: {e}") from None
+    return tensors
+
+
+def load_hf_checkpoint(path) -> Checkpoint:
+    root = Path(path)
+    if not root.exists():
+        raise SparseInferError(f"no such checkpoint: {root}")
+    if not root.is_dir():
+        raise SparseInferError(f"{root}: expected a checkpoint directory (config.json + *.safetensors) or a .gguf file")
+    cfg = read_config(root)
+    shape = check_config(cfg, str(root / "config.json"))
+    tensors = _read_safetensors(_safetensor_files(root))
+    dtypes = {dtype_name(t.dtype) for t in tensors.values()}
+    weights = assemble(shape, tensors.get, str(root))
+    from .tokenizer import load_tokenizer_json
+    tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
+    return Checkpoint(weights=weights, tokenizer=tok, source=str(root), stored_dtype="/".join(sorted(dtypes)),
+                      bos_token_id=_opt_int(cfg.get("bos_token_id")), eos_token_id=_opt_int(cfg.get("eos_token_id")))
+
+
+def _opt_int(v):
+    return None if v is None or isinstance(v, list) else int(v)
+
+
+def load_checkpoint(path) -> Checkpoint:
+    """A Hugging Face checkpoint directory or a ``.gguf`` file."""
+    p = Path(path)
+    if p.suffix.lower() == ".gguf":
+        from .gguf_loader import load_gguf_checkpoint
+        return load_gguf_checkpoint(p)
+    return load_hf_checkpoint(p)

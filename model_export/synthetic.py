@@ -1,0 +1,189 @@
+"""Synthetic ProSparse-like checkpoints in the Hugging Face format.
+
+``make_checkpoint(shape, out_dir, ...)`` writes ``config.json``, ``model.safetensors``
+and a byte-level ``tokenizer.json``. Layer shapes come from ``sim.models``
+(``prosparse-7b`` / ``prosparse-13b`` are the built-in ProSparse-Llama2 shapes with fewer
+layers if asked); ``tiny`` is the test shape below. The vocabulary is the byte-level
+tokenizer's (258 ids), not Llama's 32000: it only sizes the embedding and the LM head.
+
+How the gate is made sparse, the way ProSparse's is. The residual stream carries a
+common component (every embedding = ``EMBED_COMMON`` * a fixed ±1 pattern + noise), so
+MLP inputs x share a mean direction u. Each W_gate row starts as Gaussian noise g_i
+(gate pre-activations ~ N(0, 1)) and is shifted against u: ``w_i = g_i - gamma_i u``.
+Then ``z_it = g_i . x_t - gamma_i (u . x_t)``, linear in gamma_i, so gamma_i is set
+exactly to the ``target`` quantile of ``(g_i . x_t - T) / (u . x_t)`` over calibration
+tokens: each row is active (z >= T, the FATReLU threshold) on a 1 - target fraction of
+them. Layers are calibrated in order during one prefill of the calibration text, so
+each sees the inputs that the already-calibrated layers below produce. The shift flips
+the signs of the row elements where |g_ij| is small, which is what the sign predictor
+sees.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.reference.activations import Activation
+from sparseinfer.reference.dtypes import dtype_name, parse_dtype
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.llama import LayerWeights, LlamaReference, LlamaWeights
+from sparseinfer.sim.models import BUILTIN_MODELS, ModelShape
+
+from .checkpoint import LAYER_TENSORS
+from .tokenizer import BYTE_SPECIAL_TOKENS, byte_level_tokenizer
+
+BYTE_VOCAB = 256 + len(BYTE_SPECIAL_TOKENS)
+BOS_ID, EOS_ID = 256, 257
+
+# The test shape: GQA (4 heads, 2 key/value heads), d and k not multiples of 32 or 64
+# on purpose (tails of the sign words), FATReLU as in ProSparse. d = 200 rather than
+# smaller: per-token sparsity varies as 1/sqrt(d) around the target.
+TINY = ModelShape("synthetic-tiny", hidden_size=200, intermediate_size=552, num_layers=2, num_heads=4,
+                  num_kv_heads=2, vocab_size=BYTE_VOCAB, hidden_act="fatrelu:0.01",
+                  max_position_embeddings=512, source="model_export/synthetic.py test shape",
+                  rope_theta=10000.0, rms_norm_eps=1e-5)
+
+SYNTHETIC_SHAPES = {
+    "tiny": TINY,
+    "prosparse-7b": replace(BUILTIN_MODELS["prosparse-llama2-7b"], vocab_size=BYTE_VOCAB),
+    "prosparse-13b": replace(BUILTIN_MODELS["prosparse-llama2-13b"], vocab_size=BYTE_VOCAB),
+}
+
+EMBED_COMMON = 1.0        # size of the shared ±1 component of every embedding (noise is N(0, 1))
+BRANCH_SCALE = 0.3        # attention / MLP outputs relative to the residual stream
+NORM_JITTER = 0.05        # RMSNorm weights are 1 + NORM_JITTER * N(0, 1)
+
+CALIBRATION_TEXT = (
+    "The quick brown fox jumps over the lazy dog. Sparse activations let a decoder skip most "
+    "rows of its MLP weights: predict the zeros from sign bits, then read only the rows that "
+    "matter. 0123456789 Jetson Orin, LPDDR5, 204.8 GB/s. In the beginning was the Word, and "
+    "the Word was with God. Call me Ishmael. It was the best of times, it was the worst of "
+    "times, it was the age of wisdom, it was the age of foolishness; {x: [1, 2, 3]} == True?\n")
+
+
+def synthetic_shape(name: str, layers: int | None = None, kv_heads: int | None = None,
+                    hidden_act: str | None = None, tie_embeddings: bool = False) -> ModelShape:
+    if name not in SYNTHETIC_SHAPES:
+        raise SparseInferError(f"unknown synthetic shape {name!r}; expected one of {', '.join(SYNTHETIC_SHAPES)}")
+    shape = SYNTHETIC_SHAPES[name]
+    changes = {"tie_word_embeddings": bool(tie_embeddings), "name": f"synthetic-{name}"}
+    if layers is not None:
+        if layers < 1:
+            raise SparseInferError(f"--layers must be >= 1, got {layers}")
+        changes["num_layers"] = int(layers)
+    if kv_heads is not None:
+        if kv_heads < 1 or shape.num_heads % kv_heads:
+            raise SparseInferError(f"--kv-heads {kv_heads} must divide the {shape.num_heads} attention heads")
+        changes["num_kv_heads"] = int(kv_heads)
+    if hidden_act is not None:
+        changes["hidden_act"] = str(Activation.parse(hidden_act))
+    return replace(shape, **changes)
+
+
+def _random_weights(shape: ModelShape, rng: np.random.Generator) -> LlamaWeights:
+    d, k, hd = shape.d, shape.k, shape.head_dim
+    f32 = np.float32
+
+    def normal(rows, cols, scale):
+        return (rng.standard_normal((rows, cols), dtype=f32) * f32(scale))
+
+    def norm():
+        return (1 + NORM_JITTER * rng.standard_normal(d, dtype=f32)).astype(f32)
+
+    common = np.where(rng.random(d) < 0.5, -1, 1).astype(f32) * f32(EMBED_COMMON)
+    embed = rng.standard_normal((shape.vocab_size, d), dtype=f32) + common
+    layers = []
+    for _ in range(shape.num_layers):
+        layers.append(LayerWeights(
+            input_norm=norm(), q=normal(shape.num_heads * hd, d, d ** -0.5),
+            k=normal(shape.num_kv_heads * hd, d, d ** -0.5), v=normal(shape.num_kv_heads * hd, d, d ** -0.5),
+            o=normal(d, shape.num_heads * hd, BRANCH_SCALE * (shape.num_heads * hd) ** -0.5),
+            post_norm=norm(), gate=normal(k, d, d ** -0.5), up=normal(k, d, d ** -0.5),
+            down=normal(d, k, BRANCH_SCALE * 3 * k ** -0.5)))
+    lm_head = embed if shape.tie_word_embeddings else normal(shape.vocab_size, d, d ** -0.5)
+    return LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
+
+
+def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, target: float) -> None:
+    """Shift every row of ``gate`` [k, d] (in place) against the mean direction of x [T, d]."""
+    u = x.mean(axis=0)
+    u /= np.linalg.norm(u)
+    proj = x @ u                                    # u . x_t, positive for every token
+    if not (proj > 0).all():
+        raise SparseInferError("synthetic maker: calibration inputs lack a common direction")
+    ratio = (x @ gate.T - np.float32(threshold)) / proj[:, None]     # [T, k]
+    gamma = np.quantile(ratio, target, axis=0).astype(np.float32)
+    gate -= gamma[:, None] * u[None, :]
+
+
+def calibration_ids() -> np.ndarray:
+    return np.array([BOS_ID] + list(CALIBRATION_TEXT.encode()), dtype=np.int64)
+
+
+def make_weights(shape: ModelShape, target_sparsity: float = 0.9, seed: int = 0) -> LlamaWeights:
+    """Random float32 weights whose decode-time MLP sparsity is ``target_sparsity``."""
+    if not 0.0 <= target_sparsity < 1.0:
+        raise SparseInferError(f"--target-sparsity must be in [0, 1), got {target_sparsity}")
+    act = Activation.parse(shape.hidden_act)
+    weights = _random_weights(shape, np.random.default_rng(seed))
+    if act.sparse_capable and target_sparsity > 0:
+        model = LlamaReference(weights)
+        model.prefill(calibration_ids(), mlp_hook=lambda i, x: _calibrate_gate(
+            weights.layers[i].gate, x, act.threshold, target_sparsity))
+    return weights
+
+
+def hf_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) -> dict:
+    act = Activation.parse(shape.hidden_act)
+    cfg = {
+        "architectures": ["SparseLlamaForCausalLM" if act.kind == "fatrelu" else "LlamaForCausalLM"],
+        "model_type": "sparsellama" if act.kind == "fatrelu" else "llama",
+        "hidden_act": act.kind, "hidden_size": shape.d, "intermediate_size": shape.k,
+        "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
+        "num_key_value_heads": shape.num_kv_heads, "vocab_size": shape.vocab_size,
+        "max_position_embeddings": shape.max_position_embeddings, "rope_theta": shape.rope_theta,
+        "rms_norm_eps": shape.rms_norm_eps, "tie_word_embeddings": shape.tie_word_embeddings,
+        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
+        "torch_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+        "sparseinfer_synthetic": {"shape": shape.name, "target_sparsity": target_sparsity, "seed": seed},
+    }
+    if act.kind == "fatrelu":
+        cfg["hidden_act_param"] = float(f"{act.threshold:.7g}")   # 0.01, not its float32 neighbour
+    return cfg
+
+
+def hf_tensors(weights: LlamaWeights, dtype) -> dict[str, np.ndarray]:
+    """The Hugging Face tensor dict of ``weights`` cast to ``dtype``."""
+    dt = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
+    out = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
+    if not weights.shape.tie_word_embeddings:
+        out["lm_head.weight"] = weights.lm_head
+    for i, lw in enumerate(weights.layers):
+        for field, hf in LAYER_TENSORS.items():
+            out[f"model.layers.{i}.{hf}"] = getattr(lw, field)
+    return {n: np.ascontiguousarray(a.astype(dt, copy=False)) for n, a in out.items()}
+
+
+def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_sparsity: float = 0.9,
+                    seed: int = 0, dtype: str = "fp32", kv_heads: int | None = None,
+                    hidden_act: str | None = None, tie_embeddings: bool = False) -> Path:
+    """Write a synthetic checkpoint directory; returns its path."""
+    from safetensors.numpy import save_file
+
+    if dtype not in ("fp32", "fp16", "bf16"):
+        raise SparseInferError(f"unknown dtype {dtype!r}; expected fp32, fp16 or bf16")
+    shape = synthetic_shape(shape_name, layers, kv_heads, hidden_act, tie_embeddings)
+    weights = make_weights(shape, target_sparsity, seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(shape, dtype, target_sparsity, seed), indent=2) + "\n")
+    save_file(hf_tensors(weights, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
+    byte_level_tokenizer().save(str(out / "tokenizer.json"))
+    return out
+
+
+__all__ = ["SYNTHETIC_SHAPES", "TINY", "make_checkpoint", "make_weights", "hf_tensors", "hf_config",
+           "synthetic_shape", "calibration_ids", "dtype_name"]
