@@ -20,6 +20,7 @@ from .quality import quality
 from .sparsity_model import LayerSparsity
 
 MAX_SWEEP_POINTS = 101
+PAPER_ALPHA_LAYERS = 20   # Sec. V-B: α > 1 applied to the first 20 layers only
 
 
 def parse_alpha_range(spec: str) -> list[int]:

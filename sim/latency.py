@@ -267,6 +267,18 @@ def decode_latency(m: ModelShape, hw: HardwareSpec, alpha="1.00", sparsity=None,
     }
 
 
+def fig4_variants(hw: HardwareSpec, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> list[dict]:
+    """Speedup over llama.cpp of PowerInfer and every SparseInfer variant, per Fig. 4 setting."""
+    from .models import BUILTIN_MODELS
+
+    rows = []
+    for model_name, alpha in paper.FIG4_SPEEDUPS:
+        data = decode_latency(BUILTIN_MODELS[model_name], hw, alpha, None, METHODS, context_tokens)
+        rows += [{"model": model_name, "alpha": alpha, "method": r["method"],
+                  "speedup_vs_llama.cpp": r["speedup_vs_llama.cpp"]} for r in data["methods"][1:]]
+    return rows
+
+
 def fig4(hw: HardwareSpec, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> list[dict]:
     """Fig. 4 beside the simulation: one row per (model, α, baseline)."""
     from .models import BUILTIN_MODELS

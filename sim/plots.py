@@ -12,8 +12,11 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
+
+from . import paper  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -33,6 +36,7 @@ def plot_precision_recall(layer_stats: list[dict], path, title: str = "") -> Pat
     fig, ax = plt.subplots(figsize=(8, 3.5))
     ax.plot(layers, [100 * s["precision"] for s in layer_stats], "o-", label="precision")
     ax.plot(layers, [100 * s["recall"] for s in layer_stats], "s--", label="recall")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("decoder layer")
     ax.set_ylabel("%")
     ax.set_title(title or "SparseInfer predictor: precision / recall of zero rows per layer")
@@ -41,18 +45,29 @@ def plot_precision_recall(layer_stats: list[dict], path, title: str = "") -> Pat
     return _save(fig, path)
 
 
-def plot_fig4(rows: list[dict], path) -> Path:
-    """Grouped bars: one group per (model, α, baseline); published and simulated side by side."""
-    labels = [f"{r['model'].replace('prosparse-llama2-', '')} α={r['alpha'].split('@')[0]}\nvs {r['vs']}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(8, 1.2 * len(rows)), 4))
-    ax.bar([x - 0.2 for x in xs], [r["paper"] for r in rows], 0.4, label="paper (Fig. 4)")
-    ax.bar([x + 0.2 for x in xs], [r["simulated"] for r in rows], 0.4, label="simulated")
-    ax.set_xticks(list(xs), labels, fontsize=7)
+def plot_fig4(variants: list[dict], path, hardware: str = "") -> Path:
+    """Fig. 4 style: per (model, α), the speedup over llama.cpp of PowerInfer and each
+    SparseInfer variant (bars, simulated), with the published values as black marks."""
+    settings = list(dict.fromkeys((r["model"], r["alpha"]) for r in variants))
+    methods = list(dict.fromkeys(r["method"] for r in variants))
+    value = {(r["model"], r["alpha"], r["method"]): r["speedup_vs_llama.cpp"] for r in variants}
+    width = 0.8 / len(methods)
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(settings)), 4.2))
+    for j, method in enumerate(methods):
+        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(settings))]
+        ax.bar(xs, [value[(m, a, method)] for m, a in settings], width, label=method)
+    published = [(i, paper.FIG4_SPEEDUPS[s]) for i, s in enumerate(settings) if s in paper.FIG4_SPEEDUPS]
+    ax.plot([i + 0.4 - width / 2 for i, _ in published], [v[0] for _, v in published], "k_", ms=18, mew=2,
+            label="paper: SparseInfer")
+    ax.plot([i - 0.4 + width / 2 for i, _ in published], [v[0] / v[1] for _, v in published], "kx", ms=8,
+            label="paper: PowerInfer (implied)")
+    ax.set_xticks(range(len(settings)), [f"{m.replace('prosparse-llama2-', '')}, α {a}" for m, a in settings],
+                  fontsize=8)
     ax.axhline(1.0, color="grey", lw=0.8)
-    ax.set_ylabel("SparseInfer speedup (x)")
-    ax.set_title("End-to-end decode speedup on Jetson Orin AGX: paper vs latency model")
-    ax.legend()
+    ax.set_ylim(0, 1.35 * max(value.values()))
+    ax.set_ylabel("speedup over llama.cpp (x)")
+    ax.set_title(f"Decode speedup per method and model{' on ' + hardware if hardware else ''}: simulated vs paper Fig. 4")
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 

@@ -37,4 +37,4 @@ def test_sweep_plot(tmp_path):
 
 def test_plot_needs_png_suffix(tmp_path):
     with pytest.raises(SparseInferError, match="must end in .png"):
-        plots.plot_fig4(lat.fig4(load_hardware("jetson-orin-agx")), tmp_path / "x.svg")
+        plots.plot_fig4(lat.fig4_variants(load_hardware("jetson-orin-agx")), tmp_path / "x.svg")

@@ -122,7 +122,7 @@ def fig4(hw, hw_file, context_tokens, plot_file, as_json):
     if plot_file:
         from sparseinfer.sim.plots import plot_fig4
 
-        plot_fig4(rows, plot_file)
+        plot_fig4(lat.fig4_variants(spec, context_tokens), plot_file, spec.name)
     if as_json:
         echo_json(rows)
         return
@@ -198,7 +198,8 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
 @click.argument("checkpoint", type=click.Path())
 @click.option("--alpha", "alpha_range", default="1.00:1.05:0.01", show_default=True,
               help="α values START:STOP:STEP (inclusive), applied to --layers; other layers stay at 1.00.")
-@click.option("--layers", default="0-19", show_default=True, help="Layers A-B whose α is swept (or 'all').")
+@click.option("--layers", default=None,
+              help="Layers A-B whose α is swept, or 'all' (default: the first 20 layers, as in the paper).")
 @hw_options
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="Text file (one prompt per line) or JSONL with 'question'/'prompt'/'text' fields.")
@@ -219,7 +220,8 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     spec = _hardware(hw, hw_file)
     runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens)
-    span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
+    span = alpha_sweep.parse_layers(layers, runner.shape.num_layers) if layers else \
+        (0, min(alpha_sweep.PAPER_ALPHA_LAYERS, runner.shape.num_layers) - 1)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
     if plot_file:
         from sparseinfer.sim.plots import plot_sweep
