@@ -28,7 +28,7 @@ from . import ops as counts
 from . import paper
 from .hardware import HardwareSpec
 from .models import ModelShape
-from .sparsity_model import LayerSparsity, powerinfer_layers, sign_predictor_layers
+from .sparsity_model import LayerSparsity, alpha_table, powerinfer_layers, sign_predictor_layers
 
 FP16 = counts.FP16_BYTES
 FP32 = 4
@@ -262,6 +262,8 @@ def decode_latency(m: ModelShape, hw: HardwareSpec, alpha="1.00", sparsity=None,
         "rank": rank, "weight_gib": wb / 2**30, "fits_in_memory": wb / 2**30 < hw.memory_gib,
         "efficiency": asdict(hw.efficiency),
         "sparseinfer_layers": [asdict(s) for s in si_layers],
+        "sparsity_source": "measured" if sign_layers is not None else "model (sim/sparsity_model.py)",
+        "assumed_alpha_table": alpha_table(m, sparsity=sparsity) if sign_layers is None else None,
         "powerinfer_predicted_sparsity": pi_layers[0].predicted,
         "methods": rows,
     }

@@ -67,11 +67,11 @@ def default_sparsity(model: ModelShape) -> float:
     return paper.REPORTED_SPARSITY.get(model.name, paper.TABLE1_SPARSITY)
 
 
-def predicted_sparsity(actual: float, alpha: float, d: int, kappa: float = ROW_SPREAD_KAPPA) -> float:
+def predicted_sparsity(actual: float, alpha: float, d: int, kappa: float | None = None) -> float:
     """Assumption 3: the fraction of rows eq. 2 skips at α, given the layer's true sparsity."""
     if not 0.0 < actual < 1.0:
         return float(actual)
-    sigma = kappa * 0.5 / math.sqrt(d)
+    sigma = (ROW_SPREAD_KAPPA if kappa is None else kappa) * 0.5 / math.sqrt(d)
     mean = 0.5 + sigma * _NORMAL.inv_cdf(actual)
     threshold = alpha / (1.0 + alpha)
     return float(_NORMAL.cdf((mean - threshold) / sigma))
