@@ -62,7 +62,7 @@ def read_prompts(path=None, max_prompts: int = 4) -> list[str]:
 class ReferenceRunner:
     """The sweep's runner interface over a loaded checkpoint (see ``alpha_sweep``)."""
 
-    def __init__(self, checkpoint, prompts: list[str], max_new_tokens: int = 8):
+    def __init__(self, checkpoint, prompts: list[str], max_new_tokens: int = 8, progress=None):
         from sparseinfer.reference.llama import LlamaReference
 
         if int(max_new_tokens) < 1:
@@ -76,14 +76,22 @@ class ReferenceRunner:
         bos = [] if checkpoint.bos_token_id is None else [checkpoint.bos_token_id]
         self.prompt_ids = [np.array(bos + tok.encode(p).ids, dtype=np.int64) for p in prompts]
         self.max_new_tokens = int(max_new_tokens)
-        self.continuations = [self._model_class(self.weights).greedy(ids, self.max_new_tokens)
-                              for ids in self.prompt_ids]
+        self.progress = progress      # progress(message) for long runs, e.g. echo to stderr
+        self.continuations = []
+        for n, ids in enumerate(self.prompt_ids, 1):
+            self._say(f"dense greedy decode of prompt {n}/{len(self.prompt_ids)} ({ids.size} tokens)")
+            self.continuations.append(self._model_class(self.weights).greedy(ids, self.max_new_tokens))
         self._dense = None
+
+    def _say(self, message: str) -> None:
+        if self.progress:
+            self.progress(message)
 
     def _run(self, sparse: bool, alpha="1.00"):
         model = self._model_class(self.weights, sparse=sparse, alpha=alpha)
         logits, traces = [], []
-        for ids, cont in zip(self.prompt_ids, self.continuations):
+        for n, (ids, cont) in enumerate(zip(self.prompt_ids, self.continuations), 1):
+            self._say(f"{'sparse, alpha ' + str(alpha) if sparse else 'dense'}: prompt {n}/{len(self.prompt_ids)}")
             model.prefill(ids)
             for tok in cont:
                 step = model.decode(tok, trace=sparse)
@@ -101,7 +109,8 @@ class ReferenceRunner:
         return self._run(True, str(schedule))
 
 
-def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8) -> ReferenceRunner:
+def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8,
+                progress=None) -> ReferenceRunner:
     try:
         from sparseinfer.model_export.checkpoint import load_checkpoint
         from sparseinfer.reference import llama  # noqa: F401
@@ -109,4 +118,4 @@ def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_ne
         raise SparseInferError("running a checkpoint needs the checkpoint loader and reference Llama model "
                                "(issue 4, branch export), which this build does not have") from None
     prompts = read_prompts(prompts_file, max_prompts)
-    return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens)
+    return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens, progress)

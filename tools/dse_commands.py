@@ -149,6 +149,10 @@ def hardware(as_json):
          for s in specs]))
 
 
+def _say(message):
+    click.echo(message, err=True)
+
+
 def _progress(done, total, row):
     click.echo(f"[{done}/{total}] alpha {row['alpha']:.3f}: {row['latency_ms']:.3f} ms, "
                f"sparsity {row['union_sparsity']:.3f}, top-1 {row['top1_agreement']:.3f}", err=True)
@@ -173,7 +177,7 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
     from sparseinfer.sim import model_runner
     from sparseinfer.sim.predictor_stats import per_layer_stats, summary
 
-    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens)
+    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, _say)
     _, traces = runner.sparse(alpha)
     stats = per_layer_stats(traces)
     data = {"checkpoint": str(checkpoint), "model": runner.shape.name, "alpha": str(alpha),
@@ -219,7 +223,7 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
 
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     spec = _hardware(hw, hw_file)
-    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens)
+    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, _say)
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers) if layers else \
         (0, min(alpha_sweep.PAPER_ALPHA_LAYERS, runner.shape.num_layers) - 1)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
