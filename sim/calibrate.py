@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
-
 import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
 
+from .files import read_document
 from .hardware import HardwareSpec
 
 ROW_FIELDS = {"kernel": str, "version": str, "model": str, "d": int, "k": int, "dtype": str, "sparsity": (int, float),
@@ -62,14 +61,7 @@ def validate_results(data: dict, where: str = "results") -> dict:
 
 
 def read_results(path) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise SparseInferError(f"no such results file: {p}")
-    try:
-        data = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SparseInferError(f"cannot read {p}: {e}") from None
-    return validate_results(data, str(p))
+    return validate_results(read_document(path, "results file", json.loads, (json.JSONDecodeError,)), str(path))
 
 
 def row_class(row: dict) -> str:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from sparseinfer.reference.errors import SparseInferError
 
+from .files import read_document
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - Python 3.10
@@ -112,14 +114,8 @@ def spec_from_dict(data: dict, where: str = "hardware spec") -> HardwareSpec:
 
 
 def read_hardware_file(path) -> HardwareSpec:
-    p = Path(path)
-    if not p.is_file():
-        raise SparseInferError(f"no such hardware file: {p}")
-    try:
-        data = tomllib.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-        raise SparseInferError(f"cannot read hardware file {p}: {e}") from None
-    return spec_from_dict(data, str(p))
+    data = read_document(path, "hardware file", tomllib.loads, (tomllib.TOMLDecodeError,))
+    return spec_from_dict(data, str(Path(path)))
 
 
 @lru_cache(maxsize=1)
