@@ -52,20 +52,18 @@ def load_tokenizer_json(path):
         raise SparseInferError(f"cannot read tokenizer {p}: {str(e).splitlines()[0]}") from None
 
 
-def vocabulary_tokenizer(tokens: list[str]):
-    """A tokenizer over an explicit vocabulary (e.g. the one inside a GGUF file).
+def vocabulary_tokenizer(tokens: list[str], scores=None):
+    """A SentencePiece-style Unigram tokenizer over an explicit vocabulary (e.g. a GGUF's).
 
-    SentencePiece-style pieces (``▁`` for a space) are matched greedily longest-first by a
-    WordPiece-free unigram-less BPE with no merges; good enough to encode prompts and to
-    decode ids, which is what decoding needs.
+    ``▁`` stands for a space, as in Llama's vocabulary; ``scores`` are the pieces' log
+    probabilities (0 for all when absent).
     """
-    from tokenizers import Tokenizer, decoders, models, normalizers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
 
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)
-    unk = next((t for t in ("<unk>", "[UNK]") if t in vocab), None)
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token=unk or tokens[0]))
-    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Strip(" ", 1, 0)])
+    scores = list(scores) if scores is not None else [0.0] * len(tokens)
+    unk = next((i for i, t in enumerate(tokens) if t in ("<unk>", "[UNK]")), 0)
+    tok = Tokenizer(models.Unigram([(t, float(s)) for t, s in zip(tokens, scores)], unk_id=unk))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
     return tok

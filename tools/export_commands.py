@@ -2,11 +2,15 @@
 bench-decode."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import click
+import numpy as np
 
 from sparseinfer.model_export.synthetic import SYNTHETIC_SHAPES
 
-from .output import echo_json
+from .output import echo_json, format_table
 
 
 @click.command("make-checkpoint")
@@ -43,4 +47,266 @@ def make_checkpoint_cmd(shape_name, layers, target_sparsity, dtype, kv_heads, hi
         click.echo(f"wrote {path} ({shape_name}, {dtype}, target sparsity {target_sparsity})")
 
 
-COMMANDS = (make_checkpoint_cmd,)
+TARGET_HELP = ("Predictor formulation. cpu: W_gate sign bits packed in uint64 words, XOR + arithmetic "
+               "popcount (k*d/8 bytes per layer, 1/32 of fp32 W_gate). cuda: ±1 int8 signs and "
+               "MatMulInteger, since the CUDA EP has no bitwise ops (k*d bytes per layer, 8x the packed words).")
+
+
+def _progress():
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    transient=True)
+
+
+def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False):
+    """Load, export with a progress bar, copy the tokenizer beside the model; returns the path."""
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.model_export.export import ExportOptions, export_onnx
+
+    ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
+    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug)
+    with _progress() as bar:
+        task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
+        path = export_onnx(ck.weights, out, opts, progress=lambda: bar.advance(task))
+    if ck.tokenizer is not None:
+        ck.tokenizer.save(str(Path(path).with_name("tokenizer.json")))
+        ids = {"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id}
+        Path(path).with_name("generation_config.json").write_text(json.dumps(ids) + "\n")
+    if not quiet:
+        click.echo(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
+                   f"{', debug outputs' if debug else ''})", err=True)
+    return path
+
+
+@click.command("export")
+@click.argument("checkpoint", type=click.Path(exists=False))
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
+@click.option("--alpha", default="1.00", show_default=True,
+              help="α schedule, e.g. 1.00 or '1.03@0-19,1.00' (paper eq. 2; > 1 skips fewer rows).")
+@click.option("--dense", is_flag=True, help="Dense baseline: no predictor, every MLP row computed.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
+@click.option("--debug", is_flag=True, help="Add per-layer debug outputs (MLP input, predicted and actual "
+                                           "zero masks, computed rows); costs one full gate product per layer.")
+def export_cmd(checkpoint, out, alpha, dense, target, debug):
+    """Export CHECKPOINT (HF directory or .gguf) to one ONNX model for prefill + decode.
+
+    Decode steps use the sparse MLP (custom ops in domain ai.onnx.contrib, carried as
+    local functions of standard ops); prefill stays dense. The graph passes
+    onnx.checker.check_model(full_check=True).
+    """
+    export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug)
+
+
+def _tokenizer_for(model_path, tokenizer_path):
+    from sparseinfer.model_export.tokenizer import load_tokenizer_json
+
+    path = Path(tokenizer_path) if tokenizer_path else Path(model_path).with_name("tokenizer.json")
+    tok = load_tokenizer_json(path)
+    gen_cfg = Path(model_path).with_name("generation_config.json")
+    ids = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
+    return tok, ids.get("bos_token_id"), ids.get("eos_token_id")
+
+
+def _prompt_ids(tok, bos, prompt):
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    return ([bos] if bos is not None else []) + ids
+
+
+SAMPLING = [
+    click.option("--max-new-tokens", type=int, default=32, show_default=True),
+    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+    click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
+    click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+    click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+                 help="onnxruntime execution provider (cuda keeps the KV cache on the GPU with IOBinding)."),
+    click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)."),
+]
+
+
+def _with(options):
+    def wrap(f):
+        for opt in reversed(options):
+            f = opt(f)
+        return f
+    return wrap
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path())
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
+              help="tokenizer.json (default: the one beside MODEL).")
+@_with(SAMPLING)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of streaming.")
+def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top_p, seed, provider, threads, as_json):
+    """Decode text from an exported MODEL (.onnx), streaming tokens.
+
+    Then prints prefill time, decode tokens/s and, for exports with --debug, the
+    measured decode sparsity and the predictor's precision / recall.
+    """
+    from sparseinfer.model_export.decode import OnnxDecoder, generate
+
+    tok, bos, eos = _tokenizer_for(model, tokenizer_path)
+    decoder = OnnxDecoder(model, provider, threads)
+    ids = _prompt_ids(tok, bos, prompt)
+    stream = None if as_json else (lambda t: click.echo(tok.decode([t]), nl=False))
+    if not as_json:
+        click.echo(prompt, nl=False)
+    gen = generate(decoder, ids, max_new_tokens, temperature, top_p, seed, on_token=stream, stop_id=eos)
+    stats = gen.stats()
+    if as_json:
+        echo_json({"text": tok.decode(gen.tokens), "tokens": gen.tokens, **stats})
+        return
+    click.echo("")
+    click.echo(_stats_line(stats), err=True)
+
+
+def _stats_line(st: dict) -> str:
+    line = (f"{st['new_tokens']} tokens, prefill {st['prefill_s'] * 1e3:.1f} ms, "
+            f"decode {st['decode_tokens_per_s']:.2f} tokens/s")
+    if "actual_sparsity" in st:
+        line += (f", sparsity actual {st['actual_sparsity']:.3f} predicted {st['predicted_sparsity']:.3f}, "
+                 f"predictor precision {st['precision']:.3f} recall {st['recall']:.3f}")
+    return line
+
+
+@click.command("compare")
+@click.argument("model_dir", type=click.Path())
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--alpha", default="1.00", show_default=True, help="α schedule of the sparse export.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
+@click.option("--work-dir", type=click.Path(file_okay=False), default=None,
+              help="Where the two exports go (default: a temporary directory).")
+@_with(SAMPLING)
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temperature, top_p, seed, provider,
+                threads, as_json):
+    """Decode MODEL_DIR's dense and sparse exports side by side.
+
+    Reports the first position where the tokens diverge, token agreement, the max
+    |Δlogit| while both saw the same tokens, tokens/s of each, and the sparse run's
+    decode sparsity and predictor precision / recall (its export carries debug outputs,
+    which adds one full gate product per layer to its time).
+    """
+    import tempfile
+
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.model_export.decode import OnnxDecoder, compare_generations, generate
+
+    ck = load_checkpoint(model_dir)
+    if ck.tokenizer is None:
+        raise click.ClickException(f"{model_dir}: no tokenizer.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(work_dir or tmp)
+        runs = {}
+        for kind in ("dense", "sparse"):
+            path = export_checkpoint(ck, root / kind / "model.onnx", sparse=kind == "sparse", alpha=alpha,
+                                     target=target, debug=kind == "sparse", quiet=as_json)
+            decoder = OnnxDecoder(path, provider, threads)
+            runs[kind] = generate(decoder, _prompt_ids(ck.tokenizer, ck.bos_token_id, prompt), max_new_tokens,
+                                  temperature, top_p, seed, keep_logits=True)
+    result = compare_generations(runs["dense"], runs["sparse"])
+    result["sparse_stats"] = runs["sparse"].stats()
+    if as_json:
+        echo_json(result)
+        return
+    for kind, gen in runs.items():
+        click.echo(f"{kind:6s} {ck.tokenizer.decode(gen.tokens)!r}")
+    click.echo(format_table(["metric", "value"], [
+        ["first divergence", "none" if result["first_divergence"] is None else result["first_divergence"]],
+        ["token agreement", f"{result['token_agreement']:.3f}"],
+        ["max |Δlogit| (same inputs)", f"{result['max_abs_logit_diff']:.3g}"],
+        ["dense tokens/s", f"{result['dense_tokens_per_s']:.2f}"],
+        ["sparse tokens/s (debug export)", f"{result['sparse_tokens_per_s']:.2f}"]]))
+    click.echo(_stats_line(result["sparse_stats"]))
+
+
+def machine_description() -> dict:
+    import datetime
+    import os
+    import platform
+
+    import onnxruntime as ort
+
+    cpu = platform.processor() or ""
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cpu_count": os.cpu_count(),
+            "platform": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+
+
+@click.command("bench-decode")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Checkpoint directory; default: make a synthetic one (--shape, --layers, --target-sparsity).")
+@click.option("--shape", "shape_name", type=click.Choice(list(SYNTHETIC_SHAPES)), default="prosparse-7b",
+              show_default=True, help="Synthetic layer shape when no --checkpoint is given.")
+@click.option("--layers", type=int, default=4, show_default=True)
+@click.option("--target-sparsity", type=float, default=0.9, show_default=True)
+@click.option("--alpha", default="1.00", show_default=True, help="α schedule of the sparse export.")
+@click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
+@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per run.")
+@click.option("--repeats", type=int, default=3, show_default=True, help="Runs per model (median reported).")
+@click.option("--work-dir", type=click.Path(file_okay=False), default="out/bench-decode", show_default=True,
+              help="Where the checkpoint and the exports are written.")
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
+              help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, tokens,
+                     repeats, work_dir, out_json, as_json):
+    """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
+
+    Both exports decode the same greedy continuation length after the same prompt;
+    each model runs one warm-up and --repeats timed runs (median tokens/s). The sparse
+    speed-up is the ratio of the medians.
+    """
+    from sparseinfer.model_export.decode import OnnxDecoder, generate
+    from sparseinfer.model_export.synthetic import make_checkpoint
+
+    work = Path(work_dir)
+    if checkpoint is None:
+        checkpoint = work / f"synthetic-{shape_name}-{layers}l-s{target_sparsity}"
+        if not (checkpoint / "config.json").is_file():
+            make_checkpoint(shape_name, checkpoint, layers=layers, target_sparsity=target_sparsity)
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+    ck = load_checkpoint(checkpoint)
+    prompt = _prompt_ids(ck.tokenizer, ck.bos_token_id, "The quick brown fox") if ck.tokenizer else [0, 1, 2, 3]
+    rows = {}
+    for kind in ("dense", "sparse"):
+        path = export_checkpoint(ck, work / f"{kind}-{target}" / "model.onnx", sparse=kind == "sparse", alpha=alpha,
+                                 target=target, quiet=as_json)
+        decoder = OnnxDecoder(path, provider, threads)
+        runs = []
+        with _progress() as bar:
+            task = bar.add_task(f"decode {kind}", total=repeats + 1)
+            for r in range(repeats + 1):
+                gen = generate(decoder, prompt, tokens)
+                if r:
+                    runs.append(gen.decode_tokens_per_s)
+                bar.advance(task)
+        rows[kind] = {"tokens_per_s_median": float(np.median(runs)), "tokens_per_s_runs": runs,
+                      "model_bytes": sum(f.stat().st_size for f in path.parent.glob("model.onnx*"))}
+        del decoder
+    result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
+              "target": target, "provider": provider, "threads": threads, "decode_tokens": tokens,
+              "repeats": repeats, "dense": rows["dense"], "sparse": rows["sparse"],
+              "speedup": rows["sparse"]["tokens_per_s_median"] / rows["dense"]["tokens_per_s_median"],
+              "machine": machine_description()}
+    if out_json:
+        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(format_table(["model", "tokens/s (median)", "runs"], [
+        [k, f"{v['tokens_per_s_median']:.2f}", " ".join(f"{x:.2f}" for x in v["tokens_per_s_runs"])]
+        for k, v in rows.items()]))
+    click.echo(f"sparse / dense: {result['speedup']:.2f}x ({ck.shape.name}, {ck.shape.num_layers} layers, "
+               f"{result['machine']['cpu']}, {result['machine']['date']})")
+
+
+COMMANDS = (make_checkpoint_cmd, export_cmd, generate_cmd, compare_cmd, bench_decode_cmd)

@@ -1,0 +1,188 @@
+"""Decode an exported model with onnxruntime: KV cache, greedy / top-p sampling, statistics.
+
+``OnnxDecoder`` feeds the genai-style I/O of ``export.py``; on CUDA it keeps the KV cache
+on the device with IOBinding (only logits come back to the host). ``generate`` streams
+tokens to a callback and measures prefill time, decode tokens/s and, when the model has
+debug outputs, the decode sparsity and the predictor's precision / recall.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from sparseinfer.reference.errors import SparseInferError
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def make_session(path, provider: str = "cpu", threads: int | None = None):
+    import onnxruntime as ort
+    from pathlib import Path
+
+    if provider not in PROVIDERS:
+        raise SparseInferError(f"unknown provider {provider!r}; expected cpu or cuda")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise SparseInferError(f"CUDA execution provider not available in this onnxruntime "
+                               f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine")
+    if not Path(path).is_file():
+        raise SparseInferError(f"no such model: {path}")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise SparseInferError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+
+
+class OnnxDecoder:
+    def __init__(self, path, provider: str = "cpu", threads: int | None = None):
+        self.session = make_session(path, provider, threads)
+        self.provider = provider
+        meta = self.session.get_modelmeta().custom_metadata_map
+        try:
+            self.num_layers = int(meta["sparseinfer.num_layers"])
+            self.kv_heads = int(meta["sparseinfer.num_kv_heads"])
+            self.head_dim = int(meta["sparseinfer.head_dim"])
+            self.max_positions = int(meta["sparseinfer.max_position_embeddings"])
+        except KeyError:
+            raise SparseInferError(f"{path}: not a sparseinfer export (metadata missing)") from None
+        self.sparse = meta.get("sparseinfer.sparse") == "True"
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.debug = any(n.startswith("debug.") for n in self.output_names)
+        self.reset()
+
+    def reset(self) -> None:
+        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.num_layers) for kv in ("key", "value")}
+        self.length = 0
+
+    def step(self, ids) -> tuple[np.ndarray, dict]:
+        """Run ``ids`` (prompt or one token); returns logits [len(ids), vocab] and debug outputs."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        n = ids.shape[1]
+        if self.length + n > self.max_positions:
+            raise SparseInferError(f"{self.length + n} tokens exceed the context of {self.max_positions}")
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + n), dtype=np.int64),
+                "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None]}
+        if self.provider == "cuda":
+            out = self._run_bound(feed)
+        else:
+            out = dict(zip(self.output_names, self.session.run(None, {**feed, **self.past})))
+        for name in self.past:
+            self.past[name] = out[name.replace("past_key_values", "present")]
+        self.length += n
+        return out["logits"][0], {k: v for k, v in out.items() if k.startswith("debug.")}
+
+    def _run_bound(self, feed) -> dict:
+        """IOBinding: KV cache stays on the GPU as OrtValues; logits and debug come back."""
+        import onnxruntime as ort
+
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        for name, value in self.past.items():
+            if isinstance(value, np.ndarray):
+                value = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+            binding.bind_ortvalue_input(name, value)
+        for name in self.output_names:
+            if name.startswith("present."):
+                binding.bind_output(name, "cuda", 0)
+            else:
+                binding.bind_output(name, "cpu")
+        self.session.run_with_iobinding(binding)
+        values = binding.get_outputs()
+        return {name: (v if name.startswith("present.") else v.numpy()) for name, v in zip(self.output_names, values)}
+
+
+def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.Generator) -> int:
+    """Greedy when temperature is 0; else temperature + nucleus (top-p) sampling."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    z = logits.astype(np.float64) / temperature
+    p = np.exp(z - z.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    keep = np.cumsum(p[order]) - p[order] < top_p          # smallest prefix with mass >= top_p
+    kept = order[keep]
+    q = p[kept] / p[kept].sum()
+    return int(kept[rng.choice(len(kept), p=q)])
+
+
+@dataclass
+class Generation:
+    prompt_ids: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)   # logits that chose each token
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    predicted_zero: list[list[np.ndarray]] = field(default_factory=list)   # [step][layer]
+    actual_zero: list[list[np.ndarray]] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(len(self.tokens) - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def stats(self) -> dict:
+        out = {"prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.tokens),
+               "prefill_s": self.prefill_s, "decode_s": self.decode_s,
+               "decode_tokens_per_s": self.decode_tokens_per_s}
+        if self.predicted_zero:
+            pred = np.concatenate([np.concatenate(s) for s in self.predicted_zero])
+            act = np.concatenate([np.concatenate(s) for s in self.actual_zero])
+            both = int((pred & act).sum())
+            out.update({"decode_steps_measured": len(self.predicted_zero),
+                        "predicted_sparsity": float(pred.mean()), "actual_sparsity": float(act.mean()),
+                        "precision": both / max(int(pred.sum()), 1), "recall": both / max(int(act.sum()), 1)})
+        return out
+
+
+def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, on_token=None, stop_id: int | None = None, keep_logits: bool = False) -> Generation:
+    """Prefill, then decode up to ``max_new_tokens`` tokens (the first comes from prefill)."""
+    prompt_ids = [int(t) for t in prompt_ids]
+    if not prompt_ids:
+        raise SparseInferError("the prompt is empty")
+    if len(prompt_ids) + max_new_tokens > decoder.max_positions:
+        raise SparseInferError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds "
+                               f"the context of {decoder.max_positions}")
+    rng = np.random.default_rng(seed)
+    gen = Generation(prompt_ids)
+    decoder.reset()
+    t0 = time.perf_counter()
+    logits, _ = decoder.step(prompt_ids)
+    logits = logits[-1]
+    gen.prefill_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for n in range(max_new_tokens):
+        tok = sample(logits, temperature, top_p, rng)
+        gen.tokens.append(tok)
+        if keep_logits:
+            gen.logits.append(logits)
+        if on_token:
+            on_token(tok)
+        if n + 1 == max_new_tokens or tok == stop_id:
+            break
+        logits, debug = decoder.step([tok])
+        logits = logits[-1]
+        if debug and decoder.sparse:
+            layers = range(decoder.num_layers)
+            gen.predicted_zero.append([debug[f"debug.{i}.predicted_zero"] for i in layers])
+            gen.actual_zero.append([debug[f"debug.{i}.actual_zero"] for i in layers])
+    gen.decode_s = time.perf_counter() - t0
+    return gen
+
+
+def compare_generations(dense: Generation, sparse: Generation) -> dict:
+    """First divergence, agreement and max |Δlogit| while the two saw the same tokens."""
+    n = min(len(dense.tokens), len(sparse.tokens))
+    same = [a == b for a, b in zip(dense.tokens[:n], sparse.tokens[:n])]
+    first = next((j for j, s in enumerate(same) if not s), None)
+    upto = n if first is None else first + 1          # logits at the divergence still share inputs
+    dl = [float(np.abs(a - b).max()) for a, b in zip(dense.logits[:upto], sparse.logits[:upto])]
+    return {"tokens_compared": n, "first_divergence": first, "token_agreement": float(np.mean(same)) if n else 1.0,
+            "max_abs_logit_diff": max(dl) if dl else 0.0,
+            "dense_tokens_per_s": dense.decode_tokens_per_s, "sparse_tokens_per_s": sparse.decode_tokens_per_s}

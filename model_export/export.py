@@ -1,0 +1,250 @@
+"""Export a checkpoint to one ONNX model for prefill and decode, dense or sparse.
+
+Graph I/O follows onnxruntime-genai: inputs ``input_ids`` [batch, seq], ``attention_mask``
+[batch, total_seq], ``position_ids`` [batch, seq], ``past_key_values.{i}.key/.value``
+[batch, kv_heads, past_seq, head_dim]; outputs ``logits`` [batch, seq, vocab] and
+``present.{i}.key/.value``. All tensors are float32 (fp16 / bf16 weights are widened,
+exactly).
+
+Sparse exports: each layer's MLP is an ``If`` on "one token" (batch 1, seq 1): the decode
+branch runs the custom ops of ``mlp_functions`` (predictor, then only the rows it keeps,
++AS for up and down; α baked per layer), the other branch (prefill) is the dense MLP,
+as in the paper. ``debug=True`` adds per-layer outputs ``debug.{i}.mlp_input`` [batch,
+seq, d], ``debug.{i}.predicted_zero`` and ``debug.{i}.actual_zero`` [k] bool and
+``debug.{i}.rows`` (the rows computed in the up/down steps); in prefill they are empty.
+``actual_zero`` needs the full gate product, so debug exports do extra work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from sparseinfer.reference.activations import Activation
+from sparseinfer.reference.alpha import AlphaSchedule
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.llama import LlamaWeights, rope_tables
+
+from . import mlp_functions as mf
+from .onnx_builder import BOOL, FLOAT, INT64, GraphBuilder, make_model
+
+EXTERNAL_DATA_BYTES = 1 << 30     # above this, weights go to a side file (protobuf's 2 GiB limit)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    sparse: bool = True
+    alpha: str = "1.00"
+    target: str = "cpu"
+    debug: bool = False
+
+
+def _f32(a) -> np.ndarray:
+    return np.ascontiguousarray(np.asarray(a).astype(np.float32))
+
+
+class LlamaExporter:
+    def __init__(self, weights: LlamaWeights, options: ExportOptions, progress=None):
+        self.w, self.s, self.o = weights, weights.shape, options
+        self.act = Activation.parse(self.s.hidden_act)
+        self.progress = progress or (lambda: None)
+        if options.target not in mf.TARGETS:
+            raise SparseInferError(f"unknown target {options.target!r}; expected cpu or cuda")
+        if options.sparse and not self.act.sparse_capable:
+            raise SparseInferError(f"activation {self.act} has no exact zeros; export it with --dense")
+        self.alpha_milli = AlphaSchedule.parse(options.alpha).per_layer_milli(self.s.num_layers)
+        self.g = GraphBuilder()
+
+    # -- graph inputs and shared values ---------------------------------------------------
+    def _inputs(self):
+        g, s = self.g, self.s
+        self.ids = g.add_input("input_ids", INT64, ["batch_size", "sequence_length"])
+        self.mask = g.add_input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
+        self.pos = g.add_input("position_ids", INT64, ["batch_size", "sequence_length"])
+        kv_shape = ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim]
+        self.past = [(g.add_input(f"past_key_values.{i}.key", FLOAT, kv_shape),
+                      g.add_input(f"past_key_values.{i}.value", FLOAT, kv_shape)) for i in range(s.num_layers)]
+
+    def _attention_bias(self) -> str:
+        """[batch, 1, 1, seq, total] additive mask: causal and attention_mask."""
+        g, sc = self.g, "/model/attn_mask"
+        past_len = g.make_shape(self.past[0][0], sc, 2, 3)
+        total = g.make_shape(self.mask, sc, 1, 2)
+        key_pos = g.op("Range", [g.make_reshape(g.const([0]), [], sc), g.make_reshape(total, [], sc),
+                                 g.const(1)], sc)
+        q_pos = g.op("Range", [g.make_reshape(past_len, [], sc), g.make_reshape(total, [], sc), g.const(1)], sc)
+        causal = g.op("LessOrEqual", [g.make_unsqueeze(key_pos, [0], sc), g.make_unsqueeze(q_pos, [1], sc)], sc)
+        padded = g.make_unsqueeze(g.make_cast(self.mask, BOOL, sc), [1, 2, 3], sc)
+        allowed = g.op("And", [causal, padded], sc)
+        lowest = g.const(np.finfo(np.float32).min, np.float32)
+        return g.make_where(allowed, g.const(0.0, np.float32), lowest, sc)
+
+    def _rope_tables(self):
+        g, s, sc = self.g, self.s, "/model/rotary_emb"
+        cos, sin = rope_tables(s.head_dim, s.rope_theta, s.max_position_embeddings)
+        c = g.make_gather(g.initializer("model.rotary_emb.cos_cache", cos), self.pos, sc)
+        si = g.make_gather(g.initializer("model.rotary_emb.sin_cache", sin), self.pos, sc)
+        return g.make_unsqueeze(c, [1], sc), g.make_unsqueeze(si, [1], sc)     # [b, 1, s, hd/2]
+
+    # -- blocks ---------------------------------------------------------------------------
+    def _rope(self, x, cos, sin, sc):
+        g = self.g
+        x1, x2 = g.make_split_halves(x, sc)
+        first = g.make_sub(g.make_mul(x1, cos, sc), g.make_mul(x2, sin, sc), sc)
+        second = g.make_add(g.make_mul(x2, cos, sc), g.make_mul(x1, sin, sc), sc)
+        return g.make_concat([first, second], -1, sc)
+
+    def _attention(self, i, x, bias, cos, sin):
+        g, s, lw = self.g, self.s, self.w.layers[i]
+        sc, hd, kvh = f"/model/layers.{i}/attn", s.head_dim, s.num_kv_heads
+        rep = s.num_heads // kvh
+        pre = f"model.layers.{i}.self_attn"
+
+        def proj(name, w, heads):
+            y = g.make_matmul(x, g.initializer(f"{pre}.{name}.weight_t", _f32(w).T), f"{sc}/{name}")
+            return g.make_transpose(g.make_reshape(y, [0, 0, heads, hd], f"{sc}/{name}"), [0, 2, 1, 3], f"{sc}/{name}")
+
+        q = self._rope(proj("q_proj", lw.q, s.num_heads), cos, sin, f"{sc}/q_rotary")
+        k = self._rope(proj("k_proj", lw.k, kvh), cos, sin, f"{sc}/k_rotary")
+        v = proj("v_proj", lw.v, kvh)
+        past_k, past_v = self.past[i]
+        present_k = g.make_concat([past_k, k], 2, f"{sc}/present_key")
+        present_v = g.make_concat([past_v, v], 2, f"{sc}/present_value")
+        g.nodes.append(onnx.helper.make_node("Identity", [present_k], [f"present.{i}.key"], name=f"{sc}/present.key"))
+        g.nodes.append(onnx.helper.make_node("Identity", [present_v], [f"present.{i}.value"], name=f"{sc}/present.value"))
+        # grouped-query attention without copying K/V: query heads grouped per key/value head
+        q5 = g.make_reshape(q, [0, kvh, rep, -1, hd], f"{sc}/gqa")
+        k5 = g.make_unsqueeze(g.make_transpose(present_k, [0, 1, 3, 2], f"{sc}/gqa"), [2], f"{sc}/gqa")
+        v5 = g.make_unsqueeze(present_v, [2], f"{sc}/gqa")
+        scores = g.make_mul(g.make_matmul(q5, k5, f"{sc}/qk"), g.const(1.0 / np.sqrt(hd), np.float32), f"{sc}/qk")
+        probs = g.make_softmax(g.make_add(scores, bias, f"{sc}/qk"), f"{sc}/qk")
+        ctx = g.make_reshape(g.make_matmul(probs, v5, f"{sc}/pv"), [0, s.num_heads, -1, hd], f"{sc}/pv")
+        ctx = g.make_reshape(g.make_transpose(ctx, [0, 2, 1, 3], f"{sc}/pv"), [0, 0, s.num_heads * hd], f"{sc}/pv")
+        return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", _f32(lw.o).T), f"{sc}/o_proj")
+
+    def _mlp_dense_t(self, b: GraphBuilder, i, x, sc):
+        """Dense MLP on transposed-free weights (dense export): x [.., d] @ W^T."""
+        lw, pre = self.w.layers[i], f"model.layers.{i}.mlp"
+        gate = b.make_matmul(x, b.initializer(f"{pre}.gate_proj.weight_t", _f32(lw.gate).T), f"{sc}/gate_proj")
+        up = b.make_matmul(x, b.initializer(f"{pre}.up_proj.weight_t", _f32(lw.up).T), f"{sc}/up_proj")
+        h3 = b.make_mul(mf.apply_activation(b, gate, self.act, f"{sc}/act"), up, f"{sc}/act")
+        return b.make_matmul(h3, b.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T), f"{sc}/down_proj")
+
+    def _mlp_sparse(self, i, x):
+        g, s, lw = self.g, self.s, self.w.layers[i]
+        sc, pre = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
+        w_gate = g.initializer(f"{pre}.gate_proj.weight", _f32(lw.gate))
+        w_up = g.initializer(f"{pre}.up_proj.weight", _f32(lw.up))
+        w_down_t = g.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T)
+        if self.o.target == "cpu":
+            signs = g.initializer(f"{pre}.gate_proj.sign_words", mf.pack_sign_words64(lw.gate))
+        else:
+            signs = g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(lw.gate))
+
+        # decode branch: the custom ops
+        dec = GraphBuilder(root=g)
+        dsc = f"{sc}/decode"
+        x_row = dec.make_reshape(x, [1, s.d], dsc)
+        x_t = dec.make_reshape(x, [s.d, 1], dsc)
+        pack, predict = ("SignPack", "PredictZeroRows") if self.o.target == "cpu" else \
+            ("SignPackInt8", "PredictZeroRowsInt8")
+        packed = dec.op(pack, [x_row], f"{sc}", domain=mf.DOMAIN)
+        zero = dec.op(predict, [packed, signs], f"{sc}", domain=mf.DOMAIN, alpha_milli=self.alpha_milli[i])
+        h3, rows = dec.make_node("SparseGateUp", [x_t, zero, w_gate, w_up], sc, n_out=2, domain=mf.DOMAIN)
+        out = dec.op("SparseDown", [h3, rows, w_down_t], sc, domain=mf.DOMAIN)
+        dec_outs = [dec.make_reshape(out, [1, 1, s.d], dsc)]
+        # prefill branch: dense, the same weights
+        pf = GraphBuilder(root=g)
+        psc = f"{sc}/prefill"
+        x2 = pf.make_reshape(x, [-1, s.d], psc)
+        x2t = pf.make_transpose(x2, [1, 0], psc)
+        gate = pf.make_transpose(pf.make_matmul(w_gate, x2t, f"{psc}/gate_proj"), [1, 0], f"{psc}/gate_proj")
+        up = pf.make_transpose(pf.make_matmul(w_up, x2t, f"{psc}/up_proj"), [1, 0], f"{psc}/up_proj")
+        h3p = pf.make_mul(mf.apply_activation(pf, gate, self.act, f"{psc}/act"), up, f"{psc}/act")
+        outp = pf.make_matmul(h3p, w_down_t, f"{psc}/down_proj")
+        pf_outs = [pf.op("Reshape", [outp, pf.make_shape(x, psc)], psc)]
+        kinds = [FLOAT]
+        if self.o.debug:
+            full_gate = dec.make_reshape(dec.make_matmul(w_gate, x_t, f"{dsc}/debug"), [-1], f"{dsc}/debug")
+            actual = dec.op("Not", [mf.activation_keeps(dec, full_gate, self.act, f"{dsc}/debug")], f"{dsc}/debug")
+            dec_outs += [dec.op("Identity", [zero], f"{dsc}/debug"), actual, dec.op("Identity", [rows], f"{dsc}/debug")]
+            empty_b = pf.make_cast(pf.const(np.zeros(0, np.int64)), BOOL, psc)
+            pf_outs += [empty_b, pf.op("Identity", [empty_b], psc), pf.op("Identity", [pf.const(np.zeros(0, np.int64))], psc)]
+            kinds += [BOOL, BOOL, INT64]
+        for b, outs in ((dec, dec_outs), (pf, pf_outs)):
+            for name, kind in zip(outs, kinds):
+                b.add_output(name, kind, None)
+        results = g.make_node("If", [self.is_decode], sc, n_out=len(kinds),
+                              then_branch=dec.make_graph(f"layers_{i}_mlp_decode"),
+                              else_branch=pf.make_graph(f"layers_{i}_mlp_prefill"))
+        if self.o.debug:
+            for name, src, kind, shape in (("predicted_zero", results[1], BOOL, ["k_or_0"]),
+                                           ("actual_zero", results[2], BOOL, ["k_or_0"]),
+                                           ("rows", results[3], INT64, ["rows_computed"])):
+                g.nodes.append(onnx.helper.make_node("Identity", [src], [f"debug.{i}.{name}"], name=f"{sc}/debug.{name}"))
+                g.add_output(f"debug.{i}.{name}", kind, shape)
+        return results[0]
+
+    # -- whole model ----------------------------------------------------------------------
+    def build(self) -> onnx.ModelProto:
+        g, s, w = self.g, self.s, self.w
+        self._inputs()
+        sc = "/model"
+        self.is_decode = g.op("Equal", [g.op("Size", [self.ids], sc), g.const(1)], f"{sc}/is_decode")
+        bias = self._attention_bias()
+        cos, sin = self._rope_tables()
+        h = g.make_gather(g.initializer("model.embed_tokens.weight", _f32(w.embed)), self.ids, f"{sc}/embed_tokens")
+        eps = s.rms_norm_eps
+        for i, lw in enumerate(w.layers):
+            lsc = f"/model/layers.{i}"
+            xn = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.input_layernorm.weight", _f32(lw.input_norm)),
+                                 eps, f"{lsc}/input_layernorm")
+            h = g.make_add(h, self._attention(i, xn, bias, cos, sin), f"{lsc}/attn_residual")
+            x = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight",
+                                                 _f32(lw.post_norm)), eps, f"{lsc}/post_attention_layernorm")
+            if self.o.debug:
+                g.nodes.append(onnx.helper.make_node("Identity", [x], [f"debug.{i}.mlp_input"], name=f"{lsc}/debug.mlp_input"))
+                g.add_output(f"debug.{i}.mlp_input", FLOAT, ["batch_size", "sequence_length", s.d])
+            mlp = self._mlp_sparse(i, x) if self.o.sparse else self._mlp_dense_t(g, i, x, f"{lsc}/mlp")
+            h = g.make_add(h, mlp, f"{lsc}/mlp_residual")
+            self.progress()
+        hn = g.make_rms_norm(h, g.initializer("model.norm.weight", _f32(w.final_norm)), eps, f"{sc}/norm")
+        head = _f32(w.lm_head).T
+        logits = g.make_matmul(hn, g.initializer("lm_head.weight_t", head), "/lm_head")
+        g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
+        outputs = [("logits", FLOAT, ["batch_size", "sequence_length", s.vocab_size])]
+        kv = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
+        for i in range(s.num_layers):
+            outputs += [(f"present.{i}.key", FLOAT, kv), (f"present.{i}.value", FLOAT, kv)]
+        debug_outputs, g.outputs = g.outputs, []
+        for name, kind, shape in outputs:
+            g.add_output(name, kind, shape)
+        g.outputs += debug_outputs
+        functions = mf.mlp_functions(s.d, self.act, self.o.target) if self.o.sparse else []
+        model = make_model(g.make_graph("sparseinfer_llama"), functions, [mf.DOMAIN] if self.o.sparse else [])
+        meta = {"sparseinfer.sparse": str(self.o.sparse), "sparseinfer.target": self.o.target,
+                "sparseinfer.alpha_milli": ",".join(map(str, self.alpha_milli)),
+                "sparseinfer.num_layers": str(s.num_layers), "sparseinfer.num_kv_heads": str(s.num_kv_heads),
+                "sparseinfer.head_dim": str(s.head_dim), "sparseinfer.vocab_size": str(s.vocab_size),
+                "sparseinfer.max_position_embeddings": str(s.max_position_embeddings),
+                "sparseinfer.activation": str(self.act)}
+        onnx.helper.set_model_props(model, meta)
+        return model
+
+
+def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = ExportOptions(), progress=None,
+                check: bool = True) -> Path:
+    """Build, save (external data above 1 GiB) and check the model; returns its path."""
+    model = LlamaExporter(weights, options, progress).build()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    data_name = out.name + ".data"
+    if (out.parent / data_name).exists():
+        (out.parent / data_name).unlink()
+    onnx.save_model(model, str(out), save_as_external_data=big, all_tensors_to_one_file=True, location=data_name)
+    if check:
+        onnx.checker.check_model(str(out), full_check=True)
+    return out

@@ -1,0 +1,126 @@
+"""GGUF (llama.cpp / PowerInfer) Llama checkpoints through the ``gguf`` package.
+
+Tensors of type F32 / F16 / BF16 and the quantized types that ``gguf.quants`` can
+dequantize (Q8_0, Q4_0, Q4_K, Q6_K, ...) are loaded as float32 (F16 stays float16). llama.cpp's
+converter permutes the rows of Q and K for its rotary layout; they are permuted back to the
+Hugging Face layout that the rest of the toolkit uses. The vocabulary inside the file
+(``tokenizer.ggml.tokens`` / ``scores``) becomes a ``tokenizers`` Unigram tokenizer.
+
+GGUF has no activation key for Llama; ``{arch}.hidden_act`` (and
+``{arch}.hidden_act_param``), written by this toolkit, are honoured, else SiLU.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.reference.errors import SparseInferError
+
+from .checkpoint import LAYER_TENSORS, Checkpoint, assemble, check_config
+
+# Hugging Face name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
+GGUF_LAYER_NAMES = {
+    "input_layernorm.weight": "attn_norm.weight", "self_attn.q_proj.weight": "attn_q.weight",
+    "self_attn.k_proj.weight": "attn_k.weight", "self_attn.v_proj.weight": "attn_v.weight",
+    "self_attn.o_proj.weight": "attn_output.weight", "post_attention_layernorm.weight": "ffn_norm.weight",
+    "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
+    "mlp.down_proj.weight": "ffn_down.weight",
+}
+GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+                     "lm_head.weight": "output.weight"}
+assert set(GGUF_LAYER_NAMES) == set(LAYER_TENSORS.values())
+
+
+def rope_permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """HF -> llama.cpp row order of Q / K (pairs of halves interleaved per head)."""
+    rows, cols = w.shape
+    return w.reshape(heads, 2, rows // heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def rope_unpermute(w: np.ndarray, heads: int) -> np.ndarray:
+    """Inverse of :func:`rope_permute`."""
+    rows, cols = w.shape
+    return w.reshape(heads, rows // heads // 2, 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def _field(reader, key, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    if len(f.data) == 1:
+        v = f.parts[f.data[0]]
+        return bytes(v).decode() if v.dtype == np.uint8 else v[0].item()
+    return [bytes(f.parts[j]).decode() if f.parts[j].dtype == np.uint8 else f.parts[j][0].item() for j in f.data]
+
+
+def _tensor_array(t) -> np.ndarray:
+    from gguf import GGMLQuantizationType as Q
+    from gguf.quants import dequantize
+
+    shape = tuple(int(n) for n in reversed(t.shape))     # GGML lists the fastest axis first
+    if t.tensor_type in (Q.F32, Q.F16):
+        return np.asarray(t.data).reshape(shape)
+    try:
+        return dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32)
+    except NotImplementedError:
+        raise SparseInferError(f"GGUF tensor {t.name}: type {t.tensor_type.name} cannot be dequantized") from None
+
+
+def gguf_config(reader, name: str) -> dict:
+    arch = _field(reader, "general.architecture")
+    if arch != "llama":
+        raise SparseInferError(f"{name}: unsupported architecture {arch}; supported: llama")
+    g = lambda key, default=None: _field(reader, f"llama.{key}", default)  # noqa: E731
+    tokens = _field(reader, "tokenizer.ggml.tokens") or []
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": g("embedding_length"),
+           "intermediate_size": g("feed_forward_length"), "num_hidden_layers": g("block_count"),
+           "num_attention_heads": g("attention.head_count"),
+           "num_key_value_heads": g("attention.head_count_kv", g("attention.head_count")),
+           "rms_norm_eps": g("attention.layer_norm_rms_epsilon", 1e-6), "rope_theta": g("rope.freq_base", 10000.0),
+           "max_position_embeddings": g("context_length", 4096), "vocab_size": g("vocab_size", len(tokens)),
+           "hidden_act": g("hidden_act", "silu"), "tie_word_embeddings": "output.weight" not in
+           {t.name for t in reader.tensors}, "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
+           "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id")}
+    if g("hidden_act_param") is not None:
+        cfg["hidden_act_param"] = g("hidden_act_param")
+    return {k: v for k, v in cfg.items() if v is not None}
+
+
+def load_gguf_checkpoint(path) -> Checkpoint:
+    from gguf import GGUFReader
+
+    p = Path(path)
+    if not p.is_file():
+        raise SparseInferError(f"no such checkpoint: {p}")
+    try:
+        reader = GGUFReader(str(p))
+    except Exception as e:  # the reader raises ValueError / struct errors on bad files
+        raise SparseInferError(f"cannot read GGUF {p}: {str(e).splitlines()[0]}") from None
+    cfg = gguf_config(reader, str(p))
+    shape = check_config(cfg, str(p))
+    by_name = {t.name: t for t in reader.tensors}
+    to_gguf = dict(GGUF_GLOBAL_NAMES)
+    for i in range(shape.num_layers):
+        to_gguf.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
+
+    def get(hf_name):
+        t = by_name.get(to_gguf.get(hf_name, hf_name))
+        if t is None:
+            return None
+        a = _tensor_array(t)
+        if hf_name.endswith("q_proj.weight"):
+            a = rope_unpermute(a, shape.num_heads)
+        elif hf_name.endswith("k_proj.weight"):
+            a = rope_unpermute(a, shape.num_kv_heads)
+        return a
+
+    weights = assemble(shape, get, str(p))
+    tokens = _field(reader, "tokenizer.ggml.tokens")
+    tokenizer = None
+    if tokens:
+        from .tokenizer import vocabulary_tokenizer
+        tokenizer = vocabulary_tokenizer(tokens, _field(reader, "tokenizer.ggml.scores"))
+    types = sorted({t.tensor_type.name for t in reader.tensors})
+    return Checkpoint(weights=weights, tokenizer=tokenizer, source=str(p), stored_dtype="/".join(types),
+                      bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))

@@ -1,0 +1,93 @@
+"""GGUF round trip: a small Llama GGUF written with the ``gguf`` package in the test."""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from sparseinfer.model_export.checkpoint import load_checkpoint
+from sparseinfer.model_export.gguf_loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, rope_permute
+from sparseinfer.model_export.synthetic import hf_tensors, make_weights, synthetic_shape
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.llama import LlamaReference
+
+gguf = pytest.importorskip("gguf")
+VOCAB = ["<unk>", "<s>", "</s>"] + [f"▁{w}" for w in ("hello", "world", "the")] + list("abcdefghij")
+
+
+def _write(path, weights, qtype=None, arch="llama"):
+    s = weights.shape
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(s.num_layers)
+    w.add_embedding_length(s.d)
+    w.add_feed_forward_length(s.k)
+    w.add_head_count(s.num_heads)
+    w.add_head_count_kv(s.num_kv_heads)
+    w.add_layer_norm_rms_eps(s.rms_norm_eps)
+    w.add_rope_freq_base(s.rope_theta)
+    w.add_context_length(s.max_position_embeddings)
+    w.add_string(f"{arch}.hidden_act", "fatrelu")
+    w.add_float32(f"{arch}.hidden_act_param", 0.01)
+    vocab = VOCAB + [f"<0x{b:02X}>" for b in range(s.vocab_size - len(VOCAB))]
+    w.add_token_list(vocab)
+    w.add_token_scores([-float(i) for i in range(len(vocab))])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    for hf, arr in hf_tensors(weights, "fp32").items():
+        name = GGUF_GLOBAL_NAMES.get(hf)
+        if name is None:
+            i, rest = hf[len("model.layers."):].split(".", 1)
+            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
+        if hf.endswith("q_proj.weight"):
+            arr = rope_permute(arr, s.num_heads)
+        elif hf.endswith("k_proj.weight"):
+            arr = rope_permute(arr, s.num_kv_heads)
+        if qtype is not None and arr.ndim == 2 and "mlp" in hf:
+            w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+        elif arr.ndim == 2 and "self_attn" in hf:
+            w.add_tensor(name, arr.astype(np.float16))
+        else:
+            w.add_tensor(name, arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_round_trip_f32_f16(tmp_path):
+    weights = make_weights(synthetic_shape("tiny", layers=2), seed=9)
+    _write(tmp_path / "m.gguf", weights)
+    ck = load_checkpoint(tmp_path / "m.gguf")
+    assert ck.shape.num_kv_heads == 2 and ck.shape.hidden_act.startswith("fatrelu") and ck.eos_token_id == 2
+    lw, got = weights.layers[1], ck.weights.layers[1]
+    assert np.array_equal(got.gate, lw.gate) and np.array_equal(got.down, lw.down)
+    assert np.array_equal(got.q, lw.q.astype(np.float16).astype(np.float32))     # F16, un-permuted
+    assert np.array_equal(got.k, lw.k.astype(np.float16).astype(np.float32))
+    assert not np.array_equal(lw.q, rope_permute(lw.q, 4))                       # the permutation matters
+    a = LlamaReference(weights).prefill([1, 5, 6, 7])
+    b = LlamaReference(ck.weights).prefill([1, 5, 6, 7])
+    np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(a).max())               # fp16 attention weights
+    ids = ck.tokenizer.encode("hello world").ids
+    assert ids == [3, 4] and ck.tokenizer.decode(ids) == "hello world"
+
+
+def test_gguf_quantized_mlp_is_dequantized(tmp_path):
+    # Q8_0 blocks hold 32 values along a row: d and k multiples of 32 here
+    shape = replace(synthetic_shape("tiny", layers=1), hidden_size=256, intermediate_size=544)
+    weights = make_weights(shape, seed=1)
+    _write(tmp_path / "q.gguf", weights, qtype=gguf.GGMLQuantizationType.Q8_0)
+    ck = load_checkpoint(tmp_path / "q.gguf")
+    gate, want = ck.weights.layers[0].gate, weights.layers[0].gate
+    assert gate.dtype == np.float32 and gate.shape == want.shape
+    err = np.abs(gate - want)
+    assert 0 < err.max() <= np.abs(want).max() / 127 * 0.51 + 1e-7             # Q8_0: half a step of 1/127
+
+
+def test_gguf_errors(tmp_path):
+    weights = make_weights(synthetic_shape("tiny", layers=1), seed=1)
+    _write(tmp_path / "g.gguf", weights, arch="gpt2")
+    with pytest.raises(SparseInferError, match="unsupported architecture gpt2"):
+        load_checkpoint(tmp_path / "g.gguf")
+    with pytest.raises(SparseInferError, match="no such checkpoint"):
+        load_checkpoint(tmp_path / "none.gguf")

@@ -1,0 +1,148 @@
+"""ONNX export on the CPU EP against the NumPy reference model.
+
+Tolerance for logits: both pipelines compute in float32 with different summation orders
+(onnxruntime's MatMul vs batched NumPy / the order contract). The worst-case rounding of
+one dot product of n terms is gamma_n * sum|a_i b_i| ~ n * 2^-24 * |terms|; with the longest
+dot product of the tiny shape (k = 552) that is ~3.3e-5 relative, and RMSNorm renormalises
+between layers, so we allow ``GAMMA_K * (1 + max|logit|)``. Sparse logits get the same
+tolerance because the test first proves both pipelines skipped exactly the same rows: the
+only remaining difference is rounding order.
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from sparseinfer.model_export.decode import OnnxDecoder
+from sparseinfer.model_export.export import ExportOptions, export_onnx
+from sparseinfer.model_export.mlp_functions import DOMAIN
+from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
+from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows
+from sparseinfer.reference.llama import LlamaReference
+from sparseinfer.tools.cli import cli
+
+PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110]
+GAMMA_K = 552 * 2.0 ** -24
+DECODE_STEPS = 5
+
+
+def _tol(logits):
+    return GAMMA_K * (1 + float(np.abs(logits).max()))
+
+
+def _run_both(weights, opts, tmp_path, reference):
+    """Prefill + DECODE_STEPS greedy steps in ONNX and the reference on the same tokens."""
+    decoder = OnnxDecoder(export_onnx(weights, tmp_path / "m.onnx", opts))
+    onnx_logits, _ = decoder.step(PROMPT)
+    ref_logits = reference.prefill(PROMPT)
+    steps = [(onnx_logits, ref_logits, None, None)]
+    tok = int(np.argmax(ref_logits[-1]))
+    for _ in range(DECODE_STEPS):
+        o, debug = decoder.step([tok])
+        r = reference.decode(tok, trace=True)
+        steps.append((o, r.logits[None], debug, r))
+        tok = int(np.argmax(r.logits))
+    return steps
+
+
+@pytest.mark.parametrize("kv_heads,tie", [(2, False), (4, False), (2, True), (4, True)])
+def test_dense_export_matches_reference(tmp_path, kv_heads, tie):
+    w = make_weights(synthetic_shape("tiny", layers=2, kv_heads=kv_heads, tie_embeddings=tie), seed=11)
+    steps = _run_both(w, ExportOptions(sparse=False), tmp_path, LlamaReference(w))
+    assert len(steps) == 1 + DECODE_STEPS and steps[0][0].shape == (len(PROMPT), w.shape.vocab_size)
+    for o, r, _, _ in steps:
+        assert np.abs(r).max() > 0.5
+        np.testing.assert_allclose(o, r, rtol=0, atol=_tol(r))
+
+
+@pytest.mark.parametrize("target", ["cpu", "cuda"])
+def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target):
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
+    alpha = "1.02@0,1.00"
+    reference = LlamaReference(w, sparse=True, alpha=alpha)
+    steps = _run_both(w, ExportOptions(sparse=True, alpha=alpha, target=target, debug=True), tmp_path, reference)
+    for o, r, debug, ref_step in steps[1:]:
+        for i, lw in enumerate(w.layers):
+            x = debug[f"debug.{i}.mlp_input"].reshape(-1)
+            mask = debug[f"debug.{i}.predicted_zero"]
+            assert mask.dtype == np.bool_ and 0 < mask.sum() < mask.size       # some skipped, some kept
+            # the ONNX predictor on ONNX's own MLP input == reference predict_zero_rows, bit for bit
+            want = predict_zero_rows(pack_signs(lw.gate), pack_signs(x), w.shape.d, reference.alpha_milli[i] / 1000)
+            assert np.array_equal(mask, want), np.flatnonzero(mask != want)[:5]
+            # and the reference pipeline, on its own input, made the same decision
+            assert np.array_equal(mask, ref_step.traces[i].predicted_zero)
+            _, trace = mlp_sparse(x, lw.gate, lw.up, lw.down, w.activation, alpha=reference.alpha_milli[i] / 1000)
+            assert np.array_equal(debug[f"debug.{i}.rows"], np.flatnonzero(trace.computed_up))
+            assert np.array_equal(debug[f"debug.{i}.actual_zero"], trace.actual_zero)
+        np.testing.assert_allclose(o, r, rtol=0, atol=_tol(r))
+
+
+def test_graph_names_functions_and_alpha(tmp_path):
+    w = make_weights(synthetic_shape("tiny", layers=3), seed=0)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(alpha="1.03@0-1,1.00"))
+    model = onnx.load(str(path))
+    assert [i.name for i in model.graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert "past_key_values.2.value" in [i.name for i in model.graph.input]
+    assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
+    assert {f.name for f in model.functions} == {"SignPack", "PredictZeroRows", "SparseGateUp", "SparseDown"}
+    assert all(f.domain == DOMAIN for f in model.functions)
+    body_ops = {n.op_type for f in model.functions for n in f.node}
+    assert {"BitwiseXor", "BitShift", "NonZero", "Gather", "MatMul"} <= body_ops
+    assert all(n.domain in ("", None) for f in model.functions for n in f.node)   # standard ops only
+    alphas = {}
+    for node in model.graph.node:
+        if node.op_type == "If":
+            for n in node.attribute[0].g.node if node.attribute[0].name == "then_branch" else node.attribute[1].g.node:
+                if n.op_type == "PredictZeroRows":
+                    alphas[n.name] = n.attribute[0].i
+    assert alphas == {"/model/layers.0/mlp/PredictZeroRows": 1030, "/model/layers.1/mlp/PredictZeroRows": 1030,
+                      "/model/layers.2/mlp/PredictZeroRows": 1000}
+    assert any(n.name == "/model/layers.2/mlp/If" for n in model.graph.node)
+
+
+def test_batched_prefill_with_padding_runs_dense(tmp_path):
+    """Two left-padded prompts in one batch: each row equals its own unpadded run."""
+    w = make_weights(synthetic_shape("tiny", layers=1), seed=2)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions())
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    short = PROMPT[:5]
+    ids = np.array([PROMPT[:8], [0] * 3 + short], dtype=np.int64)
+    mask = np.array([[1] * 8, [0] * 3 + [1] * 5], dtype=np.int64)
+    pos = np.array([list(range(8)), [0, 0, 0] + list(range(5))], dtype=np.int64)
+    empty = np.zeros((2, 2, 0, w.shape.head_dim), np.float32)
+    feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+            "past_key_values.0.key": empty, "past_key_values.0.value": empty}
+    logits = sess.run(["logits"], feed)[0]
+    ref = LlamaReference(w).prefill(short)
+    np.testing.assert_allclose(logits[1, 3:], ref, rtol=0, atol=_tol(ref))
+
+
+def test_commands_end_to_end(tmp_path):
+    runner = CliRunner()
+    ck = make_checkpoint("tiny", tmp_path / "ck", layers=2)
+    r = runner.invoke(cli, ["export", str(ck), "--out", str(tmp_path / "m" / "model.onnx"), "--debug"])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["generate", str(tmp_path / "m" / "model.onnx"), "--prompt", "Hello", "--max-new-tokens",
+                            "6", "--json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert len(out["tokens"]) == 6 and 0.5 < out["actual_sparsity"] < 1 and 0 < out["precision"] <= 1
+    r = runner.invoke(cli, ["generate", str(tmp_path / "m" / "model.onnx"), "--prompt", "x" * 600])
+    assert r.exit_code == 2 and "exceeds the context of 512" in r.output
+    r = runner.invoke(cli, ["generate", str(tmp_path / "m" / "model.onnx"), "--prompt", "x", "--provider", "cuda"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        assert r.exit_code == 2 and "CUDA execution provider not available" in r.output
+    r = runner.invoke(cli, ["compare", str(ck), "--prompt", "Hello", "--max-new-tokens", "5", "--json"])
+    assert r.exit_code == 0, r.output
+    cmp = json.loads(r.output)
+    assert cmp["tokens_compared"] == 5 and cmp["max_abs_logit_diff"] > 0
+    r = runner.invoke(cli, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")])
+    assert r.exit_code == 2 and "no such checkpoint" in r.output
+    silu = make_checkpoint("tiny", tmp_path / "silu", layers=1, hidden_act="silu")
+    r = runner.invoke(cli, ["export", str(silu), "--out", str(tmp_path / "s.onnx")])
+    assert r.exit_code == 2 and "export it with --dense" in r.output
