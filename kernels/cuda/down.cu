@@ -3,8 +3,6 @@
 // it adds (coalesced across the block); rows whose h3 is exactly zero are never read.
 #include "common.cuh"
 
-#define DOWN_THREADS 128
-
 // Column tile of this thread: [col0, col0 + V) and whether it may use one 16-byte load.
 template <typename T>
 __device__ __forceinline__ bool down_vector_ok(const T* wt, i64 ld, int col0, int d) {
