@@ -62,9 +62,8 @@ def make_layer(d: int, k: int, dtype, sparsity: float, seed: int) -> Layer:
     zero_rows = np.zeros(k, dtype=bool)
     zero_rows[rng.permutation(k)[:int(round(sparsity * k))]] = True
     n_neg = np.where(zero_rows, round(_NEG_FRACTION_ZERO_ROW * d), round(_NEG_FRACTION_KEPT_ROW * d))
-    # exactly n_neg[i] negative products per row, at random positions
-    rank = np.argsort(rng.random((k, d), dtype=np.float32), axis=1).argsort(axis=1) if d > 1 else np.zeros((k, 1), int)
-    product_negative = rank < n_neg[:, None]
+    # exactly n_neg[i] negative products per row, at positions shuffled row by row
+    product_negative = rng.permuted(np.arange(d)[None, :] < n_neg[:, None], axis=1)
     scale = np.float32(1.0 / np.sqrt(d))
     magnitude = rng.uniform(0.5, 3.5, (k, d)).astype(np.float32) * scale
     w_gate = np.where(product_negative ^ (x < 0)[None, :], -magnitude, magnitude).astype(dtype)

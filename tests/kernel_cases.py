@@ -8,8 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 from hypothesis import strategies as st
 
+from sparseinfer.kernels.expected import expected_h1_h3
 from sparseinfer.kernels.shapes import TEST_SHAPES, make_layer
-from sparseinfer.reference import Activation, order_contract as oc
 from sparseinfer.reference.dtypes import WEIGHT_DTYPES, dtype_name
 from sparseinfer.reference.signs import negative_product_counts, pack_signs, zero_rows_from_counts
 
@@ -47,14 +47,8 @@ class Case:
 
     def h1_h3(self, sparse: bool = True):
         """(h1, h3) in the contract: sparse = predicted rows skipped and +AS; else dense."""
-        h1 = Activation.parse(self.activation)(oc.warp_dot_rows(self.w_gate, self.x))
-        if not sparse:
-            return h1, h1 * oc.warp_dot_rows(self.w_up, self.x)
-        h1 = np.where(self.predicted_zero, np.float32(0), h1)
-        h3 = np.zeros_like(h1)
-        rows = np.flatnonzero(h1)
-        h3[rows] = h1[rows] * oc.warp_dot_rows(self.w_up[rows], self.x)
-        return h1, h3
+        return expected_h1_h3(self.x, self.w_gate, self.w_up, self.activation,
+                              self.predicted_zero if sparse else None)
 
     def assert_nontrivial(self):
         z = self.predicted_zero
