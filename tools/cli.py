@@ -43,9 +43,9 @@ def cli():
 
 
 def _register():
-    from . import sim_commands
+    from . import kernel_commands, sim_commands
 
-    for module in (sim_commands,):
+    for module in (sim_commands, kernel_commands):
         for command in module.COMMANDS:
             cli.add_command(command)
 
