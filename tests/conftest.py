@@ -1,4 +1,5 @@
-"""Shared test configuration: Hypothesis profiles and the GPU marker."""
+"""Shared test configuration: Hypothesis profiles, and tests marked ``gpu`` skip with the reason
+where CuPy or a CUDA device is missing (the one place that decides)."""
 from __future__ import annotations
 
 import os
@@ -14,27 +15,16 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def gpu_unavailable_reason():
-    """None when CuPy sees a CUDA device, else why not (one line)."""
-    try:
-        import cupy
-    except Exception as e:  # ImportError, or a broken CUDA install
-        return f"CuPy is not importable ({type(e).__name__}: {e})".splitlines()[0]
-    try:
-        n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as e:
-        return f"no CUDA device ({type(e).__name__}: {e})".splitlines()[0]
-    return None if n > 0 else "no CUDA device (device count 0)"
-
-
 def pytest_collection_modifyitems(config, items):
     gpu_items = [item for item in items if "gpu" in item.keywords]
     if not gpu_items:
         return
+    from sparseinfer.kernels import gpu_unavailable_reason
+
     reason = gpu_unavailable_reason()
     if reason is None:
         return
     import pytest
 
     for item in gpu_items:
-        item.add_marker(pytest.mark.skip(reason=f"gpu test skipped: {reason}"))
+        item.add_marker(pytest.mark.skip(reason=f"GPU tests skipped: {reason}"))
