@@ -1,1 +1,12 @@
-"""placeholder"""
+"""CUDA kernels of SparseInfer, compiled through CuPy (NVRTC) and launched from Python.
+
+Importing this package never imports CuPy or needs a GPU; the first kernel launch does.
+Sources: ``cuda/*.cu``; versions: :mod:`.registry`; the layer object: :class:`SparseMLP`;
+the CPU compile gate: :mod:`.compile_check`.
+"""
+from .device import DeviceMatrix, GpuUnavailable, gpu_unavailable_reason
+from .registry import DEFAULT_PIPELINE, DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
+from .sparse_mlp import SparseMLP
+
+__all__ = ["DeviceMatrix", "GpuUnavailable", "gpu_unavailable_reason", "DEFAULT_PIPELINE", "DOWN", "FAMILIES",
+           "GATE_UP", "PACK_SIGNS", "PIPELINES", "PREDICT", "SparseMLP"]

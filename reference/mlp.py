@@ -124,31 +124,44 @@ def check_mlp_inputs(x, w_gate, w_up, w_down):
     return x, d, k
 
 
-def _finish(x, w_up, w_down, h1, up_rows):
+def transposed_down(w_down, w_down_t=None) -> np.ndarray:
+    """W_down^T [k, d], contiguous: the layout the down projection reads row by row.
+
+    Pass ``w_down_t`` (prepared once at load time, as the kernels do) to skip the copy.
+    """
+    if w_down_t is None:
+        return np.ascontiguousarray(w_down.T)
+    if w_down_t.shape != w_down.shape[::-1] or w_down_t.dtype != w_down.dtype:
+        raise SparseInferError(f"w_down_t has shape {w_down_t.shape} {w_down_t.dtype}; "
+                               f"expected {w_down.shape[::-1]} {w_down.dtype} (w_down transposed)")
+    return w_down_t
+
+
+def _finish(x, w_up, w_down_t, h1, up_rows):
     """Steps 2-4 given h1 and the rows to compute in step 2."""
     h2 = np.zeros_like(h1)
     h2[up_rows] = oc.warp_dot_rows(w_up[up_rows], x)
-    h3 = h1 * h2
-    return oc.down_projection(h3, np.ascontiguousarray(w_down.T))
+    return oc.down_projection(h1 * h2, w_down_t)
 
 
-def mlp_dense(x, w_gate, w_up, w_down, activation) -> np.ndarray:
+def mlp_dense(x, w_gate, w_up, w_down, activation, w_down_t=None) -> np.ndarray:
     """Dense MLP output [d] float32, every dot product in the order contract."""
     act = Activation.parse(activation)
     x, d, k = check_mlp_inputs(x, w_gate, w_up, w_down)
+    w_down_t = transposed_down(w_down, w_down_t)
     h1 = act(oc.warp_dot_rows(w_gate, x))
     if not act.sparse_capable:
-        h2 = oc.warp_dot_rows(w_up, x)
-        return oc.down_projection(h1 * h2, np.ascontiguousarray(w_down.T))
-    return _finish(x, w_up, w_down, h1, np.arange(k))
+        return oc.down_projection(h1 * oc.warp_dot_rows(w_up, x), w_down_t)
+    return _finish(x, w_up, w_down_t, h1, np.arange(k))
 
 
 def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+actual",
-               w_signs=None):
+               w_signs=None, w_down_t=None):
     """Sparse MLP: returns (output [d] float32, MLPTrace).
 
-    ``w_signs`` (``pack_signs(w_gate)``) may be passed to avoid re-packing per call,
-    the way a kernel packs W_gate once at load time.
+    ``w_signs`` (``pack_signs(w_gate)``) and ``w_down_t`` (``w_down.T`` contiguous) may be
+    passed to avoid re-deriving them per call, the way a kernel prepares them once at load
+    time.
     """
     act = Activation.parse(activation)
     if not act.sparse_capable:
@@ -156,6 +169,7 @@ def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+a
     if mode not in MODES:
         raise SparseInferError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     x, d, k = check_mlp_inputs(x, w_gate, w_up, w_down)
+    w_down_t = transposed_down(w_down, w_down_t)
     alpha_milli = alpha_to_milli(alpha)
 
     # The true h1 for every row: the statistics (actual mask) need it, and for the rows
@@ -174,7 +188,7 @@ def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+a
     computed_gate = ~predicted_zero
     h1 = np.where(computed_gate, h1_true, np.float32(0))
     computed_up = computed_gate & (h1 != 0) if mode != "predicted" else computed_gate.copy()
-    out = _finish(x, w_up, w_down, h1, np.flatnonzero(computed_up))
+    out = _finish(x, w_up, w_down_t, h1, np.flatnonzero(computed_up))
     trace = MLPTrace(mode=mode, d=d, k=k, weight_dtype=dtype_name(w_gate.dtype), alpha_milli=alpha_milli,
                      predicted_zero=predicted_zero, actual_zero=actual_zero, computed_gate=computed_gate,
                      computed_up=computed_up, computed_down=computed_up.copy())

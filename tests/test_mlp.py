@@ -126,3 +126,11 @@ def test_unknown_mode_and_activation():
         mlp_dense(*args, "gelu")
     with pytest.raises(SparseInferError, match="needs a threshold"):
         mlp_dense(*args, "fatrelu")
+
+
+def test_prepared_transposed_down_is_checked():
+    x, wg, wu, wd = mlp_weights(np.random.default_rng(0), 40, 70, np.float16)
+    out, _ = mlp_sparse(x, wg, wu, wd, "relu", w_down_t=np.ascontiguousarray(wd.T))
+    assert_bits_equal(out, mlp_sparse(x, wg, wu, wd, "relu")[0], "prepared vs unprepared")
+    with pytest.raises(SparseInferError, match="w_down_t has shape"):
+        mlp_sparse(x, wg, wu, wd, "relu", w_down_t=wd)

@@ -1,0 +1,1 @@
+"""GPU benchmarks of the kernel versions (``sparseinfer bench``); results in ``results/<device>.json``."""

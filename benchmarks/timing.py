@@ -1,0 +1,67 @@
+"""Timing like the kernel people do: CUDA events, warm-up, L2 flushed between runs,
+median and spread; and the device's peak bandwidth from its properties."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparseinfer.kernels.device import cupy
+
+L2_FLUSH_BYTES = 256 * 2 ** 20      # larger than any current L2 (H100: 50 MB)
+WARMUP = 5
+REPEATS = 50
+# cudaDevAttrMemoryClockRate (kHz) and cudaDevAttrGlobalMemoryBusWidth (bits)
+_ATTR_MEMORY_CLOCK_KHZ = 36
+_ATTR_BUS_WIDTH_BITS = 37
+
+
+@dataclass
+class Timing:
+    median_us: float
+    spread_us: float      # 90th minus 10th percentile
+
+
+class Timer:
+    def __init__(self, warmup: int = WARMUP, repeats: int = REPEATS):
+        cp = cupy()
+        self.cp = cp
+        self.warmup, self.repeats = warmup, repeats
+        self.flush_buffer = cp.empty(L2_FLUSH_BYTES // 4, dtype=cp.int32)
+
+    def __call__(self, fn) -> Timing:
+        cp = self.cp
+        for _ in range(self.warmup):
+            fn()
+        start, stop = cp.cuda.Event(), cp.cuda.Event()
+        samples = []
+        for _ in range(self.repeats):
+            self.flush_buffer.fill(0)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            samples.append(cp.cuda.get_elapsed_time(start, stop) * 1000.0)
+        p10, p50, p90 = np.percentile(samples, [10, 50, 90])
+        return Timing(float(p50), float(p90 - p10))
+
+
+def device_info() -> dict:
+    """Name, CUDA version and peak bandwidth (memory clock x bus width x 2, DDR)."""
+    cp = cupy()
+    dev = cp.cuda.Device()
+    props = cp.cuda.runtime.getDeviceProperties(dev.id)
+    name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
+    clock_khz = props.get("memoryClockRate") or cp.cuda.runtime.deviceGetAttribute(_ATTR_MEMORY_CLOCK_KHZ, dev.id)
+    bus_bits = props.get("memoryBusWidth") or cp.cuda.runtime.deviceGetAttribute(_ATTR_BUS_WIDTH_BITS, dev.id)
+    peak = clock_khz * 1e3 * bus_bits / 8 * 2 / 1e9
+    runtime = cp.cuda.runtime.runtimeGetVersion()
+    return {"device": name, "cuda_version": f"{runtime // 1000}.{runtime % 1000 // 10}",
+            "peak_bandwidth_gb_per_s": round(float(peak), 1), "memory_clock_khz": int(clock_khz),
+            "memory_bus_width_bits": int(bus_bits)}
+
+
+def empty_launch_us(timer: Timer) -> float:
+    """One empty kernel launch, the floor for the kernels too small to be bandwidth-bound."""
+    empty = cupy().RawKernel('extern "C" __global__ void empty_kernel() {}', "empty_kernel")
+    return timer(lambda: empty((1,), (32,), ())).median_us

@@ -1,0 +1,152 @@
+// Shared device helpers of the SparseInfer kernels.
+//
+// Needs no CUDA header (NVRTC built-ins only), so the same text compiles in CuPy at run
+// time and in the CPU compile gate. The Python side expands `#include "common.cuh"` into
+// each source before compiling (kernels/sources.py), so CuPy's cache sees every change.
+//
+// The float32 accumulation order is reference/order_contract.py's, bit for bit:
+// warp per row; lane l owns chunks c = t*32 + l of V = 16 bytes of weights; element
+// j = c*V + v; one accumulator per lane from +0.0, products and sums rounded separately
+// (__fmul_rn / __fadd_rn, and the module is compiled with --fmad=false); butterfly
+// __shfl_xor_sync over offsets 16, 8, 4, 2, 1. WARP_SIZE, VECTOR_BYTES and DOWN_ROW_CHUNK
+// come from the Python contract as -D defines.
+#pragma once
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+typedef long long i64;
+typedef unsigned long long u64;
+
+#define FULL_MASK 0xffffffffu
+#define ACT_RELU 0
+#define ACT_FATRELU 1
+
+// 16-bit weights travel as raw bits: the widening to float32 is exact and header-free.
+struct half_bits { u16 b; };
+struct bf16_bits { u16 b; };
+
+__device__ __forceinline__ float fp16_bits_to_float(u32 bits) {
+    float f;
+    asm("{ .reg .b16 h; cvt.u16.u32 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(bits));
+    return f;
+}
+
+// Elem<T>: V (elements per 16 bytes), scalar widening load, and 16-byte unpack.
+template <typename T> struct Elem;
+
+template <> struct Elem<float> {
+    enum { V = VECTOR_BYTES / 4 };
+    static __device__ __forceinline__ float load(const float* p, i64 i) { return p[i]; }
+    static __device__ __forceinline__ void unpack(uint4 u, float* w) {
+        w[0] = __uint_as_float(u.x); w[1] = __uint_as_float(u.y);
+        w[2] = __uint_as_float(u.z); w[3] = __uint_as_float(u.w);
+    }
+};
+
+template <> struct Elem<half_bits> {
+    enum { V = VECTOR_BYTES / 2 };
+    static __device__ __forceinline__ float load(const half_bits* p, i64 i) { return fp16_bits_to_float(p[i].b); }
+    static __device__ __forceinline__ void unpack(uint4 u, float* w) {
+        const u32 q[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {           // little-endian: element 2i is the low half
+            w[2 * i] = fp16_bits_to_float(q[i] & 0xffffu);
+            w[2 * i + 1] = fp16_bits_to_float(q[i] >> 16);
+        }
+    }
+};
+
+template <> struct Elem<bf16_bits> {
+    enum { V = VECTOR_BYTES / 2 };
+    static __device__ __forceinline__ float load(const bf16_bits* p, i64 i) { return __uint_as_float(((u32)p[i].b) << 16); }
+    static __device__ __forceinline__ void unpack(uint4 u, float* w) {
+        const u32 q[4] = {u.x, u.y, u.z, u.w};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            w[2 * i] = __uint_as_float(q[i] << 16);
+            w[2 * i + 1] = __uint_as_float(q[i] & 0xffff0000u);
+        }
+    }
+};
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (((u64)p) & 15u) == 0; }
+
+// x[j0 .. j0+V) as float32, 16-byte loads (x aligned, j0 a multiple of 4).
+template <int V>
+__device__ __forceinline__ void load_x(const float* __restrict__ x, int j0, float* xv) {
+#pragma unroll
+    for (int q = 0; q < V / 4; ++q) {
+        const float4 f = __ldg(reinterpret_cast<const float4*>(x + j0) + q);
+        xv[4 * q] = f.x; xv[4 * q + 1] = f.y; xv[4 * q + 2] = f.z; xv[4 * q + 3] = f.w;
+    }
+}
+
+// Butterfly sum over the warp; every lane ends with the same bits (IEEE + is commutative).
+__device__ __forceinline__ float warp_sum_butterfly(float acc) {
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset >= 1; offset >>= 1)
+        acc = __fadd_rn(acc, __shfl_xor_sync(FULL_MASK, acc, offset));
+    return acc;
+}
+
+__device__ __forceinline__ int warp_sum_int(int v) {
+#pragma unroll
+    for (int offset = WARP_SIZE / 2; offset >= 1; offset >>= 1)
+        v += __shfl_xor_sync(FULL_MASK, v, offset);
+    return v;
+}
+
+// z = row . x in the contract's order; called by all 32 lanes of a warp, all get z.
+// Full 16-byte chunks first (vector loads when row and x are aligned), then the scalar
+// tail: a lane's chunks ascend in c either way, so the order is the contract's.
+template <typename T>
+__device__ __forceinline__ float warp_dot_row(const T* __restrict__ row, const float* __restrict__ x, int d, int lane) {
+    const int V = Elem<T>::V;
+    const int n_chunks = (d + V - 1) / V;
+    const int n_vec = (aligned16(row) && aligned16(x)) ? d / V : 0;
+    float acc = 0.0f;
+    int c = lane;
+#pragma unroll 4
+    for (; c < n_vec; c += WARP_SIZE) {
+        float w[V], xv[V];
+        Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(row + (i64)c * V)), w);
+        load_x<V>(x, c * V, xv);
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc = __fadd_rn(acc, __fmul_rn(w[v], xv[v]));
+    }
+    for (; c < n_chunks; c += WARP_SIZE) {
+        const int j0 = c * V;
+        const int n = min(V, d - j0);
+        for (int v = 0; v < n; ++v) acc = __fadd_rn(acc, __fmul_rn(Elem<T>::load(row, j0 + v), x[j0 + v]));
+    }
+    return warp_sum_butterfly(acc);
+}
+
+// reference/activations.py: relu z > 0 ? z : +0; fatrelu z >= thr ? z : +0.
+__device__ __forceinline__ float activate(float z, int act_kind, float threshold) {
+    if (act_kind == ACT_RELU) return z > 0.0f ? z : 0.0f;
+    return z >= threshold ? z : 0.0f;
+}
+
+__device__ __forceinline__ i64 global_warp_id() { return ((i64)blockIdx.x * blockDim.x + threadIdx.x) / WARP_SIZE; }
+__device__ __forceinline__ int lane_id() { return threadIdx.x & (WARP_SIZE - 1); }
+
+// --- the predictor (paper eq. 2), shared by predict_rows and the fused kernel ---
+
+// N_neg of one row; all lanes of the warp get it. Bits past d are masked off.
+__device__ __forceinline__ int row_negative_count(const u32* __restrict__ w_row, const u32* __restrict__ x_signs,
+                                                  int d, int lane) {
+    const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
+    const u32 tail = (d % WARP_SIZE) ? ((1u << (d % WARP_SIZE)) - 1u) : FULL_MASK;
+    int count = 0;
+    for (int w = lane; w < n_words; w += WARP_SIZE) {
+        u32 b = __ldg(w_row + w) ^ __ldg(x_signs + w);
+        if (w == n_words - 1) b &= tail;
+        count += __popc(b);
+    }
+    return warp_sum_int(count);
+}
+
+__device__ __forceinline__ bool predicted_zero(int n_neg, int d, int alpha_milli) {
+    return 1000LL * n_neg > (i64)alpha_milli * (i64)(d - n_neg);
+}

@@ -1,0 +1,132 @@
+// Down projection (step 4) on W_down^T [k, d] (row stride ld): out[j] = sum_i h3[i] * Wt[i, j].
+// Each thread owns V = 16 bytes' worth of output columns and reads 16 bytes of every row
+// it adds (coalesced across the block); rows whose h3 is exactly zero are never read.
+#include "common.cuh"
+
+// Column tile of this thread: [col0, col0 + V) and whether it may use one 16-byte load.
+template <typename T>
+__device__ __forceinline__ bool down_vector_ok(const T* wt, i64 ld, int col0, int d) {
+    return aligned16(wt) && ((ld * (i64)sizeof(T)) % 16 == 0) && col0 + Elem<T>::V <= d;
+}
+
+// acc[v] = fl(acc[v] + fl(h * Wt[row, col0 + v])) for the thread's columns below d.
+template <typename T>
+__device__ __forceinline__ void down_add_row(const T* __restrict__ wt, i64 ld, i64 row, float h, int col0, int d,
+                                             bool vec, float* acc) {
+    const int V = Elem<T>::V;
+    const T* p = wt + row * ld + col0;
+    if (vec) {
+        float w[V];
+        Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p)), w);
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(h, w[v]));
+    } else {
+#pragma unroll
+        for (int v = 0; v < V; ++v)
+            if (col0 + v < d) acc[v] = __fadd_rn(acc[v], __fmul_rn(h, Elem<T>::load(p, v)));
+    }
+}
+
+// v1 (deterministic, the contract's order). Block (column tile, chunk c of DOWN_ROW_CHUNK
+// rows): the block first lists the chunk's rows with h3 != 0 in ascending order (ballots
+// and a per-group prefix in shared memory; dense = every row), then each thread adds them
+// in that order from +0.0 and writes partial[c, j]. down_reduce_chunks adds the chunks.
+template <typename T>
+__device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, const T* __restrict__ wt, i64 ld,
+                                                 int k, int d, int dense, float* __restrict__ partial) {
+    const int V = Elem<T>::V;
+    const int GROUPS = DOWN_ROW_CHUNK / WARP_SIZE;
+    __shared__ int rows_s[DOWN_ROW_CHUNK];
+    __shared__ float h_s[DOWN_ROW_CHUNK];
+    __shared__ int group_count[GROUPS];
+    const int chunk = blockIdx.y;
+    const int r0 = chunk * DOWN_ROW_CHUNK;
+    const int lane = lane_id();
+    const int warp = threadIdx.x / WARP_SIZE;
+    const int n_warps = blockDim.x / WARP_SIZE;
+
+    for (int pass = 0; pass < 2; ++pass) {          // pass 0: count per group; pass 1: scatter
+        for (int g = warp; g < GROUPS; g += n_warps) {
+            const int i = r0 + g * WARP_SIZE + lane;
+            const float h = i < k ? h3[i] : 0.0f;
+            const bool keep = i < k && (dense || h != 0.0f);
+            const u32 bits = __ballot_sync(FULL_MASK, keep);
+            if (pass == 0) {
+                if (lane == 0) group_count[g] = __popc(bits);
+            } else if (keep) {
+                int offset = 0;
+                for (int q = 0; q < g; ++q) offset += group_count[q];
+                const int slot = offset + __popc(bits & ((1u << lane) - 1u));
+                rows_s[slot] = i;
+                h_s[slot] = h;
+            }
+        }
+        __syncthreads();
+    }
+    int n_rows = 0;
+    for (int q = 0; q < GROUPS; ++q) n_rows += group_count[q];
+
+    const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (col0 >= d) return;                           // after the last barrier
+    const bool vec = down_vector_ok(wt, ld, col0, d);
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+#pragma unroll 4
+    for (int n = 0; n < n_rows; ++n) down_add_row(wt, ld, (i64)rows_s[n], h_s[n], col0, d, vec, acc);
+    float* out = partial + (i64)chunk * d;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+        if (col0 + v < d) out[col0 + v] = acc[v];
+}
+
+// out[j] = (((+0.0 + partial[0, j]) + partial[1, j]) + ...), chunks ascending.
+extern "C" __global__ void __launch_bounds__(256)
+down_reduce_chunks(const float* __restrict__ partial, int n_chunks, int d, float* __restrict__ out) {
+    const int j = blockIdx.x * blockDim.x + threadIdx.x;
+    if (j >= d) return;
+    float s = 0.0f;
+    for (int c = 0; c < n_chunks; ++c) s = __fadd_rn(s, partial[(i64)c * d + j]);
+    out[j] = s;
+}
+
+// v2 (order free, the paper's atomicAdd down projection as split-K): block (column tile,
+// group of rows_per_block rows) adds its nonzero rows in registers, then one atomicAdd
+// per column. The caller zeroes out first.
+template <typename T>
+__device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, const T* __restrict__ wt, i64 ld,
+                                                 int k, int d, int rows_per_block, float* __restrict__ out) {
+    const int V = Elem<T>::V;
+    const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * V;
+    if (col0 >= d) return;
+    const bool vec = down_vector_ok(wt, ld, col0, d);
+    const int r0 = blockIdx.y * rows_per_block;
+    const int r1 = min(k, r0 + rows_per_block);
+    float acc[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+    bool any = false;
+    for (int i = r0; i < r1; ++i) {
+        const float h = __ldg(h3 + i);              // same i on every thread: uniform branch
+        if (h == 0.0f) continue;
+        any = true;
+        down_add_row(wt, ld, (i64)i, h, col0, d, vec, acc);
+    }
+    if (!any) return;
+#pragma unroll
+    for (int v = 0; v < V; ++v)
+        if (col0 + v < d) atomicAdd(out + col0 + v, acc[v]);
+}
+
+#define DOWN(NAME, T)                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS)                                               \
+    down_chunks_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) {      \
+        down_chunks_impl<T>(h3, wt, ld, k, d, dense, partial);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS)                                               \
+    down_atomic_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int rows_per_block, float* out) { \
+        down_atomic_impl<T>(h3, wt, ld, k, d, rows_per_block, out);                                          \
+    }
+DOWN(fp32, float)
+DOWN(fp16, half_bits)
+DOWN(bf16, bf16_bits)

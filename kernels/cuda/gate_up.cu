@@ -1,0 +1,92 @@
+// Sparse gate + up (steps 1-3 fused): h1 = act(W_gate[i] . x), h3 = h1 * (W_up[i] . x).
+// Warp per row. A row predicted zero writes 0 without reading its weights; a row whose
+// h1 is exactly zero skips its up row and writes h3 = +0 (+AS). The dense kernel of the
+// same structure computes every row and every up row (h3 = fl(h1 * h2) always).
+#include "common.cuh"
+
+template <typename T>
+__device__ __forceinline__ void gate_up_row(i64 row, const float* __restrict__ x, const T* __restrict__ w_gate,
+                                            const T* __restrict__ w_up, i64 ld, int d, bool skip_zero_gate,
+                                            int act_kind, float threshold, float* __restrict__ h1_out,
+                                            float* __restrict__ h3_out, int lane) {
+    const float z = warp_dot_row(w_gate + row * ld, x, d, lane);
+    const float h1 = activate(z, act_kind, threshold);
+    float h3 = 0.0f;
+    if (!skip_zero_gate || h1 != 0.0f) {      // h1 is the same on every lane: uniform branch
+        const float h2 = warp_dot_row(w_up + row * ld, x, d, lane);
+        h3 = __fmul_rn(h1, h2);
+    }
+    if (lane == 0) {
+        h1_out[row] = h1;
+        h3_out[row] = h3;
+    }
+}
+
+// v1: warp per row over all k rows, reading the predicted-zero mask (null = dense).
+template <typename T>
+__device__ __forceinline__ void gate_up_mask_impl(const float* x, const T* w_gate, const T* w_up, i64 ld, int d, int k,
+                                                  const unsigned char* __restrict__ zero, int act_kind, float threshold,
+                                                  float* h1, float* h3) {
+    const i64 row = global_warp_id();
+    if (row >= k) return;
+    const int lane = lane_id();
+    if (zero != nullptr && zero[row]) {
+        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
+        return;
+    }
+    gate_up_row(row, x, w_gate, w_up, ld, d, zero != nullptr, act_kind, threshold, h1, h3, lane);
+}
+
+// v2: warps only over the compacted list of active rows (*n_active of them, read on the
+// device); the caller zeroes h1 and h3 first.
+template <typename T>
+__device__ __forceinline__ void gate_up_list_impl(const float* x, const T* w_gate, const T* w_up, i64 ld, int d,
+                                                  const int* __restrict__ active, const int* __restrict__ n_active,
+                                                  int act_kind, float threshold, float* h1, float* h3) {
+    const i64 w = global_warp_id();
+    if (w >= *n_active) return;
+    gate_up_row((i64)active[w], x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane_id());
+}
+
+// v3: predict + gate + up in one launch (x's sign words packed beforehand).
+template <typename T>
+__device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __restrict__ x_signs,
+                                                   const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
+                                                   i64 ld, int d, int k, int alpha_milli, int act_kind, float threshold,
+                                                   int* __restrict__ counts, unsigned char* __restrict__ zero,
+                                                   float* h1, float* h3) {
+    const i64 row = global_warp_id();
+    if (row >= k) return;
+    const int lane = lane_id();
+    const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
+    const int n_neg = row_negative_count(w_signs + row * n_words, x_signs, d, lane);
+    const bool skip = predicted_zero(n_neg, d, alpha_milli);
+    if (lane == 0) { counts[row] = n_neg; zero[row] = skip ? 1 : 0; }
+    if (skip) {
+        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
+        return;
+    }
+    gate_up_row(row, x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane);
+}
+
+#define GATE_UP(NAME, T)                                                                                   \
+    extern "C" __global__ void __launch_bounds__(256)                                                      \
+    gate_up_mask_##NAME(const float* x, const T* w_gate, const T* w_up, i64 ld, int d, int k,              \
+                        const unsigned char* zero, int act_kind, float threshold, float* h1, float* h3) {  \
+        gate_up_mask_impl<T>(x, w_gate, w_up, ld, d, k, zero, act_kind, threshold, h1, h3);                \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                      \
+    gate_up_list_##NAME(const float* x, const T* w_gate, const T* w_up, i64 ld, int d, const int* active,  \
+                        const int* n_active, int act_kind, float threshold, float* h1, float* h3) {        \
+        gate_up_list_impl<T>(x, w_gate, w_up, ld, d, active, n_active, act_kind, threshold, h1, h3);       \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                      \
+    gate_up_fused_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,          \
+                         const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,               \
+                         float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {        \
+        gate_up_fused_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,          \
+                              threshold, counts, zero, h1, h3);                                            \
+    }
+GATE_UP(fp32, float)
+GATE_UP(fp16, half_bits)
+GATE_UP(bf16, bf16_bits)

@@ -1,0 +1,114 @@
+"""CuPy, imported lazily, and weights laid out on the device.
+
+Importing ``sparseinfer.kernels`` never imports CuPy; :func:`cupy` does, on first use,
+whichever wheel provides it (cupy-cuda12x, cupy-cuda13x). CuPy has no bfloat16, so
+16-bit weights live on the device as their raw uint16 bits (the kernels widen them
+exactly); :class:`DeviceMatrix` remembers the real dtype.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, check_dtype, check_no_nan, dtype_name
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.order_contract import VECTOR_BYTES
+
+from .sources import COMPILE_OPTIONS, KERNELS, source
+
+
+class GpuUnavailable(SparseInferError):
+    """CuPy or a CUDA device is missing."""
+
+
+def gpu_unavailable_reason() -> str | None:
+    """None when CuPy and a device are usable, else one line saying why not."""
+    try:
+        cupy()
+    except GpuUnavailable as e:
+        return str(e)
+    return None
+
+
+@functools.lru_cache(maxsize=1)
+def _cupy_module():
+    try:
+        import cupy as cp
+    except Exception as e:   # ImportError, or a wheel whose CUDA libraries fail to load
+        raise GpuUnavailable(f"CuPy is not importable ({type(e).__name__}: {e}); "
+                             "install cupy-cuda12x or cupy-cuda13x to run the kernels") from None
+    try:
+        n = cp.cuda.runtime.getDeviceCount()
+    except Exception as e:
+        raise GpuUnavailable(f"no CUDA device ({type(e).__name__}: {e})") from None
+    if n < 1:
+        raise GpuUnavailable("no CUDA device (CuPy sees 0 devices)")
+    return cp
+
+
+def cupy():
+    """The ``cupy`` module, or GpuUnavailable with the reason."""
+    return _cupy_module()
+
+
+_KERNEL_SOURCE = {name: src for src, names in KERNELS.items() for name in names}
+
+
+@functools.lru_cache(maxsize=None)
+def _module(src: str):
+    return cupy().RawModule(code=source(src), options=COMPILE_OPTIONS, backend="nvrtc")
+
+
+def kernel(name: str):
+    """The compiled kernel ``name`` (compiled once per process, then cached by CuPy)."""
+    return _module(_KERNEL_SOURCE[name]).get_function(name)
+
+
+def _storage_dtype(dtype: np.dtype) -> np.dtype:
+    return np.dtype(np.uint16) if dtype.itemsize == 2 else dtype
+
+
+@dataclass
+class DeviceMatrix:
+    """A [rows, cols] matrix of dtype ``dtype`` stored row-major with row stride ``ld``.
+
+    ``data`` is [rows, ld] of the storage dtype (raw uint16 bits for fp16/bf16). ``ld``
+    is ``cols`` rounded up to 16 bytes, zero-padded, so that every row starts 16-byte
+    aligned and the kernels can use vector loads on any d.
+    """
+
+    data: object
+    dtype: np.dtype
+    rows: int
+    cols: int
+    ld: int
+
+    @property
+    def shape(self) -> tuple:
+        return (self.rows, self.cols)
+
+    @property
+    def dtype_name(self) -> str:
+        return dtype_name(self.dtype)
+
+    @classmethod
+    def from_host(cls, name: str, a, allowed=SIGN_PACK_DTYPES, xp=None) -> "DeviceMatrix":
+        """Check (2-D, dtype, no NaN) and upload; ``xp=numpy`` keeps it on the host (CPU tests)."""
+        a = np.asarray(a)
+        check_dtype(name, a, allowed)
+        if a.ndim != 2 or 0 in a.shape:
+            raise SparseInferError(f"{name} must be a non-empty 2-D matrix, got shape {a.shape}")
+        check_no_nan(name, a)
+        rows, cols = a.shape
+        per_vector = max(1, VECTOR_BYTES // a.dtype.itemsize)
+        ld = -(-cols // per_vector) * per_vector
+        host = np.zeros((rows, ld), dtype=_storage_dtype(a.dtype))
+        host[:, :cols] = a.view(host.dtype)
+        xp = cupy() if xp is None else xp
+        return cls(xp.asarray(host), a.dtype, rows, cols, ld)
+
+    def to_host(self) -> np.ndarray:
+        data = self.data.get() if hasattr(self.data, "get") else np.asarray(self.data)
+        return np.ascontiguousarray(data[:, :self.cols]).view(self.dtype)

@@ -1,0 +1,227 @@
+"""Python wrappers of the kernels: check arguments, allocate outputs, launch.
+
+Every wrapper checks shapes and dtypes (from metadata only, so the checks run on the
+host before CuPy is touched) and raises SparseInferError with one line naming the
+problem. Vectors (x, h3) are float32 CuPy arrays; weights are :class:`DeviceMatrix`.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sparseinfer.reference.activations import Activation
+from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, WEIGHT_DTYPES, dtype_name
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK, WARP_SIZE
+from sparseinfer.reference.signs import words_per_row
+
+from .device import DeviceMatrix, cupy, kernel
+from .sources import DOWN_THREADS
+
+THREADS = 256                      # 8 warps per block in the warp-per-row kernels
+WARPS_PER_BLOCK = THREADS // WARP_SIZE
+COMPACT_THREADS = 1024
+ATOMIC_ROWS_PER_BLOCK = 64
+_ACT_KIND = {"relu": 0, "fatrelu": 1}
+_NULL = np.uint64(0)
+
+
+# --- argument checks (metadata only) ------------------------------------------------------
+
+def check_vector(name: str, v, n: int | None = None, dtype=np.float32) -> int:
+    if getattr(v, "dtype", None) != np.dtype(dtype):
+        raise SparseInferError(f"{name} has dtype {getattr(v, 'dtype', type(v).__name__)}; expected {np.dtype(dtype)}")
+    if v.ndim != 1 or (n is not None and v.shape[0] != n):
+        want = f"[{n}]" if n is not None else "1-D"
+        raise SparseInferError(f"{name} has shape {tuple(v.shape)}; expected {want}")
+    if v.shape[0] < 1:
+        raise SparseInferError(f"{name} is empty")
+    return v.shape[0]
+
+
+def check_matrix(name: str, m, cols: int | None = None, allowed=WEIGHT_DTYPES) -> None:
+    if not isinstance(m, DeviceMatrix):
+        raise SparseInferError(f"{name} must be a DeviceMatrix (DeviceMatrix.from_host), got {type(m).__name__}")
+    if m.dtype not in allowed:
+        raise SparseInferError(f"{name} has dtype {dtype_name(m.dtype)}; expected one of "
+                               f"{', '.join(dtype_name(d) for d in allowed)}")
+    if cols is not None and m.cols != cols:
+        raise SparseInferError(f"{name} has shape {m.shape}; expected {cols} columns")
+
+
+def check_pair(w_gate: DeviceMatrix, w_up: DeviceMatrix, d: int) -> None:
+    check_matrix("w_gate", w_gate, d)
+    check_matrix("w_up", w_up, d)
+    if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype or w_up.ld != w_gate.ld:
+        raise SparseInferError(f"w_up {w_up.shape} {w_up.dtype_name} does not match w_gate "
+                               f"{w_gate.shape} {w_gate.dtype_name}")
+
+
+def sparse_activation(activation) -> Activation:
+    act = Activation.parse(activation)
+    if act.kind not in _ACT_KIND:
+        raise SparseInferError(f"activation {act} has no exact zeros; the kernels support relu and fatrelu")
+    return act
+
+
+def check_alpha_milli(alpha_milli) -> int:
+    if isinstance(alpha_milli, bool) or not isinstance(alpha_milli, (int, np.integer)) or not 0 < alpha_milli < 2**20:
+        raise SparseInferError(f"alpha_milli must be an integer in thousandths (1000 = 1.00), got {alpha_milli!r}")
+    return int(alpha_milli)
+
+
+def _warp_grid(n_warps: int) -> tuple:
+    return (max(1, -(-n_warps // WARPS_PER_BLOCK)),)
+
+
+def _act_args(act: Activation) -> tuple:
+    return np.int32(_ACT_KIND[act.kind]), np.float32(act.threshold)
+
+
+# --- predictor ---------------------------------------------------------------------------
+
+def pack_signs(m: DeviceMatrix):
+    """uint32 sign words [rows, ceil(cols/32)] of a weight matrix (fp32/fp16/bf16/int8)."""
+    check_matrix("pack_signs input", m, allowed=SIGN_PACK_DTYPES)
+    cp = cupy()
+    n_words = words_per_row(m.cols)
+    words = cp.empty((m.rows, n_words), dtype=cp.uint32)
+    kernel(f"pack_signs_{m.dtype_name}")(_warp_grid(m.rows * n_words), (THREADS,),
+                                          (m.data, words, np.int32(m.rows), np.int32(m.cols), np.int64(m.ld)))
+    return words
+
+
+def pack_x_signs(x):
+    """uint32 sign words [ceil(d/32)] of the float32 activation vector x."""
+    d = check_vector("x", x)
+    cp = cupy()
+    words = cp.empty(words_per_row(d), dtype=cp.uint32)
+    kernel("pack_signs_fp32")(_warp_grid(words.size), (THREADS,), (x, words, np.int32(1), np.int32(d), np.int64(d)))
+    return words
+
+
+def _check_signs(w_signs, x_signs, d: int) -> int:
+    n_words = words_per_row(d)
+    check_vector("x_signs", x_signs, n_words, np.uint32)
+    if getattr(w_signs, "dtype", None) != np.uint32 or w_signs.ndim != 2 or w_signs.shape[1] != n_words:
+        raise SparseInferError(f"w_signs has shape {tuple(getattr(w_signs, 'shape', ()))} and dtype "
+                               f"{getattr(w_signs, 'dtype', None)}; expected uint32 [k, {n_words}] for d = {d}")
+    return w_signs.shape[0]
+
+
+def predict(w_signs, x_signs, d: int, alpha_milli: int):
+    """(counts int32 [k], zero uint8 [k]): N_neg per row and eq. 2's predicted-zero mask."""
+    k = _check_signs(w_signs, x_signs, d)
+    alpha_milli = check_alpha_milli(alpha_milli)
+    cp = cupy()
+    counts = cp.empty(k, dtype=cp.int32)
+    zero = cp.empty(k, dtype=cp.uint8)
+    kernel("predict_rows")(_warp_grid(k), (THREADS,),
+                           (w_signs, x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
+    return counts, zero
+
+
+def compact_active(zero):
+    """(active int32 [k], n_active int32 [1]): ascending rows with zero == 0, on the device."""
+    k = check_vector("zero mask", zero, dtype=np.uint8)
+    cp = cupy()
+    active = cp.empty(k, dtype=cp.int32)
+    n_active = cp.empty(1, dtype=cp.int32)
+    kernel("compact_active")((1,), (COMPACT_THREADS,), (zero, np.int32(k), active, n_active))
+    return active, n_active
+
+
+# --- gate + up ---------------------------------------------------------------------------
+
+def _gate_up_outputs(k: int, zeroed: bool):
+    cp = cupy()
+    alloc = cp.zeros if zeroed else cp.empty
+    return alloc(k, dtype=cp.float32), alloc(k, dtype=cp.float32)
+
+
+def gate_up_mask(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, zero=None):
+    """(h1, h3) [k]: warp per row over all rows; ``zero`` (uint8 mask) skips rows, None = dense."""
+    d = check_vector("x", x)
+    check_pair(w_gate, w_up, d)
+    act = sparse_activation(activation)
+    k = w_gate.rows
+    if zero is not None:
+        check_vector("zero mask", zero, k, np.uint8)
+    h1, h3 = _gate_up_outputs(k, zeroed=False)
+    kernel(f"gate_up_mask_{w_gate.dtype_name}")(
+        _warp_grid(k), (THREADS,),
+        (x, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),
+         _NULL if zero is None else zero, *_act_args(act), h1, h3))
+    return h1, h3
+
+
+def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active, n_active):
+    """(h1, h3) [k]: warps only over the compacted active rows (count read on the device)."""
+    d = check_vector("x", x)
+    check_pair(w_gate, w_up, d)
+    act = sparse_activation(activation)
+    k = w_gate.rows
+    check_vector("active", active, k, np.int32)
+    check_vector("n_active", n_active, 1, np.int32)
+    h1, h3 = _gate_up_outputs(k, zeroed=True)
+    kernel(f"gate_up_list_{w_gate.dtype_name}")(
+        _warp_grid(k), (THREADS,),
+        (x, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), active, n_active, *_act_args(act), h1, h3))
+    return h1, h3
+
+
+def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int):
+    """(counts, zero, h1, h3): predict + gate + up in one launch."""
+    d = check_vector("x", x)
+    check_pair(w_gate, w_up, d)
+    k = _check_signs(w_signs, x_signs, d)
+    if k != w_gate.rows:
+        raise SparseInferError(f"w_signs has {k} rows but w_gate has {w_gate.rows}")
+    act = sparse_activation(activation)
+    alpha_milli = check_alpha_milli(alpha_milli)
+    cp = cupy()
+    counts = cp.empty(k, dtype=cp.int32)
+    zero = cp.empty(k, dtype=cp.uint8)
+    h1, h3 = _gate_up_outputs(k, zeroed=False)
+    kernel(f"gate_up_fused_{w_gate.dtype_name}")(
+        _warp_grid(k), (THREADS,),
+        (x, x_signs, w_signs, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),
+         np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3))
+    return counts, zero, h1, h3
+
+
+# --- down projection ---------------------------------------------------------------------
+
+def _check_down(h3, w_down_t: DeviceMatrix) -> tuple[int, int]:
+    check_matrix("w_down_t", w_down_t)
+    check_vector("h3", h3, w_down_t.rows)
+    return w_down_t.rows, w_down_t.cols
+
+
+def _down_grid_x(d: int, dtype) -> int:
+    per_thread = 16 // np.dtype(dtype).itemsize
+    return -(-d // (DOWN_THREADS * per_thread))
+
+
+def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
+    """out [d] in the contract's order: per-chunk partial sums, then chunks ascending."""
+    k, d = _check_down(h3, w_down_t)
+    cp = cupy()
+    n_chunks = -(-k // DOWN_ROW_CHUNK)
+    partial = cp.empty((n_chunks, d), dtype=cp.float32)
+    out = cp.empty(d, dtype=cp.float32)
+    kernel(f"down_chunks_{w_down_t.dtype_name}")(
+        (_down_grid_x(d, w_down_t.dtype), n_chunks), (DOWN_THREADS,),
+        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(bool(dense)), partial))
+    kernel("down_reduce_chunks")((-(-d // THREADS),), (THREADS,), (partial, np.int32(n_chunks), np.int32(d), out))
+    return out
+
+
+def down_atomic(h3, w_down_t: DeviceMatrix, rows_per_block: int = ATOMIC_ROWS_PER_BLOCK):
+    """out [d], order free: split-K over groups of rows, one atomicAdd per column per block."""
+    k, d = _check_down(h3, w_down_t)
+    cp = cupy()
+    out = cp.zeros(d, dtype=cp.float32)
+    kernel(f"down_atomic_{w_down_t.dtype_name}")(
+        (_down_grid_x(d, w_down_t.dtype), -(-k // rows_per_block)), (DOWN_THREADS,),
+        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(rows_per_block), out))
+    return out

@@ -1,0 +1,116 @@
+"""The kernel versions, by family, each with a one-line description.
+
+Tests and benchmarks iterate over these dictionaries, so a new version is one kernel in
+``cuda/`` plus one entry here. Every ``run`` of a family has the same signature:
+
+* ``pack_signs``: run(matrix: DeviceMatrix) -> words [rows, ceil(cols/32)]
+* ``predict``:    run(w_signs, x_signs, d, alpha_milli) -> (counts, zero, active | None, n_active | None)
+* ``gate_up``:    run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero | None)
+* ``down``:       run(h3, w_down_t: DeviceMatrix) -> out
+* ``mlp``:        a gate_up version and a down version run in sequence (``SparseMLP``)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from . import ops
+
+
+@dataclass(frozen=True)
+class Version:
+    family: str
+    name: str
+    description: str
+    deterministic: bool          # bit-exact against the reference (else: rigorous error bound)
+    run: Callable
+
+
+def _family(family: str, *entries) -> dict:
+    return {name: Version(family, name, desc, det, run) for name, desc, det, run in entries}
+
+
+def _predict_v2(w_signs, x_signs, d, alpha_milli):
+    counts, zero = ops.predict(w_signs, x_signs, d, alpha_milli)
+    return (counts, zero, *ops.compact_active(zero))
+
+
+def _gate_up_mask(mlp, x, x_signs, alpha_milli):
+    _, zero = ops.predict(mlp.w_signs, x_signs, mlp.d, alpha_milli)
+    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, zero), zero)
+
+
+def _gate_up_list(mlp, x, x_signs, alpha_milli):
+    _, zero = ops.predict(mlp.w_signs, x_signs, mlp.d, alpha_milli)
+    active, n_active = ops.compact_active(zero)
+    return (*ops.gate_up_list(x, mlp.w_gate, mlp.w_up, mlp.activation, active, n_active), zero)
+
+
+def _gate_up_fused(mlp, x, x_signs, alpha_milli):
+    _, zero, h1, h3 = ops.gate_up_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation, alpha_milli)
+    return h1, h3, zero
+
+
+def _gate_up_dense(mlp, x, x_signs, alpha_milli):
+    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None), None)
+
+
+PACK_SIGNS = _family(
+    "pack_signs",
+    ("v1", "warp per 32-element word, __ballot_sync packs the 32 sign bits", True, ops.pack_signs),
+)
+
+PREDICT = _family(
+    "predict",
+    ("v1", "warp per row: XOR + __popc + butterfly sum, eq. 2 in thousandths; counts and zero mask", True,
+     lambda w_signs, x_signs, d, alpha_milli: (*ops.predict(w_signs, x_signs, d, alpha_milli), None, None)),
+    ("v2", "v1, then one block compacts the active rows into an ascending list (ballot prefix)", True, _predict_v2),
+)
+
+GATE_UP = _family(
+    "gate_up",
+    ("v1_mask", "predict, then warp per row over all k rows; predicted-zero rows write 0, h1 == 0 skips up (+AS)",
+     True, _gate_up_mask),
+    ("v2_list", "predict + compaction, then warps only over the ascending active list (+AS)", True, _gate_up_list),
+    ("v3_fused", "predict + gate + up in one launch, warp per row (+AS)", True, _gate_up_fused),
+    ("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)", True,
+     _gate_up_dense),
+)
+
+DOWN = _family(
+    "down",
+    ("v1_chunks", f"deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
+                  "in order", True, lambda h3, wt: ops.down_chunks(h3, wt)),
+    ("v2_atomic", "order free (paper): split-K over row groups skipping h3 == 0, one atomicAdd per column per block",
+     False, lambda h3, wt: ops.down_atomic(h3, wt)),
+    ("dense", "v1's structure reading every row (the kernel-quality baseline)", True,
+     lambda h3, wt: ops.down_chunks(h3, wt, dense=True)),
+)
+
+FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN}
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    gate_up: str
+    down: str
+    description: str
+
+    @property
+    def deterministic(self) -> bool:
+        return GATE_UP[self.gate_up].deterministic and DOWN[self.down].deterministic
+
+    @property
+    def sparse(self) -> bool:
+        return self.gate_up != "dense"
+
+
+PIPELINES = {p.name: p for p in (
+    Pipeline("sparse-fused", "v3_fused", "v1_chunks", "fused predict+gate+up, deterministic down (default)"),
+    Pipeline("sparse-mask", "v1_mask", "v1_chunks", "predict kernel, masked gate+up, deterministic down"),
+    Pipeline("sparse-list", "v2_list", "v1_chunks", "predict + compaction, list gate+up, deterministic down"),
+    Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
+    Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
+)}
+DEFAULT_PIPELINE = "sparse-fused"

@@ -1,0 +1,64 @@
+"""The CUDA C sources (package data under ``cuda/``) and the options they compile with.
+
+One place for both, shared by the CuPy runtime (``device.py``) and the CPU compile gate
+(``compile_check.py``), so the gate checks exactly what runs. ``#include "x.cuh"`` of a
+local header is expanded here, so that CuPy's source-keyed cache sees header changes.
+"""
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+from sparseinfer.reference import order_contract as oc
+
+SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu")
+WEIGHT_SUFFIXES = ("fp32", "fp16", "bf16")
+SIGN_SUFFIXES = WEIGHT_SUFFIXES + ("int8",)
+DOWN_THREADS = 128    # threads per block of the down projection (launch bound and grid)
+
+# Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's
+# default is --ftz=false; no --use_fast_math). The contract's constants come in as defines.
+COMPILE_OPTIONS = (
+    "--fmad=false",
+    "--ftz=false",
+    "--prec-div=true",
+    "--prec-sqrt=true",
+    f"-DWARP_SIZE={oc.WARP_SIZE}",
+    f"-DVECTOR_BYTES={oc.VECTOR_BYTES}",
+    f"-DDOWN_ROW_CHUNK={oc.DOWN_ROW_CHUNK}",
+    f"-DDOWN_THREADS={DOWN_THREADS}",
+)
+
+# The kernels each source defines (extern "C" names), and the hot ones whose register
+# spills fail the compile gate (every kernel on the per-token path).
+KERNELS = {
+    "signs.cu": tuple(f"pack_signs_{s}" for s in SIGN_SUFFIXES),
+    "predict.cu": ("predict_rows", "compact_active"),
+    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused") for s in WEIGHT_SUFFIXES),
+    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "atomic") for s in WEIGHT_SUFFIXES)
+    + ("down_reduce_chunks",),
+}
+HOT_KERNELS = frozenset(
+    name for src in ("predict.cu", "gate_up.cu", "down.cu") for name in KERNELS[src]) | {"pack_signs_fp32"}
+
+_INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
+
+
+def _read(name: str) -> str:
+    return resources.files("sparseinfer.kernels").joinpath("cuda", name).read_text()
+
+
+def source(name: str) -> str:
+    """The full text of a kernel source, local headers expanded (each once)."""
+    seen: set[str] = set()
+
+    def expand(text: str) -> str:
+        def sub(m):
+            header = m.group(1)
+            if header in seen:
+                return ""
+            seen.add(header)
+            return expand(_read(header).replace("#pragma once", ""))
+        return _INCLUDE.sub(sub, text)
+
+    return expand(_read(name))

@@ -1,0 +1,73 @@
+"""SparseMLP: one layer's weights on the device, called once per token.
+
+Built once from Hugging Face layouts (w_gate, w_up [k, d]; w_down [d, k]): checks them on
+the host, packs W_gate's sign words, transposes W_down to [k, d] and keeps everything on
+the device. ``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with
+``trace=True``, the reference's :class:`MLPTrace` (mode ``predicted+actual``).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sparseinfer.reference.dtypes import WEIGHT_DTYPES, check_no_nan, dtype_name
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.mlp import MLPTrace, check_mlp_inputs
+from sparseinfer.reference.signs import alpha_to_milli
+
+from . import ops
+from .device import DeviceMatrix, cupy
+from .registry import DEFAULT_PIPELINE, DOWN, GATE_UP, PIPELINES
+
+
+class SparseMLP:
+    def __init__(self, w_gate, w_up, w_down, activation, pipeline: str = DEFAULT_PIPELINE):
+        if pipeline not in PIPELINES:
+            raise SparseInferError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
+        self.pipeline = PIPELINES[pipeline]
+        self.activation = ops.sparse_activation(activation)
+        w_gate, w_up, w_down = (np.asarray(w) for w in (w_gate, w_up, w_down))
+        if w_gate.ndim != 2:
+            raise SparseInferError(f"w_gate has shape {w_gate.shape}; expected [k, d]")
+        _, self.d, self.k = check_mlp_inputs(np.zeros(w_gate.shape[1], np.float32), w_gate, w_up, w_down)
+        for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
+            check_no_nan(name, w)
+        self.weight_dtype = dtype_name(w_gate.dtype)
+        self.w_gate = DeviceMatrix.from_host("w_gate", w_gate, WEIGHT_DTYPES)
+        self.w_up = DeviceMatrix.from_host("w_up", w_up, WEIGHT_DTYPES)
+        self.w_down_t = DeviceMatrix.from_host("w_down^T", np.ascontiguousarray(w_down.T), WEIGHT_DTYPES)
+        self.w_signs = ops.pack_signs(self.w_gate)
+
+    def to_device_x(self, x, check: bool = True):
+        """x as a float32 CuPy vector [d]; with ``check``, NaN is an error (one device sync)."""
+        cp = cupy()
+        x = cp.asarray(x)
+        ops.check_vector("x", x, self.d)
+        if check and bool(cp.isnan(x).any()):
+            first = int(cp.argmax(cp.isnan(x)))
+            raise SparseInferError(f"x contains NaN at index {first}")
+        return x
+
+    def steps(self, x, alpha_milli: int):
+        """(h1, h3, zero | None, out) of this pipeline; x already on the device."""
+        x_signs = ops.pack_x_signs(x)
+        h1, h3, zero = GATE_UP[self.pipeline.gate_up].run(self, x, x_signs, alpha_milli)
+        out = DOWN[self.pipeline.down].run(h3, self.w_down_t)
+        return h1, h3, zero, out
+
+    def __call__(self, x, alpha=1.0, trace: bool = False, check: bool = True):
+        alpha_milli = alpha_to_milli(alpha)
+        x = self.to_device_x(x, check)
+        h1, _, zero, out = self.steps(x, alpha_milli)
+        if not trace:
+            return out
+        return out, self._trace(x, alpha_milli, h1, zero)
+
+    def _trace(self, x, alpha_milli, h1, zero) -> MLPTrace:
+        if zero is None:
+            raise SparseInferError(f"pipeline {self.pipeline.name} is dense; a trace needs a sparse pipeline")
+        h1_all, _ = ops.gate_up_mask(x, self.w_gate, self.w_up, self.activation, None)   # the full gate
+        predicted_zero = zero.get().astype(bool)
+        computed_up = ~predicted_zero & (h1.get() != 0)
+        return MLPTrace(mode="predicted+actual", d=self.d, k=self.k, weight_dtype=self.weight_dtype,
+                        alpha_milli=alpha_milli, predicted_zero=predicted_zero, actual_zero=h1_all.get() == 0,
+                        computed_gate=~predicted_zero, computed_up=computed_up, computed_down=computed_up.copy())

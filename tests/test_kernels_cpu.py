@@ -1,0 +1,136 @@
+"""What the kernel package does without a GPU: lazy import, argument checks (one-line
+SparseInferErrors raised before CuPy is touched), weight layout, the registry, and the
+test/benchmark input builder."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from kernel_cases import cases
+from sparseinfer.kernels import DOWN, FAMILIES, GATE_UP, PIPELINES, SparseMLP, ops
+from sparseinfer.kernels.device import DeviceMatrix
+from sparseinfer.kernels.shapes import BENCH_SHAPES, TEST_SHAPES, make_layer
+from sparseinfer.kernels.sources import KERNELS
+from sparseinfer.reference.dtypes import BFLOAT16
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.signs import pack_signs, predict_zero_rows
+from sparseinfer.sim.models import BUILTIN_MODELS
+
+
+def _host_matrix(a):
+    return DeviceMatrix.from_host("w", a, xp=np)
+
+
+def test_importing_kernels_does_not_import_cupy():
+    code = "import sys, sparseinfer.kernels, sparseinfer.tools.cli; print('cupy' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+@pytest.mark.parametrize("dtype,ld", [(np.float32, 36), (np.float16, 40), (BFLOAT16, 40), (np.int8, 48)])
+def test_device_matrix_pads_rows_to_16_bytes_and_round_trips_bits(dtype, ld):
+    a = (np.arange(3 * 33).reshape(3, 33) - 50).astype(dtype)
+    m = _host_matrix(a)
+    assert (m.rows, m.cols, m.ld) == (3, 33, ld)
+    assert m.data.shape == (3, ld) and (m.ld * np.dtype(dtype).itemsize) % 16 == 0
+    assert not np.asarray(m.data)[:, 33:].any()
+    back = m.to_host()
+    assert back.dtype == np.dtype(dtype) and np.array_equal(back.view(np.uint8), a.view(np.uint8))
+
+
+@pytest.mark.parametrize("a,match", [
+    (np.zeros(5, np.float32), "non-empty 2-D"),
+    (np.zeros((2, 3), np.float64), "dtype float64"),
+    (np.array([[1.0, np.nan]], np.float16), r"NaN at index \(0, 1\)"),
+])
+def test_device_matrix_rejects_bad_weights(a, match):
+    with pytest.raises(SparseInferError, match=match):
+        _host_matrix(a)
+
+
+def _weights(d=33, k=40, dtype=np.float16):
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal(s).astype(dtype) for s in ((k, d), (k, d), (d, k))]
+
+
+def test_wrappers_check_arguments_before_touching_the_gpu():
+    wg, wu, _ = (_host_matrix(w) for w in _weights())
+    x = np.zeros(33, np.float32)
+    with pytest.raises(SparseInferError, match="x has dtype float64; expected float32"):
+        ops.gate_up_mask(x.astype(np.float64), wg, wu, "relu")
+    with pytest.raises(SparseInferError, match=r"w_gate has shape \(40, 33\); expected 32 columns"):
+        ops.gate_up_mask(x[:32], wg, wu, "relu")
+    with pytest.raises(SparseInferError, match="w_up .* does not match w_gate"):
+        ops.gate_up_mask(x, wg, _host_matrix(_weights(k=41)[1]), "relu")
+    with pytest.raises(SparseInferError, match="no exact zeros"):
+        ops.gate_up_mask(x, wg, wu, "silu")
+    with pytest.raises(SparseInferError, match=r"zero mask has shape \(39,\); expected \[40\]"):
+        ops.gate_up_mask(x, wg, wu, "relu", np.zeros(39, np.uint8))
+    with pytest.raises(SparseInferError, match="alpha_milli must be an integer"):
+        ops.predict(np.zeros((40, 2), np.uint32), np.zeros(2, np.uint32), 33, 1.03)
+    with pytest.raises(SparseInferError, match=r"w_signs .* expected uint32 \[k, 2\] for d = 33"):
+        ops.predict(np.zeros((40, 3), np.uint32), np.zeros(2, np.uint32), 33, 1030)
+    with pytest.raises(SparseInferError, match=r"h3 has shape \(33,\); expected \[40\]"):
+        ops.down_chunks(x, wg)
+    with pytest.raises(SparseInferError, match="must be a DeviceMatrix"):
+        ops.down_atomic(np.zeros(40, np.float32), np.zeros((40, 33), np.float16))
+
+
+@pytest.mark.parametrize("mutate,match", [
+    (lambda w: (w[0][:, :5], w[1], w[2]), r"w_up has shape \(40, 33\); expected \[k, d\] = \(40, 5\)"),
+    (lambda w: (w[0], w[1], w[2].T), r"w_down has shape \(40, 33\); expected \[d, k\]"),
+    (lambda w: (w[0], w[1].astype(np.float32), w[2]), "weights must share one dtype"),
+    (lambda w: (w[0], w[1], np.where(np.arange(40) == 7, np.nan, w[2]).astype(np.float16)), "w_down contains NaN"),
+    (lambda w: (w[0][0], w[1], w[2]), r"w_gate has shape \(33,\); expected \[k, d\]"),
+])
+def test_sparse_mlp_rejects_bad_layers_on_the_host(mutate, match):
+    with pytest.raises(SparseInferError, match=match):
+        SparseMLP(*mutate(_weights()), "fatrelu:0.01")
+
+
+def test_sparse_mlp_rejects_unknown_pipeline_and_dense_activation():
+    with pytest.raises(SparseInferError, match="unknown pipeline 'fast'"):
+        SparseMLP(*_weights(), "relu", pipeline="fast")
+    with pytest.raises(SparseInferError, match="silu has no exact zeros"):
+        SparseMLP(*_weights(), "silu")
+
+
+def test_registry_entries_are_described_and_consistent():
+    for family, versions in FAMILIES.items():
+        assert versions, family
+        for name, v in versions.items():
+            assert v.family == family and v.name == name and len(v.description) > 20 and callable(v.run)
+    for p in PIPELINES.values():
+        assert p.gate_up in GATE_UP and p.down in DOWN
+    assert {p.name for p in PIPELINES.values() if not p.deterministic} == {"sparse-atomic"}
+    kernel_text = open(ops.__file__).read()
+    for names in KERNELS.values():      # every compiled kernel is launched by a wrapper
+        for name in names:
+            stem = name.rsplit("_", 1)[0] if name.endswith(("fp32", "fp16", "bf16", "int8")) else name
+            assert f'"{stem}' in kernel_text or f'f"{stem}_' in kernel_text, name
+
+
+def test_bench_shapes_come_from_the_model_table():
+    assert {(s.d, s.k) for s in BENCH_SHAPES} == {(4096, 11008), (5120, 13824)}
+    assert all((s.d, s.k) == (BUILTIN_MODELS[s.model].d, BUILTIN_MODELS[s.model].k) for s in BENCH_SHAPES)
+    assert {d for d, _ in TEST_SHAPES} >= {1, 31, 33, 97, 4096, 5120}
+
+
+@pytest.mark.parametrize("d,k", [s for s in TEST_SHAPES if s[0] * s[1] < 10 ** 6])
+@pytest.mark.parametrize("sparsity", [0.9, 0.92])
+def test_make_layer_hits_the_target_sparsity_exactly(d, k, sparsity):
+    layer = make_layer(d, k, np.float16, sparsity, seed=d + k)
+    assert layer.zero_rows.sum() == round(sparsity * k)
+    for alpha in (0.9, 1.0, 1.1):
+        got = predict_zero_rows(pack_signs(layer.w_gate), pack_signs(layer.x), d, alpha)
+        assert np.array_equal(got, layer.zero_rows)
+
+
+@settings(max_examples=25, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases(shapes=[s for s in TEST_SHAPES if s[0] * s[1] < 10 ** 5]))
+def test_gpu_test_cases_are_nontrivial(case):
+    case.assert_nontrivial()

@@ -1,0 +1,137 @@
+"""Every kernel version against the reference, on a GPU (marker ``gpu``).
+
+Integer results (sign words, counts, masks, active lists) exactly; float outputs of the
+deterministic versions bit for bit; the atomic down projection within the reference's
+rigorous error bound. Each case first asserts it is non-trivial. Skipped, with the
+reason, where CuPy or a CUDA device is missing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernel_cases import assert_same, build_case, cases
+from sparseinfer.kernels import DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP
+from sparseinfer.kernels.device import DeviceMatrix, cupy
+from sparseinfer.kernels import ops
+from sparseinfer.kernels.expected import within_down_bound
+from sparseinfer.reference import mlp_dense, mlp_sparse, order_contract as oc
+from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, WEIGHT_DTYPES
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.signs import pack_signs
+
+pytestmark = pytest.mark.gpu  # skipped with the reason by conftest where no device is present
+
+
+def _mlp(case, pipeline="sparse-fused"):
+    return SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation, pipeline=pipeline)
+
+
+def _host(a):
+    return a.get() if hasattr(a, "get") else np.asarray(a)
+
+
+@pytest.mark.parametrize("version", list(PACK_SIGNS))
+@given(case=cases(), sign_dtype=st.sampled_from(SIGN_PACK_DTYPES))
+def test_pack_signs_matches_reference(version, case, sign_dtype):
+    if sign_dtype in WEIGHT_DTYPES:
+        w = case.w_gate.astype(sign_dtype)
+    else:
+        w = np.random.default_rng(case.seed).integers(-128, 128, case.w_gate.shape).astype(np.int8)
+    want = pack_signs(w)
+    assert want.any() and (want != 0xFFFFFFFF).any(), f"trivial sign words: {case}"
+    got = PACK_SIGNS[version].run(DeviceMatrix.from_host("w", w))
+    assert_same(_host(got), want, f"pack_signs {version} {np.dtype(sign_dtype)}", case)
+    x_words = ops.pack_x_signs(cupy().asarray(case.x))
+    assert_same(_host(x_words), pack_signs(case.x), "pack_x_signs", case)
+
+
+@pytest.mark.parametrize("version", list(PREDICT))
+@given(case=cases())
+def test_predict_matches_reference(version, case):
+    case.assert_nontrivial()
+    cp = cupy()
+    w_signs = cp.asarray(pack_signs(case.w_gate))
+    x_signs = cp.asarray(pack_signs(case.x))
+    counts, zero, active, n_active = PREDICT[version].run(w_signs, x_signs, case.d, case.alpha_milli)
+    assert_same(_host(counts), case.counts, f"predict {version} counts", case)
+    assert_same(_host(zero).astype(bool), case.predicted_zero, f"predict {version} zero mask", case)
+    if active is not None:
+        want = np.flatnonzero(~case.predicted_zero).astype(np.int32)
+        n = int(_host(n_active)[0])
+        assert n == want.size, f"n_active {n} != {want.size} ({case})"
+        assert_same(_host(active)[:n], want, f"predict {version} active list", case)
+
+
+@pytest.mark.parametrize("version", list(GATE_UP))
+@given(case=cases())
+def test_gate_up_matches_reference_bit_for_bit(version, case):
+    case.assert_nontrivial()
+    mlp = _mlp(case)
+    cp = cupy()
+    x = cp.asarray(case.x)
+    h1, h3, zero = GATE_UP[version].run(mlp, x, ops.pack_x_signs(x), case.alpha_milli)
+    want_h1, want_h3 = case.h1_h3(sparse=version != "dense")
+    assert_same(_host(h1), want_h1, f"gate_up {version} h1", case)
+    assert_same(_host(h3), want_h3, f"gate_up {version} h3", case)
+    if zero is not None:
+        assert_same(_host(zero).astype(bool), case.predicted_zero, f"gate_up {version} zero mask", case)
+
+
+@pytest.mark.parametrize("version", list(DOWN))
+@given(case=cases())
+def test_down_matches_reference(version, case):
+    case.assert_nontrivial()
+    _, h3 = case.h1_h3()
+    w_down_t = np.ascontiguousarray(case.w_down.T)
+    got = _host(DOWN[version].run(cupy().asarray(h3), DeviceMatrix.from_host("w_down_t", w_down_t)))
+    if DOWN[version].deterministic:
+        assert_same(got, oc.down_projection(h3, w_down_t), f"down {version}", case)
+    else:
+        ok = within_down_bound(got, h3, w_down_t)
+        bad = np.flatnonzero(~ok)
+        assert bad.size == 0, (f"down {version}: {bad.size} of {got.size} columns outside the rigorous bound; "
+                               f"first [{bad[0]}] got {got[bad[0]]!r} ({case})")
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+@given(case=cases())
+def test_sparse_mlp_matches_reference(pipeline, case):
+    case.assert_nontrivial()
+    mlp = _mlp(case, pipeline)
+    alpha = case.alpha_milli / 1000
+    if not PIPELINES[pipeline].sparse:
+        assert_same(_host(mlp(case.x, alpha)), mlp_dense(case.x, case.w_gate, case.w_up, case.w_down, case.activation),
+                    f"SparseMLP {pipeline}", case)
+        return
+    want, want_trace = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, case.activation, alpha)
+    got, trace = mlp(case.x, alpha, trace=True)
+    for field in ("predicted_zero", "actual_zero", "computed_gate", "computed_up", "computed_down"):
+        assert_same(getattr(trace, field), getattr(want_trace, field), f"trace {field}", case)
+    assert trace.summary() == want_trace.summary()
+    if PIPELINES[pipeline].deterministic:
+        assert_same(_host(got), want, f"SparseMLP {pipeline}", case)
+    else:
+        _, h3 = case.h1_h3()
+        assert within_down_bound(_host(got), h3, case.w_down.T).all(), f"SparseMLP {pipeline} out of bound ({case})"
+
+
+@pytest.mark.parametrize("pipeline", [p for p in PIPELINES if PIPELINES[p].deterministic])
+def test_deterministic_pipelines_repeat_bit_for_bit(pipeline):
+    case = build_case(5120, 1031, np.float16, 1000, 7, "fatrelu:0.01", ())
+    case.assert_nontrivial()
+    mlp = _mlp(case, pipeline)
+    runs = [_host(mlp(case.x)) for _ in range(5)]
+    assert np.abs(runs[0]).max() > 0
+    for r in runs[1:]:
+        assert_same(r, runs[0], f"{pipeline} repeated run", case)
+
+
+def test_nan_in_x_is_a_one_line_error():
+    case = build_case(33, 97, np.float32, 1000, 3, "relu", ())
+    x = case.x.copy()
+    x[5] = np.nan
+    with pytest.raises(SparseInferError, match="x contains NaN at index 5"):
+        _mlp(case)(x)

@@ -1,0 +1,60 @@
+"""sim.traffic byte counts and the kernel commands' CPU behaviour."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sparseinfer.kernels import FAMILIES, PIPELINES
+from sparseinfer.sim import traffic
+from sparseinfer.tools.cli import cli
+
+
+def test_gate_up_bytes_count_only_the_rows_read():
+    d, k = 5120, 13824
+    sparse = traffic.gate_up_bytes("v1_mask", d, k, "fp16", 1106, 1000)
+    assert sparse == (1106 + 1000) * d * 2 + d * 4 + 2 * k * 4 + k
+    dense = traffic.gate_up_bytes("dense", d, k, "fp16", 1106, 1000)
+    assert dense == 2 * k * d * 2 + d * 4 + 2 * k * 4
+    fused = traffic.gate_up_bytes("v3_fused", d, k, "fp16", 1106, 1000)
+    assert fused - sparse == k * 160 * 4 + 160 * 4 + k * 5 - k   # sign words in, counts out, no mask read
+
+
+def test_down_and_mlp_bytes():
+    d, k = 4096, 11008
+    v1 = traffic.down_bytes("v1_chunks", d, k, "bf16", 900)
+    assert v1 == 900 * d * 2 + k * 4 + 2 * 22 * d * 4 + d * 4        # 22 chunks of 512 rows
+    assert traffic.down_bytes("dense", d, k, "bf16", 900) - v1 == (k - 900) * d * 2
+    assert traffic.down_bytes("v2_atomic", d, k, "fp32", 900) == 900 * d * 4 + k * 4 + d * 4
+    rows = {"gate": 1000, "up": 900, "down": 900}
+    for p in PIPELINES.values():
+        total = traffic.mlp_bytes(p.gate_up, p.down, d, k, "fp16", rows)
+        assert total > traffic.down_bytes(p.down, d, k, "fp16", 900)
+    assert traffic.dense_mlp_bytes(d, k, "fp16") == 3 * d * k * 2
+    with pytest.raises(ValueError, match="unknown gate_up version"):
+        traffic.gate_up_bytes("v9", d, k, "fp16", 1, 1)
+
+
+def test_kernels_command_lists_every_version():
+    res = CliRunner().invoke(cli, ["kernels", "--json"])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert {(v["family"], v["name"]) for v in data["versions"]} == \
+        {(f, n) for f, vs in FAMILIES.items() for n in vs}
+    assert [p["name"] for p in data["pipelines"]] == list(PIPELINES)
+
+
+def test_bench_without_gpu_is_a_one_line_error(monkeypatch):
+    from sparseinfer.kernels import device
+
+    def no_gpu():
+        raise device.GpuUnavailable("no CUDA device (test)")
+    monkeypatch.setattr(device, "cupy", no_gpu)
+    res = CliRunner().invoke(cli, ["bench"])
+    assert res.exit_code == 2 and "error: no CUDA device (test)" in res.output
+
+
+def test_bench_rejects_bad_sparsity():
+    res = CliRunner().invoke(cli, ["bench", "--sparsity", "0.9,abc"])
+    assert res.exit_code == 2 and "not a comma-separated list" in res.output

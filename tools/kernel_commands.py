@@ -1,0 +1,102 @@
+"""Commands over the CUDA kernels: bench (GPU) and kernels (list versions, CPU compile report)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sparseinfer.kernels.registry import FAMILIES, PIPELINES
+from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SHAPES, BENCH_SPARSITIES
+
+from .output import echo_json, format_table
+
+
+def _parse_sparsities(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+    if not all(0.0 <= v < 1.0 for v in values):
+        raise click.BadParameter(f"sparsities must be in [0, 1), got {text}")
+    return values
+
+
+@click.command()
+@click.option("--model", "models", multiple=True, type=click.Choice(BENCH_MODELS),
+              help="Model shape(s) to benchmark (default: all of them).")
+@click.option("--sparsity", "sparsity", default=",".join(str(s) for s in BENCH_SPARSITIES), show_default=True,
+              help="Comma-separated fractions of gate rows built to be predicted zero.")
+@click.option("--repeats", default=50, show_default=True, type=click.IntRange(3, 10000),
+              help="Timed runs per row (median and 10-90% spread are reported).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, writable=True),
+              help="Also write the result JSON here.")
+@click.option("--results-dir", type=click.Path(file_okay=False), default=None,
+              help="Write <dir>/<device>.json as well (e.g. benchmarks/results).")
+def bench(models, sparsity, repeats, json_path, results_dir):
+    """Time every kernel version and MLP pipeline on the GPU (needs CuPy and a CUDA device).
+
+    ProSparse-7B/13B shapes, fp16 weights; each row: verified against the reference,
+    median µs and spread (CUDA events, L2 flushed), bytes touched, GB/s, % of peak
+    bandwidth, and speedup over cuBLAS dense fp16 GEMVs measured in the same run.
+    """
+    from sparseinfer.benchmarks.harness import run
+    from sparseinfer.kernels.device import cupy
+
+    sparsities = _parse_sparsities(sparsity)
+    cupy()   # GpuUnavailable -> one-line error, exit 2
+    shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
+    result = run(shapes, sparsities, repeats=repeats, log=lambda m: click.echo(m, err=True))
+    text = json.dumps(result, indent=2)
+    if json_path:
+        Path(json_path).write_text(text + "\n")
+    if results_dir:
+        name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
+        Path(results_dir).mkdir(parents=True, exist_ok=True)
+        (Path(results_dir) / f"{name}.json").write_text(text + "\n")
+    click.echo(f"{result['device']}, CUDA {result['cuda_version']}, peak {result['peak_bandwidth_gb_per_s']} GB/s, "
+               f"empty launch {result['empty_launch_us']} us")
+    click.echo(format_table(
+        ["kernel", "version", "model", "sparsity", "verified", "us", "GB/s", "% peak", "x dense"],
+        [[r["kernel"], r["version"], r["model"], r["sparsity"], "yes" if r["verified"] else "NO",
+          f"{r['latency_us']:.1f}", f"{r['gb_per_s']:.0f}", f"{r['pct_peak']:.0f}", f"{r['speedup_vs_dense']:.2f}"]
+         for r in result["rows"]]))
+
+
+@click.command()
+@click.option("--compile", "do_compile", is_flag=True,
+              help="Also compile every source with NVRTC + ptxas (no GPU needed) and report registers and spills.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def kernels(do_compile, as_json):
+    """List the kernel versions and MLP pipelines (with --compile: registers and spills per arch)."""
+    data = {"versions": [{"family": v.family, "name": v.name, "deterministic": v.deterministic,
+                          "description": v.description} for fam in FAMILIES.values() for v in fam.values()],
+            "pipelines": [{"name": p.name, "gate_up": p.gate_up, "down": p.down, "description": p.description}
+                          for p in PIPELINES.values()]}
+    if do_compile:
+        from sparseinfer.kernels import compile_check as cc
+        try:
+            reports = cc.compile_all()
+        except cc.ToolMissing as e:
+            raise click.ClickException(str(e)) from None
+        data["compile"] = [{"source": r.source, "arch": f"sm_{r.arch}", "kernel": k.name, "registers": k.registers,
+                            "spill_store_bytes": k.spill_store_bytes, "spill_load_bytes": k.spill_load_bytes,
+                            "contract_violations": len(r.contract_violations)}
+                           for r in reports for k in r.kernels.values()]
+    if as_json:
+        echo_json(data)
+        return
+    click.echo(format_table(["family", "version", "bit-exact", "description"],
+                            [[v["family"], v["name"], "yes" if v["deterministic"] else "bound", v["description"]]
+                             for v in data["versions"]]))
+    click.echo("")
+    click.echo(format_table(["pipeline", "gate_up", "down", "description"],
+                            [[p["name"], p["gate_up"], p["down"], p["description"]] for p in data["pipelines"]]))
+    if do_compile:
+        click.echo("")
+        click.echo(format_table(["kernel", "arch", "registers", "spill stores B", "spill loads B"],
+                                [[c["kernel"], c["arch"], c["registers"], c["spill_store_bytes"],
+                                  c["spill_load_bytes"]] for c in data["compile"]]))
+
+
+COMMANDS = (bench, kernels)
