@@ -8,7 +8,8 @@ benchmarks) of the form::
                "latency_us", "latency_us_spread", "bytes", "gb_per_s", "pct_peak",
                "dense_baseline_us", "speedup_vs_dense"}, ...]}
 
-Each verified row is one kernel launch that moved ``bytes``; the latency model predicts
+Each verified row is one kernel family's launch that moved ``bytes`` (rows of whole
+MLP pipelines, ``kernel == "mlp"``, run several kernels and are left out of the fit); the latency model predicts
 ``kernel_launch_us + bytes / (fraction · peak)`` with the dense fraction for kernels that
 stream whole matrices (dense GEMV, predictors) and the sparse fraction for row-gathering
 kernels. A linear least-squares fit over the rows gives the launch time and both
@@ -31,7 +32,8 @@ ROW_FIELDS = {"kernel": str, "version": str, "model": str, "d": int, "k": int, "
               "gb_per_s": (int, float), "pct_peak": (int, float), "dense_baseline_us": (int, float),
               "speedup_vs_dense": (int, float)}
 TOP_FIELDS = {"device": str, "cuda_version": str, "date": str, "peak_bandwidth_gb_per_s": (int, float), "rows": list}
-DENSE_KERNEL_WORDS = ("dense", "predict", "pack")
+DENSE_KERNEL_WORDS = ("dense", "predict", "pack")   # kernels/registry.py families and versions
+PIPELINE_KERNELS = ("mlp",)                         # whole-MLP pipeline rows: several launches each
 
 
 def _check_fields(where: str, obj, spec: dict) -> None:
@@ -65,8 +67,9 @@ def read_results(path) -> dict:
 
 
 def row_class(row: dict) -> str:
-    """``dense`` for kernels that stream whole matrices, else ``sparse`` (row-gathering)."""
-    name = row["kernel"].lower()
+    """``dense`` for kernels that stream whole matrices (dense versions, sign packing, the
+    predictor), else ``sparse`` (row-gathering); judged on kernel family and version."""
+    name = f"{row['kernel']} {row['version']}".lower()
     if row["sparsity"] == 0 or any(w in name for w in DENSE_KERNEL_WORDS):
         return "dense"
     return "sparse"
@@ -79,8 +82,10 @@ def predicted_latency_us(row: dict, peak_gb_per_s: float, eff: dict) -> float:
 
 def calibrate(hw: HardwareSpec, results: dict) -> dict:
     """Fit launch time and the dense / sparse bandwidth fractions to the verified rows."""
-    rows = [r for r in results["rows"] if r["verified"]]
+    rows = [r for r in results["rows"] if r["verified"] and r["kernel"].lower() not in PIPELINE_KERNELS]
     skipped = [f"{r['kernel']} {r['version']}" for r in results["rows"] if not r["verified"]]
+    pipelines = [f"{r['kernel']} {r['version']}" for r in results["rows"]
+                 if r["verified"] and r["kernel"].lower() in PIPELINE_KERNELS]
     if not rows:
         raise SparseInferError("results have no verified rows to calibrate against")
     peak = float(results["peak_bandwidth_gb_per_s"])
@@ -114,7 +119,8 @@ def calibrate(hw: HardwareSpec, results: dict) -> dict:
                        "rel_error": pred / r["latency_us"] - 1.0})
     return {"device": results["device"], "date": results["date"], "hardware": hw.name,
             "peak_bandwidth_gb_per_s": peak, "fitted": sorted(cols), "efficiency": eff,
-            "previous_efficiency": asdict(hw.efficiency), "skipped_unverified": skipped, "rows": report,
+            "previous_efficiency": asdict(hw.efficiency), "skipped_unverified": skipped,
+            "skipped_pipelines": pipelines, "rows": report,
             "max_abs_rel_error": max(abs(r["rel_error"]) for r in report)}
 
 
