@@ -58,3 +58,11 @@ def test_every_command_has_help():
     for name, command in cli.commands.items():
         r = run(name, "--help")
         assert r.exit_code == 0 and len(command.help or "") > 20, name
+
+
+def test_tour_runs_every_part_and_writes_its_files(tmp_path):
+    r = CliRunner().invoke(cli, ["tour", "--out", str(tmp_path), "--max-new-tokens", "4"])
+    assert r.exit_code == 0, r.output
+    assert "2,211,840" in r.stdout and "1.79x" in r.stdout and "token agreement" in r.stdout
+    for name in ("fig4.png", "fig3.png", "tiny/config.json", "onnx/sparse/model.onnx"):
+        assert (tmp_path / name).stat().st_size > 0, name

@@ -1,0 +1,57 @@
+"""``sparseinfer tour``: the main job, one command that shows what the suite does.
+
+Runs, in order: Table I (exact op counts), Fig. 4 (latency model on Jetson Orin, with a
+plot), a small synthetic ProSparse-like checkpoint decoded dense and sparse side by side
+through onnxruntime, and the per-layer predictor precision/recall of that checkpoint
+(Fig. 3 style plot). Everything it writes goes under ``--out``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from .dse_commands import fig4, predictor_stats
+from .export_commands import compare_cmd, make_checkpoint_cmd
+from .sim_commands import table1
+
+TOUR_PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
+
+
+def _step(title: str) -> None:
+    click.echo("")
+    click.secho(f"== {title}", bold=True)
+
+
+@click.command()
+@click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
+              help="Folder for the synthetic checkpoint, the ONNX exports and the plots.")
+@click.option("--max-new-tokens", default=24, show_default=True, type=int, help="Decode steps of the dense/sparse comparison.")
+@click.pass_context
+def tour(ctx, out_dir, max_new_tokens):
+    """The main job: Table I, Fig. 4, and a synthetic model decoded dense vs sparse.
+
+    1. Table I for ProSparse-Llama2-13B (operation counts, predictor memory) beside the paper.
+    2. Fig. 4 speedups from the Jetson Orin latency model, plot in OUT/fig4.png.
+    3. A tiny synthetic ProSparse-like checkpoint (OUT/tiny), exported to ONNX dense and
+       sparse and decoded side by side on onnxruntime (CPU): divergence, |Δlogit|, tokens/s,
+       measured sparsity and predictor precision/recall.
+    4. Per-layer predictor precision/recall of that checkpoint, plot in OUT/fig3.png.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _step("Table I: ProSparse-Llama2-13B, one MLP block per token")
+    ctx.invoke(table1)
+    _step("Fig. 4: end-to-end speedups on Jetson Orin AGX (latency model)")
+    ctx.invoke(fig4, plot_file=str(out / "fig4.png"))
+    _step("A synthetic ProSparse-like checkpoint, dense vs sparse on onnxruntime")
+    ckpt = out / "tiny"
+    ctx.invoke(make_checkpoint_cmd, shape_name="tiny", out_dir=str(ckpt))
+    ctx.invoke(compare_cmd, model_dir=str(ckpt), prompt=TOUR_PROMPT, work_dir=str(out / "onnx"),
+               max_new_tokens=max_new_tokens)
+    _step("Predictor precision / recall per layer (Fig. 3 style)")
+    ctx.invoke(predictor_stats, checkpoint=str(ckpt), plot_file=str(out / "fig3.png"))
+    click.echo(f"\nwrote {out / 'fig4.png'}, {out / 'fig3.png'}, {ckpt}, {out / 'onnx'}")
+
+
+COMMANDS = (tour,)
