@@ -6,17 +6,36 @@ and a byte-level ``tokenizer.json``. Layer shapes come from ``sim.models``
 layers if asked); ``tiny`` is the test shape below. The vocabulary is the byte-level
 tokenizer's (258 ids), not Llama's 32000: it only sizes the embedding and the LM head.
 
-How the gate is made sparse, the way ProSparse's is. The residual stream carries a
-common component (every embedding = ``EMBED_COMMON`` * a fixed ±1 pattern + noise), so
-MLP inputs x share a mean direction u. Each W_gate row starts as Gaussian noise g_i
-(gate pre-activations ~ N(0, 1)) and is shifted against u: ``w_i = g_i - gamma_i u``.
-Then ``z_it = g_i . x_t - gamma_i (u . x_t)``, linear in gamma_i, so gamma_i is set
-exactly to the ``target`` quantile of ``(g_i . x_t - T) / (u . x_t)`` over calibration
-tokens: each row is active (z >= T, the FATReLU threshold) on a 1 - target fraction of
-them. Layers are calibrated in order during one prefill of the calibration text, so
-each sees the inputs that the already-calibrated layers below produce. The shift flips
-the signs of the row elements where |g_ij| is small, which is what the sign predictor
-sees.
+How the gate is made sparse, the way ProSparse's is, with a sign predictor that works.
+ProSparse's gate pre-activations are far below zero for most (row, token) pairs and far
+above for the few active ones, and the sign agreement of x and a W_gate row tracks the
+pre-activation: the paper's predictor precision is over 99 % in most layers (Fig. 3),
+with a predicted zero set close to the true one. Gaussian rows shifted along the mean
+of x give a sparsity target but not that: every row then sits near its threshold on
+every token, and the XOR/popcount count (which ignores magnitudes) errs often. So:
+
+* Sign features. ``N_FEATURES`` random ±1 vectors v_f. Every token carries the same
+  number n = round((1 - target) * N_FEATURES) of them, chosen at random per token id:
+  embedding = ``EMBED_COMMON`` * a fixed ±1 pattern s (the common direction of the
+  residual stream) + N(0, 1) noise + ``FEATURE_EMBED`` / sqrt(n) * sum of its v_f.
+* Feature detectors. Row i of W_gate detects feature f(i) = i mod N_FEATURES:
+  w_i = g_i + ``FEATURE_GATE`` d^-1/2 v_f(i) - gamma_i u, g_i ~ N(0, 1/d), u the unit
+  mean direction of the MLP inputs (close to s). On a token that carries f(i), both the
+  pre-activation and the count of agreeing signs are large; on the others the shift
+  -gamma_i u turns the row's signs against the typical signs of x, so the product is
+  negative and most sign products are negative too: the popcount tracks the
+  pre-activation, because magnitude and sign carry the same information.
+* Calibration. ``z_it = (g_i + v-part) . x_t - gamma_i (u . x_t)`` is linear in gamma_i.
+  Layers are calibrated in order during one prefill of ``CALIBRATION_TEXT`` (each sees
+  the inputs the calibrated layers below produce); gamma_i is put midway in the gap
+  between the tokens that lack feature f(i) and those that carry it (mean of the two
+  group medians if they overlap), with the FATReLU threshold T included.
+
+Decode-time sparsity is then about 1 - n / N_FEATURES = the target per token (tested
+within ±2 points on held-out text), and the predictor's precision and recall on held-out
+text are ProSparse-like (tested). Attention and the residual mixing add the
+token-to-token variation. The construction is the same for every shape and target; on
+the 7B shape (4 layers, target 0.9) predicted and actual sparsity agree within a point.
 """
 from __future__ import annotations
 
