@@ -6,17 +6,36 @@ and a byte-level ``tokenizer.json``. Layer shapes come from ``sim.models``
 layers if asked); ``tiny`` is the test shape below. The vocabulary is the byte-level
 tokenizer's (258 ids), not Llama's 32000: it only sizes the embedding and the LM head.
 
-How the gate is made sparse, the way ProSparse's is. The residual stream carries a
-common component (every embedding = ``EMBED_COMMON`` * a fixed ±1 pattern + noise), so
-MLP inputs x share a mean direction u. Each W_gate row starts as Gaussian noise g_i
-(gate pre-activations ~ N(0, 1)) and is shifted against u: ``w_i = g_i - gamma_i u``.
-Then ``z_it = g_i . x_t - gamma_i (u . x_t)``, linear in gamma_i, so gamma_i is set
-exactly to the ``target`` quantile of ``(g_i . x_t - T) / (u . x_t)`` over calibration
-tokens: each row is active (z >= T, the FATReLU threshold) on a 1 - target fraction of
-them. Layers are calibrated in order during one prefill of the calibration text, so
-each sees the inputs that the already-calibrated layers below produce. The shift flips
-the signs of the row elements where |g_ij| is small, which is what the sign predictor
-sees.
+How the gate is made sparse, the way ProSparse's is, with a sign predictor that works.
+ProSparse's gate pre-activations are far below zero for most (row, token) pairs and far
+above for the few active ones, and the sign agreement of x and a W_gate row tracks the
+pre-activation: the paper's predictor precision is over 99 % in most layers (Fig. 3),
+with a predicted zero set close to the true one. Gaussian rows shifted along the mean
+of x give a sparsity target but not that: every row then sits near its threshold on
+every token, and the XOR/popcount count (which ignores magnitudes) errs often. So:
+
+* Sign features. ``N_FEATURES`` random ±1 vectors v_f. Every token carries the same
+  number n = round((1 - target) * N_FEATURES) of them, chosen at random per token id:
+  embedding = ``EMBED_COMMON`` * a fixed ±1 pattern s (the common direction of the
+  residual stream) + N(0, 1) noise + ``FEATURE_EMBED`` / sqrt(n) * sum of its v_f.
+* Feature detectors. Row i of W_gate detects feature f(i) = i mod N_FEATURES:
+  w_i = g_i + ``FEATURE_GATE`` d^-1/2 v_f(i) - gamma_i u, g_i ~ N(0, 1/d), u the unit
+  mean direction of the MLP inputs (close to s). On a token that carries f(i), both the
+  pre-activation and the count of agreeing signs are large; on the others the shift
+  -gamma_i u turns the row's signs against the typical signs of x, so the product is
+  negative and most sign products are negative too: the popcount tracks the
+  pre-activation, because magnitude and sign carry the same information.
+* Calibration. ``z_it = (g_i + v-part) . x_t - gamma_i (u . x_t)`` is linear in gamma_i.
+  Layers are calibrated in order during one prefill of ``CALIBRATION_TEXT`` (each sees
+  the inputs the calibrated layers below produce); gamma_i is put midway in the gap
+  between the tokens that lack feature f(i) and those that carry it (mean of the two
+  group medians if they overlap), with the FATReLU threshold T included.
+
+Decode-time sparsity is then about 1 - n / N_FEATURES = the target per token (tested
+within ±2 points on held-out text), and the predictor's precision and recall on held-out
+text are ProSparse-like (tested). Attention and the residual mixing add the
+token-to-token variation. The construction is the same for every shape and target; on
+the 7B shape (4 layers, target 0.9) predicted and actual sparsity agree within a point.
 """
 from __future__ import annotations
 
@@ -53,6 +72,9 @@ SYNTHETIC_SHAPES = {
 }
 
 EMBED_COMMON = 1.0        # size of the shared ±1 component of every embedding (noise is N(0, 1))
+N_FEATURES = 40           # sign features; a token carries round((1 - target) * N_FEATURES) of them
+FEATURE_EMBED = 4.0       # total size of a token's features in its embedding (the common part is 1, noise N(0, 1))
+FEATURE_GATE = 1.5        # size of a row's feature in its W_gate row, relative to the N(0, 1/d) noise
 BRANCH_SCALE = 0.3        # attention / MLP outputs relative to the residual stream
 NORM_JITTER = 0.05        # RMSNorm weights are 1 + NORM_JITTER * N(0, 1)
 
@@ -83,7 +105,25 @@ def synthetic_shape(name: str, layers: int | None = None, kv_heads: int | None =
     return replace(shape, **changes)
 
 
-def _random_weights(shape: ModelShape, rng: np.random.Generator) -> LlamaWeights:
+def features_per_token(target: float) -> int:
+    return max(1, round((1.0 - target) * N_FEATURES))
+
+
+def token_features(vocab: int, target: float, rng: np.random.Generator) -> np.ndarray:
+    """Bool [vocab, N_FEATURES]: the features each token carries (the same number for every token)."""
+    n = features_per_token(target)
+    out = np.zeros((vocab, N_FEATURES), dtype=bool)
+    for t in range(vocab):
+        out[t, rng.choice(N_FEATURES, n, replace=False)] = True
+    return out
+
+
+def row_features(k: int) -> np.ndarray:
+    """The feature each W_gate row detects: rows spread evenly over the features."""
+    return np.arange(k) % N_FEATURES
+
+
+def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) -> LlamaWeights:
     d, k, hd = shape.d, shape.k, shape.head_dim
     f32 = np.float32
 
@@ -93,29 +133,48 @@ def _random_weights(shape: ModelShape, rng: np.random.Generator) -> LlamaWeights
     def norm():
         return (1 + NORM_JITTER * rng.standard_normal(d, dtype=f32)).astype(f32)
 
-    common = np.where(rng.random(d) < 0.5, -1, 1).astype(f32) * f32(EMBED_COMMON)
-    embed = rng.standard_normal((shape.vocab_size, d), dtype=f32) + common
+    def signs(*size):
+        return np.where(rng.random(size) < 0.5, -1, 1).astype(f32)
+
+    common = signs(d) * f32(EMBED_COMMON)
+    features = signs(N_FEATURES, d)                                    # v_f
+    carried = token_features(shape.vocab_size, target, rng).astype(f32)
+    feature_part = carried @ features * f32(FEATURE_EMBED / np.sqrt(features_per_token(target)))
+    embed = rng.standard_normal((shape.vocab_size, d), dtype=f32) + common + feature_part
+    row_feature = features[row_features(k)] * f32(FEATURE_GATE * d ** -0.5)
     layers = []
     for _ in range(shape.num_layers):
         layers.append(LayerWeights(
             input_norm=norm(), q=normal(shape.num_heads * hd, d, d ** -0.5),
             k=normal(shape.num_kv_heads * hd, d, d ** -0.5), v=normal(shape.num_kv_heads * hd, d, d ** -0.5),
             o=normal(d, shape.num_heads * hd, BRANCH_SCALE * (shape.num_heads * hd) ** -0.5),
-            post_norm=norm(), gate=normal(k, d, d ** -0.5), up=normal(k, d, d ** -0.5),
+            post_norm=norm(), gate=normal(k, d, d ** -0.5) + row_feature, up=normal(k, d, d ** -0.5),
             down=normal(d, k, BRANCH_SCALE * 3 * k ** -0.5)))
     lm_head = embed if shape.tie_word_embeddings else normal(shape.vocab_size, d, d ** -0.5)
-    return LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
+    weights = LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
+    return weights, carried.astype(bool)
 
 
-def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, target: float) -> None:
-    """Shift every row of ``gate`` [k, d] (in place) against the mean direction of x [T, d]."""
+def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, present: np.ndarray) -> None:
+    """Shift every row of ``gate`` [k, d] (in place) against the mean direction of x [T, d].
+
+    ``present`` [T, k]: whether token t carries row i's feature. Row i is active on token t
+    iff gamma_i <= ratio_ti; gamma_i is put midway between the ratios of the tokens that
+    lack the feature and of those that carry it (between the two group medians' nearest
+    members: the largest ratio of the first group and the smallest of the second, when
+    the groups separate; else the mean of the group medians).
+    """
     u = x.mean(axis=0)
     u /= np.linalg.norm(u)
     proj = x @ u                                    # u . x_t, positive for every token
     if not (proj > 0).all():
         raise SparseInferError("synthetic maker: calibration inputs lack a common direction")
     ratio = (x @ gate.T - np.float32(threshold)) / proj[:, None]     # [T, k]
-    gamma = np.quantile(ratio, target, axis=0).astype(np.float32)
+    absent_max = np.where(present, -np.inf, ratio).max(axis=0)
+    present_min = np.where(present, ratio, np.inf).min(axis=0)
+    medians = 0.5 * (np.nanmedian(np.where(present, np.nan, ratio), axis=0)
+                     + np.nanmedian(np.where(present, ratio, np.nan), axis=0))
+    gamma = np.where(absent_max < present_min, 0.5 * (absent_max + present_min), medians).astype(np.float32)
     gate -= gamma[:, None] * u[None, :]
 
 
@@ -128,11 +187,12 @@ def make_weights(shape: ModelShape, target_sparsity: float = 0.9, seed: int = 0)
     if not 0.0 <= target_sparsity < 1.0:
         raise SparseInferError(f"--target-sparsity must be in [0, 1), got {target_sparsity}")
     act = Activation.parse(shape.hidden_act)
-    weights = _random_weights(shape, np.random.default_rng(seed))
+    weights, carried = _random_weights(shape, target_sparsity, np.random.default_rng(seed))
     if act.sparse_capable and target_sparsity > 0:
+        ids = calibration_ids()
+        present = carried[ids][:, row_features(shape.k)]             # [T, k]
         model = LlamaReference(weights)
-        model.prefill(calibration_ids(), mlp_hook=lambda i, x: _calibrate_gate(
-            weights.layers[i].gate, x, act.threshold, target_sparsity))
+        model.prefill(ids, mlp_hook=lambda i, x: _calibrate_gate(weights.layers[i].gate, x, act.threshold, present))
     return weights
 
 
