@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from sparseinfer.reference import order_contract as oc
 
 from helpers import WEIGHT_DTYPES, assert_bits_equal
-from shapes import TAIL_DS
+from sparseinfer.kernels.shapes import TAIL_DS
 
 F32 = np.float32
 

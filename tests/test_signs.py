@@ -11,7 +11,7 @@ from sparseinfer.reference import (SparseInferError, alpha_to_milli, negative_pr
                                    predict_zero_rows, words_per_row)
 from sparseinfer.reference.dtypes import BFLOAT16
 
-from shapes import TAIL_DS
+from sparseinfer.kernels.shapes import TAIL_DS
 
 FLOATS = st.floats(allow_nan=False, allow_infinity=True, width=32)
 SPECIALS = st.sampled_from([0.0, -0.0, 1e-45, -1e-45, np.inf, -np.inf, 1.0, -1.0])
