@@ -24,6 +24,11 @@ def dtype_name(dtype) -> str:
     return _NAMES.get(np.dtype(dtype), str(np.dtype(dtype)))
 
 
+def itemsize(name: str) -> int:
+    """Bytes per element of a short dtype name (fp32 4, fp16 2, bf16 2, int8 1)."""
+    return parse_dtype(name).itemsize
+
+
 def parse_dtype(name: str) -> np.dtype:
     """Inverse of :func:`dtype_name` (also accepts numpy names such as 'float16')."""
     for dt, short in _NAMES.items():

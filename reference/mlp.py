@@ -19,12 +19,12 @@ import numpy as np
 
 from . import order_contract as oc
 from .activations import Activation
-from .dtypes import WEIGHT_DTYPES, check_dtype, check_no_nan, dtype_name
+from .dtypes import WEIGHT_DTYPES, check_dtype, check_no_nan, dtype_name, itemsize
 from .errors import SparseInferError
-from .signs import alpha_to_milli, negative_product_counts, pack_signs, words_per_row, zero_rows_from_counts
+from .signs import (BYTES_PER_WORD, alpha_to_milli, negative_product_counts, pack_signs, words_per_row,
+                    zero_rows_from_counts)
 
 MODES = ("predicted", "predicted+actual", "oracle")
-SIGN_WORD_BYTES = 4
 
 
 @dataclass
@@ -61,9 +61,9 @@ class MLPTrace:
 
     @property
     def weight_bytes_read(self) -> dict:
-        itemsize = {"fp32": 4, "fp16": 2, "bf16": 2}[self.weight_dtype]
-        b = {step: n * self.d * itemsize for step, n in self.rows.items()}
-        b["predictor"] = self.predictor_xor_words * SIGN_WORD_BYTES
+        size = itemsize(self.weight_dtype)
+        b = {step: n * self.d * size for step, n in self.rows.items()}
+        b["predictor"] = self.predictor_xor_words * BYTES_PER_WORD
         b["total"] = sum(b.values())
         return b
 

@@ -20,6 +20,7 @@ from .dtypes import SIGN_PACK_DTYPES, check_dtype, check_no_nan
 from .errors import SparseInferError
 
 BITS_PER_WORD = 32
+BYTES_PER_WORD = 4   # one uint32 sign word
 
 
 def words_per_row(d: int) -> int:

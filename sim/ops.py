@@ -9,14 +9,14 @@ from __future__ import annotations
 from fractions import Fraction
 
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.reference.signs import words_per_row
+from sparseinfer.reference.signs import BYTES_PER_WORD, words_per_row
 
 from . import paper
 from .models import ModelShape
 
 MIB = 1 << 20
 FP16_BYTES = 2
-SIGN_WORD_BYTES = 4
+SIGN_WORD_BYTES = BYTES_PER_WORD
 METHODS = ("llama.cpp", "PowerInfer", "SparseInfer")
 
 

@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.errors import SparseInferError
 
 
@@ -77,15 +78,11 @@ def layer_stats(layer: int, traces) -> LayerStats:
         act += t.actual_sparsity
         union += t.union_sparsity
         read = t.weight_bytes_read
-        dense = 3 * t.d * t.k * _itemsize(t)
+        dense = 3 * t.d * t.k * itemsize(t.weight_dtype)
         skipped += 1.0 - (read["gate"] + read["up"] + read["down"]) / dense
         predictor += read["predictor"] / dense
     n = len(traces)
     return LayerStats(layer, n, total.precision, total.recall, pred / n, act / n, union / n, skipped / n, predictor / n)
-
-
-def _itemsize(trace) -> int:
-    return {"fp32": 4, "fp16": 2, "bf16": 2}[trace.weight_dtype]
 
 
 def per_layer_stats(traces_by_token) -> list[LayerStats]:

@@ -7,17 +7,14 @@ counted once per kernel).
 """
 from __future__ import annotations
 
+from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK
-from sparseinfer.reference.signs import words_per_row
+from sparseinfer.reference.signs import BYTES_PER_WORD, words_per_row
 
 F32 = 4
-WORD = 4
+WORD = BYTES_PER_WORD
 INDEX = 4
 MASK = 1
-
-
-def _itemsize(dtype_name: str) -> int:
-    return {"fp32": 4, "fp16": 2, "bf16": 2}[dtype_name]
 
 
 def pack_x_bytes(d: int) -> int:
@@ -33,7 +30,7 @@ def predict_bytes(version: str, d: int, k: int) -> int:
 
 def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows_up: int) -> int:
     """Weights of the rows read, x, h1 and h3 written; plus what each version reads to decide."""
-    weights = (rows_gate + rows_up) * d * _itemsize(dtype)
+    weights = (rows_gate + rows_up) * d * itemsize(dtype)
     common = weights + d * F32 + 2 * k * F32
     if version == "v1_mask":
         return common + k * MASK
@@ -43,14 +40,14 @@ def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows
         w = words_per_row(d)
         return common + k * w * WORD + w * WORD + k * (F32 + MASK)
     if version == "dense":
-        return 2 * k * d * _itemsize(dtype) + d * F32 + 2 * k * F32
+        return 2 * k * d * itemsize(dtype) + d * F32 + 2 * k * F32
     raise ValueError(f"unknown gate_up version {version!r}")
 
 
 def down_bytes(version: str, d: int, k: int, dtype: str, rows_down: int) -> int:
     """Rows of W_down^T read, h3, and the partial sums (v1) or the output (v2)."""
     rows = k if version == "dense" else rows_down
-    weights = rows * d * _itemsize(dtype)
+    weights = rows * d * itemsize(dtype)
     if version in ("v1_chunks", "dense"):
         n_chunks = -(-k // DOWN_ROW_CHUNK)
         return weights + k * F32 + 2 * n_chunks * d * F32 + d * F32
@@ -72,4 +69,4 @@ def mlp_bytes(gate_up: str, down: str, d: int, k: int, dtype: str, rows: dict) -
 
 def dense_mlp_bytes(d: int, k: int, dtype: str) -> int:
     """The three dense GEMVs' weights (cuBLAS baseline)."""
-    return 3 * k * d * _itemsize(dtype)
+    return 3 * k * d * itemsize(dtype)
