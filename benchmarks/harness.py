@@ -10,11 +10,13 @@ GEMVs (CuPy matmul) for the same step, timed in the same run.
 from __future__ import annotations
 
 import datetime
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
-from sparseinfer.kernels import DOWN, GATE_UP, PIPELINES, PREDICT, SparseMLP, ops
-from sparseinfer.kernels.device import cupy
+from sparseinfer.kernels import DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, ops
+from sparseinfer.kernels.device import DeviceMatrix, cupy
 from sparseinfer.kernels.expected import expected_h1_h3, same_bits, within_down_bound
 from sparseinfer.kernels.shapes import BENCH_DTYPE, BENCH_SHAPES, BENCH_SPARSITIES, make_layer
 from sparseinfer.reference import Activation, mlp_dense, mlp_sparse
@@ -60,65 +62,117 @@ def _row(kernel, version, shape, sparsity, verified, timing, n_bytes, peak, dens
             "dense_baseline_us": round(dense_us, 3), "speedup_vs_dense": round(dense_us / timing.median_us, 3)}
 
 
+# What each benchmark row times, by kernel family; tests and ``bench_case`` iterate over it.
+TARGET_FAMILIES = {"mlp": PIPELINES, "pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN}
+
+
+def bench_targets():
+    """(kernel, version) of every benchmark row, from the registry."""
+    return [(kernel, version) for kernel, family in TARGET_FAMILIES.items() for version in family]
+
+
+@dataclass
+class Measurement:
+    """One benchmark row before timing: what to launch, whether it was verified, bytes, baseline."""
+    kernel: str
+    version: str
+    fn: Callable           # launches the kernel(s) once, asynchronously
+    verified: bool
+    n_bytes: int
+    baseline: str          # key of BenchCase.dense_us
+
+
+class BenchCase:
+    """One (shape, sparsity): the layer, the reference results, the device copies and the
+    cuBLAS dense timings, built once and shared by every row (``sparseinfer bench`` and
+    the pytest-benchmark cases)."""
+
+    def __init__(self, shape, sparsity: float, timer: Timer, seed: int = 0, log=print):
+        cp = cupy()
+        self.shape, self.sparsity, self.timer = shape, sparsity, timer
+        self.act = Activation.parse(BUILTIN_MODELS[shape.model].hidden_act)
+        layer = self.layer = make_layer(shape.d, shape.k, parse_dtype(BENCH_DTYPE), sparsity, seed)
+        self.want, self.trace = mlp_sparse(layer.x, layer.w_gate, layer.w_up, layer.w_down, self.act, ALPHA)
+        self.want_dense = mlp_dense(layer.x, layer.w_gate, layer.w_up, layer.w_down, self.act)
+        self.h3_want = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, self.act, self.trace.predicted_zero)[1]
+        self.w_down_t = np.ascontiguousarray(layer.w_down.T)
+        self.alpha_milli = alpha_to_milli(ALPHA)
+        log(f"{shape.model} sparsity {sparsity}: predicted {self.trace.predicted_sparsity:.4f}, rows {self.trace.rows}")
+        self.mlps = {}
+        self.mlp = self._mlp(DEFAULT_PIPELINE)
+        self.x = self.mlp.to_device_x(layer.x)
+        self.x_signs = ops.pack_x_signs(self.x)
+        self.h3_dev = cp.asarray(self.h3_want)
+        dense = DenseBaseline(layer, self.act)
+        self.dense_us = {"mlp": timer(dense.mlp).median_us, "gate_up": timer(dense.gate_up).median_us,
+                         "down": timer(dense.down).median_us}
+        log(f"  cuBLAS dense fp16: {self.dense_us}")
+
+    def _mlp(self, pipeline: str) -> SparseMLP:
+        if pipeline not in self.mlps:
+            layer = self.layer
+            self.mlps[pipeline] = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, self.act, pipeline=pipeline)
+        return self.mlps[pipeline]
+
+    def _verify_down(self, got, deterministic: bool, want) -> bool:
+        if deterministic:
+            return same_bits(got, want)
+        return bool(within_down_bound(got, self.h3_want, self.w_down_t).all())
+
+    def measurement(self, kernel: str, version: str) -> Measurement:
+        """Run ``version`` of ``kernel`` once, verify it against the reference at this shape."""
+        shape, rows, am = self.shape, self.trace.rows, self.alpha_milli
+        all_rows = {"gate": shape.k, "up": shape.k, "down": shape.k}
+        x, x_signs = self.x, self.x_signs
+        if kernel == "mlp":
+            pipe, mlp = PIPELINES[version], self._mlp(version)
+            got = mlp.steps(x, am)[3].get()
+            verified = (same_bits(got, self.want_dense) if not pipe.sparse
+                        else self._verify_down(got, pipe.deterministic, self.want))
+            n_bytes = traffic.mlp_bytes(pipe.gate_up, pipe.down, shape.d, shape.k, BENCH_DTYPE,
+                                        rows if pipe.sparse else all_rows)
+            return Measurement(kernel, version, lambda: mlp.steps(x, am), verified, n_bytes, "mlp")
+        if kernel == "pack_signs":        # the per-token packing of x, as a 1-row matrix
+            run, x_row = PACK_SIGNS[version].run, DeviceMatrix(x, np.dtype(np.float32), 1, shape.d, shape.d)
+            verified = np.array_equal(run(x_row).get()[0], pack_signs(self.layer.x))
+            return Measurement(kernel, version, lambda: run(x_row), verified, traffic.pack_x_bytes(shape.d), "mlp")
+        if kernel == "predict":
+            run, w_signs = PREDICT[version].run, self.mlp.w_signs
+            zero = run(w_signs, x_signs, shape.d, am)[1]
+            verified = np.array_equal(zero.get().astype(bool), self.trace.predicted_zero)
+            return Measurement(kernel, version, lambda: run(w_signs, x_signs, shape.d, am), verified,
+                               traffic.predict_bytes(version, shape.d, shape.k), "mlp")
+        if kernel == "gate_up":
+            run, mlp = GATE_UP[version].run, self.mlp
+            h3 = run(mlp, x, x_signs, am)[1].get()
+            dense_rows = version == "dense"
+            layer = self.layer
+            want_h3 = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, self.act)[1] if dense_rows else self.h3_want
+            n = all_rows if dense_rows else rows
+            return Measurement(kernel, version, lambda: run(mlp, x, x_signs, am), same_bits(h3, want_h3),
+                               traffic.gate_up_bytes(version, shape.d, shape.k, BENCH_DTYPE, n["gate"], n["up"]),
+                               "gate_up")
+        if kernel == "down":
+            v, h3, wt = DOWN[version], self.h3_dev, self.mlp.w_down_t
+            verified = self._verify_down(v.run(h3, wt).get(), v.deterministic, self.want)
+            return Measurement(kernel, version, lambda: v.run(h3, wt), verified,
+                               traffic.down_bytes(version, shape.d, shape.k, BENCH_DTYPE, rows["down"]), "down")
+        raise ValueError(f"unknown benchmark kernel {kernel!r}; expected one of {', '.join(TARGET_FAMILIES)}")
+
+    def row(self, m: Measurement, timing, peak: float) -> dict:
+        return _row(m.kernel, m.version, self.shape, self.sparsity, m.verified, timing, m.n_bytes, peak,
+                    self.dense_us[m.baseline])
+
+
 def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0, log=print) -> list[dict]:
-    cp = cupy()
-    model = BUILTIN_MODELS[shape.model]
-    act = Activation.parse(model.hidden_act)
-    layer = make_layer(shape.d, shape.k, parse_dtype(BENCH_DTYPE), sparsity, seed)
-    want, trace = mlp_sparse(layer.x, layer.w_gate, layer.w_up, layer.w_down, act, ALPHA)
-    want_dense = mlp_dense(layer.x, layer.w_gate, layer.w_up, layer.w_down, act)
-    _, h3_want = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, act, trace.predicted_zero)
-    w_down_t = np.ascontiguousarray(layer.w_down.T)
-    rows, all_rows = trace.rows, {"gate": shape.k, "up": shape.k, "down": shape.k}
-    alpha_milli = alpha_to_milli(ALPHA)
-    log(f"{shape.model} sparsity {sparsity}: predicted {trace.predicted_sparsity:.4f}, rows {rows}")
-
-    dense = DenseBaseline(layer, act)
-    dense_us = {"mlp": timer(dense.mlp).median_us, "gate_up": timer(dense.gate_up).median_us,
-                "down": timer(dense.down).median_us}
-    log(f"  cuBLAS dense fp16: {dense_us}")
+    case = BenchCase(shape, sparsity, timer, seed, log)
     out = []
-
-    def add(kernel, version, verified, fn, n_bytes, baseline):
-        t = timer(fn)
-        out.append(_row(kernel, version, shape, sparsity, verified, t, n_bytes, peak, dense_us[baseline]))
-        log(f"  {kernel} {version}: {t.median_us:.2f} us, {n_bytes / t.median_us / 1e3:.0f} GB/s, verified {verified}")
-
-    for name, pipe in PIPELINES.items():
-        mlp = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, act, pipeline=name)
-        x = mlp.to_device_x(layer.x)
-        got = mlp.steps(x, alpha_milli)[3].get()
-        if not pipe.sparse:
-            verified = same_bits(got, want_dense)
-        elif pipe.deterministic:
-            verified = same_bits(got, want)
-        else:
-            verified = bool(within_down_bound(got, h3_want, w_down_t).all())
-        add("mlp", name, verified, lambda: mlp.steps(x, alpha_milli),
-            traffic.mlp_bytes(pipe.gate_up, pipe.down, shape.d, shape.k, BENCH_DTYPE, rows if pipe.sparse else all_rows),
-            "mlp")
-
-    x_signs = ops.pack_x_signs(x)
-    add("pack_signs", "v1", np.array_equal(x_signs.get(), pack_signs(layer.x)), lambda: ops.pack_x_signs(x),
-        traffic.pack_x_bytes(shape.d), "mlp")
-    for name, v in PREDICT.items():
-        zero = v.run(mlp.w_signs, x_signs, shape.d, alpha_milli)[1]
-        add("predict", name, np.array_equal(zero.get().astype(bool), trace.predicted_zero),
-            lambda: v.run(mlp.w_signs, x_signs, shape.d, alpha_milli), traffic.predict_bytes(name, shape.d, shape.k),
-            "mlp")
-    for name, v in GATE_UP.items():
-        h3 = v.run(mlp, x, x_signs, alpha_milli)[1].get()
-        dense_rows = name == "dense"
-        want_h3 = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, act)[1] if dense_rows else h3_want
-        n = all_rows if dense_rows else rows
-        add("gate_up", name, same_bits(h3, want_h3), lambda: v.run(mlp, x, x_signs, alpha_milli),
-            traffic.gate_up_bytes(name, shape.d, shape.k, BENCH_DTYPE, n["gate"], n["up"]), "gate_up")
-    h3_dev = cp.asarray(h3_want)
-    for name, v in DOWN.items():
-        got = v.run(h3_dev, mlp.w_down_t).get()
-        verified = same_bits(got, want) if v.deterministic else bool(within_down_bound(got, h3_want, w_down_t).all())
-        add("down", name, verified, lambda: v.run(h3_dev, mlp.w_down_t),
-            traffic.down_bytes(name, shape.d, shape.k, BENCH_DTYPE, rows["down"]), "down")
+    for kernel, version in bench_targets():
+        m = case.measurement(kernel, version)
+        t = timer(m.fn)
+        out.append(case.row(m, t, peak))
+        log(f"  {kernel} {version}: {t.median_us:.2f} us, {m.n_bytes / t.median_us / 1e3:.0f} GB/s, "
+            f"verified {m.verified}")
     return out
 
 

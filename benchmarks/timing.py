@@ -29,6 +29,10 @@ class Timer:
         self.warmup, self.repeats = warmup, repeats
         self.flush_buffer = cp.empty(L2_FLUSH_BYTES // 4, dtype=cp.int32)
 
+    def flush(self) -> None:
+        """Evict the L2 cache (write a buffer larger than it); asynchronous."""
+        self.flush_buffer.fill(0)
+
     def __call__(self, fn) -> Timing:
         cp = self.cp
         for _ in range(self.warmup):
@@ -36,7 +40,7 @@ class Timer:
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         samples = []
         for _ in range(self.repeats):
-            self.flush_buffer.fill(0)
+            self.flush()
             start.record()
             fn()
             stop.record()

@@ -35,7 +35,15 @@ def check_vector(name: str, v, n: int | None = None, dtype=np.float32) -> int:
         raise SparseInferError(f"{name} has shape {tuple(v.shape)}; expected {want}")
     if v.shape[0] < 1:
         raise SparseInferError(f"{name} is empty")
+    _check_contiguous(name, v)
     return v.shape[0]
+
+
+def _check_contiguous(name: str, v) -> None:
+    """The kernels index raw pointers densely: a strided view would be read wrongly."""
+    if not v.flags.c_contiguous:
+        raise SparseInferError(f"{name} is a strided view (strides {tuple(v.strides)}); pass a contiguous array "
+                               "(cupy.ascontiguousarray)")
 
 
 def check_matrix(name: str, m, cols: int | None = None, allowed=WEIGHT_DTYPES) -> None:
@@ -105,6 +113,7 @@ def _check_signs(w_signs, x_signs, d: int) -> int:
     if getattr(w_signs, "dtype", None) != np.uint32 or w_signs.ndim != 2 or w_signs.shape[1] != n_words:
         raise SparseInferError(f"w_signs has shape {tuple(getattr(w_signs, 'shape', ()))} and dtype "
                                f"{getattr(w_signs, 'dtype', None)}; expected uint32 [k, {n_words}] for d = {d}")
+    _check_contiguous("w_signs", w_signs)
     return w_signs.shape[0]
 
 

@@ -40,7 +40,7 @@ class SparseMLP:
     def to_device_x(self, x, check: bool = True):
         """x as a float32 CuPy vector [d]; with ``check``, NaN is an error (one device sync)."""
         cp = cupy()
-        x = cp.asarray(x)
+        x = cp.ascontiguousarray(cp.asarray(x))
         ops.check_vector("x", x, self.d)
         if check and bool(cp.isnan(x).any()):
             first = int(cp.argmax(cp.isnan(x)))

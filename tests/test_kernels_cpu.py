@@ -78,6 +78,11 @@ def test_wrappers_check_arguments_before_touching_the_gpu():
         ops.down_chunks(x, wg)
     with pytest.raises(SparseInferError, match="must be a DeviceMatrix"):
         ops.down_atomic(np.zeros(40, np.float32), np.zeros((40, 33), np.float16))
+    # strided views pass the shape checks but the kernels index densely
+    with pytest.raises(SparseInferError, match=r"x is a strided view \(strides \(8,\)\)"):
+        ops.gate_up_mask(np.zeros(66, np.float32)[::2], wg, wu, "relu")
+    with pytest.raises(SparseInferError, match="w_signs is a strided view"):
+        ops.predict(np.zeros((80, 2), np.uint32)[::2], np.zeros(2, np.uint32), 33, 1030)
 
 
 @pytest.mark.parametrize("mutate,match", [

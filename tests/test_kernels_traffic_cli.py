@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -52,7 +54,30 @@ def test_bench_without_gpu_is_a_one_line_error(monkeypatch):
         raise device.GpuUnavailable("no CUDA device (test)")
     monkeypatch.setattr(device, "cupy", no_gpu)
     res = CliRunner().invoke(cli, ["bench"])
-    assert res.exit_code == 2 and "error: no CUDA device (test)" in res.output
+    assert res.exit_code == 2, res.output
+    assert res.output.strip().splitlines() == ["error: sparseinfer bench needs a CUDA GPU: no CUDA device (test)"]
+
+
+def test_bench_on_this_machine_without_gpu_prints_one_line_and_exits_2():
+    from sparseinfer.kernels import gpu_unavailable_reason
+
+    reason = gpu_unavailable_reason()
+    if reason is None:
+        pytest.skip("this machine has a GPU: sparseinfer bench would run")
+    proc = subprocess.run([sys.executable, "-m", "sparseinfer.tools.cli", "bench"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = (proc.stdout + proc.stderr).strip().splitlines()
+    assert lines == [f"error: sparseinfer bench needs a CUDA GPU: {reason}"]
+
+
+@pytest.mark.parametrize(("command", "words"), [("bench", ("GPU", "cuBLAS", "verified", "--sparsity", "--results-dir")),
+                                                ("kernels", ("bit-exact", "--compile", "NVRTC", "sm_87"))])
+def test_kernel_commands_explain_themselves(command, words):
+    res = CliRunner().invoke(cli, [command, "--help"])
+    assert res.exit_code == 0, res.output
+    for word in words:
+        assert word in res.output, f"{command} --help does not mention {word}"
 
 
 def test_bench_rejects_bad_sparsity():

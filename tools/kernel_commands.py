@@ -36,15 +36,21 @@ def _parse_sparsities(text: str) -> tuple:
 def bench(models, sparsity, repeats, json_path, results_dir):
     """Time every kernel version and MLP pipeline on the GPU (needs CuPy and a CUDA device).
 
-    ProSparse-7B/13B shapes, fp16 weights; each row: verified against the reference,
+    ProSparse-7B/13B shapes, fp16 weights, inputs built so that exactly the given
+    fraction of gate rows is predicted zero. Each row: verified against the reference,
     median µs and spread (CUDA events, L2 flushed), bytes touched, GB/s, % of peak
     bandwidth, and speedup over cuBLAS dense fp16 GEMVs measured in the same run.
+    Prints a table (progress on stderr); `sparseinfer kernels` lists the versions.
+    Without a GPU: one line `error: ...`, exit 2.
     """
     from sparseinfer.benchmarks.harness import run
-    from sparseinfer.kernels.device import cupy
+    from sparseinfer.kernels import device
 
     sparsities = _parse_sparsities(sparsity)
-    cupy()   # GpuUnavailable -> one-line error, exit 2
+    try:
+        device.cupy()
+    except device.GpuUnavailable as e:     # one line, exit 2
+        raise device.GpuUnavailable(f"sparseinfer bench needs a CUDA GPU: {e}") from None
     shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
     result = run(shapes, sparsities, repeats=repeats, log=lambda m: click.echo(m, err=True))
     text = json.dumps(result, indent=2)
@@ -68,7 +74,13 @@ def bench(models, sparsity, repeats, json_path, results_dir):
               help="Also compile every source with NVRTC + ptxas (no GPU needed) and report registers and spills.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def kernels(do_compile, as_json):
-    """List the kernel versions and MLP pipelines (with --compile: registers and spills per arch)."""
+    """List the kernel versions and MLP pipelines (with --compile: registers and spills per arch).
+
+    Every version has a one-line description; "bit-exact" ones match the reference's
+    order contract bit for bit, "bound" ones are checked against its rigorous error
+    bound. --compile needs no GPU: NVRTC and ptxas from the pip packages
+    nvidia-cuda-nvrtc-cu12 / nvidia-cuda-nvcc-cu12 (sm_80, sm_87, sm_90).
+    """
     data = {"versions": [{"family": v.family, "name": v.name, "deterministic": v.deterministic,
                           "description": v.description} for fam in FAMILIES.values() for v in fam.values()],
             "pipelines": [{"name": p.name, "gate_up": p.gate_up, "down": p.down, "description": p.description}
