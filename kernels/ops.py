@@ -11,7 +11,7 @@ import numpy as np
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, WEIGHT_DTYPES, dtype_name
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK, WARP_SIZE
+from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK, DOWN_SUB_CHUNKS, WARP_SIZE
 from sparseinfer.reference.signs import words_per_row
 
 from .device import DeviceMatrix, cupy, kernel
@@ -212,14 +212,14 @@ def _down_grid_x(d: int, dtype) -> int:
 
 
 def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
-    """out [d] in the contract's order: per-chunk partial sums, then chunks ascending."""
+    """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending."""
     k, d = _check_down(h3, w_down_t)
     cp = cupy()
     n_chunks = -(-k // DOWN_ROW_CHUNK)
     partial = cp.empty((n_chunks, d), dtype=cp.float32)
     out = cp.empty(d, dtype=cp.float32)
     kernel(f"down_chunks_{w_down_t.dtype_name}")(
-        (_down_grid_x(d, w_down_t.dtype), n_chunks), (DOWN_THREADS,),
+        (_down_grid_x(d, w_down_t.dtype), n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(bool(dense)), partial))
     kernel("down_reduce_chunks")((-(-d // THREADS),), (THREADS,), (partial, np.int32(n_chunks), np.int32(d), out))
     return out

@@ -14,7 +14,7 @@ from sparseinfer.reference import order_contract as oc
 SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu")
 WEIGHT_SUFFIXES = ("fp32", "fp16", "bf16")
 SIGN_SUFFIXES = WEIGHT_SUFFIXES + ("int8",)
-DOWN_THREADS = 128    # threads per block of the down projection (launch bound and grid)
+DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_SUB_CHUNKS per block in v1)
 
 # Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's
 # default is --ftz=false; no --use_fast_math). The contract's constants come in as defines.
@@ -26,6 +26,7 @@ COMPILE_OPTIONS = (
     f"-DWARP_SIZE={oc.WARP_SIZE}",
     f"-DVECTOR_BYTES={oc.VECTOR_BYTES}",
     f"-DDOWN_ROW_CHUNK={oc.DOWN_ROW_CHUNK}",
+    f"-DDOWN_SUB_CHUNKS={oc.DOWN_SUB_CHUNKS}",
     f"-DDOWN_THREADS={DOWN_THREADS}",
 )
 

@@ -30,13 +30,17 @@ Activation and product (steps 1 and 3)
 Down projection (step 4, on W_down^T, shape [k, d])
 ---------------------------------------------------
 * ``out[j] = sum_i h3[i] * Wt[i, j]``. Rows are cut into chunks of ``DOWN_ROW_CHUNK``
-  consecutive rows. Within chunk ``c``, ``partial[c, j]`` starts at +0.0 and adds
-  ``fl(h3[i] * Wt[i, j])`` over the chunk's rows ``i`` in ascending order, skipping rows
+  consecutive rows, and each chunk into ``DOWN_SUB_CHUNKS`` sub-chunks of
+  ``DOWN_ROW_CHUNK // DOWN_SUB_CHUNKS`` rows (one thread group of a kernel block each,
+  so that a block keeps several independent load streams in flight).
+* Within sub-chunk ``s`` of chunk ``c``, ``q[c, s, j]`` starts at +0.0 and adds
+  ``fl(h3[i] * Wt[i, j])`` over the sub-chunk's rows ``i`` in ascending order, skipping rows
   whose ``h3[i]`` is exactly zero (for finite weights a skipped row would add ±0.0, a
   no-op, so skipping is bit-identical to adding; this is why a sparse kernel equals the
   dense one on the true zero set).
-* Then ``out[j] = (((+0.0 + partial[0, j]) + partial[1, j]) + ...)`` over chunks in
-  ascending order.
+* ``partial[c, j] = (((+0.0 + q[c, 0, j]) + q[c, 1, j]) + ...)`` over sub-chunks in
+  ascending order, then ``out[j] = (((+0.0 + partial[0, j]) + partial[1, j]) + ...)`` over
+  chunks in ascending order.
 
 Order-free variants (the paper's atomicAdd down projection) are checked against
 :func:`rigorous_error_bound` instead of bit for bit.
@@ -48,7 +52,8 @@ import numpy as np
 WARP_SIZE = 32
 BUTTERFLY_OFFSETS = (16, 8, 4, 2, 1)
 VECTOR_BYTES = 16          # one 128-bit load of weights per lane per iteration
-DOWN_ROW_CHUNK = 512       # rows of W_down^T reduced into one partial sum
+DOWN_ROW_CHUNK = 512       # rows of W_down^T reduced into one partial sum (one kernel block)
+DOWN_SUB_CHUNKS = 4        # sub-chunks of a chunk summed separately, then added in order
 UNIT_ROUNDOFF_FP32 = 2.0 ** -24
 UNIT_ROUNDOFF_FP64 = 2.0 ** -53
 
@@ -99,25 +104,41 @@ def butterfly_reduce(acc: np.ndarray) -> np.ndarray:
     return acc[:, 0].copy()
 
 
-def down_projection(h3: np.ndarray, w_down_t: np.ndarray, row_chunk: int = DOWN_ROW_CHUNK) -> np.ndarray:
+def down_projection(h3: np.ndarray, w_down_t: np.ndarray, row_chunk: int = DOWN_ROW_CHUNK,
+                    sub_chunks: int = DOWN_SUB_CHUNKS) -> np.ndarray:
     """``out = h3 @ Wt`` in the contract's order. h3 [k] fp32, w_down_t [k, d] -> [d] fp32."""
+    if row_chunk % sub_chunks:
+        raise ValueError(f"row_chunk {row_chunk} is not a multiple of sub_chunks {sub_chunks}")
     k, d = w_down_t.shape
-    h3 = np.asarray(h3, dtype=_F32)
     n_chunks = -(-k // row_chunk)
+    q = _sequential_partials(np.asarray(h3, dtype=_F32), w_down_t, row_chunk // sub_chunks,
+                             n_chunks * sub_chunks)
+    partial = _sum_in_order(q.reshape(n_chunks, sub_chunks, d).transpose(1, 0, 2))
+    return _sum_in_order(partial)
+
+
+def _sequential_partials(h3, w_down_t, rows_per_part: int, n_parts: int) -> np.ndarray:
+    """[n_parts, d]: per part of ``rows_per_part`` rows, the ascending sum over its h3 != 0 rows."""
+    d = w_down_t.shape[1]
     rows = np.flatnonzero(h3)
-    partial = np.zeros((n_chunks, d), dtype=_F32)
+    partial = np.zeros((n_parts, d), dtype=_F32)
     if rows.size:
-        chunk = rows // row_chunk
-        starts = np.searchsorted(chunk, np.arange(n_chunks))
-        rank = np.arange(rows.size) - starts[chunk]   # position among the chunk's nonzero rows
+        part = rows // rows_per_part
+        starts = np.searchsorted(part, np.arange(n_parts))
+        rank = np.arange(rows.size) - starts[part]   # position among the part's nonzero rows
         for r in range(int(rank.max()) + 1):
             sel = rank == r
-            rr, cc = rows[sel], chunk[sel]
-            # each chunk appears at most once per r, so the fancy-indexed add is safe
-            partial[cc] += h3[rr, None] * w_down_t[rr].astype(_F32)
-    out = np.zeros(d, dtype=_F32)
-    for c in range(n_chunks):
-        out += partial[c]
+            rr, pp = rows[sel], part[sel]
+            # each part appears at most once per r, so the fancy-indexed add is safe
+            partial[pp] += h3[rr, None] * w_down_t[rr].astype(_F32)
+    return partial
+
+
+def _sum_in_order(terms: np.ndarray) -> np.ndarray:
+    """(((+0.0 + terms[0]) + terms[1]) + ...) along the first axis, float32."""
+    out = np.zeros(terms.shape[1:], dtype=_F32)
+    for t in terms:
+        out += t
     return out
 
 

@@ -31,16 +31,20 @@ def scalar_warp_dot(w_row, x):
     return lanes[0]
 
 
-def scalar_down(h3, w_t, chunk):
+def scalar_down(h3, w_t, chunk, sub_chunks):
     k, d = w_t.shape
+    sub = chunk // sub_chunks
     out = np.zeros(d, F32)
     for j in range(d):
         total = F32(0.0)
         for c0 in range(0, k, chunk):
             partial = F32(0.0)
-            for i in range(c0, min(c0 + chunk, k)):
-                if h3[i] != 0:
-                    partial = F32(partial + F32(h3[i] * F32(w_t[i, j])))
+            for s0 in range(c0, c0 + chunk, sub):
+                q = F32(0.0)
+                for i in range(s0, min(s0 + sub, k)):
+                    if h3[i] != 0:
+                        q = F32(q + F32(h3[i] * F32(w_t[i, j])))
+                partial = F32(partial + q)
             total = F32(total + partial)
         out[j] = total
     return out
@@ -76,15 +80,15 @@ def test_order_is_not_plain_sequential():
     assert differs > 0
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 64, oc.DOWN_ROW_CHUNK])
-@given(k=st.integers(1, 300), d=st.integers(1, 40), density=st.floats(0.0, 1.0),
+@pytest.mark.parametrize("chunk,sub_chunks", [(1, 1), (7, 1), (64, 4), (12, 3), (oc.DOWN_ROW_CHUNK, oc.DOWN_SUB_CHUNKS)])
+@given(k=st.integers(1, 1100), d=st.integers(1, 12), density=st.floats(0.0, 1.0),
        seed=st.integers(0, 2**32 - 1))
-def test_down_projection_equals_scalar_transcription(chunk, k, d, density, seed):
+def test_down_projection_equals_scalar_transcription(chunk, sub_chunks, k, d, density, seed):
     rng = np.random.default_rng(seed)
     h3 = np.where(rng.random(k) < density, _widely_scaled(rng, k), F32(0)).astype(F32)
     w_t = _widely_scaled(rng, (k, d)).astype(np.float16)
-    assert_bits_equal(oc.down_projection(h3, w_t, chunk), scalar_down(h3, w_t, chunk), "down_projection",
-                      f"k={k} d={d} chunk={chunk} seed={seed}")
+    assert_bits_equal(oc.down_projection(h3, w_t, chunk, sub_chunks), scalar_down(h3, w_t, chunk, sub_chunks),
+                      "down_projection", f"k={k} d={d} chunk={chunk}/{sub_chunks} seed={seed}")
 
 
 def test_skipping_zero_rows_is_bit_identical_to_adding_them():
@@ -96,12 +100,15 @@ def test_skipping_zero_rows_is_bit_identical_to_adding_them():
     h3[::7] = -0.0
     w_t = _widely_scaled(rng, (k, d))
     # dense transcription that adds every row, zero or not
-    chunk = oc.DOWN_ROW_CHUNK
+    chunk, sub = oc.DOWN_ROW_CHUNK, oc.DOWN_ROW_CHUNK // oc.DOWN_SUB_CHUNKS
     out = np.zeros(d, F32)
     for c0 in range(0, k, chunk):
         partial = np.zeros(d, F32)
-        for i in range(c0, min(c0 + chunk, k)):
-            partial = partial + h3[i] * w_t[i]
+        for s0 in range(c0, c0 + chunk, sub):
+            q = np.zeros(d, F32)
+            for i in range(s0, min(s0 + sub, k)):
+                q = q + h3[i] * w_t[i]
+            partial = partial + q
         out = out + partial
     assert (h3 == 0).sum() > 0 and (h3 != 0).sum() > 0
     assert_bits_equal(oc.down_projection(h3, w_t), out, "down_projection vs dense")
@@ -142,6 +149,7 @@ def test_down_projection_error_bound_is_tight_enough_to_catch_a_dropped_row():
 def test_contract_constants():
     """Changing these changes the contract the kernels are checked against: do it deliberately."""
     assert oc.WARP_SIZE == 32 and oc.BUTTERFLY_OFFSETS == (16, 8, 4, 2, 1)
+    assert oc.DOWN_ROW_CHUNK % (oc.DOWN_SUB_CHUNKS * oc.WARP_SIZE) == 0  # kernels list rows by 32-row ballots
 
 
 def test_vector_width_is_16_bytes():

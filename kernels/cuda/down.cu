@@ -28,17 +28,22 @@ __device__ __forceinline__ void down_add_row(const T* __restrict__ wt, i64 ld, i
 }
 
 // v1 (deterministic, the contract's order). Block (column tile, chunk c of DOWN_ROW_CHUNK
-// rows): the block first lists the chunk's rows with h3 != 0 in ascending order (ballots
-// and a per-group prefix in shared memory; dense = every row), then each thread adds them
-// in that order from +0.0 and writes partial[c, j]. down_reduce_chunks adds the chunks.
+// rows), DOWN_SUB_CHUNKS groups of DOWN_THREADS threads. The block first lists the chunk's
+// rows with h3 != 0 in ascending order (ballots and a per-32-row-group prefix in shared
+// memory; dense = every row). Group s then adds the rows of sub-chunk s in that order from
+// +0.0 (q[s]), for the same columns as every other group: several independent load streams
+// per column tile. Group 0 finally adds q[1], q[2], ... in order and writes partial[c, j];
+// down_reduce_chunks adds the chunks.
 template <typename T>
 __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, const T* __restrict__ wt, i64 ld,
                                                  int k, int d, int dense, float* __restrict__ partial) {
     const int V = Elem<T>::V;
-    const int GROUPS = DOWN_ROW_CHUNK / WARP_SIZE;
+    const int GROUPS = DOWN_ROW_CHUNK / WARP_SIZE;                  // 32-row ballot groups per chunk
+    const int GROUPS_PER_SUB = GROUPS / DOWN_SUB_CHUNKS;
     __shared__ int rows_s[DOWN_ROW_CHUNK];
     __shared__ float h_s[DOWN_ROW_CHUNK];
     __shared__ int group_count[GROUPS];
+    __shared__ float sub_s[DOWN_SUB_CHUNKS - 1][DOWN_THREADS][Elem<T>::V];
     const int chunk = blockIdx.y;
     const int r0 = chunk * DOWN_ROW_CHUNK;
     const int lane = lane_id();
@@ -63,17 +68,35 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
         }
         __syncthreads();
     }
-    int n_rows = 0;
-    for (int q = 0; q < GROUPS; ++q) n_rows += group_count[q];
 
-    const int col0 = (blockIdx.x * blockDim.x + threadIdx.x) * V;
-    if (col0 >= d) return;                           // after the last barrier
-    const bool vec = down_vector_ok(wt, ld, col0, d);
+    const int sub = threadIdx.x / DOWN_THREADS;     // the sub-chunk this thread adds
+    const int ct = threadIdx.x % DOWN_THREADS;      // its column slot in the tile
+    int begin = 0, end = 0;                         // sub-chunk's slice of rows_s
+    for (int q = 0; q < (sub + 1) * GROUPS_PER_SUB; ++q) {
+        if (q < sub * GROUPS_PER_SUB) begin += group_count[q];
+        end += group_count[q];
+    }
+    const int col0 = (blockIdx.x * DOWN_THREADS + ct) * V;
+    const bool has_cols = col0 < d;                 // no early return: barriers follow
     float acc[V];
 #pragma unroll
     for (int v = 0; v < V; ++v) acc[v] = 0.0f;
+    if (has_cols) {
+        const bool vec = down_vector_ok(wt, ld, col0, d);
 #pragma unroll 4
-    for (int n = 0; n < n_rows; ++n) down_add_row(wt, ld, (i64)rows_s[n], h_s[n], col0, d, vec, acc);
+        for (int n = begin; n < end; ++n) down_add_row(wt, ld, (i64)rows_s[n], h_s[n], col0, d, vec, acc);
+        if (sub > 0) {
+#pragma unroll
+            for (int v = 0; v < V; ++v) sub_s[sub - 1][ct][v] = acc[v];
+        }
+    }
+    __syncthreads();
+    if (sub != 0 || !has_cols) return;
+#pragma unroll
+    for (int s = 1; s < DOWN_SUB_CHUNKS; ++s) {
+#pragma unroll
+        for (int v = 0; v < V; ++v) acc[v] = __fadd_rn(acc[v], sub_s[s - 1][ct][v]);
+    }
     float* out = partial + (i64)chunk * d;
 #pragma unroll
     for (int v = 0; v < V; ++v)
@@ -119,7 +142,7 @@ __device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, c
 }
 
 #define DOWN(NAME, T)                                                                                        \
-    extern "C" __global__ void __launch_bounds__(DOWN_THREADS)                                               \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) {      \
         down_chunks_impl<T>(h3, wt, ld, k, d, dense, partial);                                               \
     }                                                                                                        \
