@@ -7,13 +7,14 @@ domain, so a faster kernel can later replace a body without touching the graph.
 
 Ops (one decode token; x is the MLP input):
 
-* ``SignPack`` (target cpu): x [1, d] float -> sign words [ceil(d/64)] uint64. Bit j of
-  the packed stream is 1 iff x_j < 0 (-0.0 packs as 0), least significant bit first,
-  zero padding: exactly ``reference.pack_signs``, two of its uint32 words per uint64
-  word (little-endian), 64 bits per XOR on a 64-bit CPU.
-* ``PredictZeroRows`` (cpu): (x words, W_gate words [k, ceil(d/64)] uint64) -> zero [k]
-  bool. XOR, then an arithmetic popcount (SWAR: masks, shifts, adds and one multiply; the
-  CPU EP has BitwiseXor and BitShift but no popcount), sum per row = N_neg, then paper
+* ``SignPack`` (target cpu): x [1, d] float -> sign words [words_per_row64(d)] uint64.
+  Bit j of the packed stream is 1 iff x_j < 0 (-0.0 packs as 0), least significant bit first,
+  zero padding (to whole groups of GROUP_WORDS words): ``reference.pack_signs``, two of its
+  uint32 words per uint64 word (little-endian), 64 bits per XOR on a 64-bit CPU.
+* ``PredictZeroRows`` (cpu): (x words, W_gate words [k, words_per_row64(d)] uint64) -> zero
+  [k] bool. XOR, then an arithmetic popcount summed per row = N_neg (SWAR: masks, shifts,
+  Split + adds of the words lane by lane, one multiply on [k]; the CPU EP has BitwiseXor
+  and BitShift but no popcount; see ``_row_counts``), then paper
   eq. 2 on integers: ``1000 * N_neg > alpha_milli * (d - N_neg)``. Attribute
   ``alpha_milli`` (α in thousandths) is baked per layer.
 * ``SignPackInt8`` (target cuda): x -> ±1 int8 [1, d] (-1 iff x < 0).
@@ -34,12 +35,19 @@ import onnx
 from onnx import TensorProto, helper
 
 from sparseinfer.reference.activations import Activation
+from sparseinfer.reference.errors import SparseInferError
 
 from .onnx_builder import OPSET, GraphBuilder
 
 DOMAIN = "ai.onnx.contrib"
 WORD_BITS = 64
 TARGETS = ("cpu", "cuda")
+# PredictZeroRows sums the words of a row in uint64 SWAR lanes, splitting them in groups of
+# GROUP_WORDS words (rows are zero-padded to a whole number of groups; zero words of both
+# x and W XOR to zero and count nothing). Up to MAX_GROUPS groups the 16-bit lanes cannot
+# overflow (see _row_counts): d <= MAX_GROUPS * GROUP_WORDS * 64 = 31744.
+GROUP_WORDS = 16
+MAX_GROUPS = 31
 
 
 class FunctionBuilder(GraphBuilder):
@@ -66,17 +74,22 @@ class FunctionBuilder(GraphBuilder):
 
 
 def words_per_row64(d: int) -> int:
-    return -(-int(d) // WORD_BITS)
+    """uint64 words per row: ceil(d/64), padded up to a whole number of GROUP_WORDS groups."""
+    groups = -(-int(d) // (WORD_BITS * GROUP_WORDS))
+    if groups > MAX_GROUPS:
+        raise SparseInferError(f"hidden size {d} too large for the cpu predictor (at most "
+                               f"{MAX_GROUPS * GROUP_WORDS * WORD_BITS}); export with --target cuda")
+    return groups * GROUP_WORDS
 
 
 def pack_sign_words64(w: np.ndarray) -> np.ndarray:
-    """W_gate [k, d] -> [k, ceil(d/64)] uint64, the reference's uint32 words paired."""
+    """W_gate [k, d] -> [k, words_per_row64(d)] uint64, the reference's uint32 words paired."""
     from sparseinfer.reference.signs import pack_signs
 
     words32 = pack_signs(w)
     n32 = words32.shape[-1]
-    if n32 % 2:
-        words32 = np.pad(words32, [(0, 0)] * (words32.ndim - 1) + [(0, 1)])
+    pad = 2 * words_per_row64(np.shape(w)[-1]) - n32
+    words32 = np.pad(words32, [(0, 0)] * (words32.ndim - 1) + [(0, pad)])
     return np.ascontiguousarray(words32).view("<u8").astype(np.uint64, copy=False)
 
 
@@ -103,8 +116,18 @@ def sign_pack(d: int) -> onnx.FunctionProto:
     return b.function("SignPack", ["x"], ["words"])
 
 
-def _popcount64(b: FunctionBuilder, v: str, scope: str) -> str:
-    """SWAR popcount of uint64 words (Hacker's Delight 5-1, with a multiply to sum bytes)."""
+def _row_counts(b: FunctionBuilder, v: str, n_words: int, scope: str) -> str:
+    """Popcount of each row of uint64 words [k, n_words] -> [k] int64, exactly.
+
+    SWAR (Hacker's Delight 5-1) up to per-byte counts (<= 8 per byte lane), then the
+    words are summed lane-wise before any horizontal add: the G = n_words / GROUP_WORDS
+    groups are Split and added (byte lanes <= 8 G), bytes widened to 16-bit lanes (<= 16 G),
+    the 16 words halved four times (<= 256 G), and one multiply adds the four lanes
+    (<= 1024 G); G <= MAX_GROUPS = 31 keeps bytes < 256 and the sum < 65536. This replaces
+    a per-word multiply, a Cast and a ReduceSum over the whole [k, n_words] tensor (the two costliest ops of the
+    body on the CPU EP; ReduceSum on int64 also rounds sums above 2^53, so lane sums must
+    not go through it).
+    """
     u64 = np.uint64
 
     def shr(a, n):
@@ -113,10 +136,24 @@ def _popcount64(b: FunctionBuilder, v: str, scope: str) -> str:
     def band(a, m):
         return b.op("BitwiseAnd", [a, b.const(m, u64)], scope)
 
+    def add_parts(a, parts):
+        outs = b.make_node("Split", [a], scope, n_out=parts, axis=-1, num_outputs=parts)
+        total = outs[0]
+        for o in outs[1:]:
+            total = b.make_add(total, o, scope)
+        return total
+
     v = b.make_sub(v, band(shr(v, 1), 0x5555555555555555), scope)
     v = b.make_add(band(v, 0x3333333333333333), band(shr(v, 2), 0x3333333333333333), scope)
-    v = band(b.make_add(v, shr(v, 4), scope), 0x0F0F0F0F0F0F0F0F)
-    return shr(b.make_mul(v, b.const(0x0101010101010101, u64), scope), 56)
+    v = band(b.make_add(v, shr(v, 4), scope), 0x0F0F0F0F0F0F0F0F)           # byte lanes <= 8
+    groups = n_words // GROUP_WORDS
+    if groups > 1:
+        v = add_parts(v, groups)                                              # [k, 16], <= 8 G
+    v = b.make_add(band(v, 0x00FF00FF00FF00FF), band(shr(v, 8), 0x00FF00FF00FF00FF), scope)
+    for _ in range(GROUP_WORDS.bit_length() - 1):                             # 16 -> 1 words
+        v = add_parts(v, 2)
+    v = shr(b.make_mul(v, b.const(0x0001000100010001, u64), scope), 48)
+    return b.make_reshape(b.make_cast(v, TensorProto.INT64, scope), [-1], scope)
 
 
 def _eq2(b: FunctionBuilder, twice_neg: str, twice_pos: str, scope: str) -> str:
@@ -133,8 +170,7 @@ def predict_zero_rows(d: int) -> onnx.FunctionProto:
     b = FunctionBuilder()
     scope = "PredictZeroRows"
     xor = b.op("BitwiseXor", ["w_words", "x_words"], scope)
-    counts = b.make_cast(_popcount64(b, xor, scope), TensorProto.INT64, scope)
-    n_neg = b.op("ReduceSum", [counts, b.const([-1])], scope, keepdims=0)
+    n_neg = _row_counts(b, xor, words_per_row64(d), scope)
     _eq2(b, n_neg, b.make_sub(b.const(d), n_neg, scope), scope)
     return b.function("PredictZeroRows", ["x_words", "w_words"], ["zero"], ["alpha_milli"])
 

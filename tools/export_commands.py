@@ -48,7 +48,7 @@ def make_checkpoint_cmd(shape_name, layers, target_sparsity, dtype, kv_heads, hi
 
 
 TARGET_HELP = ("Predictor formulation. cpu: W_gate sign bits packed in uint64 words, XOR + arithmetic "
-               "popcount (k*d/8 bytes per layer, 1/32 of fp32 W_gate). cuda: ±1 int8 signs and "
+               "popcount (k*d/8 bytes per layer, d rounded up to a multiple of 1024; 1/32 of fp32 W_gate). cuda: ±1 int8 signs and "
                "MatMulInteger, since the CUDA EP has no bitwise ops (k*d bytes per layer, 8x the packed words).")
 
 
