@@ -66,3 +66,16 @@ def test_tour_runs_every_part_and_writes_its_files(tmp_path):
     assert "2,211,840" in r.stdout and "1.79x" in r.stdout and "token agreement" in r.stdout
     for name in ("fig4.png", "fig3.png", "tiny/config.json", "onnx/sparse/model.onnx"):
         assert (tmp_path / name).stat().st_size > 0, name
+
+
+def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli, ["bench-decode", "--shape", "tiny", "--layers", "2", "--tokens", "4", "--repeats", "2",
+                                 "--work-dir", str(tmp_path), "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert len(result["dense"]["tokens_per_s_runs"]) == len(result["sparse"]["tokens_per_s_runs"]) == 2
+    ratios = [s / d for s, d in zip(result["sparse"]["tokens_per_s_runs"], result["dense"]["tokens_per_s_runs"])]
+    assert result["speedup_per_round"] == pytest.approx(ratios)
+    assert result["speedup"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+    assert all(v > 0 for v in ratios)
