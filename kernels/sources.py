@@ -10,10 +10,10 @@ import re
 from importlib import resources
 
 from sparseinfer.reference import order_contract as oc
+from sparseinfer.reference.dtypes import SIGN_PACK_DTYPE_NAMES as SIGN_SUFFIXES
+from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES as WEIGHT_SUFFIXES
 
 SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu")
-WEIGHT_SUFFIXES = ("fp32", "fp16", "bf16")
-SIGN_SUFFIXES = WEIGHT_SUFFIXES + ("int8",)
 DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_SUB_CHUNKS per block in v1)
 
 # Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's

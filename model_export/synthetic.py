@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from sparseinfer.reference.activations import Activation
-from sparseinfer.reference.dtypes import dtype_name, parse_dtype
+from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES, dtype_name, parse_dtype
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaReference, LlamaWeights
 from sparseinfer.sim.models import BUILTIN_MODELS, ModelShape
@@ -207,7 +207,7 @@ def hf_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) 
         "max_position_embeddings": shape.max_position_embeddings, "rope_theta": shape.rope_theta,
         "rms_norm_eps": shape.rms_norm_eps, "tie_word_embeddings": shape.tie_word_embeddings,
         "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-        "torch_dtype": {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}[dtype],
+        "torch_dtype": parse_dtype(dtype).name,
         "sparseinfer_synthetic": {"shape": shape.name, "target_sparsity": target_sparsity, "seed": seed},
     }
     if act.kind == "fatrelu":
@@ -233,7 +233,7 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_
     """Write a synthetic checkpoint directory; returns its path."""
     from safetensors.numpy import save_file
 
-    if dtype not in ("fp32", "fp16", "bf16"):
+    if dtype not in WEIGHT_DTYPE_NAMES:
         raise SparseInferError(f"unknown dtype {dtype!r}; expected fp32, fp16 or bf16")
     shape = synthetic_shape(shape_name, layers, kv_heads, hidden_act, tie_embeddings)
     weights = make_weights(shape, target_sparsity, seed)

@@ -17,6 +17,8 @@ SIGN_PACK_DTYPES = WEIGHT_DTYPES + (np.dtype(np.int8),)
 
 _NAMES = {np.dtype(np.float32): "fp32", np.dtype(np.float16): "fp16", BFLOAT16: "bf16",
           np.dtype(np.int8): "int8"}
+WEIGHT_DTYPE_NAMES = tuple(_NAMES[dt] for dt in WEIGHT_DTYPES)        # fp32, fp16, bf16
+SIGN_PACK_DTYPE_NAMES = tuple(_NAMES[dt] for dt in SIGN_PACK_DTYPES)  # + int8
 
 
 def dtype_name(dtype) -> str:

@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from sparseinfer.model_export.synthetic import SYNTHETIC_SHAPES
+from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 
 from .output import echo_json, format_table
 
@@ -20,7 +21,7 @@ from .output import echo_json, format_table
 @click.option("--layers", type=int, default=None, help="Number of layers (default: the shape's own).")
 @click.option("--target-sparsity", type=float, default=0.9, show_default=True,
               help="Fraction of MLP rows whose FATReLU output is zero at decode time.")
-@click.option("--dtype", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32", show_default=True,
+@click.option("--dtype", type=click.Choice(list(WEIGHT_DTYPE_NAMES)), default="fp32", show_default=True,
               help="Stored weight type.")
 @click.option("--kv-heads", type=int, default=None, help="Key/value heads (GQA); default: the shape's own.")
 @click.option("--hidden-act", default=None, help="relu, fatrelu:T or silu (default: the shape's FATReLU).")
