@@ -14,7 +14,7 @@ import numpy as np
 
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, check_dtype, check_no_nan, dtype_name
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.reference.order_contract import VECTOR_BYTES
+from sparseinfer.reference.order_contract import vector_width
 
 from .sources import COMPILE_OPTIONS, KERNELS, source
 
@@ -102,7 +102,7 @@ class DeviceMatrix:
             raise SparseInferError(f"{name} must be a non-empty 2-D matrix, got shape {a.shape}")
         check_no_nan(name, a)
         rows, cols = a.shape
-        per_vector = max(1, VECTOR_BYTES // a.dtype.itemsize)
+        per_vector = vector_width(a.dtype)
         ld = -(-cols // per_vector) * per_vector
         host = np.zeros((rows, ld), dtype=_storage_dtype(a.dtype))
         host[:, :cols] = a.view(host.dtype)

@@ -11,7 +11,7 @@ import numpy as np
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, WEIGHT_DTYPES, dtype_name
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK, DOWN_SUB_CHUNKS, WARP_SIZE
+from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK, DOWN_SUB_CHUNKS, WARP_SIZE, vector_width
 from sparseinfer.reference.signs import words_per_row
 
 from .device import DeviceMatrix, cupy, kernel
@@ -207,8 +207,7 @@ def _check_down(h3, w_down_t: DeviceMatrix) -> tuple[int, int]:
 
 
 def _down_grid_x(d: int, dtype) -> int:
-    per_thread = 16 // np.dtype(dtype).itemsize
-    return -(-d // (DOWN_THREADS * per_thread))
+    return -(-d // (DOWN_THREADS * vector_width(dtype)))
 
 
 def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
