@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import words_per_row
 
@@ -31,7 +32,7 @@ from .models import ModelShape
 from .sparsity_model import LayerSparsity, alpha_table, powerinfer_layers, sign_predictor_layers
 
 FP16 = counts.FP16_BYTES
-FP32 = 4
+FP32 = itemsize("fp32")
 FLAG_BYTES = 4                   # one int skip flag per row (released code: int *skip)
 DEFAULT_CONTEXT_TOKENS = 512     # KV-cache length of a GSM8K-style decode step (assumption)
 
@@ -143,11 +144,12 @@ def sparse_mlp_ops(m: ModelShape, gate_rows: float, up_rows: float, fused: bool)
 
 def sign_predictor_ops(m: ModelShape) -> list[Op]:
     """Pack x's sign bits, then k rows of ceil(d/32) XOR+popcount words (Table I: k·d/32)."""
-    words = words_per_row(m.d)
-    return [Op("predictor_pack_x", "predictor", bytes=m.d * FP32 + words * 4, ops=float(m.d), launches=1),
+    x_word_bytes = words_per_row(m.d) * counts.SIGN_WORD_BYTES
+    xor_words = counts.sparseinfer_predictor_ops(m)
+    return [Op("predictor_pack_x", "predictor", bytes=m.d * FP32 + x_word_bytes, ops=float(m.d), launches=1),
             Op("predictor_xor_popc", "predictor",
-               bytes=counts.sparseinfer_predictor_ops(m) * counts.SIGN_WORD_BYTES + words * 4 + m.k * FLAG_BYTES,
-               ops=float(counts.sparseinfer_predictor_ops(m)), unit="popc", launches=1)]
+               bytes=xor_words * counts.SIGN_WORD_BYTES + x_word_bytes + m.k * FLAG_BYTES,
+               ops=float(xor_words), unit="popc", launches=1)]
 
 
 def dejavu_predictor_ops(m: ModelShape, rank: int) -> list[Op]:

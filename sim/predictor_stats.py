@@ -12,8 +12,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.errors import SparseInferError
+
+from .traffic import dense_mlp_bytes
 
 
 @dataclass(frozen=True)
@@ -78,7 +79,7 @@ def layer_stats(layer: int, traces) -> LayerStats:
         act += t.actual_sparsity
         union += t.union_sparsity
         read = t.weight_bytes_read
-        dense = 3 * t.d * t.k * itemsize(t.weight_dtype)
+        dense = dense_mlp_bytes(t.d, t.k, t.weight_dtype)
         skipped += 1.0 - (read["gate"] + read["up"] + read["down"]) / dense
         predictor += read["predictor"] / dense
     n = len(traces)

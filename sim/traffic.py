@@ -11,7 +11,7 @@ from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK
 from sparseinfer.reference.signs import BYTES_PER_WORD, words_per_row
 
-F32 = 4
+F32 = itemsize("fp32")
 WORD = BYTES_PER_WORD
 INDEX = 4
 MASK = 1
