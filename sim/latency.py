@@ -127,7 +127,8 @@ def sparse_mlp_ops(m: ModelShape, gate_rows: float, up_rows: float, fused: bool)
     """Row-gathering steps 1-4 given the rows read in step 1 and in steps 2 and 4."""
     d, k = m.d, m.k
     flags = k * FLAG_BYTES
-    norm, residual = dense_mlp_ops(m)[0], dense_mlp_ops(m)[-1]
+    dense = dense_mlp_ops(m)
+    norm, residual = dense[0], dense[-1]
     if fused:  # +KF: steps 1-3 in one kernel; x loaded once, h1 and h2 stay in registers
         steps = [_gemv("mlp_gate_up_fused", "mlp", gate_rows + up_rows, d, bandwidth="sparse",
                        extra_bytes=flags + d * FP32 + k * FP32)]

@@ -30,17 +30,16 @@ def predict_bytes(version: str, d: int, k: int) -> int:
 
 def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows_up: int) -> int:
     """Weights of the rows read, x, h1 and h3 written; plus what each version reads to decide."""
-    weights = (rows_gate + rows_up) * d * itemsize(dtype)
-    common = weights + d * F32 + 2 * k * F32
+    rows = 2 * k if version == "dense" else rows_gate + rows_up
+    common = rows * d * itemsize(dtype) + d * F32 + 2 * k * F32
+    if version == "dense":
+        return common
     if version == "v1_mask":
         return common + k * MASK
     if version == "v2_list":
         return common + rows_gate * INDEX + INDEX
-    if version == "v3_fused":
-        w = words_per_row(d)
-        return common + k * w * WORD + w * WORD + k * (F32 + MASK)
-    if version == "dense":
-        return 2 * k * d * itemsize(dtype) + d * F32 + 2 * k * F32
+    if version == "v3_fused":  # the predictor's reads and writes, inside the kernel
+        return common + predict_bytes("v1", d, k)
     raise ValueError(f"unknown gate_up version {version!r}")
 
 
