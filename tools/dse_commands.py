@@ -2,8 +2,6 @@
 hardware, predictor-stats, sweep."""
 from __future__ import annotations
 
-import json
-
 import click
 
 from sparseinfer.sim import latency as lat
@@ -11,7 +9,7 @@ from sparseinfer.sim import paper
 from sparseinfer.sim.hardware import builtin_hardware, load_hardware
 from sparseinfer.sim.models import load_model
 
-from .output import echo_json, format_table, rel_diff
+from .output import echo_err, echo_json, format_table, rel_diff
 from .sim_commands import MODEL_HELP
 
 HW_HELP = "Platform: a built-in name (see `sparseinfer hardware`) or a TOML file of the same form."
@@ -149,13 +147,9 @@ def hardware(as_json):
          for s in specs]))
 
 
-def _say(message):
-    click.echo(message, err=True)
-
-
 def _progress(done, total, row):
-    click.echo(f"[{done}/{total}] alpha {row['alpha']:.3f}: {row['latency_ms']:.3f} ms, "
-               f"sparsity {row['union_sparsity']:.3f}, top-1 {row['top1_agreement']:.3f}", err=True)
+    echo_err(f"[{done}/{total}] alpha {row['alpha']:.3f}: {row['latency_ms']:.3f} ms, "
+             f"sparsity {row['union_sparsity']:.3f}, top-1 {row['top1_agreement']:.3f}")
 
 
 @click.command(name="predictor-stats")
@@ -177,7 +171,7 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
     from sparseinfer.sim import model_runner
     from sparseinfer.sim.predictor_stats import per_layer_stats, summary
 
-    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, _say)
+    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
     _, traces = runner.sparse(alpha)
     stats = per_layer_stats(traces)
     data = {"checkpoint": str(checkpoint), "model": runner.shape.name, "alpha": str(alpha),
@@ -223,7 +217,7 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
 
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     spec = _hardware(hw, hw_file)
-    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, _say)
+    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers) if layers else \
         (0, min(alpha_sweep.PAPER_ALPHA_LAYERS, runner.shape.num_layers) - 1)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
@@ -232,7 +226,7 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
 
         plot_sweep(result, plot_file)
     if as_json:
-        click.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     click.echo(f"{result['model']} on {result['hardware']}: layers {result['layers']}, "
                f"dense {result['dense_latency_ms']:.3f} ms/token")

@@ -12,7 +12,7 @@ import numpy as np
 from sparseinfer.model_export.synthetic import SYNTHETIC_SHAPES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 
-from .output import echo_json, format_table
+from .output import echo_err, echo_json, format_table
 
 
 @click.command("make-checkpoint")
@@ -76,8 +76,8 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
         ids = {"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id}
         Path(path).with_name("generation_config.json").write_text(json.dumps(ids) + "\n")
     if not quiet:
-        click.echo(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
-                   f"{', debug outputs' if debug else ''})", err=True)
+        echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
+                 f"{', debug outputs' if debug else ''})")
     return path
 
 
@@ -161,7 +161,7 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
         echo_json({"text": tok.decode(gen.tokens), "tokens": gen.tokens, **stats})
         return
     click.echo("")
-    click.echo(_stats_line(stats), err=True)
+    echo_err(_stats_line(stats))
 
 
 def _stats_line(st: dict) -> str:

@@ -9,7 +9,7 @@ import click
 from sparseinfer.kernels.registry import FAMILIES, PIPELINES
 from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SHAPES, BENCH_SPARSITIES
 
-from .output import echo_json, format_table
+from .output import echo_err, echo_json, format_table
 
 
 def _parse_sparsities(text: str) -> tuple:
@@ -52,7 +52,7 @@ def bench(models, sparsity, repeats, json_path, results_dir):
     except device.GpuUnavailable as e:     # one line, exit 2
         raise device.GpuUnavailable(f"sparseinfer bench needs a CUDA GPU: {e}") from None
     shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
-    result = run(shapes, sparsities, repeats=repeats, log=lambda m: click.echo(m, err=True))
+    result = run(shapes, sparsities, repeats=repeats, log=echo_err)
     text = json.dumps(result, indent=2)
     if json_path:
         Path(json_path).write_text(text + "\n")

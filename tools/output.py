@@ -10,6 +10,11 @@ def echo_json(data) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=False))
 
 
+def echo_err(message: str) -> None:
+    """A progress or status line on stderr (stdout stays for the result)."""
+    click.echo(message, err=True)
+
+
 def format_table(headers: list[str], rows: list[list]) -> str:
     """Left-aligned first column, right-aligned others."""
     cells = [[str(c) for c in row] for row in rows]
