@@ -226,7 +226,6 @@ def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temp
 
 def machine_description() -> dict:
     import datetime
-    import os
     import platform
 
     import onnxruntime as ort
