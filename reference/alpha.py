@@ -16,34 +16,47 @@ from .errors import SparseInferError
 DEFAULT_ALPHA_MILLI = 1000  # α = 1.00, paper eq. 2 without scaling
 
 
-def _parse_milli(text: str, spec: str) -> int:
+def decimal_to_milli(text: str, context: str) -> int:
+    """Exact thousandths of a decimal text (``"1.03"`` -> 1030); errors name ``context``.
+
+    A value with more than three decimals is an error rather than silently rounded.
+    """
+    text = str(text).strip()
     try:
-        value = Decimal(text.strip())
+        value = Decimal(text)
     except InvalidOperation:
-        raise SparseInferError(f"alpha schedule {spec!r}: {text.strip()!r} is not a number") from None
-    if not value.is_finite() or value <= 0:
-        raise SparseInferError(f"alpha schedule {spec!r}: alpha must be > 0, got {text.strip()}")
+        raise SparseInferError(f"{context}: {text!r} is not a number") from None
     milli = value * 1000
+    if not milli.is_finite():
+        raise SparseInferError(f"{context}: {text!r} is not a finite number")
     if milli != milli.to_integral_value():
-        raise SparseInferError(
-            f"alpha schedule {spec!r}: {text.strip()} has more than 3 decimals (alpha is held in thousandths)")
+        raise SparseInferError(f"{context}: {text} has more than 3 decimals (alpha is held in thousandths)")
     return int(milli)
 
 
+def parse_layer_range(text: str, context: str) -> tuple[int, int]:
+    """``A`` or ``A-B`` (inclusive) with 0 <= A <= B; errors name ``context``."""
+    part = str(text).strip()
+    lo, sep, hi = part.partition("-")
+    try:
+        a = int(lo)
+        b = int(hi) if sep else a
+    except ValueError:
+        raise SparseInferError(f"{context}: bad layer range {part!r} (use A or A-B, e.g. 0-19)") from None
+    if a < 0 or b < a:
+        raise SparseInferError(f"{context}: bad layer range {part!r} (need 0 <= A <= B)")
+    return a, b
+
+
+def _parse_milli(text: str, spec: str) -> int:
+    milli = decimal_to_milli(text, f"alpha schedule {spec!r}")
+    if milli <= 0:
+        raise SparseInferError(f"alpha schedule {spec!r}: alpha must be > 0, got {text.strip()}")
+    return milli
+
+
 def _parse_ranges(text: str, spec: str) -> list[tuple[int, int]]:
-    out = []
-    for part in text.split("+"):
-        part = part.strip()
-        lo, sep, hi = part.partition("-")
-        try:
-            a = int(lo)
-            b = int(hi) if sep else a
-        except ValueError:
-            raise SparseInferError(f"alpha schedule {spec!r}: bad layer range {part!r} (use A or A-B)") from None
-        if a < 0 or b < a:
-            raise SparseInferError(f"alpha schedule {spec!r}: bad layer range {part!r} (need 0 <= A <= B)")
-        out.append((a, b))
-    return out
+    return [parse_layer_range(part, f"alpha schedule {spec!r}") for part in text.split("+")]
 
 
 @dataclass(frozen=True)

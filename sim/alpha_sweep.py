@@ -8,9 +8,7 @@ per-layer sparsity of each α.
 """
 from __future__ import annotations
 
-from decimal import Decimal, InvalidOperation
-
-from sparseinfer.reference.alpha import AlphaSchedule
+from sparseinfer.reference.alpha import AlphaSchedule, decimal_to_milli, parse_layer_range
 from sparseinfer.reference.errors import SparseInferError
 
 from . import latency as lat
@@ -29,13 +27,7 @@ def parse_alpha_range(spec: str) -> list[int]:
     parts = text.split(":")
     if len(parts) not in (1, 3):
         raise SparseInferError(f"alpha range {text!r}: use START:STOP:STEP, e.g. 1.00:1.05:0.01")
-    try:
-        values = [Decimal(p.strip()) * 1000 for p in parts]
-    except InvalidOperation:
-        raise SparseInferError(f"alpha range {text!r}: not numbers (use START:STOP:STEP, e.g. 1.00:1.05:0.01)") from None
-    if any(not v.is_finite() or v != v.to_integral_value() for v in values):
-        raise SparseInferError(f"alpha range {text!r}: values need at most 3 decimals")
-    milli = [int(v) for v in values]
+    milli = [decimal_to_milli(p, f"alpha range {text!r}") for p in parts]
     if len(milli) == 1:
         milli = [milli[0], milli[0], 1]
     start, stop, step = milli
@@ -52,16 +44,17 @@ def parse_alpha_range(spec: str) -> list[int]:
 
 
 def parse_layers(spec, num_layers: int) -> tuple[int, int]:
-    """``A-B`` (inclusive) or ``all``: the layers whose α is swept (others stay at 1.00)."""
+    """``A-B`` (inclusive) or ``all``: the layers whose α is swept (others stay at 1.00).
+
+    ``None`` means the paper's choice: the first ``PAPER_ALPHA_LAYERS`` layers.
+    """
+    if spec is None:
+        return 0, min(PAPER_ALPHA_LAYERS, num_layers) - 1
     text = str(spec).strip().lower()
     if text in ("", "all"):
         return 0, num_layers - 1
-    lo, sep, hi = text.partition("-")
-    try:
-        a, b = int(lo), int(hi) if sep else int(lo)
-    except ValueError:
-        raise SparseInferError(f"layers {spec!r}: use A-B, e.g. 0-19") from None
-    if not 0 <= a <= b < num_layers:
+    a, b = parse_layer_range(text, f"layers {spec!r}")
+    if b >= num_layers:
         raise SparseInferError(f"layers {spec!r}: need 0 <= A <= B <= {num_layers - 1}")
     return a, b
 

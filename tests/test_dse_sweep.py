@@ -19,10 +19,10 @@ def test_alpha_range_parsing():
 
 @pytest.mark.parametrize("spec,message", [
     ("1.00:1.05", "use START:STOP:STEP"),
-    ("a:b:c", "not numbers"),
+    ("a:b:c", "'a' is not a number"),
     ("1.00:1.05:0", "STEP must be > 0"),
     ("1.05:1.00:0.01", "STOP is below START"),
-    ("1.0001:1.05:0.01", "at most 3 decimals"),
+    ("1.0001:1.05:0.01", "more than 3 decimals"),
     ("0:1:0.1", "alpha must be > 0"),
     ("0.001:1:0.001", "at most 101"),
 ])
@@ -36,8 +36,9 @@ def test_layers_and_schedule():
     assert sw.schedule_for(1020, (0, 19)) == AlphaSchedule.parse("1.02@0-19,1.00")
     with pytest.raises(SparseInferError, match="need 0 <= A <= B <= 3"):
         sw.parse_layers("0-19", 4)
-    with pytest.raises(SparseInferError, match="use A-B"):
+    with pytest.raises(SparseInferError, match="bad layer range 'x'"):
         sw.parse_layers("x", 4)
+    assert sw.parse_layers(None, 40) == (0, 19) and sw.parse_layers(None, 8) == (0, 7)
 
 
 def test_pareto_front():

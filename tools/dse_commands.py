@@ -218,8 +218,7 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     spec = _hardware(hw, hw_file)
     runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
-    span = alpha_sweep.parse_layers(layers, runner.shape.num_layers) if layers else \
-        (0, min(alpha_sweep.PAPER_ALPHA_LAYERS, runner.shape.num_layers) - 1)
+    span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
     if plot_file:
         from sparseinfer.sim.plots import plot_sweep
