@@ -28,7 +28,7 @@ from sparseinfer.sim.models import ModelShape
 from .activations import Activation
 from .alpha import AlphaSchedule
 from .errors import SparseInferError
-from .mlp import MLPTrace, mlp_dense, mlp_sparse
+from .mlp import MLPTrace, mlp_dense, mlp_sparse, transposed_down
 from .dtypes import dtype_name
 from .signs import pack_signs, predict_zero_rows
 
@@ -114,6 +114,7 @@ class LlamaReference:
         self.cos, self.sin = rope_tables(self.shape.head_dim, self.shape.rope_theta,
                                          self.shape.max_position_embeddings)
         self._gate_signs = [None] * self.shape.num_layers   # packed once, on first use
+        self._down_t = [None] * self.shape.num_layers       # W_down^T, transposed once, on first use
         self.reset()
 
     # -- cache ---------------------------------------------------------------------------
@@ -166,12 +167,18 @@ class LlamaReference:
             self._gate_signs[i] = pack_signs(self.w.layers[i].gate)
         return self._gate_signs[i]
 
+    def down_t(self, i: int) -> np.ndarray:
+        """W_down^T of layer i, contiguous, transposed once (as a kernel does at load time)."""
+        if self._down_t[i] is None:
+            self._down_t[i] = transposed_down(self.w.layers[i].down)
+        return self._down_t[i]
+
     def _mlp_token(self, i: int, x: np.ndarray, want_trace: bool):
         lw = self.w.layers[i]
         if self.sparse:
             return mlp_sparse(x, lw.gate, lw.up, lw.down, self.act, alpha=self.alpha_milli[i] / 1000,
-                              mode=self.mode, w_signs=self.gate_signs(i))
-        out = mlp_dense(x, lw.gate, lw.up, lw.down, self.act)
+                              mode=self.mode, w_signs=self.gate_signs(i), w_down_t=self.down_t(i))
+        out = mlp_dense(x, lw.gate, lw.up, lw.down, self.act, w_down_t=self.down_t(i))
         return out, (self.dense_trace(i, x) if want_trace else None)
 
     def dense_trace(self, i: int, x: np.ndarray) -> MLPTrace:
