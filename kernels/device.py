@@ -94,13 +94,18 @@ class DeviceMatrix:
         return dtype_name(self.dtype)
 
     @classmethod
-    def from_host(cls, name: str, a, allowed=SIGN_PACK_DTYPES, xp=None) -> "DeviceMatrix":
-        """Check (2-D, dtype, no NaN) and upload; ``xp=numpy`` keeps it on the host (CPU tests)."""
+    def from_host(cls, name: str, a, allowed=SIGN_PACK_DTYPES, xp=None, check_nan: bool = True) -> "DeviceMatrix":
+        """Check (2-D, dtype, no NaN) and upload; ``xp=numpy`` keeps it on the host (CPU tests).
+
+        ``check_nan=False`` skips the NaN scan for callers that already made it (SparseMLP
+        checks its weights in the Hugging Face layout, so its error names that index).
+        """
         a = np.asarray(a)
         check_dtype(name, a, allowed)
         if a.ndim != 2 or 0 in a.shape:
             raise SparseInferError(f"{name} must be a non-empty 2-D matrix, got shape {a.shape}")
-        check_no_nan(name, a)
+        if check_nan:
+            check_no_nan(name, a)
         rows, cols = a.shape
         per_vector = vector_width(a.dtype)
         ld = -(-cols // per_vector) * per_vector

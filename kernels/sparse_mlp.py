@@ -29,12 +29,15 @@ class SparseMLP:
         if w_gate.ndim != 2:
             raise SparseInferError(f"w_gate has shape {w_gate.shape}; expected [k, d]")
         _, self.d, self.k = check_mlp_inputs(np.zeros(w_gate.shape[1], np.float32), w_gate, w_up, w_down)
+        # the one NaN check of the weights: here, on the host, in the HF layout (so a NaN in
+        # w_down is reported at its [d, k] index, not at the transposed upload's)
         for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down", w_down)):
             check_no_nan(name, w)
         self.weight_dtype = dtype_name(w_gate.dtype)
-        self.w_gate = DeviceMatrix.from_host("w_gate", w_gate, WEIGHT_DTYPES)
-        self.w_up = DeviceMatrix.from_host("w_up", w_up, WEIGHT_DTYPES)
-        self.w_down_t = DeviceMatrix.from_host("w_down^T", np.ascontiguousarray(w_down.T), WEIGHT_DTYPES)
+        self.w_gate = DeviceMatrix.from_host("w_gate", w_gate, WEIGHT_DTYPES, check_nan=False)
+        self.w_up = DeviceMatrix.from_host("w_up", w_up, WEIGHT_DTYPES, check_nan=False)
+        self.w_down_t = DeviceMatrix.from_host("w_down^T", np.ascontiguousarray(w_down.T), WEIGHT_DTYPES,
+                                               check_nan=False)
         self.w_signs = ops.pack_signs(self.w_gate)
 
     def to_device_x(self, x, check: bool = True):
