@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from fractions import Fraction
 
+from sparseinfer.reference import dtypes
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import BYTES_PER_WORD, words_per_row
 
@@ -15,7 +16,7 @@ from . import paper
 from .models import ModelShape
 
 MIB = 1 << 20
-FP16_BYTES = 2
+FP16_BYTES = dtypes.itemsize("fp16")
 SIGN_WORD_BYTES = BYTES_PER_WORD
 METHODS = ("llama.cpp", "PowerInfer", "SparseInfer")
 
