@@ -234,7 +234,7 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_
     from safetensors.numpy import save_file
 
     if dtype not in WEIGHT_DTYPE_NAMES:
-        raise SparseInferError(f"unknown dtype {dtype!r}; expected fp32, fp16 or bf16")
+        raise SparseInferError(f"unknown dtype {dtype!r}; expected one of {', '.join(WEIGHT_DTYPE_NAMES)}")
     shape = synthetic_shape(shape_name, layers, kv_heads, hidden_act, tie_embeddings)
     weights = make_weights(shape, target_sparsity, seed)
     out = Path(out_dir)
