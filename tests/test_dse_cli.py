@@ -76,3 +76,14 @@ def test_errors_are_one_line_exit_2(args, message):
     assert r.exit_code == 2, r.output
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("layers", ["x", "3-x", "5-3", "-1"])
+def test_sweep_rejects_bad_layers_before_loading_the_checkpoint(tmp_path, layers):
+    # tmp_path is a directory but not a checkpoint: loading it would fail with "no such config file"
+    r = run("sweep", str(tmp_path), "--layers", layers)
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: layers {layers!r}: bad layer range"), r.stderr
+    r = run("sweep", str(tmp_path), "--layers", "0-1")        # well-formed: it gets as far as the load
+    assert r.exit_code == 2 and "config" in r.stderr, r.stderr

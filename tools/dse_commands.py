@@ -2,6 +2,8 @@
 hardware, predictor-stats, sweep."""
 from __future__ import annotations
 
+import sys
+
 import click
 
 from sparseinfer.sim import latency as lat
@@ -216,6 +218,9 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     from sparseinfer.sim import alpha_sweep, model_runner
 
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
+    # --layers syntax is checked before the (slow) checkpoint load: no layer bound yet, so
+    # only a malformed range fails here; the bound is checked once the layer count is known
+    alpha_sweep.parse_layers(layers, sys.maxsize)
     spec = _hardware(hw, hw_file)
     runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
