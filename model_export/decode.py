@@ -15,6 +15,10 @@ import numpy as np
 from sparseinfer.reference.errors import SparseInferError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+MLP_KERNELS = ("auto", "native", "function")
+MLP_KERNELS_HELP = ("How a sparse export's MLP custom ops run: 'function' = the ONNX function bodies carried "
+                    "in the model (standard ops, any onnxruntime); 'native' = registered native kernels "
+                    "(numba, bit-exact with the reference; CPU provider only); 'auto' = native where possible.")
 
 
 def make_session(path, provider: str = "cpu", threads: int | None = None):
@@ -37,9 +41,46 @@ def make_session(path, provider: str = "cpu", threads: int | None = None):
         raise SparseInferError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
 
 
+def resolve_mlp_kernels(requested: str, sparse: bool, provider: str) -> str:
+    """'native' or 'function' for a model; explicit requests that cannot be met are errors."""
+    from . import native_mlp
+
+    if requested not in MLP_KERNELS:
+        raise SparseInferError(f"unknown MLP kernels {requested!r}; expected {', '.join(MLP_KERNELS)}")
+    if requested == "function" or not sparse:
+        return "function"                  # a dense export has no custom ops to override
+    reason = native_mlp.available()
+    if requested == "native":
+        if provider != "cpu":
+            raise SparseInferError("native MLP kernels run on the cpu provider only; use --mlp-kernels function")
+        if reason:
+            raise SparseInferError(reason)
+        return "native"
+    return "native" if provider == "cpu" and reason is None else "function"
+
+
+def _is_sparse_export(path) -> bool:
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's and onnx's own exception types
+        raise SparseInferError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+    return any(p.key == "sparseinfer.sparse" and p.value == "True" for p in model.metadata_props)
+
+
 class OnnxDecoder:
-    def __init__(self, path, provider: str = "cpu", threads: int | None = None):
-        self.session = make_session(path, provider, threads)
+    def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto"):
+        from pathlib import Path
+
+        if not Path(path).is_file():
+            raise SparseInferError(f"no such model: {path}")
+        self.mlp_kernels = resolve_mlp_kernels(mlp_kernels, _is_sparse_export(path), provider)
+        if self.mlp_kernels == "native":
+            from .native_mlp import native_session
+            self.session = native_session(path, threads)
+        else:
+            self.session = make_session(path, provider, threads)
         self.provider = provider
         meta = self.session.get_modelmeta().custom_metadata_map
         try:

@@ -53,7 +53,7 @@ def _check_words(name: str, words: np.ndarray, d: int) -> None:
             f"{name} has shape {words.shape}; expected last axis ceil(d/32) = {words_per_row(d)} for d = {d}")
 
 
-def _tail_mask(d: int) -> np.uint32:
+def tail_mask(d: int) -> np.uint32:
     rem = d % BITS_PER_WORD
     return np.uint32(0xFFFFFFFF if rem == 0 else (1 << rem) - 1)
 
@@ -73,7 +73,7 @@ def negative_product_counts(w_signs, x_signs, d: int) -> np.ndarray:
     if x_signs.ndim != 1:
         raise SparseInferError(f"x_signs must be one vector of words, got shape {x_signs.shape}")
     xor = np.bitwise_xor(w_signs, x_signs)
-    xor[..., -1] &= _tail_mask(d)
+    xor[..., -1] &= tail_mask(d)
     return np.bitwise_count(xor).sum(axis=-1, dtype=np.int32)
 
 

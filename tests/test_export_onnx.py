@@ -35,9 +35,10 @@ def _tol(logits):
     return GAMMA_K * (1 + float(np.abs(logits).max()))
 
 
-def _run_both(weights, opts, tmp_path, reference):
+def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto"):
     """Prefill + DECODE_STEPS greedy steps in ONNX and the reference on the same tokens."""
-    decoder = OnnxDecoder(export_onnx(weights, tmp_path / "m.onnx", opts))
+    decoder = OnnxDecoder(export_onnx(weights, tmp_path / "m.onnx", opts), mlp_kernels=mlp_kernels)
+    assert decoder.mlp_kernels == ("native" if mlp_kernels == "native" else "function")
     onnx_logits, _ = decoder.step(PROMPT)
     ref_logits = reference.prefill(PROMPT)
     steps = [(onnx_logits, ref_logits, None, None)]
@@ -60,12 +61,14 @@ def test_dense_export_matches_reference(tmp_path, kv_heads, tie):
         np.testing.assert_allclose(o, r, rtol=0, atol=_tol(r))
 
 
-@pytest.mark.parametrize("target", ["cpu", "cuda"])
-def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target):
+@pytest.mark.parametrize("target,mlp_kernels", [("cpu", "function"), ("cuda", "function"), ("cpu", "native"),
+                                                ("cuda", "native")])
+def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target, mlp_kernels):
     w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
     alpha = "1.02@0,1.00"
     reference = LlamaReference(w, sparse=True, alpha=alpha)
-    steps = _run_both(w, ExportOptions(sparse=True, alpha=alpha, target=target, debug=True), tmp_path, reference)
+    steps = _run_both(w, ExportOptions(sparse=True, alpha=alpha, target=target, debug=True), tmp_path, reference,
+                      mlp_kernels)
     for o, r, debug, ref_step in steps[1:]:
         for i, lw in enumerate(w.layers):
             x = debug[f"debug.{i}.mlp_input"].reshape(-1)

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
 from sparseinfer.model_export.synthetic import SYNTHETIC_SHAPES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 
@@ -123,6 +124,8 @@ SAMPLING = [
     click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                  help="onnxruntime execution provider (cuda keeps the KV cache on the GPU with IOBinding)."),
     click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)."),
+    click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
+                 help=MLP_KERNELS_HELP),
 ]
 
 
@@ -141,7 +144,8 @@ def _with(options):
               help="tokenizer.json (default: the one beside MODEL).")
 @_with(SAMPLING)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of streaming.")
-def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top_p, seed, provider, threads, as_json):
+def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top_p, seed, provider, threads,
+                 mlp_kernels, as_json):
     """Decode text from an exported MODEL (.onnx), streaming tokens.
 
     Then prints prefill time, decode tokens/s and, for exports with --debug, the
@@ -150,13 +154,13 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
     from sparseinfer.model_export.decode import OnnxDecoder, generate
 
     tok, bos, eos = _tokenizer_for(model, tokenizer_path)
-    decoder = OnnxDecoder(model, provider, threads)
+    decoder = OnnxDecoder(model, provider, threads, mlp_kernels)
     ids = _prompt_ids(tok, bos, prompt)
     stream = None if as_json else (lambda t: click.echo(tok.decode([t]), nl=False))
     if not as_json:
         click.echo(prompt, nl=False)
     gen = generate(decoder, ids, max_new_tokens, temperature, top_p, seed, on_token=stream, stop_id=eos)
-    stats = gen.stats()
+    stats = {**gen.stats(), "mlp_kernels": decoder.mlp_kernels}
     if as_json:
         echo_json({"text": tok.decode(gen.tokens), "tokens": gen.tokens, **stats})
         return
@@ -166,7 +170,7 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
 
 def _stats_line(st: dict) -> str:
     line = (f"{st['new_tokens']} tokens, prefill {st['prefill_s'] * 1e3:.1f} ms, "
-            f"decode {st['decode_tokens_per_s']:.2f} tokens/s")
+            f"decode {st['decode_tokens_per_s']:.2f} tokens/s ({st['mlp_kernels']} MLP kernels)")
     if "actual_sparsity" in st:
         line += (f", sparsity actual {st['actual_sparsity']:.3f} predicted {st['predicted_sparsity']:.3f}, "
                  f"predictor precision {st['precision']:.3f} recall {st['recall']:.3f}")
@@ -183,7 +187,7 @@ def _stats_line(st: dict) -> str:
 @_with(SAMPLING)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temperature, top_p, seed, provider,
-                threads, as_json):
+                threads, mlp_kernels, as_json):
     """Decode MODEL_DIR's dense and sparse exports side by side.
 
     Reports the first position where the tokens diverge, token agreement, the max
@@ -205,11 +209,11 @@ def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temp
         for kind in ("dense", "sparse"):
             path = export_checkpoint(ck, root / kind / "model.onnx", sparse=kind == "sparse", alpha=alpha,
                                      target=target, debug=kind == "sparse", quiet=as_json)
-            decoder = OnnxDecoder(path, provider, threads)
+            decoder = OnnxDecoder(path, provider, threads, mlp_kernels)
             runs[kind] = generate(decoder, _prompt_ids(ck.tokenizer, ck.bos_token_id, prompt), max_new_tokens,
                                   temperature, top_p, seed, keep_logits=True)
     result = compare_generations(runs["dense"], runs["sparse"])
-    result["sparse_stats"] = runs["sparse"].stats()
+    result["sparse_stats"] = {**runs["sparse"].stats(), "mlp_kernels": decoder.mlp_kernels}
     if as_json:
         echo_json(result)
         return
@@ -250,6 +254,9 @@ def machine_description() -> dict:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
+              help=MLP_KERNELS_HELP + " With native kernels the sparse export is also timed on its function "
+                   "bodies (row 'sparse-function').")
 @click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per run.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per model (median reported).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default="out/bench-decode", show_default=True,
@@ -257,14 +264,14 @@ def machine_description() -> dict:
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, tokens,
-                     repeats, work_dir, out_json, as_json):
+def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
+                     tokens, repeats, work_dir, out_json, as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
     Both exports are written first and flushed to disk, then both are loaded and decode
     the same greedy continuation length after the same prompt: one warm-up each, then
     --repeats rounds that alternate dense and sparse, so that a drift of the machine's
-    state hits both alike. Reported: the median tokens/s of each and the median of the
+    state hits all alike. Reported: the median tokens/s of each and the median of the
     per-round sparse/dense ratios (the speed-up).
     """
     from sparseinfer.model_export.decode import OnnxDecoder, generate
@@ -282,24 +289,30 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     paths = {kind: export_checkpoint(ck, work / f"{kind}-{target}" / "model.onnx", sparse=kind == "sparse",
                                      alpha=alpha, target=target, quiet=as_json) for kind in kinds}
     os.sync()  # no write-back of the fresh exports competes with the timed decodes
-    decoders = {kind: OnnxDecoder(paths[kind], provider, threads) for kind in kinds}
-    runs = {kind: [] for kind in kinds}
+    decoders = {kind: OnnxDecoder(paths[kind], provider, threads, mlp_kernels) for kind in kinds}
+    if decoders["sparse"].mlp_kernels == "native":
+        paths["sparse-function"] = paths["sparse"]
+        decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
+    runs = {kind: [] for kind in decoders}
     with _progress() as bar:
-        task = bar.add_task("decode dense/sparse alternately", total=2 * (repeats + 1))
+        task = bar.add_task(f"decode {'/'.join(decoders)} alternately", total=len(decoders) * (repeats + 1))
         for r in range(repeats + 1):
-            for kind in kinds:
-                gen = generate(decoders[kind], prompt, tokens)
+            for kind, decoder in decoders.items():
+                gen = generate(decoder, prompt, tokens)
                 if r:  # round 0 is the warm-up
                     runs[kind].append(gen.decode_tokens_per_s)
                 bar.advance(task)
     rows = {kind: {"tokens_per_s_median": float(np.median(runs[kind])), "tokens_per_s_runs": runs[kind],
+                   "mlp_kernels": decoders[kind].mlp_kernels,
                    "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*"))}
-            for kind in kinds}
-    ratios = [s / d for s, d in zip(runs["sparse"], runs["dense"])]
+            for kind in decoders}
+    ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in decoders if kind != "dense"}
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
               "target": target, "provider": provider, "threads": threads, "decode_tokens": tokens,
-              "repeats": repeats, "dense": rows["dense"], "sparse": rows["sparse"],
-              "speedup": float(np.median(ratios)), "speedup_per_round": ratios,
+              "repeats": repeats, **rows,
+              "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
+              **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
+                 if "sparse-function" in ratios else {}),
               "machine": machine_description()}
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -307,9 +320,11 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     if as_json:
         echo_json(result)
         return
-    click.echo(format_table(["model", "tokens/s (median)", "runs"], [
-        [k, f"{v['tokens_per_s_median']:.2f}", " ".join(f"{x:.2f}" for x in v["tokens_per_s_runs"])]
+    click.echo(format_table(["model", "MLP kernels", "tokens/s (median)", "runs"], [
+        [k, v["mlp_kernels"], f"{v['tokens_per_s_median']:.2f}", " ".join(f"{x:.2f}" for x in v["tokens_per_s_runs"])]
         for k, v in rows.items()]))
+    if "speedup_function_bodies" in result:
+        click.echo(f"sparse (function bodies) / dense: {result['speedup_function_bodies']:.2f}x")
     click.echo(f"sparse / dense: {result['speedup']:.2f}x ({ck.shape.name}, {ck.shape.num_layers} layers, "
                f"{result['machine']['cpu']}, {result['machine']['date']})")
 

@@ -1,0 +1,166 @@
+"""Registered native kernels for a sparse export's MLPs on onnxruntime's CPU provider.
+
+A sparse export carries its MLP custom ops (``mlp_functions``) as ONNX function bodies
+made of standard ops; every onnxruntime runs them, but the bodies copy the kept rows
+(Gather) before multiplying and count sign bits with a dozen elementwise ops. Here the
+decoder registers a native kernel instead, through onnxruntime-extensions, which
+registers Python ops in the functions' domain ``ai.onnx.contrib``; the kernel is
+:class:`sparseinfer.kernels.host_mlp.HostSparseMLP` (numba, the reference's order
+contract, so its output is the reference's bit for bit).
+
+Why the decode branch is rewritten rather than the four ops overridden one by one:
+onnxruntime-extensions hands a Python op a *copy* of every input (measured: 42 ms per
+call for one 180 MB weight), so weights cannot travel as inputs. At load time each
+decode branch's ``SignPack -> PredictZeroRows -> SparseGateUp -> SparseDown`` becomes one
+``SparseMLPHost`` node whose input is x alone; its attributes name a per-session store
+holding that layer's weights and α. The weights are memory-mapped from the model's
+external data file and handed to onnxruntime as its initializers too, so the prefill
+branch and the native kernel share one copy. The file on disk is never modified.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx.external_data_helper import uses_external_data
+
+from sparseinfer.reference.errors import SparseInferError
+
+from .mlp_functions import DOMAIN
+
+NATIVE_OP = "SparseMLPHost"
+INLINE_BYTES = 1 << 16            # external tensors smaller than this are read into the model
+_STORES: dict[str, dict[int, tuple]] = {}     # store key -> layer -> (HostSparseMLP, alpha_milli)
+_KEYS = itertools.count()
+_registered = False
+
+
+def available() -> str | None:
+    """None when native kernels can run here, else the reason they cannot."""
+    try:
+        import numba  # noqa: F401
+        import onnxruntime_extensions  # noqa: F401
+    except ImportError as e:
+        return f"native MLP kernels need numba and onnxruntime-extensions ({e})"
+    return None
+
+
+def _register_op() -> str:
+    """Declare the Python op once per process; returns the extensions library to register."""
+    global _registered
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+    if not _registered:
+        @onnx_op(op_type=NATIVE_OP, inputs=[PyCustomOpDef.dt_float],
+                 outputs=[PyCustomOpDef.dt_bool, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float],
+                 attrs={"store": PyCustomOpDef.dt_string, "layer": PyCustomOpDef.dt_int64})
+        def sparse_mlp_host(x, store, layer):
+            mlp, alpha_milli = _STORES[store][layer]
+            out, zero, rows = mlp(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), alpha_milli)
+            return zero, rows, out.reshape(1, -1)
+        _registered = True
+    return get_library_path()
+
+
+def _tensor_array(t: onnx.TensorProto, base: Path) -> np.ndarray:
+    """An initializer as numpy: memory-mapped when its data is external, else decoded."""
+    if not uses_external_data(t):
+        return onnx.numpy_helper.to_array(t)
+    info = {e.key: e.value for e in t.external_data}
+    path = base / info["location"]
+    if not path.is_file():
+        raise SparseInferError(f"external data file {path} of initializer {t.name} is missing")
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
+    return np.memmap(path, dtype=dtype, mode="r", offset=int(info.get("offset", 0)), shape=tuple(t.dims))
+
+
+def _decode_branches(graph: onnx.GraphProto):
+    """The ``then`` graphs of the MLP ``If`` nodes that hold the custom ops, in layer order."""
+    for node in graph.node:
+        if node.op_type != "If":
+            continue
+        for attr in node.attribute:
+            if attr.name == "then_branch" and any(n.domain == DOMAIN for n in attr.g.node):
+                yield node.name, attr.g
+
+
+def _rewrite_branch(branch: onnx.GraphProto, store: str, layer: int) -> dict:
+    """Replace the four custom ops by one SparseMLPHost node; returns what the layer needs."""
+    ops = {n.op_type: n for n in branch.node if n.domain == DOMAIN}
+    pack = ops.get("SignPack") or ops.get("SignPackInt8")
+    predict = ops.get("PredictZeroRows") or ops.get("PredictZeroRowsInt8")
+    gate_up, down = ops.get("SparseGateUp"), ops.get("SparseDown")
+    if not (pack and predict and gate_up and down):
+        raise SparseInferError(f"decode branch {branch.name} lacks the sparse MLP ops "
+                               f"(found {', '.join(sorted(ops)) or 'none'})")
+    alpha = next((a.i for a in predict.attribute if a.name == "alpha_milli"), None)
+    if alpha is None:
+        raise SparseInferError(f"{predict.name} has no alpha_milli attribute")
+    fused = onnx.helper.make_node(NATIVE_OP, [pack.input[0]], [predict.output[0], gate_up.output[1], down.output[0]],
+                                  name=down.name.rsplit("/", 1)[0] + f"/{NATIVE_OP}", domain=DOMAIN,
+                                  store=store, layer=layer)
+    first = min(i for i, n in enumerate(branch.node) if n.domain == DOMAIN)
+    kept = [n for n in branch.node if n.domain != DOMAIN]
+    kept.insert(first, fused)
+    del branch.node[:]
+    branch.node.extend(kept)
+    return {"w_gate": gate_up.input[2], "w_up": gate_up.input[3], "w_down_t": down.input[2], "alpha_milli": alpha,
+            "signs": predict.input[1]}
+
+
+def native_session(path, threads: int | None = None):
+    """An onnxruntime CPU session of the sparse export at ``path`` with native MLP kernels."""
+    import onnxruntime as ort
+
+    from sparseinfer.kernels.host_mlp import HostSparseMLP
+
+    reason = available()
+    if reason:
+        raise SparseInferError(reason)
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    meta = {p.key: p.value for p in model.metadata_props}
+    if meta.get("sparseinfer.sparse") != "True":
+        raise SparseInferError(f"{path}: not a sparse export; native MLP kernels apply to sparse exports only")
+    store = f"s{next(_KEYS)}"
+    layers = [_rewrite_branch(branch, store, i) for i, (_, branch) in enumerate(_decode_branches(model.graph))]
+    if not layers:
+        raise SparseInferError(f"{path}: no sparse MLP decode branches found")
+
+    unused = {l["signs"] for l in layers}                  # the kernel packs W_gate's signs itself
+    kept = [t for t in model.graph.initializer if t.name not in unused]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    base = path.parent
+    arrays = {t.name: _tensor_array(t, base) for t in model.graph.initializer}
+    for t in model.graph.initializer:             # small constants inline: shape inference reads them
+        if uses_external_data(t) and arrays[t.name].nbytes < INLINE_BYTES:
+            t.raw_data = np.ascontiguousarray(arrays[t.name]).tobytes()
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    external = [t.name for t in model.graph.initializer if uses_external_data(t)]
+    activation = meta.get("sparseinfer.activation", "relu")
+    _STORES[store] = {i: (HostSparseMLP(arrays[l["w_gate"]], arrays[l["w_up"]], arrays[l["w_down_t"]], activation),
+                          l["alpha_milli"]) for i, l in enumerate(layers)}
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    # onnxruntime's pool threads spin after each op by default; the native kernel's own
+    # threads (numba) would then compete with them for the same cores.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.register_custom_ops_library(_register_op())
+    values = [ort.OrtValue.ortvalue_from_numpy(arrays[n]) for n in external]
+    if external:
+        opts.add_external_initializers(external, values)
+    try:
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        del _STORES[store]
+        raise SparseInferError(f"cannot load {path} with native MLP kernels: {str(e).splitlines()[0]}") from None
+    session._sparseinfer_keepalive = (arrays, values)     # the mapped weights live as long as the session
+    weakref.finalize(session, _STORES.pop, store, None)
+    return session
