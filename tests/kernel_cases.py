@@ -69,13 +69,17 @@ def build_case(d, k, dtype, alpha_milli, seed, activation, features, sparsity=0.
     layer = make_layer(d, k, dtype, sparsity, seed)
     rng = np.random.default_rng(seed + 1)
     x, wg = layer.x.copy(), layer.w_gate.copy()
+    if {"x_all_negative", "x_all_positive"} & set(features):
+        x = -np.abs(x) if "x_all_negative" in features else np.abs(x)
+        # the layer's rows were signed for the old x: re-sign them for the new one so that
+        # about `sparsity` of them are still predicted zero (60 % negative products) and the
+        # rest kept (40 %), for every alpha in [0.9, 1.1]
+        zero = rng.permutation(k) < min(max(round(sparsity * k), 1), k - 1)
+        for r in range(k):
+            wg[r] = _set_negative_products(wg[r], x, -(-6 * d // 10) if zero[r] else 4 * d // 10, rng)
     if "ties" in features and d % 2 == 0:           # N_neg == N_pos: skipped iff alpha < 1
         for r in rng.choice(k, size=max(1, k // 8), replace=False):
             wg[r] = _set_negative_products(wg[r], x, d // 2, rng)
-    if "x_all_negative" in features:
-        x = -np.abs(x)
-    elif "x_all_positive" in features:
-        x = np.abs(x)
     n_special = max(1, d // 8)      # weights touched
     n_x = d // 8                      # x entries touched (none for d < 8: x must keep a nonzero)
     if "neg_zero" in features:
