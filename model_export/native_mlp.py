@@ -13,7 +13,8 @@ onnxruntime-extensions hands a Python op a *copy* of every input (measured: 42 m
 call for one 180 MB weight), so weights cannot travel as inputs. At load time each
 decode branch's ``SignPack -> PredictZeroRows -> SparseGateUp -> SparseDown`` becomes one
 ``SparseMLPHost`` node whose input is x alone; its attributes name a per-session store
-holding that layer's weights and α. The weights are memory-mapped from the model's
+holding that layer's weights and α, and say whether anything reads the mask and row
+outputs (debug exports); if not, they come back empty. The weights are memory-mapped from the model's
 external data file and handed to onnxruntime as its initializers too, so the prefill
 branch and the native kernel share one copy. The file on disk is never modified.
 """
@@ -56,10 +57,13 @@ def _register_op() -> str:
     if not _registered:
         @onnx_op(op_type=NATIVE_OP, inputs=[PyCustomOpDef.dt_float],
                  outputs=[PyCustomOpDef.dt_bool, PyCustomOpDef.dt_int64, PyCustomOpDef.dt_float],
-                 attrs={"store": PyCustomOpDef.dt_string, "layer": PyCustomOpDef.dt_int64})
-        def sparse_mlp_host(x, store, layer):
+                 attrs={"store": PyCustomOpDef.dt_string, "layer": PyCustomOpDef.dt_int64,
+                        "masks": PyCustomOpDef.dt_int64})
+        def sparse_mlp_host(x, store, layer, masks):
             mlp, alpha_milli = _STORES[store][layer]
             out, zero, rows = mlp(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), alpha_milli)
+            if not masks:          # nothing reads them: skip handing k bools back through Python lists
+                zero, rows = zero[:0], rows[:0]
             return zero, rows, out.reshape(1, -1)
         _registered = True
     return get_library_path()
@@ -99,11 +103,13 @@ def _rewrite_branch(branch: onnx.GraphProto, store: str, layer: int) -> dict:
     alpha = next((a.i for a in predict.attribute if a.name == "alpha_milli"), None)
     if alpha is None:
         raise SparseInferError(f"{predict.name} has no alpha_milli attribute")
-    fused = onnx.helper.make_node(NATIVE_OP, [pack.input[0]], [predict.output[0], gate_up.output[1], down.output[0]],
-                                  name=down.name.rsplit("/", 1)[0] + f"/{NATIVE_OP}", domain=DOMAIN,
-                                  store=store, layer=layer)
-    first = min(i for i, n in enumerate(branch.node) if n.domain == DOMAIN)
     kept = [n for n in branch.node if n.domain != DOMAIN]
+    read = {name for n in kept for name in n.input} | {o.name for o in branch.output}
+    masks = predict.output[0], gate_up.output[1]
+    fused = onnx.helper.make_node(NATIVE_OP, [pack.input[0]], [*masks, down.output[0]],
+                                  name=down.name.rsplit("/", 1)[0] + f"/{NATIVE_OP}", domain=DOMAIN,
+                                  store=store, layer=layer, masks=int(any(m in read for m in masks)))
+    first = min(i for i, n in enumerate(branch.node) if n.domain == DOMAIN)
     kept.insert(first, fused)
     del branch.node[:]
     branch.node.extend(kept)

@@ -90,3 +90,14 @@ def test_kernel_choice_and_its_errors(tmp_path):
     dense = export_onnx(w, tmp_path / "dense.onnx", ExportOptions(sparse=False))
     with pytest.raises(SparseInferError, match="not a sparse export"):
         native_session(dense)
+
+
+def test_exports_without_debug_outputs_decode_the_same_text(tmp_path):
+    """No node reads the masks: the native op hands back empty ones, the output is unchanged."""
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=9)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=True, alpha="1.00"))
+    native = _decode(OnnxDecoder(path, mlp_kernels="native"), steps=8)
+    function = _decode(OnnxDecoder(path, mlp_kernels="function"), steps=8)
+    assert native.tokens == function.tokens
+    for a, b in zip(native.logits, function.logits):
+        np.testing.assert_allclose(a, b, rtol=0, atol=GAMMA_K * (1 + float(np.abs(b).max())))
