@@ -151,6 +151,8 @@ def native_session(path, threads: int | None = None):
     activation = meta.get("sparseinfer.activation", "relu")
     _STORES[store] = {i: (HostSparseMLP(arrays[l["w_gate"]], arrays[l["w_up"]], arrays[l["w_down_t"]], activation),
                           l["alpha_milli"]) for i, l in enumerate(layers)}
+    first, alpha_milli = _STORES[store][0]
+    first(np.ones(first.d, np.float32), alpha_milli)       # compile / load the kernels now, not in the first token
 
     opts = ort.SessionOptions()
     if threads:
