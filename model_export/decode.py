@@ -23,15 +23,12 @@ MLP_KERNELS_HELP = ("How a sparse export's MLP custom ops run: 'function' = the 
 
 def make_session(path, provider: str = "cpu", threads: int | None = None):
     import onnxruntime as ort
-    from pathlib import Path
 
     if provider not in PROVIDERS:
         raise SparseInferError(f"unknown provider {provider!r}; expected cpu or cuda")
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise SparseInferError(f"CUDA execution provider not available in this onnxruntime "
                                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine")
-    if not Path(path).is_file():
-        raise SparseInferError(f"no such model: {path}")
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
@@ -59,26 +56,30 @@ def resolve_mlp_kernels(requested: str, sparse: bool, provider: str) -> str:
     return "native" if provider == "cpu" and reason is None else "function"
 
 
-def _is_sparse_export(path) -> bool:
+def read_model_proto(path):
+    """The model's graph and metadata, external weights left on disk (one-line errors)."""
     import onnx
+    from pathlib import Path
 
+    if not Path(path).is_file():
+        raise SparseInferError(f"no such model: {path}")
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        return onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's and onnx's own exception types
         raise SparseInferError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
+
+
+def is_sparse_export(model) -> bool:
     return any(p.key == "sparseinfer.sparse" and p.value == "True" for p in model.metadata_props)
 
 
 class OnnxDecoder:
     def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto"):
-        from pathlib import Path
-
-        if not Path(path).is_file():
-            raise SparseInferError(f"no such model: {path}")
-        self.mlp_kernels = resolve_mlp_kernels(mlp_kernels, _is_sparse_export(path), provider)
+        model = read_model_proto(path)
+        self.mlp_kernels = resolve_mlp_kernels(mlp_kernels, is_sparse_export(model), provider)
         if self.mlp_kernels == "native":
             from .native_mlp import native_session
-            self.session = native_session(path, threads)
+            self.session = native_session(path, threads, model)
         else:
             self.session = make_session(path, provider, threads)
         self.provider = provider

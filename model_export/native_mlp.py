@@ -88,7 +88,7 @@ def _decode_branches(graph: onnx.GraphProto):
             continue
         for attr in node.attribute:
             if attr.name == "then_branch" and any(n.domain == DOMAIN for n in attr.g.node):
-                yield node.name, attr.g
+                yield attr.g
 
 
 def _rewrite_branch(branch: onnx.GraphProto, store: str, layer: int) -> dict:
@@ -117,22 +117,29 @@ def _rewrite_branch(branch: onnx.GraphProto, store: str, layer: int) -> dict:
             "signs": predict.input[1]}
 
 
-def native_session(path, threads: int | None = None):
-    """An onnxruntime CPU session of the sparse export at ``path`` with native MLP kernels."""
+def native_session(path, threads: int | None = None, model: onnx.ModelProto | None = None):
+    """An onnxruntime CPU session of the sparse export at ``path`` with native MLP kernels.
+
+    ``model``: the file's proto when the caller has already read it (it is rewritten here).
+    """
     import onnxruntime as ort
 
     from sparseinfer.kernels.host_mlp import HostSparseMLP
+
+    from .decode import is_sparse_export, read_model_proto
 
     reason = available()
     if reason:
         raise SparseInferError(reason)
     path = Path(path)
-    model = onnx.load(str(path), load_external_data=False)
-    meta = {p.key: p.value for p in model.metadata_props}
-    if meta.get("sparseinfer.sparse") != "True":
+    model = read_model_proto(path) if model is None else model
+    if not is_sparse_export(model):
         raise SparseInferError(f"{path}: not a sparse export; native MLP kernels apply to sparse exports only")
+    meta = {p.key: p.value for p in model.metadata_props}
+    if "sparseinfer.activation" not in meta:
+        raise SparseInferError(f"{path}: metadata sparseinfer.activation missing; re-export the model")
     store = f"s{next(_KEYS)}"
-    layers = [_rewrite_branch(branch, store, i) for i, (_, branch) in enumerate(_decode_branches(model.graph))]
+    layers = [_rewrite_branch(branch, store, i) for i, branch in enumerate(_decode_branches(model.graph))]
     if not layers:
         raise SparseInferError(f"{path}: no sparse MLP decode branches found")
 
@@ -148,7 +155,7 @@ def native_session(path, threads: int | None = None):
             del t.external_data[:]
             t.data_location = onnx.TensorProto.DEFAULT
     external = [t.name for t in model.graph.initializer if uses_external_data(t)]
-    activation = meta.get("sparseinfer.activation", "relu")
+    activation = meta["sparseinfer.activation"]
     _STORES[store] = {i: (HostSparseMLP(arrays[l["w_gate"]], arrays[l["w_up"]], arrays[l["w_down_t"]], activation),
                           l["alpha_milli"]) for i, l in enumerate(layers)}
     first, alpha_milli = _STORES[store][0]

@@ -26,8 +26,7 @@ def sparse_export(tmp_path_factory):
 
 
 def _decode(decoder, steps=6):
-    gen = generate(decoder, PROMPT, steps, keep_logits=True)
-    return gen
+    return generate(decoder, PROMPT, steps, keep_logits=True)
 
 
 def test_native_kernels_skip_the_same_rows_as_the_function_bodies(sparse_export):
@@ -101,3 +100,14 @@ def test_exports_without_debug_outputs_decode_the_same_text(tmp_path):
     assert native.tokens == function.tokens
     for a, b in zip(native.logits, function.logits):
         np.testing.assert_allclose(a, b, rtol=0, atol=GAMMA_K * (1 + float(np.abs(b).max())))
+
+
+def test_missing_or_unreadable_models_are_one_line_errors(tmp_path):
+    with pytest.raises(SparseInferError, match="no such model: .*absent.onnx"):
+        OnnxDecoder(tmp_path / "absent.onnx")
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\xff not a protobuf")
+    with pytest.raises(SparseInferError, match="cannot read .*junk.onnx"):
+        OnnxDecoder(junk)
+    with pytest.raises(SparseInferError, match="no such model"):
+        native_session(tmp_path / "absent.onnx")
