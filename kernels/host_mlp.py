@@ -14,6 +14,10 @@ registers native kernels (``model_export/native_mlp.py``).
 * Down projection: columns are cut into blocks, one per task; inside a block the rows run
   in the contract's chunk / sub-chunk order, so every column sees exactly the reference's
   sequence of roundings.
+* The kept rows are scattered, so the hardware prefetcher restarts at each of them; the
+  kernels prefetch the next row (into the outer caches) while they work on the current
+  one. On the 7B shape at 0.9 sparsity (2-core EPYC VM) the whole 4-layer MLP went from
+  about 18-21 to 12 ms per token with that, wider down blocks and row pairs in the down step.
 * Weights are float32 (what the ONNX exports hold); products and sums are rounded
   separately (numba does not contract them into FMAs without ``fastmath``).
 """
@@ -21,6 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 from llvmlite import ir
+import numba
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
@@ -33,9 +38,10 @@ _F32 = np.float32
 LANES = oc.WARP_SIZE
 V = oc.vector_width(_F32)                 # weights per lane per iteration (fp32: 4)
 STEP = LANES * V                          # elements per warp iteration
+CACHE_LINE = 64                           # bytes (x86-64, Arm Neoverse)
 SUB_ROWS = oc.DOWN_ROW_CHUNK // oc.DOWN_SUB_CHUNKS
 SUBS = oc.DOWN_SUB_CHUNKS
-DOWN_COLUMN_BLOCK = 512                   # columns per down task: 2 KiB of accumulators per level
+DOWN_MAX_COLUMNS = 2048                   # columns per down task at most: 8 KiB of accumulators per level
 assert oc.BUTTERFLY_OFFSETS == tuple(LANES >> s for s in range(1, LANES.bit_length())), "butterfly below assumes 16..1"
 
 
@@ -47,6 +53,23 @@ def _popcount(typingctx, x):
     def codegen(context, builder, signature, args):
         fn = builder.module.declare_intrinsic("llvm.ctpop", [args[0].type])
         return builder.call(fn, args)
+    return sig, codegen
+
+
+@intrinsic
+def _prefetch(typingctx, address):
+    """LLVM's prefetch of the line holding an integer address: read, locality 1 (the outer
+    caches; PREFETCHT2 on x86-64). Measured on the 7B gate rows kept at 0.9 sparsity, 2
+    threads: 17 GB/s without, 27 GB/s with locality 1; locality 3 (into L1) gained nothing.
+    """
+    sig = types.void(address)
+
+    def codegen(context, builder, signature, args):
+        i8p, i32 = ir.IntType(8).as_pointer(), ir.IntType(32)
+        fnty = ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32])
+        fn = builder.module.declare_intrinsic("llvm.prefetch", [i8p], fnty)
+        builder.call(fn, [builder.inttoptr(args[0], i8p), i32(0), i32(1), i32(1)])
+        return context.get_dummy_value()
     return sig, codegen
 
 
@@ -75,6 +98,13 @@ def negative_counts(w_signs: np.ndarray, x_signs: np.ndarray, tail_mask) -> np.n
     return _negative_counts(w_signs, x_signs, np.uint32(tail_mask))
 
 
+@njit(inline="always", boundscheck=False)
+def _prefetch_span(address, nbytes):
+    """Prefetch every cache line of ``nbytes`` from ``address`` (an integer)."""
+    for line in range((nbytes + CACHE_LINE - 1) // CACHE_LINE):
+        _prefetch(address + line * CACHE_LINE)
+
+
 def _make_dot_rows(tail: bool):
     """``z[r] = w[rows[r]] . x`` in the order contract; ``tail``: d is not a multiple of STEP.
 
@@ -84,16 +114,21 @@ def _make_dot_rows(tail: bool):
     reason (a slice of a shared scratch array may alias the weights). The butterfly is
     computed in place for lanes below each offset: lane 0 only ever reads ``acc[l] +
     acc[l ^ off]`` with ``l < off``, so its value is the contract's, bit for bit.
+    While a row is summed, the next row of the list is prefetched at the same offset: the
+    rows kept are scattered, and the hardware prefetcher restarts at each of them.
     """
     @njit(parallel=True, cache=True, boundscheck=False)
     def dot_rows(w, rows, x):
         out = np.empty(rows.size, np.float32)
+        base, row_bytes = w.ctypes.data, w.strides[0]
         for r in prange(rows.size):
             i = rows[r]
             d = x.size
             full = d // STEP
+            ahead = base + rows[min(r + 1, rows.size - 1)] * row_bytes
             acc = np.zeros(LANES, np.float32)
             for t in range(full):
+                _prefetch_span(ahead + t * STEP * 4, STEP * 4)
                 for lane in range(LANES):
                     b = t * STEP + lane * V
                     a = acc[lane]
@@ -126,12 +161,35 @@ def dot_rows(w: np.ndarray, rows: np.ndarray, x: np.ndarray) -> np.ndarray:
     return (_dot_rows_tail if x.size % STEP else _dot_rows_whole)(w, rows, x)
 
 
+def down_column_block(d: int, threads: int) -> int:
+    """Columns per down task: as few tasks as keep every thread busy, at most DOWN_MAX_COLUMNS.
+
+    Every task walks all the kept rows, so wider tasks read longer runs of each row
+    (measured on the 7B shape, 2 threads: 2048 columns 12 % faster than 512). Whole
+    cache lines per task; the block never changes the result (each column's order is
+    the contract's whatever the block).
+    """
+    def ceil_div(a, b):
+        return -(-a // b)
+    threads, line = max(threads, 1), CACHE_LINE // 4
+    tasks = threads * ceil_div(ceil_div(d, DOWN_MAX_COLUMNS), threads)
+    return ceil_div(ceil_div(d, tasks), line) * line
+
+
 @njit(parallel=True, cache=True, boundscheck=False)
 def down_rows(h3, rows, w_down_t, col_block):
-    """``out = sum_r h3[r] * w_down_t[rows[r]]`` in the contract's chunk order; rows ascending."""
+    """``out = sum_r h3[r] * w_down_t[rows[r]]`` in the contract's chunk order; rows ascending.
+
+    Within a sub-chunk, rows are added two at a time, ``q = (q + h0 * s0) + h1 * s1``:
+    the same roundings in the same order as one at a time, with half the loads and
+    stores of q. Each task prefetches the next rows' segments of its columns while it
+    adds the current ones. Measured on the 7B shape, 2 threads, 10 % of rows: 18 GB/s
+    one row at a time, 20 with the prefetch, 23 with pairs.
+    """
     d = w_down_t.shape[1]
     out = np.zeros(d, np.float32)
     n = rows.size
+    base, row_bytes = w_down_t.ctypes.data, w_down_t.strides[0]
     for b in prange((d + col_block - 1) // col_block):
         j0 = b * col_block
         j1 = min(d, j0 + col_block)
@@ -147,11 +205,20 @@ def down_rows(h3, rows, w_down_t, col_block):
                 q[:] = 0
                 end = chunk * SUBS + s + 1          # first sub-chunk index past this one
                 while r < n and rows[r] // SUB_ROWS < end:
-                    h = h3[r]
-                    src = w_down_t[rows[r], j0:j1]
-                    for j in range(m):
-                        q[j] = q[j] + h * src[j]
-                    r += 1
+                    if r + 1 < n and rows[r + 1] // SUB_ROWS < end:
+                        _prefetch_span(base + rows[min(r + 2, n - 1)] * row_bytes + j0 * 4, m * 4)
+                        _prefetch_span(base + rows[min(r + 3, n - 1)] * row_bytes + j0 * 4, m * 4)
+                        h0, h1 = h3[r], h3[r + 1]
+                        s0, s1 = w_down_t[rows[r], j0:j1], w_down_t[rows[r + 1], j0:j1]
+                        for j in range(m):
+                            q[j] = (q[j] + h0 * s0[j]) + h1 * s1[j]
+                        r += 2
+                    else:
+                        _prefetch_span(base + rows[min(r + 1, n - 1)] * row_bytes + j0 * 4, m * 4)
+                        h, src = h3[r], w_down_t[rows[r], j0:j1]
+                        for j in range(m):
+                            q[j] = q[j] + h * src[j]
+                        r += 1
                 for j in range(m):
                     part[j] = part[j] + q[j]
             for j in range(m):
@@ -205,5 +272,5 @@ class HostSparseMLP:
         rows = active[live]
         h3 = h1[live] * dot_rows(self.w_up, rows, x)
         nz = h3 != 0                                            # the contract skips h3 == 0 rows
-        out = down_rows(h3[nz], rows[nz], self.w_down_t, DOWN_COLUMN_BLOCK)
+        out = down_rows(h3[nz], rows[nz], self.w_down_t, down_column_block(self.d, numba.get_num_threads()))
         return out, zero, rows

@@ -54,17 +54,30 @@ def test_dot_rows_follow_the_contract_for_every_tail(d):
     assert not np.array_equal(got, (w[rows] @ x).astype(np.float32)) or d < 8
 
 
-def test_down_rows_cross_chunks_in_the_contract_order():
+@pytest.mark.parametrize("block", [16, 512, 560, 1100])
+def test_down_rows_cross_chunks_in_the_contract_order(block):
     rng = np.random.default_rng(3)
-    k, d = 3 * oc.DOWN_ROW_CHUNK + 77, 1100          # several chunks, a partial column block
+    k, d = 3 * oc.DOWN_ROW_CHUNK + 77, 1100          # several chunks; blocks with a partial last one
     w_t = rng.standard_normal((k, d)).astype(np.float32)
     h3 = np.zeros(k, np.float32)
     rows = np.sort(rng.choice(k, k // 3, replace=False)).astype(np.int64)
     h3[rows] = rng.standard_normal(rows.size).astype(np.float32)
-    got = host_mlp.down_rows(h3[rows], rows, w_t, host_mlp.DOWN_COLUMN_BLOCK)
+    got = host_mlp.down_rows(h3[rows], rows, w_t, block)
     want = oc.down_projection(h3, w_t)
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert not np.array_equal(got, (h3 @ w_t).astype(np.float32))   # another order rounds differently
+
+
+@pytest.mark.parametrize("d", [1, 33, 1100, 4096, 5120, 11008])
+@pytest.mark.parametrize("threads", [1, 2, 3, 16])
+def test_down_column_blocks_cover_d_in_whole_lines_and_balance_threads(d, threads):
+    block = host_mlp.down_column_block(d, threads)
+    tasks = -(-d // block)
+    assert block % (host_mlp.CACHE_LINE // 4) == 0
+    assert block <= max(host_mlp.DOWN_MAX_COLUMNS, host_mlp.CACHE_LINE // 4)
+    assert (tasks - 1) * block < d <= tasks * block            # no empty task
+    if d % (threads * host_mlp.CACHE_LINE // 4) == 0:           # lines split evenly: every thread has a task
+        assert tasks % threads == 0
 
 
 def test_bad_weights_and_inputs_are_one_line_errors():
