@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 
 import numpy as np
 import onnx
@@ -111,3 +112,14 @@ def test_missing_or_unreadable_models_are_one_line_errors(tmp_path):
         OnnxDecoder(junk)
     with pytest.raises(SparseInferError, match="no such model"):
         native_session(tmp_path / "absent.onnx")
+
+
+def test_native_sessions_ask_for_passive_openmp_threads_unless_the_user_chose(sparse_export, monkeypatch):
+    _, path = sparse_export
+    monkeypatch.setenv("OMP_WAIT_POLICY", "")        # recorded, so the test leaves the variable as it found it
+    monkeypatch.delenv("OMP_WAIT_POLICY")
+    native_session(path)
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    native_session(path)
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
