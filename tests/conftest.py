@@ -1,5 +1,6 @@
-"""Shared test configuration: Hypothesis profiles, and tests marked ``gpu`` skip with the reason
-where CuPy or a CUDA device is missing (the one place that decides)."""
+"""Shared test configuration: Hypothesis profiles; tests marked ``gpu`` skip with the reason
+where CuPy or a CUDA device is missing, tests marked ``native`` where numba or
+onnxruntime-extensions is (a device image may lack them); the one place that decides."""
 from __future__ import annotations
 
 import os
@@ -15,16 +16,22 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
-def pytest_collection_modifyitems(config, items):
-    gpu_items = [item for item in items if "gpu" in item.keywords]
-    if not gpu_items:
+def _skip_marked(items, marker: str, reason_of, label: str) -> None:
+    marked = [item for item in items if marker in item.keywords]
+    if not marked:
         return
-    from sparseinfer.kernels import gpu_unavailable_reason
-
-    reason = gpu_unavailable_reason()
+    reason = reason_of()
     if reason is None:
         return
     import pytest
 
-    for item in gpu_items:
-        item.add_marker(pytest.mark.skip(reason=f"GPU tests skipped: {reason}"))
+    for item in marked:
+        item.add_marker(pytest.mark.skip(reason=f"{label} skipped: {reason}"))
+
+
+def pytest_collection_modifyitems(config, items):
+    from sparseinfer.kernels import gpu_unavailable_reason
+    from sparseinfer.model_export.native_mlp import available as native_unavailable_reason
+
+    _skip_marked(items, "gpu", gpu_unavailable_reason, "GPU tests")
+    _skip_marked(items, "native", native_unavailable_reason, "native-kernel tests")

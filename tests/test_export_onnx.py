@@ -61,8 +61,9 @@ def test_dense_export_matches_reference(tmp_path, kv_heads, tie):
         np.testing.assert_allclose(o, r, rtol=0, atol=_tol(r))
 
 
-@pytest.mark.parametrize("target,mlp_kernels", [("cpu", "function"), ("cuda", "function"), ("cpu", "native"),
-                                                ("cuda", "native")])
+@pytest.mark.parametrize("target,mlp_kernels", [("cpu", "function"), ("cuda", "function"),
+                                                pytest.param("cpu", "native", marks=pytest.mark.native),
+                                                pytest.param("cuda", "native", marks=pytest.mark.native)])
 def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target, mlp_kernels):
     w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
     alpha = "1.02@0,1.00"

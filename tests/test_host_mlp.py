@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 
 from kernel_cases import assert_same, build_case, cases
-from sparseinfer.kernels import host_mlp
+
+pytest.importorskip("numba", reason="the host kernels are compiled with numba")
+from sparseinfer.kernels import host_mlp  # noqa: E402
 from sparseinfer.reference import mlp_sparse, order_contract as oc
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import negative_product_counts, pack_signs, tail_mask

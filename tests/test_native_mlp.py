@@ -14,6 +14,8 @@ from sparseinfer.model_export.native_mlp import native_session
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.reference.errors import SparseInferError
 
+pytestmark = pytest.mark.native
+
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]
 GAMMA_K = 552 * 2.0 ** -24          # the tiny shape's longest dot product (see test_export_onnx)
 
