@@ -29,13 +29,21 @@ def make_session(path, provider: str = "cpu", threads: int | None = None):
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise SparseInferError(f"CUDA execution provider not available in this onnxruntime "
                                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine")
+    if provider == "cuda" and hasattr(ort, "preload_dlls"):
+        ort.preload_dlls()       # CUDA / cuDNN from the nvidia-* pip packages or PyTorch's, if any
     opts = ort.SessionOptions()
     if threads:
         opts.intra_op_num_threads = int(threads)
     try:
-        return ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
+        session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
     except Exception as e:  # onnxruntime raises its own exception types
         raise SparseInferError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
+    # onnxruntime falls back to the CPU, with only a logged warning, when the CUDA
+    # provider's libraries (CUDA, cuBLAS, cuDNN) fail to load: never time that as CUDA.
+    if PROVIDERS[provider] not in session.get_providers():
+        raise SparseInferError(f"{PROVIDERS[provider]} failed to load for {path} (onnxruntime fell back to "
+                               f"{', '.join(session.get_providers())}); check its CUDA / cuDNN libraries")
+    return session
 
 
 def resolve_mlp_kernels(requested: str, sparse: bool, provider: str) -> str:

@@ -18,11 +18,12 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.model_export.decode import OnnxDecoder
+from sparseinfer.model_export.decode import OnnxDecoder, make_session
 from sparseinfer.model_export.export import ExportOptions, export_onnx
 from sparseinfer.model_export.mlp_functions import DOMAIN
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows
+from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaReference
 from sparseinfer.tools.cli import cli
 
@@ -150,3 +151,19 @@ def test_commands_end_to_end(tmp_path):
     silu = make_checkpoint("tiny", tmp_path / "silu", layers=1, hidden_act="silu")
     r = runner.invoke(cli, ["export", str(silu), "--out", str(tmp_path / "s.onnx")])
     assert r.exit_code == 2 and "export it with --dense" in r.output
+
+
+def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(tmp_path, monkeypatch):
+    """onnxruntime only logs a warning when the CUDA provider's libraries fail to load."""
+    class FellBack:
+        def __init__(self, path, opts, providers):
+            assert providers == ["CUDAExecutionProvider"]
+
+        def get_providers(self):
+            return ["CPUExecutionProvider"]
+
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    monkeypatch.setattr(ort, "preload_dlls", lambda: None, raising=False)
+    monkeypatch.setattr(ort, "InferenceSession", FellBack)
+    with pytest.raises(SparseInferError, match="CUDAExecutionProvider failed to load .* fell back to CPUExecutionProvider"):
+        make_session(tmp_path / "model.onnx", "cuda")
