@@ -35,7 +35,9 @@ def make_session(path, provider: str = "cpu", threads: int | None = None):
     if threads:
         opts.intra_op_num_threads = int(threads)
     try:
-        session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]])
+        # full float32 MatMuls on CUDA (no TF32): the exports' logits are compared with fp32 error bounds
+        options = [{"use_tf32": "0"}] if provider == "cuda" else None
+        session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]], provider_options=options)
     except Exception as e:  # onnxruntime raises its own exception types
         raise SparseInferError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
     # onnxruntime falls back to the CPU, with only a logged warning, when the CUDA

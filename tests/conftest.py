@@ -1,6 +1,7 @@
 """Shared test configuration: Hypothesis profiles; tests marked ``gpu`` skip with the reason
 where CuPy or a CUDA device is missing, tests marked ``native`` where numba or
-onnxruntime-extensions is (a device image may lack them); the one place that decides."""
+onnxruntime-extensions is (a device image may lack them), tests marked ``ort_cuda`` where
+onnxruntime has no CUDA execution provider; the one place that decides."""
 from __future__ import annotations
 
 import os
@@ -35,3 +36,12 @@ def pytest_collection_modifyitems(config, items):
 
     _skip_marked(items, "gpu", gpu_unavailable_reason, "GPU tests")
     _skip_marked(items, "native", native_unavailable_reason, "native-kernel tests")
+    _skip_marked(items, "ort_cuda", _ort_cuda_unavailable_reason, "onnxruntime CUDA tests")
+
+
+def _ort_cuda_unavailable_reason() -> str | None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        return None
+    return f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (install onnxruntime-gpu on a CUDA machine)"

@@ -36,9 +36,9 @@ def _tol(logits):
     return GAMMA_K * (1 + float(np.abs(logits).max()))
 
 
-def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto"):
+def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto", provider="cpu"):
     """Prefill + DECODE_STEPS greedy steps in ONNX and the reference on the same tokens."""
-    decoder = OnnxDecoder(export_onnx(weights, tmp_path / "m.onnx", opts), mlp_kernels=mlp_kernels)
+    decoder = OnnxDecoder(export_onnx(weights, tmp_path / "m.onnx", opts), provider, mlp_kernels=mlp_kernels)
     assert decoder.mlp_kernels == ("native" if mlp_kernels == "native" else "function")
     onnx_logits, _ = decoder.step(PROMPT)
     ref_logits = reference.prefill(PROMPT)
@@ -52,25 +52,32 @@ def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto"):
     return steps
 
 
-@pytest.mark.parametrize("kv_heads,tie", [(2, False), (4, False), (2, True), (4, True)])
-def test_dense_export_matches_reference(tmp_path, kv_heads, tie):
+@pytest.mark.parametrize("kv_heads,tie,provider", [(2, False, "cpu"), (4, False, "cpu"), (2, True, "cpu"),
+                                                   (4, True, "cpu"),
+                                                   pytest.param(2, False, "cuda", marks=pytest.mark.ort_cuda)])
+def test_dense_export_matches_reference(tmp_path, kv_heads, tie, provider):
     w = make_weights(synthetic_shape("tiny", layers=2, kv_heads=kv_heads, tie_embeddings=tie), seed=11)
-    steps = _run_both(w, ExportOptions(sparse=False), tmp_path, LlamaReference(w))
+    steps = _run_both(w, ExportOptions(sparse=False), tmp_path, LlamaReference(w), provider=provider)
     assert len(steps) == 1 + DECODE_STEPS and steps[0][0].shape == (len(PROMPT), w.shape.vocab_size)
     for o, r, _, _ in steps:
         assert np.abs(r).max() > 0.5
         np.testing.assert_allclose(o, r, rtol=0, atol=_tol(r))
 
 
-@pytest.mark.parametrize("target,mlp_kernels", [("cpu", "function"), ("cuda", "function"),
-                                                pytest.param("cpu", "native", marks=pytest.mark.native),
-                                                pytest.param("cuda", "native", marks=pytest.mark.native)])
-def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target, mlp_kernels):
+@pytest.mark.parametrize("target,mlp_kernels,provider", [
+    ("cpu", "function", "cpu"), ("cuda", "function", "cpu"),
+    pytest.param("cpu", "native", "cpu", marks=pytest.mark.native),
+    pytest.param("cuda", "native", "cpu", marks=pytest.mark.native),
+    # on onnxruntime's CUDA provider, KV cache bound on the device (IOBinding); the cpu
+    # target's bitwise ops have no CUDA kernels, so onnxruntime runs those nodes on the CPU
+    pytest.param("cuda", "function", "cuda", marks=pytest.mark.ort_cuda),
+    pytest.param("cpu", "function", "cuda", marks=pytest.mark.ort_cuda)])
+def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target, mlp_kernels, provider):
     w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
     alpha = "1.02@0,1.00"
     reference = LlamaReference(w, sparse=True, alpha=alpha)
     steps = _run_both(w, ExportOptions(sparse=True, alpha=alpha, target=target, debug=True), tmp_path, reference,
-                      mlp_kernels)
+                      mlp_kernels, provider)
     for o, r, debug, ref_step in steps[1:]:
         for i, lw in enumerate(w.layers):
             x = debug[f"debug.{i}.mlp_input"].reshape(-1)
@@ -156,8 +163,8 @@ def test_commands_end_to_end(tmp_path):
 def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(tmp_path, monkeypatch):
     """onnxruntime only logs a warning when the CUDA provider's libraries fail to load."""
     class FellBack:
-        def __init__(self, path, opts, providers):
-            assert providers == ["CUDAExecutionProvider"]
+        def __init__(self, path, opts, providers, provider_options):
+            assert providers == ["CUDAExecutionProvider"] and provider_options == [{"use_tf32": "0"}]
 
         def get_providers(self):
             return ["CPUExecutionProvider"]
