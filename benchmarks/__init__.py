@@ -1,1 +1,2 @@
-"""GPU benchmarks of the kernel versions (``sparseinfer bench``); results in ``results/<device>.json``."""
+"""GPU benchmarks of the kernel versions (``sparseinfer bench``; results in ``results/<device>.json``)
+and the logistics of the lent device (``carry_parts``: a large wheel carried in checked parts)."""

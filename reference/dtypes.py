@@ -36,7 +36,7 @@ def parse_dtype(name: str) -> np.dtype:
     for dt, short in _NAMES.items():
         if name in (short, dt.name, str(dt)):
             return dt
-    raise SparseInferError(f"unknown dtype {name!r}; expected one of fp32, fp16, bf16, int8")
+    raise SparseInferError(f"unknown dtype {name!r}; expected one of {', '.join(_NAMES.values())}")
 
 
 def check_dtype(name: str, a: np.ndarray, allowed) -> None:

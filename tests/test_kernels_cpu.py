@@ -89,7 +89,8 @@ def test_wrappers_check_arguments_before_touching_the_gpu():
     (lambda w: (w[0][:, :5], w[1], w[2]), r"w_up has shape \(40, 33\); expected \[k, d\] = \(40, 5\)"),
     (lambda w: (w[0], w[1], w[2].T), r"w_down has shape \(40, 33\); expected \[d, k\]"),
     (lambda w: (w[0], w[1].astype(np.float32), w[2]), "weights must share one dtype"),
-    (lambda w: (w[0], w[1], np.where(np.arange(40) == 7, np.nan, w[2]).astype(np.float16)), "w_down contains NaN"),
+    (lambda w: (w[0], w[1], np.where(np.arange(40) == 7, np.nan, w[2]).astype(np.float16)),
+     r"w_down contains NaN at index \(0, 7\)"),      # the HF [d, k] index, not the transposed upload's
     (lambda w: (w[0][0], w[1], w[2]), r"w_gate has shape \(33,\); expected \[k, d\]"),
 ])
 def test_sparse_mlp_rejects_bad_layers_on_the_host(mutate, match):

@@ -134,3 +134,12 @@ def test_prepared_transposed_down_is_checked():
     assert_bits_equal(out, mlp_sparse(x, wg, wu, wd, "relu")[0], "prepared vs unprepared")
     with pytest.raises(SparseInferError, match="w_down_t has shape"):
         mlp_sparse(x, wg, wu, wd, "relu", w_down_t=wd)
+
+
+def test_dtype_names_round_trip_and_unknown_names_list_the_choices():
+    from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, dtype_name, parse_dtype
+
+    for dt in SIGN_PACK_DTYPES:
+        assert parse_dtype(dtype_name(dt)) == dt and parse_dtype(dt.name) == dt
+    with pytest.raises(SparseInferError, match=r"unknown dtype 'fp8'; expected one of fp32, fp16, bf16, int8$"):
+        parse_dtype("fp8")
