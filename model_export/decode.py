@@ -106,6 +106,13 @@ class OnnxDecoder:
         self.debug = any(n.startswith("debug.") for n in self.output_names)
         self.reset()
 
+    def row_counts(self, reset: bool = False) -> dict | None:
+        """Rows the native MLP kernels skipped / computed since the last reset (None on function bodies)."""
+        if self.mlp_kernels != "native":
+            return None
+        from .native_mlp import row_counts
+        return row_counts(self.session, reset)
+
     def reset(self) -> None:
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.num_layers) for kv in ("key", "value")}
@@ -172,6 +179,7 @@ class Generation:
     decode_s: float = 0.0
     predicted_zero: list[list[np.ndarray]] = field(default_factory=list)   # [step][layer]
     actual_zero: list[list[np.ndarray]] = field(default_factory=list)
+    kernel_rows: dict | None = None          # native kernels' own counts (no debug outputs needed)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -182,6 +190,9 @@ class Generation:
         out = {"prompt_tokens": len(self.prompt_ids), "new_tokens": len(self.tokens),
                "prefill_s": self.prefill_s, "decode_s": self.decode_s,
                "decode_tokens_per_s": self.decode_tokens_per_s}
+        if self.kernel_rows and self.kernel_rows["decode_steps_counted"]:
+            out.update({"predicted_sparsity": self.kernel_rows["predicted_sparsity"],
+                        "rows_computed": self.kernel_rows["rows_computed"]})
         if self.predicted_zero:
             pred = np.concatenate([np.concatenate(s) for s in self.predicted_zero])
             act = np.concatenate([np.concatenate(s) for s in self.actual_zero])
@@ -208,6 +219,7 @@ def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature:
     logits, _ = decoder.step(prompt_ids)
     logits = logits[-1]
     gen.prefill_s = time.perf_counter() - t0
+    decoder.row_counts(reset=True)
     t0 = time.perf_counter()
     for n in range(max_new_tokens):
         tok = sample(logits, temperature, top_p, rng)
@@ -225,6 +237,7 @@ def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature:
             gen.predicted_zero.append([debug[f"debug.{i}.predicted_zero"] for i in layers])
             gen.actual_zero.append([debug[f"debug.{i}.actual_zero"] for i in layers])
     gen.decode_s = time.perf_counter() - t0
+    gen.kernel_rows = decoder.row_counts()
     return gen
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import os
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,9 +36,18 @@ from .mlp_functions import DOMAIN
 
 NATIVE_OP = "SparseMLPHost"
 INLINE_BYTES = 1 << 16            # external tensors smaller than this are read into the model
-_STORES: dict[str, dict[int, tuple]] = {}     # store key -> layer -> (HostSparseMLP, alpha_milli)
+_STORES: dict[str, dict[int, "_Layer"]] = {}     # store key -> layer -> its kernel, α and counters
 _KEYS = itertools.count()
 _registered = False
+
+
+@dataclass
+class _Layer:
+    mlp: object                    # HostSparseMLP
+    alpha_milli: int
+    calls: int = 0                 # decode steps run
+    rows_skipped: int = 0          # rows predicted zero, summed over the steps
+    rows_computed: int = 0         # rows whose up and down products were computed (+AS)
 
 
 def available() -> str | None:
@@ -61,8 +71,11 @@ def _register_op() -> str:
                  attrs={"store": PyCustomOpDef.dt_string, "layer": PyCustomOpDef.dt_int64,
                         "masks": PyCustomOpDef.dt_int64})
         def sparse_mlp_host(x, store, layer, masks):
-            mlp, alpha_milli = _STORES[store][layer]
-            out, zero, rows = mlp(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), alpha_milli)
+            entry = _STORES[store][layer]
+            out, zero, rows = entry.mlp(np.ascontiguousarray(x, dtype=np.float32).reshape(-1), entry.alpha_milli)
+            entry.calls += 1
+            entry.rows_skipped += int(np.count_nonzero(zero))
+            entry.rows_computed += rows.size
             if not masks:          # nothing reads them: skip handing k bools back through Python lists
                 zero, rows = zero[:0], rows[:0]
             return zero, rows, out.reshape(1, -1)
@@ -170,10 +183,10 @@ def native_session(path, threads: int | None = None, model: onnx.ModelProto | No
             t.data_location = onnx.TensorProto.DEFAULT
     external = [t.name for t in model.graph.initializer if uses_external_data(t)]
     activation = meta["sparseinfer.activation"]
-    _STORES[store] = {i: (HostSparseMLP(arrays[l["w_gate"]], arrays[l["w_up"]], arrays[l["w_down_t"]], activation),
-                          l["alpha_milli"]) for i, l in enumerate(layers)}
-    first, alpha_milli = _STORES[store][0]
-    first(np.ones(first.d, np.float32), alpha_milli)       # compile / load the kernels now, not in the first token
+    _STORES[store] = {i: _Layer(HostSparseMLP(arrays[l["w_gate"]], arrays[l["w_up"]], arrays[l["w_down_t"]],
+                                              activation), l["alpha_milli"]) for i, l in enumerate(layers)}
+    first = _STORES[store][0]
+    first.mlp(np.ones(first.mlp.d, np.float32), first.alpha_milli)     # compile / load the kernels now
 
     opts = ort.SessionOptions()
     if threads:
@@ -191,5 +204,27 @@ def native_session(path, threads: int | None = None, model: onnx.ModelProto | No
         del _STORES[store]
         raise SparseInferError(f"cannot load {path} with native MLP kernels: {str(e).splitlines()[0]}") from None
     session._sparseinfer_keepalive = (arrays, values)     # the mapped weights live as long as the session
+    session._sparseinfer_store = store
     weakref.finalize(session, _STORES.pop, store, None)
     return session
+
+
+def row_counts(session, reset: bool = False) -> dict | None:
+    """What the native kernels of ``session`` skipped since the last reset; None for other sessions.
+
+    ``predicted_sparsity``: rows predicted zero / rows, over layers and decode steps;
+    ``rows_computed``: the fraction whose up and down products were computed. Both come
+    for free from the kernels, with no debug outputs; the actual sparsity (and so the
+    predictor's precision / recall) needs the full gate product, i.e. a ``--debug`` export.
+    """
+    layers = _STORES.get(getattr(session, "_sparseinfer_store", None))
+    if layers is None:
+        return None
+    rows = sum(e.calls * e.mlp.k for e in layers.values())
+    counts = {"decode_steps_counted": min(e.calls for e in layers.values()),
+              "predicted_sparsity": sum(e.rows_skipped for e in layers.values()) / rows if rows else float("nan"),
+              "rows_computed": sum(e.rows_computed for e in layers.values()) / rows if rows else float("nan")}
+    if reset:
+        for e in layers.values():
+            e.calls = e.rows_skipped = e.rows_computed = 0
+    return counts

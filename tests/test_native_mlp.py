@@ -103,6 +103,31 @@ def test_exports_without_debug_outputs_decode_the_same_text(tmp_path):
     assert native.tokens == function.tokens
     for a, b in zip(native.logits, function.logits):
         np.testing.assert_allclose(a, b, rtol=0, atol=GAMMA_K * (1 + float(np.abs(b).max())))
+    # the kernels still count what they skipped: the same decision as a debug export's masks
+    debug = export_onnx(w, tmp_path / "d.onnx", ExportOptions(sparse=True, alpha="1.00", debug=True))
+    with_masks = _decode(OnnxDecoder(debug, mlp_kernels="function"), steps=8).stats()
+    stats = native.stats()
+    assert stats["predicted_sparsity"] == with_masks["predicted_sparsity"]
+    assert 0 < stats["rows_computed"] <= 1 - stats["predicted_sparsity"] and "actual_sparsity" not in stats
+    assert "predicted_sparsity" not in function.stats()
+
+
+def test_native_kernels_count_the_rows_they_skip_and_compute(sparse_export):
+    _, path = sparse_export
+    decoder = OnnxDecoder(path, mlp_kernels="native")
+    decoder.step(PROMPT)                                   # prefill: dense branch, nothing counted
+    assert decoder.row_counts(reset=True)["decode_steps_counted"] == 0
+    skipped = computed = rows = 0
+    for tok in ([101], [32], [113]):
+        _, debug = decoder.step([tok[0]])
+        for i in range(decoder.num_layers):
+            skipped += int(debug[f"debug.{i}.predicted_zero"].sum())
+            computed += debug[f"debug.{i}.rows"].size
+            rows += debug[f"debug.{i}.predicted_zero"].size
+    counts = decoder.row_counts()
+    assert counts == {"decode_steps_counted": 3, "predicted_sparsity": skipped / rows, "rows_computed": computed / rows}
+    assert 0 < skipped < rows and 0 < computed
+    assert OnnxDecoder(path, mlp_kernels="function").row_counts() is None
 
 
 def test_missing_or_unreadable_models_are_one_line_errors(tmp_path):

@@ -148,8 +148,10 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
                  mlp_kernels, as_json):
     """Decode text from an exported MODEL (.onnx), streaming tokens.
 
-    Then prints prefill time, decode tokens/s and, for exports with --debug, the
-    measured decode sparsity and the predictor's precision / recall.
+    Then prints prefill time, decode tokens/s and the rows skipped: with native MLP
+    kernels, the fraction of rows predicted zero and of up/down rows computed (counted by
+    the kernels); for exports with --debug, the measured decode sparsity and the
+    predictor's precision / recall.
     """
     from sparseinfer.model_export.decode import OnnxDecoder, generate
 
@@ -174,6 +176,9 @@ def _stats_line(st: dict) -> str:
     if "actual_sparsity" in st:
         line += (f", sparsity actual {st['actual_sparsity']:.3f} predicted {st['predicted_sparsity']:.3f}, "
                  f"predictor precision {st['precision']:.3f} recall {st['recall']:.3f}")
+    elif "predicted_sparsity" in st:
+        line += (f", rows predicted zero {st['predicted_sparsity']:.3f}, up/down rows computed "
+                 f"{st['rows_computed']:.3f} (actual sparsity and precision / recall: export with --debug)")
     return line
 
 
