@@ -79,3 +79,7 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
     assert result["speedup_per_round"] == pytest.approx(ratios)
     assert result["speedup"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
     assert all(v > 0 for v in ratios)
+    if result["sparse"]["mlp_kernels"] == "native":          # the kernels' own counts of the last sparse run
+        counts = result["sparse"]["rows_of_last_run"]
+        assert counts["decode_steps_counted"] == 3 and 0 < counts["rows_computed"] < 1 - counts["predicted_sparsity"] + 1e-12
+        assert "rows_of_last_run" not in result["dense"] and "rows_of_last_run" not in result["sparse-function"]

@@ -298,18 +298,19 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     if decoders["sparse"].mlp_kernels == "native":
         paths["sparse-function"] = paths["sparse"]
         decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
-    runs = {kind: [] for kind in decoders}
+    runs, last = {kind: [] for kind in decoders}, {}
     with _progress() as bar:
         task = bar.add_task(f"decode {'/'.join(decoders)} alternately", total=len(decoders) * (repeats + 1))
         for r in range(repeats + 1):
             for kind, decoder in decoders.items():
-                gen = generate(decoder, prompt, tokens)
+                last[kind] = generate(decoder, prompt, tokens)
                 if r:  # round 0 is the warm-up
-                    runs[kind].append(gen.decode_tokens_per_s)
+                    runs[kind].append(last[kind].decode_tokens_per_s)
                 bar.advance(task)
     rows = {kind: {"tokens_per_s_median": float(np.median(runs[kind])), "tokens_per_s_runs": runs[kind],
                    "mlp_kernels": decoders[kind].mlp_kernels,
-                   "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*"))}
+                   "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*")),
+                   **({"rows_of_last_run": last[kind].kernel_rows} if last[kind].kernel_rows else {})}
             for kind in decoders}
     ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in decoders if kind != "dense"}
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
