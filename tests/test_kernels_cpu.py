@@ -140,3 +140,20 @@ def test_make_layer_hits_the_target_sparsity_exactly(d, k, sparsity):
 @given(case=cases(shapes=[s for s in TEST_SHAPES if s[0] * s[1] < 10 ** 5]))
 def test_gpu_test_cases_are_nontrivial(case):
     case.assert_nontrivial()
+
+
+def test_emulated_kernels_refuse_what_cupy_would_not_take():
+    from sparseinfer.kernels import emulator
+
+    if emulator.unavailable_reason():
+        pytest.skip(emulator.unavailable_reason())
+    words = np.zeros(2, np.uint32)
+    x = np.zeros(64, np.float32)
+    launch = emulator.kernel("pack_signs_fp32")
+    with pytest.raises(SparseInferError, match="strided array"):
+        launch((1,), (64,), (np.zeros(128, np.float32)[::2], words, np.int32(1), np.int32(64), np.int64(64)))
+    with pytest.raises(SparseInferError, match="argument of type int"):
+        launch((1,), (64,), (x, words, 1, np.int32(64), np.int64(64)))
+    x[[3, 40]] = -1.0
+    launch((1,), (64,), (x, words, np.int32(1), np.int32(64), np.int64(64)))
+    assert words.tolist() == [1 << 3, 1 << 8]

@@ -1,9 +1,14 @@
-"""Every kernel version against the reference, on a GPU (marker ``gpu``).
+"""Every kernel version against the reference, on a GPU and on the CPU emulation of the kernels.
 
 Integer results (sign words, counts, masks, active lists) exactly; float outputs of the
 deterministic versions bit for bit; the atomic down projection within the reference's
-rigorous error bound. Each case first asserts it is non-trivial. Skipped, with the
-reason, where CuPy or a CUDA device is missing.
+rigorous error bound. Each case first asserts it is non-trivial.
+
+Every test runs twice, once per backend (the module's ``backend`` fixture): ``gpu``
+(marker ``gpu``: CuPy on a CUDA device, skipped with the reason where there is none) and
+``emulated`` (marker ``emulated``: the same CUDA sources compiled for the CPU by
+``kernels/emulator.py``, skipped where g++ is missing). The emulation checks the
+kernels' logic in CI; only the GPU run checks them on the hardware.
 """
 from __future__ import annotations
 
@@ -15,14 +20,25 @@ from hypothesis import strategies as st
 from kernel_cases import assert_same, build_case, cases
 from sparseinfer.kernels import DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP
 from sparseinfer.kernels.device import DeviceMatrix, cupy
-from sparseinfer.kernels import ops
+from sparseinfer.kernels import emulator, ops
 from sparseinfer.kernels.expected import within_down_bound
 from sparseinfer.reference import mlp_dense, mlp_sparse, order_contract as oc
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, WEIGHT_DTYPES
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import pack_signs
 
-pytestmark = pytest.mark.gpu  # skipped with the reason by conftest where no device is present
+
+
+@pytest.fixture(scope="module", autouse=True, params=[pytest.param("gpu", marks=pytest.mark.gpu),
+                                                      pytest.param("emulated", marks=pytest.mark.emulated)])
+def backend(request):
+    """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
+    if request.param == "emulated":
+        with pytest.MonkeyPatch.context() as mp:
+            emulator.install(mp)
+            yield request.param
+    else:
+        yield request.param
 
 
 def _mlp(case, pipeline="sparse-fused"):

@@ -26,9 +26,16 @@ struct half_bits { u16 b; };
 struct bf16_bits { u16 b; };
 
 __device__ __forceinline__ float fp16_bits_to_float(u32 bits) {
+#ifdef SPARSEINFER_CPU_EMULATION             // kernels/cuda/cpu_emulation.h (g++, x86-64 _Float16)
+    const u16 b = (u16)bits;
+    _Float16 h;
+    std::memcpy(&h, &b, 2);
+    return (float)h;
+#else
     float f;
     asm("{ .reg .b16 h; cvt.u16.u32 h, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(bits));
     return f;
+#endif
 }
 
 // Elem<T>: V (elements per 16 bytes), scalar widening load, and 16-byte unpack.

@@ -1,0 +1,210 @@
+// CPU emulation of the CUDA subset the SparseInfer kernels use, so that the very same
+// kernel sources run on a machine without a GPU (kernels/emulator.py compiles them with
+// g++ against this header).
+//
+// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; the blocks of a
+// launch run one after another, so `__shared__` becomes a function-local static that the
+// block's fibers share. Fibers switch only at barriers, in thread order: __syncthreads is
+// a block barrier; __ballot_sync and __shfl_xor_sync publish each lane's value in the
+// warp's slots between two warp barriers. A thread that returns drops out of its block's
+// and its warp's barriers, as an exited thread does on the GPU. A barrier that can never
+// complete (threads of a warp or block diverged around it) ends the launch with an error
+// instead of hanging. Products and sums round separately (compiled with -ffp-contract=off),
+// as NVRTC's --fmad=false makes them on the GPU.
+//
+// What it checks: the kernels' logic (indexing, tails, compaction, accumulation order),
+// bit for bit. What it cannot: timing, coalescing, races of the GPU's memory model.
+#pragma once
+
+#include <ucontext.h>
+
+#include <cstdint>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#define SPARSEINFER_CPU_EMULATION 1
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+#define __restrict__ __restrict
+
+struct dim3 { unsigned x = 1, y = 1, z = 1; };
+struct uint4 { unsigned x, y, z, w; };
+struct float4 { float x, y, z, w; };
+
+namespace emu {
+
+constexpr std::size_t STACK_BYTES = 64 * 1024;
+
+struct Barrier {
+    int expected = 0, arrived = 0;
+    unsigned generation = 0;
+};
+
+struct Fiber {
+    ucontext_t ctx;
+    std::unique_ptr<char[]> stack;
+    dim3 tid;
+    bool done = false;
+};
+
+struct Scheduler {
+    ucontext_t main;
+    std::vector<Fiber> fibers;
+    std::vector<Barrier> warp_bars;
+    std::vector<uint32_t> slots;          // 32 per warp
+    Barrier block_bar;
+    dim3 block_idx, block_dim, grid_dim;
+    std::function<void()> body;
+    int current = 0, alive = 0, idle_switches = 0;
+    bool deadlock = false;
+};
+
+inline Scheduler S;
+
+inline int lane() { return S.current % 32; }
+inline int warp_index() { return S.current / 32; }
+
+inline void switch_to(int next) {
+    const int me = S.current;
+    S.current = next;
+    swapcontext(&S.fibers[me].ctx, &S.fibers[next].ctx);
+}
+
+// Give the CPU to the next unfinished fiber in thread order; a full round with no barrier
+// progress means nobody can ever go on: end the launch.
+inline void yield() {
+    if (++S.idle_switches > 2 * S.alive + 2) {
+        S.deadlock = true;
+        setcontext(&S.main);
+    }
+    const int n = (int)S.fibers.size();
+    int next = S.current;
+    do next = (next + 1) % n; while (S.fibers[next].done);
+    if (next != S.current) switch_to(next);
+}
+
+inline void arrive_and_wait(Barrier& b) {
+    S.idle_switches = 0;
+    if (++b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.generation;
+        return;
+    }
+    const unsigned g = b.generation;
+    while (b.generation == g) yield();
+}
+
+inline void drop(Barrier& b) {
+    S.idle_switches = 0;
+    if (--b.expected > 0 && b.arrived == b.expected) {
+        b.arrived = 0;
+        ++b.generation;
+    }
+}
+
+inline void fiber_entry(int index) {
+    S.body();
+    S.fibers[index].done = true;
+    drop(S.warp_bars[index / 32]);
+    drop(S.block_bar);
+    if (--S.alive == 0) setcontext(&S.main);
+    int next = index;
+    do next = (next + 1) % (int)S.fibers.size(); while (S.fibers[next].done);
+    S.current = next;
+    setcontext(&S.fibers[next].ctx);
+}
+
+// Run kernel(args...) on grid x block threads: 0 on success, -2 on a barrier deadlock.
+template <typename... A>
+int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
+    const int n = (int)blk.x;
+    S.grid_dim = grid;
+    S.block_dim = blk;
+    S.body = [&] { kernel(args...); };
+    S.fibers.resize(n);                   // contexts are made below, after any reallocation
+    S.warp_bars.assign((n + 31) / 32, Barrier{});
+    S.slots.assign(32 * S.warp_bars.size(), 0u);
+    for (unsigned by = 0; by < grid.y; ++by)
+        for (unsigned bx = 0; bx < grid.x; ++bx) {
+            S.block_idx = dim3{bx, by, 0};
+            S.block_bar = Barrier{n, 0, 0};
+            for (int w = 0; w < (int)S.warp_bars.size(); ++w)
+                S.warp_bars[w] = Barrier{n - 32 * w < 32 ? n - 32 * w : 32, 0, 0};
+            for (int t = 0; t < n; ++t) {
+                Fiber& f = S.fibers[t];
+                if (!f.stack) f.stack.reset(new char[STACK_BYTES]);
+                f.tid = dim3{(unsigned)t, 0, 0};
+                f.done = false;
+                getcontext(&f.ctx);
+                f.ctx.uc_stack.ss_sp = f.stack.get();
+                f.ctx.uc_stack.ss_size = STACK_BYTES;
+                f.ctx.uc_link = nullptr;
+                makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_entry), 1, t);
+            }
+            S.alive = n;
+            S.idle_switches = 0;
+            S.deadlock = false;
+            S.current = 0;
+            swapcontext(&S.main, &S.fibers[0].ctx);
+            if (S.deadlock) return -2;
+        }
+    return 0;
+}
+
+// The C entry point's argument list, as cuLaunchKernel takes it: one pointer per argument.
+template <typename... A, std::size_t... I>
+int launch_packed(void (*kernel)(A...), dim3 grid, dim3 blk, void** args, std::index_sequence<I...>) {
+    return launch<A...>(kernel, grid, blk, *static_cast<A*>(args[I])...);
+}
+
+template <typename... A>
+int launch_args(void (*kernel)(A...), dim3 grid, dim3 blk, void** args) {
+    return launch_packed(kernel, grid, blk, args, std::index_sequence_for<A...>{});
+}
+
+template <typename T>
+inline T exchange(T v, int src_lane) {            // every lane publishes v, reads src_lane's
+    static_assert(sizeof(T) == 4, "32-bit exchanges only");
+    uint32_t* slot = &S.slots[32 * warp_index()];
+    std::memcpy(&slot[lane()], &v, 4);
+    arrive_and_wait(S.warp_bars[warp_index()]);
+    T out;
+    std::memcpy(&out, &slot[src_lane], 4);
+    arrive_and_wait(S.warp_bars[warp_index()]);   // nobody overwrites a slot before all have read
+    return out;
+}
+
+}  // namespace emu
+
+#define threadIdx (emu::S.fibers[emu::S.current].tid)
+#define blockIdx (emu::S.block_idx)
+#define blockDim (emu::S.block_dim)
+#define gridDim (emu::S.grid_dim)
+
+inline void __syncthreads() { emu::arrive_and_wait(emu::S.block_bar); }
+
+inline unsigned __ballot_sync(unsigned, bool pred) {
+    unsigned bits = 0;
+    uint32_t* slot = &emu::S.slots[32 * emu::warp_index()];
+    slot[emu::lane()] = pred ? 1u : 0u;
+    emu::arrive_and_wait(emu::S.warp_bars[emu::warp_index()]);
+    for (int l = 0; l < 32; ++l) bits |= (slot[l] & 1u) << l;
+    emu::arrive_and_wait(emu::S.warp_bars[emu::warp_index()]);
+    return bits;
+}
+
+inline float __shfl_xor_sync(unsigned, float v, int offset) { return emu::exchange(v, emu::lane() ^ offset); }
+inline int __shfl_xor_sync(unsigned, int v, int offset) { return emu::exchange(v, emu::lane() ^ offset); }
+
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline float __fmul_rn(float a, float b) { return a * b; }
+inline float __fadd_rn(float a, float b) { return a + b; }
+inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
+template <typename T> inline T __ldg(const T* p) { return *p; }
+inline int min(int a, int b) { return a < b ? a : b; }
+inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }   // one OS thread

@@ -1,0 +1,156 @@
+"""The CUDA kernels run on the CPU: the same sources, compiled with g++ against an emulation header.
+
+``kernels/cuda/cpu_emulation.h`` maps the CUDA subset the kernels use (thread and block
+indices, ``__shared__``, ``__syncthreads``, ``__ballot_sync``, ``__shfl_xor_sync``,
+``atomicAdd``, the ``_rn`` intrinsics) onto fibers that switch at barriers. Each kernel source
+becomes one shared library with a C entry point that takes the launch like
+``cuLaunchKernel`` (grid, block, one pointer per argument), loaded with ctypes.
+
+:func:`install` makes :func:`sparseinfer.kernels.device.cupy` return :data:`xp`, a small
+CuPy stand-in over NumPy, and :func:`~sparseinfer.kernels.device.kernel` return emulated
+kernels, so the wrappers in ``ops.py``, ``SparseMLP`` and the GPU tests run unchanged.
+What this checks: the kernels' logic, bit for bit against the reference. What it cannot:
+timing, coalescing, the GPU's memory model; the GPU run stays owed.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.reference.errors import SparseInferError
+
+from . import device
+from .sources import COMPILE_OPTIONS, KERNELS, SOURCES, _read, source
+
+CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math",
+             "-fno-strict-aliasing", "-w")
+_DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
+
+
+def unavailable_reason() -> str | None:
+    """None when a C++20 compiler (g++) is there to build the emulated kernels, else why not."""
+    if shutil.which("g++") is None:
+        return "no g++ on PATH to build the CPU emulation of the CUDA kernels"
+    return None
+
+
+def _translation_unit(src: str) -> str:
+    """Emulation header + the kernel source + a C entry point that launches any of its kernels."""
+    branches = "\n".join(
+        f'    if (!std::strcmp(name, "{k}")) return emu::launch_args(&{k}, grid, block, args);'
+        for k in KERNELS[src])
+    return (f"{_read('cpu_emulation.h')}\n{source(src)}\n"
+            'extern "C" int sparseinfer_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, void** args) {\n'
+            "    const dim3 grid{gx, gy, 1}, block{bx, 1, 1};\n"
+            f"{branches}\n    return -1;\n}}\n")
+
+
+@functools.lru_cache(maxsize=None)
+def _library(src: str) -> ctypes.CDLL:
+    reason = unavailable_reason()
+    if reason:
+        raise SparseInferError(reason)
+    text = _translation_unit(src)
+    key = hashlib.sha256((text + " ".join(CXX_FLAGS + _DEFINES)).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "sparseinfer-emulated-kernels"
+    lib = cache / f"{Path(src).stem}-{key}.so"
+    if not lib.is_file():
+        cache.mkdir(parents=True, exist_ok=True)
+        cpp = lib.with_suffix(".cpp")
+        cpp.write_text(text)
+        tmp = lib.with_suffix(f".{id(text)}.tmp")
+        r = subprocess.run(["g++", *CXX_FLAGS, *_DEFINES, str(cpp), "-o", str(tmp)], capture_output=True, text=True)
+        if r.returncode != 0:
+            first = next((line for line in r.stderr.splitlines() if "error" in line), r.stderr.strip()[:200])
+            raise SparseInferError(f"emulated {src} does not compile: {first}")
+        tmp.replace(lib)                       # atomic: concurrent test workers never load half a file
+    dll = ctypes.CDLL(str(lib))
+    dll.sparseinfer_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
+                                       ctypes.POINTER(ctypes.c_void_p)]
+    dll.sparseinfer_launch.restype = ctypes.c_int
+    return dll
+
+
+_SCALARS = {np.dtype(np.int32): ctypes.c_int32, np.dtype(np.int64): ctypes.c_int64,
+            np.dtype(np.uint64): ctypes.c_uint64, np.dtype(np.float32): ctypes.c_float,
+            np.dtype(np.uint32): ctypes.c_uint32}
+
+
+def _c_argument(a):
+    if isinstance(a, np.ndarray):
+        if not a.flags.c_contiguous:
+            raise SparseInferError("an emulated kernel got a strided array")
+        return ctypes.c_void_p(a.ctypes.data)
+    if isinstance(a, np.generic) and a.dtype in _SCALARS:
+        return _SCALARS[a.dtype](a.item())
+    raise SparseInferError(f"an emulated kernel got an argument of type {type(a).__name__}; "
+                           "pass arrays or sized NumPy scalars, as for CuPy")
+
+
+class EmulatedKernel:
+    """Called like a CuPy RawKernel: ``kernel(grid, block, args)``."""
+
+    def __init__(self, name: str, src: str):
+        self.name, self.src = name, src
+
+    def __call__(self, grid, block, args, shared_mem: int = 0):
+        grid = tuple(grid) + (1,) * (2 - len(grid))
+        if len(block) != 1 or grid[2:] not in ((), (1,)):
+            raise SparseInferError(f"{self.name}: the emulator takes 1-D blocks and 2-D grids")
+        values = [_c_argument(a) for a in args]
+        pointers = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
+        rc = _library(self.src).sparseinfer_launch(self.name.encode(), grid[0], grid[1], block[0], pointers)
+        if rc == -2:
+            raise SparseInferError(f"emulated {self.name} deadlocked: threads of a warp or block diverged "
+                                   "around a barrier, ballot or shuffle")
+        if rc != 0:
+            raise SparseInferError(f"no emulated kernel named {self.name}")
+
+
+_KERNEL_SOURCE = {name: src for src in SOURCES for name in KERNELS[src]}
+
+
+def kernel(name: str) -> EmulatedKernel:
+    return EmulatedKernel(name, _KERNEL_SOURCE[name])
+
+
+class HostArray(np.ndarray):
+    """A NumPy array that answers CuPy's ``.get()``."""
+
+    def get(self):
+        return np.array(self)
+
+
+def _wrap(f):
+    @functools.wraps(f)
+    def call(*a, **k):
+        out = f(*a, **k)
+        return out.view(HostArray) if isinstance(out, np.ndarray) else out
+    return call
+
+
+xp = types.SimpleNamespace(
+    **{name: _wrap(getattr(np, name)) for name in ("asarray", "ascontiguousarray", "empty", "zeros", "isnan",
+                                                    "argmax")},
+    **{name: getattr(np, name) for name in ("float32", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+    emulated=True)
+
+
+def install(monkeypatch) -> None:
+    """Route ``device.cupy()`` and ``device.kernel()`` to the emulator (a pytest monkeypatch)."""
+    reason = unavailable_reason()
+    if reason:
+        raise SparseInferError(reason)
+    from . import ops
+
+    monkeypatch.setattr(device, "_cupy_module", lambda: xp)
+    monkeypatch.setattr(device, "kernel", kernel)
+    monkeypatch.setattr(ops, "kernel", kernel)
