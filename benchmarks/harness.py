@@ -87,7 +87,7 @@ class BenchCase:
     cuBLAS dense timings, built once and shared by every row (``sparseinfer bench`` and
     the pytest-benchmark cases)."""
 
-    def __init__(self, shape, sparsity: float, timer: Timer, seed: int = 0, log=print):
+    def __init__(self, shape, sparsity: float, timer: Timer | None, seed: int = 0, log=print):
         cp = cupy()
         self.shape, self.sparsity, self.timer = shape, sparsity, timer
         self.act = Activation.parse(BUILTIN_MODELS[shape.model].hidden_act)
@@ -103,10 +103,12 @@ class BenchCase:
         self.x = self.mlp.to_device_x(layer.x)
         self.x_signs = ops.pack_x_signs(self.x)
         self.h3_dev = cp.asarray(self.h3_want)
-        dense = DenseBaseline(layer, self.act)
-        self.dense_us = {"mlp": timer(dense.mlp).median_us, "gate_up": timer(dense.gate_up).median_us,
-                         "down": timer(dense.down).median_us}
-        log(f"  cuBLAS dense fp16: {self.dense_us}")
+        self.dense_us = {}
+        if timer is not None:             # None: verification only (verify_case)
+            dense = DenseBaseline(layer, self.act)
+            self.dense_us = {"mlp": timer(dense.mlp).median_us, "gate_up": timer(dense.gate_up).median_us,
+                             "down": timer(dense.down).median_us}
+            log(f"  cuBLAS dense fp16: {self.dense_us}")
 
     def _mlp(self, pipeline: str) -> SparseMLP:
         if pipeline not in self.mlps:
@@ -174,6 +176,22 @@ def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0,
         log(f"  {kernel} {version}: {t.median_us:.2f} us, {m.n_bytes / t.median_us / 1e3:.0f} GB/s, "
             f"verified {m.verified}")
     return out
+
+
+def verify_case(shape, sparsity: float, seed: int = 0, log=print) -> list[dict]:
+    """Every version and pipeline run once at ``shape`` and checked against the reference; no timing.
+
+    The same checks as the benchmark's ``verified`` column, on whichever backend
+    ``cupy()`` gives (a GPU, or the CPU emulation of the kernels).
+    """
+    case = BenchCase(shape, sparsity, None, seed, log)
+    rows = []
+    for kernel, version in bench_targets():
+        verified = case.measurement(kernel, version).verified
+        rows.append({"kernel": kernel, "version": version, "model": shape.model, "d": shape.d, "k": shape.k,
+                     "sparsity": sparsity, "verified": verified})
+        log(f"  {kernel} {version}: {'verified' if verified else 'MISMATCH'}")
+    return rows
 
 
 def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, log=print) -> dict:

@@ -6,14 +6,16 @@ indices, ``__shared__``, ``__syncthreads``, ``__ballot_sync``, ``__shfl_xor_sync
 becomes one shared library with a C entry point that takes the launch like
 ``cuLaunchKernel`` (grid, block, one pointer per argument), loaded with ctypes.
 
-:func:`install` makes :func:`sparseinfer.kernels.device.cupy` return :data:`xp`, a small
-CuPy stand-in over NumPy, and :func:`~sparseinfer.kernels.device.kernel` return emulated
-kernels, so the wrappers in ``ops.py``, ``SparseMLP`` and the GPU tests run unchanged.
+:func:`installed` (a context manager) makes :func:`sparseinfer.kernels.device.cupy`
+return :data:`xp`, a small CuPy stand-in over NumPy, and the kernel launches go to the
+emulated kernels, so the wrappers in ``ops.py``, ``SparseMLP``, the GPU tests and
+``sparseinfer verify-kernels`` run unchanged.
 What this checks: the kernels' logic, bit for bit against the reference. What it cannot:
 timing, coalescing, the GPU's memory model; the GPU run stays owed.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -144,13 +146,20 @@ xp = types.SimpleNamespace(
     emulated=True)
 
 
-def install(monkeypatch) -> None:
-    """Route ``device.cupy()`` and ``device.kernel()`` to the emulator (a pytest monkeypatch)."""
+@contextlib.contextmanager
+def installed():
+    """Within the block, ``device.cupy()`` and the kernel launches go to the emulator."""
     reason = unavailable_reason()
     if reason:
         raise SparseInferError(reason)
     from . import ops
 
-    monkeypatch.setattr(device, "_cupy_module", lambda: xp)
-    monkeypatch.setattr(device, "kernel", kernel)
-    monkeypatch.setattr(ops, "kernel", kernel)
+    swaps = [(device, "_cupy_module", lambda: xp), (device, "kernel", kernel), (ops, "kernel", kernel)]
+    saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
+    for owner, name, value in swaps:
+        setattr(owner, name, value)
+    try:
+        yield xp
+    finally:
+        for owner, name, value in saved:
+            setattr(owner, name, value)

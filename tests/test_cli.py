@@ -64,6 +64,11 @@ def test_tour_runs_every_part_and_writes_its_files(tmp_path):
     r = CliRunner().invoke(cli, ["tour", "--out", str(tmp_path), "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "2,211,840" in r.stdout and "1.79x" in r.stdout and "token agreement" in r.stdout
+    from sparseinfer.benchmarks.harness import bench_targets
+    from sparseinfer.kernels import emulator, gpu_unavailable_reason
+    if gpu_unavailable_reason() is None or emulator.unavailable_reason() is None:    # the kernels' step ran
+        kernel_rows = [line for line in r.stdout.splitlines() if line.split()[-1:] in (["yes"], ["NO"])]
+        assert len(kernel_rows) == len(bench_targets()) and all(line.endswith("yes") for line in kernel_rows)
     for name in ("fig4.png", "fig3.png", "tiny/config.json", "onnx/sparse/model.onnx"):
         assert (tmp_path / name).stat().st_size > 0, name
 

@@ -34,8 +34,7 @@ from sparseinfer.reference.signs import pack_signs
 def backend(request):
     """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
     if request.param == "emulated":
-        with pytest.MonkeyPatch.context() as mp:
-            emulator.install(mp)
+        with emulator.installed():
             yield request.param
     else:
         yield request.param

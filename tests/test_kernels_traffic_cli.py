@@ -83,3 +83,36 @@ def test_kernel_commands_explain_themselves(command, words):
 def test_bench_rejects_bad_sparsity():
     res = CliRunner().invoke(cli, ["bench", "--sparsity", "0.9,abc"])
     assert res.exit_code == 2 and "not a comma-separated list" in res.output
+
+
+@pytest.mark.emulated
+def test_verify_kernels_on_the_emulator_checks_every_version(tmp_path):
+    from sparseinfer.benchmarks.harness import bench_targets
+
+    res = CliRunner().invoke(cli, ["verify-kernels", "--backend", "emulated", "--d", "97", "--k", "600", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)                       # progress goes to stderr
+    assert out["backend"] == "emulated"
+    assert [(r["kernel"], r["version"]) for r in out["rows"]] == bench_targets()
+    assert all(r["verified"] and (r["d"], r["k"]) == (97, 600) for r in out["rows"])
+
+
+@pytest.mark.emulated
+def test_verify_kernels_exits_1_on_a_mismatch(monkeypatch):
+    from sparseinfer.benchmarks import harness
+
+    monkeypatch.setattr(harness, "same_bits", lambda got, want: False)      # every bit-exact check fails
+    res = CliRunner().invoke(cli, ["verify-kernels", "--backend", "emulated", "--d", "33", "--k", "97"])
+    assert res.exit_code == 1
+    verdicts = {tuple(line.split()[:2]): line.split()[-1] for line in res.stdout.splitlines()[2:]}
+    assert verdicts[("down", "v1_chunks")] == "NO" and verdicts[("mlp", "sparse-fused")] == "NO"
+    assert verdicts[("down", "v2_atomic")] == "yes"                           # checked against the bound
+
+
+def test_verify_kernels_on_gpu_without_one_is_a_one_line_error(monkeypatch):
+    from sparseinfer.kernels import device
+
+    monkeypatch.setattr(device, "gpu_unavailable_reason", lambda: "no CUDA device (test)")
+    res = CliRunner().invoke(cli, ["verify-kernels", "--backend", "gpu"])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == ["error: --backend gpu needs a CUDA GPU: no CUDA device (test)"]

@@ -1,9 +1,10 @@
 """``sparseinfer tour``: the main job, one command that shows what the suite does.
 
 Runs, in order: Table I (exact op counts), Fig. 4 (latency model on Jetson Orin, with a
-plot), a small synthetic ProSparse-like checkpoint decoded dense and sparse side by side
-through onnxruntime, and the per-layer predictor precision/recall of that checkpoint
-(Fig. 3 style plot). Everything it writes goes under ``--out``.
+plot), every CUDA kernel version checked against the reference (on the GPU, or on the CPU
+emulation of the kernels), a small synthetic ProSparse-like checkpoint decoded dense and
+sparse side by side through onnxruntime, and the per-layer predictor precision/recall of
+that checkpoint (Fig. 3 style plot). Everything it writes goes under ``--out``.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ import click
 
 from .dse_commands import fig4, predictor_stats
 from .export_commands import compare_cmd, make_checkpoint_cmd
+from .kernel_commands import verify_kernels
 from .sim_commands import table1
 
+TOUR_KERNEL_SHAPE = (1100, 1031)     # d, k: tails in every kernel, seconds on the emulator
 TOUR_PROMPT = "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May."
 
 
@@ -33,10 +36,12 @@ def tour(ctx, out_dir, max_new_tokens):
 
     1. Table I for ProSparse-Llama2-13B (operation counts, predictor memory) beside the paper.
     2. Fig. 4 speedups from the Jetson Orin latency model, plot in OUT/fig4.png.
-    3. A tiny synthetic ProSparse-like checkpoint (OUT/tiny), exported to ONNX dense and
+    3. Every CUDA kernel version and pipeline run once and checked against the reference
+       (d 1100, k 1031): on the GPU if there is one, else on the CPU emulation of the kernels.
+    4. A tiny synthetic ProSparse-like checkpoint (OUT/tiny), exported to ONNX dense and
        sparse and decoded side by side on onnxruntime (CPU): divergence, |Δlogit|, tokens/s,
        measured sparsity and predictor precision/recall.
-    4. Per-layer predictor precision/recall of that checkpoint, plot in OUT/fig3.png.
+    5. Per-layer predictor precision/recall of that checkpoint, plot in OUT/fig3.png.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,6 +49,15 @@ def tour(ctx, out_dir, max_new_tokens):
     ctx.invoke(table1)
     _step("Fig. 4: end-to-end speedups on Jetson Orin AGX (latency model)")
     ctx.invoke(fig4, plot_file=str(out / "fig4.png"))
+    _step("CUDA kernels vs the reference (GPU, or the CPU emulation of the same sources)")
+    from sparseinfer.kernels import emulator, gpu_unavailable_reason
+
+    no_gpu, no_emulator = gpu_unavailable_reason(), emulator.unavailable_reason()
+    if no_gpu and no_emulator:
+        click.echo(f"skipped: {no_gpu}; {no_emulator}")
+    else:
+        d, k = TOUR_KERNEL_SHAPE
+        ctx.invoke(verify_kernels, backend="auto", d=d, k=k)
     _step("A synthetic ProSparse-like checkpoint, dense vs sparse on onnxruntime")
     ckpt = out / "tiny"
     ctx.invoke(make_checkpoint_cmd, shape_name="tiny", out_dir=str(ckpt))
