@@ -53,7 +53,7 @@ def cupy():
     return _cupy_module()
 
 
-_KERNEL_SOURCE = {name: src for src, names in KERNELS.items() for name in names}
+KERNEL_SOURCE = {name: src for src, names in KERNELS.items() for name in names}    # kernel -> its .cu
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +63,7 @@ def _module(src: str):
 
 def kernel(name: str):
     """The compiled kernel ``name`` (compiled once per process, then cached by CuPy)."""
-    return _module(_KERNEL_SOURCE[name]).get_function(name)
+    return _module(KERNEL_SOURCE[name]).get_function(name)
 
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:

@@ -30,7 +30,7 @@ import numpy as np
 from sparseinfer.reference.errors import SparseInferError
 
 from . import device
-from .sources import COMPILE_OPTIONS, KERNELS, SOURCES, _read, source
+from .sources import COMPILE_OPTIONS, KERNELS, raw_text, source
 
 CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math",
              "-fno-strict-aliasing", "-w")
@@ -49,7 +49,7 @@ def _translation_unit(src: str) -> str:
     branches = "\n".join(
         f'    if (!std::strcmp(name, "{k}")) return emu::launch_args(&{k}, grid, block, args);'
         for k in KERNELS[src])
-    return (f"{_read('cpu_emulation.h')}\n{source(src)}\n"
+    return (f"{raw_text('cpu_emulation.h')}\n{source(src)}\n"
             'extern "C" int sparseinfer_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, void** args) {\n'
             "    const dim3 grid{gx, gy, 1}, block{bx, 1, 1};\n"
             f"{branches}\n    return -1;\n}}\n")
@@ -117,11 +117,8 @@ class EmulatedKernel:
             raise SparseInferError(f"no emulated kernel named {self.name}")
 
 
-_KERNEL_SOURCE = {name: src for src in SOURCES for name in KERNELS[src]}
-
-
 def kernel(name: str) -> EmulatedKernel:
-    return EmulatedKernel(name, _KERNEL_SOURCE[name])
+    return EmulatedKernel(name, device.KERNEL_SOURCE[name])
 
 
 class HostArray(np.ndarray):
@@ -142,8 +139,7 @@ def _wrap(f):
 xp = types.SimpleNamespace(
     **{name: _wrap(getattr(np, name)) for name in ("asarray", "ascontiguousarray", "empty", "zeros", "isnan",
                                                     "argmax")},
-    **{name: getattr(np, name) for name in ("float32", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
-    emulated=True)
+    **{name: getattr(np, name) for name in ("float32", "int32", "int64", "uint8", "uint16", "uint32", "uint64")})
 
 
 @contextlib.contextmanager

@@ -45,7 +45,8 @@ HOT_KERNELS = frozenset(
 _INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
 
 
-def _read(name: str) -> str:
+def raw_text(name: str) -> str:
+    """One file of cuda/ as it is on disk (no include expansion)."""
     return resources.files("sparseinfer.kernels").joinpath("cuda", name).read_text()
 
 
@@ -59,7 +60,7 @@ def source(name: str) -> str:
             if header in seen:
                 return ""
             seen.add(header)
-            return expand(_read(header).replace("#pragma once", ""))
+            return expand(raw_text(header).replace("#pragma once", ""))
         return _INCLUDE.sub(sub, text)
 
-    return expand(_read(name))
+    return expand(raw_text(name))
