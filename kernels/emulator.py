@@ -19,6 +19,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import os
 import shutil
 import subprocess
 import tempfile
@@ -34,6 +35,27 @@ from .sources import COMPILE_OPTIONS, KERNELS, raw_text, source
 
 CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math",
              "-fno-strict-aliasing", "-w")
+# SPARSEINFER_EMULATOR_SANITIZE=address: the kernels are built with AddressSanitizer, the
+# CPU's stand-in for compute-sanitizer's memcheck (out-of-bounds and use-after-free on
+# global, __shared__ and local memory). The process must load libasan first:
+# LD_PRELOAD=$(g++ -print-file-name=libasan.so) ASAN_OPTIONS=detect_leaks=0 (see memcheck_env).
+SANITIZE_ENV = "SPARSEINFER_EMULATOR_SANITIZE"
+
+
+def _sanitize_flags() -> tuple:
+    kind = os.environ.get(SANITIZE_ENV, "")
+    if kind not in ("", "address"):
+        raise SparseInferError(f"{SANITIZE_ENV}={kind!r}: only 'address' is supported")
+    return ("-fsanitize=address", "-fno-omit-frame-pointer", "-g") if kind else ()
+
+
+def memcheck_env() -> dict:
+    """Environment for a subprocess whose emulated kernels run under AddressSanitizer."""
+    lib = subprocess.run(["g++", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    if not lib or not Path(lib).exists():
+        raise SparseInferError("g++ has no libasan.so: AddressSanitizer builds of the emulated kernels are unavailable")
+    return {**os.environ, SANITIZE_ENV: "address", "LD_PRELOAD": lib,
+            "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1"}
 _DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
 
 
@@ -61,7 +83,8 @@ def _library(src: str) -> ctypes.CDLL:
     if reason:
         raise SparseInferError(reason)
     text = _translation_unit(src)
-    key = hashlib.sha256((text + " ".join(CXX_FLAGS + _DEFINES)).encode()).hexdigest()[:16]
+    flags = CXX_FLAGS + _sanitize_flags() + _DEFINES
+    key = hashlib.sha256((text + " ".join(flags)).encode()).hexdigest()[:16]
     cache = Path(tempfile.gettempdir()) / "sparseinfer-emulated-kernels"
     lib = cache / f"{Path(src).stem}-{key}.so"
     if not lib.is_file():
@@ -69,7 +92,7 @@ def _library(src: str) -> ctypes.CDLL:
         cpp = lib.with_suffix(".cpp")
         cpp.write_text(text)
         tmp = lib.with_suffix(f".{id(text)}.tmp")
-        r = subprocess.run(["g++", *CXX_FLAGS, *_DEFINES, str(cpp), "-o", str(tmp)], capture_output=True, text=True)
+        r = subprocess.run(["g++", *flags, str(cpp), "-o", str(tmp)], capture_output=True, text=True)
         if r.returncode != 0:
             first = next((line for line in r.stderr.splitlines() if "error" in line), r.stderr.strip()[:200])
             raise SparseInferError(f"emulated {src} does not compile: {first}")
