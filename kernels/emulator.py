@@ -72,8 +72,10 @@ def _translation_unit(src: str) -> str:
         f'    if (!std::strcmp(name, "{k}")) return emu::launch_args(&{k}, grid, block, args);'
         for k in KERNELS[src])
     return (f"{raw_text('cpu_emulation.h')}\n{source(src)}\n"
-            'extern "C" int sparseinfer_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, void** args) {\n'
+            'extern "C" int sparseinfer_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, void** args,\n'
+            "                                  int reverse) {\n"
             "    const dim3 grid{gx, gy, 1}, block{bx, 1, 1};\n"
+            "    emu::S.reverse = reverse != 0;\n"
             f"{branches}\n    return -1;\n}}\n")
 
 
@@ -99,7 +101,7 @@ def _library(src: str) -> ctypes.CDLL:
         tmp.replace(lib)                       # atomic: concurrent test workers never load half a file
     dll = ctypes.CDLL(str(lib))
     dll.sparseinfer_launch.argtypes = [ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint, ctypes.c_uint,
-                                       ctypes.POINTER(ctypes.c_void_p)]
+                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_int]
     dll.sparseinfer_launch.restype = ctypes.c_int
     return dll
 
@@ -120,6 +122,17 @@ def _c_argument(a):
                            "pass arrays or sized NumPy scalars, as for CuPy")
 
 
+ORDER_ENV = "SPARSEINFER_EMULATOR_ORDER"      # forward (default) or reverse
+
+
+def thread_order() -> str:
+    """The order threads run in between barriers: forward (0, 1, ...) or reverse (last first)."""
+    order = os.environ.get(ORDER_ENV, "forward")
+    if order not in ("forward", "reverse"):
+        raise SparseInferError(f"{ORDER_ENV}={order!r}: expected forward or reverse")
+    return order
+
+
 class EmulatedKernel:
     """Called like a CuPy RawKernel: ``kernel(grid, block, args)``."""
 
@@ -132,7 +145,8 @@ class EmulatedKernel:
             raise SparseInferError(f"{self.name}: the emulator takes 1-D blocks and 2-D grids")
         values = [_c_argument(a) for a in args]
         pointers = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
-        rc = _library(self.src).sparseinfer_launch(self.name.encode(), grid[0], grid[1], block[0], pointers)
+        rc = _library(self.src).sparseinfer_launch(self.name.encode(), grid[0], grid[1], block[0], pointers,
+                                                   int(thread_order() == "reverse"))
         if rc == -2:
             raise SparseInferError(f"emulated {self.name} deadlocked: threads of a warp or block diverged "
                                    "around a barrier, ballot or shuffle")

@@ -86,9 +86,14 @@ def test_bench_rejects_bad_sparsity():
 
 
 @pytest.mark.emulated
-def test_verify_kernels_on_the_emulator_checks_every_version(tmp_path):
+@pytest.mark.parametrize("order", ["forward", "reverse"])
+def test_verify_kernels_on_the_emulator_checks_every_version(monkeypatch, order):
+    """Threads run first-to-last or last-to-first between barriers: a race left by a missing
+    barrier shows up in one order or the other."""
     from sparseinfer.benchmarks.harness import bench_targets
+    from sparseinfer.kernels import emulator
 
+    monkeypatch.setenv(emulator.ORDER_ENV, order)
     res = CliRunner().invoke(cli, ["verify-kernels", "--backend", "emulated", "--d", "97", "--k", "600", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout)                       # progress goes to stderr

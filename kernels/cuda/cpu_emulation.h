@@ -10,7 +10,9 @@
 // and its warp's barriers, as an exited thread does on the GPU. A barrier that can never
 // complete (threads of a warp or block diverged around it) ends the launch with an error
 // instead of hanging. Products and sums round separately (compiled with -ffp-contract=off),
-// as NVRTC's --fmad=false makes them on the GPU.
+// as NVRTC's --fmad=false makes them on the GPU. Threads run first-to-last between
+// barriers, or last-to-first (S.reverse): a result that depends on that order is a race a
+// missing barrier left, which the GPU would show only now and then.
 //
 // What it checks: the kernels' logic (indexing, tails, compaction, accumulation order),
 // bit for bit. What it cannot: timing, coalescing, races of the GPU's memory model.
@@ -62,11 +64,20 @@ struct Scheduler {
     std::function<void()> body;
     int current = 0, alive = 0, idle_switches = 0;
     bool deadlock = false;
+    bool reverse = false;                 // run threads last-to-first (exposes missing barriers)
 };
 
 inline Scheduler S;
 
 inline int lane() { return S.current % 32; }
+
+// The fiber after `from` in this launch's order, skipping finished ones.
+inline int next_fiber(int from) {
+    const int n = (int)S.fibers.size(), step = S.reverse ? n - 1 : 1;
+    int next = from;
+    do next = (next + step) % n; while (S.fibers[next].done && next != from);
+    return next;
+}
 inline int warp_index() { return S.current / 32; }
 
 inline void switch_to(int next) {
@@ -82,9 +93,7 @@ inline void yield() {
         S.deadlock = true;
         setcontext(&S.main);
     }
-    const int n = (int)S.fibers.size();
-    int next = S.current;
-    do next = (next + 1) % n; while (S.fibers[next].done);
+    const int next = next_fiber(S.current);
     if (next != S.current) switch_to(next);
 }
 
@@ -113,8 +122,7 @@ inline void fiber_entry(int index) {
     drop(S.warp_bars[index / 32]);
     drop(S.block_bar);
     if (--S.alive == 0) setcontext(&S.main);
-    int next = index;
-    do next = (next + 1) % (int)S.fibers.size(); while (S.fibers[next].done);
+    const int next = next_fiber(index);
     S.current = next;
     setcontext(&S.fibers[next].ctx);
 }
@@ -149,8 +157,8 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
             S.alive = n;
             S.idle_switches = 0;
             S.deadlock = false;
-            S.current = 0;
-            swapcontext(&S.main, &S.fibers[0].ctx);
+            S.current = S.reverse ? n - 1 : 0;
+            swapcontext(&S.main, &S.fibers[S.current].ctx);
             if (S.deadlock) return -2;
         }
     return 0;
