@@ -33,8 +33,9 @@ from sparseinfer.reference.errors import SparseInferError
 from . import device
 from .sources import COMPILE_OPTIONS, KERNELS, raw_text, source
 
-CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-pthread", "-ffp-contract=off", "-fno-fast-math",
+CXX_FLAGS = ("-std=c++20", "-O2", "-shared", "-fPIC", "-ffp-contract=off", "-fno-fast-math",
              "-fno-strict-aliasing", "-w")
+_DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
 # SPARSEINFER_EMULATOR_SANITIZE=address: the kernels are built with AddressSanitizer, the
 # CPU's stand-in for compute-sanitizer's memcheck (out-of-bounds and use-after-free on
 # global, __shared__ and local memory). The process must load libasan first:
@@ -56,7 +57,6 @@ def memcheck_env() -> dict:
         raise SparseInferError("g++ has no libasan.so: AddressSanitizer builds of the emulated kernels are unavailable")
     return {**os.environ, SANITIZE_ENV: "address", "LD_PRELOAD": lib,
             "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=0:halt_on_error=1"}
-_DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
 
 
 def unavailable_reason() -> str | None:

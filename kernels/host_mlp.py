@@ -105,6 +105,12 @@ def _prefetch_span(address, nbytes):
         _prefetch(address + line * CACHE_LINE)
 
 
+@njit(inline="always", boundscheck=False)
+def _row_address(base, row_bytes, rows, r):
+    """Address of the row ``rows[r]`` (the last listed row past the end of the list)."""
+    return base + rows[min(r, rows.size - 1)] * row_bytes
+
+
 def _make_dot_rows(tail: bool):
     """``z[r] = w[rows[r]] . x`` in the order contract; ``tail``: d is not a multiple of STEP.
 
@@ -125,7 +131,7 @@ def _make_dot_rows(tail: bool):
             i = rows[r]
             d = x.size
             full = d // STEP
-            ahead = base + rows[min(r + 1, rows.size - 1)] * row_bytes
+            ahead = _row_address(base, row_bytes, rows, r + 1)
             acc = np.zeros(LANES, np.float32)
             for t in range(full):
                 _prefetch_span(ahead + t * STEP * 4, STEP * 4)
@@ -206,15 +212,15 @@ def down_rows(h3, rows, w_down_t, col_block):
                 end = chunk * SUBS + s + 1          # first sub-chunk index past this one
                 while r < n and rows[r] // SUB_ROWS < end:
                     if r + 1 < n and rows[r + 1] // SUB_ROWS < end:
-                        _prefetch_span(base + rows[min(r + 2, n - 1)] * row_bytes + j0 * 4, m * 4)
-                        _prefetch_span(base + rows[min(r + 3, n - 1)] * row_bytes + j0 * 4, m * 4)
+                        _prefetch_span(_row_address(base, row_bytes, rows, r + 2) + j0 * 4, m * 4)
+                        _prefetch_span(_row_address(base, row_bytes, rows, r + 3) + j0 * 4, m * 4)
                         h0, h1 = h3[r], h3[r + 1]
                         s0, s1 = w_down_t[rows[r], j0:j1], w_down_t[rows[r + 1], j0:j1]
                         for j in range(m):
                             q[j] = (q[j] + h0 * s0[j]) + h1 * s1[j]
                         r += 2
                     else:
-                        _prefetch_span(base + rows[min(r + 1, n - 1)] * row_bytes + j0 * 4, m * 4)
+                        _prefetch_span(_row_address(base, row_bytes, rows, r + 1) + j0 * 4, m * 4)
                         h, src = h3[r], w_down_t[rows[r], j0:j1]
                         for j in range(m):
                             q[j] = q[j] + h * src[j]

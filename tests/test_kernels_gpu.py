@@ -12,6 +12,8 @@ kernels' logic in CI; only the GPU run checks them on the hardware.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -33,10 +35,7 @@ from sparseinfer.reference.signs import pack_signs
                                                       pytest.param("emulated", marks=pytest.mark.emulated)])
 def backend(request):
     """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
-    if request.param == "emulated":
-        with emulator.installed():
-            yield request.param
-    else:
+    with emulator.installed() if request.param == "emulated" else contextlib.nullcontext():
         yield request.param
 
 

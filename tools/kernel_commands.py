@@ -140,10 +140,12 @@ def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
     from sparseinfer.kernels import device, emulator
     from sparseinfer.kernels.shapes import BenchShape
 
-    reason = device.gpu_unavailable_reason() if backend != "emulated" else "not asked for"
-    if backend == "gpu" and reason:
-        raise device.GpuUnavailable(f"--backend gpu needs a CUDA GPU: {reason}")
-    use = "gpu" if reason is None else "emulated"
+    use = backend
+    if backend != "emulated":
+        reason = device.gpu_unavailable_reason()
+        if backend == "gpu" and reason:
+            raise device.GpuUnavailable(f"--backend gpu needs a CUDA GPU: {reason}")
+        use = "gpu" if reason is None else "emulated"
     ref = next(s for s in BENCH_SHAPES if s.model == model)
     shape = BenchShape(model, d or ref.d, k or ref.k)
     echo_err(f"backend {use}: {model} activation, d {shape.d}, k {shape.k}, sparsity {sparsity}")
