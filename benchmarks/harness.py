@@ -111,9 +111,13 @@ class BenchCase:
             log(f"  cuBLAS dense fp16: {self.dense_us}")
 
     def _mlp(self, pipeline: str) -> SparseMLP:
+        """The layer under ``pipeline``; one upload of the weights, shared by every pipeline."""
         if pipeline not in self.mlps:
-            layer = self.layer
-            self.mlps[pipeline] = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, self.act, pipeline=pipeline)
+            if self.mlps:
+                self.mlps[pipeline] = next(iter(self.mlps.values())).with_pipeline(pipeline)
+            else:
+                layer = self.layer
+                self.mlps[pipeline] = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, self.act, pipeline=pipeline)
         return self.mlps[pipeline]
 
     def _verify_down(self, got, deterministic: bool, want) -> bool:

@@ -117,14 +117,17 @@ def _check_signs(w_signs, x_signs, d: int) -> int:
     return w_signs.shape[0]
 
 
-def predict(w_signs, x_signs, d: int, alpha_milli: int):
-    """(counts int32 [k], zero uint8 [k]): N_neg per row and eq. 2's predicted-zero mask."""
+def predict(w_signs, x_signs, d: int, alpha_milli: int, vector_loads: bool = False):
+    """(counts int32 [k], zero uint8 [k]): N_neg per row and eq. 2's predicted-zero mask.
+
+    ``vector_loads``: read the sign words 16 bytes at a time where aligned (predict_rows_vec).
+    """
     k = _check_signs(w_signs, x_signs, d)
     alpha_milli = check_alpha_milli(alpha_milli)
     cp = cupy()
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
-    kernel("predict_rows")(_warp_grid(k), (THREADS,),
+    kernel("predict_rows_vec" if vector_loads else "predict_rows")(_warp_grid(k), (THREADS,),
                            (w_signs, x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
     return counts, zero
 

@@ -65,6 +65,9 @@ PREDICT = _family(
     ("v1", "warp per row: XOR + __popc + butterfly sum, eq. 2 in thousandths; counts and zero mask", True,
      lambda w_signs, x_signs, d, alpha_milli: (*ops.predict(w_signs, x_signs, d, alpha_milli), None, None)),
     ("v2", "v1, then one block compacts the active rows into an ascending list (ballot prefix)", True, _predict_v2),
+    ("v3", "v1 reading the sign words 16 bytes per lane where aligned (as the fused gate+up does)", True,
+     lambda w_signs, x_signs, d, alpha_milli: (*ops.predict(w_signs, x_signs, d, alpha_milli, vector_loads=True),
+                                               None, None)),
 )
 
 GATE_UP = _family(

@@ -19,8 +19,10 @@ from sparseinfer.sim.models import BUILTIN_MODELS
 # d values that hit every tail of the 32-bit sign words and of the 16-byte vector chunks
 # (used by the reference's property tests too).
 TAIL_DS = (1, 2, 31, 32, 33, 63, 64, 97, 255, 256, 257, 300)
-# (d, k): d = 1, 31, 33, 97 and the models' 4096 / 5120; k odd and across row chunks.
-TEST_SHAPES = ((1, 37), (31, 64), (33, 97), (97, 600), (256, DOWN_ROW_CHUNK + 1), (4096, 300), (5120, 1031))
+# (d, k): d = 1, 31, 33, 97 and the models' 4096 / 5120; k odd and across row chunks; d = 300
+# (10 sign words: every other row 16-byte aligned, two whole quads, then a 12-bit tail word).
+TEST_SHAPES = ((1, 37), (31, 64), (33, 97), (97, 600), (256, DOWN_ROW_CHUNK + 1), (300, 129), (4096, 300),
+               (5120, 1031))
 BENCH_MODELS = ("prosparse-llama2-7b", "prosparse-llama2-13b")
 BENCH_SPARSITIES = (0.90, 0.92)
 BENCH_DTYPE = "fp16"

@@ -34,7 +34,7 @@ COMPILE_OPTIONS = (
 # spills fail the compile gate (every kernel on the per-token path).
 KERNELS = {
     "signs.cu": tuple(f"pack_signs_{s}" for s in SIGN_SUFFIXES),
-    "predict.cu": ("predict_rows", "compact_active"),
+    "predict.cu": ("predict_rows", "predict_rows_vec", "compact_active"),
     "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused") for s in WEIGHT_SUFFIXES),
     "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "atomic") for s in WEIGHT_SUFFIXES)
     + ("down_reduce_chunks",),

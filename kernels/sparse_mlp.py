@@ -7,6 +7,8 @@ the device. ``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with
 """
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from sparseinfer.reference.dtypes import WEIGHT_DTYPES, check_no_nan, dtype_name
@@ -39,6 +41,14 @@ class SparseMLP:
         self.w_down_t = DeviceMatrix.from_host("w_down^T", np.ascontiguousarray(w_down.T), WEIGHT_DTYPES,
                                                check_nan=False)
         self.w_signs = ops.pack_signs(self.w_gate)
+
+    def with_pipeline(self, pipeline: str) -> "SparseMLP":
+        """The same layer run by another pipeline, sharing this one's device weights (no copy)."""
+        if pipeline not in PIPELINES:
+            raise SparseInferError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
+        other = copy.copy(self)
+        other.pipeline = PIPELINES[pipeline]
+        return other
 
     def to_device_x(self, x, check: bool = True):
         """x as a float32 CuPy vector [d]; with ``check``, NaN is an error (one device sync)."""

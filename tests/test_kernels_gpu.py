@@ -149,3 +149,20 @@ def test_nan_in_x_is_a_one_line_error():
     x[5] = np.nan
     with pytest.raises(SparseInferError, match="x contains NaN at index 5"):
         _mlp(case)(x)
+
+
+def test_with_pipeline_shares_the_weights_and_runs_its_own_pipeline():
+    case = build_case(97, 600, np.float16, 1000, 11, "relu", ())
+    case.assert_nontrivial()
+    fused = _mlp(case, "sparse-fused")
+    for name in PIPELINES:
+        other = fused.with_pipeline(name)
+        assert other.pipeline is PIPELINES[name] and fused.pipeline is PIPELINES["sparse-fused"]
+        assert other.w_gate is fused.w_gate and other.w_down_t is fused.w_down_t and other.w_signs is fused.w_signs
+        got = _host(other(case.x))
+        if PIPELINES[name].deterministic:
+            assert_same(got, _host(_mlp(case, name)(case.x)), f"with_pipeline({name})", case)
+        else:                # atomicAdd order differs between runs on a GPU
+            assert within_down_bound(got, case.h1_h3()[1], case.w_down.T).all(), f"with_pipeline({name}) ({case})"
+    with pytest.raises(SparseInferError, match="unknown pipeline 'nope'"):
+        fused.with_pipeline("nope")

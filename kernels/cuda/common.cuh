@@ -140,13 +140,27 @@ __device__ __forceinline__ int lane_id() { return threadIdx.x & (WARP_SIZE - 1);
 
 // --- the predictor (paper eq. 2), shared by predict_rows and the fused kernel ---
 
-// N_neg of one row; all lanes of the warp get it. Bits past d are masked off.
+// N_neg of one row; all lanes of the warp get it. Bits past d are masked off. With VEC, the
+// whole words (all 32 bits below d) are read 4 at a time (16-byte loads) where the row
+// and x's words are 16-byte aligned (every row when ceil(d/32) is a multiple of 4, as at
+// the 7B and 13B shapes); an integer sum, so the count is the same in any order.
+template <bool VEC>
 __device__ __forceinline__ int row_negative_count(const u32* __restrict__ w_row, const u32* __restrict__ x_signs,
                                                   int d, int lane) {
     const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
     const u32 tail = (d % WARP_SIZE) ? ((1u << (d % WARP_SIZE)) - 1u) : FULL_MASK;
     int count = 0;
-    for (int w = lane; w < n_words; w += WARP_SIZE) {
+    int w0 = 0;                                      // first word of the scalar loop
+    if (VEC && aligned16(w_row) && aligned16(x_signs)) {
+        const int n_quads = (d / WARP_SIZE) / 4;     // quads of whole words (no tail bits to mask)
+        for (int q = lane; q < n_quads; q += WARP_SIZE) {
+            const uint4 a = __ldg(reinterpret_cast<const uint4*>(w_row) + q);
+            const uint4 b = __ldg(reinterpret_cast<const uint4*>(x_signs) + q);
+            count += __popc(a.x ^ b.x) + __popc(a.y ^ b.y) + __popc(a.z ^ b.z) + __popc(a.w ^ b.w);
+        }
+        w0 = 4 * n_quads;
+    }
+    for (int w = w0 + lane; w < n_words; w += WARP_SIZE) {
         u32 b = __ldg(w_row + w) ^ __ldg(x_signs + w);
         if (w == n_words - 1) b &= tail;
         count += __popc(b);

@@ -48,7 +48,7 @@ __device__ __forceinline__ void gate_up_list_impl(const float* x, const T* w_gat
     gate_up_row((i64)active[w], x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane_id());
 }
 
-// v3: predict + gate + up in one launch (x's sign words packed beforehand).
+// v3: predict + gate + up in one launch (x's sign words packed beforehand; 16-byte sign loads).
 template <typename T>
 __device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __restrict__ x_signs,
                                                    const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
@@ -59,7 +59,7 @@ __device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __
     if (row >= k) return;
     const int lane = lane_id();
     const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
-    const int n_neg = row_negative_count(w_signs + row * n_words, x_signs, d, lane);
+    const int n_neg = row_negative_count<true>(w_signs + row * n_words, x_signs, d, lane);
     const bool skip = predicted_zero(n_neg, d, alpha_milli);
     if (lane == 0) { counts[row] = n_neg; zero[row] = skip ? 1 : 0; }
     if (skip) {

@@ -2,19 +2,33 @@
 // elements; row i is predicted zero when 1000 * N_neg > alpha_milli * (d - N_neg).
 #include "common.cuh"
 
-// One warp per row: counts[i] = N_neg, zero[i] = 1 where predicted zero.
-extern "C" __global__ void __launch_bounds__(256)
-predict_rows(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs, int k, int d, int alpha_milli,
-             int* __restrict__ counts, unsigned char* __restrict__ zero) {
+// One warp per row: counts[i] = N_neg, zero[i] = 1 where predicted zero. VEC: 16-byte
+// loads of the sign words (predict_rows_vec), else one word per lane per step (predict_rows).
+template <bool VEC>
+__device__ __forceinline__ void predict_rows_impl(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs,
+                                                  int k, int d, int alpha_milli, int* __restrict__ counts,
+                                                  unsigned char* __restrict__ zero) {
     const i64 row = global_warp_id();
     if (row >= k) return;
     const int lane = lane_id();
     const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
-    const int n_neg = row_negative_count(w_signs + row * n_words, x_signs, d, lane);
+    const int n_neg = row_negative_count<VEC>(w_signs + row * n_words, x_signs, d, lane);
     if (lane == 0) {
         counts[row] = n_neg;
         zero[row] = predicted_zero(n_neg, d, alpha_milli) ? 1 : 0;
     }
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+predict_rows(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs, int k, int d, int alpha_milli,
+             int* __restrict__ counts, unsigned char* __restrict__ zero) {
+    predict_rows_impl<false>(w_signs, x_signs, k, d, alpha_milli, counts, zero);
+}
+
+extern "C" __global__ void __launch_bounds__(256)
+predict_rows_vec(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs, int k, int d, int alpha_milli,
+                 int* __restrict__ counts, unsigned char* __restrict__ zero) {
+    predict_rows_impl<true>(w_signs, x_signs, k, d, alpha_milli, counts, zero);
 }
 
 // One block: the ascending list of rows with zero[i] == 0, and its length. Each pass
