@@ -8,6 +8,7 @@ exactly); :class:`DeviceMatrix` remembers the real dtype.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +18,12 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.order_contract import vector_width
 
 from .sources import COMPILE_OPTIONS, KERNELS, source
+
+
+# SPARSEINFER_CUPY_POOL=off: every buffer is its own cudaMalloc instead of a slice of CuPy's
+# memory pool, so compute-sanitizer's memcheck sees an overrun at the buffer's own end (inside
+# a pool slab it would land in a neighbour and pass unreported). Slower; for the sanitizer runs.
+POOL_ENV = "SPARSEINFER_CUPY_POOL"
 
 
 class GpuUnavailable(SparseInferError):
@@ -34,6 +41,9 @@ def gpu_unavailable_reason() -> str | None:
 
 @functools.lru_cache(maxsize=1)
 def _cupy_module():
+    pool = os.environ.get(POOL_ENV, "on")
+    if pool not in ("on", "off"):
+        raise SparseInferError(f"{POOL_ENV}={pool!r}: expected on or off")
     try:
         import cupy as cp
     except Exception as e:   # ImportError, or a wheel whose CUDA libraries fail to load
@@ -45,6 +55,8 @@ def _cupy_module():
         raise GpuUnavailable(f"no CUDA device ({type(e).__name__}: {e})") from None
     if n < 1:
         raise GpuUnavailable("no CUDA device (CuPy sees 0 devices)")
+    if pool == "off":
+        cp.cuda.set_allocator(None)
     return cp
 
 

@@ -1,0 +1,250 @@
+"""The owed GPU checks as one prepared, staged run that fits a lent device's time.
+
+A lent device gives a session about 15 minutes in all (its start included) and 10 minutes
+per command, so the checks run as named stages, in order, each under a timeout cut from
+what is left of ``--budget-s``. A stage that cannot start with enough time left is skipped
+and says so; a failed ``preflight`` stops the run before minutes are spent on the rest.
+Everything goes under ``--out`` (the device tool's ``$OUT``, which brings back at most 8
+files): ``gpu-check.log`` (every command's output, under a header per stage),
+``summary.json`` (rewritten after each stage: status, seconds, exit codes, last lines)
+and the files the stages write (``<device>.json``, ``pytest-bench.json``, ``profile.txt``,
+``cuda-decode.json``).
+
+Run from the repository root after ``pip install -e .`` (benchmarks/README.md gives the
+device calls)::
+
+    python3 -m sparseinfer.benchmarks.gpu_check --stages kernels --budget-s 540 --out $OUT
+
+``--stages`` takes stage names and the groups ``kernels`` (issue 3) and ``ort`` (issue 4),
+comma-separated; ``--list`` prints them with their estimates.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from sparseinfer.kernels.device import POOL_ENV
+
+LOG = "gpu-check.log"
+SUMMARY = "summary.json"
+ORT_DIR = "/tmp/ort-gpu"            # where the carried onnxruntime-gpu wheel is unpacked
+RESERVE_S = 10                       # kept back from the budget to write the summary
+TAIL_LINES = 15
+SANITIZER_EXIT = 97                  # compute-sanitizer's exit code when it reports an error
+
+_CLI = ("{py}", "-m", "sparseinfer.tools.cli")
+_PYTEST = ("{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider")
+# tail shapes for the sanitizers: d 97 (no 16-byte chunk whole), d 300 (sign words
+# alternately aligned), k 600 / 1031 across the down projection's 512-row chunks
+_SANITIZE_SHAPES = ((97, 600), (300, 1031))
+
+
+def _verify(d: int, k: int) -> tuple:
+    return (*_CLI, "verify-kernels", "--backend", "gpu", "--d", str(d), "--k", str(k))
+
+
+def _sanitizer(tool: str, d: int, k: int, *extra: str) -> tuple:
+    return ("compute-sanitizer", "--tool", tool, "--error-exitcode", str(SANITIZER_EXIT), *extra, *_verify(d, k))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    what: str
+    commands: tuple                  # argv templates: {py} the interpreter, {out} the output folder
+    estimate_s: int                  # expected seconds on an H100 with 16 cores (an estimate, not a measurement)
+    min_start_s: int                 # not started with less left than this
+    env: dict = field(default_factory=dict)
+    stops_run: bool = False          # a failure here leaves the later stages not run
+
+    def argv(self, out: Path) -> list[list[str]]:
+        return [[a.format(py=sys.executable, out=out) for a in cmd] for cmd in self.commands]
+
+
+STAGES = {s.name: s for s in (
+    Stage("preflight", "device, driver, CUDA / CuPy / NVRTC versions, every kernel compiled, every version "
+                       "verified once at d 1100, k 1031",
+          (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "preflight"), _verify(1100, 1031)),
+          estimate_s=40, min_start_s=30, stops_run=True),
+    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py)",
+          ((*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"),), estimate_s=150, min_start_s=90),
+    Stage("bench", "sparseinfer bench: every version and pipeline, 7B/13B, sparsity 0.90/0.92 ({out}/<device>.json)",
+          ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=100, min_start_s=80),
+    Stage("sanitize", "compute-sanitizer memcheck (CuPy's pool off: one allocation per buffer), racecheck and "
+                      "synccheck on verify-kernels at tail shapes",
+          tuple(_sanitizer("memcheck", d, k, "--leak-check", "no") for d, k in _SANITIZE_SHAPES)
+          + (_sanitizer("racecheck", *_SANITIZE_SHAPES[1], "--racecheck-report", "hazard"),
+             _sanitizer("synccheck", *_SANITIZE_SHAPES[1])),
+          estimate_s=100, min_start_s=60, env={POOL_ENV: "off"}),
+    Stage("pytest-bench", "the pytest-benchmark cases at the 13B shape, sparsity 0.92 ({out}/pytest-bench.json)",
+          ((*_PYTEST, "-m", "gpu", "tests/test_kernels_bench.py", "-k", "13b and 0.92", "--benchmark-enable",
+            "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=50, min_start_s=40),
+    Stage("profile", "Nsight Compute on the hot kernels at the 13B shape, sparsity 0.92 ({out}/profile.txt)",
+          (("ncu", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "Occupancy",
+            "--section", "LaunchStats", "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16)",
+            "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
+            "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
+          estimate_s=90, min_start_s=60),
+    Stage("ort-unpack", f"join and check the carried onnxruntime-gpu parts (.whl/ort-N), extract to {ORT_DIR}",
+          (("{py}", "-m", "sparseinfer.benchmarks.carry_parts", "unpack", ".whl/ort", "--to", ORT_DIR),
+           ("{py}", "-c", "import onnxruntime as o; print(o.__file__, o.__version__, o.get_available_providers())")),
+          estimate_s=30, min_start_s=20, stops_run=True),
+    Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit",
+          ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=90, min_start_s=60),
+    Stage("ort-bench", "bench-decode --provider cuda --target cuda ({out}/cuda-decode.json)",
+          ((*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5",
+            "--out", "{out}/cuda-decode.json"),), estimate_s=150, min_start_s=90),
+)}
+GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
+          "ort": ("ort-unpack", "ort-tests", "ort-bench")}
+
+
+def parse_stages(text: str) -> list[str]:
+    """Stage and group names, comma-separated, in the order given (groups expanded)."""
+    names = []
+    for item in (t.strip() for t in text.split(",")):
+        if item in GROUPS:
+            names += GROUPS[item]
+        elif item in STAGES:
+            names.append(item)
+        else:
+            raise click.BadParameter(f"unknown stage {item!r}; expected one of {', '.join([*GROUPS, *STAGES])}")
+    return list(dict.fromkeys(names))
+
+
+def stage_env(name: str) -> dict:
+    """The environment of a stage's commands: onnxruntime-gpu first on PYTHONPATH for the ort stages."""
+    env = {**os.environ, **STAGES[name].env}
+    if name.startswith("ort-") and name != "ort-unpack":
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (ORT_DIR, os.environ.get("PYTHONPATH")) if p)
+    return env
+
+
+def _tail(text: str) -> list[str]:
+    return text.rstrip().splitlines()[-TAIL_LINES:]
+
+
+def run_stages(names, out: Path, budget_s: float, run: Callable = subprocess.run,
+               clock: Callable = time.monotonic, echo=print) -> list[dict]:
+    """Run the stages in order within ``budget_s``; returns (and keeps writing) the summary."""
+    out.mkdir(parents=True, exist_ok=True)
+    start = clock()
+    results, stopped_by = [], None
+    with open(out / LOG, "a") as log:
+        for name in names:
+            stage = STAGES[name]
+            left = budget_s - (clock() - start) - RESERVE_S
+            row = {"stage": name, "what": stage.what.format(out=out), "estimate_s": stage.estimate_s}
+            if stopped_by:
+                row.update(status="not run", reason=f"{stopped_by} failed")
+            elif left < stage.min_start_s:
+                row.update(status="skipped", reason=f"{left:.0f} s left, needs at least {stage.min_start_s} s")
+            else:
+                row.update(_run_stage(stage, out, left, log, run, clock))
+                if row["status"] != "passed" and stage.stops_run:
+                    stopped_by = name
+            results.append(row)
+            echo(f"[gpu-check] {name}: {row['status']}"
+                 + (f" in {row['seconds']:.0f} s" if "seconds" in row else f" ({row['reason']})"))
+            (out / SUMMARY).write_text(json.dumps({"budget_s": budget_s, "stages": results}, indent=1) + "\n")
+    return results
+
+
+def _run_stage(stage: Stage, out: Path, left: float, log, run, clock) -> dict:
+    t0 = clock()
+    codes, tail = [], []
+    env = stage_env(stage.name)
+    for argv in stage.argv(out):
+        timeout = left - (clock() - t0)
+        log.write(f"\n===== {stage.name}: {' '.join(argv)}\n")
+        log.flush()
+        try:
+            proc = run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            text = e.output.decode(errors="replace") if isinstance(e.output, bytes) else (e.output or "")
+            log.write(text + f"\n[timed out after {timeout:.0f} s]\n")
+            return {"status": "timed out", "seconds": round(clock() - t0, 1), "exit_codes": codes,
+                    "tail": _tail(text) + [f"timed out after {timeout:.0f} s: {' '.join(argv)}"]}
+        except FileNotFoundError:
+            log.write(f"[{argv[0]} not found]\n")
+            return {"status": "failed", "seconds": round(clock() - t0, 1), "exit_codes": codes,
+                    "tail": [f"{argv[0]} not found on PATH"]}
+        log.write(proc.stdout or "")
+        log.flush()
+        codes.append(proc.returncode)
+        tail = _tail(proc.stdout or "")
+        if proc.returncode != 0:
+            return {"status": "failed", "seconds": round(clock() - t0, 1), "exit_codes": codes, "tail": tail}
+    return {"status": "passed", "seconds": round(clock() - t0, 1), "exit_codes": codes, "tail": tail}
+
+
+def preflight_report() -> dict:
+    """Versions and device facts; compiles every kernel (raises on the first that fails)."""
+    from sparseinfer.kernels.device import KERNEL_SOURCE, cupy, kernel
+
+    from .timing import device_info
+
+    cp = cupy()
+    info = device_info()
+    compiled = []
+    for name in KERNEL_SOURCE:
+        kernel(name)
+        compiled.append(name)
+    return {**info, "cupy": cp.__version__, "driver": cp.cuda.runtime.driverGetVersion(),
+            "nvrtc": ".".join(map(str, cp.cuda.nvrtc.getVersion())), "python": sys.version.split()[0],
+            "kernels_compiled": len(compiled)}
+
+
+@click.group(invoke_without_command=True)
+@click.option("--stages", "stages_text", default="kernels", show_default=True,
+              help="Comma-separated stage or group names (groups: kernels, ort).")
+@click.option("--budget-s", type=click.FloatRange(min=30), default=540, show_default=True,
+              help="Seconds for the whole run; each stage's timeout is cut from what is left.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Output folder (the device's $OUT); default: $OUT.")
+@click.option("--list", "list_only", is_flag=True, help="List the stages and groups, run nothing.")
+@click.pass_context
+def cli(ctx, stages_text, budget_s, out, list_only):
+    """Run the owed GPU checks in stages within a time budget (see the module's docstring).
+
+    Exit code 0 when every stage run passed, 1 when one failed or timed out, 2 for bad
+    arguments. Skipped stages (too little time left) are listed in summary.json.
+    """
+    if ctx.invoked_subcommand:
+        return
+    names = parse_stages(stages_text)
+    if list_only:
+        for name, stage in STAGES.items():
+            click.echo(f"{name:13} ~{stage.estimate_s:4d} s  {stage.what.format(out='$OUT')}")
+        for group, members in GROUPS.items():
+            click.echo(f"group {group}: {', '.join(members)}")
+        return
+    out = out or os.environ.get("OUT")
+    if not out:
+        raise click.UsageError("no output folder: pass --out or set $OUT")
+    results = run_stages(names, Path(out), budget_s, echo=lambda s: click.echo(s, err=True))
+    ctx.exit(0 if all(r["status"] in ("passed", "skipped") for r in results) else 1)
+
+
+@cli.command()
+def preflight():
+    """Print the device, its versions and peak bandwidth as JSON after compiling every kernel."""
+    from sparseinfer.reference.errors import SparseInferError
+
+    try:
+        click.echo(json.dumps(preflight_report(), indent=1))
+    except SparseInferError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    cli()

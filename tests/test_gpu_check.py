@@ -1,0 +1,209 @@
+"""The staged GPU-check runner (benchmarks/gpu_check.py), on the CPU: stage selection, the
+time budget, failures, what its commands call, and what it brings back."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import click
+import pytest
+
+from sparseinfer.benchmarks import gpu_check as gc
+from sparseinfer.kernels import device
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.tools.cli import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+class FakeRun:
+    """subprocess.run stand-in: each command 'takes' seconds[name] and exits with codes[name]."""
+
+    def __init__(self, clock, seconds=None, codes=None, raise_for=None):
+        self.clock, self.seconds, self.codes, self.raise_for = clock, seconds or {}, codes or {}, raise_for or {}
+        self.calls = []
+
+    def __call__(self, argv, timeout, env, **_):
+        key = next((k for k in self.seconds if k in " ".join(argv)), None)
+        self.calls.append((argv, timeout, env))
+        for word, exc in self.raise_for.items():
+            if word in " ".join(argv):
+                raise exc
+        self.clock.t += self.seconds.get(key, 1.0)
+        code = next((c for k, c in self.codes.items() if k in " ".join(argv)), 0)
+        return subprocess.CompletedProcess(argv, code, stdout=f"ran {argv[-1]}\nline two\n")
+
+
+def test_parse_stages_expands_groups_in_order_without_repeats():
+    assert gc.parse_stages("kernels") == list(gc.GROUPS["kernels"])
+    assert gc.parse_stages("bench,preflight,bench") == ["bench", "preflight"]
+    assert gc.parse_stages("ort, tests") == [*gc.GROUPS["ort"], "tests"]
+    with pytest.raises(click.BadParameter, match="unknown stage 'benh'; expected one of kernels, ort, preflight"):
+        gc.parse_stages("preflight,benh")
+
+
+def test_every_stage_is_in_a_group_and_every_group_member_is_a_stage():
+    members = [m for g in gc.GROUPS.values() for m in g]
+    assert sorted(members) == sorted(gc.STAGES) and len(members) == len(set(members))
+
+
+def test_all_stages_pass_within_the_budget(tmp_path):
+    clock = FakeClock()
+    run = FakeRun(clock, seconds={"pytest": 100.0})
+    rows = gc.run_stages(["preflight", "tests", "bench"], tmp_path, 600, run=run, clock=clock, echo=lambda s: None)
+    assert [r["status"] for r in rows] == ["passed"] * 3
+    assert rows[1]["seconds"] == 100.0 and rows[0]["exit_codes"] == [0, 0]
+    # preflight's two commands, then tests, then bench; each timeout is what is left of the budget
+    assert len(run.calls) == 4
+    assert run.calls[0][1] == pytest.approx(600 - gc.RESERVE_S)
+    assert run.calls[3][1] == pytest.approx(600 - gc.RESERVE_S - 1 - 1 - 100)
+    summary = json.loads((tmp_path / gc.SUMMARY).read_text())
+    assert [s["stage"] for s in summary["stages"]] == ["preflight", "tests", "bench"]
+    log = (tmp_path / gc.LOG).read_text()
+    assert "===== bench:" in log and "ran " in log
+
+
+def test_a_stage_that_cannot_start_in_time_is_skipped_and_later_ones_still_run(tmp_path):
+    clock = FakeClock()
+    run = FakeRun(clock, seconds={"test_kernels_gpu": 200.0, "preflight": 0.0, "verify-kernels": 0.0})
+    need = gc.STAGES["bench"].min_start_s
+    budget = 200 + gc.RESERVE_S + need - 1                        # bench misses its start by one second
+    rows = gc.run_stages(["preflight", "tests", "bench", "ort-unpack"], tmp_path, budget, run=run, clock=clock,
+                         echo=lambda s: None)
+    assert [r["status"] for r in rows] == ["passed", "passed", "skipped", "passed"]
+    assert rows[2]["reason"] == f"{need - 1} s left, needs at least {need} s"
+    assert need - 1 >= gc.STAGES["ort-unpack"].min_start_s       # so the shorter stage after it still ran
+
+
+def test_a_failed_preflight_stops_the_run(tmp_path):
+    clock = FakeClock()
+    run = FakeRun(clock, codes={"preflight": 2})
+    rows = gc.run_stages(["preflight", "tests", "bench"], tmp_path, 600, run=run, clock=clock, echo=lambda s: None)
+    assert [r["status"] for r in rows] == ["failed", "not run", "not run"]
+    assert rows[0]["exit_codes"] == [2] and rows[1]["reason"] == "preflight failed"
+    assert len(run.calls) == 1               # verify-kernels after the failed preflight command is not run
+
+
+def test_a_failed_ordinary_stage_does_not_stop_the_run(tmp_path):
+    clock = FakeClock()
+    run = FakeRun(clock, codes={"test_kernels_gpu": 1})
+    rows = gc.run_stages(["tests", "bench"], tmp_path, 600, run=run, clock=clock, echo=lambda s: None)
+    assert [r["status"] for r in rows] == ["failed", "passed"]
+
+
+def test_timeout_and_missing_tool_are_reported(tmp_path):
+    clock = FakeClock()
+    run = FakeRun(clock, raise_for={
+        "compute-sanitizer": FileNotFoundError("compute-sanitizer"),
+        "bench": subprocess.TimeoutExpired(["x"], 5, output=b"partial bench output\n")})
+    rows = gc.run_stages(["bench", "sanitize"], tmp_path, 600, run=run, clock=clock, echo=lambda s: None)
+    assert rows[0]["status"] == "timed out" and "partial bench output" in rows[0]["tail"][0]
+    assert rows[1]["status"] == "failed" and rows[1]["tail"] == ["compute-sanitizer not found on PATH"]
+    assert "partial bench output" in (tmp_path / gc.LOG).read_text()
+
+
+def test_stage_environments(monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    assert gc.stage_env("ort-tests")["PYTHONPATH"] == os.pathsep.join([gc.ORT_DIR, "/somewhere"])
+    assert gc.stage_env("ort-unpack")["PYTHONPATH"] == "/somewhere"
+    assert gc.stage_env("sanitize")[device.POOL_ENV] == "off"
+    monkeypatch.delenv(device.POOL_ENV, raising=False)
+    assert device.POOL_ENV not in gc.stage_env("bench")
+
+
+def _cli_commands():
+    for stage in gc.STAGES.values():
+        for argv in stage.argv(Path("/OUT")):
+            if "sparseinfer.tools.cli" in argv:
+                yield stage.name, argv[argv.index("sparseinfer.tools.cli") + 1:]
+
+
+@pytest.mark.parametrize(("stage", "args"), list(_cli_commands()), ids=lambda v: v if isinstance(v, str) else "")
+def test_every_sparseinfer_command_of_a_stage_parses(stage, args):
+    """Options misspelt in a stage would cost a device call: click parses each one here."""
+    sub = cli.commands[args[0]]
+    ctx = sub.make_context(args[0], list(args[1:]))
+    assert ctx.params                         # parsed, with its options bound
+
+
+def test_pytest_stages_select_tests_that_exist():
+    for name in ("tests", "pytest-bench", "ort-tests"):
+        (argv,) = gc.STAGES[name].argv(Path("/tmp/OUT"))
+        args = [a for a in argv[argv.index("no:cacheprovider") + 1:] if not a.startswith("--benchmark")
+                and not a.startswith("/tmp/OUT")]
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        ids = [line for line in proc.stdout.splitlines() if "::" in line]
+        assert proc.returncode == 0 and ids, f"{name}: {proc.stdout[-500:]} {proc.stderr[-500:]}"
+        if name == "pytest-bench":           # one (shape, sparsity): every version and pipeline once
+            assert all("13b-0.92" in i for i in ids) and len(ids) == len(gc_bench_targets())
+
+
+def gc_bench_targets():
+    from sparseinfer.benchmarks.harness import bench_targets
+    return bench_targets()
+
+
+@pytest.mark.parametrize("group", list(gc.GROUPS))
+def test_a_group_brings_back_at_most_eight_files(group):
+    """The device tool returns at most 8 files from $OUT per call."""
+    files = {gc.LOG, gc.SUMMARY}
+    for name in gc.GROUPS[group]:
+        for argv in gc.STAGES[name].argv(Path("/OUT")):
+            files |= {a for a in argv if a.startswith("/OUT/")}
+            if "--results-dir" in argv:
+                files.add("<device>.json")
+    assert 2 < len(files) <= 8
+
+
+def test_list_and_bad_arguments_from_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    r = CliRunner().invoke(gc.cli, ["--list"])
+    assert r.exit_code == 0 and all(name in r.output for name in gc.STAGES) and "group ort:" in r.output
+    r = CliRunner().invoke(gc.cli, ["--stages", "nope", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "unknown stage 'nope'" in r.output
+    r = CliRunner(env={"OUT": None}).invoke(gc.cli, ["--stages", "bench"])
+    assert r.exit_code == 2 and "no output folder" in r.output
+
+
+@pytest.mark.skipif(device.gpu_unavailable_reason() is None, reason="a GPU is present: preflight would pass")
+def test_without_a_gpu_preflight_fails_fast_and_says_why(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "sparseinfer.benchmarks.gpu_check", "--stages", "preflight,bench",
+                           "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1
+    summary = json.loads((tmp_path / gc.SUMMARY).read_text())["stages"]
+    assert [s["status"] for s in summary] == ["failed", "not run"]
+    assert summary[0]["exit_codes"] == [2]
+    assert any(("CuPy is not importable" in line or "no CUDA device" in line) for line in summary[0]["tail"])
+
+
+def test_cupy_pool_switch(monkeypatch):
+    freed = []
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(getDeviceCount=lambda: 1), set_allocator=freed.append))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    device._cupy_module.cache_clear()
+    try:
+        monkeypatch.setenv(device.POOL_ENV, "sometimes")
+        with pytest.raises(SparseInferError, match="SPARSEINFER_CUPY_POOL='sometimes': expected on or off"):
+            device._cupy_module()
+        monkeypatch.setenv(device.POOL_ENV, "on")
+        assert device._cupy_module() is fake and freed == []
+        device._cupy_module.cache_clear()
+        monkeypatch.setenv(device.POOL_ENV, "off")
+        assert device._cupy_module() is fake and freed == [None]
+    finally:
+        device._cupy_module.cache_clear()
