@@ -73,6 +73,11 @@ class Nvrtc:
 
     def __init__(self, path: str):
         self.path = path
+        # NVRTC opens libnvrtc-builtins by soname at compile time; a pip wheel's folder (the
+        # cu13 wheels' nvidia/cu13/lib) is not on the loader's path, so load it first by file.
+        for builtins in sorted(glob.glob(os.path.join(os.path.dirname(path), "libnvrtc-builtins.so*"))):
+            if ".alt." not in builtins:
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
         lib = ctypes.CDLL(path)
         self.lib = lib
         lib.nvrtcGetErrorString.restype = ctypes.c_char_p

@@ -78,6 +78,22 @@ def kernel(name: str):
     return _module(KERNEL_SOURCE[name]).get_function(name)
 
 
+@functools.lru_cache(maxsize=None)
+def resident_blocks(name: str, threads: int) -> int:
+    """Blocks of kernel ``name`` (``threads`` each) resident on the device at once: SMs x the
+    occupancy the driver reports for it (registers, shared memory), for grids sized to fill
+    the device once. Where CuPy exposes no occupancy call, the SM's thread limit stands in."""
+    cp = cupy()
+    attrs = cp.cuda.Device().attributes
+    try:
+        fn = kernel(name)
+        ptr = fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr
+        per_sm = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, threads, 0))
+    except (AttributeError, TypeError):
+        per_sm = int(attrs["MaxThreadsPerMultiProcessor"]) // threads
+    return int(attrs["MultiProcessorCount"]) * max(per_sm, 1)
+
+
 def _storage_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint16) if dtype.itemsize == 2 else dtype
 

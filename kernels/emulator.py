@@ -158,6 +158,15 @@ def kernel(name: str) -> EmulatedKernel:
     return EmulatedKernel(name, device.KERNEL_SOURCE[name])
 
 
+# The emulated device's resident blocks: few, so that persistent kernels' warps stride over
+# several rows each in the tests (a GPU has thousands of warps resident; here 2 x 8).
+EMULATED_RESIDENT_BLOCKS = 2
+
+
+def resident_blocks(name: str, threads: int) -> int:
+    return EMULATED_RESIDENT_BLOCKS
+
+
 class HostArray(np.ndarray):
     """A NumPy array that answers CuPy's ``.get()``."""
 
@@ -187,7 +196,8 @@ def installed():
         raise SparseInferError(reason)
     from . import ops
 
-    swaps = [(device, "_cupy_module", lambda: xp), (device, "kernel", kernel), (ops, "kernel", kernel)]
+    swaps = [(device, "_cupy_module", lambda: xp), (device, "kernel", kernel), (ops, "kernel", kernel),
+             (device, "resident_blocks", resident_blocks)]
     saved = [(owner, name, getattr(owner, name)) for owner, name, _ in swaps]
     for owner, name, value in swaps:
         setattr(owner, name, value)

@@ -14,6 +14,7 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK, DOWN_SUB_CHUNKS, WARP_SIZE, vector_width
 from sparseinfer.reference.signs import words_per_row
 
+from . import device
 from .device import DeviceMatrix, cupy, kernel
 from .sources import DOWN_THREADS
 
@@ -181,8 +182,13 @@ def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active
     return h1, h3
 
 
-def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int):
-    """(counts, zero, h1, h3): predict + gate + up in one launch."""
+def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int,
+                  persistent: bool = False):
+    """(counts, zero, h1, h3): predict + gate + up in one launch.
+
+    ``persistent``: gate_up_persistent, a grid that fits on the device at once
+    (``device.resident_blocks``) with each warp striding over the rows, batched weight loads.
+    """
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
     k = _check_signs(w_signs, x_signs, d)
@@ -194,8 +200,12 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
     h1, h3 = _gate_up_outputs(k, zeroed=False)
-    kernel(f"gate_up_fused_{w_gate.dtype_name}")(
-        _warp_grid(k), (THREADS,),
+    name = f"gate_up_persistent_{w_gate.dtype_name}" if persistent else f"gate_up_fused_{w_gate.dtype_name}"
+    grid = _warp_grid(k)
+    if persistent:
+        grid = (min(grid[0], device.resident_blocks(name, THREADS)),)
+    kernel(name)(
+        grid, (THREADS,),
         (x, x_signs, w_signs, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),
          np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3))
     return counts, zero, h1, h3

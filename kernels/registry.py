@@ -51,6 +51,12 @@ def _gate_up_fused(mlp, x, x_signs, alpha_milli):
     return h1, h3, zero
 
 
+def _gate_up_persistent(mlp, x, x_signs, alpha_milli):
+    _, zero, h1, h3 = ops.gate_up_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation, alpha_milli,
+                                        persistent=True)
+    return h1, h3, zero
+
+
 def _gate_up_dense(mlp, x, x_signs, alpha_milli):
     return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None), None)
 
@@ -76,6 +82,8 @@ GATE_UP = _family(
      True, _gate_up_mask),
     ("v2_list", "predict + compaction, then warps only over the ascending active list (+AS)", True, _gate_up_list),
     ("v3_fused", "predict + gate + up in one launch, warp per row (+AS)", True, _gate_up_fused),
+    ("v4_persistent", "v3 on a grid resident at once, warps striding over rows; 8 weight chunks per lane "
+                      "loaded before they are added (+AS)", True, _gate_up_persistent),
     ("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)", True,
      _gate_up_dense),
 )
@@ -113,6 +121,8 @@ PIPELINES = {p.name: p for p in (
     Pipeline("sparse-fused", "v3_fused", "v1_chunks", "fused predict+gate+up, deterministic down (default)"),
     Pipeline("sparse-mask", "v1_mask", "v1_chunks", "predict kernel, masked gate+up, deterministic down"),
     Pipeline("sparse-list", "v2_list", "v1_chunks", "predict + compaction, list gate+up, deterministic down"),
+    Pipeline("sparse-persistent", "v4_persistent", "v1_chunks",
+             "persistent fused predict+gate+up, deterministic down"),
     Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}

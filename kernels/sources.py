@@ -35,7 +35,8 @@ COMPILE_OPTIONS = (
 KERNELS = {
     "signs.cu": tuple(f"pack_signs_{s}" for s in SIGN_SUFFIXES),
     "predict.cu": ("predict_rows", "predict_rows_vec", "compact_active"),
-    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused") for s in WEIGHT_SUFFIXES),
+    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused", "persistent")
+                        for s in WEIGHT_SUFFIXES),
     "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "atomic") for s in WEIGHT_SUFFIXES)
     + ("down_reduce_chunks",),
 }

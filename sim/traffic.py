@@ -38,7 +38,7 @@ def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows
         return common + k * MASK
     if version == "v2_list":
         return common + rows_gate * INDEX + INDEX
-    if version == "v3_fused":  # the predictor's reads and writes, inside the kernel
+    if version in ("v3_fused", "v4_persistent"):  # the predictor's reads and writes, inside the kernel
         return common + predict_bytes("v1", d, k)
     raise ValueError(f"unknown gate_up version {version!r}")
 

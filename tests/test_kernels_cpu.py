@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -157,3 +158,39 @@ def test_emulated_kernels_refuse_what_cupy_would_not_take():
     x[[3, 40]] = -1.0
     launch((1,), (64,), (x, words, np.int32(1), np.int32(64), np.int64(64)))
     assert words.tolist() == [1 << 3, 1 << 8]
+
+
+class _FakeFunction:
+    def __init__(self, ptr):
+        self.kernel = types.SimpleNamespace(ptr=ptr)
+
+
+def _fake_cupy(occupancy):
+    """A CuPy stand-in with 132 SMs of 2048 threads; ``occupancy`` is the driver call or None."""
+    driver = types.SimpleNamespace(occupancyMaxActiveBlocksPerMultiprocessor=occupancy) if occupancy else \
+        types.SimpleNamespace()
+    attrs = {"MultiProcessorCount": 132, "MaxThreadsPerMultiProcessor": 2048}
+    return types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(attributes=attrs),
+                                                            driver=driver))
+
+
+def test_resident_blocks_asks_the_driver_for_the_kernels_occupancy(monkeypatch):
+    from sparseinfer.kernels import device
+
+    calls = []
+
+    def occupancy(ptr, threads, smem):
+        calls.append((ptr, threads, smem))
+        return 3                                          # e.g. limited by registers
+
+    monkeypatch.setattr(device, "_cupy_module", lambda: _fake_cupy(occupancy))
+    monkeypatch.setattr(device, "kernel", lambda name: _FakeFunction(ptr=0xBEEF))
+    device.resident_blocks.cache_clear()
+    try:
+        assert device.resident_blocks("gate_up_persistent_fp16", 256) == 132 * 3
+        assert calls == [(0xBEEF, 256, 0)]
+        device.resident_blocks.cache_clear()
+        monkeypatch.setattr(device, "_cupy_module", lambda: _fake_cupy(None))     # no occupancy call in CuPy
+        assert device.resident_blocks("gate_up_persistent_fp16", 256) == 132 * (2048 // 256)
+    finally:
+        device.resident_blocks.cache_clear()

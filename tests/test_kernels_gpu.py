@@ -166,3 +166,20 @@ def test_with_pipeline_shares_the_weights_and_runs_its_own_pipeline():
             assert within_down_bound(got, case.h1_h3()[1], case.w_down.T).all(), f"with_pipeline({name}) ({case})"
     with pytest.raises(SparseInferError, match="unknown pipeline 'nope'"):
         fused.with_pipeline("nope")
+
+
+@pytest.mark.parametrize("dtype", WEIGHT_DTYPES, ids=lambda t: np.dtype(t).name)
+def test_batched_loads_cover_whole_batches_a_remainder_and_a_scalar_tail(dtype):
+    """d 2091: every lane adds whole batches of 8 chunks, some lanes one more chunk, one lane
+    the 3-element tail (fp16/bf16: 261 chunks of 8, fp32: 522 of 4), in the contract's order."""
+    case = build_case(2091, 65, dtype, 1000, 13, "relu", ())
+    case.assert_nontrivial()
+    mlp = _mlp(case, "sparse-persistent")
+    x = cupy().asarray(case.x)
+    h1, h3, zero = GATE_UP["v4_persistent"].run(mlp, x, ops.pack_x_signs(x), case.alpha_milli)
+    want_h1, want_h3 = case.h1_h3()
+    assert_same(_host(zero).astype(bool), case.predicted_zero, "v4_persistent zero mask", case)
+    assert_same(_host(h1), want_h1, "v4_persistent h1", case)
+    assert_same(_host(h3), want_h3, "v4_persistent h3", case)
+    want = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, case.activation, 1.0)[0]
+    assert_same(_host(mlp(case.x)), want, "sparse-persistent out", case)

@@ -103,6 +103,32 @@ __device__ __forceinline__ int warp_sum_int(int v) {
     return v;
 }
 
+// acc += the V products of one 16-byte chunk of weights (elements j0 .. j0+V) with x, in order.
+template <typename T>
+__device__ __forceinline__ float chunk_dot_add(float acc, uint4 chunk, const float* __restrict__ x, int j0) {
+    const int V = Elem<T>::V;
+    float w[V], xv[V];
+    Elem<T>::unpack(chunk, w);
+    load_x<V>(x, j0, xv);
+#pragma unroll
+    for (int v = 0; v < V; ++v) acc = __fadd_rn(acc, __fmul_rn(w[v], xv[v]));
+    return acc;
+}
+
+// acc += the products of the chunks c, c + 32, ... below n_chunks, element by element (the
+// tail after the vector loop, or every chunk where row or x is not 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ float scalar_chunks_add(float acc, const T* __restrict__ row, const float* __restrict__ x,
+                                                   int d, int c, int n_chunks) {
+    const int V = Elem<T>::V;
+    for (; c < n_chunks; c += WARP_SIZE) {
+        const int j0 = c * V;
+        const int n = min(V, d - j0);
+        for (int v = 0; v < n; ++v) acc = __fadd_rn(acc, __fmul_rn(Elem<T>::load(row, j0 + v), x[j0 + v]));
+    }
+    return acc;
+}
+
 // z = row . x in the contract's order; called by all 32 lanes of a warp, all get z.
 // Full 16-byte chunks first (vector loads when row and x are aligned), then the scalar
 // tail: a lane's chunks ascend in c either way, so the order is the contract's.
@@ -114,19 +140,32 @@ __device__ __forceinline__ float warp_dot_row(const T* __restrict__ row, const f
     float acc = 0.0f;
     int c = lane;
 #pragma unroll 4
-    for (; c < n_vec; c += WARP_SIZE) {
-        float w[V], xv[V];
-        Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(row + (i64)c * V)), w);
-        load_x<V>(x, c * V, xv);
+    for (; c < n_vec; c += WARP_SIZE)
+        acc = chunk_dot_add<T>(acc, __ldg(reinterpret_cast<const uint4*>(row + (i64)c * V)), x, c * V);
+    return warp_sum_butterfly(scalar_chunks_add(acc, row, x, d, c, n_chunks));
+}
+
+// warp_dot_row with the weights of U consecutive chunks of a lane loaded before any of them
+// is added: U x 16 bytes in flight per lane (U x 512 per warp) while the sums keep the
+// contract's order (chunks ascending per lane, elements in order within a chunk).
+template <typename T, int U>
+__device__ __forceinline__ float warp_dot_row_batched(const T* __restrict__ row, const float* __restrict__ x, int d,
+                                                      int lane) {
+    const int V = Elem<T>::V;
+    const int n_chunks = (d + V - 1) / V;
+    const int n_vec = (aligned16(row) && aligned16(x)) ? d / V : 0;
+    const uint4* rv = reinterpret_cast<const uint4*>(row);
+    float acc = 0.0f;
+    int c = lane;
+    for (; c + (U - 1) * WARP_SIZE < n_vec; c += U * WARP_SIZE) {
+        uint4 wv[U];
 #pragma unroll
-        for (int v = 0; v < V; ++v) acc = __fadd_rn(acc, __fmul_rn(w[v], xv[v]));
+        for (int u = 0; u < U; ++u) wv[u] = __ldg(rv + c + u * WARP_SIZE);
+#pragma unroll
+        for (int u = 0; u < U; ++u) acc = chunk_dot_add<T>(acc, wv[u], x, (c + u * WARP_SIZE) * V);
     }
-    for (; c < n_chunks; c += WARP_SIZE) {
-        const int j0 = c * V;
-        const int n = min(V, d - j0);
-        for (int v = 0; v < n; ++v) acc = __fadd_rn(acc, __fmul_rn(Elem<T>::load(row, j0 + v), x[j0 + v]));
-    }
-    return warp_sum_butterfly(acc);
+    for (; c < n_vec; c += WARP_SIZE) acc = chunk_dot_add<T>(acc, __ldg(rv + c), x, c * V);
+    return warp_sum_butterfly(scalar_chunks_add(acc, row, x, d, c, n_chunks));
 }
 
 // reference/activations.py: relu z > 0 ? z : +0; fatrelu z >= thr ? z : +0.

@@ -4,16 +4,23 @@
 // same structure computes every row and every up row (h3 = fl(h1 * h2) always).
 #include "common.cuh"
 
-template <typename T>
+// One row's dot product: warp_dot_row, or with BATCH > 0 warp_dot_row_batched<T, BATCH>.
+template <typename T, int BATCH>
+__device__ __forceinline__ float row_dot(const T* __restrict__ row, const float* __restrict__ x, int d, int lane) {
+    if constexpr (BATCH > 0) return warp_dot_row_batched<T, BATCH>(row, x, d, lane);
+    else return warp_dot_row(row, x, d, lane);
+}
+
+template <typename T, int BATCH = 0>
 __device__ __forceinline__ void gate_up_row(i64 row, const float* __restrict__ x, const T* __restrict__ w_gate,
                                             const T* __restrict__ w_up, i64 ld, int d, bool skip_zero_gate,
                                             int act_kind, float threshold, float* __restrict__ h1_out,
                                             float* __restrict__ h3_out, int lane) {
-    const float z = warp_dot_row(w_gate + row * ld, x, d, lane);
+    const float z = row_dot<T, BATCH>(w_gate + row * ld, x, d, lane);
     const float h1 = activate(z, act_kind, threshold);
     float h3 = 0.0f;
     if (!skip_zero_gate || h1 != 0.0f) {      // h1 is the same on every lane: uniform branch
-        const float h2 = warp_dot_row(w_up + row * ld, x, d, lane);
+        const float h2 = row_dot<T, BATCH>(w_up + row * ld, x, d, lane);
         h3 = __fmul_rn(h1, h2);
     }
     if (lane == 0) {
@@ -48,16 +55,13 @@ __device__ __forceinline__ void gate_up_list_impl(const float* x, const T* w_gat
     gate_up_row((i64)active[w], x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane_id());
 }
 
-// v3: predict + gate + up in one launch (x's sign words packed beforehand; 16-byte sign loads).
-template <typename T>
-__device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __restrict__ x_signs,
-                                                   const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
-                                                   i64 ld, int d, int k, int alpha_milli, int act_kind, float threshold,
-                                                   int* __restrict__ counts, unsigned char* __restrict__ zero,
-                                                   float* h1, float* h3) {
-    const i64 row = global_warp_id();
-    if (row >= k) return;
-    const int lane = lane_id();
+// Predict one row (eq. 2, 16-byte sign loads), then gate + up unless it is predicted zero.
+template <typename T, int BATCH>
+__device__ __forceinline__ void predict_gate_up_row(i64 row, const float* x, const u32* __restrict__ x_signs,
+                                                    const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
+                                                    i64 ld, int d, int alpha_milli, int act_kind, float threshold,
+                                                    int* __restrict__ counts, unsigned char* __restrict__ zero,
+                                                    float* h1, float* h3, int lane) {
     const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
     const int n_neg = row_negative_count<true>(w_signs + row * n_words, x_signs, d, lane);
     const bool skip = predicted_zero(n_neg, d, alpha_milli);
@@ -66,7 +70,38 @@ __device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __
         if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
         return;
     }
-    gate_up_row(row, x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane);
+    gate_up_row<T, BATCH>(row, x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane);
+}
+
+// v3: predict + gate + up in one launch (x's sign words packed beforehand), warp per row.
+template <typename T>
+__device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __restrict__ x_signs,
+                                                   const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
+                                                   i64 ld, int d, int k, int alpha_milli, int act_kind, float threshold,
+                                                   int* __restrict__ counts, unsigned char* __restrict__ zero,
+                                                   float* h1, float* h3) {
+    const i64 row = global_warp_id();
+    if (row >= k) return;
+    predict_gate_up_row<T, 0>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind, threshold,
+                              counts, zero, h1, h3, lane_id());
+}
+
+// v4: v3 on a grid that fits on the device at once, each warp striding over the rows
+// (row = warp, warp + all warps, ...). A warp whose row is predicted zero moves on at once
+// instead of holding its block's slot, so every active row is in flight together; each
+// lane loads GATE_UP_BATCH chunks of weights before adding them (warp_dot_row_batched).
+#define GATE_UP_BATCH 8
+template <typename T>
+__device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u32* __restrict__ x_signs,
+                                                        const u32* __restrict__ w_signs, const T* w_gate,
+                                                        const T* w_up, i64 ld, int d, int k, int alpha_milli,
+                                                        int act_kind, float threshold, int* __restrict__ counts,
+                                                        unsigned char* __restrict__ zero, float* h1, float* h3) {
+    const i64 stride = (i64)gridDim.x * (blockDim.x / WARP_SIZE);
+    const int lane = lane_id();
+    for (i64 row = global_warp_id(); row < k; row += stride)        // uniform per warp
+        predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind,
+                                              threshold, counts, zero, h1, h3, lane);
 }
 
 #define GATE_UP(NAME, T)                                                                                   \
@@ -86,6 +121,13 @@ __device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __
                          float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {        \
         gate_up_fused_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,          \
                               threshold, counts, zero, h1, h3);                                            \
+    }                                                                                                      \
+    extern "C" __global__ void __launch_bounds__(256)                                                      \
+    gate_up_persistent_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,     \
+                              const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,          \
+                              float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {   \
+        gate_up_persistent_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,     \
+                                   threshold, counts, zero, h1, h3);                                       \
     }
 GATE_UP(fp32, float)
 GATE_UP(fp16, half_bits)
