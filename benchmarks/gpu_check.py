@@ -188,19 +188,20 @@ def _run_stage(stage: Stage, out: Path, left: float, log, run, clock) -> dict:
 
 def preflight_report() -> dict:
     """Versions and device facts; compiles every kernel (raises on the first that fails)."""
-    from sparseinfer.kernels.device import KERNEL_SOURCE, cupy, kernel
+    from sparseinfer.kernels.device import KERNEL_SOURCE, cupy, kernel, occupancy
+    from sparseinfer.kernels.ops import THREADS
 
     from .timing import device_info
 
     cp = cupy()
     info = device_info()
-    compiled = []
     for name in KERNEL_SOURCE:
         kernel(name)
-        compiled.append(name)
+    sms, per_sm, source = occupancy("gate_up_persistent_fp16", THREADS)
     return {**info, "cupy": cp.__version__, "driver": cp.cuda.runtime.driverGetVersion(),
             "nvrtc": ".".join(map(str, cp.cuda.nvrtc.getVersion())), "python": sys.version.split()[0],
-            "kernels_compiled": len(compiled)}
+            "kernels_compiled": len(KERNEL_SOURCE),
+            "persistent_grid": {"sms": sms, "blocks_per_sm": per_sm, "from": source}}
 
 
 @click.group(invoke_without_command=True)

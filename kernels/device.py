@@ -79,19 +79,25 @@ def kernel(name: str):
 
 
 @functools.lru_cache(maxsize=None)
-def resident_blocks(name: str, threads: int) -> int:
-    """Blocks of kernel ``name`` (``threads`` each) resident on the device at once: SMs x the
-    occupancy the driver reports for it (registers, shared memory), for grids sized to fill
-    the device once. Where CuPy exposes no occupancy call, the SM's thread limit stands in."""
+def occupancy(name: str, threads: int) -> tuple[int, int, str]:
+    """(SMs, blocks of kernel ``name`` with ``threads`` each resident per SM, and where that
+    figure comes from): the driver's occupancy for the kernel (registers, shared memory), or,
+    where CuPy exposes no such call, the SM's thread limit ("thread limit")."""
     cp = cupy()
     attrs = cp.cuda.Device().attributes
     try:
         fn = kernel(name)
         ptr = fn.kernel.ptr if hasattr(fn, "kernel") else fn.ptr
-        per_sm = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, threads, 0))
+        per_sm, source = int(cp.cuda.driver.occupancyMaxActiveBlocksPerMultiprocessor(ptr, threads, 0)), "driver"
     except (AttributeError, TypeError):
-        per_sm = int(attrs["MaxThreadsPerMultiProcessor"]) // threads
-    return int(attrs["MultiProcessorCount"]) * max(per_sm, 1)
+        per_sm, source = int(attrs["MaxThreadsPerMultiProcessor"]) // threads, "thread limit"
+    return int(attrs["MultiProcessorCount"]), max(per_sm, 1), source
+
+
+def resident_blocks(name: str, threads: int) -> int:
+    """Blocks of kernel ``name`` resident on the device at once, for grids sized to fill it once."""
+    sms, per_sm, _ = occupancy(name, threads)
+    return sms * per_sm
 
 
 def _storage_dtype(dtype: np.dtype) -> np.dtype:

@@ -237,6 +237,34 @@ def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
     return out
 
 
+# Per column tile, how many chunk blocks of down_chunks_serial have finished; each launch
+# leaves them at 0 again, so one zeroed buffer per (backend, tile count) serves every call
+# made on one stream.
+_TILE_DONE: dict = {}
+
+
+def _tile_done(n_tiles: int):
+    cp = cupy()
+    key = (id(cp), n_tiles)
+    if key not in _TILE_DONE:
+        _TILE_DONE[key] = cp.zeros(n_tiles, dtype=cp.uint32)
+    return _TILE_DONE[key]
+
+
+def down_chunks_serial(h3, w_down_t: DeviceMatrix):
+    """down_chunks in one launch: the last block of each column tile adds the chunks' partials."""
+    k, d = _check_down(h3, w_down_t)
+    cp = cupy()
+    n_chunks = -(-k // DOWN_ROW_CHUNK)
+    n_tiles = _down_grid_x(d, w_down_t.dtype)
+    partial = cp.empty((n_chunks, d), dtype=cp.float32)
+    out = cp.empty(d, dtype=cp.float32)
+    kernel(f"down_chunks_serial_{w_down_t.dtype_name}")(
+        (n_tiles, n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
+        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _tile_done(n_tiles), out))
+    return out
+
+
 def down_atomic(h3, w_down_t: DeviceMatrix, rows_per_block: int = ATOMIC_ROWS_PER_BLOCK):
     """out [d], order free: split-K over groups of rows, one atomicAdd per column per block."""
     k, d = _check_down(h3, w_down_t)

@@ -92,6 +92,8 @@ DOWN = _family(
     "down",
     ("v1_chunks", f"deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
                   "in order", True, lambda h3, wt: ops.down_chunks(h3, wt)),
+    ("v3_serial", "v1 in one launch: the last block of each column tile (threadfence + counter) adds the "
+                  "chunks' partials in order", True, lambda h3, wt: ops.down_chunks_serial(h3, wt)),
     ("v2_atomic", "order free (paper): split-K over row groups skipping h3 == 0, one atomicAdd per column per block",
      False, lambda h3, wt: ops.down_atomic(h3, wt)),
     ("dense", "v1's structure reading every row (the kernel-quality baseline)", True,
@@ -121,8 +123,8 @@ PIPELINES = {p.name: p for p in (
     Pipeline("sparse-fused", "v3_fused", "v1_chunks", "fused predict+gate+up, deterministic down (default)"),
     Pipeline("sparse-mask", "v1_mask", "v1_chunks", "predict kernel, masked gate+up, deterministic down"),
     Pipeline("sparse-list", "v2_list", "v1_chunks", "predict + compaction, list gate+up, deterministic down"),
-    Pipeline("sparse-persistent", "v4_persistent", "v1_chunks",
-             "persistent fused predict+gate+up, deterministic down"),
+    Pipeline("sparse-persistent", "v4_persistent", "v3_serial",
+             "persistent fused predict+gate+up, one-launch deterministic down"),
     Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}

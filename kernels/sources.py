@@ -37,7 +37,7 @@ KERNELS = {
     "predict.cu": ("predict_rows", "predict_rows_vec", "compact_active"),
     "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused", "persistent")
                         for s in WEIGHT_SUFFIXES),
-    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "atomic") for s in WEIGHT_SUFFIXES)
+    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_serial", "atomic") for s in WEIGHT_SUFFIXES)
     + ("down_reduce_chunks",),
 }
 HOT_KERNELS = frozenset(

@@ -47,7 +47,7 @@ def down_bytes(version: str, d: int, k: int, dtype: str, rows_down: int) -> int:
     """Rows of W_down^T read, h3, and the partial sums (v1) or the output (v2)."""
     rows = k if version == "dense" else rows_down
     weights = rows * d * itemsize(dtype)
-    if version in ("v1_chunks", "dense"):
+    if version in ("v1_chunks", "v3_serial", "dense"):
         n_chunks = -(-k // DOWN_ROW_CHUNK)
         return weights + k * F32 + 2 * n_chunks * d * F32 + d * F32
     if version == "v2_atomic":

@@ -185,12 +185,14 @@ def test_resident_blocks_asks_the_driver_for_the_kernels_occupancy(monkeypatch):
 
     monkeypatch.setattr(device, "_cupy_module", lambda: _fake_cupy(occupancy))
     monkeypatch.setattr(device, "kernel", lambda name: _FakeFunction(ptr=0xBEEF))
-    device.resident_blocks.cache_clear()
+    device.occupancy.cache_clear()
     try:
         assert device.resident_blocks("gate_up_persistent_fp16", 256) == 132 * 3
         assert calls == [(0xBEEF, 256, 0)]
-        device.resident_blocks.cache_clear()
+        assert device.occupancy("gate_up_persistent_fp16", 256) == (132, 3, "driver")
+        device.occupancy.cache_clear()
         monkeypatch.setattr(device, "_cupy_module", lambda: _fake_cupy(None))     # no occupancy call in CuPy
         assert device.resident_blocks("gate_up_persistent_fp16", 256) == 132 * (2048 // 256)
+        assert device.occupancy("gate_up_persistent_fp16", 256)[2] == "thread limit"
     finally:
-        device.resident_blocks.cache_clear()
+        device.occupancy.cache_clear()

@@ -214,5 +214,8 @@ inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
 template <typename T> inline T __ldg(const T* p) { return *p; }
+template <typename T> inline T __ldcg(const T* p) { return *p; }
+inline void __threadfence() {}                       // one OS thread: every write is seen in order
 inline int min(int a, int b) { return a < b ? a : b; }
 inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }   // one OS thread
+inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = old + v; return old; }

@@ -113,6 +113,33 @@ down_reduce_chunks(const float* __restrict__ partial, int n_chunks, int d, float
     out[j] = s;
 }
 
+// v3 (deterministic, one launch): v1, then the last block of each column tile to finish
+// adds the tile's per-chunk partials in chunk order (the sum down_reduce_chunks makes, bit
+// for bit) instead of a second launch. Every block fences its partials, then counts itself
+// in tile_done[tile]; the block that brings the count to the number of chunks is the last
+// and resets the count to 0 for the next launch (one stream at a time per buffer).
+template <typename T>
+__device__ __forceinline__ void down_chunks_serial_impl(const float* __restrict__ h3, const T* __restrict__ wt,
+                                                        i64 ld, int k, int d, float* __restrict__ partial,
+                                                        u32* __restrict__ tile_done, float* __restrict__ out) {
+    __shared__ int last;
+    down_chunks_impl<T>(h3, wt, ld, k, d, 0, partial);
+    __threadfence();                                // this block's partials visible to every block
+    __syncthreads();
+    if (threadIdx.x == 0) last = atomicAdd(tile_done + blockIdx.x, 1u) == gridDim.y - 1;
+    __syncthreads();
+    if (!last) return;                              // uniform per block
+    __threadfence();
+    const int tile = DOWN_THREADS * Elem<T>::V;
+    const int end = min(d, (int)(blockIdx.x + 1) * tile);
+    for (int j = blockIdx.x * tile + threadIdx.x; j < end; j += blockDim.x) {
+        float s = 0.0f;
+        for (int c = 0; c < (int)gridDim.y; ++c) s = __fadd_rn(s, __ldcg(partial + (i64)c * d + j));
+        out[j] = s;
+    }
+    if (threadIdx.x == 0) tile_done[blockIdx.x] = 0u;
+}
+
 // v2 (order free, the paper's atomicAdd down projection as split-K): block (column tile,
 // group of rows_per_block rows) adds its nonzero rows in registers, then one atomicAdd
 // per column. The caller zeroes out first.
@@ -145,6 +172,11 @@ __device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, c
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) {      \
         down_chunks_impl<T>(h3, wt, ld, k, d, dense, partial);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
+    down_chunks_serial_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, float* partial,            \
+                              u32* tile_done, float* out) {                                                  \
+        down_chunks_serial_impl<T>(h3, wt, ld, k, d, partial, tile_done, out);                               \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS)                                               \
     down_atomic_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int rows_per_block, float* out) { \
