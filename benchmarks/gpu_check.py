@@ -75,7 +75,7 @@ STAGES = {s.name: s for s in (
           (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "preflight"), _verify(1100, 1031)),
           estimate_s=40, min_start_s=30, stops_run=True),
     Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py)",
-          ((*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"),), estimate_s=150, min_start_s=90),
+          ((*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"),), estimate_s=180, min_start_s=90),
     Stage("bench", "sparseinfer bench: every version and pipeline, 7B/13B, sparsity 0.90/0.92 ({out}/<device>.json)",
           ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=100, min_start_s=80),
     Stage("sanitize", "compute-sanitizer memcheck (CuPy's pool off: one allocation per buffer), racecheck and "
