@@ -104,6 +104,16 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
                                               threshold, counts, zero, h1, h3, lane);
 }
 
+// The kernels that predict as they go (v3 fused, v4 persistent) share one signature.
+#define GATE_UP_PREDICTING(KIND, NAME, T)                                                                  \
+    extern "C" __global__ void __launch_bounds__(256)                                                      \
+    gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,       \
+                            const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,            \
+                            float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {     \
+        gate_up_##KIND##_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,       \
+                                 threshold, counts, zero, h1, h3);                                         \
+    }
+
 #define GATE_UP(NAME, T)                                                                                   \
     extern "C" __global__ void __launch_bounds__(256)                                                      \
     gate_up_mask_##NAME(const float* x, const T* w_gate, const T* w_up, i64 ld, int d, int k,              \
@@ -115,20 +125,8 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
                         const int* n_active, int act_kind, float threshold, float* h1, float* h3) {        \
         gate_up_list_impl<T>(x, w_gate, w_up, ld, d, active, n_active, act_kind, threshold, h1, h3);       \
     }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256)                                                      \
-    gate_up_fused_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,          \
-                         const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,               \
-                         float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {        \
-        gate_up_fused_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,          \
-                              threshold, counts, zero, h1, h3);                                            \
-    }                                                                                                      \
-    extern "C" __global__ void __launch_bounds__(256)                                                      \
-    gate_up_persistent_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,     \
-                              const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,          \
-                              float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {   \
-        gate_up_persistent_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,     \
-                                   threshold, counts, zero, h1, h3);                                       \
-    }
+    GATE_UP_PREDICTING(fused, NAME, T)                                                                     \
+    GATE_UP_PREDICTING(persistent, NAME, T)
 GATE_UP(fp32, float)
 GATE_UP(fp16, half_bits)
 GATE_UP(bf16, bf16_bits)
