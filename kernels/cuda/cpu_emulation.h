@@ -2,7 +2,7 @@
 // kernel sources run on a machine without a GPU (kernels/emulator.py compiles them with
 // g++ against this header).
 //
-// Every CUDA thread of a block is a fiber (ucontext) on one OS thread; the blocks of a
+// Every CUDA thread of a block is a fiber on one OS thread; the blocks of a
 // launch run one after another, so `__shared__` becomes a function-local static that the
 // block's fibers share. Fibers switch only at barriers, in thread order: __syncthreads is
 // a block barrier; __ballot_sync and __shfl_xor_sync publish each lane's value in the
@@ -18,7 +18,16 @@
 // bit for bit. What it cannot: timing, coalescing, races of the GPU's memory model.
 #pragma once
 
+// Fiber switches: on x86-64 a few instructions (callee-saved registers, the SSE and x87
+// control words, the stack pointer), because glibc's swapcontext makes a sigprocmask system
+// call at every switch and getcontext one more per fiber and block, which made the emulation
+// several times slower. Under AddressSanitizer (which must see the stack switches) and on
+// other processors, ucontext (also with -DSPARSEINFER_UCONTEXT_FIBERS, for the tests).
+#if defined(__x86_64__) && !defined(__SANITIZE_ADDRESS__) && !defined(SPARSEINFER_UCONTEXT_FIBERS)
+#define SPARSEINFER_FAST_FIBERS 1
+#else
 #include <ucontext.h>
+#endif
 
 #include <cstdint>
 #include <cstring>
@@ -42,20 +51,99 @@ namespace emu {
 
 constexpr std::size_t STACK_BYTES = 64 * 1024;
 
+#ifdef SPARSEINFER_FAST_FIBERS
+// A suspended fiber's stack holds, from `sp` up: the MXCSR and x87 control words (8 bytes),
+// r15, r14, r13, r12, rbx, rbp and the address to return to.
+struct Context { void* sp = nullptr; };
+
+extern "C" void sparseinfer_emu_switch(void** save_sp, void* load_sp);
+extern "C" void sparseinfer_emu_fiber_start();
+asm(R"(
+    .text
+    .globl sparseinfer_emu_switch
+    .hidden sparseinfer_emu_switch
+    .type sparseinfer_emu_switch, @function
+sparseinfer_emu_switch:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size sparseinfer_emu_switch, .-sparseinfer_emu_switch
+
+    .globl sparseinfer_emu_fiber_start
+    .hidden sparseinfer_emu_fiber_start
+    .type sparseinfer_emu_fiber_start, @function
+sparseinfer_emu_fiber_start:
+    movl %r12d, %edi
+    callq *%r13
+    ud2
+    .size sparseinfer_emu_fiber_start, .-sparseinfer_emu_fiber_start
+)");
+
+inline void ctx_swap(Context& from, Context& to) { sparseinfer_emu_switch(&from.sp, to.sp); }
+inline void ctx_jump(Context& to) { void* unused; sparseinfer_emu_switch(&unused, to.sp); }
+
+// A fresh fiber that will run entry(index) on [stack, stack + bytes) when first switched to.
+inline void ctx_make(Context& c, char* stack, std::size_t bytes, void (*entry)(int), int index) {
+    auto** sp = reinterpret_cast<void**>(((uintptr_t)(stack + bytes) & ~(uintptr_t)15) - 128);
+    uint32_t mxcsr;
+    uint16_t fpucw;
+    asm volatile("stmxcsr %0; fnstcw %1" : "=m"(mxcsr), "=m"(fpucw));
+    uint64_t control = mxcsr | ((uint64_t)fpucw << 32);
+    std::memcpy(&sp[0], &control, 8);
+    sp[1] = sp[2] = nullptr;                                      // r15, r14
+    sp[3] = reinterpret_cast<void*>(entry);                       // r13: called by fiber_start
+    sp[4] = reinterpret_cast<void*>((uintptr_t)(unsigned)index);  // r12: its argument
+    sp[5] = sp[6] = nullptr;                                      // rbx, rbp
+    sp[7] = reinterpret_cast<void*>(&sparseinfer_emu_fiber_start);
+    c.sp = sp;                 // 16-aligned, so fiber_start calls entry with the ABI's alignment
+}
+#else
+struct Context { ucontext_t uc; };
+
+inline void ctx_swap(Context& from, Context& to) { swapcontext(&from.uc, &to.uc); }
+inline void ctx_jump(Context& to) { setcontext(&to.uc); }
+
+inline void ctx_make(Context& c, char* stack, std::size_t bytes, void (*entry)(int), int index) {
+    getcontext(&c.uc);
+    c.uc.uc_stack.ss_sp = stack;
+    c.uc.uc_stack.ss_size = bytes;
+    c.uc.uc_link = nullptr;
+    makecontext(&c.uc, reinterpret_cast<void (*)()>(entry), 1, index);
+}
+#endif
+
 struct Barrier {
     int expected = 0, arrived = 0;
     unsigned generation = 0;
 };
 
 struct Fiber {
-    ucontext_t ctx;
+    Context ctx;
     std::unique_ptr<char[]> stack;
     dim3 tid;
     bool done = false;
 };
 
 struct Scheduler {
-    ucontext_t main;
+    Context main;
     std::vector<Fiber> fibers;
     std::vector<Barrier> warp_bars;
     std::vector<uint32_t> slots;          // 32 per warp
@@ -83,7 +171,7 @@ inline int warp_index() { return S.current / 32; }
 inline void switch_to(int next) {
     const int me = S.current;
     S.current = next;
-    swapcontext(&S.fibers[me].ctx, &S.fibers[next].ctx);
+    ctx_swap(S.fibers[me].ctx, S.fibers[next].ctx);
 }
 
 // Give the CPU to the next unfinished fiber in thread order; a full round with no barrier
@@ -91,7 +179,7 @@ inline void switch_to(int next) {
 inline void yield() {
     if (++S.idle_switches > 2 * S.alive + 2) {
         S.deadlock = true;
-        setcontext(&S.main);
+        ctx_jump(S.main);
     }
     const int next = next_fiber(S.current);
     if (next != S.current) switch_to(next);
@@ -121,10 +209,10 @@ inline void fiber_entry(int index) {
     S.fibers[index].done = true;
     drop(S.warp_bars[index / 32]);
     drop(S.block_bar);
-    if (--S.alive == 0) setcontext(&S.main);
+    if (--S.alive == 0) ctx_jump(S.main);
     const int next = next_fiber(index);
     S.current = next;
-    setcontext(&S.fibers[next].ctx);
+    ctx_jump(S.fibers[next].ctx);
 }
 
 // Run kernel(args...) on grid x block threads: 0 on success, -2 on a barrier deadlock.
@@ -148,17 +236,13 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
                 if (!f.stack) f.stack.reset(new char[STACK_BYTES]);
                 f.tid = dim3{(unsigned)t, 0, 0};
                 f.done = false;
-                getcontext(&f.ctx);
-                f.ctx.uc_stack.ss_sp = f.stack.get();
-                f.ctx.uc_stack.ss_size = STACK_BYTES;
-                f.ctx.uc_link = nullptr;
-                makecontext(&f.ctx, reinterpret_cast<void (*)()>(&fiber_entry), 1, t);
+                ctx_make(f.ctx, f.stack.get(), STACK_BYTES, &fiber_entry, t);
             }
             S.alive = n;
             S.idle_switches = 0;
             S.deadlock = false;
             S.current = S.reverse ? n - 1 : 0;
-            swapcontext(&S.main, &S.fibers[S.current].ctx);
+            ctx_swap(S.main, S.fibers[S.current].ctx);
             if (S.deadlock) return -2;
         }
     return 0;
