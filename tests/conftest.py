@@ -8,7 +8,7 @@ import os
 
 from hypothesis import HealthCheck, settings
 
-# quick: what CI runs (the whole CPU suite in about 10 minutes on 2 cores, 8 of them the emulated kernels)
+# quick: what CI runs (the whole CPU suite in about 3-4 minutes on 2 cores, 2 of them the emulated kernels)
 settings.register_profile("ci", max_examples=40, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
 # thorough: long manual runs, HYPOTHESIS_PROFILE=thorough pytest
