@@ -128,8 +128,8 @@ def predict(w_signs, x_signs, d: int, alpha_milli: int, vector_loads: bool = Fal
     cp = cupy()
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
-    kernel("predict_rows_vec" if vector_loads else "predict_rows")(_warp_grid(k), (THREADS,),
-                           (w_signs, x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
+    kernel("predict_rows_vec" if vector_loads else "predict_rows")(
+        _warp_grid(k), (THREADS,), (w_signs, x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
     return counts, zero
 
 

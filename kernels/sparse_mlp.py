@@ -21,11 +21,15 @@ from .device import DeviceMatrix, cupy
 from .registry import DEFAULT_PIPELINE, DOWN, GATE_UP, PIPELINES
 
 
+def _pipeline(name: str):
+    if name not in PIPELINES:
+        raise SparseInferError(f"unknown pipeline {name!r}; expected one of {', '.join(PIPELINES)}")
+    return PIPELINES[name]
+
+
 class SparseMLP:
     def __init__(self, w_gate, w_up, w_down, activation, pipeline: str = DEFAULT_PIPELINE):
-        if pipeline not in PIPELINES:
-            raise SparseInferError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
-        self.pipeline = PIPELINES[pipeline]
+        self.pipeline = _pipeline(pipeline)
         self.activation = ops.sparse_activation(activation)
         w_gate, w_up, w_down = (np.asarray(w) for w in (w_gate, w_up, w_down))
         if w_gate.ndim != 2:
@@ -44,10 +48,8 @@ class SparseMLP:
 
     def with_pipeline(self, pipeline: str) -> "SparseMLP":
         """The same layer run by another pipeline, sharing this one's device weights (no copy)."""
-        if pipeline not in PIPELINES:
-            raise SparseInferError(f"unknown pipeline {pipeline!r}; expected one of {', '.join(PIPELINES)}")
         other = copy.copy(self)
-        other.pipeline = PIPELINES[pipeline]
+        other.pipeline = _pipeline(pipeline)
         return other
 
     def to_device_x(self, x, check: bool = True):
