@@ -184,7 +184,7 @@ def _wrap(f):
 
 xp = types.SimpleNamespace(
     **{name: _wrap(getattr(np, name)) for name in ("asarray", "ascontiguousarray", "empty", "zeros", "isnan",
-                                                    "argmax")},
+                                                    "argmax", "where")},
     **{name: getattr(np, name) for name in ("float32", "int32", "int64", "uint8", "uint16", "uint32", "uint64")})
 
 
