@@ -84,7 +84,11 @@ def is_sparse_export(model) -> bool:
 
 
 class OnnxDecoder:
-    def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto"):
+    def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto",
+                 io_binding: bool | None = None):
+        """``io_binding``: keep the KV cache in onnxruntime's own buffers on the provider's device
+        between steps (IOBinding); default on for cuda, off for cpu (where it also works, and is
+        tested, but copies nothing less)."""
         model = read_model_proto(path)
         self.mlp_kernels = resolve_mlp_kernels(mlp_kernels, is_sparse_export(model), provider)
         if self.mlp_kernels == "native":
@@ -93,6 +97,7 @@ class OnnxDecoder:
         else:
             self.session = make_session(path, provider, threads)
         self.provider = provider
+        self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
             self.num_layers = int(meta["sparseinfer.num_layers"])
@@ -126,7 +131,7 @@ class OnnxDecoder:
             raise SparseInferError(f"{self.length + n} tokens exceed the context of {self.max_positions}")
         feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + n), dtype=np.int64),
                 "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None]}
-        if self.provider == "cuda":
+        if self.io_binding:
             out = self._run_bound(feed)
         else:
             out = dict(zip(self.output_names, self.session.run(None, {**feed, **self.past})))
@@ -136,19 +141,21 @@ class OnnxDecoder:
         return out["logits"][0], {k: v for k, v in out.items() if k.startswith("debug.")}
 
     def _run_bound(self, feed) -> dict:
-        """IOBinding: KV cache stays on the GPU as OrtValues; logits and debug come back."""
+        """IOBinding: the KV cache stays on the provider's device as OrtValues (fed back as the
+        next step's past); logits and debug outputs come back to the host."""
         import onnxruntime as ort
 
+        device = "cuda" if self.provider == "cuda" else "cpu"
         binding = self.session.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
         for name, value in self.past.items():
             if isinstance(value, np.ndarray):
-                value = ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0)
+                value = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             if name.startswith("present."):
-                binding.bind_output(name, "cuda", 0)
+                binding.bind_output(name, device, 0)
             else:
                 binding.bind_output(name, "cpu")
         self.session.run_with_iobinding(binding)

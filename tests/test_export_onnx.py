@@ -174,3 +174,26 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(tmp_path, monkeypa
     monkeypatch.setattr(ort, "InferenceSession", FellBack)
     with pytest.raises(SparseInferError, match="CUDAExecutionProvider failed to load .* fell back to CPUExecutionProvider"):
         make_session(tmp_path / "model.onnx", "cuda")
+
+
+@pytest.mark.parametrize("sparse,mlp_kernels", [(False, "function"), (True, "function"),
+                                                pytest.param(True, "native", marks=pytest.mark.native)])
+def test_iobinding_path_gives_the_same_bits_as_plain_runs(tmp_path, sparse, mlp_kernels):
+    """The KV cache bound as OrtValues between steps (the CUDA path's IOBinding, here on the
+    CPU provider) gives the very logits, debug masks and caches of plain session.run calls."""
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=5)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=sparse, debug=sparse))
+    plain = OnnxDecoder(path, "cpu", mlp_kernels=mlp_kernels)
+    bound = OnnxDecoder(path, "cpu", mlp_kernels=mlp_kernels, io_binding=True)
+    assert not plain.io_binding and bound.io_binding
+    tok = PROMPT
+    for step in range(1 + DECODE_STEPS):
+        (a, da), (b, db) = plain.step(tok), bound.step(tok)
+        assert np.abs(a).max() > 0.5 and np.array_equal(a.view(np.uint32), b.view(np.uint32)), f"step {step}"
+        assert da.keys() == db.keys() and all(np.array_equal(da[k], db[k]) for k in da)
+        if sparse:
+            assert da and any(v.any() for v in da.values())            # masks were compared, some rows skipped
+        tok = [int(np.argmax(a[-1]))]
+    assert all(isinstance(v, ort.OrtValue) for v in bound.past.values())    # the cache never left onnxruntime
+    for name, v in bound.past.items():
+        assert np.array_equal(v.numpy(), plain.past[name]) and v.numpy().shape[2] == plain.length
