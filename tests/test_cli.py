@@ -88,3 +88,18 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
         counts = result["sparse"]["rows_of_last_run"]
         assert counts["decode_steps_counted"] == 3 and 0 < counts["rows_computed"] < 1 - counts["predicted_sparsity"] + 1e-12
         assert "rows_of_last_run" not in result["dense"] and "rows_of_last_run" not in result["sparse-function"]
+
+
+def test_machine_description_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):
+    from sparseinfer.tools.export_commands import gpu_names, machine_description
+
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB'\n")
+    smi.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert gpu_names() == ["NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB"]
+    assert machine_description("cuda")["gpu"] == gpu_names() and "gpu" not in machine_description("cpu")
+    smi.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed' >&2\nexit 9\n")
+    assert gpu_names() == []
+    monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
+    assert gpu_names() == []

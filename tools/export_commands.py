@@ -233,7 +233,8 @@ def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temp
     click.echo(_stats_line(result["sparse_stats"]))
 
 
-def machine_description() -> dict:
+def machine_description(provider: str = "cpu") -> dict:
+    """Date, CPU, Python and onnxruntime; with the cuda provider also the GPUs nvidia-smi lists."""
     import datetime
     import platform
 
@@ -244,8 +245,23 @@ def machine_description() -> dict:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return {"date": datetime.date.today().isoformat(), "cpu": cpu, "cpu_count": os.cpu_count(),
-            "platform": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+    out = {"date": datetime.date.today().isoformat(), "cpu": cpu, "cpu_count": os.cpu_count(),
+           "platform": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__}
+    if provider == "cuda":
+        out["gpu"] = gpu_names()
+    return out
+
+
+def gpu_names() -> list[str]:
+    """'name, driver, memory' of each GPU from nvidia-smi; [] where it is missing or fails."""
+    import subprocess
+
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
 
 
 @click.command("bench-decode")
@@ -319,7 +335,7 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),
-              "machine": machine_description()}
+              "machine": machine_description(provider)}
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
         Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
@@ -331,8 +347,9 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
         for k, v in rows.items()]))
     if "speedup_function_bodies" in result:
         click.echo(f"sparse (function bodies) / dense: {result['speedup_function_bodies']:.2f}x")
+    where = ", ".join(result["machine"].get("gpu") or []) or result["machine"]["cpu"]
     click.echo(f"sparse / dense: {result['speedup']:.2f}x ({ck.shape.name}, {ck.shape.num_layers} layers, "
-               f"{result['machine']['cpu']}, {result['machine']['date']})")
+               f"{provider} provider, {where}, {result['machine']['date']})")
 
 
 COMMANDS = (make_checkpoint_cmd, export_cmd, generate_cmd, compare_cmd, bench_decode_cmd)
