@@ -51,8 +51,8 @@ def _verify(d: int, k: int) -> tuple:
     return (*_CLI, "verify-kernels", "--backend", "gpu", "--d", str(d), "--k", str(k))
 
 
-def _sanitizer(tool: str, d: int, k: int, *extra: str) -> tuple:
-    return ("compute-sanitizer", "--tool", tool, "--error-exitcode", str(SANITIZER_EXIT), *extra, *_verify(d, k))
+def _sanitizer(tool: str, argv: tuple, *extra: str) -> tuple:
+    return ("compute-sanitizer", "--tool", tool, "--error-exitcode", str(SANITIZER_EXIT), *extra, *argv)
 
 
 @dataclass(frozen=True)
@@ -78,12 +78,14 @@ STAGES = {s.name: s for s in (
           ((*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"),), estimate_s=180, min_start_s=90),
     Stage("bench", "sparseinfer bench: every version and pipeline, 7B/13B, sparsity 0.90/0.92 ({out}/<device>.json)",
           ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=100, min_start_s=80),
-    Stage("sanitize", "compute-sanitizer memcheck (CuPy's pool off: one allocation per buffer), racecheck and "
-                      "synccheck on verify-kernels at tail shapes",
-          tuple(_sanitizer("memcheck", d, k, "--leak-check", "no") for d, k in _SANITIZE_SHAPES)
-          + (_sanitizer("racecheck", *_SANITIZE_SHAPES[1], "--racecheck-report", "hazard"),
-             _sanitizer("synccheck", *_SANITIZE_SHAPES[1])),
-          estimate_s=100, min_start_s=60, env={POOL_ENV: "off"}),
+    Stage("sanitize", "compute-sanitizer memcheck on the GPU property tests (3 Hypothesis examples each) and on "
+                      "verify-kernels at tail shapes, CuPy's pool off (one allocation per buffer); racecheck and "
+                      "synccheck on verify-kernels",
+          (_sanitizer("memcheck", (*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"), "--leak-check", "no"),)
+          + tuple(_sanitizer("memcheck", _verify(d, k), "--leak-check", "no") for d, k in _SANITIZE_SHAPES)
+          + (_sanitizer("racecheck", _verify(*_SANITIZE_SHAPES[1]), "--racecheck-report", "hazard"),
+             _sanitizer("synccheck", _verify(*_SANITIZE_SHAPES[1]))),
+          estimate_s=180, min_start_s=90, env={POOL_ENV: "off", "HYPOTHESIS_PROFILE": "sanitizer"}),
     Stage("pytest-bench", "the pytest-benchmark cases at the 13B shape, sparsity 0.92 ({out}/pytest-bench.json)",
           ((*_PYTEST, "-m", "gpu", "tests/test_kernels_bench.py", "-k", "13b and 0.92", "--benchmark-enable",
             "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=50, min_start_s=40),

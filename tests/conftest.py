@@ -11,6 +11,9 @@ from hypothesis import HealthCheck, settings
 # quick: what CI runs (the whole CPU suite in about 3-4 minutes on 2 cores, 2 of them the emulated kernels)
 settings.register_profile("ci", max_examples=40, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])
+# sanitizer: the GPU tests under compute-sanitizer (benchmarks/gpu_check.py), a few examples each
+settings.register_profile("sanitizer", max_examples=3, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow])
 # thorough: long manual runs, HYPOTHESIS_PROFILE=thorough pytest
 settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow])

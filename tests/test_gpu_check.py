@@ -139,12 +139,14 @@ def test_every_sparseinfer_command_of_a_stage_parses(stage, args):
 
 
 def test_pytest_stages_select_tests_that_exist():
-    for name in ("tests", "pytest-bench", "ort-tests"):
-        (argv,) = gc.STAGES[name].argv(Path("/tmp/OUT"))
+    """Each pytest command of a stage collects tests, in the stage's environment (the sanitize
+    stage's Hypothesis profile must exist)."""
+    for name in ("tests", "pytest-bench", "ort-tests", "sanitize"):
+        argv = next(a for a in gc.STAGES[name].argv(Path("/tmp/OUT")) if "pytest" in a)
         args = [a for a in argv[argv.index("no:cacheprovider") + 1:] if not a.startswith("--benchmark")
                 and not a.startswith("/tmp/OUT")]
         proc = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-p", "no:cacheprovider", *args],
-                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+                              cwd=ROOT, capture_output=True, text=True, timeout=300, env=gc.stage_env(name))
         ids = [line for line in proc.stdout.splitlines() if "::" in line]
         assert proc.returncode == 0 and ids, f"{name}: {proc.stdout[-500:]} {proc.stderr[-500:]}"
         if name == "pytest-bench":           # one (shape, sparsity): every version and pipeline once
