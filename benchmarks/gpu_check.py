@@ -140,7 +140,7 @@ def run_stages(names, out: Path, budget_s: float, run: Callable = subprocess.run
     out.mkdir(parents=True, exist_ok=True)
     start = clock()
     results, stopped_by = [], None
-    with open(out / LOG, "a") as log:
+    with open(out / LOG, "a") as log:          # commands write into it directly
         for name in names:
             stage = STAGES[name]
             left = budget_s - (clock() - start) - RESERVE_S
@@ -161,31 +161,40 @@ def run_stages(names, out: Path, budget_s: float, run: Callable = subprocess.run
 
 
 def _run_stage(stage: Stage, out: Path, left: float, log, run, clock) -> dict:
+    """Run a stage's commands in turn, their output streamed into the log as it comes (so a
+    command killed by the device's own time limit still leaves what it printed)."""
     t0 = clock()
-    codes, tail = [], []
+    codes = []
     env = stage_env(stage.name)
+
+    def result(status: str, tail: list[str]) -> dict:
+        return {"status": status, "seconds": round(clock() - t0, 1), "exit_codes": codes, "tail": tail}
+
     for argv in stage.argv(out):
         timeout = left - (clock() - t0)
         log.write(f"\n===== {stage.name}: {' '.join(argv)}\n")
         log.flush()
+        start = log.tell()
         try:
-            proc = run(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            text = e.output.decode(errors="replace") if isinstance(e.output, bytes) else (e.output or "")
-            log.write(text + f"\n[timed out after {timeout:.0f} s]\n")
-            return {"status": "timed out", "seconds": round(clock() - t0, 1), "exit_codes": codes,
-                    "tail": _tail(text) + [f"timed out after {timeout:.0f} s: {' '.join(argv)}"]}
+            proc = run(argv, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.write(f"\n[timed out after {timeout:.0f} s]\n")
+            return result("timed out", _log_tail(log, start) + [f"timed out after {timeout:.0f} s: {' '.join(argv)}"])
         except FileNotFoundError:
             log.write(f"[{argv[0]} not found]\n")
-            return {"status": "failed", "seconds": round(clock() - t0, 1), "exit_codes": codes,
-                    "tail": [f"{argv[0]} not found on PATH"]}
-        log.write(proc.stdout or "")
-        log.flush()
+            return result("failed", [f"{argv[0]} not found on PATH"])
         codes.append(proc.returncode)
-        tail = _tail(proc.stdout or "")
         if proc.returncode != 0:
-            return {"status": "failed", "seconds": round(clock() - t0, 1), "exit_codes": codes, "tail": tail}
-    return {"status": "passed", "seconds": round(clock() - t0, 1), "exit_codes": codes, "tail": tail}
+            return result("failed", _log_tail(log, start))
+    return result("passed", _log_tail(log, start))
+
+
+def _log_tail(log, start: int) -> list[str]:
+    """The last lines the current command wrote to the log (from offset ``start``)."""
+    log.flush()
+    with open(log.name, errors="replace") as f:
+        f.seek(start)
+        return _tail(f.read())
 
 
 def preflight_report() -> dict:

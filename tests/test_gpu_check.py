@@ -35,15 +35,16 @@ class FakeRun:
         self.clock, self.seconds, self.codes, self.raise_for = clock, seconds or {}, codes or {}, raise_for or {}
         self.calls = []
 
-    def __call__(self, argv, timeout, env, **_):
+    def __call__(self, argv, timeout, env, stdout, **_):
         key = next((k for k in self.seconds if k in " ".join(argv)), None)
         self.calls.append((argv, timeout, env))
+        stdout.write(f"ran {argv[-1]}\nline two\n")             # the command prints into the log
         for word, exc in self.raise_for.items():
             if word in " ".join(argv):
                 raise exc
         self.clock.t += self.seconds.get(key, 1.0)
         code = next((c for k, c in self.codes.items() if k in " ".join(argv)), 0)
-        return subprocess.CompletedProcess(argv, code, stdout=f"ran {argv[-1]}\nline two\n")
+        return subprocess.CompletedProcess(argv, code)
 
 
 def test_parse_stages_expands_groups_in_order_without_repeats():
@@ -71,6 +72,7 @@ def test_all_stages_pass_within_the_budget(tmp_path):
     assert run.calls[3][1] == pytest.approx(600 - gc.RESERVE_S - 1 - 1 - 100)
     summary = json.loads((tmp_path / gc.SUMMARY).read_text())
     assert [s["stage"] for s in summary["stages"]] == ["preflight", "tests", "bench"]
+    assert summary["stages"][2]["tail"] == [f"ran {tmp_path}", "line two"]      # the bench command's own lines
     log = (tmp_path / gc.LOG).read_text()
     assert "===== bench:" in log and "ran " in log
 
@@ -107,11 +109,13 @@ def test_timeout_and_missing_tool_are_reported(tmp_path):
     clock = FakeClock()
     run = FakeRun(clock, raise_for={
         "compute-sanitizer": FileNotFoundError("compute-sanitizer"),
-        "bench": subprocess.TimeoutExpired(["x"], 5, output=b"partial bench output\n")})
+        "bench": subprocess.TimeoutExpired(["x"], 5)})
     rows = gc.run_stages(["bench", "sanitize"], tmp_path, 600, run=run, clock=clock, echo=lambda s: None)
-    assert rows[0]["status"] == "timed out" and "partial bench output" in rows[0]["tail"][0]
+    # what the killed command printed before its timeout is in the log and the summary
+    assert rows[0]["status"] == "timed out" and rows[0]["tail"][:2] == [f"ran {tmp_path}", "line two"]
+    assert rows[0]["tail"][-1].startswith("timed out after")
     assert rows[1]["status"] == "failed" and rows[1]["tail"] == ["compute-sanitizer not found on PATH"]
-    assert "partial bench output" in (tmp_path / gc.LOG).read_text()
+    assert "[timed out after" in (tmp_path / gc.LOG).read_text()
 
 
 def test_stage_environments(monkeypatch):
