@@ -123,9 +123,10 @@ def parse_stages(text: str) -> list[str]:
 
 
 def stage_env(name: str) -> dict:
-    """The environment of a stage's commands: onnxruntime-gpu first on PYTHONPATH for the ort stages."""
+    """The environment of a stage's commands: onnxruntime-gpu first on PYTHONPATH for the ort
+    stages (ort-unpack's check after the extraction imports it from there too)."""
     env = {**os.environ, **STAGES[name].env}
-    if name.startswith("ort-") and name != "ort-unpack":
+    if name.startswith("ort-"):
         env["PYTHONPATH"] = os.pathsep.join(p for p in (ORT_DIR, os.environ.get("PYTHONPATH")) if p)
     return env
 

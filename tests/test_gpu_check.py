@@ -121,7 +121,8 @@ def test_timeout_and_missing_tool_are_reported(tmp_path):
 def test_stage_environments(monkeypatch):
     monkeypatch.setenv("PYTHONPATH", "/somewhere")
     assert gc.stage_env("ort-tests")["PYTHONPATH"] == os.pathsep.join([gc.ORT_DIR, "/somewhere"])
-    assert gc.stage_env("ort-unpack")["PYTHONPATH"] == "/somewhere"
+    assert gc.stage_env("ort-unpack")["PYTHONPATH"] == os.pathsep.join([gc.ORT_DIR, "/somewhere"])
+    assert gc.stage_env("bench")["PYTHONPATH"] == "/somewhere"
     assert gc.stage_env("sanitize")[device.POOL_ENV] == "off"
     monkeypatch.delenv(device.POOL_ENV, raising=False)
     assert device.POOL_ENV not in gc.stage_env("bench")
