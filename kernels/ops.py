@@ -223,13 +223,17 @@ def _down_grid_x(d: int, dtype) -> int:
     return -(-d // (DOWN_THREADS * vector_width(dtype)))
 
 
-def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
-    """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending."""
+def _chunked_down(h3, w_down_t: DeviceMatrix) -> tuple:
+    """(k, d, n_chunks, partial [n_chunks, d], out [d]) of the chunked down projections."""
     k, d = _check_down(h3, w_down_t)
     cp = cupy()
     n_chunks = -(-k // DOWN_ROW_CHUNK)
-    partial = cp.empty((n_chunks, d), dtype=cp.float32)
-    out = cp.empty(d, dtype=cp.float32)
+    return k, d, n_chunks, cp.empty((n_chunks, d), dtype=cp.float32), cp.empty(d, dtype=cp.float32)
+
+
+def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
+    """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending."""
+    k, d, n_chunks, partial, out = _chunked_down(h3, w_down_t)
     kernel(f"down_chunks_{w_down_t.dtype_name}")(
         (_down_grid_x(d, w_down_t.dtype), n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(bool(dense)), partial))
@@ -253,12 +257,8 @@ def _tile_done(n_tiles: int):
 
 def down_chunks_serial(h3, w_down_t: DeviceMatrix):
     """down_chunks in one launch: the last block of each column tile adds the chunks' partials."""
-    k, d = _check_down(h3, w_down_t)
-    cp = cupy()
-    n_chunks = -(-k // DOWN_ROW_CHUNK)
+    k, d, n_chunks, partial, out = _chunked_down(h3, w_down_t)
     n_tiles = _down_grid_x(d, w_down_t.dtype)
-    partial = cp.empty((n_chunks, d), dtype=cp.float32)
-    out = cp.empty(d, dtype=cp.float32)
     kernel(f"down_chunks_serial_{w_down_t.dtype_name}")(
         (n_tiles, n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _tile_done(n_tiles), out))

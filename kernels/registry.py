@@ -11,6 +11,7 @@ Tests and benchmarks iterate over these dictionaries, so a new version is one ke
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -30,6 +31,10 @@ def _family(family: str, *entries) -> dict:
     return {name: Version(family, name, desc, det, run) for name, desc, det, run in entries}
 
 
+def _predict_mask(w_signs, x_signs, d, alpha_milli, vector_loads=False):
+    return (*ops.predict(w_signs, x_signs, d, alpha_milli, vector_loads), None, None)
+
+
 def _predict_v2(w_signs, x_signs, d, alpha_milli):
     counts, zero = ops.predict(w_signs, x_signs, d, alpha_milli)
     return (counts, zero, *ops.compact_active(zero))
@@ -46,14 +51,9 @@ def _gate_up_list(mlp, x, x_signs, alpha_milli):
     return (*ops.gate_up_list(x, mlp.w_gate, mlp.w_up, mlp.activation, active, n_active), zero)
 
 
-def _gate_up_fused(mlp, x, x_signs, alpha_milli):
-    _, zero, h1, h3 = ops.gate_up_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation, alpha_milli)
-    return h1, h3, zero
-
-
-def _gate_up_persistent(mlp, x, x_signs, alpha_milli):
+def _gate_up_fused(mlp, x, x_signs, alpha_milli, persistent=False):
     _, zero, h1, h3 = ops.gate_up_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation, alpha_milli,
-                                        persistent=True)
+                                        persistent=persistent)
     return h1, h3, zero
 
 
@@ -69,11 +69,10 @@ PACK_SIGNS = _family(
 PREDICT = _family(
     "predict",
     ("v1", "warp per row: XOR + __popc + butterfly sum, eq. 2 in thousandths; counts and zero mask", True,
-     lambda w_signs, x_signs, d, alpha_milli: (*ops.predict(w_signs, x_signs, d, alpha_milli), None, None)),
+     _predict_mask),
     ("v2", "v1, then one block compacts the active rows into an ascending list (ballot prefix)", True, _predict_v2),
     ("v3", "v1 reading the sign words 16 bytes per lane where aligned (as the fused gate+up does)", True,
-     lambda w_signs, x_signs, d, alpha_milli: (*ops.predict(w_signs, x_signs, d, alpha_milli, vector_loads=True),
-                                               None, None)),
+     functools.partial(_predict_mask, vector_loads=True)),
 )
 
 GATE_UP = _family(
@@ -83,7 +82,7 @@ GATE_UP = _family(
     ("v2_list", "predict + compaction, then warps only over the ascending active list (+AS)", True, _gate_up_list),
     ("v3_fused", "predict + gate + up in one launch, warp per row (+AS)", True, _gate_up_fused),
     ("v4_persistent", "v3 on a grid resident at once, warps striding over rows; 8 weight chunks per lane "
-                      "loaded before they are added (+AS)", True, _gate_up_persistent),
+                      "loaded before they are added (+AS)", True, functools.partial(_gate_up_fused, persistent=True)),
     ("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)", True,
      _gate_up_dense),
 )
