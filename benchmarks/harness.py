@@ -9,6 +9,7 @@ GEMVs (CuPy matmul) for the same step, timed in the same run.
 """
 from __future__ import annotations
 
+import copy
 import datetime
 from dataclasses import dataclass
 from typing import Callable
@@ -17,21 +18,28 @@ import numpy as np
 
 from sparseinfer.kernels import DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, ops
 from sparseinfer.kernels.device import DeviceMatrix, cupy
+from sparseinfer.kernels.graph import MLPGraph, capture
 from sparseinfer.kernels.expected import expected_h1_h3, same_bits, within_down_bound
-from sparseinfer.kernels.shapes import BENCH_DTYPE, BENCH_SHAPES, BENCH_SPARSITIES, make_layer
+from sparseinfer.kernels.shapes import BENCH_DTYPE, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS, make_layer
 from sparseinfer.reference import Activation, mlp_dense, mlp_sparse
 from sparseinfer.reference.dtypes import parse_dtype
 from sparseinfer.reference.signs import alpha_to_milli, pack_signs
 from sparseinfer.sim import traffic
 from sparseinfer.sim.models import BUILTIN_MODELS
 
-from .timing import Timer, device_info, empty_launch_us
+from .timing import Timer, device_info, empty_launch_us, host_us
 
 ALPHA = 1.0
 
 
 class DenseBaseline:
     """cuBLAS dense fp16 GEMVs (CuPy matmul) of the same layer, x in fp16."""
+
+    def clone(self) -> "DenseBaseline":
+        """The same layer in new device memory (another layer of a decode step)."""
+        other = copy.copy(self)
+        other.wg, other.wu, other.wd = (w.copy() for w in (self.wg, self.wu, self.wd))
+        return other
 
     def __init__(self, layer, activation: Activation):
         cp = cupy()
@@ -198,7 +206,71 @@ def verify_case(shape, sparsity: float, seed: int = 0, log=print) -> list[dict]:
     return rows
 
 
-def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, log=print) -> dict:
+def decode_loop(shape, sparsity: float, layers: int, timer: Timer, seed: int = 0, log=print) -> dict:
+    """A decode step's MLPs: ``layers`` copies of one layer (distinct device memory, so the L2
+    cannot hold them) run back to back, eagerly and as one CUDA graph, for every pipeline and
+    for cuBLAS. Eager loops pay Python's launch cost per kernel; the graph shows what is left
+    when the host is out of the way. Times are per layer; each output is verified."""
+    if layers < 1:
+        raise ValueError(f"decode loop needs at least 1 layer, got {layers}")
+    case = BenchCase(shape, sparsity, None, seed, log)
+    am, x, d, k = case.alpha_milli, case.x, shape.d, shape.k
+    copies = [case.mlp] + [case.mlp.clone() for _ in range(layers - 1)]
+    dense = [DenseBaseline(case.layer, case.act)]
+    dense += [dense[0].clone() for _ in range(layers - 1)]
+    rows = []
+
+    def timed(name, mode, fn, verified, n_bytes, error=None):
+        row = {"pipeline": name, "mode": mode, "verified": verified, "bytes_per_layer": int(n_bytes)}
+        if error is None:
+            t = timer(fn, flush=False)
+            row.update(us_per_layer=round(t.median_us / layers, 3), spread_us_per_layer=round(t.spread_us / layers, 3),
+                       host_us_per_layer=round(host_us(fn) / layers, 3))
+        else:
+            row["error"] = error
+        rows.append(row)
+        log(f"  loop {name} {mode}: " + (error or f"{row['us_per_layer']:.2f} us/layer (host {row['host_us_per_layer']:.2f}), "
+                                          f"verified {verified}"))
+
+    dense_bytes = traffic.mlp_bytes("dense", "dense", d, k, BENCH_DTYPE, {"gate": k, "up": k, "down": k})
+    want_dense = [db.mlp().get() for db in dense]
+    timed("cublas-dense", "eager", lambda: [db.mlp() for db in dense], None, dense_bytes)
+    try:
+        g = capture(lambda: [db.mlp() for db in dense])
+        g.replay()
+        timed("cublas-dense", "graph", g.replay,
+              all(np.array_equal(o.get(), w) for o, w in zip(g.result, want_dense)), dense_bytes)
+    except Exception as e:                # cuBLAS that cannot be recorded is a finding, not a crash
+        timed("cublas-dense", "graph", None, False, dense_bytes, error=f"{type(e).__name__}: {e}")
+
+    for name, pipe in PIPELINES.items():
+        mlps = [m.with_pipeline(name) for m in copies]
+        want = case.want if pipe.sparse else case.want_dense
+        n_bytes = traffic.mlp_bytes(pipe.gate_up, pipe.down, d, k, BENCH_DTYPE,
+                                    case.trace.rows if pipe.sparse else {"gate": k, "up": k, "down": k})
+
+        def ok(outs, pipe=pipe, want=want):
+            return all(case._verify_down(o.get(), pipe.deterministic, want) for o in outs)
+        timed(name, "eager", lambda mlps=mlps: [m.steps(x, am) for m in mlps],
+              ok([m.steps(x, am)[3] for m in mlps]), n_bytes)
+        graph = MLPGraph(mlps, ALPHA)
+        graph.set_inputs([x] * layers)
+        timed(name, "graph", graph.replay, ok(graph()), n_bytes)
+
+    base = {mode: next((r["us_per_layer"] for r in rows if r["pipeline"] == "cublas-dense" and r["mode"] == mode
+                        and "us_per_layer" in r), None) for mode in ("eager", "graph")}
+    for r in rows:
+        for mode, us in base.items():
+            if "us_per_layer" in r and us:
+                r[f"speedup_vs_dense_{mode}"] = round(us / r["us_per_layer"], 3)
+    return {"model": shape.model, "d": d, "k": k, "dtype": BENCH_DTYPE, "sparsity": sparsity, "layers": layers,
+            "rows": rows}
+
+
+def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, loop_layers: int = LOOP_LAYERS,
+        log=print) -> dict:
+    """Every row at every (shape, sparsity); then, with ``loop_layers``, the decode loop at the
+    last shape and the highest sparsity (13B at 0.92 by default: the MLP target's point)."""
     timer = Timer(repeats=repeats)
     info = device_info()
     result = {**info, "date": datetime.date.today().isoformat(), "empty_launch_us": round(empty_launch_us(timer), 3),
@@ -206,4 +278,7 @@ def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, log
     for shape in shapes:
         for s in sparsities:
             result["rows"] += bench_case(shape, s, timer, info["peak_bandwidth_gb_per_s"], log=log)
+    if loop_layers:
+        log(f"decode loop: {loop_layers} layers of {shapes[-1].model} at sparsity {max(sparsities)}")
+        result["decode_loop"] = decode_loop(shapes[-1], max(sparsities), loop_layers, timer, log=log)
     return result

@@ -2,6 +2,7 @@
 median and spread; and the device's peak bandwidth from its properties."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,14 +34,17 @@ class Timer:
         """Evict the L2 cache (write a buffer larger than it); asynchronous."""
         self.flush_buffer.fill(0)
 
-    def __call__(self, fn) -> Timing:
+    def __call__(self, fn, flush: bool = True) -> Timing:
+        """``flush=False``: back to back, the GPU waiting for whatever the host has not yet
+        issued (a decode loop's view; its many layers keep the L2 cold anyway)."""
         cp = self.cp
         for _ in range(self.warmup):
             fn()
         start, stop = cp.cuda.Event(), cp.cuda.Event()
         samples = []
         for _ in range(self.repeats):
-            self.flush()
+            if flush:
+                self.flush()
             start.record()
             fn()
             stop.record()
@@ -48,6 +52,19 @@ class Timer:
             samples.append(cp.cuda.get_elapsed_time(start, stop) * 1000.0)
         p10, p50, p90 = np.percentile(samples, [10, 50, 90])
         return Timing(float(p50), float(p90 - p10))
+
+
+def host_us(fn, runs: int = 10) -> float:
+    """Mean host time to issue ``fn`` (no waiting on the device, but queued work drained
+    before and after): the launch cost a decode loop pays per step when the GPU is faster."""
+    stream = cupy().cuda.get_current_stream()
+    stream.synchronize()
+    start = time.perf_counter()
+    for _ in range(runs):
+        fn()
+    elapsed = time.perf_counter() - start
+    stream.synchronize()
+    return elapsed / runs * 1e6
 
 
 def device_info() -> dict:

@@ -143,7 +143,13 @@ class EmulatedKernel:
         grid = tuple(grid) + (1,) * (2 - len(grid))
         if len(block) != 1 or grid[2:] not in ((), (1,)):
             raise SparseInferError(f"{self.name}: the emulator takes 1-D blocks and 2-D grids")
-        values = [_c_argument(a) for a in args]
+        values = [_c_argument(a) for a in args]       # pointers and scalars fixed now, as a graph's are
+        if _recording is not None:      # args kept alive, as the private pool keeps a graph's buffers
+            _recording.append(lambda: self._launch(grid, block, values, args))
+            return
+        self._launch(grid, block, values)
+
+    def _launch(self, grid, block, values, args=None):
         pointers = (ctypes.c_void_p * max(len(values), 1))(*[ctypes.addressof(v) for v in values])
         rc = _library(self.src).sparseinfer_launch(self.name.encode(), grid[0], grid[1], block[0], pointers,
                                                    int(thread_order() == "reverse"))
@@ -167,11 +173,27 @@ def resident_blocks(name: str, threads: int) -> int:
     return EMULATED_RESIDENT_BLOCKS
 
 
+# --- stream capture: what a CUDA graph does, for kernels/graph.py -------------------------
+# While a stream records, launches and memsets are kept (pointers and scalars as they were
+# given) instead of run, and a graph's launch runs them in order; reading device memory on
+# the host is an error, as on a GPU. A recording buffer starts as garbage (0xA5 bytes), so
+# that a step reading memory the recording never wrote fails here too.
+_recording: list | None = None
+_UNWRITTEN = 0xA5
+
+
 class HostArray(np.ndarray):
     """A NumPy array that answers CuPy's ``.get()``."""
 
     def get(self):
+        if _recording is not None:
+            raise SparseInferError("a device-to-host copy (.get()) during CUDA graph capture")
         return np.array(self)
+
+    def __matmul__(self, other):
+        if _recording is not None:
+            raise SparseInferError("the emulator cannot record cuBLAS (a matmul) in a CUDA graph")
+        return super().__matmul__(other)
 
 
 def _wrap(f):
@@ -182,9 +204,77 @@ def _wrap(f):
     return call
 
 
+def _empty(shape, dtype=np.float64):
+    out = np.empty(shape, dtype).view(HostArray)
+    if _recording is not None:
+        out.view(np.uint8).fill(_UNWRITTEN)
+    return out
+
+
+def _zeros(shape, dtype=np.float64):
+    if _recording is None:
+        return np.zeros(shape, dtype).view(HostArray)
+    out = _empty(shape, dtype)
+    _recording.append(lambda: out.fill(0))        # a memset node
+    return out
+
+
+class Graph:
+    def __init__(self, nodes):
+        self.nodes = nodes
+
+    def launch(self, stream=None):
+        for node in self.nodes:
+            node()
+
+
+class Stream:
+    """A stream that runs everything at once, and can record."""
+
+    def __init__(self, non_blocking: bool = False):
+        self.capturing = False
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def synchronize(self):
+        pass
+
+    def begin_capture(self, mode=None):
+        global _recording
+        if _recording is not None:
+            raise SparseInferError("a stream is already capturing")
+        _recording, self.capturing = [], True
+
+    def end_capture(self):
+        global _recording
+        if not self.capturing:
+            raise SparseInferError("end_capture on a stream that is not capturing")
+        nodes, _recording, self.capturing = _recording, None, False
+        return Graph(nodes)
+
+
+class MemoryPool:
+    def malloc(self, size):
+        raise SparseInferError("the emulator allocates NumPy arrays; its pool is never asked")
+
+
+def _asarray(a, dtype=None):
+    """As cupy.asarray: a host array is copied to the device; a device array is returned as is."""
+    if isinstance(a, HostArray):
+        return a if dtype is None or a.dtype == dtype else a.astype(dtype)
+    return np.array(a, dtype=dtype, copy=True).view(HostArray)
+
+
 xp = types.SimpleNamespace(
-    **{name: _wrap(getattr(np, name)) for name in ("asarray", "ascontiguousarray", "empty", "zeros", "isnan",
-                                                    "argmax", "where")},
+    **{name: _wrap(getattr(np, name)) for name in ("ascontiguousarray", "isnan", "argmax", "where")},
+    asarray=_asarray, empty=_empty, zeros=_zeros,
+    cuda=types.SimpleNamespace(Stream=Stream, Graph=Graph, MemoryPool=MemoryPool,
+                               using_allocator=lambda allocator=None: contextlib.nullcontext(),
+                               get_current_stream=Stream),
     **{name: getattr(np, name) for name in ("float32", "int32", "int64", "uint8", "uint16", "uint32", "uint64")})
 
 

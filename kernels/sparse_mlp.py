@@ -8,6 +8,7 @@ the device. ``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 
@@ -50,6 +51,15 @@ class SparseMLP:
         """The same layer run by another pipeline, sharing this one's device weights (no copy)."""
         other = copy.copy(self)
         other.pipeline = _pipeline(pipeline)
+        return other
+
+    def clone(self) -> "SparseMLP":
+        """A copy of this layer in new device memory (a stand-in for another layer of the same
+        shape and weights: benchmarks over several layers read distinct bytes, as a decode step does)."""
+        other = copy.copy(self)
+        for name in ("w_gate", "w_up", "w_down_t"):
+            setattr(other, name, dataclasses.replace(getattr(self, name), data=getattr(self, name).data.copy()))
+        other.w_signs = self.w_signs.copy()
         return other
 
     def to_device_x(self, x, check: bool = True):

@@ -27,7 +27,7 @@ class FakeTimer:
     def __init__(self, repeats=50):
         self.calls = 0
 
-    def __call__(self, fn):
+    def __call__(self, fn, flush=True):
         fn()
         self.calls += 1
         return timing.Timing(median_us=10.0 * self.calls, spread_us=1.0)
@@ -40,8 +40,9 @@ def test_harness_rows_on_the_emulated_kernels(monkeypatch):
     monkeypatch.setattr(harness, "empty_launch_us", lambda timer: 2.5)
     shape = BenchShape("prosparse-llama2-7b", 97, 600)
     with emulator.installed():
-        result = harness.run(shapes=[shape], sparsities=(0.9,), repeats=3, log=lambda s: None)
+        result = harness.run(shapes=[shape], sparsities=(0.9,), repeats=3, loop_layers=0, log=lambda s: None)
     assert result["device"] == INFO["device"] and result["empty_launch_us"] == 2.5 and result["alpha"] == 1.0
+    assert "decode_loop" not in result
     rows = result["rows"]
     assert [(r["kernel"], r["version"]) for r in rows] == harness.bench_targets()
     assert all(r["verified"] for r in rows), [r for r in rows if not r["verified"]]
@@ -54,6 +55,30 @@ def test_harness_rows_on_the_emulated_kernels(monkeypatch):
         baseline = {"gate_up": "gate_up", "down": "down"}.get(r["kernel"], "mlp")
         assert r["dense_baseline_us"] == dense[baseline]
         assert r["speedup_vs_dense"] == round(dense[baseline] / r["latency_us"], 3)
+
+
+@pytest.mark.emulated
+def test_decode_loop_rows_eager_and_graph_on_the_emulated_kernels():
+    timer = FakeTimer()
+    shape = BenchShape("prosparse-llama2-13b", 97, 600)
+    with emulator.installed():
+        loop = harness.decode_loop(shape, 0.9, 3, timer, log=lambda s: None)
+    assert (loop["model"], loop["d"], loop["k"], loop["sparsity"], loop["layers"]) == (shape.model, 97, 600, 0.9, 3)
+    rows = loop["rows"]
+    want = [("cublas-dense", "eager"), ("cublas-dense", "graph")] + [(p, m) for p in harness.PIPELINES
+                                                                     for m in ("eager", "graph")]
+    assert [(r["pipeline"], r["mode"]) for r in rows] == want
+    eager, graph = rows[0], rows[1]
+    assert eager["verified"] is None and eager["us_per_layer"] == round(10.0 / 3, 3)
+    # the emulator cannot record cuBLAS: the row says why instead of a time
+    assert "cannot record cuBLAS" in graph["error"] and "us_per_layer" not in graph
+    for i, r in enumerate(rows[2:]):
+        assert r["verified"] is True, r
+        assert r["us_per_layer"] == round(10.0 * (2 + i) / 3, 3) and r["host_us_per_layer"] > 0
+        assert r["speedup_vs_dense_eager"] == round(eager["us_per_layer"] / r["us_per_layer"], 3)
+        assert "speedup_vs_dense_graph" not in r
+        sparse = harness.PIPELINES[r["pipeline"]].sparse
+        assert (r["bytes_per_layer"] < eager["bytes_per_layer"]) == sparse
 
 
 def test_timer_uses_events_after_each_flush_and_reports_the_median():
@@ -82,6 +107,14 @@ def test_timer_uses_events_after_each_flush_and_reports_the_median():
     assert log[:2] == ["run", "run"]                              # warm-up, untimed
     assert log[2:] == ["flush", "record", "run", "record"] * 5    # L2 flushed before every timed run
     assert t.median_us == pytest.approx(3.0)
+    log.clear()
+    ms = iter([0.002] * 3)
+    device._cupy_module = lambda: fake
+    try:
+        timing.Timer(warmup=0, repeats=3)(lambda: log.append("run"), flush=False)
+    finally:
+        device._cupy_module = orig
+    assert log == ["record", "run", "record"] * 3                # back to back: no flush
     assert t.spread_us == pytest.approx(np.percentile([4, 1, 3, 2, 5], 90) - np.percentile([4, 1, 3, 2, 5], 10))
 
 
@@ -92,19 +125,36 @@ def test_bench_command_prints_the_table_and_writes_the_results_file(monkeypatch,
            "speedup_vs_dense": 6.0}
     seen = {}
 
-    def fake_run(shapes, sparsities, repeats, log):
-        seen.update(models=[s.model for s in shapes], sparsities=sparsities, repeats=repeats)
-        return {**INFO, "date": "2026-11-26", "empty_launch_us": 2.5, "alpha": 1.0, "rows": [row]}
+    loop = {"model": "prosparse-llama2-13b", "d": 5120, "k": 13824, "dtype": "fp16", "sparsity": 0.92, "layers": 4,
+            "rows": [{"pipeline": "cublas-dense", "mode": "eager", "verified": None, "bytes_per_layer": 9,
+                      "us_per_layer": 150.0, "spread_us_per_layer": 1.0, "host_us_per_layer": 30.0,
+                      "speedup_vs_dense_eager": 1.0},
+                     {"pipeline": "cublas-dense", "mode": "graph", "verified": False, "bytes_per_layer": 9,
+                      "error": "CUDARuntimeError: cudaErrorStreamCaptureUnsupported"},
+                     {"pipeline": "sparse-fused", "mode": "graph", "verified": True, "bytes_per_layer": 1,
+                      "us_per_layer": 25.0, "spread_us_per_layer": 1.0, "host_us_per_layer": 2.0,
+                      "speedup_vs_dense_eager": 6.0}]}
+
+    def fake_run(shapes, sparsities, repeats, loop_layers, log):
+        seen.update(models=[s.model for s in shapes], sparsities=sparsities, repeats=repeats, loop_layers=loop_layers)
+        return {**INFO, "date": "2026-11-26", "empty_launch_us": 2.5, "alpha": 1.0, "rows": [row], "decode_loop": loop}
 
     monkeypatch.setattr(device, "_cupy_module", lambda: object())
     monkeypatch.setattr(harness, "run", fake_run)
     res = CliRunner().invoke(cli, ["bench", "--model", "prosparse-llama2-13b", "--sparsity", "0.92", "--repeats", "7",
-                                   "--results-dir", str(tmp_path), "--json", str(tmp_path / "b.json")])
+                                   "--results-dir", str(tmp_path), "--json", str(tmp_path / "b.json"),
+                                   "--loop-layers", "4"])
     assert res.exit_code == 0, res.output
-    assert seen == {"models": ["prosparse-llama2-13b"], "sparsities": (0.92,), "repeats": 7}
+    assert seen == {"models": ["prosparse-llama2-13b"], "sparsities": (0.92,), "repeats": 7, "loop_layers": 4}
     saved = json.loads((tmp_path / "stand-in-gpu-80gb.json").read_text())
     assert saved["rows"] == [row] and json.loads((tmp_path / "b.json").read_text()) == saved
     assert "Stand-in GPU 80GB, CUDA 13.0, peak 3352.3 GB/s" in res.output
     line = next(li for li in res.output.splitlines() if li.startswith("mlp"))
     assert line.split() == ["mlp", "sparse-fused", "prosparse-llama2-13b", "0.92", "yes", "25.0", "1600", "48",
                             "6.00"]
+    assert "decode loop: 4 layers of prosparse-llama2-13b, sparsity 0.92" in res.output
+    lines = res.output.splitlines()
+    graph_row = next(li for li in lines if li.startswith("sparse-fused") and " graph " in li)
+    assert graph_row.split() == ["sparse-fused", "graph", "yes", "25.0", "2.0", "6.00", "-"]
+    failed = next(li for li in lines if li.startswith("cublas-dense") and " graph " in li)
+    assert failed.split()[:4] == ["cublas-dense", "graph", "NO", "CUDARuntimeError:"]

@@ -23,7 +23,8 @@ from kernel_cases import assert_same, build_case, cases
 from sparseinfer.kernels import DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP
 from sparseinfer.kernels.device import DeviceMatrix, cupy
 from sparseinfer.kernels import emulator, ops
-from sparseinfer.kernels.expected import within_down_bound
+from sparseinfer.kernels.expected import expected_h1_h3, within_down_bound
+from sparseinfer.kernels.graph import MLPGraph
 from sparseinfer.reference import mlp_dense, mlp_sparse, order_contract as oc
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, WEIGHT_DTYPES
 from sparseinfer.reference.errors import SparseInferError
@@ -183,3 +184,42 @@ def test_batched_loads_cover_whole_batches_a_remainder_and_a_scalar_tail(dtype):
     assert_same(_host(h3), want_h3, "v4_persistent h3", case)
     want = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, case.activation, 1.0)[0]
     assert_same(_host(mlp(case.x)), want, "sparse-persistent out", case)
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_graph_replays_every_pipeline_on_new_inputs(pipeline):
+    """Three layers (two shapes, one a clone) recorded once, replayed on two sets of inputs:
+    each replay equals the eager calls on the same inputs (bits, or the atomic bound), so the
+    recording read the static inputs, not the values it was recorded with."""
+    cases_ = [build_case(97, 600, np.float16, 1000, 21, "relu", ()),
+              build_case(300, 1031, np.float32, 1050, 22, "fatrelu:0.01", ())]
+    for c in cases_:
+        c.assert_nontrivial()
+    first = [_mlp(c, pipeline) for c in cases_]
+    mlps = [first[0], first[1], first[0].clone()]
+    assert mlps[2].w_gate.data is not mlps[0].w_gate.data and mlps[2].w_signs is not mlps[0].w_signs
+    layer_cases = [cases_[0], cases_[1], cases_[0]]
+    alpha = 1.05                     # one alpha for the whole recording; cases' own alphas differ
+    graph = MLPGraph(mlps, alpha)
+    rng = np.random.default_rng(5)
+    for round_ in range(2):
+        xs = [c.x if round_ == 0 else (c.x * rng.choice([-1.0, 1.0], c.d)).astype(np.float32) for c in layer_cases]
+        outs = [_host(o).copy() for o in graph(xs)]
+        for i, (m, c, x, got) in enumerate(zip(mlps, layer_cases, xs, outs)):
+            what = f"graph {pipeline} round {round_} layer {i}"
+            if PIPELINES[pipeline].deterministic:
+                want = _host(m(x, alpha))
+                assert np.abs(want).max() > 0
+                assert_same(got, want, what, c)
+            else:
+                sparse = mlp_sparse(x, c.w_gate, c.w_up, c.w_down, c.activation, alpha)[1].predicted_zero
+                h3 = expected_h1_h3(x, c.w_gate, c.w_up, c.activation, sparse)[1]
+                assert within_down_bound(got, h3, c.w_down.T).all(), what
+    # layers 0 and 2 hold the same weights: the same inputs give the same outputs
+    if PIPELINES[pipeline].deterministic:
+        graph([cases_[0].x, cases_[1].x, cases_[0].x])
+        assert_same(_host(graph.outs[2]), _host(graph.outs[0]), f"graph {pipeline} clone", cases_[0])
+    with pytest.raises(SparseInferError, match="MLPGraph of 3 layers got 2 inputs"):
+        graph(xs[:2])
+    with pytest.raises(SparseInferError, match="x has shape"):
+        graph([cases_[1].x, cases_[1].x, cases_[0].x])

@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from sparseinfer.kernels.registry import FAMILIES, PIPELINES
-from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SHAPES, BENCH_SPARSITIES
+from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS
 
 from .output import echo_err, echo_json, format_table
 
@@ -33,14 +33,20 @@ def _parse_sparsities(text: str) -> tuple:
               help="Also write the result JSON here.")
 @click.option("--results-dir", type=click.Path(file_okay=False), default=None,
               help="Write <dir>/<device>.json as well (e.g. benchmarks/results).")
-def bench(models, sparsity, repeats, json_path, results_dir):
+@click.option("--loop-layers", default=LOOP_LAYERS, show_default=True, type=click.IntRange(0, 256),
+              help="Decode loop: this many copies of the last model's layer at the highest sparsity, "
+                   "eager and as one CUDA graph (0: skip).")
+def bench(models, sparsity, repeats, json_path, results_dir, loop_layers):
     """Time every kernel version and MLP pipeline on the GPU (needs CuPy and a CUDA device).
 
     ProSparse-7B/13B shapes, fp16 weights, inputs built so that exactly the given
     fraction of gate rows is predicted zero. Each row: verified against the reference,
     median µs and spread (CUDA events, L2 flushed), bytes touched, GB/s, % of peak
     bandwidth, and speedup over cuBLAS dense fp16 GEMVs measured in the same run.
-    Prints a table (progress on stderr); `sparseinfer kernels` lists the versions.
+    Then the decode loop: --loop-layers copies of one layer (distinct memory) run back to
+    back like a decode step's MLPs, every pipeline and cuBLAS, eager (Python launches each
+    kernel) and replayed as one CUDA graph: µs per layer, host µs per layer, speedups.
+    Prints tables (progress on stderr); `sparseinfer kernels` lists the versions.
     Without a GPU: one line `error: ...`, exit 2.
     """
     from sparseinfer.benchmarks.harness import run
@@ -52,7 +58,7 @@ def bench(models, sparsity, repeats, json_path, results_dir):
     except device.GpuUnavailable as e:     # one line, exit 2
         raise device.GpuUnavailable(f"sparseinfer bench needs a CUDA GPU: {e}") from None
     shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
-    result = run(shapes, sparsities, repeats=repeats, log=echo_err)
+    result = run(shapes, sparsities, repeats=repeats, loop_layers=loop_layers, log=echo_err)
     text = json.dumps(result, indent=2)
     if json_path:
         Path(json_path).write_text(text + "\n")
@@ -67,6 +73,17 @@ def bench(models, sparsity, repeats, json_path, results_dir):
         [[r["kernel"], r["version"], r["model"], r["sparsity"], "yes" if r["verified"] else "NO",
           f"{r['latency_us']:.1f}", f"{r['gb_per_s']:.0f}", f"{r['pct_peak']:.0f}", f"{r['speedup_vs_dense']:.2f}"]
          for r in result["rows"]]))
+    loop = result.get("decode_loop")
+    if loop:
+        click.echo(f"\ndecode loop: {loop['layers']} layers of {loop['model']}, sparsity {loop['sparsity']} "
+                   "(us per layer; x dense: against cuBLAS eager / graph)")
+        click.echo(format_table(
+            ["pipeline", "mode", "verified", "us/layer", "host us/layer", "x dense eager", "x dense graph"],
+            [[r["pipeline"], r["mode"], {True: "yes", False: "NO", None: "-"}[r["verified"]]]
+             + ([f"{r['us_per_layer']:.1f}", f"{r['host_us_per_layer']:.1f}",
+                 *(f"{r[key]:.2f}" if key in r else "-" for key in ("speedup_vs_dense_eager", "speedup_vs_dense_graph"))]
+                if "us_per_layer" in r else [r["error"][:60], "", "", ""])
+             for r in loop["rows"]]))
 
 
 @click.command()
