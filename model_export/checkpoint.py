@@ -14,6 +14,8 @@ a tensor missing or shaped differently from what the config implies.
 """
 from __future__ import annotations
 
+import contextlib
+
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,18 +148,36 @@ def _safetensor_files(root: Path) -> list[Path]:
     return files
 
 
-def _read_safetensors(files: list[Path]) -> dict[str, np.ndarray]:
-    """All tensors of the files (bf16 arrives as ml_dtypes.bfloat16)."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
+@contextlib.contextmanager
+def _safetensors_reader(files: list[Path]):
+    """``get(name) -> ndarray | None`` over the files, each tensor read when asked (so a
+    checkpoint is in memory once, not its files' bytes and then its arrays), and the set of
+    dtypes read so far (bf16 arrives as ml_dtypes.bfloat16)."""
+    from safetensors import SafetensorError, safe_open
 
-    tensors = {}
-    for f in files:
-        try:
-            tensors.update(load_file(str(f)))
-        except (SafetensorError, OSError, ValueError, TypeError) as e:
-            raise SparseInferError(f"cannot read {f}: {e}") from None
-    return tensors
+    errors = (SafetensorError, OSError, ValueError, TypeError)
+    with contextlib.ExitStack() as stack:
+        where = {}
+        for f in files:
+            try:
+                handle = stack.enter_context(safe_open(str(f), framework="np"))
+                where.update(dict.fromkeys(handle.keys(), (f, handle)))
+            except errors as e:
+                raise SparseInferError(f"cannot read {f}: {e}") from None
+        dtypes = set()
+
+        def get(name):
+            if name not in where:
+                return None
+            f, handle = where[name]
+            try:
+                a = handle.get_tensor(name)
+            except errors as e:
+                raise SparseInferError(f"cannot read {f}: {e}") from None
+            dtypes.add(dtype_name(a.dtype))
+            return a
+
+        yield get, dtypes
 
 
 def load_hf_checkpoint(path) -> Checkpoint:
@@ -168,9 +188,8 @@ def load_hf_checkpoint(path) -> Checkpoint:
         raise SparseInferError(f"{root}: expected a checkpoint directory (config.json + *.safetensors) or a .gguf file")
     cfg = read_config(root)
     shape = check_config(cfg, str(root / "config.json"))
-    tensors = _read_safetensors(_safetensor_files(root))
-    dtypes = {dtype_name(t.dtype) for t in tensors.values()}
-    weights = assemble(shape, tensors.get, str(root))
+    with _safetensors_reader(_safetensor_files(root)) as (get, dtypes):
+        weights = assemble(shape, get, str(root))
     from .tokenizer import load_tokenizer_json
     tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
     return Checkpoint(weights=weights, tokenizer=tok, source=str(root), stored_dtype="/".join(sorted(dtypes)),

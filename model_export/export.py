@@ -16,6 +16,7 @@ seq, d], ``debug.{i}.predicted_zero`` and ``debug.{i}.actual_zero`` [k] bool and
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +29,9 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaWeights, rope_tables
 
 from . import mlp_functions as mf
-from .onnx_builder import BOOL, FLOAT, INT64, GraphBuilder, make_model
+from .onnx_builder import BOOL, FLOAT, INT64, ExternalData, GraphBuilder, make_model
 
-EXTERNAL_DATA_BYTES = 1 << 30     # above this, weights go to a side file (protobuf's 2 GiB limit)
+EXTERNAL_DATA_BYTES = 1 << 30     # fp32 weights above this go to a side file (protobuf's 2 GiB limit)
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,8 @@ def _f32(a) -> np.ndarray:
 
 
 class LlamaExporter:
-    def __init__(self, weights: LlamaWeights, options: ExportOptions, progress=None):
+    def __init__(self, weights: LlamaWeights, options: ExportOptions, progress=None,
+                 external: ExternalData | None = None):
         self.w, self.s, self.o = weights, weights.shape, options
         self.act = Activation.parse(self.s.hidden_act)
         self.progress = progress or (lambda: None)
@@ -55,7 +57,7 @@ class LlamaExporter:
         if options.sparse and not self.act.sparse_capable:
             raise SparseInferError(f"activation {self.act} has no exact zeros; export it with --dense")
         self.alpha_milli = AlphaSchedule.parse(options.alpha).per_layer_milli(self.s.num_layers)
-        self.g = GraphBuilder()
+        self.g = GraphBuilder(external=external)
 
     # -- graph inputs and shared values ---------------------------------------------------
     def _inputs(self):
@@ -236,15 +238,17 @@ class LlamaExporter:
 
 def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = ExportOptions(), progress=None,
                 check: bool = True) -> Path:
-    """Build, save (external data above 1 GiB) and check the model; returns its path."""
-    model = LlamaExporter(weights, options, progress).build()
+    """Build, save and check the model; returns its path. Above 1 GiB of fp32 weights the
+    initializers are streamed into ``<name>.data`` beside it while the graph is built."""
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    big = sum(t.ByteSize() for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
-    data_name = out.name + ".data"
-    if (out.parent / data_name).exists():
-        (out.parent / data_name).unlink()
-    onnx.save_model(model, str(out), save_as_external_data=big, all_tensors_to_one_file=True, location=data_name)
+    data_path = out.parent / (out.name + ".data")
+    if data_path.exists():
+        data_path.unlink()
+    big = 4 * weights.num_elements() > EXTERNAL_DATA_BYTES
+    with ExternalData(data_path) if big else contextlib.nullcontext() as external:
+        model = LlamaExporter(weights, options, progress, external).build()
+    onnx.save_model(model, str(out))
     if check:
         onnx.checker.check_model(str(out), full_check=True)
     return out

@@ -19,7 +19,7 @@ bf16), which the MLP functions widen exactly.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 
@@ -63,6 +63,13 @@ class LlamaWeights:
     @property
     def activation(self) -> Activation:
         return Activation.parse(self.shape.hidden_act)
+
+    def num_elements(self) -> int:
+        """Elements of every array (a tied head counted once)."""
+        arrays = [self.embed, self.final_norm, *(getattr(lw, f.name) for lw in self.layers for f in fields(lw))]
+        if self.lm_head is not self.embed:
+            arrays.append(self.lm_head)
+        return sum(int(np.asarray(a).size) for a in arrays)
 
 
 def rope_tables(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndarray, np.ndarray]:

@@ -197,3 +197,38 @@ def test_iobinding_path_gives_the_same_bits_as_plain_runs(tmp_path, sparse, mlp_
     assert all(isinstance(v, ort.OrtValue) for v in bound.past.values())    # the cache never left onnxruntime
     for name, v in bound.past.items():
         assert np.array_equal(v.numpy(), plain.past[name]) and v.numpy().shape[2] == plain.length
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_large_exports_stream_their_weights_into_one_aligned_side_file(tmp_path, monkeypatch, sparse):
+    """Above the threshold the initializers are written as they are made: the same tensors
+    as an in-model export, page-aligned in model.onnx.data, small ones inline, and
+    onnxruntime decodes the two to the same bits."""
+    from sparseinfer.model_export import export as export_module
+
+    w = make_weights(synthetic_shape("tiny", layers=2, kv_heads=2), seed=5)
+    opts = ExportOptions(sparse=sparse)
+    inline = export_onnx(w, tmp_path / "inline" / "m.onnx", opts)
+    monkeypatch.setattr(export_module, "EXTERNAL_DATA_BYTES", 4 * w.num_elements() - 1)
+    streamed = export_onnx(w, tmp_path / "streamed" / "m.onnx", opts)
+    assert not (tmp_path / "inline" / "m.onnx.data").exists()
+    data = tmp_path / "streamed" / "m.onnx.data"
+    proto = onnx.load(str(streamed), load_external_data=False)
+    external = {t.name: {e.key: e.value for e in t.external_data} for t in proto.graph.initializer
+                if t.data_location == onnx.TensorProto.EXTERNAL}
+    assert "model.embed_tokens.weight" in external and len(external) < len(proto.graph.initializer)
+    ends = 0
+    for name, info in sorted(external.items(), key=lambda kv: int(kv[1]["offset"])):
+        offset, length = int(info["offset"]), int(info["length"])
+        assert info["location"] == "m.onnx.data" and offset % 4096 == 0 and offset >= ends and length >= 1024, name
+        ends = offset + length
+    assert ends == data.stat().st_size
+    want = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(inline)).graph.initializer}
+    got = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(streamed)).graph.initializer}
+    assert want.keys() == got.keys()
+    for name in want:
+        assert want[name].dtype == got[name].dtype and np.array_equal(want[name], got[name]), name
+    a, b = OnnxDecoder(inline, "cpu"), OnnxDecoder(streamed, "cpu")
+    for toks in (PROMPT, [7], [42]):
+        la, lb = a.step(toks)[0], b.step(toks)[0]
+        assert np.array_equal(la, lb)
