@@ -102,9 +102,10 @@ STAGES = {s.name: s for s in (
           estimate_s=30, min_start_s=20, stops_run=True),
     Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit",
           ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=90, min_start_s=60),
-    Stage("ort-bench", "bench-decode --provider cuda --target cuda ({out}/cuda-decode.json)",
-          ((*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5",
-            "--out", "{out}/cuda-decode.json"),), estimate_s=150, min_start_s=90),
+    Stage("ort-bench", "bench-decode --provider cuda --target cuda, then 8 profiled tokens per model: time by "
+                       "provider, top ops ({out}/cuda-decode.json)",
+          ((*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5", "--profile-tokens", "8",
+            "--out", "{out}/cuda-decode.json"),), estimate_s=170, min_start_s=90),
 )}
 GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
           "ort": ("ort-unpack", "ort-tests", "ort-bench")}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -21,7 +22,22 @@ MLP_KERNELS_HELP = ("How a sparse export's MLP custom ops run: 'function' = the 
                     "(numba, bit-exact with the reference; CPU provider only); 'auto' = native where possible.")
 
 
-def make_session(path, provider: str = "cpu", threads: int | None = None):
+def session_options(threads: int | None = None, profile: str | None = None):
+    """onnxruntime SessionOptions: intra-op threads, and with ``profile`` (a path prefix) its
+    own profiler on (``session.end_profiling()`` writes ``<prefix>_<time>.json``; see ort_profile)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    if profile:
+        Path(profile).parent.mkdir(parents=True, exist_ok=True)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile)
+    return opts
+
+
+def make_session(path, provider: str = "cpu", threads: int | None = None, profile: str | None = None):
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -31,9 +47,7 @@ def make_session(path, provider: str = "cpu", threads: int | None = None):
                                f"({', '.join(ort.get_available_providers())}); install onnxruntime-gpu on a CUDA machine")
     if provider == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()       # CUDA / cuDNN from the nvidia-* pip packages or PyTorch's, if any
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
+    opts = session_options(threads, profile)
     try:
         # full float32 MatMuls on CUDA (no TF32): the exports' logits are compared with fp32 error bounds
         options = [{"use_tf32": "0"}] if provider == "cuda" else None
@@ -69,7 +83,6 @@ def resolve_mlp_kernels(requested: str, sparse: bool, provider: str) -> str:
 def read_model_proto(path):
     """The model's graph and metadata, external weights left on disk (one-line errors)."""
     import onnx
-    from pathlib import Path
 
     if not Path(path).is_file():
         raise SparseInferError(f"no such model: {path}")
@@ -85,17 +98,18 @@ def is_sparse_export(model) -> bool:
 
 class OnnxDecoder:
     def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto",
-                 io_binding: bool | None = None):
+                 io_binding: bool | None = None, profile: str | None = None):
         """``io_binding``: keep the KV cache in onnxruntime's own buffers on the provider's device
         between steps (IOBinding); default on for cuda, off for cpu (where it also works, and is
-        tested, but copies nothing less)."""
+        tested, but copies nothing less). ``profile``: a path prefix for onnxruntime's profiler
+        (:meth:`end_profiling`, ``ort_profile.summarize``)."""
         model = read_model_proto(path)
         self.mlp_kernels = resolve_mlp_kernels(mlp_kernels, is_sparse_export(model), provider)
         if self.mlp_kernels == "native":
             from .native_mlp import native_session
-            self.session = native_session(path, threads, model)
+            self.session = native_session(path, threads, model, profile)
         else:
-            self.session = make_session(path, provider, threads)
+            self.session = make_session(path, provider, threads, profile)
         self.provider = provider
         self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -110,6 +124,10 @@ class OnnxDecoder:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.debug = any(n.startswith("debug.") for n in self.output_names)
         self.reset()
+
+    def end_profiling(self) -> Path:
+        """Stop onnxruntime's profiler; the trace file it wrote (only for ``profile=`` decoders)."""
+        return Path(self.session.end_profiling())
 
     def row_counts(self, reset: bool = False) -> dict | None:
         """Rows the native MLP kernels skipped / computed since the last reset (None on function bodies)."""

@@ -143,7 +143,8 @@ def _passive_openmp_threads() -> None:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
-def native_session(path, threads: int | None = None, model: onnx.ModelProto | None = None):
+def native_session(path, threads: int | None = None, model: onnx.ModelProto | None = None,
+                   profile: str | None = None):
     """An onnxruntime CPU session of the sparse export at ``path`` with native MLP kernels.
 
     ``model``: the file's proto when the caller has already read it (it is rewritten here).
@@ -153,7 +154,7 @@ def native_session(path, threads: int | None = None, model: onnx.ModelProto | No
     _passive_openmp_threads()
     from sparseinfer.kernels.host_mlp import HostSparseMLP
 
-    from .decode import is_sparse_export, read_model_proto
+    from .decode import is_sparse_export, read_model_proto, session_options
 
     reason = available()
     if reason:
@@ -188,9 +189,7 @@ def native_session(path, threads: int | None = None, model: onnx.ModelProto | No
     first = _STORES[store][0]
     first.mlp(np.ones(first.mlp.d, np.float32), first.alpha_milli)     # compile / load the kernels now
 
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
+    opts = session_options(threads, profile)
     # onnxruntime's pool threads spin after each op by default; the native kernel's own
     # threads (numba) would then compete with them for the same cores.
     opts.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -76,7 +76,7 @@ def test_tour_runs_every_part_and_writes_its_files(tmp_path):
 def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(tmp_path):
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(cli, ["bench-decode", "--shape", "tiny", "--layers", "2", "--tokens", "4", "--repeats", "2",
-                                 "--work-dir", str(tmp_path), "--out", str(out), "--json"])
+                                 "--profile-tokens", "3", "--work-dir", str(tmp_path), "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     result = json.loads(out.read_text())
     assert len(result["dense"]["tokens_per_s_runs"]) == len(result["sparse"]["tokens_per_s_runs"]) == 2
@@ -88,6 +88,20 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
         counts = result["sparse"]["rows_of_last_run"]
         assert counts["decode_steps_counted"] == 3 and 0 < counts["rows_computed"] < 1 - counts["predicted_sparsity"] + 1e-12
         assert "rows_of_last_run" not in result["dense"] and "rows_of_last_run" not in result["sparse-function"]
+    # onnxruntime's profile of 3 more tokens per model: the 2 decode runs after the prefill
+    profile = result["profile"]
+    assert profile["decode_tokens"] == 3 and set(profile) - {"decode_tokens"} == set(result) & {"dense", "sparse",
+                                                                                                  "sparse-function"}
+    ops = {kind: {o["op"] for o in profile[kind]["top_ops"]} for kind in profile if kind != "decode_tokens"}
+    for kind, summary in profile.items():
+        if kind == "decode_tokens":
+            continue
+        assert summary["runs"] == 2 and list(summary["by_provider"]) == ["CPUExecutionProvider"]
+        assert 0 < summary["node_us_per_run"] <= summary["us_per_run"]
+        assert (tmp_path / "profiles").is_dir() and str(tmp_path / "profiles" / kind) in summary["profile_file"]
+    assert "NonZero" not in ops["dense"] and "SparseMLPHost" not in ops["dense"]
+    if result["sparse"]["mlp_kernels"] == "native":
+        assert "SparseMLPHost" in ops["sparse"] and "SparseMLPHost" not in ops["sparse-function"]
 
 
 def test_machine_description_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):

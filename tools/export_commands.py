@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
+from sparseinfer.model_export.ort_profile import one_line
 from sparseinfer.model_export.synthetic import SYNTHETIC_SHAPES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 
@@ -264,6 +265,25 @@ def gpu_names() -> list[str]:
     return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
 
 
+def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work) -> dict:
+    """Each model decoded once more, ``tokens`` tokens, in a session with onnxruntime's profiler
+    on; the decode steps' profile summarised (ort_profile), the prefill left out."""
+    import gc
+
+    from sparseinfer.model_export.decode import OnnxDecoder, generate
+    from sparseinfer.model_export.ort_profile import summarize
+
+    out = {"decode_tokens": tokens}
+    for kind, path in paths.items():
+        decoder = OnnxDecoder(path, provider, mlp_kernels=kernels_of[kind], threads=threads,
+                              profile=str(work / "profiles" / kind))
+        generate(decoder, prompt, tokens)
+        out[kind] = summarize(decoder.end_profiling(), skip_runs=1)
+        del decoder
+        gc.collect()
+    return out
+
+
 @click.command("bench-decode")
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="Checkpoint directory; default: make a synthetic one (--shape, --layers, --target-sparsity).")
@@ -280,13 +300,17 @@ def gpu_names() -> list[str]:
                    "bodies (row 'sparse-function').")
 @click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per run.")
 @click.option("--repeats", type=int, default=3, show_default=True, help="Runs per model (median reported).")
+@click.option("--profile-tokens", type=click.IntRange(0, 4096), default=0, show_default=True,
+              help="After the timed rounds, decode this many tokens per model in a new session with "
+                   "onnxruntime's profiler on: time per token by execution provider and the top ops "
+                   "(the JSON's 'profile'; traces in the work dir). 0: no profile.")
 @click.option("--work-dir", type=click.Path(file_okay=False), default="out/bench-decode", show_default=True,
               help="Where the checkpoint and the exports are written.")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
-                     tokens, repeats, work_dir, out_json, as_json):
+                     tokens, repeats, profile_tokens, work_dir, out_json, as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
     Both exports are written first and flushed to disk, then both are loaded and decode
@@ -329,12 +353,17 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
                    **({"rows_of_last_run": last[kind].kernel_rows} if last[kind].kernel_rows else {})}
             for kind in decoders}
     ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in decoders if kind != "dense"}
+    kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
+    decoders.clear()                       # free the timed sessions before the profiled ones
+    profiles = _profile_decodes(paths, kernels_of, provider, threads, prompt, profile_tokens, work) \
+        if profile_tokens else None
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
               "target": target, "provider": provider, "threads": threads, "decode_tokens": tokens,
               "repeats": repeats, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),
+              **({"profile": profiles} if profiles else {}),
               "machine": machine_description(provider)}
     if out_json:
         Path(out_json).parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +376,9 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
         for k, v in rows.items()]))
     if "speedup_function_bodies" in result:
         click.echo(f"sparse (function bodies) / dense: {result['speedup_function_bodies']:.2f}x")
+    for kind, summary in (profiles or {}).items():
+        if kind != "decode_tokens":
+            click.echo(f"profile {kind}: {one_line(summary)}")
     where = ", ".join(result["machine"].get("gpu") or []) or result["machine"]["cpu"]
     click.echo(f"sparse / dense: {result['speedup']:.2f}x ({ck.shape.name}, {ck.shape.num_layers} layers, "
                f"{provider} provider, {where}, {result['machine']['date']})")
