@@ -8,12 +8,14 @@ and replays them with one ``cudaGraphLaunch``.
 
 What makes a recording replayable (:func:`capture`):
 
-* a warm-up run first, on the capture stream: kernels compiled and loaded, the occupancy
-  query cached, the down projection's self-resetting counters created and zeroed, and the
-  memory pool holding blocks of every size the step asks for;
-* a private memory pool for the warm-up and the recording, used by nothing else, so the
-  buffers the graph writes (outputs and temporaries alike) are never handed to other
-  arrays while the graph lives;
+* an eager run first, with the ordinary allocator: kernels compiled and loaded, the
+  occupancy query cached, and state that outlives the graph (the down projection's
+  self-resetting counters, ``ops._tile_done``) created in ordinary memory, not in the
+  private pool that dies with the graph;
+* a private memory pool for a second run (which leaves the pool holding blocks of every
+  size the step asks for) and for the recording, used by nothing else, so the buffers the
+  graph writes (outputs and temporaries alike) are never handed to other arrays while the
+  graph lives;
 * inputs in static buffers: a replay reads whatever they hold, so new inputs are copied
   into them first (:meth:`MLPGraph.__call__`).
 
@@ -45,15 +47,15 @@ class Captured:
         self.graph.launch()
 
 
-def capture(step: Callable, warmup: int = 1) -> Captured:
+def capture(step: Callable) -> Captured:
     """Record ``step()`` (device launches only, no host reads of device memory) as a CUDA graph."""
     cp = cupy()
+    step()                                         # lasting state in ordinary memory (see above)
     cp.cuda.get_current_stream().synchronize()     # the capture stream does not wait for the others
     pool = cp.cuda.MemoryPool()
     stream = cp.cuda.Stream(non_blocking=True)
     with cp.cuda.using_allocator(pool.malloc), stream:
-        for _ in range(warmup):
-            step()
+        step()                                     # sizes the private pool
         stream.synchronize()
         stream.begin_capture()
         try:
