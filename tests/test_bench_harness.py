@@ -81,6 +81,37 @@ def test_decode_loop_rows_eager_and_graph_on_the_emulated_kernels():
         assert (r["bytes_per_layer"] < eager["bytes_per_layer"]) == sparse
 
 
+@pytest.mark.emulated
+def test_bench_plot_draws_a_results_file_and_refuses_what_it_cannot_draw(monkeypatch, tmp_path):
+    from matplotlib.image import imread
+
+    monkeypatch.setattr(harness, "Timer", FakeTimer)
+    monkeypatch.setattr(harness, "device_info", lambda: dict(INFO))
+    monkeypatch.setattr(harness, "empty_launch_us", lambda timer: 2.5)
+    with emulator.installed():
+        result = harness.run(shapes=[BenchShape("prosparse-llama2-13b", 97, 600)], sparsities=(0.9,), repeats=3,
+                             loop_layers=2, log=lambda s: None)
+    result["rows"][3]["verified"] = result["rows"][8]["verified"] = False     # drawn hatched, not dropped
+    results = tmp_path / "stand-in.json"
+    results.write_text(json.dumps(result))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["bench-plot", str(results), "--out", str(tmp_path / "b.png")])
+    assert r.exit_code == 0, r.output
+    image = imread(tmp_path / "b.png")
+    assert image.shape[0] > 400 and image.shape[1] > 1000 and image.std() > 0
+    for args, message in ((["--sparsity", "0.5"], "no benchmark rows for prosparse-llama2-13b at sparsity 0.5"),
+                          (["--model", "prosparse-llama2-7b"], "no benchmark rows for prosparse-llama2-7b")):
+        r = runner.invoke(cli, ["bench-plot", str(results), "--out", str(tmp_path / "c.png"), *args])
+        assert r.exit_code == 2 and message in r.output, r.output
+    results.write_text(json.dumps({**result, "rows": []}))
+    r = runner.invoke(cli, ["bench-plot", str(results), "--out", str(tmp_path / "c.png")])
+    assert r.exit_code == 2 and "hold no rows" in r.output
+    results.write_text("[1, 2")
+    r = runner.invoke(cli, ["bench-plot", str(results), "--out", str(tmp_path / "c.png")])
+    assert r.exit_code == 2 and "not a JSON file" in r.output
+    assert not (tmp_path / "c.png").exists()
+
+
 def test_timer_uses_events_after_each_flush_and_reports_the_median():
     log = []
 

@@ -36,7 +36,9 @@ def _parse_sparsities(text: str) -> tuple:
 @click.option("--loop-layers", default=LOOP_LAYERS, show_default=True, type=click.IntRange(0, 256),
               help="Decode loop: this many copies of the last model's layer at the highest sparsity, "
                    "eager and as one CUDA graph (0: skip).")
-def bench(models, sparsity, repeats, json_path, results_dir, loop_layers):
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Also draw the last model at the highest sparsity as a PNG (see bench-plot).")
+def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_file):
     """Time every kernel version and MLP pipeline on the GPU (needs CuPy and a CUDA device).
 
     ProSparse-7B/13B shapes, fp16 weights, inputs built so that exactly the given
@@ -73,6 +75,9 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers):
         [[r["kernel"], r["version"], r["model"], r["sparsity"], "yes" if r["verified"] else "NO",
           f"{r['latency_us']:.1f}", f"{r['gb_per_s']:.0f}", f"{r['pct_peak']:.0f}", f"{r['speedup_vs_dense']:.2f}"]
          for r in result["rows"]]))
+    if plot_file:
+        from sparseinfer.benchmarks.plots import plot_bench
+        click.echo(f"wrote {plot_bench(result, plot_file)}")
     loop = result.get("decode_loop")
     if loop:
         click.echo(f"\ndecode loop: {loop['layers']} layers of {loop['model']}, sparsity {loop['sparsity']} "
@@ -84,6 +89,31 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers):
                  *(f"{r[key]:.2f}" if key in r else "-" for key in ("speedup_vs_dense_eager", "speedup_vs_dense_graph"))]
                 if "us_per_layer" in r else [r["error"][:60], "", "", ""])
              for r in loop["rows"]]))
+
+
+@click.command("bench-plot")
+@click.argument("results", type=click.Path(exists=True, dir_okay=False))
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
+@click.option("--model", type=click.Choice(BENCH_MODELS), default=None,
+              help="Model shape to draw (default: the last one in the results).")
+@click.option("--sparsity", type=float, default=None, help="Sparsity to draw (default: the highest).")
+def bench_plot(results, out, model, sparsity):
+    """Draw a `sparseinfer bench` results file (benchmarks/results/<device>.json) as one PNG.
+
+    Left: % of peak bandwidth of every kernel version, the 70 % target dashed, rows that
+    failed verification hatched. Right: speed-up over cuBLAS dense of every MLP pipeline,
+    one layer and, where present, the decode loop eager and as a CUDA graph; 5x dashed.
+    """
+    from sparseinfer.benchmarks.plots import plot_bench
+    from sparseinfer.reference.errors import SparseInferError
+
+    try:
+        result = json.loads(Path(results).read_text())
+    except ValueError as e:
+        raise SparseInferError(f"{results}: not a JSON file ({e})") from None
+    if not isinstance(result, dict):
+        raise SparseInferError(f"{results}: not a sparseinfer bench results file")
+    click.echo(f"wrote {plot_bench(result, out, model, sparsity)}")
 
 
 @click.command()
@@ -180,4 +210,4 @@ def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
         raise SystemExit(1)
 
 
-COMMANDS = (bench, kernels, verify_kernels)
+COMMANDS = (bench, bench_plot, kernels, verify_kernels)

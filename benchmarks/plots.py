@@ -1,0 +1,91 @@
+"""The benchmark's results as one PNG: bandwidth per kernel version and speed-up per MLP
+pipeline at one (model, sparsity), with the issue's targets drawn in.
+
+Left: % of the device's peak bandwidth of every kernel row (pack_signs, predict, gate_up,
+down), coloured by family, the 70 % target dashed. A row or pipeline that failed
+verification is drawn hatched in red, never dropped. Right: speed-up over cuBLAS dense fp16 of each MLP pipeline, one
+layer (L2 flushed), and, where the results hold the decode loop, the same pipelines run
+back to back over its layers, eager and as a CUDA graph; the 5x target dashed.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.sim.plots import _save, plt
+
+PEAK_TARGET_PCT = 70.0
+MLP_TARGET_SPEEDUP = 5.0
+_FAMILY_COLOURS = {"pack_signs": "tab:gray", "predict": "tab:purple", "gate_up": "tab:blue", "down": "tab:green"}
+
+
+def pick(result: dict, model: str | None, sparsity: float | None) -> tuple[str, float, list]:
+    """(model, sparsity, rows) to plot: by default the last model and the highest sparsity."""
+    rows = result.get("rows") or []
+    if not rows:
+        raise SparseInferError("the benchmark results hold no rows")
+    model = model or rows[-1]["model"]
+    have = sorted({r["sparsity"] for r in rows if r["model"] == model})
+    if not have:
+        raise SparseInferError(f"no benchmark rows for {model}; the results hold "
+                               f"{', '.join(sorted({r['model'] for r in rows}))}")
+    sparsity = max(have) if sparsity is None else sparsity
+    picked = [r for r in rows if r["model"] == model and r["sparsity"] == sparsity]
+    if not picked:
+        raise SparseInferError(f"no benchmark rows for {model} at sparsity {sparsity}; it has {have}")
+    return model, sparsity, picked
+
+
+def plot_bench(result: dict, path, model: str | None = None, sparsity: float | None = None) -> Path:
+    model, sparsity, rows = pick(result, model, sparsity)
+    kernels = [r for r in rows if r["kernel"] != "mlp"]
+    pipelines = [r for r in rows if r["kernel"] == "mlp"]
+    loop = result.get("decode_loop")
+    loop = loop if loop and loop["model"] == model and loop["sparsity"] == sparsity else None
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
+    xs = range(len(kernels))
+    bars = left.bar(xs, [r["pct_peak"] for r in kernels], color=[_FAMILY_COLOURS.get(r["kernel"], "k") for r in kernels])
+    for bar, r in zip(bars, kernels):
+        if not r["verified"]:
+            bar.set_hatch("//")
+            bar.set_edgecolor("red")
+            left.annotate("NOT verified", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                          va="bottom", fontsize=7, color="red", rotation=90)
+    left.axhline(PEAK_TARGET_PCT, ls="--", c="k", lw=1, label=f"target {PEAK_TARGET_PCT:.0f} % of peak")
+    left.set_xticks(list(xs), [f"{r['kernel']}\n{r['version']}" for r in kernels], rotation=60, ha="right", fontsize=7)
+    left.set_ylabel("% of peak bandwidth (bytes touched / time)")
+    left.set_title("kernels")
+    left.grid(axis="y", alpha=0.3)
+    left.legend(fontsize=8)
+
+    names = [r["version"] for r in pipelines]
+    series = [("one layer", {r["version"]: (r["speedup_vs_dense"], r["verified"]) for r in pipelines})]
+    if loop:
+        dense_graph = any(r["pipeline"] == "cublas-dense" and r["mode"] == "graph" and "us_per_layer" in r
+                          for r in loop["rows"])
+        for mode in ("eager", "graph"):
+            base = mode if mode == "eager" or dense_graph else "eager"     # cuBLAS that could not be recorded
+            series.append((f"{loop['layers']}-layer loop, {mode} (vs cuBLAS {base})",
+                           {r["pipeline"]: (r[f"speedup_vs_dense_{base}"], r["verified"])
+                            for r in loop["rows"] if r["mode"] == mode and "us_per_layer" in r}))
+    width = 0.8 / len(series)
+    for j, (label, values) in enumerate(series):
+        got = [values.get(n, (0.0, True)) for n in names]
+        bars = right.bar([i - 0.4 + width * (j + 0.5) for i in range(len(names))], [v for v, _ in got], width,
+                         label=label)
+        right.bar_label(bars, fmt="%.1f", fontsize=6)
+        for bar, (_, verified) in zip(bars, got):
+            if not verified:
+                bar.set_hatch("//")
+                bar.set_edgecolor("red")
+    right.axhline(MLP_TARGET_SPEEDUP, ls="--", c="k", lw=1, label=f"target {MLP_TARGET_SPEEDUP:.0f}x")
+    right.axhline(1.0, c="k", lw=0.5)
+    right.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    right.set_ylabel("speed-up over cuBLAS dense fp16")
+    right.set_title("whole MLP block")
+    right.grid(axis="y", alpha=0.3)
+    right.legend(fontsize=7)
+    fig.suptitle(f"{result.get('device', '?')}, CUDA {result.get('cuda_version', '?')}, {result.get('date', '?')}: "
+                 f"{model}, fp16, sparsity {sparsity}", fontsize=10)
+    return _save(fig, path)
