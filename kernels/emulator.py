@@ -156,6 +156,9 @@ class EmulatedKernel:
         if rc == -2:
             raise SparseInferError(f"emulated {self.name} deadlocked: threads of a warp or block diverged "
                                    "around a barrier, ballot or shuffle")
+        if rc == -3:
+            raise SparseInferError(f"emulated {self.name} read a misaligned address (a load or atomic not aligned "
+                                   "to its size; a GPU faults with 'misaligned address')")
         if rc != 0:
             raise SparseInferError(f"no emulated kernel named {self.name}")
 

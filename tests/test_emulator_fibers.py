@@ -38,8 +38,19 @@ __global__ void mix(const int* in, int* out) {    // shared memory, barrier, shu
     out[i] = v * 100 + __popc(bits);
 }
 
+__global__ void vector_load(const unsigned* base, int offset_words, unsigned* out) {   // one 16-byte load
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(base + offset_words));
+    out[threadIdx.x] = v.x + v.y + v.z + v.w;
+}
+
 int main() {
     int in[192], out[192] = {0}, dead[64] = {0};
+    alignas(16) unsigned words[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+    unsigned sums[32] = {0};
+    for (int offset : {0, 4, 1, 2}) {       // 16-byte aligned, aligned, 4 bytes off, 8 bytes off
+        const int rc = emu::launch(&vector_load, dim3{1, 1, 1}, dim3{32, 1, 1}, (const unsigned*)words, offset, sums);
+        std::printf("load %d %d %u\n", offset, rc, sums[0]);
+    }
     for (int i = 0; i < 192; ++i) in[i] = (i * 37 + 11) % 101;
     for (int order = 0; order < 2; ++order) {
         emu::S.reverse = order == 1;
@@ -81,7 +92,9 @@ def test_fibers_switch_right_in_both_orders_and_report_deadlock(tmp_path, mode):
                    check=True, capture_output=True, text=True)
     lines = subprocess.run([str(exe)], check=True, capture_output=True, text=True, timeout=60).stdout.splitlines()
     want = _expected_mix()
-    assert lines == [f"mix 0 {want}", f"mix 0 {want}", "diverged -2"]
+    # a misaligned 16-byte load is reported (-3), as a GPU faults on it; aligned ones run
+    assert lines == ["load 0 0 10", "load 4 0 26", "load 1 -3 14", "load 2 -3 18",
+                     f"mix 0 {want}", f"mix 0 {want}", "diverged -2"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulation")

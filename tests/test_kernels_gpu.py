@@ -223,3 +223,35 @@ def test_graph_replays_every_pipeline_on_new_inputs(pipeline):
         graph(xs[:2])
     with pytest.raises(SparseInferError, match="x has shape"):
         graph([cases_[1].x, cases_[1].x, cases_[0].x])
+
+
+@pytest.mark.parametrize("pipeline", list(PIPELINES))
+def test_misaligned_vectors_take_the_scalar_path_and_give_the_same_bits(pipeline):
+    """x (and h3 for the down projections) as a contiguous view 4 bytes past an allocation:
+    the 16-byte loads must not be used on it (a GPU faults on a misaligned address; the
+    emulator reports one), and the results are the same bits as from an aligned copy."""
+    cp = cupy()
+    case = build_case(1031, 300, np.float16, 1000, 17, "relu", ())
+    case.assert_nontrivial()
+    mlp = _mlp(case, pipeline)
+
+    def shifted(v):
+        buf = cp.zeros(v.size + 1, dtype=cp.float32)
+        buf[1:] = cp.asarray(v)
+        return buf[1:]
+
+    x = shifted(case.x)
+    address = x.data.ptr if hasattr(x.data, "ptr") else x.ctypes.data     # CuPy, or the emulator's NumPy
+    assert address % 16 == 4
+    want = mlp(case.x)
+    got = mlp(x)
+    if PIPELINES[pipeline].deterministic:
+        assert_same(_host(got), _host(want), f"{pipeline} on a misaligned x", case)
+    else:
+        assert within_down_bound(_host(got), case.h1_h3()[1], case.w_down.T).all(), f"{pipeline} ({case})"
+    h3 = case.h1_h3()[1]
+    for version in DOWN:
+        if not DOWN[version].deterministic:
+            continue
+        want = _host(DOWN[version].run(cp.asarray(h3), mlp.w_down_t))
+        assert_same(_host(DOWN[version].run(shifted(h3), mlp.w_down_t)), want, f"down {version} misaligned h3", case)

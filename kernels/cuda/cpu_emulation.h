@@ -153,6 +153,7 @@ struct Scheduler {
     int current = 0, alive = 0, idle_switches = 0;
     bool deadlock = false;
     bool reverse = false;                 // run threads last-to-first (exposes missing barriers)
+    const void* misaligned = nullptr;     // the first load or atomic off its natural alignment
 };
 
 inline Scheduler S;
@@ -215,7 +216,8 @@ inline void fiber_entry(int index) {
     ctx_jump(S.fibers[next].ctx);
 }
 
-// Run kernel(args...) on grid x block threads: 0 on success, -2 on a barrier deadlock.
+// Run kernel(args...) on grid x block threads: 0 on success, -2 on a barrier deadlock, -3
+// when a thread loaded from a misaligned address (S.misaligned: the first such address).
 template <typename... A>
 int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
     const int n = (int)blk.x;
@@ -241,9 +243,11 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
             S.alive = n;
             S.idle_switches = 0;
             S.deadlock = false;
+            S.misaligned = nullptr;
             S.current = S.reverse ? n - 1 : 0;
             ctx_swap(S.main, S.fibers[S.current].ctx);
             if (S.deadlock) return -2;
+            if (S.misaligned) return -3;
         }
     return 0;
 }
@@ -297,9 +301,15 @@ inline int __popc(unsigned v) { return __builtin_popcount(v); }
 inline float __fmul_rn(float a, float b) { return a * b; }
 inline float __fadd_rn(float a, float b) { return a + b; }
 inline float __uint_as_float(unsigned u) { float f; std::memcpy(&f, &u, 4); return f; }
-template <typename T> inline T __ldg(const T* p) { return *p; }
-template <typename T> inline T __ldcg(const T* p) { return *p; }
+// A GPU faults ("misaligned address") on an access that is not aligned to its size (a
+// 16-byte uint4 / float4 load at an address that is not a multiple of 16); x86 does not, so
+// the emulation records the first one and the launch reports it (-3).
+template <typename T> inline void check_aligned(const T* p) {
+    if (((uintptr_t)p % sizeof(T)) != 0 && !emu::S.misaligned) emu::S.misaligned = p;
+}
+template <typename T> inline T __ldg(const T* p) { check_aligned(p); return *p; }
+template <typename T> inline T __ldcg(const T* p) { check_aligned(p); return *p; }
 inline void __threadfence() {}                       // one OS thread: every write is seen in order
 inline int min(int a, int b) { return a < b ? a : b; }
-inline float atomicAdd(float* p, float v) { const float old = *p; *p = old + v; return old; }   // one OS thread
-inline unsigned atomicAdd(unsigned* p, unsigned v) { const unsigned old = *p; *p = old + v; return old; }
+inline float atomicAdd(float* p, float v) { check_aligned(p); const float old = *p; *p = old + v; return old; }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { check_aligned(p); const unsigned old = *p; *p = old + v; return old; }
