@@ -133,6 +133,21 @@ def thread_order() -> str:
     return order
 
 
+# What a GPU refuses at launch (cudaErrorInvalidConfiguration) and the emulation would not
+# notice: an empty grid or block, more than 1024 threads, a grid past its limits.
+MAX_THREADS_PER_BLOCK = 1024
+MAX_GRID = (2**31 - 1, 65535)
+
+
+def _check_launch(name: str, grid, block) -> None:
+    threads = int(block[0])
+    dims = [int(g) for g in grid[:2]]
+    if not 1 <= threads <= MAX_THREADS_PER_BLOCK or any(not 1 <= g <= m for g, m in zip(dims, MAX_GRID)):
+        raise SparseInferError(f"{name}: invalid launch configuration (grid {tuple(dims)}, block ({threads},)); "
+                               f"a GPU takes 1-{MAX_THREADS_PER_BLOCK} threads per block and grids of "
+                               f"1-{MAX_GRID[0]} x 1-{MAX_GRID[1]} blocks")
+
+
 class EmulatedKernel:
     """Called like a CuPy RawKernel: ``kernel(grid, block, args)``."""
 
@@ -143,6 +158,7 @@ class EmulatedKernel:
         grid = tuple(grid) + (1,) * (2 - len(grid))
         if len(block) != 1 or grid[2:] not in ((), (1,)):
             raise SparseInferError(f"{self.name}: the emulator takes 1-D blocks and 2-D grids")
+        _check_launch(self.name, grid, block)
         values = [_c_argument(a) for a in args]       # pointers and scalars fixed now, as a graph's are
         if _recording is not None:      # args kept alive, as the private pool keeps a graph's buffers
             _recording.append(lambda: self._launch(grid, block, values, args))
@@ -176,13 +192,16 @@ def resident_blocks(name: str, threads: int) -> int:
     return EMULATED_RESIDENT_BLOCKS
 
 
-# --- stream capture: what a CUDA graph does, for kernels/graph.py -------------------------
+# --- uninitialised memory and stream capture -------------------------------------------
+# cupy.empty hands out memory with whatever the last user left in it; NumPy's often comes
+# zeroed from the OS, which would hide a kernel that fails to write part of its output. So
+# every emulated `empty` buffer starts as 0xFF bytes (NaN as float32, -1 / all ones as
+# integers): a kernel that reads what nobody wrote gives wrong bits here, as on a GPU.
 # While a stream records, launches and memsets are kept (pointers and scalars as they were
 # given) instead of run, and a graph's launch runs them in order; reading device memory on
-# the host is an error, as on a GPU. A recording buffer starts as garbage (0xA5 bytes), so
-# that a step reading memory the recording never wrote fails here too.
+# the host is an error, as on a GPU.
 _recording: list | None = None
-_UNWRITTEN = 0xA5
+_UNWRITTEN = 0xFF
 
 
 class HostArray(np.ndarray):
@@ -209,8 +228,7 @@ def _wrap(f):
 
 def _empty(shape, dtype=np.float64):
     out = np.empty(shape, dtype).view(HostArray)
-    if _recording is not None:
-        out.view(np.uint8).fill(_UNWRITTEN)
+    out.reshape(-1).view(np.uint8).fill(_UNWRITTEN)
     return out
 
 

@@ -1,5 +1,6 @@
-"""The rules of a CUDA graph recording, on the emulator's stand-in (kernels/graph.py): the
-replays' outputs themselves are checked per pipeline in test_kernels_gpu.py."""
+"""The emulator's stand-in for what a GPU enforces: the rules of a CUDA graph recording
+(kernels/graph.py; the replays' outputs are checked per pipeline in test_kernels_gpu.py)
+and the launch limits."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,3 +43,15 @@ def test_an_empty_graph_is_refused():
     with emulator.installed():
         with pytest.raises(SparseInferError, match="MLPGraph needs at least one layer"):
             MLPGraph([])
+
+
+def test_launches_a_gpu_would_refuse_are_refused():
+    with emulator.installed() as xp:
+        words, x = xp.empty(1, dtype=np.uint32), xp.asarray(np.ones(5, np.float32))
+        args = (x, words, np.int32(1), np.int32(5), np.int64(5))
+        k = emulator.kernel("pack_signs_fp32")
+        for grid, block in (((0,), (32,)), ((1,), (2048,)), ((1, 70000), (32,)), ((1,), (0,))):
+            with pytest.raises(SparseInferError, match="pack_signs_fp32: invalid launch configuration"):
+                k(grid, block, args)
+        k((1,), (32,), args)
+        assert words.tolist() == [0]
