@@ -172,6 +172,9 @@ class EmulatedKernel:
         if rc == -2:
             raise SparseInferError(f"emulated {self.name} deadlocked: threads of a warp or block diverged "
                                    "around a barrier, ballot or shuffle")
+        if rc == -4:
+            raise SparseInferError(f"emulated {self.name} ran a warp shuffle or ballot over all 32 lanes while some had "
+                                   "exited or were never launched (undefined on a GPU)")
         if rc == -3:
             raise SparseInferError(f"emulated {self.name} read a misaligned address (a load or atomic not aligned "
                                    "to its size; a GPU faults with 'misaligned address')")

@@ -43,6 +43,11 @@ __global__ void vector_load(const unsigned* base, int offset_words, unsigned* ou
     out[threadIdx.x] = v.x + v.y + v.z + v.w;
 }
 
+__global__ void exited_lanes(int* out) {   // odd lanes leave, the even ones shuffle over all 32
+    if (threadIdx.x & 1) return;
+    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, (int)threadIdx.x, 2);
+}
+
 int main() {
     int in[192], out[192] = {0}, dead[64] = {0};
     alignas(16) unsigned words[12] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
@@ -60,6 +65,8 @@ int main() {
         std::printf("mix %d %ld\n", rc, sum);
     }
     std::printf("diverged %d\n", emu::launch(&diverged, dim3{1, 1, 1}, dim3{64, 1, 1}, dead));
+    std::printf("exited %d\n", emu::launch(&exited_lanes, dim3{1, 1, 1}, dim3{64, 1, 1}, dead));
+    std::printf("short warp %d\n", emu::launch(&mix, dim3{1, 1, 1}, dim3{48, 1, 1}, (const int*)in, out));
     return 0;
 }
 """
@@ -94,7 +101,7 @@ def test_fibers_switch_right_in_both_orders_and_report_deadlock(tmp_path, mode):
     want = _expected_mix()
     # a misaligned 16-byte load is reported (-3), as a GPU faults on it; aligned ones run
     assert lines == ["load 0 0 10", "load 4 0 26", "load 1 -3 14", "load 2 -3 18",
-                     f"mix 0 {want}", f"mix 0 {want}", "diverged -2"]
+                     f"mix 0 {want}", f"mix 0 {want}", "diverged -2", "exited -4", "short warp -4"]
 
 
 @pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulation")

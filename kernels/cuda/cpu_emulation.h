@@ -154,6 +154,7 @@ struct Scheduler {
     bool deadlock = false;
     bool reverse = false;                 // run threads last-to-first (exposes missing barriers)
     const void* misaligned = nullptr;     // the first load or atomic off its natural alignment
+    bool partial_warp = false;            // a shuffle / ballot while lanes of its warp had exited
 };
 
 inline Scheduler S;
@@ -217,7 +218,8 @@ inline void fiber_entry(int index) {
 }
 
 // Run kernel(args...) on grid x block threads: 0 on success, -2 on a barrier deadlock, -3
-// when a thread loaded from a misaligned address (S.misaligned: the first such address).
+// when a thread loaded from a misaligned address (S.misaligned: the first such address), -4
+// when a shuffle or ballot ran in a warp with exited or missing lanes.
 template <typename... A>
 int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
     const int n = (int)blk.x;
@@ -244,10 +246,12 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
             S.idle_switches = 0;
             S.deadlock = false;
             S.misaligned = nullptr;
+            S.partial_warp = false;
             S.current = S.reverse ? n - 1 : 0;
             ctx_swap(S.main, S.fibers[S.current].ctx);
             if (S.deadlock) return -2;
             if (S.misaligned) return -3;
+            if (S.partial_warp) return -4;
         }
     return 0;
 }
@@ -263,8 +267,15 @@ int launch_args(void (*kernel)(A...), dim3 grid, dim3 blk, void** args) {
     return launch_packed(kernel, grid, blk, args, std::index_sequence_for<A...>{});
 }
 
+// The kernels' shuffles and ballots name all 32 lanes (FULL_MASK); on a GPU that is
+// undefined once a lane of the warp has exited (or never existed), so it is an error here.
+inline void check_full_warp() {
+    if (S.warp_bars[warp_index()].expected != 32) S.partial_warp = true;
+}
+
 template <typename T>
 inline T exchange(T v, int src_lane) {            // every lane publishes v, reads src_lane's
+    check_full_warp();
     static_assert(sizeof(T) == 4, "32-bit exchanges only");
     uint32_t* slot = &S.slots[32 * warp_index()];
     std::memcpy(&slot[lane()], &v, 4);
@@ -285,6 +296,7 @@ inline T exchange(T v, int src_lane) {            // every lane publishes v, rea
 inline void __syncthreads() { emu::arrive_and_wait(emu::S.block_bar); }
 
 inline unsigned __ballot_sync(unsigned, bool pred) {
+    emu::check_full_warp();
     unsigned bits = 0;
     uint32_t* slot = &emu::S.slots[32 * emu::warp_index()];
     slot[emu::lane()] = pred ? 1u : 0u;
