@@ -6,11 +6,13 @@ provider that ``--provider cuda`` needs) is a 256 MB wheel. ``split`` repacks th
 files as one xz-compressed tar stream (about 204 MB for onnxruntime-gpu 1.31.1 without
 its TensorRT provider) and cuts it into numbered folders ``OUT-1/part`` ... ``OUT-n/part``,
 each small enough for one call, with a manifest (sizes and SHA-256) in every folder.
+``--keep-sm 90`` keeps only the CUDA machine code an H100 / H200 runs (``fatbin.py``): two
+parts instead of four.
 Carry one folder per call, back to back; the last call runs ``unpack``, which checks the
 parts against the manifest and extracts the wheel's files into a folder to put first on
 PYTHONPATH::
 
-    python -m sparseinfer.benchmarks.carry_parts split onnxruntime_gpu-*.whl --out .whl/ort
+    python -m sparseinfer.benchmarks.carry_parts split onnxruntime_gpu-*.whl --keep-sm 90 --out .whl/ort
     # device, last call:
     python3 -m sparseinfer.benchmarks.carry_parts unpack .whl/ort --to /tmp/ort-gpu
 """
@@ -28,6 +30,8 @@ import click
 
 from sparseinfer.reference.errors import SparseInferError
 
+from .fatbin import keep_arch
+
 MANIFEST = "manifest.json"
 PART = "part"
 DEFAULT_PART_MIB = 62          # leaves room in the 64 MiB for the working tree
@@ -37,29 +41,42 @@ def _part_dirs(prefix: Path, n: int) -> list[Path]:
     return [prefix.parent / f"{prefix.name}-{i}" for i in range(1, n + 1)]
 
 
-def split_wheel(wheel, prefix, part_bytes: int, exclude=()) -> list[Path]:
-    """Repack ``wheel``'s files (minus ``exclude`` globs) as tar.xz, cut into parts; returns their folders."""
+def split_wheel(wheel, prefix, part_bytes: int, exclude=(), keep_sm: int | None = None) -> list[Path]:
+    """Repack ``wheel``'s files (minus ``exclude`` globs) as tar.xz, cut into parts; returns their folders.
+
+    ``keep_sm``: in every shared library, zero the CUDA machine code an sm_``keep_sm`` device
+    cannot run (``fatbin.keep_arch``; onnxruntime-gpu 1.31.1 for sm_90: 2 parts instead of 4).
+    """
     wheel, prefix = Path(wheel), Path(prefix)
     if not wheel.is_file():
         raise SparseInferError(f"no such wheel: {wheel}")
     if part_bytes < 1:
         raise SparseInferError(f"part size must be positive, got {part_bytes} bytes")
     stream = io.BytesIO()
+    pruned = {}
     try:
         with zipfile.ZipFile(wheel) as zf, tarfile.open(fileobj=stream, mode="w:xz") as tar:
             for info in zf.infolist():
                 if info.is_dir() or any(fnmatch.fnmatch(info.filename, pat) for pat in exclude):
                     continue
+                shared = info.filename.endswith(".so") or ".so." in info.filename
                 member = tarfile.TarInfo(info.filename)
                 member.size = info.file_size
-                member.mode = 0o755 if info.filename.endswith(".so") or ".so." in info.filename else 0o644
+                member.mode = 0o755 if shared else 0o644
+                if shared and keep_sm is not None:
+                    body, stats = keep_arch(zf.read(info), keep_sm)
+                    if stats["zeroed"]:
+                        pruned[info.filename] = stats
+                    tar.addfile(member, io.BytesIO(body))
+                    continue
                 with zf.open(info) as src:
                     tar.addfile(member, src)
     except zipfile.BadZipFile:
         raise SparseInferError(f"{wheel} is not a wheel (zip) file") from None
     data = stream.getvalue()
     chunks = [data[i:i + part_bytes] for i in range(0, len(data), part_bytes)]
-    manifest = {"source": wheel.name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
+    manifest = {"source": wheel.name, "keep_sm": keep_sm, "pruned": pruned,
+                "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(),
                 "parts": [{"bytes": len(c), "sha256": hashlib.sha256(c).hexdigest()} for c in chunks]}
     dirs = _part_dirs(prefix, len(chunks))
     for folder, chunk in zip(dirs, chunks):
@@ -104,10 +121,13 @@ def cli():
 @click.option("--part-mib", type=float, default=DEFAULT_PART_MIB, show_default=True, help="Largest part, MiB.")
 @click.option("--exclude", multiple=True, default=("*tensorrt*",), show_default=True,
               help="Glob of wheel members to leave out (repeatable).")
-def split(wheel, prefix, part_mib, exclude):
+@click.option("--keep-sm", type=click.IntRange(10, 200), default=None,
+              help="Keep only the CUDA machine code this SM version runs (90: H100 / H200), zeroing the "
+                   "rest in the shared libraries' fat binaries: far fewer parts. Default: everything.")
+def split(wheel, prefix, part_mib, exclude, keep_sm):
     """Repack WHEEL as tar.xz and cut it into parts that fit one device call each."""
     try:
-        dirs = split_wheel(wheel, prefix, int(part_mib * 2**20), exclude)
+        dirs = split_wheel(wheel, prefix, int(part_mib * 2**20), exclude, keep_sm)
     except SparseInferError as e:
         raise click.UsageError(str(e)) from None
     for d in dirs:

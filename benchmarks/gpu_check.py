@@ -47,6 +47,19 @@ _PYTEST = ("{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider")
 _SANITIZE_SHAPES = ((97, 600), (300, 1031))
 
 
+# Where pytest-xdist is installed (the device image has it), the property tests run in
+# XDIST_WORKERS processes sharing the GPU: their time goes mostly to the NumPy reference
+# on the host, which then uses several of the device's 16 cores instead of one.
+XDIST = "<xdist>"
+XDIST_WORKERS = 6
+
+
+def xdist_args() -> list[str]:
+    import importlib.util
+
+    return ["-n", str(XDIST_WORKERS)] if importlib.util.find_spec("xdist") is not None else []
+
+
 def _verify(d: int, k: int) -> tuple:
     return (*_CLI, "verify-kernels", "--backend", "gpu", "--d", str(d), "--k", str(k))
 
@@ -66,7 +79,10 @@ class Stage:
     stops_run: bool = False          # a failure here leaves the later stages not run
 
     def argv(self, out: Path) -> list[list[str]]:
-        return [[a.format(py=sys.executable, out=out) for a in cmd] for cmd in self.commands]
+        """The commands with {py} and {out} filled in, and XDIST as -n N or nothing."""
+        xdist = xdist_args()
+        return [[b for a in cmd for b in (xdist if a == XDIST else [a.format(py=sys.executable, out=out)])]
+                for cmd in self.commands]
 
 
 STAGES = {s.name: s for s in (
@@ -74,8 +90,9 @@ STAGES = {s.name: s for s in (
                        "verified once at d 1100, k 1031",
           (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "preflight"), _verify(1100, 1031)),
           estimate_s=40, min_start_s=30, stops_run=True),
-    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py)",
-          ((*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"),), estimate_s=180, min_start_s=90),
+    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py), in "
+                   f"{XDIST_WORKERS} processes where pytest-xdist is installed",
+          ((*_PYTEST, "-m", "gpu", XDIST, "tests/test_kernels_gpu.py"),), estimate_s=120, min_start_s=90),
     Stage("bench", "sparseinfer bench: every version and pipeline, 7B/13B, sparsity 0.90/0.92, then the 8-layer "
                    "decode loop eager and as a CUDA graph ({out}/<device>.json)",
           ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=120, min_start_s=90),
@@ -96,9 +113,10 @@ STAGES = {s.name: s for s in (
             "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
             "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
           estimate_s=90, min_start_s=60),
-    Stage("ort-unpack", f"join and check the carried onnxruntime-gpu parts (.whl/ort-N), extract to {ORT_DIR}",
+    Stage("ort-unpack", f"join and check the carried onnxruntime-gpu parts (.whl/ort-N), extract to {ORT_DIR}, "
+                        "run a small graph on its CUDA provider against NumPy (ort-smoke)",
           (("{py}", "-m", "sparseinfer.benchmarks.carry_parts", "unpack", ".whl/ort", "--to", ORT_DIR),
-           ("{py}", "-c", "import onnxruntime as o; print(o.__file__, o.__version__, o.get_available_providers())")),
+           ("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "ort-smoke")),
           estimate_s=30, min_start_s=20, stops_run=True),
     Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit",
           ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=90, min_start_s=60),
@@ -256,6 +274,21 @@ def preflight():
 
     try:
         click.echo(json.dumps(preflight_report(), indent=1))
+    except SparseInferError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(2)
+
+
+@cli.command("ort-smoke")
+@click.option("--provider", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+def ort_smoke(provider):
+    """Run a small graph on onnxruntime's provider against NumPy; print where its ops ran (JSON)."""
+    from sparseinfer.reference.errors import SparseInferError
+
+    from .ort_smoke import smoke
+
+    try:
+        click.echo(json.dumps(smoke(provider), indent=1))
     except SparseInferError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(2)

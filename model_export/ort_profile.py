@@ -26,7 +26,7 @@ KERNEL_SUFFIX = "_kernel_time"
 CONTAINERS = frozenset({"If", "Loop", "Scan"})
 
 
-def _events(path) -> list:
+def read_events(path) -> list:
     try:
         events = json.loads(Path(path).read_text())
     except (OSError, ValueError) as e:
@@ -38,7 +38,7 @@ def _events(path) -> list:
 
 def summarize(path, skip_runs: int = 1, top: int = 8) -> dict:
     """Per-run time by provider and the ``top`` ops, over the runs after the first ``skip_runs``."""
-    events = _events(path)
+    events = read_events(path)
     runs = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
                   if e.get("cat") == "Session" and e.get("name") == "model_run")
     kept = runs[skip_runs:]

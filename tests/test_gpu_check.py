@@ -214,3 +214,39 @@ def test_cupy_pool_switch(monkeypatch):
         assert device._cupy_module() is fake and freed == [None]
     finally:
         device._cupy_module.cache_clear()
+
+
+def test_the_property_tests_run_in_parallel_only_where_xdist_is_installed(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    for present in (True, False):
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, real=real, present=present: (object() if present else None) if name == "xdist"
+                            else real(name))
+        (argv,) = gc.STAGES["tests"].argv(Path("/tmp/OUT"))
+        assert gc.XDIST not in argv
+        assert (argv[argv.index("gpu") + 1:argv.index("gpu") + 3] == ["-n", str(gc.XDIST_WORKERS)]) == present
+        assert argv[-1] == "tests/test_kernels_gpu.py" and ("-n" in argv) == present
+
+
+def test_ort_smoke_runs_on_the_cpu_provider_and_fails_in_one_line_without_cuda(monkeypatch):
+    import onnxruntime as ort
+
+    from click.testing import CliRunner
+
+    from sparseinfer.benchmarks import ort_smoke
+
+    runner = CliRunner()
+    r = runner.invoke(gc.cli, ["ort-smoke", "--provider", "cpu"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["providers"] == ["CPUExecutionProvider"]
+    assert {"NonZero", "Where", "Gather", "Softmax"} <= set(report["ops_by_provider"]["CPUExecutionProvider"])
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        r = runner.invoke(gc.cli, ["ort-smoke"])
+        assert r.exit_code == 2 and "has no CUDAExecutionProvider" in r.output
+    real = ort_smoke._expected
+    monkeypatch.setattr(ort_smoke, "_expected", lambda *a: {**real(*a), "s": real(*a)["s"] + 1})
+    r = runner.invoke(gc.cli, ["ort-smoke", "--provider", "cpu"])
+    assert r.exit_code == 2 and "output s differs from NumPy's" in r.output
