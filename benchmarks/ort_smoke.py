@@ -51,7 +51,10 @@ def _expected(x, w, b, rows):
 
 def smoke(provider: str = "cuda") -> dict:
     """Run the graph on ``provider``; raises SparseInferError with the first difference."""
-    import onnxruntime as ort
+    try:
+        import onnxruntime as ort
+    except ImportError as e:     # e.g. a wheel for another Python on PYTHONPATH
+        raise SparseInferError(f"onnxruntime is not importable: {e}") from None
 
     rng = np.random.default_rng(0)
     x = rng.integers(-3, 4, (4, 64)).astype(np.float32)
