@@ -67,19 +67,47 @@ def host_us(fn, runs: int = 10) -> float:
     return elapsed / runs * 1e6
 
 
+def _attribute(cp, props: dict, key: str, attr: int, device: int) -> int:
+    """A device property from the properties dict, else the attribute query (CUDA 13 dropped
+    the memory clock from cudaDeviceProp); 0 where neither answers."""
+    value = props.get(key)
+    if not value:
+        try:
+            value = cp.cuda.runtime.deviceGetAttribute(attr, device)
+        except Exception:        # CuPy's CUDARuntimeError, or an attribute this runtime lacks
+            value = 0
+    return int(value or 0)
+
+
+def datasheet_peak(name: str):
+    """(GB/s, source) of the built-in hardware spec whose model the device name names
+    (``sim/hardware/*.toml``), or None."""
+    from sparseinfer.sim.hardware import builtin_hardware
+
+    lowered = name.lower()
+    for spec in builtin_hardware().values():
+        model = spec.name.split("-")[0]            # h100-sxm -> h100, rtx-4090 -> rtx
+        if model in lowered and (model != "rtx" or spec.name.split("-")[1] in lowered):
+            return spec.memory_bandwidth_gb_per_s, f"datasheet ({spec.name}): the driver reported no memory clock"
+    return None
+
+
 def device_info() -> dict:
-    """Name, CUDA version and peak bandwidth (memory clock x bus width x 2, DDR)."""
+    """Name, CUDA version and peak bandwidth: memory clock x bus width x 2 (DDR), or, where
+    the driver does not report them, the datasheet figure of a built-in spec (``peak_source``)."""
     cp = cupy()
     dev = cp.cuda.Device()
     props = cp.cuda.runtime.getDeviceProperties(dev.id)
     name = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    clock_khz = props.get("memoryClockRate") or cp.cuda.runtime.deviceGetAttribute(_ATTR_MEMORY_CLOCK_KHZ, dev.id)
-    bus_bits = props.get("memoryBusWidth") or cp.cuda.runtime.deviceGetAttribute(_ATTR_BUS_WIDTH_BITS, dev.id)
-    peak = clock_khz * 1e3 * bus_bits / 8 * 2 / 1e9
+    clock_khz = _attribute(cp, props, "memoryClockRate", _ATTR_MEMORY_CLOCK_KHZ, dev.id)
+    bus_bits = _attribute(cp, props, "memoryBusWidth", _ATTR_BUS_WIDTH_BITS, dev.id)
+    peak, source = clock_khz * 1e3 * bus_bits / 8 * 2 / 1e9, "memory clock x bus width x 2"
+    if not peak:
+        peak, source = datasheet_peak(name) or (0.0, "unknown: no memory clock from the driver, no datasheet")
     runtime = cp.cuda.runtime.runtimeGetVersion()
     return {"device": name, "cuda_version": f"{runtime // 1000}.{runtime % 1000 // 10}",
-            "peak_bandwidth_gb_per_s": round(float(peak), 1), "memory_clock_khz": int(clock_khz),
-            "memory_bus_width_bits": int(bus_bits)}
+            "peak_bandwidth_gb_per_s": round(float(peak), 1), "peak_source": source,
+            "memory_clock_khz": clock_khz, "memory_bus_width_bits": bus_bits}
 
 
 def empty_launch_us(timer: Timer) -> float:

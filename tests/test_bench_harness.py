@@ -189,3 +189,23 @@ def test_bench_command_prints_the_table_and_writes_the_results_file(monkeypatch,
     assert graph_row.split() == ["sparse-fused", "graph", "yes", "25.0", "2.0", "6.00", "-"]
     failed = next(li for li in lines if li.startswith("cublas-dense") and " graph " in li)
     assert failed.split()[:4] == ["cublas-dense", "graph", "NO", "CUDARuntimeError:"]
+
+
+@pytest.mark.parametrize(("props", "attrs", "peak", "source"), [
+    ({"memoryClockRate": 2619000, "memoryBusWidth": 5120}, {}, 3352.3, "memory clock x bus width x 2"),
+    ({}, {36: 2619000, 37: 5120}, 3352.3, "memory clock x bus width x 2"),      # CUDA 13: attributes only
+    ({}, {}, 3350.0, "datasheet (h100-sxm)"),                                  # neither: the built-in spec
+])
+def test_device_info_peak_from_clock_and_bus_or_the_datasheet(monkeypatch, props, attrs, peak, source):
+    def attribute(attr, dev):
+        if attr not in attrs:
+            raise RuntimeError("cudaErrorInvalidValue")
+        return attrs[attr]
+
+    runtime = types.SimpleNamespace(getDeviceProperties=lambda i: {"name": b"NVIDIA H100 80GB HBM3", **props},
+                                    deviceGetAttribute=attribute, runtimeGetVersion=lambda: 13000)
+    fake = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=0), runtime=runtime))
+    monkeypatch.setattr(device, "_cupy_module", lambda: fake)
+    info = timing.device_info()
+    assert info["device"] == "NVIDIA H100 80GB HBM3" and info["cuda_version"] == "13.0"
+    assert info["peak_bandwidth_gb_per_s"] == peak and info["peak_source"].startswith(source)

@@ -68,7 +68,9 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
         name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
         Path(results_dir).mkdir(parents=True, exist_ok=True)
         (Path(results_dir) / f"{name}.json").write_text(text + "\n")
-    click.echo(f"{result['device']}, CUDA {result['cuda_version']}, peak {result['peak_bandwidth_gb_per_s']} GB/s, "
+    source = result.get("peak_source", "")
+    click.echo(f"{result['device']}, CUDA {result['cuda_version']}, peak {result['peak_bandwidth_gb_per_s']} GB/s"
+               f"{f' ({source})' if source.startswith(('datasheet', 'unknown')) else ''}, "
                f"empty launch {result['empty_launch_us']} us")
     click.echo(format_table(
         ["kernel", "version", "model", "sparsity", "verified", "us", "GB/s", "% peak", "x dense"],
