@@ -199,6 +199,7 @@ def make_weights(shape: ModelShape, target_sparsity: float = 0.9, seed: int = 0)
 def hf_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) -> dict:
     act = Activation.parse(shape.hidden_act)
     cfg = {
+        "_name_or_path": f"{shape.name}-{shape.num_layers}l",      # the name the tools show (synthetic-tiny-2l)
         "architectures": ["SparseLlamaForCausalLM" if act.kind == "fatrelu" else "LlamaForCausalLM"],
         "model_type": "sparsellama" if act.kind == "fatrelu" else "llama",
         "hidden_act": act.kind, "hidden_size": shape.d, "intermediate_size": shape.k,
