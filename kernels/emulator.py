@@ -20,6 +20,7 @@ import ctypes
 import functools
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -66,12 +67,23 @@ def unavailable_reason() -> str | None:
     return None
 
 
+_SHARED_DECLARATION = re.compile(r"(__shared__\s+[^;{}()]*?\b(\w+)\s*(?:\[[^\]]*\]\s*)*;)")
+
+
+def poison_shared_declarations(text: str) -> str:
+    """Each ``__shared__ T name[...];`` followed by ``emu::poison_shared(&name, sizeof(name));``
+    (see cpu_emulation.h: every block starts with its shared memory poisoned)."""
+    return _SHARED_DECLARATION.sub(lambda m: f"{m.group(1)} emu::poison_shared(&{m.group(2)}, sizeof({m.group(2)}));",
+                                   text)
+
+
 def _translation_unit(src: str) -> str:
-    """Emulation header + the kernel source + a C entry point that launches any of its kernels."""
+    """Emulation header + the kernel source (shared memory poisoned per block) + a C entry
+    point that launches any of its kernels."""
     branches = "\n".join(
         f'    if (!std::strcmp(name, "{k}")) return emu::launch_args(&{k}, grid, block, args);'
         for k in KERNELS[src])
-    return (f"{raw_text('cpu_emulation.h')}\n{source(src)}\n"
+    return (f"{raw_text('cpu_emulation.h')}\n{poison_shared_declarations(source(src))}\n"
             'extern "C" int sparseinfer_launch(const char* name, unsigned gx, unsigned gy, unsigned bx, void** args,\n'
             "                                  int reverse) {\n"
             "    const dim3 grid{gx, gy, 1}, block{bx, 1, 1};\n"

@@ -119,3 +119,33 @@ def test_which_switch_a_build_uses(tmp_path, flags, want):
                    check=True, capture_output=True, text=True)
     env = {"ASAN_OPTIONS": "detect_leaks=0"}
     assert subprocess.run([str(exe)], check=True, capture_output=True, text=True, env=env).stdout.strip() == want
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="no g++ to build the emulation")
+def test_every_block_starts_with_its_shared_memory_poisoned(tmp_path):
+    """Block 0 writes its shared array, block 1 only reads it (a bug): on a GPU block 1 would
+    see stale data; the emulator gives it 0xFF bytes, every block, also in a template."""
+    program = r"""
+#include "cpu_emulation.h"
+#include <cstdio>
+template <typename T> __device__ void impl(T* out) {
+    __shared__ T s[64];
+    if (blockIdx.x == 0) s[threadIdx.x] = (T)threadIdx.x;
+    __syncthreads();
+    out[blockIdx.x * 64 + threadIdx.x] = s[threadIdx.x];
+}
+__global__ void k(int* out) { impl<int>(out); }
+int main() {
+    int out[192];
+    const int rc = emu::launch(&k, dim3{3, 1, 1}, dim3{64, 1, 1}, out);
+    std::printf("%d %d %d %d\n", rc, out[5], out[64 + 5], out[128 + 63]);
+}
+"""
+    src = tmp_path / "shared.cpp"
+    src.write_text(emulator.poison_shared_declarations(program))
+    assert "emu::poison_shared(&s, sizeof(s));" in src.read_text()
+    exe = tmp_path / "shared"
+    subprocess.run(["g++", "-std=c++20", "-O2", "-w", "-I", str(CUDA_DIR), str(src), "-o", str(exe)],
+                   check=True, capture_output=True, text=True)
+    assert subprocess.run([str(exe)], check=True, capture_output=True, text=True).stdout.split() == ["0", "5", "-1",
+                                                                                                   "-1"]

@@ -155,6 +155,7 @@ struct Scheduler {
     bool reverse = false;                 // run threads last-to-first (exposes missing barriers)
     const void* misaligned = nullptr;     // the first load or atomic off its natural alignment
     bool partial_warp = false;            // a shuffle / ballot while lanes of its warp had exited
+    unsigned long block_serial = 0;       // one number per block run, for poison_shared
 };
 
 inline Scheduler S;
@@ -232,6 +233,7 @@ int launch(void (*kernel)(A...), dim3 grid, dim3 blk, A... args) {
     for (unsigned by = 0; by < grid.y; ++by)
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             S.block_idx = dim3{bx, by, 0};
+            ++S.block_serial;
             S.block_bar = Barrier{n, 0, 0};
             for (int w = 0; w < (int)S.warp_bars.size(); ++w)
                 S.warp_bars[w] = Barrier{n - 32 * w < 32 ? n - 32 * w : 32, 0, 0};
@@ -271,6 +273,22 @@ int launch_args(void (*kernel)(A...), dim3 grid, dim3 blk, void** args) {
 // undefined once a lane of the warp has exited (or never existed), so it is an error here.
 inline void check_full_warp() {
     if (S.warp_bars[warp_index()].expected != 32) S.partial_warp = true;
+}
+
+// A GPU's shared memory holds, when a block starts, whatever an earlier block left; here a
+// __shared__ variable is a static that would keep the last block's values (or zeros). The
+// emulator's translation unit (kernels/emulator.py) follows every __shared__ declaration
+// with a call to this: the first thread of each block to pass the declaration fills the
+// variable with 0xFF bytes (NaN as float, -1 as int), so a read before the block wrote shows.
+inline void poison_shared(void* p, std::size_t bytes) {
+    static std::vector<std::pair<void*, unsigned long>> stamps;   // (variable, block that poisoned it)
+    for (auto& [q, serial] : stamps)
+        if (q == p) {
+            if (serial != S.block_serial) { serial = S.block_serial; std::memset(p, 0xFF, bytes); }
+            return;
+        }
+    stamps.emplace_back(p, S.block_serial);
+    std::memset(p, 0xFF, bytes);
 }
 
 template <typename T>
