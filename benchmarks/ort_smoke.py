@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparseinfer.model_export.decode import PROVIDERS, session_options
+from sparseinfer.model_export.decode import PROVIDERS, make_session
 from sparseinfer.model_export.ort_profile import read_events
 from sparseinfer.reference.errors import SparseInferError
 
@@ -64,11 +64,12 @@ def smoke(provider: str = "cuda") -> dict:
     if PROVIDERS[provider] not in ort.get_available_providers():
         raise SparseInferError(f"onnxruntime {ort.__version__} ({ort.__file__}) has no {PROVIDERS[provider]}")
     with tempfile.TemporaryDirectory() as tmp:
-        opts = session_options(profile=str(Path(tmp) / "smoke"))
-        options = [{"use_tf32": "0"}] if provider == "cuda" else None
+        path = Path(tmp) / "smoke.onnx"
+        path.write_bytes(_model().SerializeToString())
+        # the decoder's own session: CUDA / cuDNN preloaded, no TF32, and an error (not a
+        # silent CPU fallback) when the provider's libraries do not load
+        session = make_session(path, provider, profile=str(Path(tmp) / "smoke"))
         try:
-            session = ort.InferenceSession(_model().SerializeToString(), opts, providers=[PROVIDERS[provider]],
-                                           provider_options=options)
             got = dict(zip(["r", "nz", "s", "p"], session.run(None, {"x": x, "w": w, "b": b, "rows": rows})))
         except Exception as e:   # onnxruntime's own exception types
             raise SparseInferError(f"onnxruntime {ort.__version__} on {provider}: {str(e).splitlines()[0]}") from None
