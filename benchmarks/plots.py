@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.sim.plots import _save, plt
+from sparseinfer.sim.plots import plt, save_png
 
 PEAK_TARGET_PCT = 70.0
 MLP_TARGET_SPEEDUP = 5.0
@@ -88,4 +88,4 @@ def plot_bench(result: dict, path, model: str | None = None, sparsity: float | N
     right.legend(fontsize=7)
     fig.suptitle(f"{result.get('device', '?')}, CUDA {result.get('cuda_version', '?')}, {result.get('date', '?')}: "
                  f"{model}, fp16, sparsity {sparsity}", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)

@@ -19,12 +19,18 @@ from sparseinfer.reference.errors import SparseInferError  # noqa: E402
 from . import paper  # noqa: E402
 
 
-def _save(fig, path) -> Path:
+def check_png_path(path) -> Path:
+    """The plot's path, or a one-line error (before any long work that ends in a plot)."""
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise SparseInferError(f"plot file must end in .png, got {p.name}")
     if not p.parent.is_dir():
         raise SparseInferError(f"no such directory for the plot: {p.parent}")
+    return p
+
+
+def save_png(fig, path) -> Path:
+    p = check_png_path(path)
     fig.tight_layout()
     fig.savefig(p, dpi=120)
     plt.close(fig)
@@ -42,7 +48,7 @@ def plot_precision_recall(layer_stats: list[dict], path, title: str = "") -> Pat
     ax.set_title(title or "SparseInfer predictor: precision / recall of zero rows per layer")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_fig4(variants: list[dict], path, hardware: str = "") -> Path:
@@ -68,7 +74,7 @@ def plot_fig4(variants: list[dict], path, hardware: str = "") -> Path:
     ax.set_ylabel("speedup over llama.cpp (x)")
     ax.set_title(f"Decode speedup per method and model{' on ' + hardware if hardware else ''}: simulated vs paper Fig. 4")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_sweep(result: dict, path, quality_key: str = "mean_kl") -> Path:
@@ -85,4 +91,4 @@ def plot_sweep(result: dict, path, quality_key: str = "mean_kl") -> Path:
     ax.set_title(f"α sweep on layers {result['layers']}: {result['model']}")
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, path)
+    return save_png(fig, path)

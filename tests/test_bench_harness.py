@@ -209,3 +209,12 @@ def test_device_info_peak_from_clock_and_bus_or_the_datasheet(monkeypatch, props
     info = timing.device_info()
     assert info["device"] == "NVIDIA H100 80GB HBM3" and info["cuda_version"] == "13.0"
     assert info["peak_bandwidth_gb_per_s"] == peak and info["peak_source"].startswith(source)
+
+
+def test_bench_refuses_a_bad_plot_path_before_running(monkeypatch, tmp_path):
+    monkeypatch.setattr(device, "_cupy_module", lambda: object())
+    monkeypatch.setattr(harness, "run", lambda *a, **k: pytest.fail("the benchmark ran"))
+    for path, message in ((tmp_path / "b.svg", "plot file must end in .png"),
+                          (tmp_path / "nowhere" / "b.png", "no such directory for the plot")):
+        r = CliRunner().invoke(cli, ["bench", "--plot", str(path)])
+        assert r.exit_code == 2 and message in r.output, r.output

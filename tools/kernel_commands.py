@@ -55,6 +55,9 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
     from sparseinfer.kernels import device
 
     sparsities = _parse_sparsities(sparsity)
+    if plot_file:                          # a bad plot path fails now, not after the whole run
+        from sparseinfer.sim.plots import check_png_path
+        check_png_path(plot_file)
     try:
         device.cupy()
     except device.GpuUnavailable as e:     # one line, exit 2
