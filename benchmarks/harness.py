@@ -253,9 +253,14 @@ def decode_loop(shape, sparsity: float, layers: int, timer: Timer, seed: int = 0
             return all(case._verify_down(o.get(), pipe.deterministic, want) for o in outs)
         timed(name, "eager", lambda mlps=mlps: [m.steps(x, am) for m in mlps],
               ok([m.steps(x, am)[3] for m in mlps]), n_bytes)
-        graph = MLPGraph(mlps, ALPHA)
-        graph.set_inputs([x] * layers)
-        timed(name, "graph", graph.replay, ok(graph()), n_bytes)
+        try:
+            graph = MLPGraph(mlps, ALPHA)
+            graph.set_inputs([x] * layers)
+            verified = ok(graph())
+        except Exception as e:            # a recording that fails is a row with its error
+            timed(name, "graph", None, False, n_bytes, error=f"{type(e).__name__}: {e}")
+            continue
+        timed(name, "graph", graph.replay, verified, n_bytes)
 
     base = {mode: next((r["us_per_layer"] for r in rows if r["pipeline"] == "cublas-dense" and r["mode"] == mode
                         and "us_per_layer" in r), None) for mode in ("eager", "graph")}
@@ -280,5 +285,10 @@ def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, loo
             result["rows"] += bench_case(shape, s, timer, info["peak_bandwidth_gb_per_s"], log=log)
     if loop_layers:
         log(f"decode loop: {loop_layers} layers of {shapes[-1].model} at sparsity {max(sparsities)}")
-        result["decode_loop"] = decode_loop(shapes[-1], max(sparsities), loop_layers, timer, log=log)
+        try:
+            result["decode_loop"] = decode_loop(shapes[-1], max(sparsities), loop_layers, timer, log=log)
+        except Exception as e:            # the rows above are the run's results: never lost to the loop
+            log(f"decode loop failed: {type(e).__name__}: {e}")
+            result["decode_loop"] = {"model": shapes[-1].model, "sparsity": max(sparsities), "layers": loop_layers,
+                                     "error": f"{type(e).__name__}: {e}", "rows": []}
     return result

@@ -41,7 +41,7 @@ def plot_bench(result: dict, path, model: str | None = None, sparsity: float | N
     kernels = [r for r in rows if r["kernel"] != "mlp"]
     pipelines = [r for r in rows if r["kernel"] == "mlp"]
     loop = result.get("decode_loop")
-    loop = loop if loop and loop["model"] == model and loop["sparsity"] == sparsity else None
+    loop = loop if loop and loop.get("rows") and loop["model"] == model and loop["sparsity"] == sparsity else None
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     xs = range(len(kernels))

@@ -33,11 +33,16 @@ class FakeTimer:
         return timing.Timing(median_us=10.0 * self.calls, spread_us=1.0)
 
 
-@pytest.mark.emulated
-def test_harness_rows_on_the_emulated_kernels(monkeypatch):
+@pytest.fixture
+def stand_in_device(monkeypatch):
+    """harness.run on the stand-in timer, device facts and empty-launch time above."""
     monkeypatch.setattr(harness, "Timer", FakeTimer)
     monkeypatch.setattr(harness, "device_info", lambda: dict(INFO))
     monkeypatch.setattr(harness, "empty_launch_us", lambda timer: 2.5)
+
+
+@pytest.mark.emulated
+def test_harness_rows_on_the_emulated_kernels(stand_in_device):
     shape = BenchShape("prosparse-llama2-7b", 97, 600)
     with emulator.installed():
         result = harness.run(shapes=[shape], sparsities=(0.9,), repeats=3, loop_layers=0, log=lambda s: None)
@@ -82,12 +87,9 @@ def test_decode_loop_rows_eager_and_graph_on_the_emulated_kernels():
 
 
 @pytest.mark.emulated
-def test_bench_plot_draws_a_results_file_and_refuses_what_it_cannot_draw(monkeypatch, tmp_path):
+def test_bench_plot_draws_a_results_file_and_refuses_what_it_cannot_draw(stand_in_device, tmp_path):
     from matplotlib.image import imread
 
-    monkeypatch.setattr(harness, "Timer", FakeTimer)
-    monkeypatch.setattr(harness, "device_info", lambda: dict(INFO))
-    monkeypatch.setattr(harness, "empty_launch_us", lambda timer: 2.5)
     with emulator.installed():
         result = harness.run(shapes=[BenchShape("prosparse-llama2-13b", 97, 600)], sparsities=(0.9,), repeats=3,
                              loop_layers=2, log=lambda s: None)
@@ -218,3 +220,27 @@ def test_bench_refuses_a_bad_plot_path_before_running(monkeypatch, tmp_path):
                           (tmp_path / "nowhere" / "b.png", "no such directory for the plot")):
         r = CliRunner().invoke(cli, ["bench", "--plot", str(path)])
         assert r.exit_code == 2 and message in r.output, r.output
+
+
+@pytest.mark.emulated
+def test_a_failing_decode_loop_or_graph_never_costs_the_rows(stand_in_device, monkeypatch):
+    shape = BenchShape("prosparse-llama2-13b", 97, 600)
+    real_graph = harness.MLPGraph
+
+    def graph(mlps, alpha):
+        if mlps[0].pipeline.name == "sparse-list":
+            raise RuntimeError("cudaErrorStreamCaptureUnsupported")
+        return real_graph(mlps, alpha)
+
+    monkeypatch.setattr(harness, "MLPGraph", graph)
+    with emulator.installed():
+        loop = harness.decode_loop(shape, 0.9, 2, FakeTimer(), log=lambda s: None)
+        failed = [r for r in loop["rows"] if "error" in r]
+        assert [(r["pipeline"], r["mode"]) for r in failed] == [("cublas-dense", "graph"), ("sparse-list", "graph")]
+        assert "cudaErrorStreamCaptureUnsupported" in failed[1]["error"] and failed[1]["verified"] is False
+        assert len(loop["rows"]) == 2 + 2 * len(harness.PIPELINES)
+
+        monkeypatch.setattr(harness, "decode_loop", lambda *a, **k: 1 / 0)
+        result = harness.run(shapes=[shape], sparsities=(0.9,), repeats=3, loop_layers=2, log=lambda s: None)
+    assert len(result["rows"]) == len(harness.bench_targets()) and all(r["verified"] for r in result["rows"])
+    assert result["decode_loop"]["error"] == "ZeroDivisionError: division by zero" and result["decode_loop"]["rows"] == []

@@ -84,7 +84,9 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
         from sparseinfer.benchmarks.plots import plot_bench
         click.echo(f"wrote {plot_bench(result, plot_file)}")
     loop = result.get("decode_loop")
-    if loop:
+    if loop and "error" in loop:
+        click.echo(f"\ndecode loop failed: {loop['error']}")
+    elif loop:
         click.echo(f"\ndecode loop: {loop['layers']} layers of {loop['model']}, sparsity {loop['sparsity']} "
                    "(us per layer; x dense: against cuBLAS eager / graph)")
         click.echo(format_table(
