@@ -179,11 +179,20 @@ class BenchCase:
 
 
 def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0, log=print) -> list[dict]:
+    """One row per version and pipeline; a version that raises on the device is a row with its
+    ``error`` (``verified: false``, no timings) and the others still run."""
     case = BenchCase(shape, sparsity, timer, seed, log)
     out = []
     for kernel, version in bench_targets():
-        m = case.measurement(kernel, version)
-        t = timer(m.fn)
+        try:
+            m = case.measurement(kernel, version)
+            t = timer(m.fn)
+        except Exception as e:           # CuPy's and the driver's own exception types
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            out.append({"kernel": kernel, "version": version, "model": shape.model, "d": shape.d, "k": shape.k,
+                        "dtype": BENCH_DTYPE, "sparsity": sparsity, "verified": False, "error": error})
+            log(f"  {kernel} {version}: FAILED {error}")
+            continue
         out.append(case.row(m, t, peak))
         log(f"  {kernel} {version}: {t.median_us:.2f} us, {m.n_bytes / t.median_us / 1e3:.0f} GB/s, "
             f"verified {m.verified}")
@@ -273,16 +282,22 @@ def decode_loop(shape, sparsity: float, layers: int, timer: Timer, seed: int = 0
 
 
 def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, loop_layers: int = LOOP_LAYERS,
-        log=print) -> dict:
+        log=print, save=None) -> dict:
     """Every row at every (shape, sparsity); then, with ``loop_layers``, the decode loop at the
-    last shape and the highest sparsity (13B at 0.92 by default: the MLP target's point)."""
+    last shape and the highest sparsity (13B at 0.92 by default: the MLP target's point).
+
+    ``save(result)`` is called after every (shape, sparsity) with ``complete: false``, so a run
+    cut short by a time limit still leaves what it measured; the returned result is complete.
+    """
     timer = Timer(repeats=repeats)
     info = device_info()
     result = {**info, "date": datetime.date.today().isoformat(), "empty_launch_us": round(empty_launch_us(timer), 3),
-              "alpha": ALPHA, "rows": []}
+              "alpha": ALPHA, "complete": False, "rows": []}
     for shape in shapes:
         for s in sparsities:
             result["rows"] += bench_case(shape, s, timer, info["peak_bandwidth_gb_per_s"], log=log)
+            if save:
+                save(result)
     if loop_layers:
         log(f"decode loop: {loop_layers} layers of {shapes[-1].model} at sparsity {max(sparsities)}")
         try:
@@ -291,4 +306,5 @@ def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, loo
             log(f"decode loop failed: {type(e).__name__}: {e}")
             result["decode_loop"] = {"model": shapes[-1].model, "sparsity": max(sparsities), "layers": loop_layers,
                                      "error": f"{type(e).__name__}: {e}", "rows": []}
+    result["complete"] = True
     return result

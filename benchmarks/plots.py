@@ -45,13 +45,14 @@ def plot_bench(result: dict, path, model: str | None = None, sparsity: float | N
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     xs = range(len(kernels))
-    bars = left.bar(xs, [r["pct_peak"] for r in kernels], color=[_FAMILY_COLOURS.get(r["kernel"], "k") for r in kernels])
+    bars = left.bar(xs, [r.get("pct_peak", 0.0) for r in kernels],
+                    color=[_FAMILY_COLOURS.get(r["kernel"], "k") for r in kernels])
     for bar, r in zip(bars, kernels):
         if not r["verified"]:
             bar.set_hatch("//")
             bar.set_edgecolor("red")
-            left.annotate("NOT verified", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                          va="bottom", fontsize=7, color="red", rotation=90)
+            left.annotate("FAILED" if "error" in r else "NOT verified", (bar.get_x() + bar.get_width() / 2,
+                          bar.get_height()), ha="center", va="bottom", fontsize=7, color="red", rotation=90)
     left.axhline(PEAK_TARGET_PCT, ls="--", c="k", lw=1, label=f"target {PEAK_TARGET_PCT:.0f} % of peak")
     left.set_xticks(list(xs), [f"{r['kernel']}\n{r['version']}" for r in kernels], rotation=60, ha="right", fontsize=7)
     left.set_ylabel("% of peak bandwidth (bytes touched / time)")
@@ -60,7 +61,7 @@ def plot_bench(result: dict, path, model: str | None = None, sparsity: float | N
     left.legend(fontsize=8)
 
     names = [r["version"] for r in pipelines]
-    series = [("one layer", {r["version"]: (r["speedup_vs_dense"], r["verified"]) for r in pipelines})]
+    series = [("one layer", {r["version"]: (r.get("speedup_vs_dense", 0.0), r["verified"]) for r in pipelines})]
     if loop:
         dense_graph = any(r["pipeline"] == "cublas-dense" and r["mode"] == "graph" and "us_per_layer" in r
                           for r in loop["rows"])

@@ -8,7 +8,8 @@ benchmarks) of the form::
                "latency_us", "latency_us_spread", "bytes", "gb_per_s", "pct_peak",
                "dense_baseline_us", "speedup_vs_dense"}, ...]}
 
-Each verified row is one kernel family's launch that moved ``bytes`` (rows of whole
+A row of a version that failed on the device holds ``error`` and ``verified: false`` and no
+timings; it is skipped like an unverified one. Each verified row is one kernel family's launch that moved ``bytes`` (rows of whole
 MLP pipelines, ``kernel == "mlp"``, run several kernels and are left out of the fit); the latency model predicts
 ``kernel_launch_us + bytes / (fraction · peak)`` with the dense fraction for kernels that
 stream whole matrices (dense GEMV, predictors) and the sparse fraction for row-gathering
@@ -56,6 +57,8 @@ def validate_results(data: dict, where: str = "results") -> dict:
     if data["peak_bandwidth_gb_per_s"] <= 0:
         raise SparseInferError(f"{where}: peak_bandwidth_gb_per_s must be > 0")
     for i, row in enumerate(data["rows"]):
+        if isinstance(row, dict) and "error" in row and row.get("verified") is False:
+            continue                     # a version that failed on the device: nothing timed (fit skips it)
         _check_fields(f"{where}: rows[{i}]", row, ROW_FIELDS)
         if row["latency_us"] <= 0 or row["bytes"] <= 0:
             raise SparseInferError(f"{where}: rows[{i}] needs latency_us > 0 and bytes > 0")
@@ -83,7 +86,8 @@ def predicted_latency_us(row: dict, peak_gb_per_s: float, eff: dict) -> float:
 def calibrate(hw: HardwareSpec, results: dict) -> dict:
     """Fit launch time and the dense / sparse bandwidth fractions to the verified rows."""
     rows = [r for r in results["rows"] if r["verified"] and r["kernel"].lower() not in PIPELINE_KERNELS]
-    skipped = [f"{r['kernel']} {r['version']}" for r in results["rows"] if not r["verified"]]
+    skipped = [f"{r['kernel']} {r['version']}" + (" (failed)" if "error" in r else "")
+               for r in results["rows"] if not r["verified"]]
     pipelines = [f"{r['kernel']} {r['version']}" for r in results["rows"]
                  if r["verified"] and r["kernel"].lower() in PIPELINE_KERNELS]
     if not rows:

@@ -168,9 +168,17 @@ def test_bench_command_prints_the_table_and_writes_the_results_file(monkeypatch,
                       "us_per_layer": 25.0, "spread_us_per_layer": 1.0, "host_us_per_layer": 2.0,
                       "speedup_vs_dense_eager": 6.0}]}
 
-    def fake_run(shapes, sparsities, repeats, loop_layers, log):
+    failed = {"kernel": "gate_up", "version": "v4_persistent", "model": "prosparse-llama2-13b", "d": 5120,
+              "k": 13824, "dtype": "fp16", "sparsity": 0.92, "verified": False,
+              "error": "CUDADriverError: CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES"}
+
+    def fake_run(shapes, sparsities, repeats, loop_layers, log, save):
         seen.update(models=[s.model for s in shapes], sparsities=sparsities, repeats=repeats, loop_layers=loop_layers)
-        return {**INFO, "date": "2026-11-26", "empty_launch_us": 2.5, "alpha": 1.0, "rows": [row], "decode_loop": loop}
+        partial = {**INFO, "date": "2026-11-26", "empty_launch_us": 2.5, "alpha": 1.0, "complete": False,
+                   "rows": [row, failed]}
+        save(partial)                         # what a run cut short after its first case leaves
+        seen["partial"] = json.loads((tmp_path / "stand-in-gpu-80gb.json").read_text())
+        return {**partial, "complete": True, "decode_loop": loop}
 
     monkeypatch.setattr(device, "_cupy_module", lambda: object())
     monkeypatch.setattr(harness, "run", fake_run)
@@ -178,9 +186,14 @@ def test_bench_command_prints_the_table_and_writes_the_results_file(monkeypatch,
                                    "--results-dir", str(tmp_path), "--json", str(tmp_path / "b.json"),
                                    "--loop-layers", "4"])
     assert res.exit_code == 0, res.output
+    assert seen.pop("partial")["complete"] is False
     assert seen == {"models": ["prosparse-llama2-13b"], "sparsities": (0.92,), "repeats": 7, "loop_layers": 4}
     saved = json.loads((tmp_path / "stand-in-gpu-80gb.json").read_text())
-    assert saved["rows"] == [row] and json.loads((tmp_path / "b.json").read_text()) == saved
+    assert saved["complete"] is True and saved["rows"] == [row, failed]
+    assert json.loads((tmp_path / "b.json").read_text()) == saved
+    failed_line = next(li for li in res.output.splitlines() if li.startswith("gate_up"))
+    assert failed_line.split()[:6] == ["gate_up", "v4_persistent", "prosparse-llama2-13b", "0.92", "NO",
+                                       "CUDADriverError:"]
     assert "Stand-in GPU 80GB, CUDA 13.0, peak 3352.3 GB/s" in res.output
     line = next(li for li in res.output.splitlines() if li.startswith("mlp"))
     assert line.split() == ["mlp", "sparse-fused", "prosparse-llama2-13b", "0.92", "yes", "25.0", "1600", "48",
@@ -244,3 +257,28 @@ def test_a_failing_decode_loop_or_graph_never_costs_the_rows(stand_in_device, mo
         result = harness.run(shapes=[shape], sparsities=(0.9,), repeats=3, loop_layers=2, log=lambda s: None)
     assert len(result["rows"]) == len(harness.bench_targets()) and all(r["verified"] for r in result["rows"])
     assert result["decode_loop"]["error"] == "ZeroDivisionError: division by zero" and result["decode_loop"]["rows"] == []
+
+
+@pytest.mark.emulated
+def test_a_version_that_raises_is_an_error_row_and_the_others_still_run(stand_in_device, monkeypatch):
+    real = harness.BenchCase.measurement
+
+    def measurement(self, kernel, version):
+        if (kernel, version) == ("gate_up", "v4_persistent"):
+            raise RuntimeError("CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES\nmore lines")
+        return real(self, kernel, version)
+
+    monkeypatch.setattr(harness.BenchCase, "measurement", measurement)
+    saved = []
+    with emulator.installed():
+        result = harness.run(shapes=[BenchShape("prosparse-llama2-7b", 97, 600)], sparsities=(0.9,), repeats=3,
+                             loop_layers=0, log=lambda s: None, save=lambda r: saved.append(json.loads(json.dumps(r))))
+    rows = result["rows"]
+    assert [(r["kernel"], r["version"]) for r in rows] == harness.bench_targets() and result["complete"] is True
+    bad = [r for r in rows if "error" in r]
+    assert [(r["kernel"], r["version"]) for r in bad] == [("gate_up", "v4_persistent")]
+    assert bad[0]["error"] == "RuntimeError: CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES" and bad[0]["verified"] is False
+    assert all(r["verified"] for r in rows if "error" not in r)
+    assert len(saved) == 1 and saved[0]["complete"] is False and len(saved[0]["rows"]) == len(rows)
+    from sparseinfer.sim.calibrate import validate_results
+    validate_results(result)                  # error rows pass the calibration's schema (and are skipped)

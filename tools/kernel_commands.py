@@ -63,22 +63,27 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
     except device.GpuUnavailable as e:     # one line, exit 2
         raise device.GpuUnavailable(f"sparseinfer bench needs a CUDA GPU: {e}") from None
     shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
-    result = run(shapes, sparsities, repeats=repeats, loop_layers=loop_layers, log=echo_err)
-    text = json.dumps(result, indent=2)
-    if json_path:
-        Path(json_path).write_text(text + "\n")
-    if results_dir:
-        name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
-        Path(results_dir).mkdir(parents=True, exist_ok=True)
-        (Path(results_dir) / f"{name}.json").write_text(text + "\n")
+
+    def save(result):                      # after every case too: a run cut short keeps its rows
+        text = json.dumps(result, indent=2)
+        if json_path:
+            Path(json_path).write_text(text + "\n")
+        if results_dir:
+            name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
+            Path(results_dir).mkdir(parents=True, exist_ok=True)
+            (Path(results_dir) / f"{name}.json").write_text(text + "\n")
+
+    result = run(shapes, sparsities, repeats=repeats, loop_layers=loop_layers, log=echo_err, save=save)
+    save(result)
     source = result.get("peak_source", "")
     click.echo(f"{result['device']}, CUDA {result['cuda_version']}, peak {result['peak_bandwidth_gb_per_s']} GB/s"
                f"{f' ({source})' if source.startswith(('datasheet', 'unknown')) else ''}, "
                f"empty launch {result['empty_launch_us']} us")
     click.echo(format_table(
         ["kernel", "version", "model", "sparsity", "verified", "us", "GB/s", "% peak", "x dense"],
-        [[r["kernel"], r["version"], r["model"], r["sparsity"], "yes" if r["verified"] else "NO",
-          f"{r['latency_us']:.1f}", f"{r['gb_per_s']:.0f}", f"{r['pct_peak']:.0f}", f"{r['speedup_vs_dense']:.2f}"]
+        [[r["kernel"], r["version"], r["model"], r["sparsity"], "yes" if r["verified"] else "NO"]
+         + ([f"{r['latency_us']:.1f}", f"{r['gb_per_s']:.0f}", f"{r['pct_peak']:.0f}", f"{r['speedup_vs_dense']:.2f}"]
+            if "error" not in r else [r["error"][:60], "", "", ""])
          for r in result["rows"]]))
     if plot_file:
         from sparseinfer.benchmarks.plots import plot_bench
