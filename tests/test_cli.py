@@ -89,6 +89,7 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
         assert counts["decode_steps_counted"] == 3 and 0 < counts["rows_computed"] < 1 - counts["predicted_sparsity"] + 1e-12
         assert "rows_of_last_run" not in result["dense"] and "rows_of_last_run" not in result["sparse-function"]
     # onnxruntime's profile of 3 more tokens per model: the 2 decode runs after the prefill
+    assert result["complete"] is True
     profile = result["profile"]
     assert profile["decode_tokens"] == 3 and set(profile) - {"decode_tokens"} == set(result) & {"dense", "sparse",
                                                                                                   "sparse-function"}
@@ -102,6 +103,20 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
     assert "NonZero" not in ops["dense"] and "SparseMLPHost" not in ops["dense"]
     if result["sparse"]["mlp_kernels"] == "native":
         assert "SparseMLPHost" in ops["sparse"] and "SparseMLPHost" not in ops["sparse-function"]
+
+
+def test_bench_decode_keeps_the_timed_rounds_when_the_profiles_fail(tmp_path, monkeypatch):
+    from sparseinfer.tools import export_commands
+
+    def cut_short(*a, **k):
+        raise KeyboardInterrupt        # as the device's time limit would end it
+    monkeypatch.setattr(export_commands, "_profile_decodes", cut_short)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli, ["bench-decode", "--shape", "tiny", "--layers", "1", "--tokens", "3", "--repeats", "1",
+                                 "--profile-tokens", "3", "--work-dir", str(tmp_path), "--out", str(out), "--json"])
+    assert r.exit_code != 0
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and "profile" not in result and len(result["dense"]["tokens_per_s_runs"]) == 1
 
 
 def test_machine_description_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):

@@ -355,19 +355,25 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in decoders if kind != "dense"}
     kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
     decoders.clear()                       # free the timed sessions before the profiled ones
-    profiles = _profile_decodes(paths, kernels_of, provider, threads, prompt, profile_tokens, work) \
-        if profile_tokens else None
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
               "target": target, "provider": provider, "threads": threads, "decode_tokens": tokens,
               "repeats": repeats, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),
-              **({"profile": profiles} if profiles else {}),
-              "machine": machine_description(provider)}
-    if out_json:
-        Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-        Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+              "machine": machine_description(provider), "complete": not profile_tokens}
+
+    def save():
+        if out_json:
+            Path(out_json).parent.mkdir(parents=True, exist_ok=True)
+            Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+
+    save()                                 # the timed rounds are kept even if the profiles are cut short
+    profiles = _profile_decodes(paths, kernels_of, provider, threads, prompt, profile_tokens, work) \
+        if profile_tokens else None
+    if profiles:
+        result.update(profile=profiles, complete=True)
+        save()
     if as_json:
         echo_json(result)
         return
