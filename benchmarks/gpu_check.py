@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -233,7 +234,10 @@ def preflight_report() -> dict:
     return {**info, "cupy": cp.__version__, "driver": cp.cuda.runtime.driverGetVersion(),
             "nvrtc": ".".join(map(str, cp.cuda.nvrtc.getVersion())), "python": sys.version.split()[0],
             "kernels_compiled": len(KERNEL_SOURCE),
-            "persistent_grid": {"sms": sms, "blocks_per_sm": per_sm, "from": source}}
+            "persistent_grid": {"sms": sms, "blocks_per_sm": per_sm, "from": source},
+            "later_stages_need": {"compute-sanitizer": bool(shutil.which("compute-sanitizer")),
+                                  "ncu": bool(shutil.which("ncu")), "pytest-xdist (-n)": bool(xdist_args()),
+                                  "carried .whl/ort-1": Path(".whl/ort-1/manifest.json").is_file()}}
 
 
 @click.group(invoke_without_command=True)

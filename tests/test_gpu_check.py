@@ -252,3 +252,27 @@ def test_ort_smoke_runs_on_the_cpu_provider_and_fails_in_one_line_without_cuda(m
     monkeypatch.setattr(ort_smoke, "_expected", lambda *a: {**real(*a), "s": real(*a)["s"] + 1})
     r = runner.invoke(gc.cli, ["ort-smoke", "--provider", "cpu"])
     assert r.exit_code == 2 and "output s differs from NumPy's" in r.output
+
+
+def test_preflight_report_names_versions_the_grid_and_what_later_stages_need(monkeypatch, tmp_path):
+    from sparseinfer.benchmarks import timing
+    from sparseinfer.kernels import device
+
+    compiled = []
+    fake = types.SimpleNamespace(__version__="14.2.0", cuda=types.SimpleNamespace(
+        runtime=types.SimpleNamespace(driverGetVersion=lambda: 13000),
+        nvrtc=types.SimpleNamespace(getVersion=lambda: (13, 0))))
+    monkeypatch.setattr(device, "_cupy_module", lambda: fake)
+    monkeypatch.setattr(device, "kernel", compiled.append)
+    monkeypatch.setattr(device, "occupancy", lambda name, threads: (132, 8, "driver"))
+    monkeypatch.setattr(timing, "device_info", lambda: {"device": "Stand-in", "peak_bandwidth_gb_per_s": 1.0})
+    monkeypatch.setenv("PATH", str(tmp_path))                      # no compute-sanitizer, no ncu here
+    (tmp_path / "ncu").write_text("#!/bin/sh\n")
+    (tmp_path / "ncu").chmod(0o755)
+    monkeypatch.chdir(tmp_path)
+    report = gc.preflight_report()
+    assert sorted(compiled) == sorted(device.KERNEL_SOURCE) and report["kernels_compiled"] == len(compiled)
+    assert report["cupy"] == "14.2.0" and report["nvrtc"] == "13.0" and report["driver"] == 13000
+    assert report["persistent_grid"] == {"sms": 132, "blocks_per_sm": 8, "from": "driver"}
+    needs = report["later_stages_need"]
+    assert needs["compute-sanitizer"] is False and needs["ncu"] is True and needs["carried .whl/ort-1"] is False
