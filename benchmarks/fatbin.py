@@ -21,9 +21,29 @@ from sparseinfer.reference.errors import SparseInferError
 
 FATBIN_MAGIC = 0xBA55ED50
 _CONTAINER = struct.Struct("<IHHQ")       # magic, version, header size, size of the entries
-_ENTRY = struct.Struct("<HHIQ")           # kind, version, header size, payload size
+_ENTRY = struct.Struct("<HHIQ")           # kind, version, header size, payload size (padded)
+_ENTRY_COMPRESSED_SIZE_OFFSET = 16        # u32: bytes of the compressed payload
 _ENTRY_ARCH_OFFSET = 28
+_ENTRY_FLAGS_OFFSET = 40                  # u64
+_ENTRY_UNCOMPRESSED_SIZE_OFFSET = 56      # u64
+FLAG_COMPRESSED_LZ4, FLAG_COMPRESSED_ZSTD = 0x2000, 0x8000
 KIND_PTX, KIND_ELF = 1, 2
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+_ZSTD_MAX_BLOCK = 128 * 1024
+
+
+def zstd_zeros(n: int) -> bytes:
+    """A zstd frame that decompresses to ``n`` zero bytes: single segment, content size
+    given, RLE blocks of at most 128 KiB (RFC 8878, 3.1.1)."""
+    frame = bytearray(ZSTD_MAGIC + bytes([0xA0]) + struct.pack("<I", n))   # 4-byte content size
+    left = n
+    while True:
+        size = min(left, _ZSTD_MAX_BLOCK)
+        left -= size
+        header = (1 if left == 0 else 0) | (1 << 1) | (size << 3)           # last, RLE, size
+        frame += header.to_bytes(3, "little") + b"\0"
+        if left == 0:
+            return bytes(frame)
 
 
 def _fatbin_section(so: bytes) -> tuple[int, int] | None:
@@ -49,6 +69,28 @@ def _usable(kind: int, arch: int, keep: int) -> bool:
     if kind == KIND_ELF:
         return arch // 10 == keep // 10 and arch <= keep
     return arch <= keep
+
+
+def _drop_payload(so: bytes, out: bytearray, entry: int, header: int, payload: int) -> None:
+    """Replace an entry's code by zeros that still read back: an uncompressed payload is
+    zeroed; a zstd-compressed one becomes a zstd frame of as many zero bytes as the code
+    had (so a tool or loader that decompresses every entry still succeeds), its compressed
+    size updated, the rest of the padded payload zeroed."""
+    body = entry + header
+    flags, = struct.unpack_from("<Q", so, entry + _ENTRY_FLAGS_OFFSET)
+    if flags & FLAG_COMPRESSED_ZSTD:
+        if so[body:body + 4] != ZSTD_MAGIC:
+            raise SparseInferError(f"a zstd-flagged fat-binary entry without a zstd frame; left unchanged")
+        n, = struct.unpack_from("<Q", so, entry + _ENTRY_UNCOMPRESSED_SIZE_OFFSET)
+        frame = zstd_zeros(n)
+        if len(frame) > payload:
+            raise SparseInferError("a fat-binary entry too small for its replacement; left unchanged")
+        out[body:body + payload] = frame + bytes(payload - len(frame))
+        struct.pack_into("<I", out, entry + _ENTRY_COMPRESSED_SIZE_OFFSET, len(frame))
+    elif flags & FLAG_COMPRESSED_LZ4:
+        raise SparseInferError("an LZ4-compressed fat-binary entry: not supported; left unchanged")
+    else:
+        out[body:body + payload] = bytes(payload)
 
 
 def keep_arch(so: bytes, keep: int) -> tuple[bytes, dict]:
@@ -84,8 +126,7 @@ def keep_arch(so: bytes, keep: int) -> tuple[bytes, dict]:
             which = "kept" if _usable(kind, arch, keep) else "zeroed"
             stats[which][key] = stats[which].get(key, 0) + payload
             if which == "zeroed":
-                body = entry + entry_header
-                out[body:body + payload] = bytes(payload)
+                _drop_payload(so, out, entry, entry_header, payload)
             entry += entry_header + payload
         pos = entries_end
     return bytes(out), stats

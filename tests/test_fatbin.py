@@ -4,23 +4,35 @@ parts (carry_parts --keep-sm)."""
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+import subprocess
 import zipfile
 
 import numpy as np
 import pytest
 
 from sparseinfer.benchmarks.carry_parts import MANIFEST, split_wheel, unpack_parts
-from sparseinfer.benchmarks.fatbin import FATBIN_MAGIC, KIND_ELF, KIND_PTX, keep_arch
+from sparseinfer.benchmarks.fatbin import FATBIN_MAGIC, KIND_ELF, KIND_PTX, keep_arch, zstd_zeros
 from sparseinfer.reference.errors import SparseInferError
 
 ENTRY_HEADER = 64
 
 
-def _entry(kind: int, arch: int, payload: bytes) -> bytes:
-    head = struct.pack("<HHIQ", kind, 0x101, ENTRY_HEADER, len(payload))
-    head += struct.pack("<III", 0, len(payload), 0) + struct.pack("<I", arch)
-    return head + bytes(ENTRY_HEADER - len(head)) + payload
+def _entry(kind: int, arch: int, payload: bytes, flags: int = 0x11, uncompressed: int = 0) -> bytes:
+    """An entry header as nvcc writes it: compressed size at 16, SM at 28, flags at 40,
+    uncompressed size at 56; the payload padded to 8 bytes."""
+    padded = payload + bytes(-len(payload) % 8)
+    head = struct.pack("<HHIQIIII", kind, 0x101, ENTRY_HEADER, len(padded), len(payload), 0, 65544, arch)
+    head += struct.pack("<IIQQQ", 0, 0, flags, 0, uncompressed)
+    assert len(head) == ENTRY_HEADER
+    return head + padded
+
+
+def _zstd_raw(data: bytes) -> bytes:
+    """A zstd frame holding ``data`` in one raw (stored) block, as a compressed entry's payload."""
+    return (b"\x28\xb5\x2f\xfd" + bytes([0xA0]) + struct.pack("<I", len(data))
+            + (1 | (0 << 1) | (len(data) << 3)).to_bytes(3, "little") + data)
 
 
 def _container(entries: list[bytes]) -> bytes:
@@ -49,12 +61,13 @@ def _elf(fatbin: bytes | None, text: bytes) -> bytes:
 def payloads():
     rng = np.random.default_rng(3)
     return {key: rng.bytes(n) for key, n in (("sm80", 900), ("sm90", 700), ("sm86", 500), ("ptx80", 300),
-                                             ("sm90b", 400), ("sm120", 600), ("ptx120", 200))}
+                                             ("sm90b", 400), ("sm120", 600), ("ptx120", 200), ("sm89z", 333))}
 
 
 def _library(p):
     first = _container([_entry(KIND_ELF, 80, p["sm80"]), _entry(KIND_ELF, 90, p["sm90"]),
-                        _entry(KIND_ELF, 86, p["sm86"]), _entry(KIND_PTX, 80, p["ptx80"])])
+                        _entry(KIND_ELF, 86, p["sm86"]), _entry(KIND_PTX, 80, p["ptx80"]),
+                        _entry(KIND_ELF, 89, _zstd_raw(p["sm89z"]), flags=0x8011, uncompressed=len(p["sm89z"]))])
     second = _container([_entry(KIND_ELF, 90, p["sm90b"]), _entry(KIND_ELF, 120, p["sm120"]),
                          _entry(KIND_PTX, 120, p["ptx120"])])
     return _elf(first + bytes(8) + second, b"\x90" * 100)         # 8 bytes of padding between containers
@@ -67,15 +80,36 @@ def test_only_what_an_sm90_device_runs_is_kept(payloads):
     kept = {"sm90", "sm90b", "ptx80"}            # sm_90 machine code, and PTX it can compile
     for key, data in payloads.items():
         at = so.index(data)
-        assert out[at:at + len(data)] == (data if key in kept else bytes(len(data))), key
-    assert stats == {"kept": {"sm_90": 1100, "ptx_80": 300},
-                     "zeroed": {"sm_80": 900, "sm_86": 500, "sm_120": 600, "ptx_120": 200}}
+        if key in kept:
+            assert out[at:at + len(data)] == data, key
+        elif key != "sm89z":
+            assert out[at:at + len(data)] == bytes(len(data)), key
+    # the zstd-compressed sm_89 entry: now a zstd frame of 333 zero bytes, its compressed size updated
+    frame_at = so.index(_zstd_raw(payloads["sm89z"]))
+    head = frame_at - ENTRY_HEADER
+    frame = zstd_zeros(333)
+    assert out[frame_at:frame_at + len(frame)] == frame and not any(out[frame_at + len(frame):frame_at + 360])
+    assert struct.unpack_from("<I", out, head + 16)[0] == len(frame) < struct.unpack_from("<I", so, head + 16)[0]
+    assert stats == {"kept": {"sm_90": 1104, "ptx_80": 304},
+                     "zeroed": {"sm_80": 904, "sm_86": 504, "sm_89": 352, "sm_120": 600, "ptx_120": 200}}
     changed = [i for i in range(len(so)) if so[i] != out[i]]
-    zeroed = [(so.index(payloads[k]), len(payloads[k])) for k in ("sm80", "sm86", "sm120", "ptx120")]
-    assert all(any(a <= i < a + n for a, n in zeroed) for i in changed)       # headers untouched
+    dropped = [(so.index(payloads[k]), len(payloads[k])) for k in ("sm80", "sm86", "sm120", "ptx120")]
+    dropped += [(frame_at, 360), (head + 16, 4)]
+    assert all(any(a <= i < a + n for a, n in dropped) for i in changed)       # other headers untouched
     assert keep_arch(out, 90)[0] == out
     # an sm_86 device keeps sm_80 and sm_86 machine code (same major) and PTX 80
     assert set(keep_arch(so, 86)[1]["kept"]) == {"sm_80", "sm_86", "ptx_80"}
+
+
+@pytest.mark.parametrize("n", [0, 1, 333, 131072, 131073, 288096])
+def test_the_zero_frames_decompress_to_zeros(n):
+    """Checked with the zstd tool where it is installed; the frame layout in any case."""
+    frame = zstd_zeros(n)
+    assert frame[:4] == b"\x28\xb5\x2f\xfd" and struct.unpack_from("<I", frame, 5)[0] == n
+    assert len(frame) == 9 + 4 * max(1, -(-n // 131072))
+    if shutil.which("zstd"):
+        out = subprocess.run(["zstd", "-d", "-c"], input=frame, capture_output=True)
+        assert out.returncode == 0 and out.stdout == bytes(n), out.stderr
 
 
 def test_libraries_without_fat_binaries_pass_unchanged_and_bad_ones_are_refused(payloads):
@@ -87,6 +121,9 @@ def test_libraries_without_fat_binaries_pass_unchanged_and_bad_ones_are_refused(
     broken[at:at + 4] = struct.pack("<I", 7)                    # an SM version no GPU has
     with pytest.raises(SparseInferError, match="unreadable fat-binary entry .*sm 7.*left unchanged"):
         keep_arch(bytes(broken), 90)
+    lz4 = _elf(_container([_entry(KIND_ELF, 80, payloads["sm80"], flags=0x2011, uncompressed=5000)]), b"")
+    with pytest.raises(SparseInferError, match="LZ4-compressed .* not supported; left unchanged"):
+        keep_arch(lz4, 90)
 
 
 def test_keep_sm_in_the_carried_parts(payloads, tmp_path):
@@ -97,7 +134,7 @@ def test_keep_sm_in_the_carried_parts(payloads, tmp_path):
         zf.writestr("pkg/__init__.py", b"x = 1\n")
     dirs = split_wheel(wheel, tmp_path / "carry" / "w", part_bytes=1 << 20, keep_sm=90)
     manifest = json.loads((dirs[0] / MANIFEST).read_text())
-    assert manifest["keep_sm"] == 90 and manifest["pruned"]["pkg/capi/libcuda_ops.so"]["kept"]["sm_90"] == 1100
+    assert manifest["keep_sm"] == 90 and manifest["pruned"]["pkg/capi/libcuda_ops.so"]["kept"]["sm_90"] == 1104
     out = unpack_parts(tmp_path / "carry" / "w", tmp_path / "site")
     assert (out / "pkg/capi/libcuda_ops.so").read_bytes() == keep_arch(so, 90)[0]
     assert (out / "pkg/__init__.py").read_bytes() == b"x = 1\n"
