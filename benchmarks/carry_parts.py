@@ -19,6 +19,7 @@ PYTHONPATH::
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import io
 import json
@@ -30,7 +31,7 @@ import click
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .fatbin import keep_arch
+from .fatbin import keep_arch, stub_cubin
 
 MANIFEST = "manifest.json"
 PART = "part"
@@ -44,8 +45,9 @@ def _part_dirs(prefix: Path, n: int) -> list[Path]:
 def split_wheel(wheel, prefix, part_bytes: int, exclude=(), keep_sm: int | None = None) -> list[Path]:
     """Repack ``wheel``'s files (minus ``exclude`` globs) as tar.xz, cut into parts; returns their folders.
 
-    ``keep_sm``: in every shared library, zero the CUDA machine code an sm_``keep_sm`` device
-    cannot run (``fatbin.keep_arch``; onnxruntime-gpu 1.31.1 for sm_90: 2 parts instead of 4).
+    ``keep_sm``: in every shared library, replace the CUDA machine code an sm_``keep_sm``
+    device cannot run by kernel-less cubins (``fatbin.keep_arch``, ``stub_cubin``: needs
+    ptxas); onnxruntime-gpu 1.31.1 for sm_90: 2 parts instead of 4.
     """
     wheel, prefix = Path(wheel), Path(prefix)
     if not wheel.is_file():
@@ -54,6 +56,7 @@ def split_wheel(wheel, prefix, part_bytes: int, exclude=(), keep_sm: int | None 
         raise SparseInferError(f"part size must be positive, got {part_bytes} bytes")
     stream = io.BytesIO()
     pruned = {}
+    stubs = functools.lru_cache(maxsize=None)(stub_cubin)    # one kernel-less cubin per dropped architecture
     try:
         with zipfile.ZipFile(wheel) as zf, tarfile.open(fileobj=stream, mode="w:xz") as tar:
             for info in zf.infolist():
@@ -64,7 +67,7 @@ def split_wheel(wheel, prefix, part_bytes: int, exclude=(), keep_sm: int | None 
                 member.size = info.file_size
                 member.mode = 0o755 if shared else 0o644
                 if shared and keep_sm is not None:
-                    body, stats = keep_arch(zf.read(info), keep_sm)
+                    body, stats = keep_arch(zf.read(info), keep_sm, stubs)
                     if stats["zeroed"]:
                         pruned[info.filename] = stats
                     tar.addfile(member, io.BytesIO(body))

@@ -71,31 +71,65 @@ def _usable(kind: int, arch: int, keep: int) -> bool:
     return arch <= keep
 
 
-def _drop_payload(so: bytes, out: bytearray, entry: int, header: int, payload: int) -> None:
-    """Replace an entry's code by zeros that still read back: an uncompressed payload is
-    zeroed; a zstd-compressed one becomes a zstd frame of as many zero bytes as the code
-    had (so a tool or loader that decompresses every entry still succeeds), its compressed
-    size updated, the rest of the padded payload zeroed."""
+def zstd_stored(data: bytes) -> bytes:
+    """A zstd frame holding ``data`` in stored (raw) blocks of at most 128 KiB."""
+    frame = bytearray(ZSTD_MAGIC + bytes([0xA0]) + struct.pack("<I", len(data)))
+    chunks = [data[i:i + _ZSTD_MAX_BLOCK] for i in range(0, len(data), _ZSTD_MAX_BLOCK)] or [b""]
+    for i, chunk in enumerate(chunks):
+        frame += ((1 if i == len(chunks) - 1 else 0) | (len(chunk) << 3)).to_bytes(3, "little") + chunk
+    return bytes(frame)
+
+
+# A kernel-less PTX module: what ptxas turns into the smallest valid cubin for an architecture.
+STUB_PTX = ".version 8.7\n.target sm_{arch}\n.address_size 64\n"
+
+
+def stub_cubin(arch: int) -> bytes:
+    """The smallest valid cubin for sm_``arch`` (no kernels), from ptxas (pip nvidia-cuda-nvcc)."""
+    from sparseinfer.kernels.compile_check import ToolMissing, ptx_to_cubin
+
+    try:
+        return ptx_to_cubin(STUB_PTX.format(arch=arch), arch)[2]
+    except ToolMissing as e:
+        raise SparseInferError(f"replacing sm_{arch} code needs ptxas for a stub cubin: {e}") from None
+
+
+def _drop_payload(so: bytes, out: bytearray, entry: int, header: int, payload: int, stub: bytes | None) -> bool:
+    """Replace an entry's code, keeping the entry readable. With ``stub`` (a kernel-less cubin
+    of the same architecture) the entry holds that cubin, so that tools which parse every
+    entry (cuobjdump) still can; else zeros. A zstd-compressed entry gets a valid zstd frame
+    of the stub (or of as many zero bytes as the code had), with its compressed and
+    uncompressed sizes updated; the rest of the padded payload is zeroed. An entry smaller
+    than its replacement is left as it was (False)."""
     body = entry + header
     flags, = struct.unpack_from("<Q", so, entry + _ENTRY_FLAGS_OFFSET)
     if flags & FLAG_COMPRESSED_ZSTD:
         if so[body:body + 4] != ZSTD_MAGIC:
-            raise SparseInferError(f"a zstd-flagged fat-binary entry without a zstd frame; left unchanged")
+            raise SparseInferError("a zstd-flagged fat-binary entry without a zstd frame; left unchanged")
         n, = struct.unpack_from("<Q", so, entry + _ENTRY_UNCOMPRESSED_SIZE_OFFSET)
-        frame = zstd_zeros(n)
+        frame = zstd_stored(stub) if stub is not None else zstd_zeros(n)
         if len(frame) > payload:
-            raise SparseInferError("a fat-binary entry too small for its replacement; left unchanged")
+            return False
         out[body:body + payload] = frame + bytes(payload - len(frame))
         struct.pack_into("<I", out, entry + _ENTRY_COMPRESSED_SIZE_OFFSET, len(frame))
+        if stub is not None:
+            struct.pack_into("<Q", out, entry + _ENTRY_UNCOMPRESSED_SIZE_OFFSET, len(stub))
     elif flags & FLAG_COMPRESSED_LZ4:
         raise SparseInferError("an LZ4-compressed fat-binary entry: not supported; left unchanged")
+    elif stub is not None:
+        if len(stub) > payload:
+            return False
+        out[body:body + payload] = stub + bytes(payload - len(stub))
+        struct.pack_into("<I", out, entry + _ENTRY_COMPRESSED_SIZE_OFFSET, len(stub))
     else:
         out[body:body + payload] = bytes(payload)
+    return True
 
 
-def keep_arch(so: bytes, keep: int) -> tuple[bytes, dict]:
-    """``so`` with the payloads of the fat-binary entries an sm_``keep`` device cannot use
-    zeroed; and what was kept and zeroed (bytes per (kind, arch))."""
+def keep_arch(so: bytes, keep: int, stub_for=None) -> tuple[bytes, dict]:
+    """``so`` with the code of the fat-binary entries an sm_``keep`` device cannot use
+    replaced; and what was kept and replaced (bytes per (kind, arch)). ``stub_for(arch)``:
+    the replacement cubin of a dropped machine-code entry (``stub_cubin``), else zeros."""
     section = _fatbin_section(so)
     stats = {"kept": {}, "zeroed": {}}
     if section is None:
@@ -123,10 +157,11 @@ def keep_arch(so: bytes, keep: int) -> tuple[bytes, dict]:
                 raise SparseInferError(f"unreadable fat-binary entry at .nv_fatbin offset {entry - start} "
                                        f"(kind {kind}, sm {arch}); left unchanged")
             key = f"{'ptx' if kind == KIND_PTX else 'sm'}_{arch}"
-            which = "kept" if _usable(kind, arch, keep) else "zeroed"
+            which = "kept"
+            if not _usable(kind, arch, keep):
+                stub = stub_for(arch) if stub_for is not None and kind == KIND_ELF else None
+                which = "zeroed" if _drop_payload(so, out, entry, entry_header, payload, stub) else "kept"
             stats[which][key] = stats[which].get(key, 0) + payload
-            if which == "zeroed":
-                _drop_payload(so, out, entry, entry_header, payload)
             entry += entry_header + payload
         pos = entries_end
     return bytes(out), stats

@@ -175,19 +175,25 @@ def contract_violations(ptx: str) -> tuple:
     return tuple(m.group(1) for m in _BAD_F32.finditer(ptx))
 
 
-def run_ptxas(ptx: str, arch: int) -> tuple[str, str]:
-    """(ptxas path, its -v log) from the first ptxas that accepts this PTX."""
+def ptx_to_cubin(ptx: str, arch: int) -> tuple[str, str, bytes]:
+    """(ptxas path, its -v log, the cubin) from the first ptxas that accepts this PTX."""
     errors = []
     with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "k.ptx"
+        src, cubin = Path(tmp) / "k.ptx", Path(tmp) / "k.cubin"
         src.write_text(ptx)
         for exe in find_ptxas():
-            proc = subprocess.run([exe, "-v", f"-arch=sm_{arch}", str(src), "-o", str(Path(tmp) / "k.cubin")],
+            proc = subprocess.run([exe, "-v", f"-arch=sm_{arch}", str(src), "-o", str(cubin)],
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
-                return exe, proc.stdout + proc.stderr
+                return exe, proc.stdout + proc.stderr, cubin.read_bytes()
             errors.append(f"{exe}: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
     raise SparseInferError(f"ptxas rejected the PTX for sm_{arch}: {'; '.join(errors)}")
+
+
+def run_ptxas(ptx: str, arch: int) -> tuple[str, str]:
+    """(ptxas path, its -v log) from the first ptxas that accepts this PTX."""
+    exe, log, _ = ptx_to_cubin(ptx, arch)
+    return exe, log
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 
 from sparseinfer.benchmarks.carry_parts import MANIFEST, split_wheel, unpack_parts
-from sparseinfer.benchmarks.fatbin import FATBIN_MAGIC, KIND_ELF, KIND_PTX, keep_arch, zstd_zeros
+from sparseinfer.kernels.compile_check import ptxas_candidates
+from sparseinfer.benchmarks.fatbin import (FATBIN_MAGIC, KIND_ELF, KIND_PTX, keep_arch, stub_cubin, zstd_stored,
+                                          zstd_zeros)
 from sparseinfer.reference.errors import SparseInferError
 
 ENTRY_HEADER = 64
+needs_ptxas = pytest.mark.skipif(not ptxas_candidates(), reason="no ptxas to build stub cubins")
 
 
 def _entry(kind: int, arch: int, payload: bytes, flags: int = 0x11, uncompressed: int = 0) -> bytes:
@@ -126,6 +129,7 @@ def test_libraries_without_fat_binaries_pass_unchanged_and_bad_ones_are_refused(
         keep_arch(lz4, 90)
 
 
+@needs_ptxas
 def test_keep_sm_in_the_carried_parts(payloads, tmp_path):
     so = _library(payloads)
     wheel = tmp_path / "pkg-1.0-py3-none-any.whl"
@@ -136,5 +140,42 @@ def test_keep_sm_in_the_carried_parts(payloads, tmp_path):
     manifest = json.loads((dirs[0] / MANIFEST).read_text())
     assert manifest["keep_sm"] == 90 and manifest["pruned"]["pkg/capi/libcuda_ops.so"]["kept"]["sm_90"] == 1104
     out = unpack_parts(tmp_path / "carry" / "w", tmp_path / "site")
-    assert (out / "pkg/capi/libcuda_ops.so").read_bytes() == keep_arch(so, 90)[0]
+    assert (out / "pkg/capi/libcuda_ops.so").read_bytes() == keep_arch(so, 90, stub_cubin)[0]
     assert (out / "pkg/__init__.py").read_bytes() == b"x = 1\n"
+
+
+def test_dropped_entries_can_hold_a_kernel_less_cubin_instead(payloads):
+    """With stub_for, a dropped machine-code entry holds a stub cubin of its architecture
+    (inside a zstd frame where the entry is compressed, sizes updated); an entry smaller
+    than the stub is left as it was; PTX is zeroed."""
+    stubs = {arch: b"\x7fELF" + bytes([arch]) * 200 for arch in (80, 86, 89, 120)}
+    so = _library(payloads)
+    out, stats = keep_arch(so, 90, stub_for=stubs.__getitem__)
+    at = so.index(payloads["sm80"])
+    assert out[at:at + 204] == stubs[80] + bytes(0) and not any(out[at + 204:at + 904])
+    assert struct.unpack_from("<I", out, at - ENTRY_HEADER + 16)[0] == 204
+    frame_at = so.index(_zstd_raw(payloads["sm89z"]))
+    assert out[frame_at:frame_at + len(zstd_stored(stubs[89]))] == zstd_stored(stubs[89])
+    assert struct.unpack_from("<Q", out, frame_at - ENTRY_HEADER + 56)[0] == 204
+    big = {arch: bytes(2000) for arch in stubs}                    # larger than every payload
+    out, stats = keep_arch(so, 90, stub_for=big.__getitem__)
+    assert out.index(payloads["sm80"]) and "sm_80" in stats["kept"] and "sm_80" not in stats["zeroed"]
+    assert stats["zeroed"] == {"ptx_120": 200}
+
+
+@needs_ptxas
+def test_stub_cubins_are_elf_files_of_their_architecture():
+    for arch in (80, 120):
+        cubin = stub_cubin(arch)
+        assert cubin[:4] == b"\x7fELF" and 500 < len(cubin) < 4000
+        assert struct.unpack_from("<H", cubin, 18)[0] == 190             # e_machine: EM_CUDA
+        assert zstd_stored(cubin)[9 + 3:] == cubin                          # one stored block
+
+
+def test_stored_frames_decompress_to_their_data():
+    data = np.random.default_rng(1).bytes(300_000)                          # three blocks
+    frame = zstd_stored(data)
+    assert len(frame) == 9 + 3 * 3 + len(data)
+    if shutil.which("zstd"):
+        out = subprocess.run(["zstd", "-d", "-c"], input=frame, capture_output=True)
+        assert out.returncode == 0 and out.stdout == data, out.stderr
