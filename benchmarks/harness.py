@@ -35,12 +35,6 @@ ALPHA = 1.0
 class DenseBaseline:
     """cuBLAS dense fp16 GEMVs (CuPy matmul) of the same layer, x in fp16."""
 
-    def clone(self) -> "DenseBaseline":
-        """The same layer in new device memory (another layer of a decode step)."""
-        other = copy.copy(self)
-        other.wg, other.wu, other.wd = (w.copy() for w in (self.wg, self.wu, self.wd))
-        return other
-
     def __init__(self, layer, activation: Activation):
         cp = cupy()
         self.cp = cp
@@ -48,6 +42,12 @@ class DenseBaseline:
         self.x = cp.asarray(layer.x.astype(np.float16))
         self.threshold = np.float16(activation.threshold)
         self.h = self.gate_up()
+
+    def clone(self) -> "DenseBaseline":
+        """The same layer in new device memory (another layer of a decode step)."""
+        other = copy.copy(self)
+        other.wg, other.wu, other.wd = (w.copy() for w in (self.wg, self.wu, self.wd))
+        return other
 
     def gate_up(self):
         g = self.wg @ self.x
@@ -128,6 +128,22 @@ class BenchCase:
                 self.mlps[pipeline] = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, self.act, pipeline=pipeline)
         return self.mlps[pipeline]
 
+    @property
+    def all_rows(self) -> dict:
+        """Rows a dense step computes, in the form of the trace's ``rows``."""
+        return dict.fromkeys(("gate", "up", "down"), self.shape.k)
+
+    def pipeline_bytes(self, pipe) -> int:
+        """Bytes a pipeline touches at this shape: the predicted rows when sparse, else all."""
+        rows = self.trace.rows if pipe.sparse else self.all_rows
+        return traffic.mlp_bytes(pipe.gate_up, pipe.down, self.shape.d, self.shape.k, BENCH_DTYPE, rows)
+
+    def pipeline_verified(self, pipe, got) -> bool:
+        """A pipeline's output (host) against the reference: bits, or the atomic bound."""
+        if not pipe.sparse:
+            return same_bits(got, self.want_dense)
+        return self._verify_down(got, pipe.deterministic, self.want)
+
     def _verify_down(self, got, deterministic: bool, want) -> bool:
         if deterministic:
             return same_bits(got, want)
@@ -136,16 +152,11 @@ class BenchCase:
     def measurement(self, kernel: str, version: str) -> Measurement:
         """Run ``version`` of ``kernel`` once, verify it against the reference at this shape."""
         shape, rows, am = self.shape, self.trace.rows, self.alpha_milli
-        all_rows = {"gate": shape.k, "up": shape.k, "down": shape.k}
         x, x_signs = self.x, self.x_signs
         if kernel == "mlp":
             pipe, mlp = PIPELINES[version], self._mlp(version)
-            got = mlp.steps(x, am)[3].get()
-            verified = (same_bits(got, self.want_dense) if not pipe.sparse
-                        else self._verify_down(got, pipe.deterministic, self.want))
-            n_bytes = traffic.mlp_bytes(pipe.gate_up, pipe.down, shape.d, shape.k, BENCH_DTYPE,
-                                        rows if pipe.sparse else all_rows)
-            return Measurement(kernel, version, lambda: mlp.steps(x, am), verified, n_bytes, "mlp")
+            verified = self.pipeline_verified(pipe, mlp.steps(x, am)[3].get())
+            return Measurement(kernel, version, lambda: mlp.steps(x, am), verified, self.pipeline_bytes(pipe), "mlp")
         if kernel == "pack_signs":        # the per-token packing of x, as a 1-row matrix
             run, x_row = PACK_SIGNS[version].run, DeviceMatrix(x, np.dtype(np.float32), 1, shape.d, shape.d)
             verified = np.array_equal(run(x_row).get()[0], pack_signs(self.layer.x))
@@ -162,7 +173,7 @@ class BenchCase:
             dense_rows = version == "dense"
             layer = self.layer
             want_h3 = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, self.act)[1] if dense_rows else self.h3_want
-            n = all_rows if dense_rows else rows
+            n = self.all_rows if dense_rows else rows
             return Measurement(kernel, version, lambda: run(mlp, x, x_signs, am), same_bits(h3, want_h3),
                                traffic.gate_up_bytes(version, shape.d, shape.k, BENCH_DTYPE, n["gate"], n["up"]),
                                "gate_up")
@@ -178,6 +189,11 @@ class BenchCase:
                     self.dense_us[m.baseline])
 
 
+def _error_text(e: Exception) -> str:
+    """An exception as a row's one-line ``error``."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0, log=print) -> list[dict]:
     """One row per version and pipeline; a version that raises on the device is a row with its
     ``error`` (``verified: false``, no timings) and the others still run."""
@@ -188,7 +204,7 @@ def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0,
             m = case.measurement(kernel, version)
             t = timer(m.fn)
         except Exception as e:           # CuPy's and the driver's own exception types
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            error = _error_text(e)
             out.append({"kernel": kernel, "version": version, "model": shape.model, "d": shape.d, "k": shape.k,
                         "dtype": BENCH_DTYPE, "sparsity": sparsity, "verified": False, "error": error})
             log(f"  {kernel} {version}: FAILED {error}")
@@ -241,25 +257,27 @@ def decode_loop(shape, sparsity: float, layers: int, timer: Timer, seed: int = 0
         log(f"  loop {name} {mode}: " + (error or f"{row['us_per_layer']:.2f} us/layer (host {row['host_us_per_layer']:.2f}), "
                                           f"verified {verified}"))
 
-    dense_bytes = traffic.mlp_bytes("dense", "dense", d, k, BENCH_DTYPE, {"gate": k, "up": k, "down": k})
-    want_dense = [db.mlp().get() for db in dense]
-    timed("cublas-dense", "eager", lambda: [db.mlp() for db in dense], None, dense_bytes)
+    dense_bytes = case.pipeline_bytes(PIPELINES["dense"])
+
+    def dense_step():
+        return [db.mlp() for db in dense]
+
+    want_dense = [o.get() for o in dense_step()]
+    timed("cublas-dense", "eager", dense_step, None, dense_bytes)
     try:
-        g = capture(lambda: [db.mlp() for db in dense])
+        g = capture(dense_step)
         g.replay()
         timed("cublas-dense", "graph", g.replay,
               all(np.array_equal(o.get(), w) for o, w in zip(g.result, want_dense)), dense_bytes)
     except Exception as e:                # cuBLAS that cannot be recorded is a finding, not a crash
-        timed("cublas-dense", "graph", None, False, dense_bytes, error=f"{type(e).__name__}: {e}")
+        timed("cublas-dense", "graph", None, False, dense_bytes, error=_error_text(e))
 
     for name, pipe in PIPELINES.items():
         mlps = [m.with_pipeline(name) for m in copies]
-        want = case.want if pipe.sparse else case.want_dense
-        n_bytes = traffic.mlp_bytes(pipe.gate_up, pipe.down, d, k, BENCH_DTYPE,
-                                    case.trace.rows if pipe.sparse else {"gate": k, "up": k, "down": k})
+        n_bytes = case.pipeline_bytes(pipe)
 
-        def ok(outs, pipe=pipe, want=want):
-            return all(case._verify_down(o.get(), pipe.deterministic, want) for o in outs)
+        def ok(outs, pipe=pipe):
+            return all(case.pipeline_verified(pipe, o.get()) for o in outs)
         timed(name, "eager", lambda mlps=mlps: [m.steps(x, am) for m in mlps],
               ok([m.steps(x, am)[3] for m in mlps]), n_bytes)
         try:
@@ -267,7 +285,7 @@ def decode_loop(shape, sparsity: float, layers: int, timer: Timer, seed: int = 0
             graph.set_inputs([x] * layers)
             verified = ok(graph())
         except Exception as e:            # a recording that fails is a row with its error
-            timed(name, "graph", None, False, n_bytes, error=f"{type(e).__name__}: {e}")
+            timed(name, "graph", None, False, n_bytes, error=_error_text(e))
             continue
         timed(name, "graph", graph.replay, verified, n_bytes)
 
@@ -303,8 +321,8 @@ def run(shapes=BENCH_SHAPES, sparsities=BENCH_SPARSITIES, repeats: int = 50, loo
         try:
             result["decode_loop"] = decode_loop(shapes[-1], max(sparsities), loop_layers, timer, log=log)
         except Exception as e:            # the rows above are the run's results: never lost to the loop
-            log(f"decode loop failed: {type(e).__name__}: {e}")
+            log(f"decode loop failed: {_error_text(e)}")
             result["decode_loop"] = {"model": shapes[-1].model, "sparsity": max(sparsities), "layers": loop_layers,
-                                     "error": f"{type(e).__name__}: {e}", "rows": []}
+                                     "error": _error_text(e), "rows": []}
     result["complete"] = True
     return result

@@ -15,7 +15,6 @@ a tensor missing or shaped differently from what the config implies.
 from __future__ import annotations
 
 import contextlib
-
 import json
 from dataclasses import dataclass
 from pathlib import Path

@@ -110,7 +110,7 @@ def test_bench_plot_draws_a_results_file_and_refuses_what_it_cannot_draw(stand_i
     assert r.exit_code == 2 and "hold no rows" in r.output
     results.write_text("[1, 2")
     r = runner.invoke(cli, ["bench-plot", str(results), "--out", str(tmp_path / "c.png")])
-    assert r.exit_code == 2 and "not a JSON file" in r.output
+    assert r.exit_code == 2 and f"cannot read results file {results}" in r.output
     assert not (tmp_path / "c.png").exists()
 
 

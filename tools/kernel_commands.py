@@ -117,15 +117,9 @@ def bench_plot(results, out, model, sparsity):
     one layer and, where present, the decode loop eager and as a CUDA graph; 5x dashed.
     """
     from sparseinfer.benchmarks.plots import plot_bench
-    from sparseinfer.reference.errors import SparseInferError
+    from sparseinfer.sim.calibrate import read_results
 
-    try:
-        result = json.loads(Path(results).read_text())
-    except ValueError as e:
-        raise SparseInferError(f"{results}: not a JSON file ({e})") from None
-    if not isinstance(result, dict):
-        raise SparseInferError(f"{results}: not a sparseinfer bench results file")
-    click.echo(f"wrote {plot_bench(result, out, model, sparsity)}")
+    click.echo(f"wrote {plot_bench(read_results(results), out, model, sparsity)}")
 
 
 @click.command()
