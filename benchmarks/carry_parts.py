@@ -125,8 +125,9 @@ def cli():
 @click.option("--exclude", multiple=True, default=("*tensorrt*",), show_default=True,
               help="Glob of wheel members to leave out (repeatable).")
 @click.option("--keep-sm", type=click.IntRange(10, 200), default=None,
-              help="Keep only the CUDA machine code this SM version runs (90: H100 / H200), zeroing the "
-                   "rest in the shared libraries' fat binaries: far fewer parts. Default: everything.")
+              help="Keep only the CUDA machine code this SM version runs (90: H100 / H200); the rest of "
+                   "the shared libraries' fat binaries becomes kernel-less stub cubins (needs ptxas): far "
+                   "fewer parts. Default: everything.")
 def split(wheel, prefix, part_mib, exclude, keep_sm):
     """Repack WHEEL as tar.xz and cut it into parts that fit one device call each."""
     try:
