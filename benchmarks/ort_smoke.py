@@ -16,11 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from sparseinfer.model_export.decode import PROVIDERS, make_session
+from sparseinfer.model_export.onnx_builder import make_model
 from sparseinfer.model_export.ort_profile import read_events
 from sparseinfer.reference.errors import SparseInferError
-
-OPSET = 21
-
 
 def _model():
     from onnx import TensorProto, helper
@@ -38,7 +36,7 @@ def _model():
         [helper.make_tensor_value_info(n, t, None) for n, t in (("r", f), ("nz", TensorProto.INT64), ("s", f),
                                                                 ("p", f))],
         initializer=[helper.make_tensor("zero", f, [], [0.0]), helper.make_tensor("axes", TensorProto.INT64, [1], [1])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    return make_model(graph)     # the exports' IR version and opset, which the oldest supported onnxruntime reads
 
 
 def _expected(x, w, b, rows):

@@ -156,8 +156,10 @@ _FUNC = re.compile(r"Function properties for (\w+)\s*\n\s*(\d+) bytes stack fram
                    r"(\d+) bytes spill loads")
 _REGS = re.compile(r"Compiling entry function '(\w+)'.*?Used (\d+) registers", re.S)
 _ENTRY = re.compile(r"\.entry\s+(\w+)\s*\(")
-# float32 arithmetic that breaks the contract: FMA, ftz, or mul/add ptxas may contract.
-_BAD_F32 = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:fma|mad)\.[\w.]*f32|(?:add|sub|mul)\.[\w.]*ftz[\w.]*f32|"
+# float32 code that breaks the contract: FMA, any instruction that flushes subnormals (an
+# arithmetic op, or a comparison such as setp.lt.ftz.f32 that reads -1e-40 as 0), or a mul/add
+# without a rounding mode, which ptxas may contract.
+_BAD_F32 = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:fma|mad)\.[\w.]*f32|\w+\.[\w.]*ftz[\w.]*|"
                       r"(?:add|sub|mul)\.f32)\b", re.M)
 
 

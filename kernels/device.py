@@ -70,11 +70,23 @@ KERNEL_SOURCE = {name: src for src, names in KERNELS.items() for name in names} 
 
 @functools.lru_cache(maxsize=None)
 def _module(src: str):
-    return cupy().RawModule(code=source(src), options=COMPILE_OPTIONS, backend="nvrtc")
+    """Compile ``src`` with exactly COMPILE_OPTIONS and load it.
+
+    Not ``RawModule(code=...)``: CuPy's cached compile appends ``-ftz=true`` after the
+    caller's options (cupy/cuda/compiler.py), and the last one wins, so subnormals would be
+    flushed and the kernels would differ from the reference (seen on an H200, 2026-11-26:
+    a -1e-40 weight packed as a positive sign, a 2.4e-40 product as 0). CuPy's plain NVRTC
+    call adds only the device's ``-arch`` (and ``--device-as-default-execution-space``).
+    """
+    cp = cupy()
+    compiled, _ = cp.cuda.compiler.compile_using_nvrtc(source(src), COMPILE_OPTIONS, filename=src)
+    module = cp.cuda.function.Module()
+    module.load(compiled)
+    return module
 
 
 def kernel(name: str):
-    """The compiled kernel ``name`` (compiled once per process, then cached by CuPy)."""
+    """The compiled kernel ``name`` (compiled once per process)."""
     return _module(KERNEL_SOURCE[name]).get_function(name)
 
 

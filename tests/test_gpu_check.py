@@ -239,6 +239,9 @@ def test_ort_smoke_runs_on_the_cpu_provider_and_fails_in_one_line_without_cuda(m
 
     from sparseinfer.benchmarks import ort_smoke
 
+    from sparseinfer.model_export.onnx_builder import IR_VERSION, OPSET
+    model = ort_smoke._model()      # onnx's default IR version (14 in onnx 1.23) is past onnxruntime 1.31's 13
+    assert model.ir_version == IR_VERSION and [(o.domain, o.version) for o in model.opset_import] == [("", OPSET)]
     runner = CliRunner()
     r = runner.invoke(gc.cli, ["ort-smoke", "--provider", "cpu"])
     assert r.exit_code == 0, r.output

@@ -43,6 +43,51 @@ def test_contract_check_catches_fma_and_ftz():
     assert any(v.startswith("fma") for v in cc.contract_violations(ptx))
     ptx, _ = nvrtc.compile_ptx(code, "f.cu", ("--gpu-architecture=compute_80", "--fmad=false", "--ftz=true"))
     assert any("ftz" in v for v in cc.contract_violations(ptx))
+    # a comparison flushes too: under ftz a negative subnormal is not < 0 (pack_signs' test)
+    sign = 'extern "C" __global__ void g(const float* a, int* s) { s[0] = a[0] < 0.0f; }'
+    ptx, _ = nvrtc.compile_ptx(sign, "g.cu", ("--gpu-architecture=compute_80", "--ftz=true"))
+    assert any(v.startswith("setp") and "ftz" in v for v in cc.contract_violations(ptx)), cc.contract_violations(ptx)
+    ptx, _ = nvrtc.compile_ptx(sign, "g.cu", ("--gpu-architecture=compute_80", "--ftz=false"))
+    assert cc.contract_violations(ptx) == ()
+
+
+def test_runtime_compiles_with_exactly_the_gated_options(monkeypatch):
+    """The device path hands NVRTC COMPILE_OPTIONS and nothing that overrides them, and
+    those options pass the gate. CuPy's ``RawModule(code=...)`` would append -ftz=true."""
+    _tools_or_skip()
+    from types import SimpleNamespace
+
+    from sparseinfer.kernels import device
+    from sparseinfer.kernels.sources import COMPILE_OPTIONS
+
+    calls, loaded = [], []
+
+    def compile_using_nvrtc(src, options=(), arch=None, filename="kern.cu", **kw):
+        calls.append((src, tuple(options), filename))
+        return b"CUBIN:" + filename.encode(), None
+
+    class Module:
+        def load(self, data):
+            loaded.append(data)
+
+        def get_function(self, name):
+            return ("fn", name)
+
+    fake = SimpleNamespace(cuda=SimpleNamespace(compiler=SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc),
+                                                function=SimpleNamespace(Module=Module)))
+    monkeypatch.setattr(device, "_cupy_module", lambda: fake)
+    device._module.cache_clear()
+    try:
+        assert device.kernel("pack_signs_fp32") == ("fn", "pack_signs_fp32")
+        assert device.kernel("pack_signs_bf16") == ("fn", "pack_signs_bf16")     # same module, compiled once
+    finally:
+        device._module.cache_clear()
+    assert len(calls) == 1 and loaded == [b"CUBIN:signs.cu"]
+    src, options, _ = calls[0]
+    assert src == source("signs.cu") and options == COMPILE_OPTIONS
+    assert not any("ftz=true" in o or "fast_math" in o for o in options)
+    ptx, _ = cc.find_nvrtc().compile_ptx(src, "signs.cu", options + ("--gpu-architecture=compute_90",))
+    assert cc.contract_violations(ptx) == ()
 
 
 def test_compile_error_is_reported_with_the_log():
