@@ -110,7 +110,7 @@ STAGES = {s.name: s for s in (
             "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=50, min_start_s=40),
     Stage("profile", "Nsight Compute on the hot kernels at the 13B shape, sparsity 0.92 ({out}/profile.txt)",
           (("ncu", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "Occupancy",
-            "--section", "LaunchStats", "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16)",
+            "--section", "LaunchStats", "--section", "WarpStateStats", "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16)",
             "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
             "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
           estimate_s=90, min_start_s=60),
