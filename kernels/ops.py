@@ -16,10 +16,9 @@ from sparseinfer.reference.signs import words_per_row
 
 from . import device
 from .device import DeviceMatrix, cupy, kernel
-from .sources import DOWN_THREADS
+from .sources import DOWN_THREADS, GATE_UP_BATCHED_THREADS
 
 THREADS = 256                      # 8 warps per block in the warp-per-row kernels
-WARPS_PER_BLOCK = THREADS // WARP_SIZE
 COMPACT_THREADS = 1024
 ATOMIC_ROWS_PER_BLOCK = 64
 _ACT_KIND = {"relu": 0, "fatrelu": 1}
@@ -78,8 +77,8 @@ def check_alpha_milli(alpha_milli) -> int:
     return int(alpha_milli)
 
 
-def _warp_grid(n_warps: int) -> tuple:
-    return (max(1, -(-n_warps // WARPS_PER_BLOCK)),)
+def _warp_grid(n_warps: int, threads: int = THREADS) -> tuple:
+    return (max(1, -(-n_warps // (threads // WARP_SIZE))),)
 
 
 def _act_args(act: Activation) -> tuple:
@@ -182,13 +181,20 @@ def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active
     return h1, h3
 
 
-def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int,
-                  persistent: bool = False):
-    """(counts, zero, h1, h3): predict + gate + up in one launch.
+GATE_UP_PREDICTING = ("fused", "persistent", "batched")
 
-    ``persistent``: gate_up_persistent, a grid that fits on the device at once
-    (``device.resident_blocks``) with each warp striding over the rows, batched weight loads.
+
+def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int,
+                  kind: str = "fused"):
+    """(counts, zero, h1, h3): predict + gate + up in one launch, warp per row.
+
+    ``kind``: ``fused`` (gate_up_fused); ``batched`` (gate_up_batched: the same with 8 weight
+    chunks per lane loaded before they are added); ``persistent`` (gate_up_persistent: a grid
+    that fits on the device at once, ``device.resident_blocks``, each warp striding over the
+    rows, batched loads).
     """
+    if kind not in GATE_UP_PREDICTING:
+        raise SparseInferError(f"unknown fused gate_up kind {kind!r}; expected one of {', '.join(GATE_UP_PREDICTING)}")
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
     k = _check_signs(w_signs, x_signs, d)
@@ -200,12 +206,13 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
     h1, h3 = _gate_up_outputs(k, zeroed=False)
-    name = f"gate_up_persistent_{w_gate.dtype_name}" if persistent else f"gate_up_fused_{w_gate.dtype_name}"
-    grid = _warp_grid(k)
-    if persistent:
+    name = f"gate_up_{kind}_{w_gate.dtype_name}"
+    threads = GATE_UP_BATCHED_THREADS if kind == "batched" else THREADS
+    grid = _warp_grid(k, threads)
+    if kind == "persistent":
         grid = (min(grid[0], device.resident_blocks(name, THREADS)),)
     kernel(name)(
-        grid, (THREADS,),
+        grid, (threads,),
         (x, x_signs, w_signs, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),
          np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3))
     return counts, zero, h1, h3
@@ -231,10 +238,12 @@ def _chunked_down(h3, w_down_t: DeviceMatrix) -> tuple:
     return k, d, n_chunks, cp.empty((n_chunks, d), dtype=cp.float32), cp.empty(d, dtype=cp.float32)
 
 
-def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False):
-    """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending."""
+def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False, batched: bool = False):
+    """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending.
+    ``batched``: down_chunks_batched, each thread loading 8 rows' weights before adding them."""
     k, d, n_chunks, partial, out = _chunked_down(h3, w_down_t)
-    kernel(f"down_chunks_{w_down_t.dtype_name}")(
+    name = f"down_chunks_batched_{w_down_t.dtype_name}" if batched else f"down_chunks_{w_down_t.dtype_name}"
+    kernel(name)(
         (_down_grid_x(d, w_down_t.dtype), n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(bool(dense)), partial))
     kernel("down_reduce_chunks")((-(-d // THREADS),), (THREADS,), (partial, np.int32(n_chunks), np.int32(d), out))

@@ -51,9 +51,9 @@ def _gate_up_list(mlp, x, x_signs, alpha_milli):
     return (*ops.gate_up_list(x, mlp.w_gate, mlp.w_up, mlp.activation, active, n_active), zero)
 
 
-def _gate_up_fused(mlp, x, x_signs, alpha_milli, persistent=False):
+def _gate_up_fused(mlp, x, x_signs, alpha_milli, kind="fused"):
     _, zero, h1, h3 = ops.gate_up_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation, alpha_milli,
-                                        persistent=persistent)
+                                        kind=kind)
     return h1, h3, zero
 
 
@@ -82,7 +82,9 @@ GATE_UP = _family(
     ("v2_list", "predict + compaction, then warps only over the ascending active list (+AS)", True, _gate_up_list),
     ("v3_fused", "predict + gate + up in one launch, warp per row (+AS)", True, _gate_up_fused),
     ("v4_persistent", "v3 on a grid resident at once, warps striding over rows; 8 weight chunks per lane "
-                      "loaded before they are added (+AS)", True, functools.partial(_gate_up_fused, persistent=True)),
+                      "loaded before they are added (+AS)", True, functools.partial(_gate_up_fused, kind="persistent")),
+    ("v5_batched", "v3 (warp per row) with v4's loads: 8 weight chunks per lane in flight before they are added "
+                   "(+AS)", True, functools.partial(_gate_up_fused, kind="batched")),
     ("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)", True,
      _gate_up_dense),
 )
@@ -91,6 +93,8 @@ DOWN = _family(
     "down",
     ("v1_chunks", f"deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
                   "in order", True, lambda h3, wt: ops.down_chunks(h3, wt)),
+    ("v4_batched", "v1 with each thread loading 8 rows' weights before it adds them (more loads in flight)",
+     True, lambda h3, wt: ops.down_chunks(h3, wt, batched=True)),
     ("v3_serial", "v1 in one launch: the last block of each column tile (threadfence + counter) adds the "
                   "chunks' partials in order", True, lambda h3, wt: ops.down_chunks_serial(h3, wt)),
     ("v2_atomic", "order free (paper): split-K over row groups skipping h3 == 0, one atomicAdd per column per block",
@@ -124,6 +128,8 @@ PIPELINES = {p.name: p for p in (
     Pipeline("sparse-list", "v2_list", "v1_chunks", "predict + compaction, list gate+up, deterministic down"),
     Pipeline("sparse-persistent", "v4_persistent", "v3_serial",
              "persistent fused predict+gate+up, one-launch deterministic down"),
+    Pipeline("sparse-batched", "v5_batched", "v4_batched", "fused predict+gate+up and deterministic down, each "
+             "with 8 loads in flight per lane/thread"),
     Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}

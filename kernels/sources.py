@@ -15,6 +15,10 @@ from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES as WEIGHT_SUFFIXES
 
 SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu")
 DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_SUB_CHUNKS per block in v1)
+# Threads per block of gate_up_batched: 2 warps, so that a block holding one long-lived
+# active row keeps one other warp slot idle, not seven (at sparsity 0.92 about half of the
+# 8-warp blocks hold an active row and stay resident while their other warps have exited).
+GATE_UP_BATCHED_THREADS = 64
 
 # Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's
 # default is --ftz=false; no --use_fast_math). The contract's constants come in as defines.
@@ -28,6 +32,7 @@ COMPILE_OPTIONS = (
     f"-DDOWN_ROW_CHUNK={oc.DOWN_ROW_CHUNK}",
     f"-DDOWN_SUB_CHUNKS={oc.DOWN_SUB_CHUNKS}",
     f"-DDOWN_THREADS={DOWN_THREADS}",
+    f"-DGATE_UP_BATCHED_THREADS={GATE_UP_BATCHED_THREADS}",
 )
 
 # The kernels each source defines (extern "C" names), and the hot ones whose register
@@ -35,9 +40,9 @@ COMPILE_OPTIONS = (
 KERNELS = {
     "signs.cu": tuple(f"pack_signs_{s}" for s in SIGN_SUFFIXES),
     "predict.cu": ("predict_rows", "predict_rows_vec", "compact_active"),
-    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused", "persistent")
+    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused", "persistent", "batched")
                         for s in WEIGHT_SUFFIXES),
-    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_serial", "atomic") for s in WEIGHT_SUFFIXES)
+    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_batched", "chunks_serial", "atomic") for s in WEIGHT_SUFFIXES)
     + ("down_reduce_chunks",),
 }
 HOT_KERNELS = frozenset(

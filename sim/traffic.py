@@ -38,7 +38,7 @@ def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows
         return common + k * MASK
     if version == "v2_list":
         return common + rows_gate * INDEX + INDEX
-    if version in ("v3_fused", "v4_persistent"):  # the predictor's reads and writes, inside the kernel
+    if version in ("v3_fused", "v4_persistent", "v5_batched"):  # the predictor's reads and writes, inside the kernel
         return common + predict_bytes("v1", d, k)
     raise ValueError(f"unknown gate_up version {version!r}")
 
@@ -47,7 +47,7 @@ def down_bytes(version: str, d: int, k: int, dtype: str, rows_down: int) -> int:
     """Rows of W_down^T read, h3, and the partial sums (v1) or the output (v2)."""
     rows = k if version == "dense" else rows_down
     weights = rows * d * itemsize(dtype)
-    if version in ("v1_chunks", "v3_serial", "dense"):
+    if version in ("v1_chunks", "v4_batched", "v3_serial", "dense"):
         n_chunks = -(-k // DOWN_ROW_CHUNK)
         return weights + k * F32 + 2 * n_chunks * d * F32 + d * F32
     if version == "v2_atomic":

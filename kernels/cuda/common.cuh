@@ -147,7 +147,9 @@ __device__ __forceinline__ float warp_dot_row(const T* __restrict__ row, const f
 
 // warp_dot_row with the weights of U consecutive chunks of a lane loaded before any of them
 // is added: U x 16 bytes in flight per lane (U x 512 per warp) while the sums keep the
-// contract's order (chunks ascending per lane, elements in order within a chunk).
+// contract's order (chunks ascending per lane, elements in order within a chunk). The last,
+// partial batch is loaded at once too (predicated), so a row of n chunks per lane costs
+// ceil(n / U) round trips to memory.
 template <typename T, int U>
 __device__ __forceinline__ float warp_dot_row_batched(const T* __restrict__ row, const float* __restrict__ x, int d,
                                                       int lane) {
@@ -157,14 +159,18 @@ __device__ __forceinline__ float warp_dot_row_batched(const T* __restrict__ row,
     const uint4* rv = reinterpret_cast<const uint4*>(row);
     float acc = 0.0f;
     int c = lane;
-    for (; c + (U - 1) * WARP_SIZE < n_vec; c += U * WARP_SIZE) {
+    for (; c < n_vec; c += U * WARP_SIZE) {
         uint4 wv[U];
 #pragma unroll
-        for (int u = 0; u < U; ++u) wv[u] = __ldg(rv + c + u * WARP_SIZE);
+        for (int u = 0; u < U; ++u)
+            if (c + u * WARP_SIZE < n_vec) wv[u] = __ldg(rv + c + u * WARP_SIZE);
 #pragma unroll
-        for (int u = 0; u < U; ++u) acc = chunk_dot_add<T>(acc, wv[u], x, (c + u * WARP_SIZE) * V);
+        for (int u = 0; u < U; ++u)
+            if (c + u * WARP_SIZE < n_vec) acc = chunk_dot_add<T>(acc, wv[u], x, (c + u * WARP_SIZE) * V);
     }
-    for (; c < n_vec; c += WARP_SIZE) acc = chunk_dot_add<T>(acc, __ldg(rv + c), x, c * V);
+    // c now lies past n_vec by a multiple of 32 from the first chunk this lane did not add:
+    // step back to it for the scalar tail.
+    c = n_vec + ((lane - n_vec % WARP_SIZE) + WARP_SIZE) % WARP_SIZE;
     return warp_sum_butterfly(scalar_chunks_add(acc, row, x, d, c, n_chunks));
 }
 

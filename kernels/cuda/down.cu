@@ -27,14 +27,44 @@ __device__ __forceinline__ void down_add_row(const T* __restrict__ wt, i64 ld, i
     }
 }
 
+// Add rows rows_s[begin .. end) (weights h_s) in ascending order; BATCH > 1 loads the 16-byte
+// vectors of up to BATCH rows before adding any of them (predicated for the last batch), so
+// a thread has BATCH loads in flight instead of what the compiler hoists from an unrolled loop.
+template <typename T, int BATCH>
+__device__ __forceinline__ void down_add_rows(const T* __restrict__ wt, i64 ld, const int* rows_s, const float* h_s,
+                                              int begin, int end, int col0, int d, bool vec, float* acc) {
+    const int V = Elem<T>::V;
+    if (BATCH > 1 && vec) {
+        for (int n = begin; n < end; n += BATCH) {
+            uint4 wv[BATCH];
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u)
+                if (n + u < end) wv[u] = __ldg(reinterpret_cast<const uint4*>(wt + (i64)rows_s[n + u] * ld + col0));
+#pragma unroll
+            for (int u = 0; u < BATCH; ++u) {
+                if (n + u >= end) break;
+                float w[V];
+                Elem<T>::unpack(wv[u], w);
+                const float h = h_s[n + u];
+#pragma unroll
+                for (int v = 0; v < V; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(h, w[v]));
+            }
+        }
+        return;
+    }
+#pragma unroll 4
+    for (int n = begin; n < end; ++n) down_add_row(wt, ld, (i64)rows_s[n], h_s[n], col0, d, vec, acc);
+}
+
 // v1 (deterministic, the contract's order). Block (column tile, chunk c of DOWN_ROW_CHUNK
 // rows), DOWN_SUB_CHUNKS groups of DOWN_THREADS threads. The block first lists the chunk's
 // rows with h3 != 0 in ascending order (ballots and a per-32-row-group prefix in shared
 // memory; dense = every row). Group s then adds the rows of sub-chunk s in that order from
 // +0.0 (q[s]), for the same columns as every other group: several independent load streams
 // per column tile. Group 0 finally adds q[1], q[2], ... in order and writes partial[c, j];
-// down_reduce_chunks adds the chunks.
-template <typename T>
+// down_reduce_chunks adds the chunks. v4 (down_chunks_batched) is v1 with DOWN_BATCH rows'
+// loads in flight per thread (down_add_rows).
+template <typename T, int BATCH = 1>
 __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, const T* __restrict__ wt, i64 ld,
                                                  int k, int d, int dense, float* __restrict__ partial) {
     const int V = Elem<T>::V;
@@ -83,8 +113,7 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
     for (int v = 0; v < V; ++v) acc[v] = 0.0f;
     if (has_cols) {
         const bool vec = down_vector_ok(wt, ld, col0, d);
-#pragma unroll 4
-        for (int n = begin; n < end; ++n) down_add_row(wt, ld, (i64)rows_s[n], h_s[n], col0, d, vec, acc);
+        down_add_rows<T, BATCH>(wt, ld, rows_s, h_s, begin, end, col0, d, vec, acc);
         if (sub > 0) {
 #pragma unroll
             for (int v = 0; v < V; ++v) sub_s[sub - 1][ct][v] = acc[v];
@@ -168,10 +197,15 @@ __device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, c
         if (col0 + v < d) atomicAdd(out + col0 + v, acc[v]);
 }
 
+#define DOWN_BATCH 8      // rows whose weights a thread of down_chunks_batched loads before adding them
 #define DOWN(NAME, T)                                                                                        \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) {      \
         down_chunks_impl<T>(h3, wt, ld, k, d, dense, partial);                                               \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
+    down_chunks_batched_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) { \
+        down_chunks_impl<T, DOWN_BATCH>(h3, wt, ld, k, d, dense, partial);                                   \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_serial_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, float* partial,            \

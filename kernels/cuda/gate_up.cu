@@ -104,9 +104,28 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
                                               threshold, counts, zero, h1, h3, lane);
 }
 
-// The kernels that predict as they go (v3 fused, v4 persistent) share one signature.
-#define GATE_UP_PREDICTING(KIND, NAME, T)                                                                  \
-    extern "C" __global__ void __launch_bounds__(256)                                                      \
+// v5: v3 (warp per row, every row its own warp) with the weight loads of v4: each lane
+// loads GATE_UP_BATCH chunks of a row before adding them, so an active row of the 13B shape
+// (20 chunks per lane) takes 3 round trips to memory for its gate row instead of 5. Blocks
+// of GATE_UP_BATCHED_THREADS (2 warps), so that the few active rows, not the blocks that
+// hold them, decide how many are in flight.
+template <typename T>
+__device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* __restrict__ x_signs,
+                                                     const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
+                                                     i64 ld, int d, int k, int alpha_milli, int act_kind,
+                                                     float threshold, int* __restrict__ counts,
+                                                     unsigned char* __restrict__ zero, float* h1, float* h3) {
+    const i64 row = global_warp_id();
+    if (row >= k) return;
+    predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind,
+                                          threshold, counts, zero, h1, h3, lane_id());
+}
+
+// The kernels that predict as they go (v3 fused, v4 persistent, v5 batched) share one signature.
+// BOUNDS: v4 asks for 2 blocks per SM (up to 128 registers): left to its own heuristics,
+// ptxas gives it 64 on sm_87 and spills.
+#define GATE_UP_PREDICTING(KIND, NAME, T, BOUNDS)                                                          \
+    extern "C" __global__ void BOUNDS                                                    \
     gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,       \
                             const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,            \
                             float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {     \
@@ -125,8 +144,9 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
                         const int* n_active, int act_kind, float threshold, float* h1, float* h3) {        \
         gate_up_list_impl<T>(x, w_gate, w_up, ld, d, active, n_active, act_kind, threshold, h1, h3);       \
     }                                                                                                      \
-    GATE_UP_PREDICTING(fused, NAME, T)                                                                     \
-    GATE_UP_PREDICTING(persistent, NAME, T)
+    GATE_UP_PREDICTING(fused, NAME, T, __launch_bounds__(256))                                             \
+    GATE_UP_PREDICTING(persistent, NAME, T, __launch_bounds__(256, 2))                                     \
+    GATE_UP_PREDICTING(batched, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS))
 GATE_UP(fp32, float)
 GATE_UP(fp16, half_bits)
 GATE_UP(bf16, bf16_bits)
