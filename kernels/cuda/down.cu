@@ -197,7 +197,7 @@ __device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, c
         if (col0 + v < d) atomicAdd(out + col0 + v, acc[v]);
 }
 
-#define DOWN_BATCH 16     // rows whose weights a thread of down_chunks_batched loads before adding them
+#define DOWN_BATCH 8      // rows whose weights a thread of down_chunks_batched loads before adding them
 #define DOWN(NAME, T)                                                                                        \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) {      \

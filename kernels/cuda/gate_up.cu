@@ -104,7 +104,6 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
                                               threshold, counts, zero, h1, h3, lane);
 }
 
-#define GATE_UP_BATCHED_CHUNKS 10   // v5: a 13B fp16 row's 20 chunks per lane in two round trips
 // v5: v3 (warp per row, every row its own warp) with the weight loads of v4: each lane
 // loads GATE_UP_BATCH chunks of a row before adding them, so an active row of the 13B shape
 // (20 chunks per lane) takes 3 round trips to memory for its gate row instead of 5. Blocks
@@ -118,13 +117,13 @@ __device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* 
                                                      unsigned char* __restrict__ zero, float* h1, float* h3) {
     const i64 row = global_warp_id();
     if (row >= k) return;
-    predict_gate_up_row<T, GATE_UP_BATCHED_CHUNKS>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli,
-                                                   act_kind, threshold, counts, zero, h1, h3, lane_id());
+    predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind,
+                                          threshold, counts, zero, h1, h3, lane_id());
 }
 
 // The kernels that predict as they go (v3 fused, v4 persistent, v5 batched) share one signature.
-// BOUNDS: v4 asks for 2 blocks per SM (up to 128 registers), v5 for 12 of its 2-warp blocks
-// (up to 85): left to its own heuristics, ptxas gives each 64 on sm_87 and spills.
+// BOUNDS: v4 asks for 2 blocks per SM (up to 128 registers): left to its own heuristics,
+// ptxas gives it 64 on sm_87 and spills.
 #define GATE_UP_PREDICTING(KIND, NAME, T, BOUNDS)                                                          \
     extern "C" __global__ void BOUNDS                                                    \
     gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,       \
@@ -147,7 +146,7 @@ __device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* 
     }                                                                                                      \
     GATE_UP_PREDICTING(fused, NAME, T, __launch_bounds__(256))                                             \
     GATE_UP_PREDICTING(persistent, NAME, T, __launch_bounds__(256, 2))                                     \
-    GATE_UP_PREDICTING(batched, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS, 12))
+    GATE_UP_PREDICTING(batched, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS))
 GATE_UP(fp32, float)
 GATE_UP(fp16, half_bits)
 GATE_UP(bf16, bf16_bits)
