@@ -1,4 +1,4 @@
-"""The owed GPU checks as one prepared, staged run that fits a lent device's time.
+"""The GPU checks as one prepared, staged run that fits a lent device's time.
 
 A lent device gives a session about 15 minutes in all (its start included) and 10 minutes
 per command, so the checks run as named stages, in order, each under a timeout cut from
@@ -74,7 +74,7 @@ class Stage:
     name: str
     what: str
     commands: tuple                  # argv templates: {py} the interpreter, {out} the output folder
-    estimate_s: int                  # expected seconds on an H100 with 16 cores (an estimate, not a measurement)
+    estimate_s: int                  # seconds, rounded up from the H200 runs of 2026-11-26 (16 cores)
     min_start_s: int                 # not started with less left than this
     env: dict = field(default_factory=dict)
     stops_run: bool = False          # a failure here leaves the later stages not run
@@ -90,13 +90,13 @@ STAGES = {s.name: s for s in (
     Stage("preflight", "device, driver, CUDA / CuPy / NVRTC versions, every kernel compiled, every version "
                        "verified once at d 1100, k 1031",
           (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "preflight"), _verify(1100, 1031)),
-          estimate_s=40, min_start_s=30, stops_run=True),
+          estimate_s=20, min_start_s=20, stops_run=True),
     Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py), in "
                    f"{XDIST_WORKERS} processes where pytest-xdist is installed",
-          ((*_PYTEST, "-m", "gpu", XDIST, "tests/test_kernels_gpu.py"),), estimate_s=120, min_start_s=90),
+          ((*_PYTEST, "-m", "gpu", XDIST, "tests/test_kernels_gpu.py"),), estimate_s=40, min_start_s=40),
     Stage("bench", "sparseinfer bench: every version and pipeline, 7B/13B, sparsity 0.90/0.92, then the 8-layer "
                    "decode loop eager and as a CUDA graph ({out}/<device>.json)",
-          ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=120, min_start_s=90),
+          ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=60, min_start_s=60),
     Stage("sanitize", "compute-sanitizer memcheck on the GPU property tests (3 Hypothesis examples each) and on "
                       "verify-kernels at tail shapes, CuPy's pool off (one allocation per buffer); racecheck and "
                       "synccheck on verify-kernels",
@@ -104,27 +104,27 @@ STAGES = {s.name: s for s in (
           + tuple(_sanitizer("memcheck", _verify(d, k), "--leak-check", "no") for d, k in _SANITIZE_SHAPES)
           + (_sanitizer("racecheck", _verify(*_SANITIZE_SHAPES[1]), "--racecheck-report", "hazard"),
              _sanitizer("synccheck", _verify(*_SANITIZE_SHAPES[1]))),
-          estimate_s=180, min_start_s=90, env={POOL_ENV: "off", "HYPOTHESIS_PROFILE": "sanitizer"}),
+          estimate_s=45, min_start_s=45, env={POOL_ENV: "off", "HYPOTHESIS_PROFILE": "sanitizer"}),
     Stage("pytest-bench", "the pytest-benchmark cases at the 13B shape, sparsity 0.92 ({out}/pytest-bench.json)",
           ((*_PYTEST, "-m", "gpu", "tests/test_kernels_bench.py", "-k", "13b and 0.92", "--benchmark-enable",
-            "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=50, min_start_s=40),
+            "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=25, min_start_s=25),
     Stage("profile", "Nsight Compute on the hot kernels at the 13B shape, sparsity 0.92 ({out}/profile.txt)",
           (("ncu", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "Occupancy",
             "--section", "LaunchStats", "--section", "WarpStateStats", "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16)",
             "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
             "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
-          estimate_s=90, min_start_s=60),
+          estimate_s=50, min_start_s=50),
     Stage("ort-unpack", f"join and check the carried onnxruntime-gpu parts (.whl/ort-N), extract to {ORT_DIR}, "
                         "run a small graph on its CUDA provider against NumPy (ort-smoke)",
           (("{py}", "-m", "sparseinfer.benchmarks.carry_parts", "unpack", ".whl/ort", "--to", ORT_DIR),
            ("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "ort-smoke")),
-          estimate_s=30, min_start_s=20, stops_run=True),
+          estimate_s=10, min_start_s=10, stops_run=True),
     Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit",
-          ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=90, min_start_s=60),
+          ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=15, min_start_s=15),
     Stage("ort-bench", "bench-decode --provider cuda --target cuda, then 8 profiled tokens per model: time by "
                        "provider, top ops ({out}/cuda-decode.json)",
           ((*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5", "--profile-tokens", "8",
-            "--out", "{out}/cuda-decode.json"),), estimate_s=170, min_start_s=90),
+            "--out", "{out}/cuda-decode.json"),), estimate_s=60, min_start_s=60),
 )}
 GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
           "ort": ("ort-unpack", "ort-tests", "ort-bench")}
@@ -250,7 +250,7 @@ def preflight_report() -> dict:
 @click.option("--list", "list_only", is_flag=True, help="List the stages and groups, run nothing.")
 @click.pass_context
 def cli(ctx, stages_text, budget_s, out, list_only):
-    """Run the owed GPU checks in stages within a time budget (see the module's docstring).
+    """Run the GPU checks in stages within a time budget (see the module's docstring).
 
     Exit code 0 when every stage run passed, 1 when one failed or timed out, 2 for bad
     arguments. Skipped stages (too little time left) are listed in summary.json.

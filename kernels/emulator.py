@@ -11,7 +11,8 @@ return :data:`xp`, a small CuPy stand-in over NumPy, and the kernel launches go 
 emulated kernels, so the wrappers in ``ops.py``, ``SparseMLP``, the GPU tests and
 ``sparseinfer verify-kernels`` run unchanged.
 What this checks: the kernels' logic, bit for bit against the reference. What it cannot:
-timing, coalescing, the GPU's memory model; the GPU run stays owed.
+timing, coalescing, the GPU's memory model, NVRTC's real options: a GPU run does those
+(benchmarks/README.md).
 """
 from __future__ import annotations
 
