@@ -13,9 +13,11 @@ timings; it is skipped like an unverified one. Each verified row is one kernel f
 MLP pipelines, ``kernel == "mlp"``, run several kernels and are left out of the fit); the latency model predicts
 ``kernel_launch_us + bytes / (fraction · peak)`` with the dense fraction for kernels that
 stream whole matrices (dense GEMV, predictors) and the sparse fraction for row-gathering
-kernels. A linear least-squares fit over the rows gives the launch time and both
-fractions; a constant with no rows to fit it keeps the platform's value. The report
-lists the model's relative error on every measured row.
+kernels. A linear least-squares fit over the rows gives both fractions, and the launch time
+unless the file measured an empty launch (``empty_launch_us``); a constant with no rows to
+fit it keeps the platform's value. Fitted to one pipeline's kernels (``versions``) the
+cuBLAS timings of the same steps stand for the dense class. The report lists the model's
+relative error on every fitted row.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ ROW_FIELDS = {"kernel": str, "version": str, "model": str, "d": int, "k": int, "
               "gb_per_s": (int, float), "pct_peak": (int, float), "dense_baseline_us": (int, float),
               "speedup_vs_dense": (int, float)}
 TOP_FIELDS = {"device": str, "cuda_version": str, "date": str, "peak_bandwidth_gb_per_s": (int, float), "rows": list}
-DENSE_KERNEL_WORDS = ("dense", "predict", "pack")   # kernels/registry.py families and versions
+DENSE_KERNEL_WORDS = ("dense", "predict", "pack", "cublas")   # kernels/registry.py families and versions
+BASELINE_FAMILIES = ("gate_up", "down")             # rows whose dense_baseline_us is cuBLAS doing that step
 PIPELINE_KERNELS = ("mlp",)                         # whole-MLP pipeline rows: several launches each
 
 
@@ -83,9 +86,32 @@ def predicted_latency_us(row: dict, peak_gb_per_s: float, eff: dict) -> float:
     return eff["kernel_launch_us"] + row["bytes"] / (fraction * peak_gb_per_s * 1e9) * 1e6
 
 
-def calibrate(hw: HardwareSpec, results: dict) -> dict:
-    """Fit launch time and the dense / sparse bandwidth fractions to the verified rows."""
-    rows = [r for r in results["rows"] if r["verified"] and r["kernel"].lower() not in PIPELINE_KERNELS]
+def cublas_rows(results: dict) -> list[dict]:
+    """The cuBLAS dense steps measured beside the kernels, as rows of class dense: each
+    verified ``dense`` version row of gate_up / down carries ``dense_baseline_us``, cuBLAS
+    doing the same step on the same bytes (two fp16 GEMVs, or one)."""
+    return [dict(r, version="cublas", latency_us=r["dense_baseline_us"]) for r in results["rows"]
+            if r["verified"] and r["kernel"] in BASELINE_FAMILIES and r["version"] == "dense"]
+
+
+def calibrate(hw: HardwareSpec, results: dict, versions=None) -> dict:
+    """Fit the dense / sparse bandwidth fractions (and the launch time) to verified rows.
+
+    ``versions``: None fits every verified kernel row. A set of (kernel, version) pairs (the
+    kernels of one pipeline, say) fits those rows plus the cuBLAS dense steps of the file
+    (:func:`cublas_rows`): the sparse fraction then describes the kernels a decode would use,
+    and the dense one cuBLAS, not the slower versions kept for comparison. Where the file
+    measured an empty kernel launch (``empty_launch_us``) that is the launch time, not fitted.
+    """
+    verified = [r for r in results["rows"] if r["verified"] and r["kernel"].lower() not in PIPELINE_KERNELS]
+    if versions is None:
+        rows = verified
+    else:
+        versions = {(str(k), str(v)) for k, v in versions}
+        missing = sorted(versions - {(r["kernel"], r["version"]) for r in verified})
+        if missing:
+            raise SparseInferError("results have no verified rows of " + ", ".join(f"{k} {v}" for k, v in missing))
+        rows = [r for r in verified if (r["kernel"], r["version"]) in versions] + cublas_rows(results)
     skipped = [f"{r['kernel']} {r['version']}" + (" (failed)" if "error" in r else "")
                for r in results["rows"] if not r["verified"]]
     pipelines = [f"{r['kernel']} {r['version']}" for r in results["rows"]
@@ -95,8 +121,15 @@ def calibrate(hw: HardwareSpec, results: dict) -> dict:
     peak = float(results["peak_bandwidth_gb_per_s"])
     eff = asdict(hw.efficiency)
     classes = sorted({row_class(r) for r in rows})
+    measured_launch = results.get("empty_launch_us")
+    if isinstance(measured_launch, (int, float)) and not isinstance(measured_launch, bool) and measured_launch > 0:
+        eff["kernel_launch_us"] = float(measured_launch)
+        launch_source = "empty_launch_us"
+    else:
+        launch_source = None
     # unknowns: launch (shared), then 1/fraction per class present: latency = a + bytes/(f·peak)
-    fit_launch = len({(row_class(r), r["bytes"]) for r in rows}) > len(classes)
+    fit_launch = launch_source is None and len({(row_class(r), r["bytes"]) for r in rows}) > len(classes)
+    launch_source = launch_source or ("fitted" if fit_launch else "platform")
     cols = (["launch"] if fit_launch else []) + classes
     a = np.zeros((len(rows), len(cols)))
     y = np.array([r["latency_us"] for r in rows], dtype=np.float64)
@@ -122,7 +155,8 @@ def calibrate(hw: HardwareSpec, results: dict) -> dict:
                        "sparsity": r["sparsity"], "measured_us": r["latency_us"], "model_us": pred,
                        "rel_error": pred / r["latency_us"] - 1.0})
     return {"device": results["device"], "date": results["date"], "hardware": hw.name,
-            "peak_bandwidth_gb_per_s": peak, "fitted": sorted(cols), "efficiency": eff,
+            "peak_bandwidth_gb_per_s": peak, "fitted": sorted(cols), "launch_source": launch_source,
+            "versions": None if versions is None else sorted(f"{k} {v}" for k, v in versions), "efficiency": eff,
             "previous_efficiency": asdict(hw.efficiency), "skipped_unverified": skipped,
             "skipped_pipelines": pipelines, "rows": report,
             "max_abs_rel_error": max(abs(r["rel_error"]) for r in report)}

@@ -87,12 +87,68 @@ def test_malformed_results(mutate, message):
 def test_cli_calibrate(tmp_path):
     path = tmp_path / "results.json"
     path.write_text(json.dumps(cal.synthesise_results(TRUE, ROWS)))
-    r = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--json"])
+    r = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--calibrate-pipeline", "all", "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
     assert data["efficiency"]["sparse_bandwidth_fraction"] == pytest.approx(0.19)
     assert len(data["calibration"]["rows"]) == len(ROWS)
-    text = CliRunner().invoke(cli, ["latency", "--calibrate", str(path)])
+    text = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--calibrate-pipeline", "all"])
     assert text.exit_code == 0 and "calibrated from" in text.stdout and "sparse_gemv" in text.stdout
     bad = CliRunner().invoke(cli, ["latency", "--calibrate", str(tmp_path / "none.json")])
     assert bad.exit_code == 2 and bad.stderr.strip().startswith("error: no such results file")
+
+
+def _with_cublas_and_launch(rows, slow_version=None):
+    """Synthesised results with a measured empty launch, cuBLAS timings on the dense gate_up
+    row that follow TRUE's dense constants, and optionally one version made 3x slower."""
+    results = cal.synthesise_results(TRUE, rows)
+    eff, peak = TRUE.efficiency, TRUE.memory_bandwidth_gb_per_s
+    for r in results["rows"]:
+        if (r["kernel"], r["version"]) == ("gate_up", "dense"):
+            r["dense_baseline_us"] = eff.kernel_launch_us + r["bytes"] / (eff.dense_bandwidth_fraction * peak * 1e9) * 1e6
+            r["latency_us"] *= 1.7          # our own dense kernel is slower than cuBLAS: not fitted
+        if (r["kernel"], r["version"]) == slow_version:
+            r["latency_us"] *= 3.0
+    results["empty_launch_us"] = eff.kernel_launch_us
+    return results
+
+
+def test_pipeline_calibration_fits_its_kernels_and_cublas_with_the_measured_launch():
+    results = _with_cublas_and_launch(ROWS, slow_version=("sparse_gemv", "v2"))
+    versions = {("sparse_gemv", "v1"), ("down", "v1_chunks")}
+    report = cal.calibrate(ORIN, results, versions)
+    assert report["launch_source"] == "empty_launch_us" and report["fitted"] == ["dense", "sparse"]
+    assert report["versions"] == ["down v1_chunks", "sparse_gemv v1"]
+    assert sorted((r["kernel"], r["version"]) for r in report["rows"]) == [
+        ("down", "v1_chunks"), ("gate_up", "cublas"), ("sparse_gemv", "v1")]
+    eff = report["efficiency"]
+    assert eff["kernel_launch_us"] == TRUE.efficiency.kernel_launch_us
+    assert eff["sparse_bandwidth_fraction"] == pytest.approx(0.19, rel=1e-9)
+    assert eff["dense_bandwidth_fraction"] == pytest.approx(0.61, rel=1e-9)
+    assert report["max_abs_rel_error"] < 1e-9
+    every = cal.calibrate(ORIN, results)       # the slow v2 and our dense kernel pull the all-rows fit off
+    assert every["launch_source"] == "empty_launch_us" and every["max_abs_rel_error"] > 0.1
+    with pytest.raises(SparseInferError, match="no verified rows of gate_up v9"):
+        cal.calibrate(ORIN, results, {("gate_up", "v9"), ("down", "v1_chunks")})
+
+
+def test_cli_calibrate_pipeline(tmp_path):
+    path = tmp_path / "results.json"
+    results = _with_cublas_and_launch(ROWS)
+    results["rows"].append(dict(results["rows"][4], kernel="gate_up", version="v5_batched"))
+    results["rows"].append(dict(results["rows"][4], version="v4_batched"))
+    path.write_text(json.dumps(results))
+    r = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--calibrate-pipeline", "sparse-batched",
+                                 "--json"])
+    assert r.exit_code == 0, r.output
+    fitted = json.loads(r.stdout)["calibration"]
+    assert fitted["versions"] == ["down v4_batched", "gate_up v5_batched"]
+    assert {row["version"] for row in fitted["rows"]} == {"v5_batched", "v4_batched", "cublas"}
+    r = CliRunner().invoke(cli, ["latency", "--calibrate", str(path)])          # the default pipeline's rows
+    assert r.exit_code == 0 and "launch time: empty_launch_us" in r.stdout and "gate_up v5_batched" in r.stdout
+    bad = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--calibrate-pipeline", "sparse-nope"])
+    assert bad.exit_code == 2 and "unknown pipeline 'sparse-nope'" in bad.output
+    bad = CliRunner().invoke(cli, ["latency", "--calibrate-pipeline", "all"])
+    assert bad.exit_code == 2 and "--calibrate-pipeline needs --calibrate" in bad.output
+    missing = CliRunner().invoke(cli, ["latency", "--calibrate", str(path), "--calibrate-pipeline", "sparse-fused"])
+    assert missing.exit_code != 0 and "no verified rows of" in missing.output

@@ -59,8 +59,13 @@ def _fmt_ops(method_row: dict) -> str:
 @click.option("--calibrate", "results_file", type=click.Path(dir_okay=False),
               help="Benchmark results JSON (benchmarks/results/*.json): fit the platform's efficiency "
                    "constants to it, report the model's error per measured row, then simulate with them.")
+@click.option("--calibrate-pipeline", "pipeline", default=None, show_default="the default pipeline",
+              help="With --calibrate: fit the sparse fraction to this kernel pipeline's gate+up and down rows "
+                   "(`sparseinfer kernels` lists them) and the dense one to the file's cuBLAS timings; `all` fits "
+                   "every verified kernel row.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show_ops, results_file, as_json):
+def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show_ops, results_file, pipeline,
+            as_json):
     """Per-token decode latency of each method, per op, on one platform.
 
     Methods: llama.cpp (dense), PowerInfer (DejaVu predictor of rank r, fp16 tensor cores)
@@ -75,8 +80,10 @@ def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show
     model = load_model(model_name)
     spec = _hardware(hw, hw_file)
     calibration = None
+    if pipeline is not None and not results_file:
+        raise click.UsageError("--calibrate-pipeline needs --calibrate RESULTS.json")
     if results_file:
-        calibration = cal.calibrate(spec, cal.read_results(results_file))
+        calibration = cal.calibrate(spec, cal.read_results(results_file), _calibration_versions(pipeline))
         spec = cal.calibrated_hardware(spec, calibration)
     data = lat.decode_latency(model, spec, alpha, sparsity, lat.METHODS, context_tokens, rank)
     if calibration:
@@ -87,9 +94,13 @@ def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show
     if calibration:
         click.echo(f"calibrated from {results_file} ({calibration['device']}, {calibration['date']}): "
                    + ", ".join(f"{k} {v:.3g}" for k, v in calibration["efficiency"].items()))
-        click.echo(format_table(["kernel", "version", "class", "measured us", "model us", "error"],
-                                [[r["kernel"], r["version"], r["class"], f"{r['measured_us']:.1f}",
-                                  f"{r['model_us']:.1f}", f"{r['rel_error']:+.1%}"] for r in calibration["rows"]]))
+        click.echo(format_table(["kernel", "version", "model", "sparsity", "class", "measured us", "model us",
+                                 "error"],
+                                [[r["kernel"], r["version"], r["model"], f"{r['sparsity']:g}", r["class"],
+                                  f"{r['measured_us']:.1f}", f"{r['model_us']:.1f}", f"{r['rel_error']:+.1%}"]
+                                 for r in calibration["rows"]]))
+        click.echo(f"launch time: {calibration['launch_source']}; fitted rows: "
+                   + (", ".join(calibration["versions"]) + " and cuBLAS" if calibration["versions"] else "all"))
         click.echo("")
     eff = data["efficiency"]
     si = data["sparseinfer_layers"]
@@ -245,3 +256,17 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
 
 
 COMMANDS = (latency, fig4, hardware, predictor_stats, sweep)
+
+
+def _calibration_versions(pipeline):
+    """The (kernel, version) rows that --calibrate fits: a pipeline's gate+up and down, or all (None)."""
+    from sparseinfer.kernels.registry import DEFAULT_PIPELINE, PIPELINES
+
+    name = pipeline or DEFAULT_PIPELINE
+    if name == "all":
+        return None
+    if name not in PIPELINES:
+        raise click.BadParameter(f"unknown pipeline {name!r}; expected all or one of {', '.join(PIPELINES)}",
+                                 param_hint="--calibrate-pipeline")
+    p = PIPELINES[name]
+    return {("gate_up", p.gate_up), ("down", p.down)}
