@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 import click
 
 from sparseinfer.kernels.device import POOL_ENV
@@ -219,8 +221,29 @@ def _log_tail(log, start: int) -> list[str]:
         return _tail(f.read())
 
 
+# A row whose sign bits tell whether the compiled kernels flush subnormals: -1e-40 and -1e-45
+# are negative (bit 1) unless a flush-to-zero comparison reads them as 0; -0.0 is never.
+SUBNORMAL_PROBE = np.array([[-1e-40, 1e-40, -0.0, -2.0, -1e-45, 3e-39, 0.5]], dtype=np.float32)
+
+
+def subnormal_probe() -> None:
+    """Pack SUBNORMAL_PROBE's signs with the compiled kernels; raise if they differ from the
+    reference's (as they did when CuPy's own compile added -ftz=true)."""
+    from sparseinfer.kernels import ops
+    from sparseinfer.kernels.device import DeviceMatrix, cupy
+    from sparseinfer.reference.errors import SparseInferError
+    from sparseinfer.reference.signs import pack_signs
+
+    got = ops.pack_signs(DeviceMatrix.from_host("subnormal probe", SUBNORMAL_PROBE, xp=cupy())).get()
+    want = pack_signs(SUBNORMAL_PROBE)
+    if not np.array_equal(got, want):
+        raise SparseInferError(f"the compiled kernels flush subnormals: sign word {int(got.ravel()[0]):#x}, the "
+                               f"reference's {int(want.ravel()[0]):#x} (a flush-to-zero compile option?)")
+
+
 def preflight_report() -> dict:
-    """Versions and device facts; compiles every kernel (raises on the first that fails)."""
+    """Versions and device facts; compiles every kernel (raises on the first that fails) and
+    checks that they keep subnormals (:func:`subnormal_probe`)."""
     from sparseinfer.kernels.device import KERNEL_SOURCE, cupy, kernel, occupancy
     from sparseinfer.kernels.ops import THREADS
 
@@ -230,10 +253,11 @@ def preflight_report() -> dict:
     info = device_info()
     for name in KERNEL_SOURCE:
         kernel(name)
+    subnormal_probe()
     sms, per_sm, source = occupancy("gate_up_persistent_fp16", THREADS)
     return {**info, "cupy": cp.__version__, "driver": cp.cuda.runtime.driverGetVersion(),
             "nvrtc": ".".join(map(str, cp.cuda.nvrtc.getVersion())), "python": sys.version.split()[0],
-            "kernels_compiled": len(KERNEL_SOURCE),
+            "kernels_compiled": len(KERNEL_SOURCE), "subnormals_kept": True,
             "persistent_grid": {"sms": sms, "blocks_per_sm": per_sm, "from": source},
             "later_stages_need": {"compute-sanitizer": bool(shutil.which("compute-sanitizer")),
                                   "ncu": bool(shutil.which("ncu")), "pytest-xdist (-n)": bool(xdist_args()),

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import click
+import numpy as np
 import pytest
 
 from sparseinfer.benchmarks import gpu_check as gc
@@ -268,6 +269,7 @@ def test_preflight_report_names_versions_the_grid_and_what_later_stages_need(mon
     monkeypatch.setattr(device, "_cupy_module", lambda: fake)
     monkeypatch.setattr(device, "kernel", compiled.append)
     monkeypatch.setattr(device, "occupancy", lambda name, threads: (132, 8, "driver"))
+    monkeypatch.setattr(gc, "subnormal_probe", lambda: None)       # on the emulator below
     monkeypatch.setattr(timing, "device_info", lambda: {"device": "Stand-in", "peak_bandwidth_gb_per_s": 1.0})
     monkeypatch.setenv("PATH", str(tmp_path))                      # no compute-sanitizer, no ncu here
     (tmp_path / "ncu").write_text("#!/bin/sh\n")
@@ -279,3 +281,25 @@ def test_preflight_report_names_versions_the_grid_and_what_later_stages_need(mon
     assert report["persistent_grid"] == {"sms": 132, "blocks_per_sm": 8, "from": "driver"}
     needs = report["later_stages_need"]
     assert needs["compute-sanitizer"] is False and needs["ncu"] is True and needs["carried .whl/ort-1"] is False
+
+
+@pytest.mark.emulated
+def test_subnormal_probe_passes_on_kernels_that_keep_subnormals_and_names_a_flush(monkeypatch):
+    from sparseinfer.kernels import emulator, ops
+    from sparseinfer.reference.errors import SparseInferError
+
+    from sparseinfer.reference.signs import pack_signs
+
+    assert int(pack_signs(gc.SUBNORMAL_PROBE)[0, 0]) == 0b11001   # -1e-40, -2.0 and -1e-45 are negative
+    with emulator.installed():
+        gc.subnormal_probe()                                     # the emulated kernels keep them
+        real = ops.pack_signs
+
+        def flushing(m):                                         # what -ftz=true did on the H200
+            data = m.data.copy()
+            data[np.abs(data) < np.finfo(np.float32).tiny] = 0.0
+            return real(type(m)(data, m.dtype, m.rows, m.cols, m.ld))
+
+        monkeypatch.setattr(ops, "pack_signs", flushing)
+        with pytest.raises(SparseInferError, match=r"flush subnormals: sign word 0x8, the reference's 0x19"):
+            gc.subnormal_probe()
