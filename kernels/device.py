@@ -17,6 +17,7 @@ from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, check_dtype, check_no
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.order_contract import vector_width
 
+from . import module_cache
 from .sources import COMPILE_OPTIONS, KERNELS, source
 
 
@@ -76,12 +77,26 @@ def _module(src: str):
     caller's options (cupy/cuda/compiler.py), and the last one wins, so subnormals would be
     flushed and the kernels would differ from the reference (seen on an H200, 2026-11-26:
     a -1e-40 weight packed as a positive sign, a 2.4e-40 product as 0). CuPy's plain NVRTC
-    call adds only the device's ``-arch`` (and ``--device-as-default-execution-space``).
+    call adds only the device's ``-arch`` (and ``--device-as-default-execution-space``), and
+    has no disk cache: ``module_cache`` keeps the compiled bytes between processes.
     """
     cp = cupy()
-    compiled, _ = cp.cuda.compiler.compile_using_nvrtc(source(src), COMPILE_OPTIONS, filename=src)
+    text = source(src)
+
+    def compile_now() -> bytes:
+        return cp.cuda.compiler.compile_using_nvrtc(text, COMPILE_OPTIONS, filename=src)[0]
+
+    key = module_cache.cache_key(text, COMPILE_OPTIONS, cp.cuda.Device().compute_capability,
+                                 cp.cuda.nvrtc.getVersion(), cp.cuda.runtime.driverGetVersion(), cp.__version__)
+    compiled, from_cache = module_cache.cached_compile(key, compile_now)
     module = cp.cuda.function.Module()
-    module.load(compiled)
+    try:
+        module.load(compiled)
+    except Exception:
+        if not from_cache:
+            raise
+        module = cp.cuda.function.Module()       # a cached file the driver refuses: compile afresh
+        module.load(compile_now())
     return module
 
 

@@ -51,13 +51,15 @@ def test_contract_check_catches_fma_and_ftz():
     assert cc.contract_violations(ptx) == ()
 
 
-def test_runtime_compiles_with_exactly_the_gated_options(monkeypatch):
+def test_runtime_compiles_with_exactly_the_gated_options(monkeypatch, tmp_path):
     """The device path hands NVRTC COMPILE_OPTIONS and nothing that overrides them, and
-    those options pass the gate. CuPy's ``RawModule(code=...)`` would append -ftz=true."""
+    those options pass the gate. CuPy's ``RawModule(code=...)`` would append -ftz=true.
+    The compiled bytes are kept on disk: a second process loads them without NVRTC."""
     _tools_or_skip()
     from types import SimpleNamespace
 
     from sparseinfer.kernels import device
+    from sparseinfer.kernels.module_cache import CACHE_ENV
     from sparseinfer.kernels.sources import COMPILE_OPTIONS
 
     calls, loaded = [], []
@@ -67,22 +69,47 @@ def test_runtime_compiles_with_exactly_the_gated_options(monkeypatch):
         return b"CUBIN:" + filename.encode(), None
 
     class Module:
+        refuse = 0             # loads to refuse, as a driver refuses an image it cannot run
+
         def load(self, data):
+            if Module.refuse:
+                Module.refuse -= 1
+                raise RuntimeError("CUDA_ERROR_INVALID_IMAGE")
             loaded.append(data)
 
         def get_function(self, name):
             return ("fn", name)
 
-    fake = SimpleNamespace(cuda=SimpleNamespace(compiler=SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc),
-                                                function=SimpleNamespace(Module=Module)))
+    fake = SimpleNamespace(__version__="14.2.0", cuda=SimpleNamespace(
+        compiler=SimpleNamespace(compile_using_nvrtc=compile_using_nvrtc), function=SimpleNamespace(Module=Module),
+        Device=lambda: SimpleNamespace(compute_capability="90"), nvrtc=SimpleNamespace(getVersion=lambda: (13, 0)),
+        runtime=SimpleNamespace(driverGetVersion=lambda: 13000)))
     monkeypatch.setattr(device, "_cupy_module", lambda: fake)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
     device._module.cache_clear()
     try:
         assert device.kernel("pack_signs_fp32") == ("fn", "pack_signs_fp32")
         assert device.kernel("pack_signs_bf16") == ("fn", "pack_signs_bf16")     # same module, compiled once
+        assert len(calls) == 1 and loaded == [b"CUBIN:signs.cu"] and len(list(tmp_path.glob("*.bin"))) == 1
+        device._module.cache_clear()                                            # the next process
+        assert device.kernel("pack_signs_fp32") == ("fn", "pack_signs_fp32")
+        assert len(calls) == 1 and loaded == [b"CUBIN:signs.cu"] * 2             # from the disk, no NVRTC
+        device._module.cache_clear()
+        fake.__version__ = "14.3.0"                                             # another CuPy: compiled afresh
+        device.kernel("pack_signs_fp32")
+        assert len(calls) == 2 and len(list(tmp_path.glob("*.bin"))) == 2
+        device._module.cache_clear()
+        Module.refuse = 1                                                       # a cached image the driver refuses
+        assert device.kernel("pack_signs_fp32") == ("fn", "pack_signs_fp32")     # is compiled afresh
+        assert len(calls) == 3
+        device._module.cache_clear()
+        monkeypatch.setenv(CACHE_ENV, "off")
+        Module.refuse = 1                                                       # a fresh image refused: the error
+        with pytest.raises(RuntimeError, match="INVALID_IMAGE"):
+            device.kernel("pack_signs_fp32")
+        assert len(calls) == 4 and len(list(tmp_path.glob("*.bin"))) == 2
     finally:
         device._module.cache_clear()
-    assert len(calls) == 1 and loaded == [b"CUBIN:signs.cu"]
     src, options, _ = calls[0]
     assert src == source("signs.cu") and options == COMPILE_OPTIONS
     assert not any("ftz=true" in o or "fast_math" in o for o in options)
