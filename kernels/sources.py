@@ -2,7 +2,8 @@
 
 One place for both, shared by the CuPy runtime (``device.py``) and the CPU compile gate
 (``compile_check.py``), so the gate checks exactly what runs. ``#include "x.cuh"`` of a
-local header is expanded here, so that CuPy's source-keyed cache sees header changes.
+local header is expanded here, so that the source-keyed module cache (``module_cache.py``) sees
+header changes.
 """
 from __future__ import annotations
 
