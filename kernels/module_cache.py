@@ -4,9 +4,9 @@ The kernels compile through CuPy's plain NVRTC call (``device._module``: CuPy's 
 compile would add ``-ftz=true``), which has no disk cache, so every process would pay NVRTC
 for every source at first use. Here the bytes are kept under
 ``$SPARSEINFER_KERNEL_CACHE`` (default ``~/.cache/sparseinfer/kernels``; ``off`` disables
-it), one file per key: the SHA-256 of the source text, the compile options, the device's
-compute capability and the NVRTC and CuPy versions, so a change to any of them compiles
-afresh. Files are written whole (a temporary file, then a rename), and a cache folder that
+it), one file per key: the SHA-256 of what the caller names (``device._module``: the source
+text, the compile options, the device's compute capability, the NVRTC, driver and CuPy
+versions), so a change to any of them compiles afresh. Files are written whole (a temporary file, then a rename), and a cache folder that
 cannot be written only costs the caching, never the compile.
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ from sparseinfer.reference.signs import words_per_row
 
 from . import device
 from .device import DeviceMatrix, cupy, kernel
-from .sources import DOWN_THREADS, GATE_UP_BATCHED_THREADS
+from .sources import DOWN_THREADS, GATE_UP_BATCHED_THREADS, GATE_UP_PREDICTING
 
 THREADS = 256                      # 8 warps per block in the warp-per-row kernels
 COMPACT_THREADS = 1024
@@ -181,9 +181,6 @@ def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active
     return h1, h3
 
 
-GATE_UP_PREDICTING = ("fused", "persistent", "batched")
-
-
 def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int,
                   kind: str = "fused"):
     """(counts, zero, h1, h3): predict + gate + up in one launch, warp per row.
@@ -210,7 +207,7 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
     threads = GATE_UP_BATCHED_THREADS if kind == "batched" else THREADS
     grid = _warp_grid(k, threads)
     if kind == "persistent":
-        grid = (min(grid[0], device.resident_blocks(name, THREADS)),)
+        grid = (min(grid[0], device.resident_blocks(name, threads)),)
     kernel(name)(
         grid, (threads,),
         (x, x_signs, w_signs, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),

@@ -20,6 +20,8 @@ DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_S
 # active row keeps one other warp slot idle, not seven (at sparsity 0.92 about half of the
 # 8-warp blocks hold an active row and stay resident while their other warps have exited).
 GATE_UP_BATCHED_THREADS = 64
+# The gate+up kernels that predict as they go (gate_up.cu's GATE_UP_PREDICTING), by kind.
+GATE_UP_PREDICTING = ("fused", "persistent", "batched")
 
 # Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's
 # default is --ftz=false; no --use_fast_math). The contract's constants come in as defines.
@@ -41,9 +43,10 @@ COMPILE_OPTIONS = (
 KERNELS = {
     "signs.cu": tuple(f"pack_signs_{s}" for s in SIGN_SUFFIXES),
     "predict.cu": ("predict_rows", "predict_rows_vec", "compact_active"),
-    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", "fused", "persistent", "batched")
+    "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", *GATE_UP_PREDICTING)
                         for s in WEIGHT_SUFFIXES),
-    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_batched", "chunks_serial", "atomic") for s in WEIGHT_SUFFIXES)
+    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_batched", "chunks_serial", "atomic")
+                     for s in WEIGHT_SUFFIXES)
     + ("down_reduce_chunks",),
 }
 HOT_KERNELS = frozenset(

@@ -125,7 +125,7 @@ __device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* 
 // BOUNDS: v4 asks for 2 blocks per SM (up to 128 registers): left to its own heuristics,
 // ptxas gives it 64 on sm_87 and spills.
 #define GATE_UP_PREDICTING(KIND, NAME, T, BOUNDS)                                                          \
-    extern "C" __global__ void BOUNDS                                                    \
+    extern "C" __global__ void BOUNDS                                                                      \
     gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,       \
                             const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,            \
                             float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {     \
