@@ -17,11 +17,10 @@ from sparseinfer.reference.errors import SparseInferError
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 MLP_KERNELS = ("auto", "native", "function")
-MLP_KERNELS_HELP = ("How a sparse export's MLP custom ops run: 'function' = the ONNX function bodies carried "
-                    "in the model (standard ops, any onnxruntime); 'native' = registered native kernels "
-                    "(numba, bit-exact with the reference; CPU provider only); 'auto' = native where possible.")
-
-
+MLP_KERNELS_HELP = ("How a sparse export's SparseMLP nodes run: 'native' = this project's op library "
+                    "(C++ on the CPU provider, the CUDA kernels on the CUDA provider; built on first use and "
+                    "cached, see 'sparseinfer build-ops'); 'function' = the ONNX function bodies carried in the "
+                    "model (standard ops, any onnxruntime); 'auto' = native where the library builds here.")
 def session_options(threads: int | None = None, profile: str | None = None):
     """onnxruntime SessionOptions: intra-op threads, and with ``profile`` (a path prefix) its
     own profiler on (``session.end_profiling()`` writes ``<prefix>_<time>.json``; see ort_profile)."""
@@ -37,7 +36,9 @@ def session_options(threads: int | None = None, profile: str | None = None):
     return opts
 
 
-def make_session(path, provider: str = "cpu", threads: int | None = None, profile: str | None = None):
+def make_session(path, provider: str = "cpu", threads: int | None = None, profile: str | None = None,
+                 library: Path | None = None):
+    """An onnxruntime session of ``path``; ``library``: a custom-op library to register first."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -48,6 +49,8 @@ def make_session(path, provider: str = "cpu", threads: int | None = None, profil
     if provider == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()       # CUDA / cuDNN from the nvidia-* pip packages or PyTorch's, if any
     opts = session_options(threads, profile)
+    if library is not None:
+        opts.register_custom_ops_library(str(library))
     try:
         # full float32 MatMuls on CUDA (no TF32): the exports' logits are compared with fp32 error bounds
         options = [{"use_tf32": "0"}] if provider == "cuda" else None
@@ -62,22 +65,22 @@ def make_session(path, provider: str = "cpu", threads: int | None = None, profil
     return session
 
 
-def resolve_mlp_kernels(requested: str, sparse: bool, provider: str) -> str:
-    """'native' or 'function' for a model; explicit requests that cannot be met are errors."""
-    from . import native_mlp
+def resolve_mlp_kernels(requested: str, has_op: bool, provider: str) -> tuple[str, Path | None]:
+    """('native', library path) or ('function', None) for a model; ``has_op``: it holds SparseMLP
+    nodes. Explicit requests that cannot be met are errors; 'auto' falls back to the bodies."""
+    from . import op_library
 
     if requested not in MLP_KERNELS:
         raise SparseInferError(f"unknown MLP kernels {requested!r}; expected {', '.join(MLP_KERNELS)}")
-    if requested == "function" or not sparse:
-        return "function"                  # a dense export has no custom ops to override
-    reason = native_mlp.available()
-    if requested == "native":
-        if provider != "cpu":
-            raise SparseInferError("native MLP kernels run on the cpu provider only; use --mlp-kernels function")
-        if reason:
-            raise SparseInferError(reason)
-        return "native"
-    return "native" if provider == "cpu" and reason is None else "function"
+    if requested == "function" or not has_op:
+        return "function", None            # a dense (or older) export has no SparseMLP node to override
+    try:
+        library = op_library.cpu_library() if provider == "cpu" else op_library.cuda_library()
+    except SparseInferError:
+        if requested == "native":
+            raise
+        return "function", None
+    return "native", library
 
 
 def read_model_proto(path):
@@ -96,6 +99,13 @@ def is_sparse_export(model) -> bool:
     return any(p.key == "sparseinfer.sparse" and p.value == "True" for p in model.metadata_props)
 
 
+def has_sparse_mlp_op(model) -> bool:
+    """True when the graph holds the op library's SparseMLP nodes."""
+    from .mlp_functions import DOMAIN, OP_TYPE
+
+    return any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node)
+
+
 class OnnxDecoder:
     def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto",
                  io_binding: bool | None = None, profile: str | None = None):
@@ -104,12 +114,9 @@ class OnnxDecoder:
         tested, but copies nothing less). ``profile``: a path prefix for onnxruntime's profiler
         (:meth:`end_profiling`, ``ort_profile.summarize``)."""
         model = read_model_proto(path)
-        self.mlp_kernels = resolve_mlp_kernels(mlp_kernels, is_sparse_export(model), provider)
-        if self.mlp_kernels == "native":
-            from .native_mlp import native_session
-            self.session = native_session(path, threads, model, profile)
-        else:
-            self.session = make_session(path, provider, threads, profile)
+        self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, has_sparse_mlp_op(model), provider)
+        del model
+        self.session = make_session(path, provider, threads, profile, self.library)
         self.provider = provider
         self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -130,11 +137,24 @@ class OnnxDecoder:
         return Path(self.session.end_profiling())
 
     def row_counts(self, reset: bool = False) -> dict | None:
-        """Rows the native MLP kernels skipped / computed since the last reset (None on function bodies)."""
-        if self.mlp_kernels != "native":
+        """Rows the native CPU kernel skipped / computed since the last reset (None elsewhere).
+
+        ``predicted_sparsity``: rows predicted zero / rows, over layers and decode steps;
+        ``rows_computed``: the fraction whose up and down products were computed. Both come
+        for free from the kernel, with no debug outputs; the actual sparsity (and so the
+        predictor's precision / recall) needs the full gate product, i.e. a ``--debug`` export.
+        The kernel's counters are process-wide: they count this decoder's steps as long as
+        no other native session runs meanwhile.
+        """
+        if self.mlp_kernels != "native" or self.provider != "cpu":
             return None
-        from .native_mlp import row_counts
-        return row_counts(self.session, reset)
+        from .op_library import counters
+
+        c = counters(self.library, reset)
+        rows = c["rows"]
+        return {"decode_steps_counted": c["decode_steps"] // max(self.num_layers, 1),
+                "predicted_sparsity": c["rows_skipped"] / rows if rows else float("nan"),
+                "rows_computed": c["rows_computed"] / rows if rows else float("nan")}
 
     def reset(self) -> None:
         empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)

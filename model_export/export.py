@@ -6,13 +6,14 @@ Graph I/O follows onnxruntime-genai: inputs ``input_ids`` [batch, seq], ``attent
 ``present.{i}.key/.value``. All tensors are float32 (fp16 / bf16 weights are widened,
 exactly).
 
-Sparse exports: each layer's MLP is an ``If`` on "one token" (batch 1, seq 1): the decode
-branch runs the custom ops of ``mlp_functions`` (predictor, then only the rows it keeps,
-+AS for up and down; α baked per layer), the other branch (prefill) is the dense MLP,
-as in the paper. ``debug=True`` adds per-layer outputs ``debug.{i}.mlp_input`` [batch,
-seq, d], ``debug.{i}.predicted_zero`` and ``debug.{i}.actual_zero`` [k] bool and
-``debug.{i}.rows`` (the rows computed in the up/down steps); in prefill they are empty.
-``actual_zero`` needs the full gate product, so debug exports do extra work.
+Sparse exports: each layer's MLP is one ``SparseMLP`` node (``mlp_functions``): for one
+token (batch 1, seq 1) the predictor, then only the rows it keeps (+AS for up and down;
+α baked per layer); for more tokens (prefill) the dense MLP, as in the paper. The node runs
+on the native op library where a host registers it, else on its function body.
+``debug=True`` adds per-layer outputs ``debug.{i}.mlp_input`` [batch, seq, d],
+``debug.{i}.predicted_zero`` and ``debug.{i}.actual_zero`` [k] bool and ``debug.{i}.rows``
+(the rows computed in the up/down steps); in prefill they are empty. ``actual_zero`` needs
+the full gate product, so debug exports do extra work.
 """
 from __future__ import annotations
 
@@ -135,66 +136,32 @@ class LlamaExporter:
         return b.make_matmul(h3, b.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T), f"{sc}/down_proj")
 
     def _mlp_sparse(self, i, x):
-        g, s, lw = self.g, self.s, self.w.layers[i]
+        """One ``SparseMLP`` node (``mlp_functions``): sparse for one token, dense for more."""
+        g, lw = self.g, self.w.layers[i]
         sc, pre = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
-        w_gate = g.initializer(f"{pre}.gate_proj.weight", _f32(lw.gate))
-        w_up = g.initializer(f"{pre}.up_proj.weight", _f32(lw.up))
-        w_down_t = g.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T)
-        if self.o.target == "cpu":
-            signs = g.initializer(f"{pre}.gate_proj.sign_words", mf.pack_sign_words64(lw.gate))
-        else:
-            signs = g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(lw.gate))
-
-        # decode branch: the custom ops
-        dec = GraphBuilder(root=g)
-        dsc = f"{sc}/decode"
-        x_row = dec.make_reshape(x, [1, s.d], dsc)
-        x_t = dec.make_reshape(x, [s.d, 1], dsc)
-        pack, predict = ("SignPack", "PredictZeroRows") if self.o.target == "cpu" else \
-            ("SignPackInt8", "PredictZeroRowsInt8")
-        packed = dec.op(pack, [x_row], f"{sc}", domain=mf.DOMAIN)
-        zero = dec.op(predict, [packed, signs], f"{sc}", domain=mf.DOMAIN, alpha_milli=self.alpha_milli[i])
-        h3, rows = dec.make_node("SparseGateUp", [x_t, zero, w_gate, w_up], sc, n_out=2, domain=mf.DOMAIN)
-        out = dec.op("SparseDown", [h3, rows, w_down_t], sc, domain=mf.DOMAIN)
-        dec_outs = [dec.make_reshape(out, [1, 1, s.d], dsc)]
-        # prefill branch: dense, the same weights
-        pf = GraphBuilder(root=g)
-        psc = f"{sc}/prefill"
-        x2 = pf.make_reshape(x, [-1, s.d], psc)
-        x2t = pf.make_transpose(x2, [1, 0], psc)
-        gate = pf.make_transpose(pf.make_matmul(w_gate, x2t, f"{psc}/gate_proj"), [1, 0], f"{psc}/gate_proj")
-        up = pf.make_transpose(pf.make_matmul(w_up, x2t, f"{psc}/up_proj"), [1, 0], f"{psc}/up_proj")
-        h3p = pf.make_mul(mf.apply_activation(pf, gate, self.act, f"{psc}/act"), up, f"{psc}/act")
-        outp = pf.make_matmul(h3p, w_down_t, f"{psc}/down_proj")
-        pf_outs = [pf.op("Reshape", [outp, pf.make_shape(x, psc)], psc)]
-        kinds = [FLOAT]
+        inputs = [x, g.initializer(f"{pre}.gate_proj.weight", _f32(lw.gate)),
+                  g.initializer(f"{pre}.up_proj.weight", _f32(lw.up)),
+                  g.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T),
+                  g.initializer(f"{pre}.gate_proj.sign_words", mf.pack_sign_words64(lw.gate))]
+        if self.o.target == "cuda":            # the function body's predictor on the CUDA provider
+            inputs.append(g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(lw.gate)))
+        outs = g.make_node(mf.OP_TYPE, inputs, sc, n_out=4 if self.o.debug else 1, domain=mf.DOMAIN,
+                           alpha_milli=self.alpha_milli[i], activation=self.act.kind,
+                           threshold=float(self.act.threshold))
         if self.o.debug:
-            full_gate = dec.make_reshape(dec.make_matmul(w_gate, x_t, f"{dsc}/debug"), [-1], f"{dsc}/debug")
-            actual = dec.op("Not", [mf.activation_keeps(dec, full_gate, self.act, f"{dsc}/debug")], f"{dsc}/debug")
-            dec_outs += [dec.op("Identity", [zero], f"{dsc}/debug"), actual, dec.op("Identity", [rows], f"{dsc}/debug")]
-            empty_b = pf.make_cast(pf.const(np.zeros(0, np.int64)), BOOL, psc)
-            pf_outs += [empty_b, pf.op("Identity", [empty_b], psc), pf.op("Identity", [pf.const(np.zeros(0, np.int64))], psc)]
-            kinds += [BOOL, BOOL, INT64]
-        for b, outs in ((dec, dec_outs), (pf, pf_outs)):
-            for name, kind in zip(outs, kinds):
-                b.add_output(name, kind, None)
-        results = g.make_node("If", [self.is_decode], sc, n_out=len(kinds),
-                              then_branch=dec.make_graph(f"layers_{i}_mlp_decode"),
-                              else_branch=pf.make_graph(f"layers_{i}_mlp_prefill"))
-        if self.o.debug:
-            for name, src, kind, shape in (("predicted_zero", results[1], BOOL, ["k_or_0"]),
-                                           ("actual_zero", results[2], BOOL, ["k_or_0"]),
-                                           ("rows", results[3], INT64, ["rows_computed"])):
+            rows = g.make_nonzero_flat(outs[2], f"{sc}/debug")
+            for name, src, kind, shape in (("predicted_zero", outs[1], BOOL, ["k_or_0"]),
+                                           ("actual_zero", outs[3], BOOL, ["k_or_0"]),
+                                           ("rows", rows, INT64, ["rows_computed"])):
                 g.nodes.append(onnx.helper.make_node("Identity", [src], [f"debug.{i}.{name}"], name=f"{sc}/debug.{name}"))
                 g.add_output(f"debug.{i}.{name}", kind, shape)
-        return results[0]
+        return outs[0]
 
     # -- whole model ----------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         g, s, w = self.g, self.s, self.w
         self._inputs()
         sc = "/model"
-        self.is_decode = g.op("Equal", [g.op("Size", [self.ids], sc), g.const(1)], f"{sc}/is_decode")
         bias = self._attention_bias()
         cos, sin = self._rope_tables()
         h = g.make_gather(g.initializer("model.embed_tokens.weight", _f32(w.embed)), self.ids, f"{sc}/embed_tokens")
@@ -224,7 +191,7 @@ class LlamaExporter:
         for name, kind, shape in outputs:
             g.add_output(name, kind, shape)
         g.outputs += debug_outputs
-        functions = mf.mlp_functions(s.d, self.act, self.o.target) if self.o.sparse else []
+        functions = [mf.sparse_mlp_function(s.d, s.k, self.act, self.o.target, self.o.debug)] if self.o.sparse else []
         model = make_model(g.make_graph("sparseinfer_llama"), functions, [mf.DOMAIN] if self.o.sparse else [])
         meta = {"sparseinfer.sparse": str(self.o.sparse), "sparseinfer.target": self.o.target,
                 "sparseinfer.alpha_milli": ",".join(map(str, self.alpha_milli)),

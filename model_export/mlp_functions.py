@@ -1,34 +1,44 @@
-"""The sparse MLP's custom ops, carried in the model as local ONNX functions.
+"""The sparse MLP's custom op, ``SparseMLP`` in domain ``ai.sparseinfer``, and its ONNX function body.
 
-Domain ``ai.onnx.contrib``: onnxruntime runs a function body made of standard ops when
-no kernel is registered for (domain, name), and a registered kernel with the same domain
-and name overrides the body; onnxruntime-extensions registers Python ops only in this
-domain. The decoder's native path (``native_mlp.py``) registers one there; because such
-Python ops receive copies of their inputs, it fuses each layer's four ops into one op fed
-x alone, at load time, leaving the file as exported.
+A sparse export holds one ``SparseMLP`` node per layer. Two implementations run it:
 
-Ops (one decode token; x is the MLP input):
+* the native op library (``op_library.py``, ``native/sparse_mlp_op.cc``): any onnxruntime
+  host that registers it (``SessionOptions.register_custom_ops_library``) runs the node as
+  one native kernel, on the CPU or the CUDA provider; a registered kernel overrides the
+  function body of the same domain and name;
+* the function body carried in the model (a local ONNX function of standard ops), which
+  every onnxruntime runs when the library is not registered, with the same masks.
 
-* ``SignPack`` (target cpu): x [1, d] float -> sign words [words_per_row64(d)] uint64.
+The node (one layer; the contract is the native op's, ``native/sparse_mlp_op.cc``):
+inputs x [..., d], W_gate and W_up [k, d], W_down^T [k, d], W_gate's sign words
+[k, words_per_row64(d)] uint64, and (``--target cuda`` exports) W_gate's ±1 int8 signs
+[d, k], read only by the body; attributes ``alpha_milli`` (α in thousandths, per layer),
+``activation`` and ``threshold``; outputs ``out`` (x's shape) and, in debug exports,
+``predicted_zero``, ``computed`` (rows whose up and down products are computed, +AS) and
+``actual_zero`` (bool [k] for one token, [0] for several).
+
+One token (``Size(x) == d``) is the decode step, run sparse; more tokens (prefill, or a
+batch) run the dense MLP, as in the paper. The choice is inside the op, so the graph has no
+control flow of its own (a CUDA graph can capture a decode step that uses the native op);
+the body makes it with an ``If``.
+
+The body's decode branch (one token; x is the MLP input):
+
+* sign packing (target cpu): x -> sign words [words_per_row64(d)] uint64.
   Bit j of the packed stream is 1 iff x_j < 0 (-0.0 packs as 0), least significant bit first,
   zero padding (to whole groups of GROUP_WORDS words): ``reference.pack_signs``, two of its
   uint32 words per uint64 word (little-endian), 64 bits per XOR on a 64-bit CPU.
-* ``PredictZeroRows`` (cpu): (x words, W_gate words [k, words_per_row64(d)] uint64) -> zero
-  [k] bool. XOR, then an arithmetic popcount summed per row = N_neg (SWAR: masks, shifts,
-  Split + adds of the words lane by lane, one multiply on [k]; the CPU EP has BitwiseXor
-  and BitShift but no popcount; see ``_row_counts``), then paper
-  eq. 2 on integers: ``1000 * N_neg > alpha_milli * (d - N_neg)``. Attribute
-  ``alpha_milli`` (α in thousandths) is baked per layer.
-* ``SignPackInt8`` (target cuda): x -> ±1 int8 [1, d] (-1 iff x < 0).
-* ``PredictZeroRowsInt8`` (cuda): (±1 x, ±1 W_gate^T [d, k] int8) -> zero [k] bool via
-  MatMulInteger: dot = N_pos - N_neg = d - 2 N_neg, so eq. 2 becomes
-  ``1000 (d - dot) > alpha_milli (d + dot)``, exact in int64. (The CUDA EP has no
-  bitwise ops; MatMulInteger runs there for int8 x int8.)
-* ``SparseGateUp``: (x^T [d, 1], zero [k], W_gate [k, d], W_up [k, d]) -> (h3 [n], rows
-  [n]). Gathers the rows not predicted zero (NonZero -> Gather -> MatMul), applies the
-  activation, then (+AS) keeps only rows whose h1 is non-zero for the up projection.
-* ``SparseDown``: (h3 [n], rows [n], W_down^T [k, d]) -> out [1, d], gathering only those
-  rows of W_down^T.
+* predictor (cpu): XOR with W_gate's words, then an arithmetic popcount summed per row =
+  N_neg (SWAR: masks, shifts, Split + adds of the words lane by lane, one multiply on [k];
+  the CPU EP has BitwiseXor and BitShift but no popcount; see ``_row_counts``), then paper
+  eq. 2 on integers: ``1000 * N_neg > alpha_milli * (d - N_neg)``.
+* sign packing and predictor (target cuda): ±1 int8 x, then MatMulInteger with the ±1
+  W_gate^T: dot = N_pos - N_neg = d - 2 N_neg, so eq. 2 becomes
+  ``1000 (d - dot) > alpha_milli (d + dot)``, exact in int64. (The CUDA EP has no bitwise
+  ops; MatMulInteger runs there for int8 x int8.)
+* gate and up: gathers the rows not predicted zero (NonZero -> Gather -> MatMul), applies
+  the activation, then (+AS) keeps only rows whose h1 is non-zero for the up projection.
+* down: gathers only those rows of W_down^T.
 """
 from __future__ import annotations
 
@@ -39,12 +49,14 @@ from onnx import TensorProto, helper
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.errors import SparseInferError
 
-from .onnx_builder import OPSET, GraphBuilder
+from .onnx_builder import BOOL, FLOAT, INT64, OPSET, GraphBuilder
 
-DOMAIN = "ai.onnx.contrib"
+DOMAIN = "ai.sparseinfer"
+OP_TYPE = "SparseMLP"
+DEBUG_OUTPUTS = ("predicted_zero", "computed", "actual_zero")
 WORD_BITS = 64
 TARGETS = ("cpu", "cuda")
-# PredictZeroRows sums the words of a row in uint64 SWAR lanes, splitting them in groups of
+# The predictor sums the words of a row in uint64 SWAR lanes, splitting them in groups of
 # GROUP_WORDS words (rows are zero-padded to a whole number of groups; zero words of both
 # x and W XOR to zero and count nothing). Up to MAX_GROUPS groups the 16-bit lanes cannot
 # overflow (see _row_counts): d <= MAX_GROUPS * GROUP_WORDS * 64 = 31744.
@@ -53,7 +65,8 @@ MAX_GROUPS = 31
 
 
 class FunctionBuilder(GraphBuilder):
-    """Builds a function body: constants become Constant nodes (functions hold no initializers)."""
+    """Builds a function body or one of its branches: constants become Constant nodes
+    (functions hold no initializers)."""
 
     def const(self, value, dtype=np.int64) -> str:
         arr = np.asarray(value, dtype=dtype)
@@ -70,17 +83,13 @@ class FunctionBuilder(GraphBuilder):
         self.nodes[-1].attribute.append(ref)
         return out
 
-    def function(self, name, inputs, outputs, attributes=()) -> onnx.FunctionProto:
-        return helper.make_function(DOMAIN, name, inputs, outputs, self.nodes,
-                                    [helper.make_opsetid("", OPSET)], attributes=list(attributes))
-
 
 def words_per_row64(d: int) -> int:
     """uint64 words per row: ceil(d/64), padded up to a whole number of GROUP_WORDS groups."""
     groups = -(-int(d) // (WORD_BITS * GROUP_WORDS))
     if groups > MAX_GROUPS:
-        raise SparseInferError(f"hidden size {d} too large for the cpu predictor (at most "
-                               f"{MAX_GROUPS * GROUP_WORDS * WORD_BITS}); export with --target cuda")
+        raise SparseInferError(f"hidden size {d} too large for the sparse MLP's function body (at most "
+                               f"{MAX_GROUPS * GROUP_WORDS * WORD_BITS})")
     return groups * GROUP_WORDS
 
 
@@ -100,22 +109,20 @@ def int8_signs_t(w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.where(np.asarray(w) < 0, -1, 1).astype(np.int8).T)
 
 
-def sign_pack(d: int) -> onnx.FunctionProto:
-    b = FunctionBuilder()
+def _sign_pack(b: FunctionBuilder, x_row: str, d: int) -> str:
+    sc = "SignPack"
     n_words = words_per_row64(d)
-    neg = b.make_cast(b.op("Less", ["x", b.const(0.0, np.float32)], "SignPack"), TensorProto.INT64, "SignPack")
-    flat = b.make_reshape(neg, [-1], "SignPack")
-    padded = b.op("Pad", [flat, b.const([0, n_words * WORD_BITS - d])], "SignPack")
-    halves = b.make_reshape(padded, [n_words, 2, 32], "SignPack")
+    neg = b.make_cast(b.op("Less", [x_row, b.const(0.0, np.float32)], sc), TensorProto.INT64, sc)
+    flat = b.make_reshape(neg, [-1], sc)
+    padded = b.op("Pad", [flat, b.const([0, n_words * WORD_BITS - d])], sc)
+    halves = b.make_reshape(padded, [n_words, 2, 32], sc)
     weights = b.const([1 << j for j in range(32)])
-    packed = b.op("ReduceSum", [b.make_mul(halves, weights, "SignPack"), b.const([-1])], "SignPack", keepdims=0)
-    u = b.make_cast(packed, TensorProto.UINT64, "SignPack")                     # [n_words, 2]
-    lo = b.make_reshape(b.make_gather(u, b.const([0]), "SignPack", axis=1), [-1], "SignPack")
-    hi = b.make_reshape(b.make_gather(u, b.const([1]), "SignPack", axis=1), [-1], "SignPack")
-    shifted = b.op("BitShift", [hi, b.const(32, np.uint64)], "SignPack", direction="LEFT")
-    b.make_node("Add", [lo, shifted], "SignPack")
-    b.nodes[-1].output[0] = "words"
-    return b.function("SignPack", ["x"], ["words"])
+    packed = b.op("ReduceSum", [b.make_mul(halves, weights, sc), b.const([-1])], sc, keepdims=0)
+    u = b.make_cast(packed, TensorProto.UINT64, sc)                                   # [n_words, 2]
+    lo = b.make_reshape(b.make_gather(u, b.const([0]), sc, axis=1), [-1], sc)
+    hi = b.make_reshape(b.make_gather(u, b.const([1]), sc, axis=1), [-1], sc)
+    shifted = b.op("BitShift", [hi, b.const(32, np.uint64)], sc, direction="LEFT")
+    return b.make_add(lo, shifted, sc)
 
 
 def _row_counts(b: FunctionBuilder, v: str, n_words: int, scope: str) -> str:
@@ -158,40 +165,27 @@ def _row_counts(b: FunctionBuilder, v: str, n_words: int, scope: str) -> str:
     return b.make_reshape(b.make_cast(v, TensorProto.INT64, scope), [-1], scope)
 
 
-def _eq2(b: FunctionBuilder, twice_neg: str, twice_pos: str, scope: str) -> str:
+def _eq2(b: FunctionBuilder, twice_neg: str, twice_pos: str, alpha: str, scope: str) -> str:
     """Paper eq. 2 on (scaled) integer counts: 1000 * N_neg > alpha_milli * N_pos."""
-    alpha = b.attr_const("alpha_milli", scope)
     lhs = b.make_mul(twice_neg, b.const(1000), scope)
     rhs = b.make_mul(twice_pos, alpha, scope)
-    out = b.make_node("Greater", [lhs, rhs], scope)
-    b.nodes[-1].output[0] = "zero"
-    return out[0]
+    return b.op("Greater", [lhs, rhs], scope)
 
 
-def predict_zero_rows(d: int) -> onnx.FunctionProto:
-    b = FunctionBuilder()
-    scope = "PredictZeroRows"
-    xor = b.op("BitwiseXor", ["w_words", "x_words"], scope)
-    n_neg = _row_counts(b, xor, words_per_row64(d), scope)
-    _eq2(b, n_neg, b.make_sub(b.const(d), n_neg, scope), scope)
-    return b.function("PredictZeroRows", ["x_words", "w_words"], ["zero"], ["alpha_milli"])
+def _predict_words(b: FunctionBuilder, x_row: str, w_words: str, d: int, alpha: str) -> str:
+    sc = "PredictZeroRows"
+    xor = b.op("BitwiseXor", [w_words, _sign_pack(b, x_row, d)], sc)
+    n_neg = _row_counts(b, xor, words_per_row64(d), sc)
+    return _eq2(b, n_neg, b.make_sub(b.const(d), n_neg, sc), alpha, sc)
 
 
-def sign_pack_int8() -> onnx.FunctionProto:
-    b = FunctionBuilder()
-    neg = b.op("Less", ["x", b.const(0.0, np.float32)], "SignPackInt8")
-    b.make_node("Where", [neg, b.const(-1, np.int8), b.const(1, np.int8)], "SignPackInt8")
-    b.nodes[-1].output[0] = "signs"
-    return b.function("SignPackInt8", ["x"], ["signs"])
-
-
-def predict_zero_rows_int8(d: int) -> onnx.FunctionProto:
-    b = FunctionBuilder()
-    scope = "PredictZeroRowsInt8"
-    dot = b.make_reshape(b.op("MatMulInteger", ["x_signs", "w_signs_t"], scope), [-1], scope)
-    dot = b.make_cast(dot, TensorProto.INT64, scope)                     # N_pos - N_neg
-    _eq2(b, b.make_sub(b.const(d), dot, scope), b.make_add(b.const(d), dot, scope), scope)
-    return b.function("PredictZeroRowsInt8", ["x_signs", "w_signs_t"], ["zero"], ["alpha_milli"])
+def _predict_int8(b: FunctionBuilder, x_row: str, w_signs_t: str, d: int, alpha: str) -> str:
+    sc = "PredictZeroRowsInt8"
+    neg = b.op("Less", [x_row, b.const(0.0, np.float32)], sc)
+    x_signs = b.make_where(neg, b.const(-1, np.int8), b.const(1, np.int8), sc)
+    dot = b.make_reshape(b.op("MatMulInteger", [x_signs, w_signs_t], sc), [-1], sc)
+    dot = b.make_cast(dot, TensorProto.INT64, sc)                        # N_pos - N_neg
+    return _eq2(b, b.make_sub(b.const(d), dot, sc), b.make_add(b.const(d), dot, sc), alpha, sc)
 
 
 def activation_keeps(b: GraphBuilder, z: str, act: Activation, scope: str) -> str:
@@ -207,33 +201,77 @@ def apply_activation(b: GraphBuilder, z: str, act: Activation, scope: str) -> st
     return b.make_where(activation_keeps(b, z, act, scope), z, b.const(0.0, np.float32), scope)
 
 
-def sparse_gate_up(act: Activation) -> onnx.FunctionProto:
+def _gate_up(b: FunctionBuilder, x_t: str, zero: str, act: Activation) -> tuple[str, str]:
+    """(h3 [n], rows [n]): the kept rows' gate, then up for those whose h1 is non-zero (+AS)."""
+    sc = "SparseGateUp"
+    idx = b.make_nonzero_flat(b.op("Not", [zero], sc), sc)
+    z = b.make_reshape(b.make_matmul(b.make_gather("w_gate", idx, sc), x_t, sc), [-1], sc)
+    h1 = apply_activation(b, z, act, sc)
+    live = b.make_nonzero_flat(b.op("Not", [b.op("Equal", [h1, b.const(0.0, np.float32)], sc)], sc), sc)
+    rows = b.make_gather(idx, live, sc)
+    up = b.make_reshape(b.make_matmul(b.make_gather("w_up", rows, sc), x_t, sc), [-1], sc)
+    return b.make_mul(b.make_gather(h1, live, sc), up, sc), rows
+
+
+def _down(b: FunctionBuilder, h3: str, rows: str) -> str:
+    sc = "SparseDown"
+    return b.make_matmul(b.make_unsqueeze(h3, [0], sc), b.make_gather("w_down_t", rows, sc), sc)
+
+
+def _returns(b: FunctionBuilder, values, names, kinds) -> None:
+    """Identity nodes onto the branch's declared outputs."""
+    for value, name, kind in zip(values, names, kinds):
+        b.nodes.append(helper.make_node("Identity", [value], [name], name=b._unique(f"{name}/Identity")))
+        b.add_output(name, kind, None)
+
+
+def _decode_branch(root: FunctionBuilder, d: int, k: int, act: Activation, target: str, alpha: str,
+                   x_shape: str, names, debug: bool) -> onnx.GraphProto:
+    b = FunctionBuilder(root=root)
+    x_row, x_t = b.make_reshape("x", [1, d], "decode"), b.make_reshape("x", [d, 1], "decode")
+    zero = _predict_words(b, x_row, "w_signs", d, alpha) if target == "cpu" else \
+        _predict_int8(b, x_row, "w_signs_int8_t", d, alpha)
+    h3, rows = _gate_up(b, x_t, zero, act)
+    values = [b.op("Reshape", [_down(b, h3, rows), x_shape], "decode")]
+    if debug:
+        counts = b.op("ScatterElements", [b.const(np.zeros(k, np.int64)), rows,
+                                          b.op("Expand", [b.const(1), b.make_shape(rows, "debug")], "debug")], "debug")
+        full_gate = b.make_reshape(b.make_matmul("w_gate", x_t, "debug"), [-1], "debug")
+        values += [zero, b.make_cast(counts, BOOL, "debug"), b.op("Not", [activation_keeps(b, full_gate, act, "debug")],
+                                                                   "debug")]
+    _returns(b, values, [f"decode_{n}" for n in names], [FLOAT, BOOL, BOOL, BOOL])
+    return b.make_graph("decode")
+
+
+def _prefill_branch(root: FunctionBuilder, d: int, act: Activation, x_shape: str, names,
+                    debug: bool) -> onnx.GraphProto:
+    """Several tokens: the dense MLP, the same weights (W_gate and W_up as [k, d])."""
+    b = FunctionBuilder(root=root)
+    x2t = b.make_transpose(b.make_reshape("x", [-1, d], "prefill"), [1, 0], "prefill")
+    gate = b.make_transpose(b.make_matmul("w_gate", x2t, "gate_proj"), [1, 0], "gate_proj")
+    up = b.make_transpose(b.make_matmul("w_up", x2t, "up_proj"), [1, 0], "up_proj")
+    h3 = b.make_mul(apply_activation(b, gate, act, "act"), up, "act")
+    values = [b.op("Reshape", [b.make_matmul(h3, "w_down_t", "down_proj"), x_shape], "prefill")]
+    if debug:
+        empty = b.make_cast(b.const(np.zeros(0, np.int64)), BOOL, "debug")
+        values += [empty] * 3
+    _returns(b, values, [f"prefill_{n}" for n in names], [FLOAT, BOOL, BOOL, BOOL])
+    return b.make_graph("prefill")
+
+
+def sparse_mlp_function(d: int, k: int, act: Activation, target: str, debug: bool = False) -> onnx.FunctionProto:
+    """The body of ``SparseMLP`` for one export (d, k, activation and target are the model's)."""
+    if target not in TARGETS:
+        raise SparseInferError(f"unknown target {target!r}; expected cpu or cuda")
+    names = ("out", *DEBUG_OUTPUTS) if debug else ("out",)
     b = FunctionBuilder()
-    scope = "SparseGateUp"
-    idx = b.make_nonzero_flat(b.op("Not", ["zero"], scope), scope)
-    z = b.make_reshape(b.make_matmul(b.make_gather("w_gate", idx, scope), "x_t", scope), [-1], scope)
-    h1 = apply_activation(b, z, act, scope)
-    live = b.make_nonzero_flat(b.op("Not", [b.op("Equal", [h1, b.const(0.0, np.float32)], scope)], scope), scope)
-    rows = b.make_gather(idx, live, scope)
-    up = b.make_reshape(b.make_matmul(b.make_gather("w_up", rows, scope), "x_t", scope), [-1], scope)
-    b.make_node("Mul", [b.make_gather(h1, live, scope), up], scope)
-    b.nodes[-1].output[0] = "h3"
-    b.make_node("Identity", [rows], scope)
-    b.nodes[-1].output[0] = "rows"
-    return b.function("SparseGateUp", ["x_t", "zero", "w_gate", "w_up"], ["h3", "rows"])
-
-
-def sparse_down() -> onnx.FunctionProto:
-    b = FunctionBuilder()
-    scope = "SparseDown"
-    h3 = b.make_unsqueeze("h3", [0], scope)
-    b.make_node("MatMul", [h3, b.make_gather("w_down_t", "rows", scope)], scope)
-    b.nodes[-1].output[0] = "out"
-    return b.function("SparseDown", ["h3", "rows", "w_down_t"], ["out"])
-
-
-def mlp_functions(d: int, act: Activation, target: str) -> list[onnx.FunctionProto]:
-    """The functions a sparse export needs for ``target`` (cpu or cuda)."""
-    predictor = [sign_pack(d), predict_zero_rows(d)] if target == "cpu" else \
-        [sign_pack_int8(), predict_zero_rows_int8(d)]
-    return predictor + [sparse_gate_up(act), sparse_down()]
+    alpha = b.attr_const("alpha_milli", "alpha")
+    x_shape = b.make_shape("x", "x")
+    one_token = b.op("Equal", [b.op("Size", ["x"], "x"), b.const(d)], "x")
+    b.nodes.append(helper.make_node(
+        "If", [one_token], list(names), name=b._unique("If"),
+        then_branch=_decode_branch(b, d, k, act, target, alpha, x_shape, names, debug),
+        else_branch=_prefill_branch(b, d, act, x_shape, names, debug)))
+    inputs = ["x", "w_gate", "w_up", "w_down_t", "w_signs"] + (["w_signs_int8_t"] if target == "cuda" else [])
+    return helper.make_function(DOMAIN, OP_TYPE, inputs, list(names), b.nodes, [helper.make_opsetid("", OPSET)],
+                                attributes=["alpha_milli", "activation", "threshold"])

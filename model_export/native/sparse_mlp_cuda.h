@@ -1,0 +1,50 @@
+// The C boundary between the op library's CUDA-provider kernel (sparse_mlp_op.cc, g++) and
+// its CUDA launcher (sparse_mlp_cuda.cu, nvcc): no onnxruntime header on the .cu side, no
+// CUDA header on the .cc side.
+//
+// One call runs one layer's MLP for n_tokens tokens on `stream`, with no allocation and no
+// host synchronization: n_tokens == 1 is the sparse decode step (the kernels' default
+// pipeline: sign predictor, gate+up of the kept rows with +AS, deterministic down); more
+// tokens (prefill) run the same kernels densely, token by token. Every result follows
+// reference/order_contract.py bit for bit.
+#pragma once
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define SPARSEINFER_ACT_RELU 0
+#define SPARSEINFER_ACT_FATRELU 1
+
+typedef struct {
+    const float* x;            // [n_tokens, d]
+    const float* w_gate;       // [k, d] row-major
+    const float* w_up;         // [k, d]
+    const float* w_down_t;     // [k, d]: W_down transposed
+    const uint32_t* w_signs;   // [k, sign_stride] words: bit j % 32 of word j / 32 is 1 iff W_gate[i, j] < 0
+    int64_t sign_stride;       // uint32 words per row of w_signs, >= ceil(d / 32); words past ceil(d / 32) unread
+    int n_tokens, d, k;
+    int alpha_milli;           // eq. 2: row predicted zero when 1000 * N_neg > alpha_milli * (d - N_neg)
+    int activation;            // SPARSEINFER_ACT_*
+    float threshold;           // fatrelu: h1 = z if z >= threshold else +0.0
+    float* out;                // [n_tokens, d]
+    uint8_t* predicted_zero;   // [k] or NULL (n_tokens == 1 only): 1 where the predictor skips the row
+    uint8_t* computed;         // [k] or NULL (n_tokens == 1 only): 1 where up and down were computed (+AS)
+    void* scratch;             // sparseinfer_cuda_scratch_bytes(n_tokens, d, k) bytes, 256-byte aligned
+} SparseMlpCudaArgs;
+
+// Bytes of device scratch one call needs (counts, masks, h1, h3, partial sums, counters).
+size_t sparseinfer_cuda_scratch_bytes(int n_tokens, int d, int k);
+
+// Enqueue the layer on `stream` (a cudaStream_t). Returns 0, or a cudaError_t code of the
+// first failed launch (sparseinfer_cuda_error_string names it).
+int sparseinfer_cuda_sparse_mlp(const SparseMlpCudaArgs* args, void* stream);
+
+const char* sparseinfer_cuda_error_string(int code);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,329 @@
+"""Builds, caches and finds the native sparse-MLP op library (``native/sparse_mlp_op.cc``).
+
+One shared library per flavour, loadable by any onnxruntime host with
+``SessionOptions.register_custom_ops_library(path)``:
+
+* ``cpu``: the op's C++ CPU kernel (g++), always built;
+* ``cuda``: the same plus the CUDA-provider kernel, whose launcher (``native/sparse_mlp_cuda.cu``,
+  nvcc) runs ``kernels/cuda``'s sources; built where nvcc and the CUDA runtime's static
+  library exist, CUDA runtime linked statically.
+
+Both are compiled with the order contract's constants as ``-D`` defines (from
+``reference/order_contract.py`` through ``kernels/sources.COMPILE_OPTIONS``: one place for
+each fact), no FMA contraction and no fast math, and cached under
+``~/.cache/sparseinfer/ops/`` (``SPARSEINFER_OPS_CACHE``) keyed by the sources, flags,
+compiler versions, onnxruntime headers and this CPU's features; a library is written under a
+temporary name and renamed into place, so a cache entry is whole or absent.
+
+onnxruntime's C API headers are in no PyPI wheel. They are looked for in
+``ORT_INCLUDE_DIR``, then a system install, then the cache, and otherwise fetched once from
+Debian's ``libonnxruntime-dev`` (suite trixie, C API 21) with ``apt-get download`` under a
+private apt state (its own sources list naming this machine's Debian mirror, its own lists
+and cache) and unpacked with ``dpkg-deb -x``, touching nothing of the system's. The library
+asks the host for C API version 18 (``kApiVersion`` in the op source), so onnxruntime >= 1.18
+loads it.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparseinfer.kernels.sources import COMPILE_OPTIONS
+from sparseinfer.reference.errors import SparseInferError
+
+NATIVE_DIR = Path(__file__).parent / "native"
+KERNELS_CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
+DOMAIN = "ai.sparseinfer"
+OP_TYPE = "SparseMLP"
+OP_SOURCE = "sparse_mlp_op.cc"
+CPU_HEADERS = ("sparse_mlp_cpu.h",)
+CUDA_SOURCES = ("sparse_mlp_cuda.cu", "sparse_mlp_cuda.h")
+ORT_HEADER = "onnxruntime_c_api.h"
+DEBIAN_PACKAGE = "libonnxruntime-dev"
+DEBIAN_SUITE = "trixie"
+DEFAULT_MIRROR = "http://deb.debian.org/debian"
+CACHE_ENV = "SPARSEINFER_OPS_CACHE"
+INCLUDE_ENV = "ORT_INCLUDE_DIR"
+
+DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
+CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
+             "-fvisibility=hidden", "-Wall", "-Wextra")
+# nvcc: the NVRTC options of the kernels (no FMA, no flush-to-zero, IEEE division and sqrt)
+# in nvcc's spelling, and machine code for the data-centre GPUs the kernels are tuned for.
+NVCC_FLAGS = ("-std=c++17", "-O3", "-Xcompiler", "-fPIC", "--fmad=false", "-ftz=false", "-prec-div=true",
+              "-prec-sqrt=true", "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+              "-gencode", "arch=compute_90,code=compute_90")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "sparseinfer" / "ops")
+
+
+def _run(cmd, what: str, cwd=None) -> str:
+    try:
+        done = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, cwd=cwd)
+    except OSError as e:
+        raise SparseInferError(f"{what}: cannot run {cmd[0]}: {e.strerror}") from None
+    if done.returncode:
+        lines = [ln for ln in (done.stderr or done.stdout).splitlines() if ln.strip()]
+        first = next((ln for ln in lines if "error" in ln.lower()), lines[0] if lines else f"exit {done.returncode}")
+        raise SparseInferError(f"{what} failed: {first.strip()}")
+    return done.stdout
+
+
+# --- onnxruntime's headers ---------------------------------------------------------------
+
+def _has_header(d: Path) -> bool:
+    return (d / ORT_HEADER).is_file()
+
+
+def header_api_version(include: Path) -> int:
+    m = re.search(r"#define\s+ORT_API_VERSION\s+(\d+)", (include / ORT_HEADER).read_text())
+    if not m:
+        raise SparseInferError(f"{include / ORT_HEADER}: no ORT_API_VERSION")
+    return int(m.group(1))
+
+
+def _debian_mirror() -> str:
+    """The Debian mirror this machine's apt is configured with (deb822 or one-line form)."""
+    for f in sorted(Path("/etc/apt/sources.list.d").glob("*.sources")) + [Path("/etc/apt/sources.list")]:
+        try:
+            text = f.read_text()
+        except OSError:
+            continue
+        for m in re.finditer(r"^(?:URIs:\s*|deb\s+(?:\[[^\]]*\]\s+)?)(\S+)", text, re.MULTILINE):
+            uri = m.group(1)
+            if uri.rstrip("/").endswith("/debian"):
+                return uri.rstrip("/")
+    return DEFAULT_MIRROR
+
+
+def _fetch_debian_headers(dest: Path) -> Path:
+    """Download libonnxruntime-dev from Debian trixie under a private apt state and unpack it."""
+    for tool in ("apt-get", "dpkg-deb"):
+        if shutil.which(tool) is None:
+            raise SparseInferError(f"onnxruntime's C API headers not found and no {tool} to fetch them; "
+                                   f"set {INCLUDE_ENV} to a folder holding {ORT_HEADER}")
+    keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+    signed = f"[signed-by={keyring}] " if keyring.is_file() else ""
+    with tempfile.TemporaryDirectory(prefix="sparseinfer-apt-") as tmp:
+        t = Path(tmp)
+        for sub in ("lists/partial", "cache/archives/partial", "deb"):
+            (t / sub).mkdir(parents=True)
+        (t / "sources.list").write_text(f"deb {signed}{_debian_mirror()} {DEBIAN_SUITE} main\n")
+        opts = [f"-oDir::Etc::SourceList={t / 'sources.list'}", "-oDir::Etc::SourceParts=/dev/null",
+                f"-oDir::State::Lists={t / 'lists'}", f"-oDir::Cache={t / 'cache'}", "-oDebug::NoLocking=1",
+                "-oAPT::Sandbox::User=root", "-qq"]
+        _run(["apt-get", *opts, "update"], f"apt-get update (Debian {DEBIAN_SUITE}, for {DEBIAN_PACKAGE})")
+        _run(["apt-get", *opts, "download", DEBIAN_PACKAGE], f"apt-get download {DEBIAN_PACKAGE}", cwd=t / "deb")
+        debs = sorted((t / "deb").glob(f"{DEBIAN_PACKAGE}_*.deb"))
+        if not debs:
+            raise SparseInferError(f"apt-get download {DEBIAN_PACKAGE} wrote no .deb")
+        unpacked = t / "root"
+        _run(["dpkg-deb", "-x", debs[-1], unpacked], f"dpkg-deb -x {debs[-1].name}")
+        include = unpacked / "usr" / "include" / "onnxruntime"
+        if not _has_header(include):
+            raise SparseInferError(f"{debs[-1].name} holds no {ORT_HEADER}")
+        staged = dest.parent / f".{dest.name}.{os.getpid()}"
+        shutil.rmtree(staged, ignore_errors=True)
+        shutil.copytree(include, staged)
+        (staged / "SOURCE").write_text(f"{debs[-1].name} from {_debian_mirror()} {DEBIAN_SUITE}\n")
+        try:
+            staged.rename(dest)
+        except OSError:            # another process got there first
+            shutil.rmtree(staged, ignore_errors=True)
+    return dest
+
+
+def ort_include_dir(fetch: bool = True) -> Path:
+    """A folder holding onnxruntime_c_api.h: ORT_INCLUDE_DIR, a system install, the cache, or Debian's."""
+    env = os.environ.get(INCLUDE_ENV)
+    if env:
+        if not _has_header(Path(env)):
+            raise SparseInferError(f"{INCLUDE_ENV}={env}: no {ORT_HEADER} there")
+        return Path(env)
+    for d in (Path("/usr/include/onnxruntime"), Path("/usr/local/include/onnxruntime"),
+              Path("/usr/include/onnxruntime/core/session"), Path("/usr/local/include")):
+        if _has_header(d):
+            return d
+    cached = cache_root() / "include" / f"{DEBIAN_PACKAGE}-{DEBIAN_SUITE}"
+    if _has_header(cached):
+        return cached
+    if not fetch:
+        raise SparseInferError(f"onnxruntime's C API headers not found; set {INCLUDE_ENV} or run "
+                               f"'sparseinfer build-ops'")
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    return _fetch_debian_headers(cached)
+
+
+# --- compilers ---------------------------------------------------------------------------
+
+def _version(tool: str) -> str:
+    return _run([tool, "--version"], f"{tool} --version").strip().splitlines()[-1 if tool.endswith("nvcc") else 0]
+
+
+def _cpu_features() -> str:
+    """What -march=native depends on: the CPU's model and flags."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        fields = [re.search(rf"^{k}\s*:\s*(.*)$", info, re.MULTILINE) for k in ("model name", "(?:flags|Features)")]
+        return " | ".join(m.group(1) for m in fields if m) or platform.processor()
+    except OSError:
+        return platform.machine() + " " + platform.processor()
+
+
+def find_nvcc() -> Path | None:
+    found = shutil.which("nvcc")
+    if found:
+        return Path(found)
+    for d in (os.environ.get("CUDA_HOME"), "/usr/local/cuda"):
+        if d and (Path(d) / "bin" / "nvcc").is_file():
+            return Path(d) / "bin" / "nvcc"
+    return None
+
+
+def _cudart_static(nvcc: Path) -> Path | None:
+    root = nvcc.resolve().parent.parent
+    for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+        if (root / sub / "libcudart_static.a").is_file():
+            return root / sub / "libcudart_static.a"
+    return None
+
+
+def cuda_unavailable_reason() -> str | None:
+    """None where the CUDA part can be built here, else why not."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return "no nvcc on PATH, in CUDA_HOME or /usr/local/cuda: the CUDA kernel is not built"
+    if _cudart_static(nvcc) is None:
+        return f"no libcudart_static.a beside {nvcc}: the CUDA kernel is not built"
+    if not (NATIVE_DIR / CUDA_SOURCES[0]).is_file():
+        return f"{NATIVE_DIR / CUDA_SOURCES[0]} is missing"
+    return None
+
+
+# --- building ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Built:
+    cpu: Path
+    cuda: Path | None
+    onnxruntime_api: int          # the C API version the library asks of the host
+    headers_api: int              # ORT_API_VERSION of the headers it was built with
+    reason: str | None            # why there is no CUDA library, if there is none
+
+    def as_dict(self) -> dict:
+        return {"cpu": str(self.cpu), "cuda": str(self.cuda) if self.cuda else None,
+                "onnxruntime_api": self.onnxruntime_api, "headers_api": self.headers_api, "reason": self.reason}
+
+
+def _key(parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p if isinstance(p, bytes) else str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def _source_bytes(names, folder: Path = NATIVE_DIR) -> list:
+    return [name.encode() + (folder / name).read_bytes() for name in names]
+
+
+def _kernel_sources() -> list:
+    return [p.name.encode() + p.read_bytes() for p in sorted(KERNELS_CUDA_DIR.glob("*.cu*"))]
+
+
+def _publish(tmp: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, dest)
+    return dest
+
+
+def _build_cpu(include: Path) -> Path:
+    gxx = shutil.which("g++")
+    if gxx is None:
+        raise SparseInferError("no g++ on PATH: the op library needs a C++17 compiler")
+    flags = [*CXX_FLAGS, *DEFINES, f"-I{include}", f"-I{NATIVE_DIR}"]
+    key = _key([*_source_bytes((OP_SOURCE, *CPU_HEADERS)), *flags, _version(gxx), _cpu_features(),
+                (include / ORT_HEADER).read_bytes()])
+    dest = cache_root() / key / "libsparseinfer_ops.so"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        out = Path(tmp) / dest.name
+        _run([gxx, *flags, "-shared", NATIVE_DIR / OP_SOURCE, "-o", out], "building the CPU op library (g++)")
+        return _publish(out, dest)
+
+
+def _build_cuda(include: Path) -> Path:
+    nvcc, gxx = find_nvcc(), shutil.which("g++")
+    cudart = _cudart_static(nvcc)
+    nv_flags = [*NVCC_FLAGS, *DEFINES, f"-I{KERNELS_CUDA_DIR}", f"-I{NATIVE_DIR}"]
+    cc_flags = [*CXX_FLAGS, *DEFINES, "-DSPARSEINFER_WITH_CUDA", f"-I{include}", f"-I{NATIVE_DIR}"]
+    key = _key([*_source_bytes((OP_SOURCE, *CPU_HEADERS, *CUDA_SOURCES)), *_kernel_sources(), *nv_flags, *cc_flags,
+                _version(gxx), _version(str(nvcc)), _cpu_features(), (include / ORT_HEADER).read_bytes(),
+                cudart.stat().st_size])
+    dest = cache_root() / key / "libsparseinfer_ops_cuda.so"
+    if dest.is_file():
+        return dest
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        t = Path(tmp)
+        _run([nvcc, *nv_flags, "-c", NATIVE_DIR / CUDA_SOURCES[0], "-o", t / "launch.o"],
+             "building the CUDA launcher (nvcc)")
+        _run([gxx, *cc_flags, "-c", NATIVE_DIR / OP_SOURCE, "-o", t / "op.o"], "building the CUDA op library (g++)")
+        out = t / dest.name
+        _run([gxx, "-shared", t / "op.o", t / "launch.o", cudart, "-lpthread", "-ldl", "-lrt", "-o", out],
+             "linking the CUDA op library")
+        return _publish(out, dest)
+
+
+def build(cuda: bool | None = None) -> Built:
+    """Build (or find in the cache) the libraries. ``cuda``: True = required, None = where possible."""
+    include = ort_include_dir()
+    cpu = _build_cpu(include)
+    reason = cuda_unavailable_reason() if cuda is not False else "not requested (--no-cuda)"
+    if cuda and reason:
+        raise SparseInferError(reason)
+    cuda_path = _build_cuda(include) if reason is None else None
+    return Built(cpu, cuda_path, library_api_version(cpu), header_api_version(include), reason)
+
+
+def library_api_version(path: Path) -> int:
+    return int(ctypes.CDLL(str(path)).sparseinfer_ops_api_version())
+
+
+_built_cpu: Path | None = None
+
+
+def cpu_library() -> Path:
+    """The CPU library's path, built on first use in this process (cached across processes)."""
+    global _built_cpu
+    if _built_cpu is None or not _built_cpu.is_file():
+        _built_cpu = _build_cpu(ort_include_dir())
+    return _built_cpu
+
+
+def cuda_library() -> Path:
+    reason = cuda_unavailable_reason()
+    if reason:
+        raise SparseInferError(reason)
+    return _build_cuda(ort_include_dir())
+
+
+def counters(path: Path, reset: bool = False) -> dict:
+    """The CPU kernel's process-wide counts since the last reset (decode steps, rows, skipped, computed)."""
+    lib = ctypes.CDLL(str(path))
+    out = (ctypes.c_int64 * 4)()
+    lib.sparseinfer_ops_counters(out, int(reset))
+    steps, rows, skipped, computed = out
+    return {"decode_steps": steps, "rows": rows, "rows_skipped": skipped, "rows_computed": computed}
