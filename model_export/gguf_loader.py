@@ -3,8 +3,9 @@
 Tensors of type F32 / F16 / BF16 and the quantized types that ``gguf.quants`` can
 dequantize (Q8_0, Q4_0, Q4_K, Q6_K, ...) are loaded as float32 (F16 stays float16). llama.cpp's
 converter permutes the rows of Q and K for its rotary layout; they are permuted back to the
-Hugging Face layout that the rest of the toolkit uses. The vocabulary inside the file
-(``tokenizer.ggml.tokens`` / ``scores``) becomes a ``tokenizers`` Unigram tokenizer.
+Hugging Face layout that the rest of the toolkit uses. The tokenizer inside the file (its
+``tokenizer.*`` metadata) becomes a ``tokenizers`` tokenizer of the kind the file names
+(``model_export.tokenizer.gguf_tokenizer``).
 
 GGUF has no activation key for Llama; ``{arch}.hidden_act`` (and
 ``{arch}.hidden_act_param``), written by this toolkit, are honoured, else SiLU.
@@ -54,6 +55,19 @@ def _field(reader, key, default=None):
     return [bytes(f.parts[j]).decode() if f.parts[j].dtype == np.uint8 else f.parts[j][0].item() for j in f.data]
 
 
+def _tokenizer_fields(reader) -> dict:
+    """Every ``tokenizer.*`` key of the file, arrays as lists (a one-element array too)."""
+    from gguf import GGUFValueType
+
+    fields = {}
+    for key, f in reader.fields.items():
+        if key.startswith("tokenizer."):
+            value = _field(reader, key)
+            is_array = f.types[0] == GGUFValueType.ARRAY
+            fields[key] = value if not is_array or isinstance(value, list) else [value]
+    return fields
+
+
 def _tensor_array(t) -> np.ndarray:
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import dequantize
@@ -99,6 +113,8 @@ def load_gguf_checkpoint(path) -> Checkpoint:
         raise SparseInferError(f"cannot read GGUF {p}: {str(e).splitlines()[0]}") from None
     cfg = gguf_config(reader, str(p))
     shape = check_config(cfg, str(p))
+    from .tokenizer import gguf_tokenizer
+    tokenizer = gguf_tokenizer(_tokenizer_fields(reader), str(p))     # before the weights: fails fast
     by_name = {t.name: t for t in reader.tensors}
     to_gguf = dict(GGUF_GLOBAL_NAMES)
     for i in range(shape.num_layers):
@@ -116,11 +132,6 @@ def load_gguf_checkpoint(path) -> Checkpoint:
         return a
 
     weights = assemble(shape, get, str(p))
-    tokens = _field(reader, "tokenizer.ggml.tokens")
-    tokenizer = None
-    if tokens:
-        from .tokenizer import vocabulary_tokenizer
-        tokenizer = vocabulary_tokenizer(tokens, _field(reader, "tokenizer.ggml.scores"))
     types = sorted({t.tensor_type.name for t in reader.tensors})
     return Checkpoint(weights=weights, tokenizer=tokenizer, source=str(p), stored_dtype="/".join(types),
                       bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))

@@ -30,6 +30,7 @@ def _write(path, weights, qtype=None, arch="llama"):
     w.add_string(f"{arch}.hidden_act", "fatrelu")
     w.add_float32(f"{arch}.hidden_act_param", 0.01)
     vocab = VOCAB + [f"<0x{b:02X}>" for b in range(s.vocab_size - len(VOCAB))]
+    w.add_tokenizer_model("llama")
     w.add_token_list(vocab)
     w.add_token_scores([-float(i) for i in range(len(vocab))])
     w.add_bos_token_id(1)
@@ -68,8 +69,9 @@ def test_gguf_round_trip_f32_f16(tmp_path):
     a = LlamaReference(weights).prefill([1, 5, 6, 7])
     b = LlamaReference(ck.weights).prefill([1, 5, 6, 7])
     np.testing.assert_allclose(a, b, atol=2e-2 * np.abs(a).max())               # fp16 attention weights
+    # SentencePiece BPE with BOS; no merge path reaches "▁hello" in this vocabulary (ids: test_gguf_tokenizer.py)
     ids = ck.tokenizer.encode("hello world").ids
-    assert ids == [3, 4] and ck.tokenizer.decode(ids) == "hello world"
+    assert ids[0] == 1 and len(ids) > 3 and ck.tokenizer.decode(ids) == "hello world"
 
 
 def test_gguf_quantized_mlp_is_dequantized(tmp_path):

@@ -113,6 +113,10 @@ def _tokenizer_for(model_path, tokenizer_path):
 
 
 def _prompt_ids(tok, bos, prompt):
+    """Prompt ids. A tokenizer with a post-processor (a GGUF's, built from its add_bos_token /
+    add_eos_token; a Hugging Face template) adds BOS / EOS itself; else BOS, if any, goes first."""
+    if tok.post_processor is not None:
+        return tok.encode(prompt).ids
     ids = tok.encode(prompt, add_special_tokens=False).ids
     return ([bos] if bos is not None else []) + ids
 
