@@ -142,7 +142,8 @@ class LlamaExporter:
         inputs = [x, g.initializer(f"{pre}.gate_proj.weight", _f32(lw.gate)),
                   g.initializer(f"{pre}.up_proj.weight", _f32(lw.up)),
                   g.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T),
-                  g.initializer(f"{pre}.gate_proj.sign_words", mf.pack_sign_words64(lw.gate))]
+                  g.initializer(f"{pre}.gate_proj.sign_words",
+                                mf.pack_sign_words64(lw.gate, groups=self.o.target == "cpu"))]
         if self.o.target == "cuda":            # the function body's predictor on the CUDA provider
             inputs.append(g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(lw.gate)))
         outs = g.make_node(mf.OP_TYPE, inputs, sc, n_out=4 if self.o.debug else 1, domain=mf.DOMAIN,

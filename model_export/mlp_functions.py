@@ -88,18 +88,23 @@ def words_per_row64(d: int) -> int:
     """uint64 words per row: ceil(d/64), padded up to a whole number of GROUP_WORDS groups."""
     groups = -(-int(d) // (WORD_BITS * GROUP_WORDS))
     if groups > MAX_GROUPS:
-        raise SparseInferError(f"hidden size {d} too large for the sparse MLP's function body (at most "
-                               f"{MAX_GROUPS * GROUP_WORDS * WORD_BITS})")
+        raise SparseInferError(f"hidden size {d} too large for the cpu predictor (at most "
+                               f"{MAX_GROUPS * GROUP_WORDS * WORD_BITS}); export with --target cuda")
     return groups * GROUP_WORDS
 
 
-def pack_sign_words64(w: np.ndarray) -> np.ndarray:
-    """W_gate [k, d] -> [k, words_per_row64(d)] uint64, the reference's uint32 words paired."""
+def pack_sign_words64(w: np.ndarray, groups: bool = True) -> np.ndarray:
+    """W_gate [k, d] -> [k, words_per_row64(d)] uint64, the reference's uint32 words paired.
+
+    ``groups=False``: ceil(d / 64) words, no group padding (what the native op needs; the
+    cpu target's function body needs the groups).
+    """
     from sparseinfer.reference.signs import pack_signs
 
     words32 = pack_signs(w)
     n32 = words32.shape[-1]
-    pad = 2 * words_per_row64(np.shape(w)[-1]) - n32
+    d = np.shape(w)[-1]
+    pad = 2 * (words_per_row64(d) if groups else -(-d // WORD_BITS)) - n32
     words32 = np.pad(words32, [(0, 0)] * (words32.ndim - 1) + [(0, pad)])
     return np.ascontiguousarray(words32).view("<u8").astype(np.uint64, copy=False)
 

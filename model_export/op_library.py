@@ -313,6 +313,15 @@ def cpu_library() -> Path:
     return _built_cpu
 
 
+def unavailable_reason() -> str | None:
+    """None where the CPU library builds (or is cached) here, else why not."""
+    try:
+        cpu_library()
+    except SparseInferError as e:
+        return str(e)
+    return None
+
+
 def cuda_library() -> Path:
     reason = cuda_unavailable_reason()
     if reason:

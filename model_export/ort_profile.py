@@ -79,7 +79,7 @@ def summarize(path, skip_runs: int = 1, top: int = 8) -> dict:
 
 
 def one_line(summary: dict, top: int = 3) -> str:
-    """'12.3 ms/token (CPU 12.3 ms); MatMul 61%, SparseMLPHost 20%, ...'"""
+    """'12.3 ms/token (CPU 12.3 ms); MatMul 61%, SparseMLP 20%, ...'"""
     by = ", ".join(f"{p.replace('ExecutionProvider', '')} {v['us_per_run'] / 1e3:.2f} ms"
                    for p, v in summary["by_provider"].items())
     ops = ", ".join(f"{o['op']} {100 * o['share_of_nodes']:.0f}%" for o in summary["top_ops"][:top])

@@ -123,6 +123,13 @@ def row_features(k: int) -> np.ndarray:
     return np.arange(k) % N_FEATURES
 
 
+def balanced_signs(s: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
+    """float32 [count, d] random ±1 vectors that agree in sign with ``s`` on exactly d // 2 entries each."""
+    d = s.size
+    agree = np.argsort(rng.random((count, d)), axis=1) < d // 2
+    return np.where(agree, np.sign(s), -np.sign(s)).astype(np.float32)
+
+
 def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) -> LlamaWeights:
     d, k, hd = shape.d, shape.k, shape.head_dim
     f32 = np.float32
@@ -137,7 +144,9 @@ def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) 
         return np.where(rng.random(size) < 0.5, -1, 1).astype(f32)
 
     common = signs(d) * f32(EMBED_COMMON)
-    features = signs(N_FEATURES, d)                                    # v_f
+    import os
+    features = balanced_signs(common, N_FEATURES, rng) if os.environ.get("XB") == "1" else signs(N_FEATURES, d)
+    branch = BRANCH_SCALE * (min(1.0, (2 / shape.num_layers) ** 0.5) if os.environ.get("XC") == "1" else 1.0)
     carried = token_features(shape.vocab_size, target, rng).astype(f32)
     feature_part = carried @ features * f32(FEATURE_EMBED / np.sqrt(features_per_token(target)))
     embed = rng.standard_normal((shape.vocab_size, d), dtype=f32) + common + feature_part
@@ -147,12 +156,25 @@ def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) 
         layers.append(LayerWeights(
             input_norm=norm(), q=normal(shape.num_heads * hd, d, d ** -0.5),
             k=normal(shape.num_kv_heads * hd, d, d ** -0.5), v=normal(shape.num_kv_heads * hd, d, d ** -0.5),
-            o=normal(d, shape.num_heads * hd, BRANCH_SCALE * (shape.num_heads * hd) ** -0.5),
+            o=normal(d, shape.num_heads * hd, branch * (shape.num_heads * hd) ** -0.5),
             post_norm=norm(), gate=normal(k, d, d ** -0.5) + row_feature, up=normal(k, d, d ** -0.5),
-            down=normal(d, k, BRANCH_SCALE * 3 * k ** -0.5)))
+            down=normal(d, k, branch * 3 * k ** -0.5)))
     lm_head = embed if shape.tie_word_embeddings else normal(shape.vocab_size, d, d ** -0.5)
     weights = LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
     return weights, carried.astype(bool)
+
+
+def common_direction(x, iterations=2000):
+    p = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)
+    w = p.mean(axis=0)
+    for _ in range(iterations):
+        t = int(np.argmin(p @ w))
+        diff = w - p[t]
+        gap = w @ diff
+        if gap <= 1e-9 * (w @ w):
+            break
+        w = w - min(1.0, gap / (diff @ diff)) * diff
+    return (w / np.linalg.norm(w)).astype(np.float32)
 
 
 def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, present: np.ndarray) -> None:
@@ -164,9 +186,14 @@ def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, present: 
     members: the largest ratio of the first group and the smallest of the second, when
     the groups separate; else the mean of the group medians).
     """
+    import os
     u = x.mean(axis=0)
     u /= np.linalg.norm(u)
     proj = x @ u                                    # u . x_t, positive for every token
+    mode = os.environ.get("XU", "0")
+    if mode == "2" or (mode == "1" and not (proj > 0).all()):
+        u = common_direction(x)
+        proj = x @ u
     if not (proj > 0).all():
         raise SparseInferError("synthetic maker: calibration inputs lack a common direction")
     ratio = (x @ gate.T - np.float32(threshold)) / proj[:, None]     # [T, k]

@@ -36,11 +36,11 @@ def _skip_marked(items, marker: str, reason_of, label: str) -> None:
 def pytest_collection_modifyitems(config, items):
     from sparseinfer.kernels import gpu_unavailable_reason
     from sparseinfer.kernels.emulator import unavailable_reason as emulator_unavailable_reason
-    from sparseinfer.model_export.native_mlp import available as native_unavailable_reason
+    from sparseinfer.model_export.op_library import unavailable_reason as native_unavailable_reason
 
     _skip_marked(items, "gpu", gpu_unavailable_reason, "GPU tests")
     _skip_marked(items, "emulated", emulator_unavailable_reason, "emulated-kernel tests")
-    _skip_marked(items, "native", native_unavailable_reason, "native-kernel tests")
+    _skip_marked(items, "native", native_unavailable_reason, "op-library tests")
     _skip_marked(items, "ort_cuda", _ort_cuda_unavailable_reason, "onnxruntime CUDA tests")
 
 

@@ -100,9 +100,9 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
         assert summary["runs"] == 2 and list(summary["by_provider"]) == ["CPUExecutionProvider"]
         assert 0 < summary["node_us_per_run"] <= summary["us_per_run"]
         assert (tmp_path / "profiles").is_dir() and str(tmp_path / "profiles" / kind) in summary["profile_file"]
-    assert "NonZero" not in ops["dense"] and "SparseMLPHost" not in ops["dense"]
+    assert "NonZero" not in ops["dense"] and "SparseMLP" not in ops["dense"]
     if result["sparse"]["mlp_kernels"] == "native":
-        assert "SparseMLPHost" in ops["sparse"] and "SparseMLPHost" not in ops["sparse-function"]
+        assert "SparseMLP" in ops["sparse"] and "SparseMLP" not in ops["sparse-function"]
 
 
 def test_bench_decode_keeps_the_timed_rounds_when_the_profiles_fail(tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ from click.testing import CliRunner
 
 from sparseinfer.model_export.decode import OnnxDecoder, make_session
 from sparseinfer.model_export.export import ExportOptions, export_onnx
-from sparseinfer.model_export.mlp_functions import DOMAIN
+from sparseinfer.model_export.mlp_functions import DOMAIN, OP_TYPE
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows
 from sparseinfer.reference.errors import SparseInferError
@@ -101,20 +101,21 @@ def test_graph_names_functions_and_alpha(tmp_path):
     assert [i.name for i in model.graph.input][:3] == ["input_ids", "attention_mask", "position_ids"]
     assert "past_key_values.2.value" in [i.name for i in model.graph.input]
     assert [o.name for o in model.graph.output][:3] == ["logits", "present.0.key", "present.0.value"]
-    assert {f.name for f in model.functions} == {"SignPack", "PredictZeroRows", "SparseGateUp", "SparseDown"}
-    assert all(f.domain == DOMAIN for f in model.functions)
-    body_ops = {n.op_type for f in model.functions for n in f.node}
+    assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, OP_TYPE)]
+    body = model.functions[0]
+    assert body.input == ["x", "w_gate", "w_up", "w_down_t", "w_signs"] and body.output == ["out"]
+    assert {"alpha_milli", "activation", "threshold"} <= set(body.attribute)
+    branches = [n for n in body.node if n.op_type == "If"]
+    assert len(branches) == 1                       # one token sparse, several dense: inside the op
+    body_ops = {n.op_type for a in branches[0].attribute for n in a.g.node}
     assert {"BitwiseXor", "BitShift", "NonZero", "Gather", "MatMul"} <= body_ops
-    assert all(n.domain in ("", None) for f in model.functions for n in f.node)   # standard ops only
-    alphas = {}
-    for node in model.graph.node:
-        if node.op_type == "If":
-            for n in node.attribute[0].g.node if node.attribute[0].name == "then_branch" else node.attribute[1].g.node:
-                if n.op_type == "PredictZeroRows":
-                    alphas[n.name] = n.attribute[0].i
-    assert alphas == {"/model/layers.0/mlp/PredictZeroRows": 1030, "/model/layers.1/mlp/PredictZeroRows": 1030,
-                      "/model/layers.2/mlp/PredictZeroRows": 1000}
-    assert any(n.name == "/model/layers.2/mlp/If" for n in model.graph.node)
+    assert all(n.domain in ("", None) for a in branches[0].attribute for n in a.g.node)   # standard ops only
+    assert not any(n.op_type == "If" for n in model.graph.node)     # no control flow in the graph itself
+    mlps = {n.name: {a.name: a for a in n.attribute} for n in model.graph.node if n.op_type == OP_TYPE}
+    assert {name: a["alpha_milli"].i for name, a in mlps.items()} == {
+        "/model/layers.0/mlp/SparseMLP": 1030, "/model/layers.1/mlp/SparseMLP": 1030,
+        "/model/layers.2/mlp/SparseMLP": 1000}
+    assert {a["activation"].s for a in mlps.values()} == {w.activation.kind.encode()}
 
 
 def test_batched_prefill_with_padding_runs_dense(tmp_path):

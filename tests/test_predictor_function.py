@@ -16,8 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pytest
 
-from sparseinfer.model_export.mlp_functions import (DOMAIN, GROUP_WORDS, MAX_GROUPS, WORD_BITS, pack_sign_words64,
-                                                    predict_zero_rows, sign_pack, words_per_row64)
+from sparseinfer.model_export.mlp_functions import (DOMAIN, GROUP_WORDS, MAX_GROUPS, OP_TYPE, WORD_BITS,
+                                                    pack_sign_words64, sparse_mlp_function, words_per_row64)
+from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.model_export.onnx_builder import IR_VERSION, OPSET
 from sparseinfer.reference import pack_signs, predict_zero_rows as reference_predict
@@ -40,14 +41,20 @@ def _adversarial_rows(d: int) -> np.ndarray:
 
 
 def _session(w: np.ndarray, alpha_milli: int, d: int = D):
-    nodes = [helper.make_node("SignPack", ["x"], ["words"], domain=DOMAIN),
-             helper.make_node("PredictZeroRows", ["words", "w_words"], ["zero"], domain=DOMAIN,
-                              alpha_milli=alpha_milli)]
-    graph = helper.make_graph(nodes, "predictor", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
-                              [helper.make_tensor_value_info("zero", TensorProto.BOOL, [w.shape[0]])],
-                              initializer=[numpy_helper.from_array(pack_sign_words64(w), "w_words")])
+    """The export's SparseMLP function body alone (no op library), its predicted_zero output."""
+    k = w.shape[0]
+    zeros = np.zeros((k, d), np.float32)
+    names = ["out", "zero", "computed", "actual_zero"]
+    node = helper.make_node(OP_TYPE, ["x", "w_gate", "w_up", "w_down_t", "w_words"], names, domain=DOMAIN,
+                            alpha_milli=alpha_milli, activation="relu", threshold=0.0)
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "w_gate"), (zeros, "w_up"), (zeros, "w_down_t"),
+                                                        (pack_sign_words64(w), "w_words"))]
+    graph = helper.make_graph([node], "predictor", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, d])],
+                              [helper.make_tensor_value_info("zero", TensorProto.BOOL, [k])], initializer=inits)
+    graph.output.extend([helper.make_tensor_value_info(n, t, None) for n, t in
+                         (("out", TensorProto.FLOAT), ("computed", TensorProto.BOOL), ("actual_zero", TensorProto.BOOL))])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
-                              functions=[sign_pack(d), predict_zero_rows(d)])
+                              functions=[sparse_mlp_function(d, k, Activation.parse("relu"), "cpu", debug=True)])
     model.ir_version = IR_VERSION
     return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
 

@@ -394,4 +394,31 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
                f"{provider} provider, {where}, {result['machine']['date']})")
 
 
-COMMANDS = (make_checkpoint_cmd, export_cmd, generate_cmd, compare_cmd, bench_decode_cmd)
+@click.command("build-ops")
+@click.option("--cuda/--no-cuda", default=None,
+              help="Build the CUDA-provider library too (default: where nvcc and the CUDA runtime are found; "
+                   "--cuda makes their absence an error).")
+@click.option("--json", "as_json", is_flag=True, help="Print {cpu, cuda, onnxruntime_api, headers_api, reason}.")
+def build_ops_cmd(cuda, as_json):
+    """Build the native sparse-MLP op library for onnxruntime and print its path(s).
+
+    One SparseMLP node per layer of a sparse export runs as one native kernel in any
+    onnxruntime host that registers the library (SessionOptions.register_custom_ops_library):
+    the C++ CPU kernel always, the CUDA kernels (kernels/cuda, on the CUDA provider's stream)
+    where nvcc is found. Built once and cached under ~/.cache/sparseinfer/ops
+    (SPARSEINFER_OPS_CACHE) by sources, flags and compiler versions; onnxruntime's C API
+    headers come from ORT_INCLUDE_DIR, a system install, or Debian's libonnxruntime-dev
+    (fetched once). generate, compare and bench-decode build it on first use.
+    """
+    from sparseinfer.model_export import op_library
+
+    built = op_library.build(cuda)
+    if as_json:
+        echo_json(built.as_dict())
+        return
+    click.echo(f"cpu:  {built.cpu}")
+    click.echo(f"cuda: {built.cuda or '-'}" + (f"  ({built.reason})" if built.reason else ""))
+    click.echo(f"asks onnxruntime for C API {built.onnxruntime_api} (headers: API {built.headers_api})")
+
+
+COMMANDS = (make_checkpoint_cmd, export_cmd, generate_cmd, compare_cmd, bench_decode_cmd, build_ops_cmd)

@@ -1,0 +1,291 @@
+"""The native op library (model_export/native, op_library.py): its CPU kernel against the
+reference bit for bit, errors that come back as errors, and sparse exports in plain
+onnxruntime sessions, with and without the library."""
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from sparseinfer.model_export import op_library
+from sparseinfer.model_export.decode import OnnxDecoder, generate, make_session, resolve_mlp_kernels
+from sparseinfer.model_export.export import ExportOptions, export_onnx
+from sparseinfer.model_export.mlp_functions import (DEBUG_OUTPUTS, DOMAIN, OP_TYPE, pack_sign_words64,
+                                                    sparse_mlp_function)
+from sparseinfer.model_export.onnx_builder import IR_VERSION, OPSET
+from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
+from sparseinfer.reference import mlp_dense, mlp_sparse
+from sparseinfer.reference.activations import Activation
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.signs import words_per_row
+
+pytestmark = pytest.mark.native
+
+PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]
+GAMMA_K = 552 * 2.0 ** -24          # the tiny shape's longest dot product (see test_export_onnx)
+
+
+def _mlp_model(w_gate, w_up, w_down_t, signs, alpha_milli, act: Activation, outputs=1, function=False):
+    """One SparseMLP node over initializers; ``function``: carry the export's body too."""
+    names = ["out", *DEBUG_OUTPUTS][:outputs]
+    k, d = w_gate.shape
+    node = helper.make_node(OP_TYPE, ["x", "w_gate", "w_up", "w_down_t", "w_signs"], names, domain=DOMAIN,
+                            name="layer/SparseMLP", alpha_milli=alpha_milli, activation=act.kind,
+                            threshold=float(act.threshold))
+    inits = [numpy_helper.from_array(a, n) for a, n in
+             ((w_gate, "w_gate"), (w_up, "w_up"), (w_down_t, "w_down_t"), (signs, "w_signs"))]
+    kinds = [TensorProto.FLOAT] + [TensorProto.BOOL] * 3
+    graph = helper.make_graph([node], "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, None)],
+                              [helper.make_tensor_value_info(n, t, None) for n, t in zip(names, kinds)], inits)
+    functions = [sparse_mlp_function(d, k, act, "cpu", debug=outputs > 1)] if function else []
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(DOMAIN, 1)],
+                              functions=functions)
+    model.ir_version = IR_VERSION
+    return model
+
+
+def _session(model, library=True, threads=2):
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    if library:
+        opts.register_custom_ops_library(str(op_library.cpu_library()))
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def _bits(a):
+    return np.asarray(a, np.float32).view(np.uint32)
+
+
+def _layer(rng, d, k, zeros_in_x=0):
+    w_gate, w_up = (rng.standard_normal((k, d), dtype=np.float32) for _ in range(2))
+    w_down = rng.standard_normal((d, k), dtype=np.float32)
+    x = rng.standard_normal(d).astype(np.float32)
+    if zeros_in_x:                         # exact +0.0 and -0.0 entries: both pack as positive signs
+        idx = rng.choice(d, size=min(zeros_in_x, d), replace=False)
+        x[idx] = np.where(np.arange(idx.size) % 2, np.float32(-0.0), np.float32(0.0))
+    return w_gate, w_up, w_down, x
+
+
+def test_library_builds_and_reports_itself():
+    built = op_library.build(cuda=False)
+    assert built.cpu.is_file() and built.cuda is None and built.reason
+    assert built.onnxruntime_api == 18 and built.headers_api >= 18
+    lib = ctypes.CDLL(str(built.cpu))
+    assert lib.sparseinfer_ops_has_cuda() == 0
+    assert op_library.build(cuda=False).cpu == built.cpu          # cached: the same file
+
+
+@settings(max_examples=25, deadline=None)
+@given(d=st.integers(1, 300), k=st.integers(1, 1100), alpha_milli=st.integers(600, 1400),
+       act=st.sampled_from(["relu", "fatrelu:0.05", "fatrelu:-0.5"]), zeros=st.integers(0, 5),
+       padded=st.booleans(), seed=st.integers(0, 2**31 - 1))
+def test_cpu_op_equals_the_reference_bit_for_bit(d, k, alpha_milli, act, zeros, padded, seed):
+    rng = np.random.default_rng(seed)
+    w_gate, w_up, w_down, x = _layer(rng, d, k, zeros)
+    act = Activation.parse(act)
+    if padded:                  # the exports' words: uint64, padded to whole groups
+        signs = pack_sign_words64(w_gate)
+    else:                       # just ceil(d / 64) words
+        signs = pack_sign_words64(w_gate)[:, :-(-d // 64)].copy()
+    session = _session(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), signs, alpha_milli, act, outputs=4))
+    out, predicted, computed, actual = session.run(None, {"x": x[None]})
+    want, trace = mlp_sparse(x, w_gate, w_up, w_down, act, alpha=alpha_milli / 1000)
+    assert out.shape == (1, d) and predicted.shape == (k,)
+    assert np.array_equal(_bits(out[0]), _bits(want))
+    assert np.array_equal(predicted, trace.predicted_zero)
+    assert np.array_equal(computed, trace.computed_up)
+    assert np.array_equal(actual, trace.actual_zero)
+
+
+@settings(max_examples=10, deadline=None)
+@given(d=st.integers(1, 200), k=st.integers(1, 700), tokens=st.integers(2, 4),
+       act=st.sampled_from(["relu", "fatrelu:0.05"]), seed=st.integers(0, 2**31 - 1))
+def test_several_tokens_run_the_dense_mlp_bit_for_bit(d, k, tokens, act, seed):
+    rng = np.random.default_rng(seed)
+    w_gate, w_up, w_down, _ = _layer(rng, d, k)
+    xs = rng.standard_normal((1, tokens, d)).astype(np.float32)
+    session = _session(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
+                                  Activation.parse(act), outputs=2))
+    out, predicted = session.run(None, {"x": xs})
+    assert out.shape == xs.shape and predicted.shape == (0,)
+    for t in range(tokens):
+        assert np.array_equal(_bits(out[0, t]), _bits(mlp_dense(xs[0, t], w_gate, w_up, w_down, act)))
+
+
+def test_edges_exactly_at_the_fatrelu_threshold_and_signed_zeros():
+    """Gate products landing exactly on the threshold (kept: z >= T) and on +-0.0 (dropped)."""
+    d, k = 64, 6
+    x = np.zeros(d, np.float32)
+    x[0], x[1] = 1.0, -0.0
+    w_gate = np.zeros((k, d), np.float32)
+    w_gate[:, 0] = [0.25, 0.25 - 2**-20, 0.0, -0.0, 1.0, -1.0]      # z = the first column exactly
+    w_up = np.ones((k, d), np.float32)
+    w_down = np.arange(1, d * k + 1, dtype=np.float32).reshape(d, k) / 7
+    for act, kept in ((Activation.parse("fatrelu:0.25"), [0, 4]), (Activation.parse("relu"), [0, 1, 4])):
+        session = _session(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 5000,
+                                      act, outputs=4))
+        out, predicted, computed, actual = session.run(None, {"x": x[None]})
+        want, trace = mlp_sparse(x, w_gate, w_up, w_down, act, alpha=5.0)
+        assert not predicted.any()                       # alpha 5: nothing is predicted zero here
+        assert np.flatnonzero(computed).tolist() == kept
+        assert np.array_equal(actual, trace.actual_zero) and np.array_equal(_bits(out[0]), _bits(want))
+
+
+def test_results_do_not_depend_on_the_thread_count():
+    rng = np.random.default_rng(3)
+    w_gate, w_up, w_down, x = _layer(rng, 300, 2100)
+    model = _mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 950,
+                       Activation.parse("relu"))
+    one, two = (_session(model, threads=t).run(None, {"x": x[None]})[0] for t in (1, 2))
+    assert np.array_equal(_bits(one), _bits(two))
+    assert 0 < np.count_nonzero(one)
+
+
+def test_the_library_kernel_overrides_the_function_body_with_the_same_masks():
+    rng = np.random.default_rng(11)
+    w_gate, w_up, w_down, x = _layer(rng, 200, 900)
+    model = _mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 980,
+                       Activation.parse("relu"), outputs=4, function=True)
+    native = _session(model).run(None, {"x": x[None]})
+    body = _session(model, library=False).run(None, {"x": x[None]})
+    _, trace = mlp_sparse(x, w_gate, w_up, w_down, "relu", alpha=0.98)
+    for got in (native, body):
+        assert np.array_equal(got[1], trace.predicted_zero) and np.array_equal(got[2], trace.computed_up)
+    assert np.array_equal(_bits(native[0][0]), _bits(mlp_sparse(x, w_gate, w_up, w_down, "relu", alpha=0.98)[0]))
+    # the body multiplies in MLAS's order, not the contract's: equal within a rounding bound
+    np.testing.assert_allclose(body[0], native[0], rtol=0, atol=1e-4 * float(np.abs(native[0]).max()))
+
+
+@pytest.mark.parametrize("case,feed,message", [
+    ("nan", None, "x contains NaN at index 7"),
+    ("shape", None, "x has shape [1, 99]; its last axis must be d = 100"),
+])
+def test_bad_inputs_come_back_as_errors_naming_the_node(case, feed, message):
+    rng = np.random.default_rng(0)
+    w_gate, w_up, w_down, x = _layer(rng, 100, 40)
+    session = _session(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
+                                  Activation.parse("relu")))
+    if case == "nan":
+        x[7] = np.nan
+    else:
+        x = x[:99]
+    with pytest.raises(Exception, match="SparseMLP node 'layer/SparseMLP'") as e:
+        session.run(None, {"x": x[None]})
+    assert message in str(e.value)
+    assert session.run(None, {"x": rng.standard_normal((1, 100)).astype(np.float32)})[0].shape == (1, 100)
+
+
+def test_mismatched_weights_and_bad_attributes_are_refused():
+    rng = np.random.default_rng(0)
+    w_gate, w_up, w_down, x = _layer(rng, 100, 40)
+    bad_up = _mlp_model(w_gate, w_up[:39], np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
+                        Activation.parse("relu"))
+    with pytest.raises(Exception, match=r"W_up has shape \[39, 100\]; expected \[40, 100\]"):
+        _session(bad_up).run(None, {"x": x[None]})
+    silu = _mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
+                      Activation.parse("relu"))
+    next(a for a in silu.graph.node[0].attribute if a.name == "activation").s = b"silu"
+    with pytest.raises(Exception, match="activation 'silu' has no exact zeros"):
+        _session(silu)
+
+
+def test_an_error_in_the_op_does_not_abort_the_process(tmp_path):
+    """A NaN reaching the op in a subprocess: a Python exception and exit 0, never an abort."""
+    rng = np.random.default_rng(0)
+    w_gate, w_up, w_down, _ = _layer(rng, 64, 32)
+    path = tmp_path / "mlp.onnx"
+    path.write_bytes(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
+                                Activation.parse("relu")).SerializeToString())
+    code = f"""
+import numpy as np, onnxruntime as ort
+o = ort.SessionOptions(); o.register_custom_ops_library({str(op_library.cpu_library())!r})
+s = ort.InferenceSession({str(path)!r}, o, providers=["CPUExecutionProvider"])
+try:
+    s.run(None, {{"x": np.full((1, 64), np.nan, np.float32)}})
+except Exception as e:
+    print("raised:", "x contains NaN at index 0" in str(e))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "raised: True" in done.stdout, done.stderr[-500:]
+
+
+# --- sparse exports ------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sparse_export(tmp_path_factory):
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=7)
+    path = export_onnx(w, tmp_path_factory.mktemp("native") / "m.onnx",
+                       ExportOptions(sparse=True, alpha="1.01", debug=True))
+    return w, path
+
+
+def test_a_plain_session_with_only_the_library_runs_a_sparse_export(sparse_export):
+    """No sparseinfer code at run time: register the library, session.run, prefill + one decode step."""
+    w, path = sparse_export
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(op_library.cpu_library()))
+    native = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])      # function bodies
+    s = w.shape
+    empty = np.zeros((1, s.num_kv_heads, 0, s.head_dim), np.float32)
+    feeds = {"input_ids": np.array([PROMPT], np.int64), "attention_mask": np.ones((1, len(PROMPT)), np.int64),
+             "position_ids": np.arange(len(PROMPT))[None]}
+    feeds.update({f"past_key_values.{i}.{kv}": empty for i in range(s.num_layers) for kv in ("key", "value")})
+    names = [o.name for o in native.get_outputs()]
+    for step in range(2):
+        a = dict(zip(names, native.run(None, feeds)))
+        b = dict(zip(names, plain.run(None, feeds)))
+        if step:                                               # a decode step: the same rows skipped
+            for i in range(s.num_layers):
+                for out in ("predicted_zero", "actual_zero", "rows"):
+                    assert np.array_equal(a[f"debug.{i}.{out}"], b[f"debug.{i}.{out}"]), out
+                assert 0 < a["debug.0.predicted_zero"].sum() < s.k
+        np.testing.assert_allclose(a["logits"], b["logits"], rtol=0,
+                                   atol=GAMMA_K * (1 + float(np.abs(b["logits"]).max())))
+        n = feeds["attention_mask"].shape[1]
+        feeds = {"input_ids": np.array([[int(np.argmax(a["logits"][0, -1]))]]),
+                 "attention_mask": np.ones((1, n + 1), np.int64), "position_ids": np.array([[n]]),
+                 **{f"past_key_values.{i}.{kv}": a[f"present.{i}.{kv}"] for i in range(s.num_layers)
+                    for kv in ("key", "value")}}
+
+
+def test_decoder_native_and_function_bodies_decode_the_same_tokens_and_count_rows(sparse_export):
+    _, path = sparse_export
+    native, function = OnnxDecoder(path, mlp_kernels="native"), OnnxDecoder(path, mlp_kernels="function")
+    assert (native.mlp_kernels, function.mlp_kernels) == ("native", "function")
+    a, b = generate(native, PROMPT, 8, keep_logits=True), generate(function, PROMPT, 8, keep_logits=True)
+    assert a.tokens == b.tokens
+    assert all(np.array_equal(x, y) for sa, sb in zip(a.predicted_zero, b.predicted_zero) for x, y in zip(sa, sb))
+    counts = a.kernel_rows
+    assert counts["decode_steps_counted"] == len(a.tokens) - 1
+    assert counts["predicted_sparsity"] == pytest.approx(a.stats()["predicted_sparsity"])
+    assert 0 < counts["rows_computed"] < 1 - counts["predicted_sparsity"]
+    assert function.row_counts() is None
+
+
+def test_resolve_mlp_kernels():
+    assert resolve_mlp_kernels("auto", has_op=True, provider="cpu")[0] == "native"
+    assert resolve_mlp_kernels("native", has_op=False, provider="cpu") == ("function", None)
+    with pytest.raises(SparseInferError, match="unknown MLP kernels"):
+        resolve_mlp_kernels("fast", has_op=True, provider="cpu")
+
+
+def test_make_session_registers_the_library(sparse_export):
+    _, path = sparse_export
+    session = make_session(path, library=op_library.cpu_library())
+    assert [o.name for o in session.get_outputs()][0] == "logits"
+
+
+def test_sign_words_are_the_references_uint32_words_paired():
+    w = np.random.default_rng(1).standard_normal((5, 130)).astype(np.float32)
+    words = pack_sign_words64(w)
+    from sparseinfer.reference.signs import pack_signs
+    w32 = pack_signs(w)
+    assert np.array_equal(words.view(np.uint32)[:, :words_per_row(130)], w32)
