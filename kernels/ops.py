@@ -128,7 +128,8 @@ def predict(w_signs, x_signs, d: int, alpha_milli: int, vector_loads: bool = Fal
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
     kernel("predict_rows_vec" if vector_loads else "predict_rows")(
-        _warp_grid(k), (THREADS,), (w_signs, x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
+        _warp_grid(k), (THREADS,),
+        (w_signs, np.int64(w_signs.shape[1]), x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
     return counts, zero
 
 
@@ -210,8 +211,8 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
         grid = (min(grid[0], device.resident_blocks(name, threads)),)
     kernel(name)(
         grid, (threads,),
-        (x, x_signs, w_signs, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),
-         np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3))
+        (x, x_signs, w_signs, np.int64(w_signs.shape[1]), w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d),
+         np.int32(k), np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3))
     return counts, zero, h1, h3
 
 

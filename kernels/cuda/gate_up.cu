@@ -56,14 +56,14 @@ __device__ __forceinline__ void gate_up_list_impl(const float* x, const T* w_gat
 }
 
 // Predict one row (eq. 2, 16-byte sign loads), then gate + up unless it is predicted zero.
+// sign_ld: words per row of w_signs (>= ceil(d/32); words past ceil(d/32) are not read).
 template <typename T, int BATCH>
 __device__ __forceinline__ void predict_gate_up_row(i64 row, const float* x, const u32* __restrict__ x_signs,
-                                                    const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
-                                                    i64 ld, int d, int alpha_milli, int act_kind, float threshold,
-                                                    int* __restrict__ counts, unsigned char* __restrict__ zero,
-                                                    float* h1, float* h3, int lane) {
-    const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
-    const int n_neg = row_negative_count<true>(w_signs + row * n_words, x_signs, d, lane);
+                                                    const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
+                                                    const T* w_up, i64 ld, int d, int alpha_milli, int act_kind,
+                                                    float threshold, int* __restrict__ counts,
+                                                    unsigned char* __restrict__ zero, float* h1, float* h3, int lane) {
+    const int n_neg = row_negative_count<true>(w_signs + row * sign_ld, x_signs, d, lane);
     const bool skip = predicted_zero(n_neg, d, alpha_milli);
     if (lane == 0) { counts[row] = n_neg; zero[row] = skip ? 1 : 0; }
     if (skip) {
@@ -76,14 +76,14 @@ __device__ __forceinline__ void predict_gate_up_row(i64 row, const float* x, con
 // v3: predict + gate + up in one launch (x's sign words packed beforehand), warp per row.
 template <typename T>
 __device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __restrict__ x_signs,
-                                                   const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
-                                                   i64 ld, int d, int k, int alpha_milli, int act_kind, float threshold,
-                                                   int* __restrict__ counts, unsigned char* __restrict__ zero,
-                                                   float* h1, float* h3) {
+                                                   const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
+                                                   const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,
+                                                   float threshold, int* __restrict__ counts,
+                                                   unsigned char* __restrict__ zero, float* h1, float* h3) {
     const i64 row = global_warp_id();
     if (row >= k) return;
-    predict_gate_up_row<T, 0>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind, threshold,
-                              counts, zero, h1, h3, lane_id());
+    predict_gate_up_row<T, 0>(row, x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, alpha_milli, act_kind,
+                              threshold, counts, zero, h1, h3, lane_id());
 }
 
 // v4: v3 on a grid that fits on the device at once, each warp striding over the rows
@@ -93,15 +93,16 @@ __device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __
 #define GATE_UP_BATCH 8
 template <typename T>
 __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u32* __restrict__ x_signs,
-                                                        const u32* __restrict__ w_signs, const T* w_gate,
-                                                        const T* w_up, i64 ld, int d, int k, int alpha_milli,
-                                                        int act_kind, float threshold, int* __restrict__ counts,
-                                                        unsigned char* __restrict__ zero, float* h1, float* h3) {
+                                                        const u32* __restrict__ w_signs, i64 sign_ld,
+                                                        const T* w_gate, const T* w_up, i64 ld, int d, int k,
+                                                        int alpha_milli, int act_kind, float threshold,
+                                                        int* __restrict__ counts, unsigned char* __restrict__ zero,
+                                                        float* h1, float* h3) {
     const i64 stride = (i64)gridDim.x * (blockDim.x / WARP_SIZE);
     const int lane = lane_id();
     for (i64 row = global_warp_id(); row < k; row += stride)        // uniform per warp
-        predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind,
-                                              threshold, counts, zero, h1, h3, lane);
+        predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, alpha_milli,
+                                              act_kind, threshold, counts, zero, h1, h3, lane);
 }
 
 // v5: v3 (warp per row, every row its own warp) with the weight loads of v4: each lane
@@ -111,14 +112,14 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
 // hold them, decide how many are in flight.
 template <typename T>
 __device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* __restrict__ x_signs,
-                                                     const u32* __restrict__ w_signs, const T* w_gate, const T* w_up,
-                                                     i64 ld, int d, int k, int alpha_milli, int act_kind,
+                                                     const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
+                                                     const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,
                                                      float threshold, int* __restrict__ counts,
                                                      unsigned char* __restrict__ zero, float* h1, float* h3) {
     const i64 row = global_warp_id();
     if (row >= k) return;
-    predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, w_gate, w_up, ld, d, alpha_milli, act_kind,
-                                          threshold, counts, zero, h1, h3, lane_id());
+    predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, alpha_milli,
+                                          act_kind, threshold, counts, zero, h1, h3, lane_id());
 }
 
 // The kernels that predict as they go (v3 fused, v4 persistent, v5 batched) share one signature.
@@ -126,11 +127,12 @@ __device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* 
 // ptxas gives it 64 on sm_87 and spills.
 #define GATE_UP_PREDICTING(KIND, NAME, T, BOUNDS)                                                          \
     extern "C" __global__ void BOUNDS                                                                      \
-    gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, const T* w_gate,       \
-                            const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,            \
-                            float threshold, int* counts, unsigned char* zero, float* h1, float* h3) {     \
-        gate_up_##KIND##_impl<T>(x, x_signs, w_signs, w_gate, w_up, ld, d, k, alpha_milli, act_kind,       \
-                                 threshold, counts, zero, h1, h3);                                         \
+    gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, i64 sign_ld,           \
+                            const T* w_gate, const T* w_up, i64 ld, int d, int k, int alpha_milli,         \
+                            int act_kind, float threshold, int* counts, unsigned char* zero, float* h1,    \
+                            float* h3) {                                                                   \
+        gate_up_##KIND##_impl<T>(x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, k, alpha_milli,        \
+                                 act_kind, threshold, counts, zero, h1, h3);                               \
     }
 
 #define GATE_UP(NAME, T)                                                                                   \

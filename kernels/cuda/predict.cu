@@ -4,15 +4,15 @@
 
 // One warp per row: counts[i] = N_neg, zero[i] = 1 where predicted zero. VEC: 16-byte
 // loads of the sign words (predict_rows_vec), else one word per lane per step (predict_rows).
+// sign_ld: words per row of w_signs (>= ceil(d/32); words past ceil(d/32) are not read).
 template <bool VEC>
-__device__ __forceinline__ void predict_rows_impl(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs,
-                                                  int k, int d, int alpha_milli, int* __restrict__ counts,
-                                                  unsigned char* __restrict__ zero) {
+__device__ __forceinline__ void predict_rows_impl(const u32* __restrict__ w_signs, i64 sign_ld,
+                                                  const u32* __restrict__ x_signs, int k, int d, int alpha_milli,
+                                                  int* __restrict__ counts, unsigned char* __restrict__ zero) {
     const i64 row = global_warp_id();
     if (row >= k) return;
     const int lane = lane_id();
-    const int n_words = (d + WARP_SIZE - 1) / WARP_SIZE;
-    const int n_neg = row_negative_count<VEC>(w_signs + row * n_words, x_signs, d, lane);
+    const int n_neg = row_negative_count<VEC>(w_signs + row * sign_ld, x_signs, d, lane);
     if (lane == 0) {
         counts[row] = n_neg;
         zero[row] = predicted_zero(n_neg, d, alpha_milli) ? 1 : 0;
@@ -20,15 +20,15 @@ __device__ __forceinline__ void predict_rows_impl(const u32* __restrict__ w_sign
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-predict_rows(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs, int k, int d, int alpha_milli,
-             int* __restrict__ counts, unsigned char* __restrict__ zero) {
-    predict_rows_impl<false>(w_signs, x_signs, k, d, alpha_milli, counts, zero);
+predict_rows(const u32* __restrict__ w_signs, i64 sign_ld, const u32* __restrict__ x_signs, int k, int d,
+             int alpha_milli, int* __restrict__ counts, unsigned char* __restrict__ zero) {
+    predict_rows_impl<false>(w_signs, sign_ld, x_signs, k, d, alpha_milli, counts, zero);
 }
 
 extern "C" __global__ void __launch_bounds__(256)
-predict_rows_vec(const u32* __restrict__ w_signs, const u32* __restrict__ x_signs, int k, int d, int alpha_milli,
-                 int* __restrict__ counts, unsigned char* __restrict__ zero) {
-    predict_rows_impl<true>(w_signs, x_signs, k, d, alpha_milli, counts, zero);
+predict_rows_vec(const u32* __restrict__ w_signs, i64 sign_ld, const u32* __restrict__ x_signs, int k, int d,
+                 int alpha_milli, int* __restrict__ counts, unsigned char* __restrict__ zero) {
+    predict_rows_impl<true>(w_signs, sign_ld, x_signs, k, d, alpha_milli, counts, zero);
 }
 
 // One block: the ascending list of rows with zero[i] == 0, and its length. Each pass

@@ -1,0 +1,216 @@
+// The CUDA launcher of the op library (sparse_mlp_cuda.h): the project's own kernels, from
+// kernels/cuda/ (one source of truth: the build passes -I kernels/cuda and the -D defines of
+// kernels/sources.py: COMPILE_OPTIONS), launched as kernels/ops.py launches them.
+//
+// * n_tokens == 1: the default pipeline, sparse-batched (kernels/registry.py): pack x's sign
+//   words (pack_signs_fp32), predict + gate + up in one launch with 8 weight chunks in flight
+//   per lane (gate_up_batched_fp32), the deterministic down projection with 8 rows' loads in
+//   flight per thread (down_chunks_batched_fp32), then the chunks' partials added in order
+//   (down_reduce_chunks). predicted_zero is the gate kernel's own mask; computed comes from
+//   one small kernel below.
+// * n_tokens > 1: the dense pipeline, token by token: gate_up_mask_fp32 without a mask (every
+//   gate and up row), down_chunks_fp32 over every row, down_reduce_chunks.
+//
+// Everything lives in the caller's scratch; grids depend on d and k only; nothing
+// allocates, synchronizes or needs zeroed state (every scratch word a kernel reads was
+// written earlier in the same call), so a call can be captured in a CUDA graph.
+//
+// The same text builds two ways: with nvcc into the op library (launches are <<<>>> on the
+// caller's stream), and with g++ against kernels/cuda/cpu_emulation.h
+// (-DSPARSEINFER_CPU_EMULATION: launches run on the CPU emulator, the stream is ignored),
+// which is how tests/test_native_cuda_launch.py checks this host code bit for bit without a
+// GPU.
+#include "sparse_mlp_cuda.h"
+
+#if !defined(WARP_SIZE) || !defined(VECTOR_BYTES) || !defined(DOWN_ROW_CHUNK) || !defined(DOWN_SUB_CHUNKS) || \
+    !defined(DOWN_THREADS) || !defined(GATE_UP_BATCHED_THREADS)
+#error "the kernels' constants come from kernels/sources.py: COMPILE_OPTIONS as -D defines"
+#endif
+
+#ifdef SPARSEINFER_CPU_EMULATION
+#include "cpu_emulation.h"
+typedef void* cudaStream_t;
+enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
+#else
+#include <cuda_runtime.h>
+#endif
+
+#include "signs.cu"
+#include "predict.cu"
+#include "gate_up.cu"
+#include "down.cu"
+
+namespace {
+
+const int kThreads = 256;                  // kernels/ops.py THREADS: 8 warps per warp-per-row block
+const int kWarpsPerBlock = kThreads / WARP_SIZE;
+const int kFloatV = VECTOR_BYTES / 4;       // fp32 columns per thread of the down projection
+const unsigned kMaxGridY = 65535;
+
+dim3 grid_of(long long x, long long y = 1) {
+    dim3 g;
+    g.x = (unsigned)x;
+    g.y = (unsigned)y;
+    g.z = 1;
+    return g;
+}
+
+long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+// One launch on `stream`: 0, or the error code of the launch. The arguments are converted to
+// the kernel's parameter types first (as CuPy's sized NumPy scalars are in ops.py).
+#ifdef SPARSEINFER_CPU_EMULATION
+template <typename... A, typename... B>
+int si_launch(void (*kernel)(A...), dim3 grid, dim3 block, cudaStream_t, B... args) {
+    // what a GPU refuses at launch (kernels/emulator.py _check_launch)
+    if (grid.x < 1 || grid.y < 1 || grid.y > kMaxGridY || block.x < 1 || block.x > 1024)
+        return cudaErrorInvalidConfiguration;
+    return emu::launch<A...>(kernel, grid, block, static_cast<A>(args)...);
+}
+#else
+template <typename... A, typename... B>
+int si_launch(void (*kernel)(A...), dim3 grid, dim3 block, cudaStream_t stream, B... args) {
+    kernel<<<grid, block, 0, stream>>>(static_cast<A>(args)...);
+    return (int)cudaGetLastError();
+}
+#endif
+
+#define SI_LAUNCH(...)                       \
+    do {                                     \
+        const int rc_ = si_launch(__VA_ARGS__); \
+        if (rc_ != 0) return rc_;            \
+    } while (0)
+
+// computed[i] = 1 where up and down were computed (+AS): the row was kept by the predictor
+// and its h1 is nonzero (a predicted-zero row's h1 is +0, so h1 != 0 alone decides).
+__global__ void __launch_bounds__(256)
+sparseinfer_computed_rows(const float* __restrict__ h1, int k, unsigned char* __restrict__ computed) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < k) computed[i] = h1[i] != 0.0f ? 1 : 0;
+}
+
+// The scratch, in sections at 256-byte offsets.
+struct Layout {
+    size_t x_signs, counts, zero, h1, h3, partial, total;
+};
+
+size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
+
+Layout layout(int d, int k) {
+    const size_t n_words = (size_t)ceil_div(d, WARP_SIZE);
+    const size_t n_chunks = (size_t)ceil_div(k, DOWN_ROW_CHUNK);
+    Layout l;
+    size_t at = 0;
+    l.x_signs = at; at += align256(n_words * sizeof(u32));
+    l.counts = at; at += align256((size_t)k * sizeof(int));
+    l.zero = at; at += align256((size_t)k);
+    l.h1 = at; at += align256((size_t)k * sizeof(float));
+    l.h3 = at; at += align256((size_t)k * sizeof(float));
+    l.partial = at; at += align256(n_chunks * (size_t)d * sizeof(float));
+    l.total = at;
+    return l;
+}
+
+template <typename P>
+P* section(void* scratch, size_t offset) {
+    return reinterpret_cast<P*>(static_cast<char*>(scratch) + offset);
+}
+
+int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
+    const Layout l = layout(a.d, a.k);
+    const long long d = a.d, k = a.k;
+    const long long n_words = ceil_div(d, WARP_SIZE);
+    const long long n_chunks = ceil_div(k, DOWN_ROW_CHUNK);
+    u32* x_signs = section<u32>(a.scratch, l.x_signs);
+    int* counts = section<int>(a.scratch, l.counts);
+    unsigned char* zero = a.predicted_zero ? a.predicted_zero : section<unsigned char>(a.scratch, l.zero);
+    float* h1 = section<float>(a.scratch, l.h1);
+    float* h3 = section<float>(a.scratch, l.h3);
+    float* partial = section<float>(a.scratch, l.partial);
+
+    // ops.pack_x_signs
+    SI_LAUNCH(pack_signs_fp32, grid_of(ceil_div(n_words, kWarpsPerBlock)), grid_of(kThreads), stream,
+              a.x, x_signs, 1, a.d, d);
+    // ops.gate_up_fused(kind="batched"): warp per row, GATE_UP_BATCHED_THREADS per block
+    SI_LAUNCH(gate_up_batched_fp32, grid_of(ceil_div(k, GATE_UP_BATCHED_THREADS / WARP_SIZE)),
+              grid_of(GATE_UP_BATCHED_THREADS), stream, a.x, x_signs, a.w_signs, a.sign_stride, a.w_gate, a.w_up, d,
+              a.d, a.k, a.alpha_milli, a.activation, a.threshold, counts, zero, h1, h3);
+    // ops.down_chunks(batched=True): (column tiles, chunks) blocks, then the chunks in order
+    SI_LAUNCH(down_chunks_batched_fp32, grid_of(ceil_div(d, DOWN_THREADS * kFloatV), n_chunks),
+              grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, a.w_down_t, d, a.k, a.d, 0, partial);
+    SI_LAUNCH(down_reduce_chunks, grid_of(ceil_div(d, kThreads)), grid_of(kThreads), stream, partial, n_chunks, a.d,
+              a.out);
+    if (a.computed)
+        SI_LAUNCH(sparseinfer_computed_rows, grid_of(ceil_div(k, kThreads)), grid_of(kThreads), stream, h1, a.k,
+                  a.computed);
+    return 0;
+}
+
+int prefill(const SparseMlpCudaArgs& a, cudaStream_t stream) {
+    const Layout l = layout(a.d, a.k);
+    const long long d = a.d, k = a.k;
+    const long long n_chunks = ceil_div(k, DOWN_ROW_CHUNK);
+    float* h1 = section<float>(a.scratch, l.h1);
+    float* h3 = section<float>(a.scratch, l.h3);
+    float* partial = section<float>(a.scratch, l.partial);
+    const unsigned char* no_mask = nullptr;
+    for (int t = 0; t < a.n_tokens; ++t) {       // stream order: each token's kernels reuse the scratch
+        const float* x = a.x + (long long)t * d;
+        float* out = a.out + (long long)t * d;
+        // registry's dense pipeline: ops.gate_up_mask(zero=None), ops.down_chunks(dense=True)
+        SI_LAUNCH(gate_up_mask_fp32, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, x, a.w_gate,
+                  a.w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1, h3);
+        SI_LAUNCH(down_chunks_fp32, grid_of(ceil_div(d, DOWN_THREADS * kFloatV), n_chunks),
+                  grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, a.w_down_t, d, a.k, a.d, 1, partial);
+        SI_LAUNCH(down_reduce_chunks, grid_of(ceil_div(d, kThreads)), grid_of(kThreads), stream, partial, n_chunks,
+                  a.d, out);
+    }
+    return 0;
+}
+
+bool valid(const SparseMlpCudaArgs* a) {
+    if (!a || !a->x || !a->w_gate || !a->w_up || !a->w_down_t || !a->out || !a->scratch) return false;
+    if (a->n_tokens < 1 || a->d < 1 || a->k < 1) return false;
+    if (ceil_div(a->k, DOWN_ROW_CHUNK) > kMaxGridY) return false;
+    if (a->activation != SPARSEINFER_ACT_RELU && a->activation != SPARSEINFER_ACT_FATRELU) return false;
+    if (reinterpret_cast<uintptr_t>(a->scratch) % 16 != 0) return false;
+    if (a->n_tokens == 1) {
+        if (!a->w_signs || a->sign_stride < ceil_div(a->d, WARP_SIZE) || a->alpha_milli <= 0) return false;
+    }
+    return true;
+}
+
+}  // namespace
+
+extern "C" size_t sparseinfer_cuda_scratch_bytes(int n_tokens, int d, int k) {
+    (void)n_tokens;                              // tokens run one after another in the same scratch
+    if (d < 1 || k < 1) return 0;
+    return layout(d, k).total;
+}
+
+extern "C" int sparseinfer_cuda_sparse_mlp(const SparseMlpCudaArgs* args, void* stream) {
+    if (!valid(args)) return cudaErrorInvalidValue;
+    const cudaStream_t s = static_cast<cudaStream_t>(stream);
+    return args->n_tokens == 1 ? decode(*args, s) : prefill(*args, s);
+}
+
+extern "C" const char* sparseinfer_cuda_error_string(int code) {
+#ifdef SPARSEINFER_CPU_EMULATION
+    switch (code) {
+        case cudaSuccess: return "no error";
+        case cudaErrorInvalidValue: return "invalid argument";
+        case cudaErrorInvalidConfiguration: return "invalid configuration argument";
+        case -2: return "emulated kernel deadlocked (threads diverged around a barrier, ballot or shuffle)";
+        case -3: return "emulated kernel read a misaligned address";
+        case -4: return "emulated kernel shuffled or balloted over exited lanes";
+        default: return "unknown error";
+    }
+#else
+    return cudaGetErrorString(static_cast<cudaError_t>(code));
+#endif
+}
+
+#ifdef SPARSEINFER_CPU_EMULATION
+// Emulation only: run threads last-to-first between barriers (a result that changes is a race).
+extern "C" void sparseinfer_cuda_emulation_order(int reverse) { emu::S.reverse = reverse != 0; }
+#endif

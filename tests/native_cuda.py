@@ -1,0 +1,119 @@
+"""Builds of the op library's CUDA launcher (model_export/native/sparse_mlp_cuda.cu) for the tests.
+
+* :func:`emulated_library`: the launcher compiled by g++ against kernels/cuda/cpu_emulation.h
+  (``-DSPARSEINFER_CPU_EMULATION``), every kernel launch running on the CPU emulator, loaded
+  with ctypes. The kernel sources come from kernels/cuda with each ``__shared__`` variable
+  poisoned per block, as kernels/emulator.py does (copies in the build folder, found first
+  on the include path), so the launcher's text is the one nvcc compiles. Cached under the
+  temp folder, keyed by every source's text and the flags.
+* :func:`nvcc_command`: the command the op library's build runs on the launcher (sm_80,
+  sm_90 and compute_90 PTX, the kernels' -D defines, no FMA contraction, no flush-to-zero).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.kernels import emulator
+from sparseinfer.kernels.sources import COMPILE_OPTIONS, SOURCES, raw_text
+
+ROOT = Path(__file__).resolve().parents[1]
+NATIVE = ROOT / "model_export" / "native"
+LAUNCHER = NATIVE / "sparse_mlp_cuda.cu"
+HEADER = NATIVE / "sparse_mlp_cuda.h"
+DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
+KERNEL_FILES = (*SOURCES, "common.cuh", "cpu_emulation.h")
+
+NVCC_FLAGS = ("-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--fmad=false", "-ftz=false", "-prec-div=true",
+              "-prec-sqrt=true")
+GENCODES = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+            "-gencode", "arch=compute_90,code=compute_90")
+# Every kernel a call of the launcher runs (spills in these fail the gate).
+LAUNCHED_KERNELS = ("pack_signs_fp32", "gate_up_batched_fp32", "down_chunks_batched_fp32", "down_reduce_chunks",
+                    "gate_up_mask_fp32", "down_chunks_fp32", "sparseinfer_computed_rows")
+
+
+def nvcc_command(nvcc: str, out: str | Path) -> list[str]:
+    """The op library's nvcc call on the launcher, run from the repository root."""
+    return [nvcc, *NVCC_FLAGS, "-I", "kernels/cuda", "-I", "model_export/native", *DEFINES, *GENCODES,
+            "model_export/native/sparse_mlp_cuda.cu", "-o", str(out)]
+
+
+class SparseMlpCudaArgs(ctypes.Structure):
+    """sparse_mlp_cuda.h's SparseMlpCudaArgs, field for field."""
+    _fields_ = [("x", ctypes.c_void_p), ("w_gate", ctypes.c_void_p), ("w_up", ctypes.c_void_p),
+                ("w_down_t", ctypes.c_void_p), ("w_signs", ctypes.c_void_p), ("sign_stride", ctypes.c_int64),
+                ("n_tokens", ctypes.c_int), ("d", ctypes.c_int), ("k", ctypes.c_int), ("alpha_milli", ctypes.c_int),
+                ("activation", ctypes.c_int), ("threshold", ctypes.c_float), ("out", ctypes.c_void_p),
+                ("predicted_zero", ctypes.c_void_p), ("computed", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
+
+
+def _sources_for_emulation(folder: Path) -> None:
+    """kernels/cuda's files in ``folder``, each ``__shared__`` declaration poisoned per block."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in KERNEL_FILES:
+        text = raw_text(name)
+        (folder / name).write_text(emulator.poison_shared_declarations(text) if name in SOURCES else text)
+
+
+@functools.lru_cache(maxsize=None)
+def emulated_library() -> ctypes.CDLL:
+    """The launcher built for the CPU emulator (raises SparseInferError where g++ is missing)."""
+    reason = emulator.unavailable_reason()
+    if reason:
+        from sparseinfer.reference.errors import SparseInferError
+        raise SparseInferError(reason)
+    flags = (*emulator.CXX_FLAGS, *emulator._sanitize_flags(), "-DSPARSEINFER_CPU_EMULATION=1", *DEFINES)
+    texts = [LAUNCHER.read_text(), HEADER.read_text(), *(raw_text(n) for n in KERNEL_FILES), " ".join(flags)]
+    key = hashlib.sha256("\0".join(texts).encode()).hexdigest()[:16]
+    build = Path(tempfile.gettempdir()) / "sparseinfer-native-cuda-emulated" / key
+    lib = build / "sparse_mlp_cuda_emulated.so"
+    if not lib.is_file():
+        kernels = build / "kernels"
+        _sources_for_emulation(kernels)
+        tmp = build / f"lib.{id(texts)}.tmp"
+        cmd = ["g++", *flags, "-I", str(kernels), "-I", str(ROOT / "kernels" / "cuda"), "-I", str(NATIVE),
+               "-x", "c++", str(LAUNCHER), "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise AssertionError(f"the emulated launcher does not compile:\n{' '.join(cmd)}\n{r.stderr[-4000:]}")
+        tmp.replace(lib)                       # atomic: a concurrent worker never loads half a file
+    dll = ctypes.CDLL(str(lib))
+    dll.sparseinfer_cuda_scratch_bytes.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    dll.sparseinfer_cuda_scratch_bytes.restype = ctypes.c_size_t
+    dll.sparseinfer_cuda_sparse_mlp.argtypes = [ctypes.POINTER(SparseMlpCudaArgs), ctypes.c_void_p]
+    dll.sparseinfer_cuda_sparse_mlp.restype = ctypes.c_int
+    dll.sparseinfer_cuda_error_string.argtypes = [ctypes.c_int]
+    dll.sparseinfer_cuda_error_string.restype = ctypes.c_char_p
+    dll.sparseinfer_cuda_emulation_order.argtypes = [ctypes.c_int]
+    dll.sparseinfer_cuda_emulation_order.restype = None
+    return dll
+
+
+UNWRITTEN = 0xFF     # what every output and the scratch hold before a call (NaN, -1), as a GPU's stale memory
+
+
+def poisoned(shape, dtype, align: int = 256) -> np.ndarray:
+    """An array whose data starts ``align``-aligned, filled with 0xFF bytes."""
+    n = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    raw = np.full(n + align, UNWRITTEN, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + n].view(dtype).reshape(shape)
+
+
+def ptr(a: np.ndarray | None) -> int | None:
+    if a is None:
+        return None
+    assert a.flags.c_contiguous
+    return a.ctypes.data
+
+
+def find_nvcc() -> str | None:
+    return shutil.which("nvcc")
