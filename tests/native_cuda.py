@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
-import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 
 from sparseinfer.kernels import emulator
 from sparseinfer.kernels.sources import COMPILE_OPTIONS, SOURCES, raw_text
+from sparseinfer.model_export.op_library import launcher_compile_command
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "model_export" / "native"
@@ -31,19 +31,14 @@ HEADER = NATIVE / "sparse_mlp_cuda.h"
 DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
 KERNEL_FILES = (*SOURCES, "common.cuh", "cpu_emulation.h")
 
-NVCC_FLAGS = ("-c", "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "--fmad=false", "-ftz=false", "-prec-div=true",
-              "-prec-sqrt=true")
-GENCODES = ("-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
-            "-gencode", "arch=compute_90,code=compute_90")
 # Every kernel a call of the launcher runs (spills in these fail the gate).
 LAUNCHED_KERNELS = ("pack_signs_fp32", "gate_up_batched_fp32", "down_chunks_batched_fp32", "down_reduce_chunks",
                     "gate_up_mask_fp32", "down_chunks_fp32", "sparseinfer_computed_rows")
 
 
 def nvcc_command(nvcc: str, out: str | Path) -> list[str]:
-    """The op library's nvcc call on the launcher, run from the repository root."""
-    return [nvcc, *NVCC_FLAGS, "-I", "kernels/cuda", "-I", "model_export/native", *DEFINES, *GENCODES,
-            "model_export/native/sparse_mlp_cuda.cu", "-o", str(out)]
+    """The op library's nvcc call on the launcher (op_library.launcher_compile_command)."""
+    return [str(c) for c in launcher_compile_command(nvcc, out)]
 
 
 class SparseMlpCudaArgs(ctypes.Structure):
@@ -116,4 +111,7 @@ def ptr(a: np.ndarray | None) -> int | None:
 
 
 def find_nvcc() -> str | None:
-    return shutil.which("nvcc")
+    from sparseinfer.model_export.op_library import find_nvcc as found
+
+    nvcc = found()
+    return str(nvcc) if nvcc else None

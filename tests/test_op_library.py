@@ -289,3 +289,39 @@ def test_sign_words_are_the_references_uint32_words_paired():
     from sparseinfer.reference.signs import pack_signs
     w32 = pack_signs(w)
     assert np.array_equal(words.view(np.uint32)[:, :words_per_row(130)], w32)
+
+
+def test_the_cuda_library_builds_and_its_cpu_kernel_gives_the_same_bits():
+    """Where nvcc is found the CUDA flavour links (static cudart); in a CPU-only host it
+    registers both kernels and the CPU one runs, bit for bit as the CPU library's."""
+    reason = op_library.cuda_unavailable_reason()
+    if reason:
+        pytest.skip(f"CUDA op library skipped: {reason}")
+    built = op_library.build(cuda=True)
+    assert built.cuda is not None and built.reason is None
+    assert ctypes.CDLL(str(built.cuda)).sparseinfer_ops_has_cuda() == 1
+    rng = np.random.default_rng(5)
+    w_gate, w_up, w_down, x = _layer(rng, 130, 600)
+    model = _mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 990,
+                       Activation.parse("relu"), outputs=2)
+    opts = ort.SessionOptions()
+    opts.register_custom_ops_library(str(built.cuda))
+    got = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]).run(
+        None, {"x": x[None]})
+    want = _session(model).run(None, {"x": x[None]})
+    assert np.array_equal(_bits(got[0]), _bits(want[0])) and np.array_equal(got[1], want[1])
+
+
+def test_build_ops_command(tmp_path):
+    from click.testing import CliRunner
+
+    from sparseinfer.tools.cli import cli
+
+    r = CliRunner().invoke(cli, ["build-ops", "--no-cuda", "--json"])
+    assert r.exit_code == 0, r.output
+    import json
+    info = json.loads(r.output)
+    assert info["cpu"] == str(op_library.cpu_library()) and info["cuda"] is None and info["onnxruntime_api"] == 18
+    r = CliRunner().invoke(cli, ["build-ops", "--no-cuda"], env={"ORT_INCLUDE_DIR": str(tmp_path)})
+    assert r.exit_code == 2 and r.output.count("\n") == 1
+    assert f"ORT_INCLUDE_DIR={tmp_path}: no onnxruntime_c_api.h there" in r.output
