@@ -3,7 +3,8 @@
 Importing this package never imports CuPy or needs a GPU; the first kernel launch does.
 Sources: ``cuda/*.cu``; versions: :mod:`.registry`; the layer object: :class:`SparseMLP`;
 the CPU compile gate: :mod:`.compile_check`; the same sources run on the CPU:
-:mod:`.emulator` (tests); the sparse MLP's CPU twin for onnxruntime: :mod:`.host_mlp`.
+:mod:`.emulator` (tests). The onnxruntime op library (``model_export/native``) runs the same
+sources on the CUDA provider.
 """
 from .device import DeviceMatrix, GpuUnavailable, gpu_unavailable_reason
 from .registry import DEFAULT_PIPELINE, DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT

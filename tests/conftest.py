@@ -1,6 +1,6 @@
 """Shared test configuration: Hypothesis profiles; tests marked ``gpu`` skip with the reason
-where CuPy or a CUDA device is missing, tests marked ``emulated`` where g++ is, tests marked ``native`` where numba or
-onnxruntime-extensions is (a device image may lack them), tests marked ``ort_cuda`` where
+where CuPy or a CUDA device is missing, tests marked ``emulated`` where g++ is, tests marked ``native`` where the op library
+cannot be built (no g++, or onnxruntime's headers out of reach), tests marked ``ort_cuda`` where
 onnxruntime has no CUDA execution provider; the one place that decides."""
 from __future__ import annotations
 
