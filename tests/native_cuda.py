@@ -33,7 +33,7 @@ KERNEL_FILES = (*SOURCES, "common.cuh", "cpu_emulation.h")
 
 # Every kernel a call of the launcher runs (spills in these fail the gate).
 LAUNCHED_KERNELS = ("pack_signs_fp32", "gate_up_batched_fp32", "down_chunks_batched_fp32", "down_reduce_chunks",
-                    "gate_up_mask_fp32", "down_chunks_fp32", "sparseinfer_computed_rows")
+                    "gate_up_mask_fp32", "down_chunks_fp32", "sparseinfer_computed_rows", "sparseinfer_zero_rows")
 
 
 def nvcc_command(nvcc: str, out: str | Path) -> list[str]:
@@ -47,7 +47,8 @@ class SparseMlpCudaArgs(ctypes.Structure):
                 ("w_down_t", ctypes.c_void_p), ("w_signs", ctypes.c_void_p), ("sign_stride", ctypes.c_int64),
                 ("n_tokens", ctypes.c_int), ("d", ctypes.c_int), ("k", ctypes.c_int), ("alpha_milli", ctypes.c_int),
                 ("activation", ctypes.c_int), ("threshold", ctypes.c_float), ("out", ctypes.c_void_p),
-                ("predicted_zero", ctypes.c_void_p), ("computed", ctypes.c_void_p), ("scratch", ctypes.c_void_p)]
+                ("predicted_zero", ctypes.c_void_p), ("computed", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
+                ("actual_zero", ctypes.c_void_p)]
 
 
 def _sources_for_emulation(folder: Path) -> None:

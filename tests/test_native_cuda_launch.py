@@ -110,6 +110,7 @@ class Result:
     out: np.ndarray
     predicted_zero: np.ndarray | None
     computed: np.ndarray | None
+    actual_zero: np.ndarray | None
 
 
 def run(layer: Layer, masks: bool = True, stride: int | None = None, scratch_buf: np.ndarray | None = None,
@@ -121,6 +122,7 @@ def run(layer: Layer, masks: bool = True, stride: int | None = None, scratch_buf
     out = nc.poisoned((n, d), np.float32)
     pz = nc.poisoned(k, np.uint8) if masks else None
     computed = nc.poisoned(k, np.uint8) if masks else None
+    actual = nc.poisoned(k, np.uint8) if masks else None
     scratch = scratch_buf if scratch_buf is not None else \
         nc.poisoned(lib.sparseinfer_cuda_scratch_bytes(n, d, k), np.uint8)
     fields = dict(x=nc.ptr(layer.x), w_gate=nc.ptr(layer.w_gate), w_up=nc.ptr(layer.w_up),
@@ -128,11 +130,11 @@ def run(layer: Layer, masks: bool = True, stride: int | None = None, scratch_buf
                   sign_stride=layer.w_signs.shape[1] if stride is None else stride, n_tokens=n, d=d, k=k,
                   alpha_milli=layer.alpha_milli, activation=0 if act.kind == "relu" else 1,
                   threshold=act.threshold, out=nc.ptr(out), predicted_zero=nc.ptr(pz), computed=nc.ptr(computed),
-                  scratch=nc.ptr(scratch))
+                  scratch=nc.ptr(scratch), actual_zero=nc.ptr(actual))
     fields.update(override)
     args = nc.SparseMlpCudaArgs(**fields)
     rc = lib.sparseinfer_cuda_sparse_mlp(ctypes.byref(args), None)
-    return Result(rc, out, pz, computed)
+    return Result(rc, out, pz, computed, actual)
 
 
 def expected_decode(layer: Layer):
@@ -151,6 +153,8 @@ def check_decode(layer: Layer, masks: bool = True, **kw):
         np.testing.assert_array_equal(got.predicted_zero, trace.predicted_zero.astype(np.uint8),
                                       err_msg=f"predicted_zero ({layer})")
         np.testing.assert_array_equal(got.computed, trace.computed_up.astype(np.uint8), err_msg=f"computed ({layer})")
+        np.testing.assert_array_equal(got.actual_zero, trace.actual_zero.astype(np.uint8),
+                                      err_msg=f"actual_zero ({layer})")
     return got, trace
 
 
@@ -163,6 +167,7 @@ def check_prefill(layer: Layer, **kw):
         assert_bits_equal(got.out[t], want, f"out[token {t}]", str(layer))
     # the masks are decode-only: a prefill call leaves them as they were
     assert (got.predicted_zero == nc.UNWRITTEN).all() and (got.computed == nc.UNWRITTEN).all()
+    assert (got.actual_zero == nc.UNWRITTEN).all()
     return got
 
 

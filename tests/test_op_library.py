@@ -325,3 +325,25 @@ def test_build_ops_command(tmp_path):
     r = CliRunner().invoke(cli, ["build-ops", "--no-cuda"], env={"ORT_INCLUDE_DIR": str(tmp_path)})
     assert r.exit_code == 2 and r.output.count("\n") == 1
     assert f"ORT_INCLUDE_DIR={tmp_path}: no onnxruntime_c_api.h there" in r.output
+
+
+@pytest.mark.ort_cuda
+def test_the_cuda_kernel_on_the_cuda_provider_keeps_the_references_masks(sparse_export):
+    """A sparse export on onnxruntime's CUDA provider with the library's CUDA kernel: on each
+    decode step's own MLP input (debug outputs), the predicted, computed and actual rows equal
+    the reference's, and the logits stay within the bound of the CPU run's."""
+    w, path = sparse_export
+    cuda = OnnxDecoder(path, "cuda", mlp_kernels="native")
+    assert cuda.mlp_kernels == "native" and "CUDAExecutionProvider" in cuda.session.get_providers()
+    cpu = OnnxDecoder(path, "cpu", mlp_kernels="native")
+    for tok in (PROMPT, [101], [32], [113]):
+        (a_logits, debug), (b_logits, _) = cuda.step(tok), cpu.step(tok)
+        np.testing.assert_allclose(a_logits, b_logits, rtol=0, atol=GAMMA_K * (1 + float(np.abs(b_logits).max())))
+        if len(tok) > 1:
+            continue
+        for i, lw in enumerate(w.layers):
+            x = debug[f"debug.{i}.mlp_input"].reshape(-1)
+            _, trace = mlp_sparse(x, lw.gate, lw.up, lw.down, w.activation, alpha=1.01)
+            assert np.array_equal(debug[f"debug.{i}.predicted_zero"], trace.predicted_zero)
+            assert np.array_equal(debug[f"debug.{i}.rows"], np.flatnonzero(trace.computed_up))
+            assert np.array_equal(debug[f"debug.{i}.actual_zero"], trace.actual_zero)

@@ -89,9 +89,16 @@ sparseinfer_computed_rows(const float* __restrict__ h1, int k, unsigned char* __
     if (i < k) computed[i] = h1[i] != 0.0f ? 1 : 0;
 }
 
+// actual_zero[i] = 1 where the dense gate's h1 (every row computed) is zero.
+__global__ void __launch_bounds__(256)
+sparseinfer_zero_rows(const float* __restrict__ h1, int k, unsigned char* __restrict__ actual_zero) {
+    const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < k) actual_zero[i] = h1[i] == 0.0f ? 1 : 0;
+}
+
 // The scratch, in sections at 256-byte offsets.
 struct Layout {
-    size_t x_signs, counts, zero, h1, h3, partial, total;
+    size_t x_signs, counts, zero, h1, h3, partial, h1_all, h3_all, total;
 };
 
 size_t align256(size_t n) { return (n + 255) & ~(size_t)255; }
@@ -107,6 +114,8 @@ Layout layout(int d, int k) {
     l.h1 = at; at += align256((size_t)k * sizeof(float));
     l.h3 = at; at += align256((size_t)k * sizeof(float));
     l.partial = at; at += align256(n_chunks * (size_t)d * sizeof(float));
+    l.h1_all = at; at += align256((size_t)k * sizeof(float));      // actual_zero's dense gate
+    l.h3_all = at; at += align256((size_t)k * sizeof(float));
     l.total = at;
     return l;
 }
@@ -143,6 +152,14 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
     if (a.computed)
         SI_LAUNCH(sparseinfer_computed_rows, grid_of(ceil_div(k, kThreads)), grid_of(kThreads), stream, h1, a.k,
                   a.computed);
+    if (a.actual_zero) {       // debug: the full gate product (the dense pipeline's gate+up kernel)
+        const unsigned char* no_mask = nullptr;
+        float* h1_all = section<float>(a.scratch, l.h1_all);
+        SI_LAUNCH(gate_up_mask_fp32, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, a.x, a.w_gate,
+                  a.w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1_all, section<float>(a.scratch, l.h3_all));
+        SI_LAUNCH(sparseinfer_zero_rows, grid_of(ceil_div(k, kThreads)), grid_of(kThreads), stream, h1_all, a.k,
+                  a.actual_zero);
+    }
     return 0;
 }
 

@@ -34,6 +34,8 @@ typedef struct {
     uint8_t* predicted_zero;   // [k] or NULL (n_tokens == 1 only): 1 where the predictor skips the row
     uint8_t* computed;         // [k] or NULL (n_tokens == 1 only): 1 where up and down were computed (+AS)
     void* scratch;             // sparseinfer_cuda_scratch_bytes(n_tokens, d, k) bytes, 256-byte aligned
+    uint8_t* actual_zero;      // [k] or NULL (n_tokens == 1 only): 1 where the full gate's h1 is zero (debug:
+                               // every gate row is computed once more, densely)
 } SparseMlpCudaArgs;
 
 // Bytes of device scratch one call needs (counts, masks, h1, h3, partial sums, counters).

@@ -398,8 +398,7 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         a.out = static_cast<float*>(output(ctx, kOut, in.x.shape));
         a.predicted_zero = static_cast<uint8_t*>(output(ctx, kPredictedZero, mask_dims));
         a.computed = static_cast<uint8_t*>(output(ctx, kComputed, mask_dims));
-        if (output(ctx, kActualZero, mask_dims))
-            throw OpError(kernel.node + ": the actual_zero debug output is computed on the CPU provider only");
+        a.actual_zero = static_cast<uint8_t*>(output(ctx, kActualZero, mask_dims));
         if (in.tokens == 0) return nullptr;
         void* stream = nullptr;
         check(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
