@@ -402,7 +402,13 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         if (in.tokens == 0) return nullptr;
         void* stream = nullptr;
         check(g_api->KernelContext_GetGPUComputeStream(ctx, &stream));
+        // scratch on the device that holds x (the session's device_id)
+        const OrtValue* x_value = nullptr;
+        check(g_api->KernelContext_GetInput(ctx, kX, &x_value));
+        const OrtMemoryInfo* x_mem = nullptr;
+        check(g_api->GetTensorMemoryInfo(x_value, &x_mem));
         int device = 0;
+        check(g_api->MemoryInfoGetId(x_mem, &device));
         check(g_api->CreateMemoryInfo("Cuda", OrtDeviceAllocator, device, OrtMemTypeDefault, &mem));
         check(g_api->KernelContext_GetAllocator(ctx, mem, &alloc));
         check(g_api->KernelContext_GetScratchBuffer(ctx, mem, sparseinfer_cuda_scratch_bytes(a.n_tokens, a.d, a.k),
