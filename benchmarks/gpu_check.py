@@ -121,15 +121,20 @@ STAGES = {s.name: s for s in (
           (("{py}", "-m", "sparseinfer.benchmarks.carry_parts", "unpack", ".whl/ort", "--to", ORT_DIR),
            ("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "ort-smoke")),
           estimate_s=10, min_start_s=10, stops_run=True),
-    Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit",
+    Stage("ops-build", "sparseinfer build-ops --cuda: the op library with its CUDA kernel (nvcc, the kernels' "
+                       "sources), paths and C API version in the log",
+          ((*_CLI, "build-ops", "--cuda", "--json"),), estimate_s=60, min_start_s=60, stops_run=True),
+    Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit, "
+                       "the op library's CUDA kernel against the reference's masks",
           ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=15, min_start_s=15),
-    Stage("ort-bench", "bench-decode --provider cuda --target cuda, then 8 profiled tokens per model: time by "
-                       "provider, top ops ({out}/cuda-decode.json)",
+    Stage("ort-bench", "bench-decode --provider cuda --target cuda (sparse on the op library's CUDA kernel, and "
+                       "on the function bodies), then 8 profiled tokens per model: time by provider, top ops "
+                       "({out}/cuda-decode.json)",
           ((*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5", "--profile-tokens", "8",
             "--out", "{out}/cuda-decode.json"),), estimate_s=60, min_start_s=60),
 )}
 GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
-          "ort": ("ort-unpack", "ort-tests", "ort-bench")}
+          "ort": ("ort-unpack", "ops-build", "ort-tests", "ort-bench")}
 
 
 def parse_stages(text: str) -> list[str]:
