@@ -1,7 +1,10 @@
 """Decode an exported model with onnxruntime: KV cache, greedy / top-p sampling, statistics.
 
 ``OnnxDecoder`` feeds the genai-style I/O of ``export.py``; on CUDA it keeps the KV cache
-on the device with IOBinding (only logits come back to the host). ``generate`` streams
+on the device with IOBinding (only logits come back to the host). A fused export's KV
+cache (``sparseinfer.kv_cache = shared``) is one zeroed [1, kv_heads, max_length, head_dim]
+buffer per tensor, allocated at each reset and bound as both past and present (the same
+OrtValue), which GroupQueryAttention writes in place, on every provider. ``generate`` streams
 tokens to a callback and measures prefill time, decode tokens/s and, when the model has
 debug outputs, the decode sparsity and the predictor's precision / recall.
 """
@@ -108,11 +111,13 @@ def has_sparse_mlp_op(model) -> bool:
 
 class OnnxDecoder:
     def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto",
-                 io_binding: bool | None = None, profile: str | None = None):
+                 io_binding: bool | None = None, profile: str | None = None, max_length: int | None = None):
         """``io_binding``: keep the KV cache in onnxruntime's own buffers on the provider's device
         between steps (IOBinding); default on for cuda, off for cpu (where it also works, and is
-        tested, but copies nothing less). ``profile``: a path prefix for onnxruntime's profiler
-        (:meth:`end_profiling`, ``ort_profile.summarize``)."""
+        tested, but copies nothing less); always on for a shared-buffer (fused) export.
+        ``profile``: a path prefix for onnxruntime's profiler (:meth:`end_profiling`,
+        ``ort_profile.summarize``). ``max_length``: a shared KV buffer's length (default: the
+        export's ``sparseinfer.max_length``; smaller saves memory, caps the context)."""
         model = read_model_proto(path)
         self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, has_sparse_mlp_op(model), provider)
         del model
@@ -128,6 +133,16 @@ class OnnxDecoder:
         except KeyError:
             raise SparseInferError(f"{path}: not a sparseinfer export (metadata missing)") from None
         self.sparse = meta.get("sparseinfer.sparse") == "True"
+        self.shared_kv = meta.get("sparseinfer.kv_cache", "concat") == "shared"
+        if self.shared_kv:
+            if io_binding is False:
+                raise SparseInferError(f"{path}: its KV cache is one buffer shared by past and present, which "
+                                       f"needs io_binding (re-export with --portable for plain session.run)")
+            self.io_binding = True
+            exported = int(meta.get("sparseinfer.max_length", self.max_positions))
+            if max_length is not None and not 0 < max_length <= exported:
+                raise SparseInferError(f"max_length {max_length} is outside 1-{exported} (the export's max_length)")
+            self.max_positions = min(self.max_positions, max_length or exported)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.debug = any(n.startswith("debug.") for n in self.output_names)
         self.reset()
@@ -157,8 +172,19 @@ class OnnxDecoder:
                 "rows_computed": c["rows_computed"] / rows if rows else float("nan")}
 
     def reset(self) -> None:
-        empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        self.past = {f"past_key_values.{i}.{kv}": empty for i in range(self.num_layers) for kv in ("key", "value")}
+        names = [f"past_key_values.{i}.{kv}" for i in range(self.num_layers) for kv in ("key", "value")]
+        if self.shared_kv:
+            # one zeroed buffer per tensor for the whole sequence, on the provider's device; bound
+            # as past and present alike, GroupQueryAttention writes each step's keys in place
+            import onnxruntime as ort
+
+            device = "cuda" if self.provider == "cuda" else "cpu"
+            shape = (1, self.kv_heads, self.max_positions, self.head_dim)
+            self.past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0)
+                         for name in names}
+        else:
+            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            self.past = {name: empty for name in names}
         self.length = 0
 
     def step(self, ids) -> tuple[np.ndarray, dict]:
@@ -173,14 +199,16 @@ class OnnxDecoder:
             out = self._run_bound(feed)
         else:
             out = dict(zip(self.output_names, self.session.run(None, {**feed, **self.past})))
-        for name in self.past:
-            self.past[name] = out[name.replace("past_key_values", "present")]
+        if not self.shared_kv:                       # a shared buffer was written in place
+            for name in self.past:
+                self.past[name] = out[name.replace("past_key_values", "present")]
         self.length += n
         return out["logits"][0], {k: v for k, v in out.items() if k.startswith("debug.")}
 
     def _run_bound(self, feed) -> dict:
         """IOBinding: the KV cache stays on the provider's device as OrtValues (fed back as the
-        next step's past); logits and debug outputs come back to the host."""
+        next step's past, or, shared, bound as both past and present); logits and debug outputs
+        come back to the host."""
         import onnxruntime as ort
 
         device = "cuda" if self.provider == "cuda" else "cpu"
@@ -192,7 +220,9 @@ class OnnxDecoder:
                 value = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
-            if name.startswith("present."):
+            if name.startswith("present.") and self.shared_kv:
+                binding.bind_ortvalue_output(name, self.past[name.replace("present", "past_key_values")])
+            elif name.startswith("present."):
                 binding.bind_output(name, device, 0)
             else:
                 binding.bind_output(name, "cpu")

@@ -6,6 +6,27 @@ Graph I/O follows onnxruntime-genai: inputs ``input_ids`` [batch, seq], ``attent
 ``present.{i}.key/.value``. All tensors are float32 (fp16 / bf16 weights are widened,
 exactly).
 
+Two forms (metadata ``sparseinfer.attention`` / ``sparseinfer.kv_cache``):
+
+* fused (``gqa`` / ``shared``, the default), onnxruntime-genai's model builder's form: per
+  layer one QKV MatMul, onnxruntime's ``GroupQueryAttention`` (rotary inside, rotate_half
+  convention, from ``cos_cache`` / ``sin_cache`` [max_length, head_dim / 2]), RMSNorms as
+  ``SimplifiedLayerNormalization`` / ``SkipSimplifiedLayerNormalization`` (residual add
+  fused). ``seqlens_k`` = rows of ``attention_mask`` summed - 1 and ``total_sequence_length``
+  = its width are computed in the graph; positions come from them, so batches are padded
+  on the right and ``position_ids`` is accepted but unused. The KV cache is one buffer per
+  tensor, [batch, kv_heads, max_length, head_dim], bound as both past and present and
+  written in place (genai's ``past_present_share_buffer``); ``sparseinfer.max_length`` is
+  its largest length. Given distinct past and present, GroupQueryAttention also grows the
+  cache by concatenation.
+* portable (``portable`` / ``concat``, ``ExportOptions(portable=True)``): standard ONNX ops
+  only, for runtimes without onnxruntime's contrib ops; rotary, attention and RMSNorm
+  composed, left padding allowed (causal + ``attention_mask`` bias), the KV cache grown
+  by Concat at every step.
+
+Tied embeddings are stored once: the LM head is a ``Gemm`` with transB=1 on the embedding
+initializer itself.
+
 Sparse exports: each layer's MLP is one ``SparseMLP`` node (``mlp_functions``): for one
 token (batch 1, seq 1) the predictor, then only the rows it keeps (+AS for up and down;
 α baked per layer); for more tokens (prefill) the dense MLP, as in the paper. The node runs
@@ -30,7 +51,8 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaWeights, rope_tables
 
 from . import mlp_functions as mf
-from .onnx_builder import BOOL, FLOAT, INT64, ExternalData, GraphBuilder, make_model
+from .onnx_builder import (BOOL, FLOAT, INT32, INT64, MS_DOMAIN, ExternalData, GraphBuilder, make_model,
+                           register_onnxruntime_schemas)
 
 EXTERNAL_DATA_BYTES = 1 << 30     # fp32 weights above this go to a side file (protobuf's 2 GiB limit)
 
@@ -41,10 +63,41 @@ class ExportOptions:
     alpha: str = "1.00"
     target: str = "cpu"
     debug: bool = False
+    portable: bool = False            # standard ops only (no GroupQueryAttention etc.), KV cache grown by Concat
+    max_length: int | None = None     # longest sequence (shared KV buffer, rotary caches); default: the model's
+
+
+def export_form(options: ExportOptions) -> dict[str, str]:
+    """The metadata that says which graph form an export is (see the module docstring)."""
+    return ({"sparseinfer.attention": "portable", "sparseinfer.kv_cache": "concat"} if options.portable
+            else {"sparseinfer.attention": "gqa", "sparseinfer.kv_cache": "shared"})
 
 
 def _f32(a) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(a).astype(np.float32))
+
+
+# onnxruntime 1.32's GroupQueryAttention (CPU) checks "head_size must be a multiple of 8", and
+# with do_rotary "head_size shall be a multiple of 16"
+GQA_HEAD_MULTIPLE = 16
+
+
+def gqa_head_dim(head_dim: int) -> int:
+    """The head size the fused form runs at: head_dim rounded up to a multiple of 16 (64, 128
+    for real Llamas: no padding; the tiny test shape's 50 runs at 64)."""
+    return -(-head_dim // GQA_HEAD_MULTIPLE) * GQA_HEAD_MULTIPLE
+
+
+def pad_head_rows(w: np.ndarray, heads: int, head_dim: int, padded: int) -> np.ndarray:
+    """Rows [heads * head_dim, n] -> [heads * padded, n]: each rotary half of each head gets
+    (padded - head_dim) / 2 zero rows at its end, so rotate_half still pairs element j with
+    j + padded / 2 and the padding only adds exact zeros to the attention dot products."""
+    if padded == head_dim:
+        return w
+    halves = w.reshape(heads, 2, head_dim // 2, -1)
+    out = np.zeros((heads, 2, padded // 2, halves.shape[-1]), dtype=w.dtype)
+    out[:, :, :head_dim // 2] = halves
+    return out.reshape(heads * padded, -1)
 
 
 class LlamaExporter:
@@ -58,6 +111,14 @@ class LlamaExporter:
         if options.sparse and not self.act.sparse_capable:
             raise SparseInferError(f"activation {self.act} has no exact zeros; export it with --dense")
         self.alpha_milli = AlphaSchedule.parse(options.alpha).per_layer_milli(self.s.num_layers)
+        self.max_length = options.max_length or self.s.max_position_embeddings
+        if not 0 < self.max_length <= self.s.max_position_embeddings:
+            raise SparseInferError(f"max_length {self.max_length} is outside 1-{self.s.max_position_embeddings} "
+                                   f"(the model's max_position_embeddings)")
+        if self.s.head_dim % 2:
+            raise SparseInferError(f"head_dim {self.s.head_dim} is odd; rotary embeddings need an even head_dim")
+        self.tied = weights.lm_head is weights.embed
+        self.kv_head_dim = self.s.head_dim if options.portable else gqa_head_dim(self.s.head_dim)
         self.g = GraphBuilder(external=external)
 
     # -- graph inputs and shared values ---------------------------------------------------
@@ -66,7 +127,8 @@ class LlamaExporter:
         self.ids = g.add_input("input_ids", INT64, ["batch_size", "sequence_length"])
         self.mask = g.add_input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
         self.pos = g.add_input("position_ids", INT64, ["batch_size", "sequence_length"])
-        kv_shape = ["batch_size", s.num_kv_heads, "past_sequence_length", s.head_dim]
+        kv_len = "past_sequence_length" if self.o.portable else "max_sequence_length"
+        kv_shape = ["batch_size", s.num_kv_heads, kv_len, self.kv_head_dim]
         self.past = [(g.add_input(f"past_key_values.{i}.key", FLOAT, kv_shape),
                       g.add_input(f"past_key_values.{i}.value", FLOAT, kv_shape)) for i in range(s.num_layers)]
 
@@ -86,7 +148,7 @@ class LlamaExporter:
 
     def _rope_tables(self):
         g, s, sc = self.g, self.s, "/model/rotary_emb"
-        cos, sin = rope_tables(s.head_dim, s.rope_theta, s.max_position_embeddings)
+        cos, sin = rope_tables(s.head_dim, s.rope_theta, self.max_length)
         c = g.make_gather(g.initializer("model.rotary_emb.cos_cache", cos), self.pos, sc)
         si = g.make_gather(g.initializer("model.rotary_emb.sin_cache", sin), self.pos, sc)
         return g.make_unsqueeze(c, [1], sc), g.make_unsqueeze(si, [1], sc)     # [b, 1, s, hd/2]
@@ -127,6 +189,101 @@ class LlamaExporter:
         ctx = g.make_reshape(g.make_transpose(ctx, [0, 2, 1, 3], f"{sc}/pv"), [0, 0, s.num_heads * hd], f"{sc}/pv")
         return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", _f32(lw.o).T), f"{sc}/o_proj")
 
+    # -- fused form (onnxruntime contrib ops) ------------------------------------------------
+    def _gqa_lengths(self):
+        """seqlens_k [batch] int32 (= tokens per row - 1) and total_sequence_length (scalar int32)
+        from attention_mask, as onnxruntime-genai's builder computes them."""
+        g, sc = self.g, "/model/attn_mask"
+        last = g.make_sub(g.make_reduce_sum(self.mask, [1], f"{sc}/seqlens_k"), g.const(1), f"{sc}/seqlens_k")
+        seqlens_k = g.make_cast(last, INT32, f"{sc}/seqlens_k")
+        total = g.make_reshape(g.make_shape(self.mask, f"{sc}/total_seq_len", 1, 2), [], f"{sc}/total_seq_len")
+        return seqlens_k, g.make_cast(total, INT32, f"{sc}/total_seq_len")
+
+    def _attention_gqa(self, i, x, lengths, caches):
+        g, s, lw = self.g, self.s, self.w.layers[i]
+        sc, pre = f"/model/layers.{i}/attn", f"model.layers.{i}.self_attn"
+        hd, hdp = s.head_dim, self.kv_head_dim
+
+        def pad(w, heads):
+            return pad_head_rows(_f32(w), heads, hd, hdp)
+
+        qkv_t = np.concatenate([pad(lw.q, s.num_heads), pad(lw.k, s.num_kv_heads), pad(lw.v, s.num_kv_heads)]).T
+        qkv = g.make_matmul(x, g.initializer(f"{pre}.qkv_proj.weight_t", qkv_t), f"{sc}/qkv_proj")
+        past_k, past_v = self.past[i]
+        ctx = g.make_group_query_attention(
+            qkv, past_k, past_v, *lengths, *caches, f"{sc}", num_heads=s.num_heads, kv_num_heads=s.num_kv_heads,
+            scale=1.0 / np.sqrt(hd), outputs=[f"{sc}/GroupQueryAttention/output_0", f"present.{i}.key",
+                                              f"present.{i}.value"])[0]
+        o_t = pad_head_rows(_f32(lw.o).T, s.num_heads, hd, hdp)                         # [h hdp, d]
+        return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", o_t), f"{sc}/o_proj")
+
+    def _layers_fused(self, h):
+        """Decoder layers with GroupQueryAttention and (Skip)SimplifiedLayerNormalization; the
+        residual stream runs through the norms' sum outputs. Returns the final-normed hidden."""
+        g, s, w = self.g, self.s, self.w
+        eps, sc = s.rms_norm_eps, "/model"
+        lengths = self._gqa_lengths()
+        cos, sin = rope_tables(s.head_dim, s.rope_theta, self.max_length)
+        half_pad = (self.kv_head_dim - s.head_dim) // 2          # identity rotations of the zero padding
+        cos = np.pad(cos, ((0, 0), (0, half_pad)), constant_values=1.0)
+        sin = np.pad(sin, ((0, 0), (0, half_pad)), constant_values=0.0)
+        caches = (g.initializer("model.rotary_emb.cos_cache", cos), g.initializer("model.rotary_emb.sin_cache", sin))
+        xn = g.make_simplified_layer_norm(h, g.initializer("model.layers.0.input_layernorm.weight",
+                                                           _f32(w.layers[0].input_norm)), eps,
+                                          "/model/layers.0/input_layernorm")
+        for i, lw in enumerate(w.layers):
+            lsc = f"/model/layers.{i}"
+            attn = self._attention_gqa(i, xn, lengths, caches)
+            x, h = g.make_skip_simplified_layer_norm(
+                attn, h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight", _f32(lw.post_norm)),
+                eps, f"{lsc}/post_attention_layernorm")
+            mlp = self._mlp(i, x)
+            if i + 1 < len(w.layers):
+                xn, h = g.make_skip_simplified_layer_norm(
+                    mlp, h, g.initializer(f"model.layers.{i + 1}.input_layernorm.weight",
+                                          _f32(w.layers[i + 1].input_norm)), eps, f"/model/layers.{i + 1}/input_layernorm")
+            self.progress()
+        return g.make_skip_simplified_layer_norm(mlp, h, g.initializer("model.norm.weight", _f32(w.final_norm)), eps,
+                                                 f"{sc}/norm", with_sum=False)[0]
+
+    def _layers_portable(self, h):
+        """Decoder layers of standard ops (today's portable form); returns the final-normed hidden."""
+        g, s, w = self.g, self.s, self.w
+        bias = self._attention_bias()
+        cos, sin = self._rope_tables()
+        eps = s.rms_norm_eps
+        for i, lw in enumerate(w.layers):
+            lsc = f"/model/layers.{i}"
+            xn = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.input_layernorm.weight", _f32(lw.input_norm)),
+                                 eps, f"{lsc}/input_layernorm")
+            h = g.make_add(h, self._attention(i, xn, bias, cos, sin), f"{lsc}/attn_residual")
+            x = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight",
+                                                 _f32(lw.post_norm)), eps, f"{lsc}/post_attention_layernorm")
+            h = g.make_add(h, self._mlp(i, x), f"{lsc}/mlp_residual")
+            self.progress()
+        return g.make_rms_norm(h, g.initializer("model.norm.weight", _f32(w.final_norm)), eps, "/model/norm")
+
+    def _mlp(self, i, x):
+        """The layer's MLP (sparse op or dense MatMuls) on its normed input x; debug output of x."""
+        g, lsc = self.g, f"/model/layers.{i}"
+        if self.o.debug:
+            g.nodes.append(onnx.helper.make_node("Identity", [x], [f"debug.{i}.mlp_input"], name=f"{lsc}/debug.mlp_input"))
+            g.add_output(f"debug.{i}.mlp_input", FLOAT, ["batch_size", "sequence_length", self.s.d])
+        return self._mlp_sparse(i, x) if self.o.sparse else self._mlp_dense_t(g, i, x, f"{lsc}/mlp")
+
+    def _lm_head(self, hn, embed):
+        """logits [b, s, vocab]. Untied: MatMul on the head's transposed copy. Tied: Gemm with
+        transB=1 on the embedding initializer itself ([b*s, d] x [vocab, d]^T), so the file
+        holds it once; on 2 CPU cores at vocab 49152 x d 576 it is as fast as a MatMul on a
+        transposed copy (about 15-24 ms a token both, noisy), and a Transpose node would be
+        constant-folded by onnxruntime into a second copy in memory."""
+        g, s, sc = self.g, self.s, "/lm_head"
+        if not self.tied:
+            return g.make_matmul(hn, g.initializer("lm_head.weight_t", _f32(self.w.lm_head).T), sc)
+        rows = g.make_gemm(g.make_reshape(hn, [-1, s.d], sc), embed, sc, trans_b=1)
+        out_shape = g.make_concat([g.make_shape(self.ids, sc), g.const([s.vocab_size])], 0, sc)
+        return g.op("Reshape", [rows, out_shape], sc)
+
     def _mlp_dense_t(self, b: GraphBuilder, i, x, sc):
         """Dense MLP on transposed-free weights (dense export): x [.., d] @ W^T."""
         lw, pre = self.w.layers[i], f"model.layers.{i}.mlp"
@@ -162,30 +319,14 @@ class LlamaExporter:
     def build(self) -> onnx.ModelProto:
         g, s, w = self.g, self.s, self.w
         self._inputs()
-        sc = "/model"
-        bias = self._attention_bias()
-        cos, sin = self._rope_tables()
-        h = g.make_gather(g.initializer("model.embed_tokens.weight", _f32(w.embed)), self.ids, f"{sc}/embed_tokens")
-        eps = s.rms_norm_eps
-        for i, lw in enumerate(w.layers):
-            lsc = f"/model/layers.{i}"
-            xn = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.input_layernorm.weight", _f32(lw.input_norm)),
-                                 eps, f"{lsc}/input_layernorm")
-            h = g.make_add(h, self._attention(i, xn, bias, cos, sin), f"{lsc}/attn_residual")
-            x = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight",
-                                                 _f32(lw.post_norm)), eps, f"{lsc}/post_attention_layernorm")
-            if self.o.debug:
-                g.nodes.append(onnx.helper.make_node("Identity", [x], [f"debug.{i}.mlp_input"], name=f"{lsc}/debug.mlp_input"))
-                g.add_output(f"debug.{i}.mlp_input", FLOAT, ["batch_size", "sequence_length", s.d])
-            mlp = self._mlp_sparse(i, x) if self.o.sparse else self._mlp_dense_t(g, i, x, f"{lsc}/mlp")
-            h = g.make_add(h, mlp, f"{lsc}/mlp_residual")
-            self.progress()
-        hn = g.make_rms_norm(h, g.initializer("model.norm.weight", _f32(w.final_norm)), eps, f"{sc}/norm")
-        head = _f32(w.lm_head).T
-        logits = g.make_matmul(hn, g.initializer("lm_head.weight_t", head), "/lm_head")
+        embed = g.initializer("model.embed_tokens.weight", _f32(w.embed))
+        h = g.make_gather(embed, self.ids, "/model/embed_tokens")
+        hn = self._layers_portable(h) if self.o.portable else self._layers_fused(h)
+        logits = self._lm_head(hn, embed)
         g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
         outputs = [("logits", FLOAT, ["batch_size", "sequence_length", s.vocab_size])]
-        kv = ["batch_size", s.num_kv_heads, "total_sequence_length", s.head_dim]
+        kv = ["batch_size", s.num_kv_heads, "total_sequence_length" if self.o.portable else "max_sequence_length",
+              self.kv_head_dim]
         for i in range(s.num_layers):
             outputs += [(f"present.{i}.key", FLOAT, kv), (f"present.{i}.value", FLOAT, kv)]
         debug_outputs, g.outputs = g.outputs, []
@@ -193,13 +334,17 @@ class LlamaExporter:
             g.add_output(name, kind, shape)
         g.outputs += debug_outputs
         functions = [mf.sparse_mlp_function(s.d, s.k, self.act, self.o.target, self.o.debug)] if self.o.sparse else []
-        model = make_model(g.make_graph("sparseinfer_llama"), functions, [mf.DOMAIN] if self.o.sparse else [])
+        domains = ([mf.DOMAIN] if self.o.sparse else []) + ([] if self.o.portable else [MS_DOMAIN])
+        model = make_model(g.make_graph("sparseinfer_llama"), functions, domains)
         meta = {"sparseinfer.sparse": str(self.o.sparse), "sparseinfer.target": self.o.target,
                 "sparseinfer.alpha_milli": ",".join(map(str, self.alpha_milli)),
                 "sparseinfer.num_layers": str(s.num_layers), "sparseinfer.num_kv_heads": str(s.num_kv_heads),
-                "sparseinfer.head_dim": str(s.head_dim), "sparseinfer.vocab_size": str(s.vocab_size),
+                "sparseinfer.head_dim": str(self.kv_head_dim),           # the KV cache tensors' (padded) one
+                "sparseinfer.model_head_dim": str(s.head_dim), "sparseinfer.vocab_size": str(s.vocab_size),
                 "sparseinfer.max_position_embeddings": str(s.max_position_embeddings),
-                "sparseinfer.activation": str(self.act)}
+                "sparseinfer.activation": str(self.act), **export_form(self.o),
+                "sparseinfer.max_length": str(self.max_length),
+                "sparseinfer.tied_embeddings": str(self.tied)}
         onnx.helper.set_model_props(model, meta)
         return model
 
@@ -218,5 +363,6 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
         model = LlamaExporter(weights, options, progress, external).build()
     onnx.save_model(model, str(out))
     if check:
+        register_onnxruntime_schemas()
         onnx.checker.check_model(str(out), full_check=True)
     return out

@@ -5,6 +5,11 @@ outputs ``{name}/output_{j}``, the convention of onnxruntime-genai's model build
 profile or a graph viewer can be grepped by layer and block. Constants are shared
 initializers under ``/const/...``; a child builder (an ``If`` branch) uses its root's
 constants, which subgraphs see from the outer scope.
+
+Besides standard ops, helpers for onnxruntime's contrib ops (the fused export form):
+``GroupQueryAttention`` and ``SkipSimplifiedLayerNormalization`` (domain com.microsoft) and
+``SimplifiedLayerNormalization``, which onnxruntime registers in the default domain;
+``register_onnxruntime_schemas`` tells onnx's checker about the latter.
 """
 from __future__ import annotations
 
@@ -16,6 +21,32 @@ from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21
 IR_VERSION = 10
+MS_DOMAIN = "com.microsoft"          # onnxruntime's contrib ops
+
+
+def register_onnxruntime_schemas() -> None:
+    """Make onnx's checker accept onnxruntime's ``SimplifiedLayerNormalization``.
+
+    onnxruntime registers that op (RMSNorm) in the default ONNX domain, where onnx itself
+    has no such op, so ``onnx.checker`` would reject every fused export. This registers a
+    schema with onnxruntime's inputs, outputs and attributes (its contrib_defs.cc); the
+    com.microsoft ops need none, since the checker skips domains it does not know.
+    """
+    from onnx import defs
+
+    if defs.has("SimplifiedLayerNormalization"):
+        return
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    param, attr = defs.OpSchema.FormalParameter, defs.OpSchema.Attribute
+    defs.register_schema(defs.OpSchema(
+        "SimplifiedLayerNormalization", "", 1, doc="onnxruntime's RMSNorm: X / sqrt(mean(X^2) + epsilon) * scale",
+        inputs=[param("X", "T"), param("scale", "V")],
+        outputs=[param("Y", "V"),
+                 param("inv_std_var", "U", param_option=defs.OpSchema.FormalParameterOption.Optional)],
+        type_constraints=[("T", floats, ""), ("V", floats, ""), ("U", ["tensor(float)", "tensor(double)"], "")],
+        attributes=[attr("axis", helper.make_attribute("axis", -1), ""),
+                    attr("epsilon", helper.make_attribute("epsilon", 1e-5), ""),
+                    attr("stash_type", helper.make_attribute("stash_type", 1), "")]))
 
 
 class ExternalData:
@@ -78,9 +109,10 @@ class GraphBuilder:
         return name if n == 0 else f"{name}_{n}"
 
     def make_node(self, op: str, inputs, scope: str, n_out: int = 1, domain: str = "", suffix: str = "",
-                  **attrs) -> list[str]:
+                  outputs=None, **attrs) -> list[str]:
+        """``outputs``: explicit output names (graph outputs written in place, '' = unused)."""
         name = self._unique(f"{scope}/{op}{suffix}")
-        outs = [f"{name}/output_{j}" for j in range(n_out)]
+        outs = list(outputs) if outputs is not None else [f"{name}/output_{j}" for j in range(n_out)]
         self.nodes.append(helper.make_node(op, list(inputs), outs, name=name, domain=domain or None, **attrs))
         return outs
 
@@ -170,12 +202,41 @@ class GraphBuilder:
         var = self.make_add(mean, self.const(eps, np.float32), scope)
         return self.make_mul(self.make_div(x, self.op("Sqrt", [var], scope), scope), weight, scope)
 
+    def make_gemm(self, a, b, scope, trans_b=0):
+        return self.op("Gemm", [a, b], scope, transB=trans_b)
+
+    def make_reduce_sum(self, x, axes, scope, keepdims=0):
+        return self.op("ReduceSum", [x, self.const(axes)], scope, keepdims=keepdims)
+
+    def make_simplified_layer_norm(self, x, weight, eps, scope):
+        """onnxruntime's RMSNorm: weight * x / sqrt(mean(x^2) + eps) in one node."""
+        return self.op("SimplifiedLayerNormalization", [x, weight], scope, axis=-1, epsilon=float(eps),
+                       stash_type=1)
+
+    def make_skip_simplified_layer_norm(self, x, skip, weight, eps, scope, with_sum=True):
+        """RMSNorm of x + skip in one node; returns (normed, x + skip) (the sum only if asked)."""
+        name = self._unique(f"{scope}/SkipSimplifiedLayerNormalization")
+        outs = [f"{name}/output_0", "", "", f"{name}/output_3" if with_sum else ""]
+        self.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, weight],
+                                           outs if with_sum else outs[:1], name=name, domain=MS_DOMAIN,
+                                           epsilon=float(eps)))
+        return outs[0], (outs[3] if with_sum else None)
+
+    def make_group_query_attention(self, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, scope, *,
+                                   num_heads, kv_num_heads, scale, outputs):
+        """Packed QKV [b, s, (h + 2 kvh) hd] -> attention [b, s, h hd], rotary (rotate_half,
+        non-interleaved) inside; ``outputs``: (attention, present key, present value) names."""
+        return self.make_node("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin],
+                              scope, domain=MS_DOMAIN, outputs=outputs, num_heads=num_heads,
+                              kv_num_heads=kv_num_heads, scale=float(scale), do_rotary=1, rotary_interleaved=0)
+
     def make_nonzero_flat(self, mask, scope):
         """Indices [n] int64 of the True entries of a 1-D mask."""
         return self.make_reshape(self.op("NonZero", [mask], scope), [-1], scope)
 
 
 def make_model(graph: onnx.GraphProto, functions=(), extra_domains=()) -> onnx.ModelProto:
+    """``extra_domains``: opset version 1 of each (custom / contrib domains)."""
     opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in extra_domains]
     model = helper.make_model(graph, opset_imports=opsets, functions=list(functions),
                               producer_name="sparseinfer")
@@ -183,4 +244,4 @@ def make_model(graph: onnx.GraphProto, functions=(), extra_domains=()) -> onnx.M
     return model
 
 
-FLOAT, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT64, TensorProto.BOOL
+FLOAT, INT32, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL

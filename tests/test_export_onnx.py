@@ -1,4 +1,6 @@
-"""ONNX export on the CPU EP against the NumPy reference model.
+"""ONNX export on the CPU EP against the NumPy reference model, both graph forms: fused
+(onnxruntime's GroupQueryAttention, (Skip)SimplifiedLayerNormalization, a shared in-place KV
+buffer; the default) and portable (standard ops, KV cache grown by Concat).
 
 Tolerance for logits: both pipelines compute in float32 with different summation orders
 (onnxruntime's MatMul vs batched NumPy / the order contract). The worst-case rounding of
@@ -11,6 +13,7 @@ only remaining difference is rounding order.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -19,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from sparseinfer.model_export.decode import OnnxDecoder, make_session
-from sparseinfer.model_export.export import ExportOptions, export_onnx
+from sparseinfer.model_export.export import ExportOptions, export_onnx, gqa_head_dim
 from sparseinfer.model_export.mlp_functions import DOMAIN, OP_TYPE
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows
@@ -32,8 +35,18 @@ GAMMA_K = 552 * 2.0 ** -24
 DECODE_STEPS = 5
 
 
+FORMS = [pytest.param(False, id="fused"), pytest.param(True, id="portable")]
+
+
 def _tol(logits):
     return GAMMA_K * (1 + float(np.abs(logits).max()))
+
+
+def _shape(kv_heads=2, tie=False, head_dim=None, layers=2):
+    """The tiny test shape (head_dim 50: the fused form pads it to 64), or with 4 heads of
+    ``head_dim`` (64: no padding)."""
+    shape = synthetic_shape("tiny", layers=layers, kv_heads=kv_heads, tie_embeddings=tie)
+    return shape if head_dim is None else replace(shape, hidden_size=head_dim * shape.num_heads)
 
 
 def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto", provider="cpu"):
@@ -52,32 +65,40 @@ def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto", provider="
     return steps
 
 
-@pytest.mark.parametrize("kv_heads,tie,provider", [(2, False, "cpu"), (4, False, "cpu"), (2, True, "cpu"),
-                                                   (4, True, "cpu"),
-                                                   pytest.param(2, False, "cuda", marks=pytest.mark.ort_cuda)])
-def test_dense_export_matches_reference(tmp_path, kv_heads, tie, provider):
-    w = make_weights(synthetic_shape("tiny", layers=2, kv_heads=kv_heads, tie_embeddings=tie), seed=11)
-    steps = _run_both(w, ExportOptions(sparse=False), tmp_path, LlamaReference(w), provider=provider)
+@pytest.mark.parametrize("portable", FORMS)
+@pytest.mark.parametrize("kv_heads,tie,head_dim,provider", [
+    (2, False, None, "cpu"), (4, False, None, "cpu"), (2, True, None, "cpu"), (4, True, None, "cpu"),
+    (1, False, 64, "cpu"), (4, True, 64, "cpu"),
+    pytest.param(2, False, None, "cuda", marks=pytest.mark.ort_cuda),
+    pytest.param(2, True, 64, "cuda", marks=pytest.mark.ort_cuda)])
+def test_dense_export_matches_reference(tmp_path, kv_heads, tie, head_dim, provider, portable):
+    """GQA (kv heads < heads, 1 = MQA) and MHA, tied and untied, head_dim 50 (padded to 64 in
+    the fused form) and 64; prefill + decode steps against the reference."""
+    w = make_weights(_shape(kv_heads, tie, head_dim), seed=11)
+    steps = _run_both(w, ExportOptions(sparse=False, portable=portable), tmp_path, LlamaReference(w),
+                      provider=provider)
     assert len(steps) == 1 + DECODE_STEPS and steps[0][0].shape == (len(PROMPT), w.shape.vocab_size)
     for o, r, _, _ in steps:
         assert np.abs(r).max() > 0.5
         np.testing.assert_allclose(o, r, rtol=0, atol=_tol(r))
 
 
-@pytest.mark.parametrize("target,mlp_kernels,provider", [
-    ("cpu", "function", "cpu"), ("cuda", "function", "cpu"),
-    pytest.param("cpu", "native", "cpu", marks=pytest.mark.native),
-    pytest.param("cuda", "native", "cpu", marks=pytest.mark.native),
+@pytest.mark.parametrize("target,mlp_kernels,provider,portable", [
+    ("cpu", "function", "cpu", False), ("cuda", "function", "cpu", False), ("cpu", "function", "cpu", True),
+    pytest.param("cpu", "native", "cpu", False, marks=pytest.mark.native),
+    pytest.param("cuda", "native", "cpu", False, marks=pytest.mark.native),
+    pytest.param("cpu", "native", "cpu", True, marks=pytest.mark.native),
     # on onnxruntime's CUDA provider, KV cache bound on the device (IOBinding); the cpu
     # target's bitwise ops have no CUDA kernels, so onnxruntime runs those nodes on the CPU
-    pytest.param("cuda", "function", "cuda", marks=pytest.mark.ort_cuda),
-    pytest.param("cpu", "function", "cuda", marks=pytest.mark.ort_cuda)])
-def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target, mlp_kernels, provider):
+    pytest.param("cuda", "function", "cuda", False, marks=pytest.mark.ort_cuda),
+    pytest.param("cpu", "function", "cuda", False, marks=pytest.mark.ort_cuda),
+    pytest.param("cuda", "function", "cuda", True, marks=pytest.mark.ort_cuda)])
+def test_sparse_masks_bit_exact_and_logits_match(tmp_path, target, mlp_kernels, provider, portable):
     w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
     alpha = "1.02@0,1.00"
     reference = LlamaReference(w, sparse=True, alpha=alpha)
-    steps = _run_both(w, ExportOptions(sparse=True, alpha=alpha, target=target, debug=True), tmp_path, reference,
-                      mlp_kernels, provider)
+    steps = _run_both(w, ExportOptions(sparse=True, alpha=alpha, target=target, debug=True, portable=portable),
+                      tmp_path, reference, mlp_kernels, provider)
     for o, r, debug, ref_step in steps[1:]:
         for i, lw in enumerate(w.layers):
             x = debug[f"debug.{i}.mlp_input"].reshape(-1)
@@ -119,9 +140,10 @@ def test_graph_names_functions_and_alpha(tmp_path):
 
 
 def test_batched_prefill_with_padding_runs_dense(tmp_path):
-    """Two left-padded prompts in one batch: each row equals its own unpadded run."""
+    """Portable form: two left-padded prompts in one batch: each row equals its own unpadded
+    run. (GroupQueryAttention takes right padding instead: the next test.)"""
     w = make_weights(synthetic_shape("tiny", layers=1), seed=2)
-    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions())
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(portable=True))
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     short = PROMPT[:5]
     ids = np.array([PROMPT[:8], [0] * 3 + short], dtype=np.int64)
@@ -154,6 +176,11 @@ def test_commands_end_to_end(tmp_path):
     assert r.exit_code == 0, r.output
     cmp = json.loads(r.output)
     assert cmp["tokens_compared"] == 5 and cmp["max_abs_logit_diff"] > 0
+    r = runner.invoke(cli, ["export", str(ck), "--out", str(tmp_path / "p" / "model.onnx"), "--dense", "--portable"])
+    assert r.exit_code == 0 and "portable" in r.output, r.output
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "p" / "model.onnx")).metadata_props}
+    fused = {p.key: p.value for p in onnx.load(str(tmp_path / "m" / "model.onnx")).metadata_props}
+    assert (meta["sparseinfer.attention"], fused["sparseinfer.attention"]) == ("portable", "gqa")
     r = runner.invoke(cli, ["export", str(tmp_path / "missing"), "--out", str(tmp_path / "x.onnx")])
     assert r.exit_code == 2 and "no such checkpoint" in r.output
     silu = make_checkpoint("tiny", tmp_path / "silu", layers=1, hidden_act="silu")
@@ -180,10 +207,11 @@ def test_a_cuda_session_that_fell_back_to_the_cpu_is_an_error(tmp_path, monkeypa
 @pytest.mark.parametrize("sparse,mlp_kernels", [(False, "function"), (True, "function"),
                                                 pytest.param(True, "native", marks=pytest.mark.native)])
 def test_iobinding_path_gives_the_same_bits_as_plain_runs(tmp_path, sparse, mlp_kernels):
-    """The KV cache bound as OrtValues between steps (the CUDA path's IOBinding, here on the
-    CPU provider) gives the very logits, debug masks and caches of plain session.run calls."""
+    """Portable form: the KV cache bound as OrtValues between steps (the CUDA path's IOBinding,
+    here on the CPU provider) gives the very logits, debug masks and caches of plain
+    session.run calls. (The fused form's shared buffer has no plain-run path: its own test.)"""
     w = make_weights(synthetic_shape("tiny", layers=2), seed=5)
-    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=sparse, debug=sparse))
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=sparse, debug=sparse, portable=True))
     plain = OnnxDecoder(path, "cpu", mlp_kernels=mlp_kernels)
     bound = OnnxDecoder(path, "cpu", mlp_kernels=mlp_kernels, io_binding=True)
     assert not plain.io_binding and bound.io_binding
@@ -233,3 +261,163 @@ def test_large_exports_stream_their_weights_into_one_aligned_side_file(tmp_path,
     for toks in (PROMPT, [7], [42]):
         la, lb = a.step(toks)[0], b.step(toks)[0]
         assert np.array_equal(la, lb)
+
+
+# --- the fused form: GroupQueryAttention, (Skip)SimplifiedLayerNormalization, shared KV buffer ---
+
+def _layer_ops(model, i):
+    return sorted(n.op_type for n in model.graph.node if n.name.startswith(f"/model/layers.{i}/"))
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_fused_graph_form_nodes_and_metadata(tmp_path, sparse):
+    w = make_weights(_shape(layers=3), seed=0)
+    fused = onnx.load(str(export_onnx(w, tmp_path / "f.onnx", ExportOptions(sparse=sparse, max_length=96))))
+    portable = onnx.load(str(export_onnx(w, tmp_path / "p.onnx", ExportOptions(sparse=sparse, portable=True))))
+    meta = {p.key: p.value for p in fused.metadata_props}
+    assert (meta["sparseinfer.attention"], meta["sparseinfer.kv_cache"], meta["sparseinfer.max_length"]) == \
+        ("gqa", "shared", "96")
+    assert (meta["sparseinfer.head_dim"], meta["sparseinfer.model_head_dim"]) == ("64", "50")   # padded for GQA
+    pmeta = {p.key: p.value for p in portable.metadata_props}
+    assert (pmeta["sparseinfer.attention"], pmeta["sparseinfer.kv_cache"]) == ("portable", "concat")
+    for i in range(3):
+        # one fused QKV MatMul, GQA, o_proj, and two norms with the residual add inside (layer 0's
+        # input norm has no residual yet: SimplifiedLayerNormalization); the MLP's nodes as before
+        ops = [n.op_type for n in fused.graph.node if n.name.startswith(f"/model/layers.{i}/")
+               and "/mlp/" not in n.name]
+        first = "SimplifiedLayerNormalization" if i == 0 else "SkipSimplifiedLayerNormalization"
+        assert ops == [first, "MatMul", "GroupQueryAttention", "MatMul", "SkipSimplifiedLayerNormalization"], ops
+        portable_ops = [n.op_type for n in portable.graph.node if n.name.startswith(f"/model/layers.{i}/")
+                        and "/mlp/" not in n.name]
+        assert len(portable_ops) > 50 and portable_ops.count("Concat") == 4       # rotary x2, KV cache x2
+    gqa = [n for n in fused.graph.node if n.op_type == "GroupQueryAttention"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs["do_rotary"] == 1 and attrs["rotary_interleaved"] == 0 and attrs["num_heads"] == 4
+    assert attrs["kv_num_heads"] == 2 and attrs["scale"] == pytest.approx(1 / np.sqrt(50))
+    # GQA writes the graph outputs itself: no copy between it and present.{i}.* (in-place buffer)
+    assert [list(n.output[1:]) for n in gqa] == [[f"present.{i}.key", f"present.{i}.value"] for i in range(3)]
+    assert list(gqa[0].input[:5]) == [gqa[0].input[0], "", "", "past_key_values.0.key", "past_key_values.0.value"]
+    qkv = {t.name: t.dims for t in fused.graph.initializer}["model.layers.0.self_attn.qkv_proj.weight_t"]
+    assert list(qkv) == [200, (4 + 2 * 2) * 64]
+    kv_in = next(i for i in fused.graph.input if i.name == "past_key_values.0.key").type.tensor_type.shape.dim
+    assert [d.dim_param or d.dim_value for d in kv_in] == ["batch_size", 2, "max_sequence_length", 64]
+    assert {"com.microsoft"} <= {o.domain for o in fused.opset_import}
+    assert not any(n.domain == "com.microsoft" or "LayerNormalization" in n.op_type for n in portable.graph.node)
+
+
+def test_the_rotary_convention_matters(tmp_path):
+    """GQA's rotate_half (non-interleaved) form is what matches the reference; the interleaved
+    one, same weights, does not: the parity tests would catch a wrong convention."""
+    w = make_weights(_shape(), seed=3)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=False))
+    ref = LlamaReference(w).prefill(PROMPT)
+    model = onnx.load(str(path))
+    for n in model.graph.node:
+        if n.op_type == "GroupQueryAttention":
+            next(a for a in n.attribute if a.name == "rotary_interleaved").i = 1
+    onnx.save(model, str(tmp_path / "interleaved.onnx"))
+    good = OnnxDecoder(path).step(PROMPT)[0]
+    bad = OnnxDecoder(tmp_path / "interleaved.onnx").step(PROMPT)[0]
+    np.testing.assert_allclose(good, ref, rtol=0, atol=_tol(ref))
+    assert np.abs(bad - ref).max() > 100 * _tol(ref)
+
+
+def _unpad(cache, head_dim):
+    """[.., 64] padded rotary halves -> [.., head_dim]."""
+    half, padded_half = head_dim // 2, cache.shape[-1] // 2
+    return np.concatenate([cache[..., :half], cache[..., padded_half:padded_half + half]], axis=-1)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_shared_kv_buffer_is_written_in_place(tmp_path, sparse):
+    """The decoder binds one zeroed [1, kvh, max_len, hd] buffer as both past and present: after
+    prefill and decode steps it is the same OrtValue, at the same address, holding the portable
+    form's keys and values in its first positions (the padding and the rest zero)."""
+    w = make_weights(_shape(), seed=5)
+    fused = OnnxDecoder(export_onnx(w, tmp_path / "f.onnx", ExportOptions(sparse=sparse, max_length=64)), "cpu")
+    portable = OnnxDecoder(export_onnx(w, tmp_path / "p.onnx", ExportOptions(sparse=sparse, portable=True)), "cpu")
+    assert fused.shared_kv and fused.io_binding and not portable.shared_kv and fused.max_positions == 64
+    before = {name: (v, v.data_ptr()) for name, v in fused.past.items()}
+    assert all(v.shape() == [1, 2, 64, 64] and not v.numpy().any() for v, _ in before.values())
+    tok = PROMPT
+    for step in range(1 + DECODE_STEPS):
+        a, b = fused.step(tok)[0], portable.step(tok)[0]
+        np.testing.assert_allclose(a, b, rtol=0, atol=_tol(b))
+        tok = [int(np.argmax(b[-1]))]
+    n = portable.length
+    for name, (value, address) in before.items():
+        assert fused.past[name] is value and value.data_ptr() == address
+        buf = value.numpy()
+        want = portable.past[name]
+        assert np.abs(want).max() > 0.1
+        np.testing.assert_allclose(_unpad(buf[:, :, :n], 50), want, rtol=0, atol=1e-5)
+        assert not buf[:, :, n:].any() and not buf[..., 25:32].any() and not buf[..., 57:].any()
+    fused.reset()
+    assert all(not v.numpy().any() for v in fused.past.values()) and fused.length == 0
+
+
+def test_shared_buffer_limits_and_errors(tmp_path):
+    w = make_weights(_shape(layers=1), seed=1)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=False, max_length=24))
+    with pytest.raises(SparseInferError, match="exceed the context of 24"):
+        OnnxDecoder(path).step(list(range(25)))
+    assert OnnxDecoder(path, max_length=20).max_positions == 20
+    with pytest.raises(SparseInferError, match="max_length 30 is outside 1-24"):
+        OnnxDecoder(path, max_length=30)
+    with pytest.raises(SparseInferError, match="needs io_binding"):
+        OnnxDecoder(path, io_binding=False)
+    with pytest.raises(SparseInferError, match="max_length 513 is outside 1-512"):
+        export_onnx(w, tmp_path / "x.onnx", ExportOptions(max_length=513))
+
+
+def test_fused_batched_prefill_is_right_padded(tmp_path):
+    """GroupQueryAttention's padding: rows padded on the right (seqlens_k = mask sum - 1); each
+    row's real positions equal its own unpadded run. Shared batch-2 buffers, bound in place."""
+    w = make_weights(_shape(layers=2), seed=2)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=False))
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    short = PROMPT[:5]
+    ids = np.array([PROMPT[:8], short + [0] * 3], dtype=np.int64)
+    mask = np.array([[1] * 8, [1] * 5 + [0] * 3], dtype=np.int64)
+    binding = sess.io_binding()
+    binding.bind_cpu_input("input_ids", ids)
+    binding.bind_cpu_input("attention_mask", mask)
+    binding.bind_cpu_input("position_ids", np.array([list(range(8))] * 2, dtype=np.int64))
+    binding.bind_output("logits", "cpu")
+    buffers = [ort.OrtValue.ortvalue_from_numpy(np.zeros((2, 2, 16, 64), np.float32)) for _ in range(4)]
+    for (i, kv), buf in zip([(i, kv) for i in range(2) for kv in ("key", "value")], buffers):
+        binding.bind_ortvalue_input(f"past_key_values.{i}.{kv}", buf)
+        binding.bind_ortvalue_output(f"present.{i}.{kv}", buf)
+    sess.run_with_iobinding(binding)
+    logits = binding.get_outputs()[0].numpy()
+    for row, prompt in ((0, PROMPT[:8]), (1, short)):
+        ref = LlamaReference(w).prefill(prompt)
+        np.testing.assert_allclose(logits[row, :len(prompt)], ref, rtol=0, atol=_tol(ref))
+    assert buffers[0].numpy()[:, :, :5].all(axis=(0, 1))[:, :25].all()       # keys written in place, both rows
+
+
+# --- tied embeddings stored once -----------------------------------------------------------
+
+@pytest.mark.parametrize("portable", FORMS)
+def test_tied_embeddings_are_stored_once(tmp_path, portable):
+    """A tied model's initializers are one [vocab, d] fp32 matrix smaller than the same
+    model untied (the LM head reads the embedding initializer); its logits still match."""
+    tied = make_weights(_shape(tie=True), seed=8)
+    untied = replace(tied, lm_head=tied.embed.copy(), shape=replace(tied.shape, tie_word_embeddings=False))
+    opts = ExportOptions(sparse=False, portable=portable)
+
+    def init_bytes(w, name):
+        model = onnx.load(str(export_onnx(w, tmp_path / name / "m.onnx", opts)))
+        return sum(onnx.numpy_helper.to_array(t).nbytes for t in model.graph.initializer), model
+
+    (tb, tmodel), (ub, _) = init_bytes(tied, "tied"), init_bytes(untied, "untied")
+    v, d = tied.shape.vocab_size, tied.shape.d
+    assert 0 <= v * d * 4 - (ub - tb) <= 64          # one embedding, less the Gemm's two int64 shape constants
+    big = [t.name for t in tmodel.graph.initializer if sorted(t.dims) == sorted([v, d])]
+    assert big == ["model.embed_tokens.weight"]
+    assert {p.key: p.value for p in tmodel.metadata_props}["sparseinfer.tied_embeddings"] == "True"
+    a = OnnxDecoder(tmp_path / "tied" / "m.onnx").step(PROMPT)[0]
+    b = OnnxDecoder(tmp_path / "untied" / "m.onnx").step(PROMPT)[0]
+    ref = LlamaReference(tied).prefill(PROMPT)
+    np.testing.assert_allclose(a, ref, rtol=0, atol=_tol(ref))
+    np.testing.assert_allclose(a, b, rtol=0, atol=_tol(ref))

@@ -63,13 +63,19 @@ def _progress():
                     transient=True)
 
 
-def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False):
+PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed, KV cache grown by Concat), for "
+                 "runtimes without onnxruntime's com.microsoft contrib ops. Default: GroupQueryAttention and "
+                 "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
+
+
+def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
+                      portable=False):
     """Load, export with a progress bar, copy the tokenizer beside the model; returns the path."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.model_export.export import ExportOptions, export_onnx
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
-    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug)
+    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable)
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
         path = export_onnx(ck.weights, out, opts, progress=lambda: bar.advance(task))
@@ -79,7 +85,7 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
         Path(path).with_name("generation_config.json").write_text(json.dumps(ids) + "\n")
     if not quiet:
         echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
-                 f"{', debug outputs' if debug else ''})")
+                 f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''})")
     return path
 
 
@@ -92,14 +98,15 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--debug", is_flag=True, help="Add per-layer debug outputs (MLP input, predicted and actual "
                                            "zero masks, computed rows); costs one full gate product per layer.")
-def export_cmd(checkpoint, out, alpha, dense, target, debug):
+@click.option("--portable", is_flag=True, help=PORTABLE_HELP)
+def export_cmd(checkpoint, out, alpha, dense, target, debug, portable):
     """Export CHECKPOINT (HF directory or .gguf) to one ONNX model for prefill + decode.
 
     Decode steps use the sparse MLP (custom ops in domain ai.onnx.contrib, carried as
     local functions of standard ops); prefill stays dense. The graph passes
     onnx.checker.check_model(full_check=True).
     """
-    export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug)
+    export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug, portable=portable)
 
 
 def _tokenizer_for(model_path, tokenizer_path):
@@ -194,10 +201,11 @@ def _stats_line(st: dict) -> str:
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where the two exports go (default: a temporary directory).")
+@click.option("--portable", is_flag=True, help=PORTABLE_HELP)
 @_with(SAMPLING)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temperature, top_p, seed, provider,
-                threads, mlp_kernels, as_json):
+def compare_cmd(model_dir, prompt, alpha, target, work_dir, portable, max_new_tokens, temperature, top_p, seed,
+                provider, threads, mlp_kernels, as_json):
     """Decode MODEL_DIR's dense and sparse exports side by side.
 
     Reports the first position where the tokens diverge, token agreement, the max
@@ -218,7 +226,7 @@ def compare_cmd(model_dir, prompt, alpha, target, work_dir, max_new_tokens, temp
         runs = {}
         for kind in ("dense", "sparse"):
             path = export_checkpoint(ck, root / kind / "model.onnx", sparse=kind == "sparse", alpha=alpha,
-                                     target=target, debug=kind == "sparse", quiet=as_json)
+                                     target=target, debug=kind == "sparse", quiet=as_json, portable=portable)
             decoder = OnnxDecoder(path, provider, threads, mlp_kernels)
             runs[kind] = generate(decoder, _prompt_ids(ck.tokenizer, ck.bos_token_id, prompt), max_new_tokens,
                                   temperature, top_p, seed, keep_logits=True)
@@ -308,13 +316,17 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="After the timed rounds, decode this many tokens per model in a new session with "
                    "onnxruntime's profiler on: time per token by execution provider and the top ops "
                    "(the JSON's 'profile'; traces in the work dir). 0: no profile.")
+@click.option("--portable", is_flag=True, help=PORTABLE_HELP)
+@click.option("--with-portable", is_flag=True,
+              help="Also time the dense export in the portable form (row 'dense-portable', in the same alternated "
+                   "rounds; 'speedup_dense_over_dense_portable' in the JSON).")
 @click.option("--work-dir", type=click.Path(file_okay=False), default="out/bench-decode", show_default=True,
               help="Where the checkpoint and the exports are written.")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
-                     tokens, repeats, profile_tokens, work_dir, out_json, as_json):
+                     tokens, repeats, profile_tokens, portable, with_portable, work_dir, out_json, as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
     Both exports are written first and flushed to disk, then both are loaded and decode
@@ -335,10 +347,14 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     ck = load_checkpoint(checkpoint)
     prompt = _prompt_ids(ck.tokenizer, ck.bos_token_id, "The quick brown fox") if ck.tokenizer else [0, 1, 2, 3]
     kinds = ("dense", "sparse")
-    paths = {kind: export_checkpoint(ck, work / f"{kind}-{target}" / "model.onnx", sparse=kind == "sparse",
-                                     alpha=alpha, target=target, quiet=as_json) for kind in kinds}
+    form = "-portable" if portable else ""
+    paths = {kind: export_checkpoint(ck, work / f"{kind}-{target}{form}" / "model.onnx", sparse=kind == "sparse",
+                                     alpha=alpha, target=target, quiet=as_json, portable=portable) for kind in kinds}
+    if with_portable and not portable:
+        paths["dense-portable"] = export_checkpoint(ck, work / f"dense-{target}-portable" / "model.onnx", sparse=False,
+                                                    target=target, quiet=as_json, portable=True)
     os.sync()  # no write-back of the fresh exports competes with the timed decodes
-    decoders = {kind: OnnxDecoder(paths[kind], provider, threads, mlp_kernels) for kind in kinds}
+    decoders = {kind: OnnxDecoder(paths[kind], provider, threads, mlp_kernels) for kind in paths}
     if decoders["sparse"].mlp_kernels == "native":
         paths["sparse-function"] = paths["sparse"]
         decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
@@ -361,10 +377,12 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     decoders.clear()                       # free the timed sessions before the profiled ones
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
               "target": target, "provider": provider, "threads": threads, "decode_tokens": tokens,
-              "repeats": repeats, **rows,
+              "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),
+              **({"speedup_dense_over_dense_portable": float(np.median([1 / r for r in ratios["dense-portable"]]))}
+                 if "dense-portable" in ratios else {}),
               "machine": machine_description(provider), "complete": not profile_tokens}
 
     def save():
@@ -386,6 +404,8 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
         for k, v in rows.items()]))
     if "speedup_function_bodies" in result:
         click.echo(f"sparse (function bodies) / dense: {result['speedup_function_bodies']:.2f}x")
+    if "speedup_dense_over_dense_portable" in result:
+        click.echo(f"dense (fused) / dense (portable): {result['speedup_dense_over_dense_portable']:.2f}x")
     for kind, summary in (profiles or {}).items():
         if kind != "decode_tokens":
             click.echo(f"profile {kind}: {one_line(summary)}")
