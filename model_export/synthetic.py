@@ -19,8 +19,9 @@ every token, and the XOR/popcount count (which ignores magnitudes) errs often. S
   embedding = ``EMBED_COMMON`` * a fixed ±1 pattern s (the common direction of the
   residual stream) + N(0, 1) noise + ``FEATURE_EMBED`` / sqrt(n) * sum of its v_f.
 * Feature detectors. Row i of W_gate detects feature f(i) = i mod N_FEATURES:
-  w_i = g_i + ``FEATURE_GATE`` d^-1/2 v_f(i) - gamma_i u, g_i ~ N(0, 1/d), u the unit
-  mean direction of the MLP inputs (close to s). On a token that carries f(i), both the
+  w_i = g_i + ``FEATURE_GATE`` d^-1/2 v_f(i) - gamma_i u, g_i ~ N(0, 1/d), u the common
+  direction of the layer's MLP inputs (``common_direction``: the unit vector whose
+  smallest cosine with any input is largest; close to s). On a token that carries f(i), both the
   pre-activation and the count of agreeing signs are large; on the others the shift
   -gamma_i u turns the row's signs against the typical signs of x, so the product is
   negative and most sign products are negative too: the popcount tracks the
@@ -29,7 +30,16 @@ every token, and the XOR/popcount count (which ignores magnitudes) errs often. S
   Layers are calibrated in order during one prefill of ``CALIBRATION_TEXT`` (each sees
   the inputs the calibrated layers below produce); gamma_i is put midway in the gap
   between the tokens that lack feature f(i) and those that carry it (mean of the two
-  group medians if they overlap), with the FATReLU threshold T included.
+  group medians if they overlap), with the FATReLU threshold T included. This needs
+  u . x_t > 0 for every calibration token. The plain mean of the inputs does not give
+  that: it leans towards the features of the frequent tokens (space, e, t), so a rare
+  token whose features point elsewhere, after a few layers of attention and MLP
+  outputs, can land on its far side (``--layers 4`` with seed 0 did). The max-min
+  direction keeps every token on the positive side whenever any direction does, and
+  also spreads the shift evenly over the tokens (per-token sparsity closer to target).
+
+Range: ``--layers`` 1..``MAX_LAYERS`` and any seed >= 0 (tests/test_checkpoint.py sweeps
+1..8 layers of the tiny shape over several seeds).
 
 Decode-time sparsity is then about 1 - n / N_FEATURES = the target per token (tested
 within ±2 points on held-out text), and the predictor's precision and recall on held-out
@@ -77,6 +87,7 @@ FEATURE_EMBED = 4.0       # total size of a token's features in its embedding (t
 FEATURE_GATE = 1.5        # size of a row's feature in its W_gate row, relative to the N(0, 1/d) noise
 BRANCH_SCALE = 0.3        # attention / MLP outputs relative to the residual stream
 NORM_JITTER = 0.05        # RMSNorm weights are 1 + NORM_JITTER * N(0, 1)
+MAX_LAYERS = 40           # --layers range 1..MAX_LAYERS: ProSparse-Llama2-13B's depth, the deepest built-in shape
 
 CALIBRATION_TEXT = (
     "The quick brown fox jumps over the lazy dog. Sparse activations let a decoder skip most "
@@ -93,8 +104,8 @@ def synthetic_shape(name: str, layers: int | None = None, kv_heads: int | None =
     shape = SYNTHETIC_SHAPES[name]
     changes = {"tie_word_embeddings": bool(tie_embeddings), "name": f"synthetic-{name}"}
     if layers is not None:
-        if layers < 1:
-            raise SparseInferError(f"--layers must be >= 1, got {layers}")
+        if not 1 <= layers <= MAX_LAYERS:
+            raise SparseInferError(f"--layers must be in 1..{MAX_LAYERS}, got {layers}")
         changes["num_layers"] = int(layers)
     if kv_heads is not None:
         if kv_heads < 1 or shape.num_heads % kv_heads:
@@ -123,13 +134,6 @@ def row_features(k: int) -> np.ndarray:
     return np.arange(k) % N_FEATURES
 
 
-def balanced_signs(s: np.ndarray, count: int, rng: np.random.Generator) -> np.ndarray:
-    """float32 [count, d] random ±1 vectors that agree in sign with ``s`` on exactly d // 2 entries each."""
-    d = s.size
-    agree = np.argsort(rng.random((count, d)), axis=1) < d // 2
-    return np.where(agree, np.sign(s), -np.sign(s)).astype(np.float32)
-
-
 def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) -> LlamaWeights:
     d, k, hd = shape.d, shape.k, shape.head_dim
     f32 = np.float32
@@ -144,9 +148,7 @@ def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) 
         return np.where(rng.random(size) < 0.5, -1, 1).astype(f32)
 
     common = signs(d) * f32(EMBED_COMMON)
-    import os
-    features = balanced_signs(common, N_FEATURES, rng) if os.environ.get("XB") == "1" else signs(N_FEATURES, d)
-    branch = BRANCH_SCALE * (min(1.0, (2 / shape.num_layers) ** 0.5) if os.environ.get("XC") == "1" else 1.0)
+    features = signs(N_FEATURES, d)                                    # v_f
     carried = token_features(shape.vocab_size, target, rng).astype(f32)
     feature_part = carried @ features * f32(FEATURE_EMBED / np.sqrt(features_per_token(target)))
     embed = rng.standard_normal((shape.vocab_size, d), dtype=f32) + common + feature_part
@@ -156,29 +158,40 @@ def _random_weights(shape: ModelShape, target: float, rng: np.random.Generator) 
         layers.append(LayerWeights(
             input_norm=norm(), q=normal(shape.num_heads * hd, d, d ** -0.5),
             k=normal(shape.num_kv_heads * hd, d, d ** -0.5), v=normal(shape.num_kv_heads * hd, d, d ** -0.5),
-            o=normal(d, shape.num_heads * hd, branch * (shape.num_heads * hd) ** -0.5),
+            o=normal(d, shape.num_heads * hd, BRANCH_SCALE * (shape.num_heads * hd) ** -0.5),
             post_norm=norm(), gate=normal(k, d, d ** -0.5) + row_feature, up=normal(k, d, d ** -0.5),
-            down=normal(d, k, branch * 3 * k ** -0.5)))
+            down=normal(d, k, BRANCH_SCALE * 3 * k ** -0.5)))
     lm_head = embed if shape.tie_word_embeddings else normal(shape.vocab_size, d, d ** -0.5)
     weights = LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=norm(), lm_head=lm_head)
     return weights, carried.astype(bool)
 
 
-def common_direction(x, iterations=2000):
+def common_direction(x: np.ndarray, iterations: int = 2000, rel_gap: float = 1e-2) -> np.ndarray:
+    """The unit vector u whose smallest cosine with any row of x [T, d] is (nearly) largest.
+
+    u is the direction of the point w of the convex hull of the normalised rows p_t nearest
+    the origin, found by Gilbert's algorithm (1966): step from the current w towards the
+    row it is least aligned with, by the exact line search. Every u . x_t is positive iff
+    the origin lies outside that hull, i.e. iff the rows have any common direction. The
+    best smallest cosine lies between min_t u . p_t and |w|, whose difference is
+    gap / |w| (gap = |w|^2 - min_t w . p_t); the loop stops when that is within
+    ``rel_gap`` of |w|, i.e. u's smallest cosine is within 1 % of the best. float32 [d].
+    """
     p = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float64)
     w = p.mean(axis=0)
     for _ in range(iterations):
-        t = int(np.argmin(p @ w))
-        diff = w - p[t]
-        gap = w @ diff
-        if gap <= 1e-9 * (w @ w):
+        worst = p[int(np.argmin(p @ w))]
+        step = w - worst
+        gap = float(w @ step)                   # |w|^2 - min_t w . p_t: zero at the optimum
+        if gap <= rel_gap * float(w @ w):
             break
-        w = w - min(1.0, gap / (diff @ diff)) * diff
+        w = w - min(1.0, gap / float(step @ step)) * step
     return (w / np.linalg.norm(w)).astype(np.float32)
 
 
-def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, present: np.ndarray) -> None:
-    """Shift every row of ``gate`` [k, d] (in place) against the mean direction of x [T, d].
+def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, present: np.ndarray,
+                    layer: int = 0) -> None:
+    """Shift every row of ``gate`` [k, d] (in place) against the common direction of x [T, d].
 
     ``present`` [T, k]: whether token t carries row i's feature. Row i is active on token t
     iff gamma_i <= ratio_ti; gamma_i is put midway between the ratios of the tokens that
@@ -186,16 +199,11 @@ def _calibrate_gate(gate: np.ndarray, x: np.ndarray, threshold: float, present: 
     members: the largest ratio of the first group and the smallest of the second, when
     the groups separate; else the mean of the group medians).
     """
-    import os
-    u = x.mean(axis=0)
-    u /= np.linalg.norm(u)
+    u = common_direction(x)
     proj = x @ u                                    # u . x_t, positive for every token
-    mode = os.environ.get("XU", "0")
-    if mode == "2" or (mode == "1" and not (proj > 0).all()):
-        u = common_direction(x)
-        proj = x @ u
     if not (proj > 0).all():
-        raise SparseInferError("synthetic maker: calibration inputs lack a common direction")
+        raise SparseInferError(f"synthetic maker: the calibration inputs of layer {layer} lack a common direction "
+                               f"({int((proj <= 0).sum())} of {proj.size} tokens on its far side)")
     ratio = (x @ gate.T - np.float32(threshold)) / proj[:, None]     # [T, k]
     absent_max = np.where(present, -np.inf, ratio).max(axis=0)
     present_min = np.where(present, ratio, np.inf).min(axis=0)
@@ -213,13 +221,15 @@ def make_weights(shape: ModelShape, target_sparsity: float = 0.9, seed: int = 0)
     """Random float32 weights whose decode-time MLP sparsity is ``target_sparsity``."""
     if not 0.0 <= target_sparsity < 1.0:
         raise SparseInferError(f"--target-sparsity must be in [0, 1), got {target_sparsity}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise SparseInferError(f"--seed must be an integer >= 0, got {seed!r}")
     act = Activation.parse(shape.hidden_act)
     weights, carried = _random_weights(shape, target_sparsity, np.random.default_rng(seed))
     if act.sparse_capable and target_sparsity > 0:
         ids = calibration_ids()
         present = carried[ids][:, row_features(shape.k)]             # [T, k]
         model = LlamaReference(weights)
-        model.prefill(ids, mlp_hook=lambda i, x: _calibrate_gate(weights.layers[i].gate, x, act.threshold, present))
+        model.prefill(ids, mlp_hook=lambda i, x: _calibrate_gate(weights.layers[i].gate, x, act.threshold, present, i))
     return weights
 
 
@@ -273,5 +283,5 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_
     return out
 
 
-__all__ = ["SYNTHETIC_SHAPES", "TINY", "make_checkpoint", "make_weights", "hf_tensors", "hf_config",
-           "synthetic_shape", "calibration_ids", "dtype_name"]
+__all__ = ["SYNTHETIC_SHAPES", "TINY", "MAX_LAYERS", "make_checkpoint", "make_weights", "hf_tensors", "hf_config",
+           "synthetic_shape", "calibration_ids", "common_direction", "dtype_name"]
