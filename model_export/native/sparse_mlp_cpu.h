@@ -22,6 +22,10 @@
 
 #include <algorithm>
 #include <cstdint>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#include <xmmintrin.h>
+#endif
 #include <cstring>
 #include <string>
 #include <vector>
@@ -61,25 +65,11 @@ inline void prefetch_span(const void* p, size_t bytes) {
     for (size_t off = 0; off < bytes; off += kCacheLine) __builtin_prefetch(c + off, 0, 1);
 }
 
-// z = w . x in the contract's order; `ahead` (or null) is prefetched as the row is read.
+// The lanes' accumulators after the whole iterations, then the tail and the butterfly.
 template <bool kTail>
-inline float dot_row(const float* __restrict w, const float* __restrict x, int d, const float* ahead) {
-    float acc[kLanes] = {};
-    const int full = d / kStep;
-    for (int t = 0; t < full; ++t) {
-        const int b = t * kStep;
-        if (ahead) prefetch_span(ahead + b, kStep * sizeof(float));
-        for (int l = 0; l < kLanes; ++l) {
-            float a = acc[l];
-            for (int v = 0; v < kV; ++v) {
-                const float prod = w[b + l * kV + v] * x[b + l * kV + v];
-                a = a + prod;
-            }
-            acc[l] = a;
-        }
-    }
-    if (kTail) {
-        const int b = full * kStep;
+inline float finish_row(float* acc, const float* __restrict w, const float* __restrict x, int d) {
+    if (kTail) {                                    // elements past d add nothing
+        const int b = d / kStep * kStep;
         for (int l = 0; l < kLanes; ++l) {
             float a = acc[l];
             for (int v = 0; v < kV; ++v) {
@@ -95,6 +85,50 @@ inline float dot_row(const float* __restrict w, const float* __restrict x, int d
     for (int off = kLanes / 2; off >= 1; off /= 2)
         for (int l = 0; l < off; ++l) acc[l] = acc[l] + acc[l + off];
     return acc[0];
+}
+
+// z = w . x in the contract's order; `ahead` (or null) is prefetched as the row is read.
+template <bool kTail>
+inline float dot_row(const float* __restrict w, const float* __restrict x, int d, const float* ahead) {
+    alignas(16) float acc[kLanes] = {};
+    const int full = d / kStep;
+#if defined(__SSE2__)
+    static_assert(kV == 4, "one SSE register per lane's chunk of fp32 weights");
+    // Four lanes at a time: their 16 products multiplied in place, transposed so that
+    // register v holds the four lanes' v-th products, then added to the lanes'
+    // accumulators in the order v = 0, 1, 2, 3: the contract's roundings, vertically.
+    __m128 a[kLanes / 4];
+    for (int q = 0; q < kLanes / 4; ++q) a[q] = _mm_setzero_ps();
+    for (int t = 0; t < full; ++t) {
+        const int b = t * kStep;
+        if (ahead) prefetch_span(ahead + b, kStep * sizeof(float));
+        for (int q = 0; q < kLanes / 4; ++q) {
+            const float* wq = w + b + q * 16;
+            const float* xq = x + b + q * 16;
+            __m128 p0 = _mm_mul_ps(_mm_loadu_ps(wq), _mm_loadu_ps(xq));
+            __m128 p1 = _mm_mul_ps(_mm_loadu_ps(wq + 4), _mm_loadu_ps(xq + 4));
+            __m128 p2 = _mm_mul_ps(_mm_loadu_ps(wq + 8), _mm_loadu_ps(xq + 8));
+            __m128 p3 = _mm_mul_ps(_mm_loadu_ps(wq + 12), _mm_loadu_ps(xq + 12));
+            _MM_TRANSPOSE4_PS(p0, p1, p2, p3);
+            a[q] = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(a[q], p0), p1), p2), p3);
+        }
+    }
+    for (int q = 0; q < kLanes / 4; ++q) _mm_store_ps(acc + 4 * q, a[q]);
+#else
+    for (int t = 0; t < full; ++t) {
+        const int b = t * kStep;
+        if (ahead) prefetch_span(ahead + b, kStep * sizeof(float));
+        for (int l = 0; l < kLanes; ++l) {
+            float s = acc[l];
+            for (int v = 0; v < kV; ++v) {
+                const float prod = w[b + l * kV + v] * x[b + l * kV + v];
+                s = s + prod;
+            }
+            acc[l] = s;
+        }
+    }
+#endif
+    return finish_row<kTail>(acc, w, x, d);
 }
 
 inline float dot(const float* w, const float* x, int d, const float* ahead) {
@@ -116,24 +150,75 @@ inline uint64_t tail_mask64(int d) {
     return rem == 0 ? ~uint64_t(0) : (uint64_t(1) << rem) - 1;
 }
 
-// Eq. 2 for rows [r0, r1): zero[i] = 1 where predicted zero.
+inline uint8_t predict_row(const MlpParams& p, const uint64_t* __restrict w, const uint64_t* __restrict x_words,
+                           int n, uint64_t mask) {
+    int64_t neg = 0;
+    for (int j = 0; j < n - 1; ++j) neg += __builtin_popcountll(w[j] ^ x_words[j]);
+    neg += __builtin_popcountll((w[n - 1] ^ x_words[n - 1]) & mask);
+    return 1000 * neg > int64_t(p.alpha_milli) * (int64_t(p.d) - neg) ? 1 : 0;
+}
+
+// Eq. 2 for rows [r0, r1): zero[i] = 1 where predicted zero. The range is read as four
+// interleaved quarters (four memory streams: see dot_rows_side_by_side).
 inline void predict_rows(const MlpParams& p, const uint64_t* __restrict w_signs, const uint64_t* __restrict x_words,
                          int r0, int r1, uint8_t* __restrict zero) {
     const int n = (p.d + 63) / 64;
     const uint64_t mask = tail_mask64(p.d);
-    for (int i = r0; i < r1; ++i) {
-        const uint64_t* w = w_signs + int64_t(i) * p.sign_stride;
-        int64_t neg = 0;
-        for (int j = 0; j < n - 1; ++j) neg += __builtin_popcountll(w[j] ^ x_words[j]);
-        neg += __builtin_popcountll((w[n - 1] ^ x_words[n - 1]) & mask);
-        zero[i] = 1000 * neg > int64_t(p.alpha_milli) * (int64_t(p.d) - neg) ? 1 : 0;
-    }
+    const int quarter = (r1 - r0) / 4;
+    for (int i = r0; i < r0 + quarter; ++i)
+        for (int s = 0; s < 4; ++s) {
+            const int row = i + s * quarter;
+            zero[row] = predict_row(p, w_signs + int64_t(row) * p.sign_stride, x_words, n, mask);
+        }
+    for (int row = r0 + 4 * quarter; row < r1; ++row)
+        zero[row] = predict_row(p, w_signs + int64_t(row) * p.sign_stride, x_words, n, mask);
 }
 
-// z[r] = W[rows[r]] . x for r in [r0, r1), prefetching the next listed row.
+#if defined(__SSE2__)
+// z[j] = rows[j] . x for kRows rows read side by side (kRows concurrent memory streams: on
+// the 2-core EPYC VM one stream reads 9.4 GB/s, four 15.6 GB/s), each in the contract's
+// order; the lanes' accumulators live in a small array in L1. d is a multiple of kStep.
+template <int kRows>
+inline void dot_rows_side_by_side(const float* const* rows, const float* __restrict x, int d, float* z) {
+    alignas(16) float acc[kRows][kLanes] = {};
+    for (int b = 0; b < d; b += kStep) {
+        for (int r = 0; r < kRows; ++r) {
+            const float* w = rows[r] + b;
+            for (int q = 0; q < kLanes / 4; ++q) {
+                const float* wq = w + q * 16;
+                const float* xq = x + b + q * 16;
+                __m128 p0 = _mm_mul_ps(_mm_loadu_ps(wq), _mm_loadu_ps(xq));
+                __m128 p1 = _mm_mul_ps(_mm_loadu_ps(wq + 4), _mm_loadu_ps(xq + 4));
+                __m128 p2 = _mm_mul_ps(_mm_loadu_ps(wq + 8), _mm_loadu_ps(xq + 8));
+                __m128 p3 = _mm_mul_ps(_mm_loadu_ps(wq + 12), _mm_loadu_ps(xq + 12));
+                _MM_TRANSPOSE4_PS(p0, p1, p2, p3);
+                __m128 a = _mm_load_ps(acc[r] + 4 * q);
+                a = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(a, p0), p1), p2), p3);
+                _mm_store_ps(acc[r] + 4 * q, a);
+            }
+        }
+    }
+    for (int r = 0; r < kRows; ++r) z[r] = finish_row<false>(acc[r], rows[r], x, d);
+}
+#endif
+
+constexpr int kSideBySide = 4;      // rows read at once by dot_listed_rows
+
+// z[r] = W[rows[r]] . x for r in [r0, r1): rows kSideBySide at a time where d allows, else
+// one at a time prefetching the next listed row.
 inline void dot_listed_rows(const float* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
                             float* z) {
-    for (int r = r0; r < r1; ++r) {
+    int r = r0;
+#if defined(__SSE2__)
+    if (d % kStep == 0) {
+        for (; r + kSideBySide <= r1; r += kSideBySide) {
+            const float* ptrs[kSideBySide];
+            for (int j = 0; j < kSideBySide; ++j) ptrs[j] = w + int64_t(rows[r + j]) * d;
+            dot_rows_side_by_side<kSideBySide>(ptrs, x, d, z + r);
+        }
+    }
+#endif
+    for (; r < r1; ++r) {
         const float* ahead = r + 1 < n_rows ? w + int64_t(rows[r + 1]) * d : nullptr;
         z[r] = dot(w + int64_t(rows[r]) * d, x, d, ahead);
     }
@@ -156,7 +241,24 @@ inline void down_columns(const float* __restrict wt, int d, const int32_t* rows,
             const int end = chunk * kSubs + s + 1;            // first sub-chunk past this one
             std::fill(q, q + m, 0.0f);
             while (r < n && rows[r] / kSubRows < end) {
-                if (r + 1 < n && rows[r + 1] / kSubRows < end) {
+                if (r + 3 < n && rows[r + 3] / kSubRows < end) {
+                    // four rows at a time (four memory streams), the same roundings in the same order
+                    if (r + 7 < n)
+                        for (int a = 4; a < 8; ++a) prefetch_span(wt + int64_t(rows[r + a]) * d + j0, m * sizeof(float));
+                    const float h0 = h3[r], h1 = h3[r + 1], h2 = h3[r + 2], h3r = h3[r + 3];
+                    const float* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
+                    const float* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
+                    const float* __restrict s2 = wt + int64_t(rows[r + 2]) * d + j0;
+                    const float* __restrict s3 = wt + int64_t(rows[r + 3]) * d + j0;
+                    for (int j = 0; j < m; ++j) {
+                        const float p0 = h0 * s0[j], p1 = h1 * s1[j], p2 = h2 * s2[j], p3 = h3r * s3[j];
+                        const float a = q[j] + p0;
+                        const float b = a + p1;
+                        const float c = b + p2;
+                        q[j] = c + p3;
+                    }
+                    r += 4;
+                } else if (r + 1 < n && rows[r + 1] / kSubRows < end) {
                     // two rows at a time: the same roundings in the same order, half the passes over q
                     if (r + 2 < n) prefetch_span(wt + int64_t(rows[r + 2]) * d + j0, m * sizeof(float));
                     if (r + 3 < n) prefetch_span(wt + int64_t(rows[r + 3]) * d + j0, m * sizeof(float));
