@@ -1,26 +1,26 @@
-"""The GPU checks as one prepared, staged run that fits a lent device's time.
+"""The GPU checks as one staged run within a time budget: ``python3 -m sparseinfer.benchmarks.gpu_check``.
 
-A lent device gives a session about 15 minutes in all (its start included) and 10 minutes
-per command, so the checks run as named stages, in order, each under a timeout cut from
-what is left of ``--budget-s``. A stage that cannot start with enough time left is skipped
-and says so; a failed ``preflight`` stops the run before minutes are spent on the rest.
-Everything goes under ``--out`` (the device tool's ``$OUT``, which brings back at most 8
-files): ``gpu-check.log`` (every command's output, under a header per stage),
-``summary.json`` (rewritten after each stage: status, seconds, exit codes, last lines)
-and the files the stages write (``<device>.json``, ``pytest-bench.json``, ``profile.txt``,
-``cuda-decode.json``).
+The checks run as named stages, in order, each under a timeout cut from what is left of
+``--budget-s`` (no limit by default). A stage that cannot start with enough time left is
+skipped and says so; a failed ``preflight`` stops the run before minutes are spent on the
+rest. Everything goes under ``--out``: ``gpu-check.log`` (every command's output, under a
+header per stage), ``summary.json`` (rewritten after each stage: status, seconds, exit
+codes, last lines) and the files the stages write (``<device>.json``,
+``pytest-bench.json``, ``profile.txt``, ``cuda-decode.json``).
 
-Run from the repository root after ``pip install -e .`` (benchmarks/README.md gives the
-device calls)::
+Run from the repository root on a machine with an NVIDIA GPU, after
+``pip install -e '.[gpu,test]'`` and, for the ``ort`` group, onnxruntime-gpu in place of
+onnxruntime (benchmarks/README.md)::
 
-    python3 -m sparseinfer.benchmarks.gpu_check --stages kernels --budget-s 540 --out $OUT
+    python3 -m sparseinfer.benchmarks.gpu_check --stages kernels --out out/gpu-check
 
-``--stages`` takes stage names and the groups ``kernels`` (issue 3) and ``ort`` (issue 4),
-comma-separated; ``--list`` prints them with their estimates.
+``--stages`` takes stage names and the groups ``kernels`` and ``ort``, comma-separated;
+``--list`` prints them with their estimates.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -38,7 +38,6 @@ from sparseinfer.kernels.device import POOL_ENV
 
 LOG = "gpu-check.log"
 SUMMARY = "summary.json"
-ORT_DIR = "/tmp/ort-gpu"            # where the carried onnxruntime-gpu wheel is unpacked
 RESERVE_S = 10                       # kept back from the budget to write the summary
 TAIL_LINES = 15
 SANITIZER_EXIT = 97                  # compute-sanitizer's exit code when it reports an error
@@ -116,10 +115,9 @@ STAGES = {s.name: s for s in (
             "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
             "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
           estimate_s=50, min_start_s=50),
-    Stage("ort-unpack", f"join and check the carried onnxruntime-gpu parts (.whl/ort-N), extract to {ORT_DIR}, "
-                        "run a small graph on its CUDA provider against NumPy (ort-smoke)",
-          (("{py}", "-m", "sparseinfer.benchmarks.carry_parts", "unpack", ".whl/ort", "--to", ORT_DIR),
-           ("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "ort-smoke")),
+    Stage("ort-smoke", "a small graph on onnxruntime's CUDA provider against NumPy (onnxruntime-gpu installed, "
+                       "every kernel image it needs present)",
+          (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "ort-smoke"),),
           estimate_s=10, min_start_s=10, stops_run=True),
     Stage("ops-build", "sparseinfer build-ops --cuda: the op library with its CUDA kernel (nvcc, the kernels' "
                        "sources), paths and C API version in the log",
@@ -134,7 +132,7 @@ STAGES = {s.name: s for s in (
             "--out", "{out}/cuda-decode.json"),), estimate_s=60, min_start_s=60),
 )}
 GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
-          "ort": ("ort-unpack", "ops-build", "ort-tests", "ort-bench")}
+          "ort": ("ort-smoke", "ops-build", "ort-tests", "ort-bench")}
 
 
 def parse_stages(text: str) -> list[str]:
@@ -151,28 +149,25 @@ def parse_stages(text: str) -> list[str]:
 
 
 def stage_env(name: str) -> dict:
-    """The environment of a stage's commands: onnxruntime-gpu first on PYTHONPATH for the ort
-    stages (ort-unpack's check after the extraction imports it from there too)."""
-    env = {**os.environ, **STAGES[name].env}
-    if name.startswith("ort-"):
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (ORT_DIR, os.environ.get("PYTHONPATH")) if p)
-    return env
+    """The environment of a stage's commands: the caller's, with the stage's own settings."""
+    return {**os.environ, **STAGES[name].env}
 
 
 def _tail(text: str) -> list[str]:
     return text.rstrip().splitlines()[-TAIL_LINES:]
 
 
-def run_stages(names, out: Path, budget_s: float, run: Callable = subprocess.run,
+def run_stages(names, out: Path, budget_s: float | None, run: Callable = subprocess.run,
                clock: Callable = time.monotonic, echo=print) -> list[dict]:
-    """Run the stages in order within ``budget_s``; returns (and keeps writing) the summary."""
+    """Run the stages in order within ``budget_s`` (None: no limit); returns (and keeps
+    writing) the summary."""
     out.mkdir(parents=True, exist_ok=True)
     start = clock()
     results, stopped_by = [], None
     with open(out / LOG, "a") as log:          # commands write into it directly
         for name in names:
             stage = STAGES[name]
-            left = budget_s - (clock() - start) - RESERVE_S
+            left = math.inf if budget_s is None else budget_s - (clock() - start) - RESERVE_S
             row = {"stage": name, "what": stage.what.format(out=out), "estimate_s": stage.estimate_s}
             if stopped_by:
                 row.update(status="not run", reason=f"{stopped_by} failed")
@@ -200,7 +195,7 @@ def _run_stage(stage: Stage, out: Path, left: float, log, run, clock) -> dict:
         return {"status": status, "seconds": round(clock() - t0, 1), "exit_codes": codes, "tail": tail}
 
     for argv in stage.argv(out):
-        timeout = left - (clock() - t0)
+        timeout = None if left == math.inf else left - (clock() - t0)
         log.write(f"\n===== {stage.name}: {' '.join(argv)}\n")
         log.flush()
         start = log.tell()
@@ -266,16 +261,26 @@ def preflight_report() -> dict:
             "persistent_grid": {"sms": sms, "blocks_per_sm": per_sm, "from": source},
             "later_stages_need": {"compute-sanitizer": bool(shutil.which("compute-sanitizer")),
                                   "ncu": bool(shutil.which("ncu")), "pytest-xdist (-n)": bool(xdist_args()),
-                                  "carried .whl/ort-1": Path(".whl/ort-1/manifest.json").is_file()}}
+                                  "onnxruntime CUDA provider": _ort_has_cuda()}}
+
+
+def _ort_has_cuda() -> bool:
+    """Whether the installed onnxruntime is a GPU build (what the ``ort`` stages need)."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in onnxruntime.get_available_providers()
 
 
 @click.group(invoke_without_command=True)
 @click.option("--stages", "stages_text", default="kernels", show_default=True,
               help="Comma-separated stage or group names (groups: kernels, ort).")
-@click.option("--budget-s", type=click.FloatRange(min=30), default=540, show_default=True,
-              help="Seconds for the whole run; each stage's timeout is cut from what is left.")
-@click.option("--out", type=click.Path(file_okay=False), default=None,
-              help="Output folder (the device's $OUT); default: $OUT.")
+@click.option("--budget-s", type=click.FloatRange(min=30), default=None,
+              help="Seconds for the whole run; each stage's timeout is cut from what is left, and a stage "
+                   "that cannot start in time is skipped. Default: no limit.")
+@click.option("--out", type=click.Path(file_okay=False), default="out/gpu-check", show_default=True,
+              help="Output folder for the log, summary.json and the stages' files.")
 @click.option("--list", "list_only", is_flag=True, help="List the stages and groups, run nothing.")
 @click.pass_context
 def cli(ctx, stages_text, budget_s, out, list_only):
@@ -289,13 +294,10 @@ def cli(ctx, stages_text, budget_s, out, list_only):
     names = parse_stages(stages_text)
     if list_only:
         for name, stage in STAGES.items():
-            click.echo(f"{name:13} ~{stage.estimate_s:4d} s  {stage.what.format(out='$OUT')}")
+            click.echo(f"{name:13} ~{stage.estimate_s:4d} s  {stage.what.format(out=out)}")
         for group, members in GROUPS.items():
             click.echo(f"group {group}: {', '.join(members)}")
         return
-    out = out or os.environ.get("OUT")
-    if not out:
-        raise click.UsageError("no output folder: pass --out or set $OUT")
     results = run_stages(names, Path(out), budget_s, echo=lambda s: click.echo(s, err=True))
     ctx.exit(0 if all(r["status"] in ("passed", "skipped") for r in results) else 1)
 

@@ -1,7 +1,6 @@
 """A small graph that onnxruntime's own CUDA kernels must run right before anything is timed.
 
-After the onnxruntime-gpu wheel is unpacked on the device (its CUDA machine code possibly
-cut to one architecture, ``fatbin.py``), :func:`smoke` runs MatMul, Add, Greater, Where,
+:func:`smoke` runs MatMul, Add, Greater, Where,
 NonZero, Gather, ReduceSum and Softmax on the requested provider, with integer-valued
 inputs so that every result is exact in float32 whatever the summation order, and compares
 them with NumPy. A kernel image missing for the device fails here, in seconds, with

@@ -69,6 +69,8 @@ def test_tour_runs_every_part_and_writes_its_files(tmp_path):
     if gpu_unavailable_reason() is None or emulator.unavailable_reason() is None:    # the kernels' step ran
         kernel_rows = [line for line in r.stdout.splitlines() if line.split()[-1:] in (["yes"], ["NO"])]
         assert len(kernel_rows) == len(bench_targets()) and all(line.endswith("yes") for line in kernel_rows)
+        # once, as the table: not also verify-kernels' progress line per version ("  gate_up v1: verified")
+        assert not [line for line in r.output.splitlines() if line.endswith((": verified", ": MISMATCH"))]
     for name in ("fig4.png", "fig3.png", "tiny/config.json", "onnx/sparse/model.onnx"):
         assert (tmp_path / name).stat().st_size > 0, name
 

@@ -187,6 +187,21 @@ def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
     it takes about half a minute on 2 cores, at --d 1100 --k 1031 seconds.
     Exit code 1 when a version does not verify.
     """
+    use, rows = verification(backend, model, d, k, sparsity, seed, log=echo_err)
+    if as_json:
+        echo_json({"backend": use, "rows": rows})
+    else:
+        click.echo(verification_table(rows))
+    if not all(r["verified"] for r in rows):
+        raise SystemExit(1)
+
+
+def verification(backend: str, model: str, d: int | None, k: int | None, sparsity: float, seed: int,
+                 log=echo_err) -> tuple[str, list[dict]]:
+    """verify-kernels' work: (the backend used, one row per version and pipeline).
+
+    ``log`` gets a header and a progress line per version (``tour`` passes a no-op and
+    prints only the table)."""
     import contextlib
 
     from sparseinfer.benchmarks.harness import verify_case
@@ -201,19 +216,18 @@ def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
         use = "gpu" if reason is None else "emulated"
     ref = next(s for s in BENCH_SHAPES if s.model == model)
     shape = BenchShape(model, d or ref.d, k or ref.k)
-    echo_err(f"backend {use}: {model} activation, d {shape.d}, k {shape.k}, sparsity {sparsity}")
+    log(f"backend {use}: {model} activation, d {shape.d}, k {shape.k}, sparsity {sparsity}")
     with emulator.installed() if use == "emulated" else contextlib.nullcontext():
-        rows = verify_case(shape, sparsity, seed, log=echo_err)
+        rows = verify_case(shape, sparsity, seed, log=log)
     for r in rows:
         r["backend"] = use
-    if as_json:
-        echo_json({"backend": use, "rows": rows})
-    else:
-        click.echo(format_table(["kernel", "version", "d", "k", "sparsity", "backend", "verified"],
-                                [[r["kernel"], r["version"], r["d"], r["k"], r["sparsity"], use,
-                                  "yes" if r["verified"] else "NO"] for r in rows]))
-    if not all(r["verified"] for r in rows):
-        raise SystemExit(1)
+    return use, rows
+
+
+def verification_table(rows: list[dict]) -> str:
+    return format_table(["kernel", "version", "d", "k", "sparsity", "backend", "verified"],
+                        [[r["kernel"], r["version"], r["d"], r["k"], r["sparsity"], r["backend"],
+                          "yes" if r["verified"] else "NO"] for r in rows])
 
 
 COMMANDS = (bench, bench_plot, kernels, verify_kernels)
