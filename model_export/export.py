@@ -350,9 +350,12 @@ class LlamaExporter:
 
 
 def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = ExportOptions(), progress=None,
-                check: bool = True) -> Path:
-    """Build, save and check the model; returns its path. Above 1 GiB of fp32 weights the
+                check: bool = True, token_ids: dict | None = None) -> Path:
+    """Build, save and check the model, write ``genai_config.json`` beside it (``token_ids``:
+    bos / eos / pad ids for it); returns its path. Above 1 GiB of fp32 weights the
     initializers are streamed into ``<name>.data`` beside it while the graph is built."""
+    from .genai_config import write_genai_config
+
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     data_path = out.parent / (out.name + ".data")
@@ -362,6 +365,7 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
     with ExternalData(data_path) if big else contextlib.nullcontext() as external:
         model = LlamaExporter(weights, options, progress, external).build()
     onnx.save_model(model, str(out))
+    write_genai_config(out, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids)
     if check:
         register_onnxruntime_schemas()
         onnx.checker.check_model(str(out), full_check=True)

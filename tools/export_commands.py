@@ -78,11 +78,18 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
     opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable)
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
-        path = export_onnx(ck.weights, out, opts, progress=lambda: bar.advance(task))
+        path = export_onnx(ck.weights, out, opts, progress=lambda: bar.advance(task),
+                           token_ids={"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id})
     if ck.tokenizer is not None:
         ck.tokenizer.save(str(Path(path).with_name("tokenizer.json")))
         ids = {"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id}
         Path(path).with_name("generation_config.json").write_text(json.dumps(ids) + "\n")
+        # what onnxruntime-genai's Tokenizer (onnxruntime-extensions) reads besides tokenizer.json
+        names = {f"{k}_token": ck.tokenizer.id_to_token(v) for k, v in (("bos", ck.bos_token_id),
+                                                                       ("eos", ck.eos_token_id)) if v is not None}
+        Path(path).with_name("tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+             "model_max_length": ck.shape.max_position_embeddings, **names}, indent=2) + "\n")
     if not quiet:
         echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
                  f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''})")

@@ -1,0 +1,60 @@
+"""genai_config.json and tokenizer files beside every export: onnxruntime-genai's Model and
+Generator decode the export with no hand edits, the same greedy tokens as our decoder."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from sparseinfer.model_export.decode import OnnxDecoder, generate
+from sparseinfer.model_export.export import ExportOptions, export_onnx
+from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
+from sparseinfer.tools.cli import cli
+
+PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]
+NEW_TOKENS = 12
+
+
+@pytest.mark.parametrize("portable,shared,head_size", [(False, True, 64), (True, False, 50)])
+def test_genai_config_describes_the_export(tmp_path, portable, shared, head_size):
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=3)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=False, portable=portable, max_length=128),
+                       token_ids={"bos_token_id": 256, "eos_token_id": 257})
+    cfg = json.loads((tmp_path / "genai_config.json").read_text())
+    model, dec = cfg["model"], cfg["model"]["decoder"]
+    assert (model["type"], model["context_length"], model["bos_token_id"], model["eos_token_id"]) == \
+        ("llama", 128, 256, 257)
+    assert (dec["filename"], dec["head_size"], dec["num_key_value_heads"], dec["num_hidden_layers"]) == \
+        (path.name, head_size, 2, 2)
+    assert cfg["search"]["past_present_share_buffer"] is shared and cfg["search"]["max_length"] == 128
+    assert dec["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert dec["outputs"]["present_value_names"] == "present.%d.value"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("genai") / "ck", layers=2)
+
+
+@pytest.mark.parametrize("flags", [["--dense"], ["--dense", "--portable"], []], ids=["fused", "portable", "sparse"])
+def test_genai_generator_decodes_the_export_like_our_decoder(tmp_path, checkpoint, flags):
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    out = tmp_path / "m" / "model.onnx"
+    r = CliRunner().invoke(cli, ["export", str(checkpoint), "--out", str(out), *flags])
+    assert r.exit_code == 0, r.output
+    model = og.Model(str(out.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    ours = generate(OnnxDecoder(out, mlp_kernels="function"), PROMPT, len(theirs)).tokens
+    assert len(theirs) == NEW_TOKENS and len(set(theirs)) > 2             # a real continuation, not one token
+    assert theirs == ours
+    tokenizer = og.Tokenizer(model)                                        # genai reads the tokenizer files too
+    assert [int(t) for t in tokenizer.encode("Hello world")] == list(b"Hello world")
+    assert tokenizer.decode(list(b"Hello")) == "Hello"
