@@ -1,0 +1,203 @@
+"""``sparseinfer eval``: dense, each α and the random control on the same samples, through
+``lm_eval.simple_evaluate``, and a table shaped like the paper's Tables II/III.
+
+Per row (``Row.slug``) under ``--out``: ``exports/<checkpoint>/<slug>/model.onnx`` (made once,
+see ``exports``), ``<slug>/cache-<key>_rank0.db`` (lm-eval's request cache: an interrupted run
+resumes from what it has; the key changes with the export), ``<slug>/results.json`` and
+``<slug>/samples_<task>_<date>.jsonl`` (lm-eval's own sample logging: prompt, generation,
+extracted answer, correct), and ``eval.json`` for the whole run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from sparseinfer.reference.errors import SparseInferError
+
+from .data import BBH_TASKS, check_data
+from .exports import Row, ensure_export, export_key, make_rows
+from .taskgen import BBH_GROUP, GSM8K_TASK, TASKS_DIR, bbh_task
+
+GSM8K_METRIC = "exact_match,strict-match"          # the headline GSM8K score (lm-eval's first filter)
+GSM8K_FLEXIBLE = "exact_match,flexible-extract"
+BBH_METRIC = "exact_match,get-answer"
+TASK_NAMES = ("gsm8k", "bbh") + tuple(f"bbh_{t}" for t in BBH_TASKS)
+
+
+def parse_tasks(spec) -> list[str]:
+    """'gsm8k,bbh' (or BBH subtasks 'bbh_navigate', ...) -> our names, in order, once each."""
+    names = []
+    for part in (spec if isinstance(spec, (list, tuple)) else str(spec).split(",")):
+        part = part.strip().lower()
+        if not part:
+            continue
+        if part not in TASK_NAMES:
+            raise SparseInferError(f"unknown task {part!r}; expected gsm8k, bbh or bbh_<subtask> "
+                                   f"({', '.join(BBH_TASKS[:3])}, ...)")
+        if part not in names:
+            names.append(part)
+    if not names:
+        raise SparseInferError("no tasks given; expected e.g. --tasks gsm8k,bbh")
+    return names
+
+
+def lm_eval_task(name: str) -> str:
+    if name == "gsm8k":
+        return GSM8K_TASK
+    if name == "bbh":
+        return BBH_GROUP
+    return bbh_task(name.removeprefix("bbh_"))
+
+
+def task_scores(name: str, results: dict) -> dict:
+    """{'score': points, ...} of one of our tasks from lm-eval's ``results['results']``."""
+    r = results["results"]
+    if name == "gsm8k":
+        g = r[GSM8K_TASK]
+        return {"score": 100 * float(g[GSM8K_METRIC]), "flexible": 100 * float(g[GSM8K_FLEXIBLE]),
+                "n": int(results["n-samples"][GSM8K_TASK]["effective"])}
+    subs = BBH_TASKS if name == "bbh" else (name.removeprefix("bbh_"),)
+    per = {s: 100 * float(r[bbh_task(s)][BBH_METRIC]) for s in subs}
+    return {"score": sum(per.values()) / len(per),                       # macro average over subtasks
+            "subtasks": per if name == "bbh" else None,
+            "n": sum(int(results["n-samples"][bbh_task(s)]["effective"]) for s in subs)}
+
+
+def quiet_lm_eval(verbose: bool) -> None:
+    level = logging.INFO if verbose else logging.ERROR
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(level)
+
+
+def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: str, limit=None,
+                 max_gen_toks=None, progress=True) -> dict:
+    """One row through lm_eval.simple_evaluate (cache, sample logging); scores and lm.stats()."""
+    import lm_eval
+    from lm_eval.loggers import EvaluationTracker
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False, metadata={"data_dir": str(data_dir)})
+    tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
+    lm.reset_stats()
+    t0 = time.perf_counter()
+    res = lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_task(t) for t in tasks], limit=limit, task_manager=tm,
+                                  use_cache=cache_prefix, log_samples=True, evaluation_tracker=tracker,
+                                  gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+                                  bootstrap_iters=0, verbosity="ERROR")
+    wall = time.perf_counter() - t0
+    scores = {t: task_scores(t, res) for t in tasks}
+    samples = res.pop("samples")
+    tracker.save_results_aggregated(results=res, samples=samples)
+    for task, rows in samples.items():
+        tracker.save_results_samples(task_name=task, samples=rows)
+    return {"scores": scores, "stats": lm.stats(), "wall_s": wall}
+
+
+def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cpu", data_dir=None, out="out/eval",
+             max_gen_toks=None, threads=None, mlp_kernels="auto", target=None, seed=0, progress=True, verbose=False,
+             log=print) -> dict:
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+
+    from .backend import SparseInferLM
+
+    names = parse_tasks(tasks)
+    data_root = check_data(data_dir, names)
+    if limit is not None and limit <= 0:
+        raise SparseInferError(f"--limit {limit}: expected a positive number of samples per task")
+    if not Path(checkpoint).exists():
+        raise SparseInferError(f"no such checkpoint: {checkpoint}")
+    loaded = {}
+
+    def ck():
+        if "ck" not in loaded:
+            loaded["ck"] = load_checkpoint(checkpoint)
+        return loaded["ck"]
+
+    rows = make_rows(alphas, random, seed, ck().shape.num_layers)
+    quiet_lm_eval(verbose)
+    out = Path(out)
+    exports = out / "exports" / Path(checkpoint).resolve().name
+    target = target or provider
+    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, quiet=not progress, log=log)
+             for row in rows}
+    loaded.clear()                                     # the weights are in the exports now
+    result = {"checkpoint": str(checkpoint), "tasks": names, "limit": limit, "provider": provider,
+              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "rows": []}
+    for row in rows:
+        key = hashlib.sha256(json.dumps(export_key(checkpoint, row, target), sort_keys=True).encode()).hexdigest()[:12]
+        row_dir = out / row.slug
+        log(f"evaluating {row.label} ({paths[row]}) on {', '.join(names)}"
+            f"{f', {limit} samples per task' if limit else ''}")
+        lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
+                           provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
+                           cache_dir=str(exports.parent), progress=progress,
+                           **({"max_gen_toks": max_gen_toks} if max_gen_toks else {}))
+        if lm.path != paths[row]:
+            lm_path = lm.path
+            raise SparseInferError(f"internal: export {lm_path} is not {paths[row]}")
+        one = evaluate_row(lm, names, data_root, row_dir, str(row_dir / f"cache-{key}"), limit, max_gen_toks,
+                           progress)
+        result["rows"].append({**row.as_dict(), "export": str(paths[row]), "mlp_kernels": lm.decoder.mlp_kernels,
+                               **one})
+        del lm
+    finish(result)
+    from sparseinfer.tools.export_commands import machine_description
+    result["machine"] = machine_description(provider)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def finish(result: dict) -> None:
+    """Averages and differences to the dense row, in points."""
+    dense = next((r for r in result["rows"] if r["kind"] == "dense"), None)
+    for r in result["rows"]:
+        scores = [r["scores"][t]["score"] for t in result["tasks"]]
+        r["average"] = sum(scores) / len(scores)
+        if dense is not None:
+            r["delta"] = {t: r["scores"][t]["score"] - dense["scores"][t]["score"] for t in result["tasks"]}
+            r["delta_average"] = r["average"] - dense["average"]
+
+
+TASK_HEADERS = {"gsm8k": "GSM8K", "bbh": "BBH"}
+
+
+def _fmt(v, spec=".2f", none="—") -> str:
+    return none if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
+
+
+def table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Tables II/III's shape: a row per model, score per task, average, Δ vs dense (points),
+    then the measured decode sparsity (rows not computed) and decode tokens/s."""
+    tasks = result["tasks"]
+    headers = ["row", *(TASK_HEADERS.get(t, t) for t in tasks), "average", "Δ vs dense",
+               "decode sparsity", "decode tok/s"]
+    rows = []
+    for r in result["rows"]:
+        st = r["stats"]
+        delta = "—" if r["kind"] == "dense" else f"{r['delta_average']:+.2f}"
+        rows.append([r["label"], *(_fmt(r["scores"][t]["score"]) for t in tasks), _fmt(r["average"]), delta,
+                     _fmt(st.get("decode_sparsity"), ".3f"), _fmt(st.get("decode_tokens_per_s"), ".1f")])
+    return headers, rows
+
+
+def notes(result: dict) -> list[str]:
+    n = {t: result["rows"][0]["scores"][t]["n"] for t in result["tasks"]}
+    out = [f"samples: {', '.join(f'{TASK_HEADERS.get(t, t)} {v}' for t, v in n.items())}"
+           f"{' (--limit ' + str(result['limit']) + ' per task)' if result['limit'] else ''}; "
+           f"GSM8K: 8-shot CoT, strict match; BBH: 3-shot CoT, exact match, macro average over subtasks"]
+    if result.get("max_gen_toks"):
+        out.append(f"generations capped at {result['max_gen_toks']} tokens (the tasks' own: GSM8K 256, BBH 1024)")
+    out.append("decode sparsity: MLP rows not computed in decode steps, counted by the native kernel "
+               "(— where the kernel did not run: dense rows, function bodies, or every answer from the cache); "
+               "prefill is dense in every row")
+    if any(r["kind"] == "random" for r in result["rows"]):
+        out.append("random row: a fixed random mask per layer (same rows dropped at every position, prefill too)")
+    fresh = [r["stats"]["generations"] for r in result["rows"]]
+    if any(f == 0 for f in fresh):
+        out.append("rows whose answers all came from the cache have no speed or sparsity measured")
+    return out
