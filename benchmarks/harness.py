@@ -23,9 +23,9 @@ from sparseinfer.kernels.expected import expected_h1_h3, same_bits, within_down_
 from sparseinfer.kernels.shapes import BENCH_DTYPE, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS, make_layer
 from sparseinfer.reference import Activation, mlp_dense, mlp_sparse
 from sparseinfer.reference.dtypes import parse_dtype
+from sparseinfer.reference.shapes import BUILTIN_MODELS
 from sparseinfer.reference.signs import alpha_to_milli, pack_signs
 from sparseinfer.sim import traffic
-from sparseinfer.sim.models import BUILTIN_MODELS
 
 from .timing import Timer, device_info, empty_launch_us, host_us
 

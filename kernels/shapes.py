@@ -14,7 +14,7 @@ import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK
-from sparseinfer.sim.models import BUILTIN_MODELS
+from sparseinfer.reference.shapes import BUILTIN_MODELS
 
 # d values that hit every tail of the 32-bit sign words and of the 16-byte vector chunks
 # (used by the reference's property tests too).

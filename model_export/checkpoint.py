@@ -8,7 +8,7 @@
   ``tokenizer.json`` when present;
 * a ``.gguf`` file (see ``gguf_loader``).
 
-The model shape comes from ``sim.models.from_hf_config`` (one place for shapes). Every
+The model shape comes from ``reference.shapes.from_hf_config`` (one place for shapes). Every
 problem is a one-line ``SparseInferError``: missing file, unsupported architecture,
 a tensor missing or shaped differently from what the config implies.
 """
@@ -24,7 +24,7 @@ import numpy as np
 from sparseinfer.reference.dtypes import BFLOAT16, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaWeights
-from sparseinfer.sim.models import ModelShape, from_hf_config, read_config
+from sparseinfer.reference.shapes import ModelShape, from_hf_config, read_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "sparsellama")

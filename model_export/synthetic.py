@@ -1,7 +1,7 @@
 """Synthetic ProSparse-like checkpoints in the Hugging Face format.
 
 ``make_checkpoint(shape, out_dir, ...)`` writes ``config.json``, ``model.safetensors``
-and a byte-level ``tokenizer.json``. Layer shapes come from ``sim.models``
+and a byte-level ``tokenizer.json``. Layer shapes come from ``reference.shapes``
 (``prosparse-7b`` / ``prosparse-13b`` are the built-in ProSparse-Llama2 shapes with fewer
 layers if asked); ``tiny`` is the test shape below. The vocabulary is the byte-level
 tokenizer's (258 ids), not Llama's 32000: it only sizes the embedding and the LM head.
@@ -59,7 +59,7 @@ from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES, dtype_name, parse_dtype
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaReference, LlamaWeights
-from sparseinfer.sim.models import BUILTIN_MODELS, ModelShape
+from sparseinfer.reference.shapes import BUILTIN_MODELS, ModelShape
 
 from .checkpoint import LAYER_TENSORS
 from .tokenizer import BYTE_SPECIAL_TOKENS, byte_level_tokenizer

@@ -23,11 +23,10 @@ from dataclasses import dataclass, field, fields
 
 import numpy as np
 
-from sparseinfer.sim.models import ModelShape
-
 from .activations import Activation
 from .alpha import AlphaSchedule
 from .errors import SparseInferError
+from .shapes import ModelShape
 from .mlp import MLPTrace, mlp_dense, mlp_sparse, transposed_down
 from .dtypes import dtype_name
 from .signs import pack_signs, predict_zero_rows
@@ -52,7 +51,7 @@ class LayerWeights:
 
 @dataclass
 class LlamaWeights:
-    """A whole model: its shape (``sim.models.ModelShape``) and its arrays."""
+    """A whole model: its shape (``reference.shapes.ModelShape``) and its arrays."""
 
     shape: ModelShape
     embed: np.ndarray           # [vocab, d]

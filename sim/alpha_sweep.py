@@ -2,8 +2,8 @@
 
 A *runner* is anything with ``shape`` (a ModelShape), ``dense_logits()`` -> [tokens, vocab]
 and ``sparse(schedule)`` -> (logits [tokens, vocab], traces_by_token [tokens][layers] of
-MLPTrace) over one fixed set of prompts; ``sim.model_runner`` builds one from a
-checkpoint. Latency is simulated for the runner's own shape from the *measured*
+MLPTrace) over one fixed set of prompts; ``sim.model_runner.ReferenceRunner`` is one over a
+loaded checkpoint. Latency is simulated for the runner's own shape from the *measured*
 per-layer sparsity of each α.
 """
 from __future__ import annotations

@@ -23,12 +23,12 @@ from dataclasses import asdict, dataclass, field
 
 from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.shapes import ModelShape
 from sparseinfer.reference.signs import words_per_row
 
 from . import ops as counts
 from . import paper
 from .hardware import HardwareSpec
-from .models import ModelShape
 from .sparsity_model import LayerSparsity, alpha_table, powerinfer_layers, sign_predictor_layers
 
 FP16 = counts.FP16_BYTES
@@ -274,7 +274,7 @@ def decode_latency(m: ModelShape, hw: HardwareSpec, alpha="1.00", sparsity=None,
 
 def fig4_variants(hw: HardwareSpec, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> list[dict]:
     """Speedup over llama.cpp of PowerInfer and every SparseInfer variant, per Fig. 4 setting."""
-    from .models import BUILTIN_MODELS
+    from sparseinfer.reference.shapes import BUILTIN_MODELS
 
     rows = []
     for model_name, alpha in paper.FIG4_SPEEDUPS:
@@ -286,7 +286,7 @@ def fig4_variants(hw: HardwareSpec, context_tokens: int = DEFAULT_CONTEXT_TOKENS
 
 def fig4(hw: HardwareSpec, context_tokens: int = DEFAULT_CONTEXT_TOKENS) -> list[dict]:
     """Fig. 4 beside the simulation: one row per (model, α, baseline)."""
-    from .models import BUILTIN_MODELS
+    from sparseinfer.reference.shapes import BUILTIN_MODELS
 
     rows = []
     for (model_name, alpha), (vs_llama, vs_pi) in paper.FIG4_SPEEDUPS.items():

@@ -1,4 +1,8 @@
-"""Run a checkpoint on prompts with the NumPy reference Llama (issue 4's loader and model).
+"""Run a loaded checkpoint on prompts with the NumPy reference Llama.
+
+The caller loads the checkpoint (``tools/dse_commands.py`` with
+``model_export.checkpoint.load_checkpoint``) and passes it in, so that ``sim/`` stays
+below ``model_export/``.
 
 The dense model first decodes a greedy continuation of every prompt; every sparse run is
 then teacher-forced on the same tokens, so that the dense and sparse logits of each
@@ -60,7 +64,12 @@ def read_prompts(path=None, max_prompts: int = 4) -> list[str]:
 
 
 class ReferenceRunner:
-    """The sweep's runner interface over a loaded checkpoint (see ``alpha_sweep``)."""
+    """The sweep's runner interface over a loaded checkpoint (see ``alpha_sweep``).
+
+    ``checkpoint``: anything with ``weights`` (``reference.llama.LlamaWeights``), ``shape``,
+    ``tokenizer`` (``encode(text).ids``, or None), ``bos_token_id`` and ``source``, such as
+    ``model_export.checkpoint.load_checkpoint``'s result.
+    """
 
     def __init__(self, checkpoint, prompts: list[str], max_new_tokens: int = 8, progress=None):
         from sparseinfer.reference.llama import LlamaReference
@@ -107,15 +116,3 @@ class ReferenceRunner:
 
     def sparse(self, schedule):
         return self._run(True, str(schedule))
-
-
-def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8,
-                progress=None) -> ReferenceRunner:
-    try:
-        from sparseinfer.model_export.checkpoint import load_checkpoint
-        from sparseinfer.reference import llama  # noqa: F401
-    except ImportError:
-        raise SparseInferError("running a checkpoint needs the checkpoint loader and reference Llama model "
-                               "(issue 4, branch export), which this build does not have") from None
-    prompts = read_prompts(prompts_file, max_prompts)
-    return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens, progress)

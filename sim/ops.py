@@ -10,10 +10,10 @@ from fractions import Fraction
 
 from sparseinfer.reference import dtypes
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.shapes import ModelShape
 from sparseinfer.reference.signs import BYTES_PER_WORD, words_per_row
 
 from . import paper
-from .models import ModelShape
 
 MIB = 1 << 20
 FP16_BYTES = dtypes.itemsize("fp16")

@@ -34,9 +34,9 @@ from statistics import NormalDist
 
 from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.shapes import ModelShape
 
 from . import paper
-from .models import ModelShape
 from .ops import as_fraction
 
 PREDICTOR_PRECISION = 0.99     # paper Fig. 3: precision over 99 % in most layers

@@ -4,9 +4,9 @@ import pytest
 
 from sparseinfer.reference import AlphaSchedule, mlp_dense, mlp_sparse
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.shapes import ModelShape
 from sparseinfer.sim import alpha_sweep as sw
 from sparseinfer.sim.hardware import load_hardware
-from sparseinfer.sim.models import ModelShape
 
 from helpers import mlp_weights
 

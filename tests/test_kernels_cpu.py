@@ -18,8 +18,8 @@ from sparseinfer.kernels.shapes import BENCH_SHAPES, TEST_SHAPES, make_layer
 from sparseinfer.kernels.sources import KERNELS
 from sparseinfer.reference.dtypes import BFLOAT16
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.shapes import BUILTIN_MODELS
 from sparseinfer.reference.signs import pack_signs, predict_zero_rows
-from sparseinfer.sim.models import BUILTIN_MODELS
 
 
 def _host_matrix(a):

@@ -4,10 +4,10 @@ import pytest
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.sim import latency as lat
 from sparseinfer.sim import ops as counts
+from sparseinfer.reference.shapes import BUILTIN_MODELS
 from sparseinfer.sim import paper
 from sparseinfer.sim import sparsity_model as sm
 from sparseinfer.sim.hardware import load_hardware
-from sparseinfer.sim.models import BUILTIN_MODELS
 
 M13 = BUILTIN_MODELS["prosparse-llama2-13b"]
 M7 = BUILTIN_MODELS["prosparse-llama2-7b"]

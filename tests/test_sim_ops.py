@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from sparseinfer.reference import SparseInferError, mlp_sparse
+from sparseinfer.reference.shapes import from_hf_config
 from sparseinfer.sim import load_model, table1
 from sparseinfer.sim import ops as op_counts
-from sparseinfer.sim.models import from_hf_config
 
 from helpers import mlp_weights
 

@@ -6,16 +6,26 @@ import sys
 
 import click
 
+from sparseinfer.reference.shapes import load_model
 from sparseinfer.sim import latency as lat
 from sparseinfer.sim import paper
 from sparseinfer.sim.hardware import builtin_hardware, load_hardware
-from sparseinfer.sim.models import load_model
 
 from .output import echo_err, echo_json, format_table, rel_diff
 from .sim_commands import MODEL_HELP
 
 HW_HELP = "Platform: a built-in name (see `sparseinfer hardware`) or a TOML file of the same form."
 ALPHA_HELP = "α schedule, e.g. 1.00 or '1.03@0-19,1.00' (α > 1 is more conservative)."
+
+
+def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8, progress=None):
+    """Load the checkpoint (model_export) and read the prompts first, then run the dense
+    greedy decodes (``sim.model_runner.ReferenceRunner``)."""
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.sim.model_runner import ReferenceRunner, read_prompts
+
+    prompts = read_prompts(prompts_file, max_prompts)
+    return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens, progress)
 
 
 def _hardware(hw, hw_file):
@@ -181,10 +191,9 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
     layer, precision and recall of zero rows, predicted / actual / union sparsity and the
     fraction of the MLP's weight bytes skipped.
     """
-    from sparseinfer.sim import model_runner
     from sparseinfer.sim.predictor_stats import per_layer_stats, summary
 
-    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
+    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
     _, traces = runner.sparse(alpha)
     stats = per_layer_stats(traces)
     data = {"checkpoint": str(checkpoint), "model": runner.shape.name, "alpha": str(alpha),
@@ -226,14 +235,14 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     and quality against the dense model on the same prompts (top-1 agreement, mean KL,
     max |delta logit|). Pareto-optimal points (latency, KL) are marked.
     """
-    from sparseinfer.sim import alpha_sweep, model_runner
+    from sparseinfer.sim import alpha_sweep
 
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     # --layers syntax is checked before the (slow) checkpoint load: no layer bound yet, so
     # only a malformed range fails here; the bound is checked once the layer count is known
     alpha_sweep.parse_layers(layers, sys.maxsize)
     spec = _hardware(hw, hw_file)
-    runner = model_runner.open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
+    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
     if plot_file:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
+from sparseinfer.reference.shapes import BUILTIN_MODELS, load_model
 from sparseinfer.sim import ops as op_counts
 from sparseinfer.sim import paper
-from sparseinfer.sim.models import BUILTIN_MODELS, load_model
 
 from .output import echo_json, format_table, rel_diff, sci
 

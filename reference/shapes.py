@@ -1,4 +1,7 @@
-"""Model shapes as data: the built-in ProSparse models and any Hugging Face config.json."""
+"""Model shapes as data: the built-in ProSparse models and any Hugging Face config.json.
+
+A foundation fact: the reference model, the kernels' shapes, the simulators and the
+checkpoint loader all read shapes from here."""
 from __future__ import annotations
 
 import json
