@@ -11,7 +11,7 @@ import numpy as np
 
 from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
 from sparseinfer.model_export.ort_profile import one_line
-from sparseinfer.model_export.synthetic import SYNTHETIC_SHAPES
+from sparseinfer.model_export.synthetic import MAX_LAYERS, SYNTHETIC_SHAPES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 
 from .output import echo_err, echo_json, format_table
@@ -20,7 +20,8 @@ from .output import echo_err, echo_json, format_table
 @click.command("make-checkpoint")
 @click.option("--shape", "shape_name", type=click.Choice(list(SYNTHETIC_SHAPES)), default="tiny", show_default=True,
               help="Layer shape: tiny (test shape) or the ProSparse-Llama2 7B / 13B layer shapes.")
-@click.option("--layers", type=int, default=None, help="Number of layers (default: the shape's own).")
+@click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
+              help=f"Number of layers, 1..{MAX_LAYERS} (default: the shape's own).")
 @click.option("--target-sparsity", type=float, default=0.9, show_default=True,
               help="Fraction of MLP rows whose FATReLU output is zero at decode time.")
 @click.option("--dtype", type=click.Choice(list(WEIGHT_DTYPE_NAMES)), default="fp32", show_default=True,
@@ -28,7 +29,8 @@ from .output import echo_err, echo_json, format_table
 @click.option("--kv-heads", type=int, default=None, help="Key/value heads (GQA); default: the shape's own.")
 @click.option("--hidden-act", default=None, help="relu, fatrelu:T or silu (default: the shape's FATReLU).")
 @click.option("--tie-embeddings", is_flag=True, help="Share the embedding with the LM head.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+              help="Random seed (any integer >= 0).")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def make_checkpoint_cmd(shape_name, layers, target_sparsity, dtype, kv_heads, hidden_act, tie_embeddings, seed,
