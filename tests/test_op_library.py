@@ -227,9 +227,11 @@ def sparse_export(tmp_path_factory):
     return w, path
 
 
-def test_a_plain_session_with_only_the_library_runs_a_sparse_export(sparse_export):
-    """No sparseinfer code at run time: register the library, session.run, prefill + one decode step."""
-    w, path = sparse_export
+def test_a_plain_session_with_only_the_library_runs_a_sparse_export(tmp_path):
+    """No sparseinfer code at run time: register the library, session.run, prefill + one decode step
+    (a --portable export: its KV cache grows by Concat, so plain session.run feeds it)."""
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=7)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=True, alpha="1.01", debug=True, portable=True))
     opts = ort.SessionOptions()
     opts.register_custom_ops_library(str(op_library.cpu_library()))
     native = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
