@@ -35,7 +35,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
 
-from .exports import Row, ensure_export, is_checkpoint, make_rows
+from .exports import Row, ensure_export, export_root, is_checkpoint, make_rows
 
 log = logging.getLogger("sparseinfer.evaluation")
 
@@ -115,7 +115,7 @@ class SparseInferLM(TemplateLM):
             alphas = [alpha] if alpha else []
             row = make_rows(alphas, random, int(seed))[-1]
             root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "sparseinfer" / "eval-exports"
-            path = ensure_export(source, row, root / _short_hash(source.resolve()), target or self.provider,
+            path = ensure_export(source, row, export_root(root, source), target or self.provider,
                                  log=log.info)
         else:
             path = source / "model.onnx" if source.is_dir() else source
@@ -250,6 +250,7 @@ class SparseInferLM(TemplateLM):
         self._stats["decode_s"] += time.perf_counter() - t0 if steps else 0.0
         self._stats["decode_tokens"] += steps
         self._stats["generations"] += 1
+        self.last_tokens = tokens
         rows = dec.row_counts()
         if rows and rows["decode_steps_counted"]:
             n = rows["decode_steps_counted"]
@@ -294,8 +295,3 @@ class SparseInferLM(TemplateLM):
             self.cache_hook.add_partial("loglikelihood_rolling", (string,), total)
         return out
 
-
-def _short_hash(path) -> str:
-    import hashlib
-
-    return Path(path).name + "-" + hashlib.sha256(str(path).encode()).hexdigest()[:8]

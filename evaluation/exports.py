@@ -124,6 +124,12 @@ def export_key(checkpoint, row: Row, target: str) -> dict:
             "exporter": source_hash()}
 
 
+def export_root(cache_dir, checkpoint) -> Path:
+    """Where a checkpoint's row exports go under ``cache_dir``: its name and a hash of its path."""
+    path = Path(checkpoint).resolve()
+    return Path(cache_dir) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
 def is_checkpoint(path) -> bool:
     p = Path(path)
     return (p.is_file() and p.suffix.lower() == ".gguf") or (p.is_dir() and (p / "config.json").is_file())

@@ -19,7 +19,7 @@ from pathlib import Path
 from sparseinfer.reference.errors import SparseInferError
 
 from .data import BBH_TASKS, check_data
-from .exports import Row, ensure_export, export_key, make_rows
+from .exports import ensure_export, export_key, export_root, make_rows
 from .taskgen import BBH_GROUP, GSM8K_TASK, TASKS_DIR, bbh_task
 
 GSM8K_METRIC = "exact_match,strict-match"          # the headline GSM8K score (lm-eval's first filter)
@@ -119,8 +119,11 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
 
     rows = make_rows(alphas, random, seed, ck().shape.num_layers)
     quiet_lm_eval(verbose)
+    if not progress:
+        import os
+        os.environ["TQDM_DISABLE"] = "1"              # lm-eval's own bars too (tqdm reads TQDM_* at each bar)
     out = Path(out)
-    exports = out / "exports" / Path(checkpoint).resolve().name
+    exports = export_root(out / "exports", checkpoint)
     target = target or provider
     paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, quiet=not progress, log=log)
              for row in rows}
@@ -134,7 +137,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
             f"{f', {limit} samples per task' if limit else ''}")
         lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
                            provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
-                           cache_dir=str(exports.parent), progress=progress,
+                           cache_dir=str(out / "exports"), progress=progress,
                            **({"max_gen_toks": max_gen_toks} if max_gen_toks else {}))
         if lm.path != paths[row]:
             lm_path = lm.path
