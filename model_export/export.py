@@ -350,9 +350,10 @@ class LlamaExporter:
 
 
 def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = ExportOptions(), progress=None,
-                check: bool = True, token_ids: dict | None = None) -> Path:
+                check: bool = True, token_ids: dict | None = None, ops_library: Path | None = None) -> Path:
     """Build, save and check the model, write ``genai_config.json`` beside it (``token_ids``:
-    bos / eos / pad ids for it); returns its path. Above 1 GiB of fp32 weights the
+    bos / eos / pad ids for it; ``ops_library``: the op library it names for sparse exports);
+    returns its path. Above 1 GiB of fp32 weights the
     initializers are streamed into ``<name>.data`` beside it while the graph is built."""
     from .genai_config import write_genai_config
 
@@ -365,7 +366,8 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
     with ExternalData(data_path) if big else contextlib.nullcontext() as external:
         model = LlamaExporter(weights, options, progress, external).build()
     onnx.save_model(model, str(out))
-    write_genai_config(out, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids)
+    write_genai_config(out, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids,
+                       ops_library if options.sparse else None)
     if check:
         register_onnxruntime_schemas()
         onnx.checker.check_model(str(out), full_check=True)

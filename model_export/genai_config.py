@@ -4,20 +4,26 @@ Generator decode it with no hand edits (the layout its model builder writes).
 The fused form's KV cache is one buffer shared by past and present
 (``past_present_share_buffer: true``); the portable form grows it by Concat (``false``).
 ``head_size`` is the KV tensors' head size (padded to a multiple of 16 in the fused form).
-Sparse exports run their SparseMLP function bodies under genai; its config can name a
-custom-op library (``session_options.custom_ops_library``), which this file leaves out
-since the op library's path is a per-machine build cache.
+Sparse exports name the op library (``session_options.custom_ops_library``) when one was
+built at export time: a copy beside the model (genai loads custom-op libraries only from
+the model's folder), so genai runs the native SparseMLP kernel; without it genai runs the
+function bodies. The copy is built for the exporting machine (``sparseinfer build-ops`` on
+another one, and copy its library over it).
 """
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 GENAI_CONFIG = "genai_config.json"
 
 
-def genai_config(meta: dict[str, str], shape, filename: str, token_ids: dict | None = None) -> dict:
-    """The config for an export with metadata ``meta`` (``sparseinfer.*``) of model ``shape``."""
+def genai_config(meta: dict[str, str], shape, filename: str, token_ids: dict | None = None,
+                 ops_library: Path | None = None) -> dict:
+    """The config for an export with metadata ``meta`` (``sparseinfer.*``) of model ``shape``;
+    ``ops_library``: the custom-op library genai registers for the decoder session."""
     ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
     context = int(meta["sparseinfer.max_length"])
     eos = ids.get("eos_token_id")
@@ -28,7 +34,8 @@ def genai_config(meta: dict[str, str], shape, filename: str, token_ids: dict | N
         **({"bos_token_id": ids["bos_token_id"]} if "bos_token_id" in ids else {}),
         **({"eos_token_id": eos, "pad_token_id": ids.get("pad_token_id", eos)} if eos is not None else {}),
         "decoder": {
-            "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+            "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
+                                **({"custom_ops_library": Path(ops_library).name} if ops_library else {})},
             "filename": filename,
             "head_size": int(meta["sparseinfer.head_dim"]),
             "hidden_size": shape.d,
@@ -48,7 +55,14 @@ def genai_config(meta: dict[str, str], shape, filename: str, token_ids: dict | N
     return {"model": model, "search": search}
 
 
-def write_genai_config(model_path, meta: dict[str, str], shape, token_ids: dict | None = None) -> Path:
+def write_genai_config(model_path, meta: dict[str, str], shape, token_ids: dict | None = None,
+                       ops_library: Path | None = None) -> Path:
     path = Path(model_path).with_name(GENAI_CONFIG)
-    path.write_text(json.dumps(genai_config(meta, shape, Path(model_path).name, token_ids), indent=2) + "\n")
+    if ops_library:                    # beside the model, written whole (temporary name, then rename)
+        copy = path.with_name(Path(ops_library).name)
+        tmp = copy.with_name(f".{copy.name}.tmp")
+        shutil.copyfile(ops_library, tmp)
+        os.replace(tmp, copy)
+    config = genai_config(meta, shape, Path(model_path).name, token_ids, ops_library)
+    path.write_text(json.dumps(config, indent=2) + "\n")
     return path

@@ -58,3 +58,33 @@ def test_genai_generator_decodes_the_export_like_our_decoder(tmp_path, checkpoin
     tokenizer = og.Tokenizer(model)                                        # genai reads the tokenizer files too
     assert [int(t) for t in tokenizer.encode("Hello world")] == list(b"Hello world")
     assert tokenizer.decode(list(b"Hello")) == "Hello"
+
+
+def test_genai_runs_a_sparse_export_on_the_op_library_it_names(tmp_path, checkpoint):
+    """The sparse export's genai_config names the op library; genai's Generator then runs the
+    native SparseMLP kernel (its process-wide counters move) and decodes our decoder's tokens."""
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from sparseinfer.model_export import op_library
+
+    if op_library.unavailable_reason():
+        pytest.skip(f"op library unavailable: {op_library.unavailable_reason()}")
+    out = tmp_path / "m" / "model.onnx"
+    r = CliRunner().invoke(cli, ["export", str(checkpoint), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    library = out.parent / json.loads((out.parent / "genai_config.json").read_text())["model"]["decoder"][
+        "session_options"]["custom_ops_library"]
+    assert library.is_file()
+    op_library.counters(library, reset=True)
+    model = og.Model(str(out.parent))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    theirs = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        theirs.append(int(generator.get_next_tokens()[0]))
+    steps = op_library.counters(library)["decode_steps"]
+    assert steps >= 2 * (NEW_TOKENS - 1)                     # every layer of every decode step ran natively
+    ours = generate(OnnxDecoder(out, mlp_kernels="native"), PROMPT, len(theirs)).tokens
+    assert theirs == ours

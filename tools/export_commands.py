@@ -70,6 +70,20 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
                  "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
 
 
+def _genai_ops_library():
+    """The op library genai_config.json names for a sparse export: the CUDA flavour (both
+    kernels) where it builds, else the CPU one, else none (genai then runs the function bodies)."""
+    from sparseinfer.model_export import op_library
+    from sparseinfer.reference.errors import SparseInferError
+
+    for build in (op_library.cuda_library, op_library.cpu_library):
+        try:
+            return build()
+        except SparseInferError:
+            continue
+    return None
+
+
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
                       portable=False):
     """Load, export with a progress bar, copy the tokenizer beside the model; returns the path."""
@@ -78,10 +92,12 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
     opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable)
+    library = _genai_ops_library() if sparse else None
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
         path = export_onnx(ck.weights, out, opts, progress=lambda: bar.advance(task),
-                           token_ids={"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id})
+                           token_ids={"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id},
+                           ops_library=library)
     if ck.tokenizer is not None:
         ck.tokenizer.save(str(Path(path).with_name("tokenizer.json")))
         ids = {"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id}
