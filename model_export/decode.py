@@ -40,8 +40,9 @@ def session_options(threads: int | None = None, profile: str | None = None):
 
 
 def make_session(path, provider: str = "cpu", threads: int | None = None, profile: str | None = None,
-                 library: Path | None = None):
-    """An onnxruntime session of ``path``; ``library``: a custom-op library to register first."""
+                 library: Path | None = None, cuda_graph: bool = False):
+    """An onnxruntime session of ``path``; ``library``: a custom-op library to register first;
+    ``cuda_graph``: the CUDA provider captures and replays runs as CUDA graphs (``enable_cuda_graph``)."""
     import onnxruntime as ort
 
     if provider not in PROVIDERS:
@@ -56,7 +57,8 @@ def make_session(path, provider: str = "cpu", threads: int | None = None, profil
         opts.register_custom_ops_library(str(library))
     try:
         # full float32 MatMuls on CUDA (no TF32): the exports' logits are compared with fp32 error bounds
-        options = [{"use_tf32": "0"}] if provider == "cuda" else None
+        options = [{"use_tf32": "0", **({"enable_cuda_graph": "1"} if cuda_graph else {})}] \
+            if provider == "cuda" else None
         session = ort.InferenceSession(str(path), opts, providers=[PROVIDERS[provider]], provider_options=options)
     except Exception as e:  # onnxruntime raises its own exception types
         raise SparseInferError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
@@ -111,17 +113,30 @@ def has_sparse_mlp_op(model) -> bool:
 
 class OnnxDecoder:
     def __init__(self, path, provider: str = "cpu", threads: int | None = None, mlp_kernels: str = "auto",
-                 io_binding: bool | None = None, profile: str | None = None, max_length: int | None = None):
+                 io_binding: bool | None = None, profile: str | None = None, max_length: int | None = None,
+                 static_decode: bool = False, cuda_graph: bool = False):
         """``io_binding``: keep the KV cache in onnxruntime's own buffers on the provider's device
         between steps (IOBinding); default on for cuda, off for cpu (where it also works, and is
         tested, but copies nothing less); always on for a shared-buffer (fused) export.
         ``profile``: a path prefix for onnxruntime's profiler (:meth:`end_profiling`,
         ``ort_profile.summarize``). ``max_length``: a shared KV buffer's length (default: the
-        export's ``sparseinfer.max_length``; smaller saves memory, caps the context)."""
+        export's ``sparseinfer.max_length``; smaller saves memory, caps the context).
+
+        ``static_decode`` (a fused export, no debug outputs): every decode step runs with the
+        same shapes and the same buffers, bound once: input_ids and position_ids [1, 1] and an
+        attention_mask of the buffer's full length (ones for the tokens so far, zeros after),
+        updated in place, and the logits written into one buffer. That is what a CUDA graph
+        replays: ``cuda_graph`` (CUDA provider) turns it on and has onnxruntime capture the
+        first decode step and replay it for the next ones; the prefill runs uncaptured
+        (``gpu_graph_id`` -1). On the CPU the static path runs as it is (and is tested there)."""
+        if cuda_graph and provider != "cuda":
+            raise SparseInferError("cuda_graph needs the cuda provider")
+        self.static_decode = bool(static_decode or cuda_graph)
+        self.cuda_graph = bool(cuda_graph)
         model = read_model_proto(path)
         self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, has_sparse_mlp_op(model), provider)
         del model
-        self.session = make_session(path, provider, threads, profile, self.library)
+        self.session = make_session(path, provider, threads, profile, self.library, cuda_graph)
         self.provider = provider
         self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         meta = self.session.get_modelmeta().custom_metadata_map
@@ -145,6 +160,9 @@ class OnnxDecoder:
             self.max_positions = min(self.max_positions, max_length or exported)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.debug = any(n.startswith("debug.") for n in self.output_names)
+        if self.static_decode and (not self.shared_kv or self.debug):
+            raise SparseInferError(f"{path}: static decoding (CUDA graphs) needs a fused export (shared KV buffer) "
+                                   f"without debug outputs")
         self.reset()
 
     def end_profiling(self) -> Path:
@@ -186,6 +204,7 @@ class OnnxDecoder:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
             self.past = {name: empty for name in names}
         self.length = 0
+        self._static = None
 
     def step(self, ids) -> tuple[np.ndarray, dict]:
         """Run ``ids`` (prompt or one token); returns logits [len(ids), vocab] and debug outputs."""
@@ -193,6 +212,10 @@ class OnnxDecoder:
         n = ids.shape[1]
         if self.length + n > self.max_positions:
             raise SparseInferError(f"{self.length + n} tokens exceed the context of {self.max_positions}")
+        if self.static_decode and n == 1 and self.length > 0:
+            logits = self._run_static(int(ids[0, 0]))
+            self.length += 1
+            return logits, {}
         feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + n), dtype=np.int64),
                 "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None]}
         if self.io_binding:
@@ -204,6 +227,36 @@ class OnnxDecoder:
                 self.past[name] = out[name.replace("past_key_values", "present")]
         self.length += n
         return out["logits"][0], {k: v for k, v in out.items() if k.startswith("debug.")}
+
+    def _run_static(self, token: int) -> np.ndarray:
+        """One decode step on the buffers bound once (see ``static_decode``); logits [1, vocab]."""
+        import onnxruntime as ort
+
+        device = "cuda" if self.provider == "cuda" else "cpu"
+        if self._static is None:
+            vocab = self.session.get_outputs()[0].shape[-1]
+            values = {"input_ids": np.zeros((1, 1), np.int64), "position_ids": np.zeros((1, 1), np.int64),
+                      "attention_mask": np.zeros((1, self.max_positions), np.int64)}
+            values = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in values.items()}
+            logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, vocab), np.float32, device, 0)
+            binding = self.session.io_binding()
+            for name, value in {**values, **self.past}.items():
+                binding.bind_ortvalue_input(name, value)
+            for name in self.output_names:
+                target = logits if name == "logits" else self.past[name.replace("present", "past_key_values")]
+                binding.bind_ortvalue_output(name, target)
+            run_options = ort.RunOptions()
+            if self.cuda_graph:
+                run_options.add_run_config_entry("gpu_graph_id", "1")
+            self._static = (values, logits, binding, run_options)
+        values, logits, binding, run_options = self._static
+        mask = np.zeros((1, self.max_positions), np.int64)
+        mask[0, :self.length + 1] = 1
+        values["input_ids"].update_inplace(np.array([[token]], np.int64))
+        values["position_ids"].update_inplace(np.array([[self.length]], np.int64))
+        values["attention_mask"].update_inplace(mask)
+        self.session.run_with_iobinding(binding, run_options)
+        return np.array(logits.numpy()[0])         # a copy: the buffer is rewritten by the next step
 
     def _run_bound(self, feed) -> dict:
         """IOBinding: the KV cache stays on the provider's device as OrtValues (fed back as the
@@ -226,7 +279,13 @@ class OnnxDecoder:
                 binding.bind_output(name, device, 0)
             else:
                 binding.bind_output(name, "cpu")
-        self.session.run_with_iobinding(binding)
+        run_options = None
+        if self.cuda_graph:               # the prefill (and any other shape) runs uncaptured
+            import onnxruntime as ort
+
+            run_options = ort.RunOptions()
+            run_options.add_run_config_entry("gpu_graph_id", "-1")
+        self.session.run_with_iobinding(binding, run_options)
         values = binding.get_outputs()
         return {name: (v if name.startswith("present.") else v.numpy()) for name, v in zip(self.output_names, values)}
 

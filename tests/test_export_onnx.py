@@ -21,7 +21,7 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.model_export.decode import OnnxDecoder, make_session
+from sparseinfer.model_export.decode import OnnxDecoder, generate, make_session
 from sparseinfer.model_export.export import ExportOptions, export_onnx, gqa_head_dim
 from sparseinfer.model_export.mlp_functions import DOMAIN, OP_TYPE
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
@@ -421,3 +421,41 @@ def test_tied_embeddings_are_stored_once(tmp_path, portable):
     ref = LlamaReference(tied).prefill(PROMPT)
     np.testing.assert_allclose(a, ref, rtol=0, atol=_tol(ref))
     np.testing.assert_allclose(a, b, rtol=0, atol=_tol(ref))
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_static_decode_gives_the_bits_of_the_dynamic_path(tmp_path, sparse):
+    """Decode steps on buffers bound once (fixed shapes, attention_mask of the buffer's full
+    length, updated in place: what a CUDA graph replays) give the very logits of the usual path."""
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=sparse, max_length=64))
+    usual, static = OnnxDecoder(path), OnnxDecoder(path, static_decode=True)
+    a = generate(usual, PROMPT[:6], 10, keep_logits=True)
+    b = generate(static, PROMPT[:6], 10, keep_logits=True)
+    assert static._static is not None and a.tokens == b.tokens and len(set(a.tokens)) > 2
+    assert all(np.array_equal(x.view(np.uint32), y.view(np.uint32)) for x, y in zip(a.logits, b.logits))
+    again = generate(static, PROMPT[:4], 6, keep_logits=True)              # reset rebinds fresh buffers
+    assert again.tokens == generate(usual, PROMPT[:4], 6).tokens
+
+
+def test_static_decode_and_cuda_graph_refuse_what_they_cannot_run(tmp_path):
+    w = make_weights(synthetic_shape("tiny", layers=1), seed=4)
+    portable = export_onnx(w, tmp_path / "p" / "m.onnx", ExportOptions(sparse=False, portable=True))
+    debug = export_onnx(w, tmp_path / "d" / "m.onnx", ExportOptions(sparse=True, debug=True))
+    for path in (portable, debug):
+        with pytest.raises(SparseInferError, match="static decoding .* needs a fused export"):
+            OnnxDecoder(path, static_decode=True)
+    with pytest.raises(SparseInferError, match="cuda_graph needs the cuda provider"):
+        OnnxDecoder(debug, cuda_graph=True)
+
+
+@pytest.mark.ort_cuda
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+def test_cuda_graph_decode_matches_the_eager_cuda_decode(tmp_path, sparse):
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=sparse, max_length=64))
+    eager = generate(OnnxDecoder(path, "cuda"), PROMPT[:6], 10, keep_logits=True)
+    graph = generate(OnnxDecoder(path, "cuda", cuda_graph=True), PROMPT[:6], 10, keep_logits=True)
+    assert eager.tokens == graph.tokens
+    for x, y in zip(eager.logits, graph.logits):
+        np.testing.assert_allclose(y, x, rtol=0, atol=_tol(x))

@@ -342,6 +342,10 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
                    "onnxruntime's profiler on: time per token by execution provider and the top ops "
                    "(the JSON's 'profile'; traces in the work dir). 0: no profile.")
 @click.option("--portable", is_flag=True, help=PORTABLE_HELP)
+@click.option("--cuda-graph", is_flag=True,
+              help="Also time the dense and sparse exports with each decode step replayed as a CUDA graph (rows "
+                   "'dense-graph', 'sparse-graph'; --provider cuda, fused exports): the steps' inputs and outputs "
+                   "are bound once, with fixed shapes.")
 @click.option("--with-portable", is_flag=True,
               help="Also time the dense export in the portable form (row 'dense-portable', in the same alternated "
                    "rounds; 'speedup_dense_over_dense_portable' in the JSON).")
@@ -351,7 +355,7 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
-                     tokens, repeats, profile_tokens, portable, with_portable, work_dir, out_json, as_json):
+                     tokens, repeats, profile_tokens, portable, with_portable, cuda_graph, work_dir, out_json, as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
     Both exports are written first and flushed to disk, then both are loaded and decode
@@ -363,6 +367,8 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     from sparseinfer.model_export.decode import OnnxDecoder, generate
     from sparseinfer.model_export.synthetic import make_checkpoint
 
+    if cuda_graph and (provider != "cuda" or portable):
+        raise click.UsageError("--cuda-graph needs --provider cuda and the fused export form (not --portable)")
     work = Path(work_dir)
     if checkpoint is None:
         checkpoint = work / f"synthetic-{shape_name}-{layers}l-s{target_sparsity}"
@@ -383,6 +389,10 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     if decoders["sparse"].mlp_kernels == "native":
         paths["sparse-function"] = paths["sparse"]
         decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
+    if cuda_graph:                       # the same exports, decode steps replayed as CUDA graphs
+        for kind in kinds:
+            paths[f"{kind}-graph"] = paths[kind]
+            decoders[f"{kind}-graph"] = OnnxDecoder(paths[kind], provider, threads, mlp_kernels, cuda_graph=True)
     runs, last = {kind: [] for kind in decoders}, {}
     with _progress() as bar:
         task = bar.add_task(f"decode {'/'.join(decoders)} alternately", total=len(decoders) * (repeats + 1))
@@ -416,7 +426,8 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
             Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
 
     save()                                 # the timed rounds are kept even if the profiles are cut short
-    profiles = _profile_decodes(paths, kernels_of, provider, threads, prompt, profile_tokens, work) \
+    profiles = _profile_decodes({k: v for k, v in paths.items() if not k.endswith("-graph")}, kernels_of,
+                                provider, threads, prompt, profile_tokens, work) \
         if profile_tokens else None
     if profiles:
         result.update(profile=profiles, complete=True)
