@@ -1,6 +1,7 @@
 """The lm-eval model ``sparseinfer``: this project's ONNX exports decoded on onnxruntime.
 
-    lm_eval --model sparseinfer --model_args model=EXPORT_DIR|CHECKPOINT,alpha=1.03@0-19,1.00,provider=cpu ...
+    python -m sparseinfer.evaluation --model sparseinfer \
+        --model_args model=EXPORT_DIR|CHECKPOINT,alpha=1.03@0-19;1.00,provider=cpu --tasks ...
 
 (through ``python -m sparseinfer.evaluation``, which registers the model and the shipped
 task folder first; lm-eval has no plugin discovery). ``model`` is an export (a folder
@@ -108,7 +109,8 @@ class SparseInferLM(TemplateLM):
         self.provider = str(provider)
         self.progress = _as_bool(progress)
         self.max_gen_toks = int(max_gen_toks)
-        alpha = None if alpha in (None, "", "dense") else str(alpha)
+        # lm-eval's own command line splits model_args at every comma: there, write alpha=1.03@0-19;1.00
+        alpha = None if alpha in (None, "", "dense") else str(alpha).replace(";", ",")
         random = None if random in (None, "") else float(random)
         source = Path(model)
         if is_checkpoint(source):

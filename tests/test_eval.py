@@ -113,6 +113,8 @@ def test_checkpoint_exported_once_and_cached(fixtures, sparse_lm):
     mtime = sparse_lm.path.stat().st_mtime_ns
     again = SparseInferLM(model=str(fixtures["ck"]), alpha="1.03@0-0,1.00", cache_dir=str(fixtures["root"] / "exports"))
     assert again.path == sparse_lm.path and again.path.stat().st_mtime_ns == mtime
+    semi = SparseInferLM(model=str(fixtures["ck"]), alpha="1.03@0-0;1.00", cache_dir=str(fixtures["root"] / "exports"))
+    assert semi.path == sparse_lm.path                    # lm-eval's CLI form (it splits model_args at commas)
     # the export itself as model=, with a different alpha: refused, not silently mislabelled
     with pytest.raises(SparseInferError, match="not alpha 1.05"):
         SparseInferLM(model=str(sparse_lm.path.parent), alpha="1.05")
