@@ -96,11 +96,12 @@ class ReferenceRunner:
         if self.progress:
             self.progress(message)
 
-    def _run(self, sparse: bool, alpha="1.00"):
-        model = self._model_class(self.weights, sparse=sparse, alpha=alpha)
+    def _run(self, sparse: bool, alpha="1.00", model=None, label=None):
+        model = model or self._model_class(self.weights, sparse=sparse, alpha=alpha)
+        label = label or ("sparse, alpha " + str(alpha) if sparse else "dense")
         logits, traces = [], []
         for n, (ids, cont) in enumerate(zip(self.prompt_ids, self.continuations), 1):
-            self._say(f"{'sparse, alpha ' + str(alpha) if sparse else 'dense'}: prompt {n}/{len(self.prompt_ids)}")
+            self._say(f"{label}: prompt {n}/{len(self.prompt_ids)}")
             model.prefill(ids)
             for tok in cont:
                 step = model.decode(tok, trace=sparse)
@@ -116,3 +117,11 @@ class ReferenceRunner:
 
     def sparse(self, schedule):
         return self._run(True, str(schedule))
+
+    def run_method(self, method, target: float = 0.0):
+        """Teacher-forced decode with a prepared ``sim.methods`` method (``Method.prepare``
+        done): (logits [tokens, vocab], traces_by_token [tokens][layers] of MethodTrace)."""
+        from .methods import MethodReference
+
+        return self._run(True, model=MethodReference(self.weights, method, target),
+                         label=f"{method.name}, sparsity {target:g}")

@@ -1,0 +1,158 @@
+"""``sparseinfer compare-methods``: every activation-sparsity method side by side."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from sparseinfer.reference.errors import SparseInferError
+
+from .dse_commands import _hardware, hw_options
+from .output import echo_err, echo_json, format_table
+from .sim_commands import MODEL_HELP
+
+PARAM_HELP = ("Method parameter METHOD.KEY=VALUE, repeatable: sparseinfer.alpha=1.00|auto|'1.03@0-19,1.00', "
+              "dejavu.rank=64, dejavu.threshold=0, dejavu.save=FILE.npz, dejavu.load=FILE.npz, cats.threshold=0, "
+              "cluster.clusters=32, random.seed=1, wisparse.exponent=1.")
+
+
+def prompt_ids(checkpoint, prompts):
+    bos = [] if checkpoint.bos_token_id is None else [checkpoint.bos_token_id]
+    import numpy as np
+
+    return [np.array(bos + checkpoint.tokenizer.encode(p).ids, dtype=np.int64) for p in prompts]
+
+
+def load_calibration(checkpoint, calibration_file, max_calibration_prompts, evaluation_prompts, progress=None):
+    """Calibration prompts (file or built-in), checked disjoint from the evaluation prompts,
+    and each layer's MLP inputs on them."""
+    from sparseinfer.sim.method_compare import CALIBRATION_PROMPTS, check_disjoint
+    from sparseinfer.sim.methods import collect_calibration
+    from sparseinfer.sim.model_runner import read_prompts
+
+    if calibration_file:
+        prompts = read_prompts(calibration_file, max_calibration_prompts)
+        source = str(calibration_file)
+    else:
+        prompts = list(CALIBRATION_PROMPTS[:max_calibration_prompts])
+        source = "built-in (sim/method_compare.CALIBRATION_PROMPTS)"
+    check_disjoint(prompts, evaluation_prompts)
+    if checkpoint.tokenizer is None:
+        raise SparseInferError(f"{checkpoint.source}: no tokenizer; cannot encode calibration prompts")
+    return collect_calibration(checkpoint.weights, prompt_ids(checkpoint, prompts), source, progress=progress)
+
+
+def _progress(done, total, row):
+    echo_err(f"[{done}/{total}] {row['method']} at {row['target_sparsity']:g}: sparsity {row['sparsity']:.3f}, "
+             f"KL {row['mean_kl']:.3g}, speed-up {row['speedup']:.2f}x")
+
+
+def table(result: dict) -> str:
+    return format_table(
+        ["method", "target", "sparsity", "bytes skipped", "precision", "recall", "pred. ops/token", "pred. MiB",
+         "mean KL", "top-1", "speed-up", "pareto"],
+        [[r["method"] + (" (bound)" if r["bound"] else "") + (" (approx.)" if r["approximate"] else ""),
+          f"{r['target_sparsity']:g}", f"{r['sparsity']:.3f}", f"{r['bytes_skipped']:.3f}", f"{r['precision']:.3f}",
+          f"{r['recall']:.3f}", f"{r['predictor_ops_per_token']:.3g} {r['predictor_unit']}" if r["predictor_ops_per_token"]
+          else "0", f"{r['predictor_memory_bytes'] / 2**20:.3g}", f"{r['mean_kl']:.3g}", f"{r['top1_agreement']:.3f}",
+          f"{r['speedup']:.2f}x", "*" if r["pareto"] else ""] for r in result["rows"]])
+
+
+@click.command("compare-methods")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--methods", "methods_text", default=None,
+              help="Comma-separated methods (default: all but dense): sparseinfer, oracle, random, dejavu, teal, cats, "
+                   "wisparse, cluster, cluster-oracle.")
+@click.option("--sparsity", "sparsity_text", default="0.5,0.7,0.9", show_default=True,
+              help="Target sparsities in [0, 1), comma-separated.")
+@click.option("--param", "params", multiple=True, help=PARAM_HELP)
+@click.option("--approximate", is_flag=True,
+              help="Allow the sign predictor (sparseinfer, cluster) on a SiLU model, where a predicted-negative gate "
+                   "is treated as zero: an approximation, reported as such.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
+              help="Calibration prompts (text, one per line, or JSONL); default: built-in prompts. Must not "
+                   "share a prompt with --prompts.")
+@click.option("--max-calibration-prompts", default=64, show_default=True, type=int)
+@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
+              help="Evaluation prompts (text or JSONL); default: the built-in ones.")
+@click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
+@click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps scored per prompt.")
+@hw_options
+@click.option("--sim-model", default=None,
+              help="Simulate latency at this model shape (" + MODEL_HELP.rstrip(".") + ") from the measured "
+                   "per-layer fractions (default: the checkpoint's own shape).")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write the quality / speed-up PNG here.")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the JSON result here.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approximate, calibration_file,
+                        max_calibration_prompts, prompts_file, max_prompts, max_new_tokens, hw, hw_file, sim_model,
+                        plot_file, out_file, as_json):
+    """Every activation-sparsity method on CHECKPOINT at each target sparsity.
+
+    Per method and target: achieved sparsity, bytes skipped, precision / recall of the
+    skip set against the true zeros (ReLU) or the smallest-|h1| rows (SiLU), predictor
+    ops and memory, quality against dense (mean KL of next-token distributions, top-1
+    agreement) with the NumPy reference model, and the simulated per-token speed-up on
+    --hw. Calibration prompts (--calibration) and evaluation prompts (--prompts) never
+    overlap. Example:
+
+        sparseinfer compare-methods ck/ --methods sparseinfer,dejavu,teal,cats --sparsity 0.5,0.9 --plot p.png
+    """
+    from sparseinfer.reference.shapes import load_model
+    from sparseinfer.sim.method_base import parse_sparsities
+    from sparseinfer.sim.method_compare import compare_methods, plot_pareto, write_whole
+    from sparseinfer.sim.methods import COMPARE_DEFAULT, parse_method_list, parse_param_options
+    from sparseinfer.sim.model_runner import read_prompts
+
+    # every argument is checked before the (slow) checkpoint load
+    names = parse_method_list(methods_text) if methods_text else list(COMPARE_DEFAULT)
+    targets = parse_sparsities(sparsity_text)
+    by_method = parse_param_options(params)
+    if int(max_calibration_prompts) < 1:
+        raise SparseInferError(f"--max-calibration-prompts must be >= 1, got {max_calibration_prompts}")
+    if calibration_file and not Path(calibration_file).is_file():
+        raise SparseInferError(f"no such calibration file: {calibration_file}")
+    for path, what in ((plot_file, "plot"), (out_file, "output")):
+        if path and not Path(path).parent.is_dir():
+            raise SparseInferError(f"no such directory for the {what}: {Path(path).parent}")
+    if plot_file and Path(plot_file).suffix.lower() != ".png":
+        raise SparseInferError(f"plot file must end in .png, got {Path(plot_file).name}")
+    spec = _hardware(hw, hw_file)
+    sim_shape = load_model(sim_model) if sim_model else None
+    evaluation = read_prompts(prompts_file, max_prompts)
+
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.sim.model_runner import ReferenceRunner
+
+    ck = load_checkpoint(checkpoint)
+    calibration = load_calibration(ck, calibration_file, max_calibration_prompts, evaluation, echo_err)
+    runner = ReferenceRunner(ck, evaluation, max_new_tokens, echo_err)
+    result = compare_methods(runner, calibration, names, targets, spec, by_method, approximate,
+                             sim_model=sim_shape, progress=None if as_json else _progress)
+    result["checkpoint"] = str(checkpoint)
+    if out_file:
+        write_whole(out_file, (json.dumps(result, indent=2) + "\n").encode())
+    if plot_file:
+        plot_pareto(result, plot_file)
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(f"{result['model']} ({result['activation']}), latency of {result['latency_model']} on "
+               f"{result['hardware']}: dense {result['dense_latency_ms']:.3f} ms/token; calibration "
+               f"{result['calibration']['prompts']} prompts / {result['calibration']['tokens']} tokens, evaluation "
+               f"{result['evaluation']['prompts']} prompts / {result['evaluation']['tokens']} tokens; "
+               f"scored against {result['reference_set']}")
+    click.echo(table(result))
+    for r in result["rows"]:
+        if r["extra"].get("online_clustering_precision") is not None:
+            e = r["extra"]
+            click.echo(f"{r['method']} at {r['target_sparsity']:g}: clustering precision calibration "
+                       f"{e['calibration_clustering_precision']:.3f}, online {e['online_clustering_precision']:.3f} "
+                       f"(coverage {e['calibration_clustering_coverage']:.3f} / {e['online_clustering_coverage']:.3f})")
+    for path in (out_file, plot_file):
+        if path:
+            click.echo(f"wrote {path}")
+
+
+COMMANDS = (compare_methods_cmd,)
