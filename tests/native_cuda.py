@@ -48,7 +48,7 @@ class SparseMlpCudaArgs(ctypes.Structure):
                 ("n_tokens", ctypes.c_int), ("d", ctypes.c_int), ("k", ctypes.c_int), ("alpha_milli", ctypes.c_int),
                 ("activation", ctypes.c_int), ("threshold", ctypes.c_float), ("out", ctypes.c_void_p),
                 ("predicted_zero", ctypes.c_void_p), ("computed", ctypes.c_void_p), ("scratch", ctypes.c_void_p),
-                ("actual_zero", ctypes.c_void_p)]
+                ("actual_zero", ctypes.c_void_p), ("weight_dtype", ctypes.c_int)]
 
 
 def _sources_for_emulation(folder: Path) -> None:

@@ -80,7 +80,8 @@ def sign_stride(d: int, pad) -> int:
     return words_per_row(d) + pad
 
 
-def build_layer(d, k, n_tokens, seed, weights, pad, activation, alpha_milli) -> Layer:
+def build_layer(d, k, n_tokens, seed, weights, pad, activation, alpha_milli, dtype=np.float32) -> Layer:
+    """``dtype``: the weights' type (fp16 weights are the fp32 ones rounded, then used as they are)."""
     rng = np.random.default_rng(seed)
     if weights == "predictor":    # exactly 90 % of the rows built to be predicted zero
         layer = make_layer(d, k, np.float32, 0.9, seed)
@@ -96,6 +97,7 @@ def build_layer(d, k, n_tokens, seed, weights, pad, activation, alpha_milli) -> 
             half = at.size // 2
             row[at[:half]] = np.float32(0.0)
             row[at[half:]] = np.float32(-0.0)
+    wg, wu, wd = (np.ascontiguousarray(w.astype(dtype)) for w in (wg, wu, wd))
     words = pack_signs(wg)
     stride = sign_stride(d, pad)
     w_signs = rng.integers(0, 2**32, (k, stride), dtype=np.uint64).astype(np.uint32)   # garbage past the row
@@ -130,7 +132,8 @@ def run(layer: Layer, masks: bool = True, stride: int | None = None, scratch_buf
                   sign_stride=layer.w_signs.shape[1] if stride is None else stride, n_tokens=n, d=d, k=k,
                   alpha_milli=layer.alpha_milli, activation=0 if act.kind == "relu" else 1,
                   threshold=act.threshold, out=nc.ptr(out), predicted_zero=nc.ptr(pz), computed=nc.ptr(computed),
-                  scratch=nc.ptr(scratch), actual_zero=nc.ptr(actual))
+                  scratch=nc.ptr(scratch), actual_zero=nc.ptr(actual),
+                  weight_dtype=1 if layer.w_gate.dtype == np.float16 else 0)
     fields.update(override)
     args = nc.SparseMlpCudaArgs(**fields)
     rc = lib.sparseinfer_cuda_sparse_mlp(ctypes.byref(args), None)
@@ -187,27 +190,36 @@ def thread_order(request, lib):
 _layer_args = dict(shape=st.sampled_from(SHAPES), seed=st.integers(0, 2**31 - 1),
                    weights=st.sampled_from(["predictor", "gaussian"]), pad=st.sampled_from(PADS),
                    activation=st.sampled_from(ACTIVATIONS),
-                   alpha_milli=st.one_of(st.just(1000), st.integers(850, 1150)))
+                   alpha_milli=st.one_of(st.just(1000), st.integers(850, 1150)),
+                   dtype=st.sampled_from([np.float32, np.float16]))
 
 
 @pytest.mark.emulated
 @settings(max_examples=FEW)
 @given(**_layer_args, masks=st.booleans())
-@example(shape=(300, 1100), seed=7, weights="gaussian", pad="export", activation="relu", alpha_milli=1000, masks=True)
-@example(shape=(33, 97), seed=3, weights="predictor", pad=3, activation="fatrelu:0.01", alpha_milli=1030, masks=False)
-def test_decode_equals_the_reference_bit_for_bit(lib, shape, seed, weights, pad, activation, alpha_milli, masks):
+@example(shape=(300, 1100), seed=7, weights="gaussian", pad="export", activation="relu", alpha_milli=1000,
+         dtype=np.float32, masks=True)
+@example(shape=(33, 97), seed=3, weights="predictor", pad=3, activation="fatrelu:0.01", alpha_milli=1030,
+         dtype=np.float32, masks=False)
+@example(shape=(300, 1100), seed=5, weights="gaussian", pad="export", activation="relu", alpha_milli=1000,
+         dtype=np.float16, masks=True)
+def test_decode_equals_the_reference_bit_for_bit(lib, shape, seed, weights, pad, activation, alpha_milli, dtype,
+                                                 masks):
     d, k = shape
-    check_decode(build_layer(d, k, 1, seed, weights, pad, activation, alpha_milli), masks=masks)
+    check_decode(build_layer(d, k, 1, seed, weights, pad, activation, alpha_milli, dtype), masks=masks)
 
 
 @pytest.mark.emulated
 @settings(max_examples=FEW)
 @given(**_layer_args, n_tokens=st.sampled_from([2, 3]))
-@example(shape=(300, 1100), seed=11, weights="gaussian", pad=0, activation="relu", alpha_milli=1000, n_tokens=3)
+@example(shape=(300, 1100), seed=11, weights="gaussian", pad=0, activation="relu", alpha_milli=1000,
+         dtype=np.float32, n_tokens=3)
+@example(shape=(260, 700), seed=12, weights="gaussian", pad=0, activation="relu", alpha_milli=1000,
+         dtype=np.float16, n_tokens=2)
 def test_prefill_runs_the_dense_pipeline_token_by_token(lib, shape, seed, weights, pad, activation, alpha_milli,
-                                                        n_tokens):
+                                                        dtype, n_tokens):
     d, k = shape
-    check_prefill(build_layer(d, k, n_tokens, seed, weights, pad, activation, alpha_milli))
+    check_prefill(build_layer(d, k, n_tokens, seed, weights, pad, activation, alpha_milli, dtype))
 
 
 def _reordered_down(h3, w_down_t, reverse_chunks: bool, reverse_subs: bool):

@@ -86,10 +86,12 @@ def test_library_builds_and_reports_itself():
 @given(d=st.one_of(st.integers(1, 300), st.sampled_from([128, 256, 384])),   # whole iterations: rows side by side
        k=st.integers(1, 1100), alpha_milli=st.integers(600, 1400),
        act=st.sampled_from(["relu", "fatrelu:0.05", "fatrelu:-0.5"]), zeros=st.integers(0, 5),
-       padded=st.booleans(), seed=st.integers(0, 2**31 - 1))
-def test_cpu_op_equals_the_reference_bit_for_bit(d, k, alpha_milli, act, zeros, padded, seed):
+       padded=st.booleans(), dtype=st.sampled_from([np.float32, np.float16]), seed=st.integers(0, 2**31 - 1))
+def test_cpu_op_equals_the_reference_bit_for_bit(d, k, alpha_milli, act, zeros, padded, dtype, seed):
+    """fp32 and fp16 weights (widened exactly, float32 accumulation in the contract's order)."""
     rng = np.random.default_rng(seed)
     w_gate, w_up, w_down, x = _layer(rng, d, k, zeros)
+    w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
     act = Activation.parse(act)
     if padded:                  # the exports' words: uint64, padded to whole groups
         signs = pack_sign_words64(w_gate)
@@ -107,10 +109,12 @@ def test_cpu_op_equals_the_reference_bit_for_bit(d, k, alpha_milli, act, zeros, 
 
 @settings(max_examples=10, deadline=None)
 @given(d=st.one_of(st.integers(1, 200), st.sampled_from([128, 256])), k=st.integers(1, 700), tokens=st.integers(2, 4),
-       act=st.sampled_from(["relu", "fatrelu:0.05"]), seed=st.integers(0, 2**31 - 1))
-def test_several_tokens_run_the_dense_mlp_bit_for_bit(d, k, tokens, act, seed):
+       act=st.sampled_from(["relu", "fatrelu:0.05"]), dtype=st.sampled_from([np.float32, np.float16]),
+       seed=st.integers(0, 2**31 - 1))
+def test_several_tokens_run_the_dense_mlp_bit_for_bit(d, k, tokens, act, dtype, seed):
     rng = np.random.default_rng(seed)
     w_gate, w_up, w_down, _ = _layer(rng, d, k)
+    w_gate, w_up, w_down = (w.astype(dtype) for w in (w_gate, w_up, w_down))
     xs = rng.standard_normal((1, tokens, d)).astype(np.float32)
     session = _session(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
                                   Activation.parse(act), outputs=2))
@@ -186,6 +190,10 @@ def test_bad_inputs_come_back_as_errors_naming_the_node(case, feed, message):
 def test_mismatched_weights_and_bad_attributes_are_refused():
     rng = np.random.default_rng(0)
     w_gate, w_up, w_down, x = _layer(rng, 100, 40)
+    mixed = _mlp_model(w_gate, w_up.astype(np.float16), np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate),
+                       1000, Activation.parse("relu"))
+    with pytest.raises(Exception, match="W_up has another element type than W_gate"):
+        _session(mixed).run(None, {"x": x[None]})
     bad_up = _mlp_model(w_gate, w_up[:39], np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
                         Activation.parse("relu"))
     with pytest.raises(Exception, match=r"W_up has shape \[39, 100\]; expected \[40, 100\]"):

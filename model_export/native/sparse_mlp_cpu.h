@@ -4,10 +4,11 @@
 // kernel and hands them a parallel-for. Every result equals the NumPy reference bit for
 // bit (tests/test_op_library.py):
 //
-// * Row dot products z = W[i, :] . x: 32 "lanes", lane l owning the V = 4 consecutive
-//   floats of chunk t * 32 + l; each lane adds its products in order (t, then v), products
+// * Row dot products z = W[i, :] . x: 32 "lanes", lane l owning the V consecutive weights
+//   (16 bytes: 4 fp32 or 8 fp16) of chunk t * 32 + l; each lane adds its products in order (t, then v), products
 //   and sums rounded separately (the library is built with -ffp-contract=off, no fast
-//   math); elements past d add nothing; then the butterfly 16, 8, 4, 2, 1 (lane 0's
+//   math); fp16 weights (V = 8) are widened to float32 exactly first; elements past d add
+//   nothing; then the butterfly 16, 8, 4, 2, 1 (lane 0's
 //   value: acc[l] + acc[l + off] for l < off is what lane 0 ever reads). The 32
 //   independent lane chains are what the compiler turns into SIMD.
 // * Down projection out = sum_i h3[i] * Wt[i, :] over rows with h3 != 0 in ascending order:
@@ -26,6 +27,9 @@
 #include <emmintrin.h>
 #include <xmmintrin.h>
 #endif
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <string>
 #include <vector>
@@ -37,8 +41,6 @@
 namespace sparseinfer {
 
 constexpr int kLanes = WARP_SIZE;
-constexpr int kV = VECTOR_BYTES / 4;                 // floats per lane per iteration (fp32 weights)
-constexpr int kStep = kLanes * kV;                   // elements per warp iteration
 constexpr int kSubRows = DOWN_ROW_CHUNK / DOWN_SUB_CHUNKS;
 constexpr int kSubs = DOWN_SUB_CHUNKS;
 constexpr int kCacheLine = 64;
@@ -65,17 +67,44 @@ inline void prefetch_span(const void* p, size_t bytes) {
     for (size_t off = 0; off < bytes; off += kCacheLine) __builtin_prefetch(c + off, 0, 1);
 }
 
+// fp16 weights as IEEE binary16 (g++'s _Float16); widening to float32 is exact.
+using half = _Float16;
+
+// Weights of type W: V elements per lane per iteration (16 bytes: fp32 4, fp16 8), and
+// (SSE) four consecutive elements widened into one register.
+template <typename W> struct Weights;
+template <> struct Weights<float> {
+    static constexpr int V = VECTOR_BYTES / 4;
+#if defined(__SSE2__)
+    static __m128 load4(const float* p) { return _mm_loadu_ps(p); }
+#endif
+};
+template <> struct Weights<half> {
+    static constexpr int V = VECTOR_BYTES / 2;
+#if defined(__SSE2__)
+    static __m128 load4(const half* p) {
+#if defined(__F16C__)
+        return _mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+#else
+        return _mm_setr_ps(float(p[0]), float(p[1]), float(p[2]), float(p[3]));
+#endif
+    }
+#endif
+};
+template <typename W> constexpr int step_of() { return kLanes * Weights<W>::V; }   // elements per iteration
+
 // The lanes' accumulators after the whole iterations, then the tail and the butterfly.
-template <bool kTail>
-inline float finish_row(float* acc, const float* __restrict w, const float* __restrict x, int d) {
+template <typename W, bool kTail>
+inline float finish_row(float* acc, const W* __restrict w, const float* __restrict x, int d) {
+    constexpr int V = Weights<W>::V;
     if (kTail) {                                    // elements past d add nothing
-        const int b = d / kStep * kStep;
+        const int b = d / step_of<W>() * step_of<W>();
         for (int l = 0; l < kLanes; ++l) {
             float a = acc[l];
-            for (int v = 0; v < kV; ++v) {
-                const int j = b + l * kV + v;
+            for (int v = 0; v < V; ++v) {
+                const int j = b + l * V + v;
                 if (j < d) {
-                    const float prod = w[j] * x[j];
+                    const float prod = float(w[j]) * x[j];
                     a = a + prod;
                 }
             }
@@ -87,52 +116,61 @@ inline float finish_row(float* acc, const float* __restrict w, const float* __re
     return acc[0];
 }
 
+#if defined(__SSE2__)
+// Four lanes' chunks at w / x (lane i's at offset i * V): their products widened, multiplied
+// in place and transposed 4x4 per group of four, so that each register holds the four lanes'
+// v-th products; added to the lanes' accumulators `a` in the order v = 0 .. V-1: the
+// contract's roundings, vertically.
+template <typename W>
+inline __m128 add_four_lanes(__m128 a, const W* __restrict w, const float* __restrict x) {
+    constexpr int V = Weights<W>::V;
+    for (int g = 0; g < V / 4; ++g) {
+        __m128 p0 = _mm_mul_ps(Weights<W>::load4(w + 4 * g), _mm_loadu_ps(x + 4 * g));
+        __m128 p1 = _mm_mul_ps(Weights<W>::load4(w + V + 4 * g), _mm_loadu_ps(x + V + 4 * g));
+        __m128 p2 = _mm_mul_ps(Weights<W>::load4(w + 2 * V + 4 * g), _mm_loadu_ps(x + 2 * V + 4 * g));
+        __m128 p3 = _mm_mul_ps(Weights<W>::load4(w + 3 * V + 4 * g), _mm_loadu_ps(x + 3 * V + 4 * g));
+        _MM_TRANSPOSE4_PS(p0, p1, p2, p3);
+        a = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(a, p0), p1), p2), p3);
+    }
+    return a;
+}
+#endif
+
 // z = w . x in the contract's order; `ahead` (or null) is prefetched as the row is read.
-template <bool kTail>
-inline float dot_row(const float* __restrict w, const float* __restrict x, int d, const float* ahead) {
+template <typename W, bool kTail>
+inline float dot_row(const W* __restrict w, const float* __restrict x, int d, const W* ahead) {
+    constexpr int V = Weights<W>::V, kStep = step_of<W>();
     alignas(16) float acc[kLanes] = {};
     const int full = d / kStep;
 #if defined(__SSE2__)
-    static_assert(kV == 4, "one SSE register per lane's chunk of fp32 weights");
-    // Four lanes at a time: their 16 products multiplied in place, transposed so that
-    // register v holds the four lanes' v-th products, then added to the lanes'
-    // accumulators in the order v = 0, 1, 2, 3: the contract's roundings, vertically.
     __m128 a[kLanes / 4];
     for (int q = 0; q < kLanes / 4; ++q) a[q] = _mm_setzero_ps();
     for (int t = 0; t < full; ++t) {
         const int b = t * kStep;
-        if (ahead) prefetch_span(ahead + b, kStep * sizeof(float));
-        for (int q = 0; q < kLanes / 4; ++q) {
-            const float* wq = w + b + q * 16;
-            const float* xq = x + b + q * 16;
-            __m128 p0 = _mm_mul_ps(_mm_loadu_ps(wq), _mm_loadu_ps(xq));
-            __m128 p1 = _mm_mul_ps(_mm_loadu_ps(wq + 4), _mm_loadu_ps(xq + 4));
-            __m128 p2 = _mm_mul_ps(_mm_loadu_ps(wq + 8), _mm_loadu_ps(xq + 8));
-            __m128 p3 = _mm_mul_ps(_mm_loadu_ps(wq + 12), _mm_loadu_ps(xq + 12));
-            _MM_TRANSPOSE4_PS(p0, p1, p2, p3);
-            a[q] = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(a[q], p0), p1), p2), p3);
-        }
+        if (ahead) prefetch_span(ahead + b, kStep * sizeof(W));
+        for (int q = 0; q < kLanes / 4; ++q) a[q] = add_four_lanes(a[q], w + b + q * 4 * V, x + b + q * 4 * V);
     }
     for (int q = 0; q < kLanes / 4; ++q) _mm_store_ps(acc + 4 * q, a[q]);
 #else
     for (int t = 0; t < full; ++t) {
         const int b = t * kStep;
-        if (ahead) prefetch_span(ahead + b, kStep * sizeof(float));
+        if (ahead) prefetch_span(ahead + b, kStep * sizeof(W));
         for (int l = 0; l < kLanes; ++l) {
             float s = acc[l];
-            for (int v = 0; v < kV; ++v) {
-                const float prod = w[b + l * kV + v] * x[b + l * kV + v];
+            for (int v = 0; v < V; ++v) {
+                const float prod = float(w[b + l * V + v]) * x[b + l * V + v];
                 s = s + prod;
             }
             acc[l] = s;
         }
     }
 #endif
-    return finish_row<kTail>(acc, w, x, d);
+    return finish_row<W, kTail>(acc, w, x, d);
 }
 
-inline float dot(const float* w, const float* x, int d, const float* ahead) {
-    return d % kStep ? dot_row<true>(w, x, d, ahead) : dot_row<false>(w, x, d, ahead);
+template <typename W>
+inline float dot(const W* w, const float* x, int d, const W* ahead) {
+    return d % step_of<W>() ? dot_row<W, true>(w, x, d, ahead) : dot_row<W, false>(w, x, d, ahead);
 }
 
 // x's sign words; returns the index of the first NaN in x, or -1.
@@ -177,28 +215,18 @@ inline void predict_rows(const MlpParams& p, const uint64_t* __restrict w_signs,
 #if defined(__SSE2__)
 // z[j] = rows[j] . x for kRows rows read side by side (kRows concurrent memory streams: on
 // the 2-core EPYC VM one stream reads 9.4 GB/s, four 15.6 GB/s), each in the contract's
-// order; the lanes' accumulators live in a small array in L1. d is a multiple of kStep.
-template <int kRows>
-inline void dot_rows_side_by_side(const float* const* rows, const float* __restrict x, int d, float* z) {
+// order; the lanes' accumulators live in a small array in L1. d is a multiple of the step.
+template <typename W, int kRows>
+inline void dot_rows_side_by_side(const W* const* rows, const float* __restrict x, int d, float* z) {
+    constexpr int V = Weights<W>::V, kStep = step_of<W>();
     alignas(16) float acc[kRows][kLanes] = {};
-    for (int b = 0; b < d; b += kStep) {
-        for (int r = 0; r < kRows; ++r) {
-            const float* w = rows[r] + b;
+    for (int b = 0; b < d; b += kStep)
+        for (int r = 0; r < kRows; ++r)
             for (int q = 0; q < kLanes / 4; ++q) {
-                const float* wq = w + q * 16;
-                const float* xq = x + b + q * 16;
-                __m128 p0 = _mm_mul_ps(_mm_loadu_ps(wq), _mm_loadu_ps(xq));
-                __m128 p1 = _mm_mul_ps(_mm_loadu_ps(wq + 4), _mm_loadu_ps(xq + 4));
-                __m128 p2 = _mm_mul_ps(_mm_loadu_ps(wq + 8), _mm_loadu_ps(xq + 8));
-                __m128 p3 = _mm_mul_ps(_mm_loadu_ps(wq + 12), _mm_loadu_ps(xq + 12));
-                _MM_TRANSPOSE4_PS(p0, p1, p2, p3);
                 __m128 a = _mm_load_ps(acc[r] + 4 * q);
-                a = _mm_add_ps(_mm_add_ps(_mm_add_ps(_mm_add_ps(a, p0), p1), p2), p3);
-                _mm_store_ps(acc[r] + 4 * q, a);
+                _mm_store_ps(acc[r] + 4 * q, add_four_lanes(a, rows[r] + b + q * 4 * V, x + b + q * 4 * V));
             }
-        }
-    }
-    for (int r = 0; r < kRows; ++r) z[r] = finish_row<false>(acc[r], rows[r], x, d);
+    for (int r = 0; r < kRows; ++r) z[r] = finish_row<W, false>(acc[r], rows[r], x, d);
 }
 #endif
 
@@ -206,26 +234,28 @@ constexpr int kSideBySide = 4;      // rows read at once by dot_listed_rows
 
 // z[r] = W[rows[r]] . x for r in [r0, r1): rows kSideBySide at a time where d allows, else
 // one at a time prefetching the next listed row.
-inline void dot_listed_rows(const float* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
+template <typename W>
+inline void dot_listed_rows(const W* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
                             float* z) {
     int r = r0;
 #if defined(__SSE2__)
-    if (d % kStep == 0) {
+    if (d % step_of<W>() == 0) {
         for (; r + kSideBySide <= r1; r += kSideBySide) {
-            const float* ptrs[kSideBySide];
+            const W* ptrs[kSideBySide];
             for (int j = 0; j < kSideBySide; ++j) ptrs[j] = w + int64_t(rows[r + j]) * d;
-            dot_rows_side_by_side<kSideBySide>(ptrs, x, d, z + r);
+            dot_rows_side_by_side<W, kSideBySide>(ptrs, x, d, z + r);
         }
     }
 #endif
     for (; r < r1; ++r) {
-        const float* ahead = r + 1 < n_rows ? w + int64_t(rows[r + 1]) * d : nullptr;
+        const W* ahead = r + 1 < n_rows ? w + int64_t(rows[r + 1]) * d : nullptr;
         z[r] = dot(w + int64_t(rows[r]) * d, x, d, ahead);
     }
 }
 
 // out[j0:j1] = the contract's down projection over the listed rows (ascending, h3 != 0).
-inline void down_columns(const float* __restrict wt, int d, const int32_t* rows, const float* h3, int n, int j0,
+template <typename W>
+inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, const float* h3, int n, int j0,
                          int j1, float* __restrict out) {
     const int m = j1 - j0;
     std::vector<float> buf(3 * size_t(m));
@@ -244,14 +274,15 @@ inline void down_columns(const float* __restrict wt, int d, const int32_t* rows,
                 if (r + 3 < n && rows[r + 3] / kSubRows < end) {
                     // four rows at a time (four memory streams), the same roundings in the same order
                     if (r + 7 < n)
-                        for (int a = 4; a < 8; ++a) prefetch_span(wt + int64_t(rows[r + a]) * d + j0, m * sizeof(float));
+                        for (int a = 4; a < 8; ++a) prefetch_span(wt + int64_t(rows[r + a]) * d + j0, m * sizeof(W));
                     const float h0 = h3[r], h1 = h3[r + 1], h2 = h3[r + 2], h3r = h3[r + 3];
-                    const float* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
-                    const float* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
-                    const float* __restrict s2 = wt + int64_t(rows[r + 2]) * d + j0;
-                    const float* __restrict s3 = wt + int64_t(rows[r + 3]) * d + j0;
+                    const W* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
+                    const W* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
+                    const W* __restrict s2 = wt + int64_t(rows[r + 2]) * d + j0;
+                    const W* __restrict s3 = wt + int64_t(rows[r + 3]) * d + j0;
                     for (int j = 0; j < m; ++j) {
-                        const float p0 = h0 * s0[j], p1 = h1 * s1[j], p2 = h2 * s2[j], p3 = h3r * s3[j];
+                        const float p0 = h0 * float(s0[j]), p1 = h1 * float(s1[j]), p2 = h2 * float(s2[j]),
+                                    p3 = h3r * float(s3[j]);
                         const float a = q[j] + p0;
                         const float b = a + p1;
                         const float c = b + p2;
@@ -260,24 +291,24 @@ inline void down_columns(const float* __restrict wt, int d, const int32_t* rows,
                     r += 4;
                 } else if (r + 1 < n && rows[r + 1] / kSubRows < end) {
                     // two rows at a time: the same roundings in the same order, half the passes over q
-                    if (r + 2 < n) prefetch_span(wt + int64_t(rows[r + 2]) * d + j0, m * sizeof(float));
-                    if (r + 3 < n) prefetch_span(wt + int64_t(rows[r + 3]) * d + j0, m * sizeof(float));
+                    if (r + 2 < n) prefetch_span(wt + int64_t(rows[r + 2]) * d + j0, m * sizeof(W));
+                    if (r + 3 < n) prefetch_span(wt + int64_t(rows[r + 3]) * d + j0, m * sizeof(W));
                     const float h0 = h3[r], h1 = h3[r + 1];
-                    const float* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
-                    const float* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
+                    const W* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
+                    const W* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
                     for (int j = 0; j < m; ++j) {
-                        const float p0 = h0 * s0[j];
+                        const float p0 = h0 * float(s0[j]);
                         const float a = q[j] + p0;
-                        const float p1 = h1 * s1[j];
+                        const float p1 = h1 * float(s1[j]);
                         q[j] = a + p1;
                     }
                     r += 2;
                 } else {
-                    if (r + 1 < n) prefetch_span(wt + int64_t(rows[r + 1]) * d + j0, m * sizeof(float));
+                    if (r + 1 < n) prefetch_span(wt + int64_t(rows[r + 1]) * d + j0, m * sizeof(W));
                     const float h = h3[r];
-                    const float* __restrict src = wt + int64_t(rows[r]) * d + j0;
+                    const W* __restrict src = wt + int64_t(rows[r]) * d + j0;
                     for (int j = 0; j < m; ++j) {
-                        const float p0 = h * src[j];
+                        const float p0 = h * float(src[j]);
                         q[j] = q[j] + p0;
                     }
                     r += 1;

@@ -44,7 +44,6 @@ namespace {
 
 const int kThreads = 256;                  // kernels/ops.py THREADS: 8 warps per warp-per-row block
 const int kWarpsPerBlock = kThreads / WARP_SIZE;
-const int kFloatV = VECTOR_BYTES / 4;       // fp32 columns per thread of the down projection
 const unsigned kMaxGridY = 65535;
 
 dim3 grid_of(long long x, long long y = 1) {
@@ -96,6 +95,23 @@ sparseinfer_zero_rows(const float* __restrict__ h1, int k, unsigned char* __rest
     if (i < k) actual_zero[i] = h1[i] == 0.0f ? 1 : 0;
 }
 
+// The kernels of one weight type (kernels/cuda instantiates each for fp32 and fp16).
+template <typename T> struct Kernels;
+template <> struct Kernels<float> {
+    static constexpr auto gate_up_batched = gate_up_batched_fp32;
+    static constexpr auto gate_up_mask = gate_up_mask_fp32;
+    static constexpr auto down_batched = down_chunks_batched_fp32;
+    static constexpr auto down_dense = down_chunks_fp32;
+    enum { V = VECTOR_BYTES / 4 };
+};
+template <> struct Kernels<half_bits> {
+    static constexpr auto gate_up_batched = gate_up_batched_fp16;
+    static constexpr auto gate_up_mask = gate_up_mask_fp16;
+    static constexpr auto down_batched = down_chunks_batched_fp16;
+    static constexpr auto down_dense = down_chunks_fp16;
+    enum { V = VECTOR_BYTES / 2 };
+};
+
 // The scratch, in sections at 256-byte offsets.
 struct Layout {
     size_t x_signs, counts, zero, h1, h3, partial, h1_all, h3_all, total;
@@ -125,7 +141,12 @@ P* section(void* scratch, size_t offset) {
     return reinterpret_cast<P*>(static_cast<char*>(scratch) + offset);
 }
 
+template <typename T>
 int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
+    typedef Kernels<T> K;
+    const T* w_gate = static_cast<const T*>(a.w_gate);
+    const T* w_up = static_cast<const T*>(a.w_up);
+    const T* w_down_t = static_cast<const T*>(a.w_down_t);
     const Layout l = layout(a.d, a.k);
     const long long d = a.d, k = a.k;
     const long long n_words = ceil_div(d, WARP_SIZE);
@@ -141,12 +162,12 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
     SI_LAUNCH(pack_signs_fp32, grid_of(ceil_div(n_words, kWarpsPerBlock)), grid_of(kThreads), stream,
               a.x, x_signs, 1, a.d, d);
     // ops.gate_up_fused(kind="batched"): warp per row, GATE_UP_BATCHED_THREADS per block
-    SI_LAUNCH(gate_up_batched_fp32, grid_of(ceil_div(k, GATE_UP_BATCHED_THREADS / WARP_SIZE)),
-              grid_of(GATE_UP_BATCHED_THREADS), stream, a.x, x_signs, a.w_signs, a.sign_stride, a.w_gate, a.w_up, d,
+    SI_LAUNCH(K::gate_up_batched, grid_of(ceil_div(k, GATE_UP_BATCHED_THREADS / WARP_SIZE)),
+              grid_of(GATE_UP_BATCHED_THREADS), stream, a.x, x_signs, a.w_signs, a.sign_stride, w_gate, w_up, d,
               a.d, a.k, a.alpha_milli, a.activation, a.threshold, counts, zero, h1, h3);
     // ops.down_chunks(batched=True): (column tiles, chunks) blocks, then the chunks in order
-    SI_LAUNCH(down_chunks_batched_fp32, grid_of(ceil_div(d, DOWN_THREADS * kFloatV), n_chunks),
-              grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, a.w_down_t, d, a.k, a.d, 0, partial);
+    SI_LAUNCH(K::down_batched, grid_of(ceil_div(d, DOWN_THREADS * K::V), n_chunks),
+              grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, w_down_t, d, a.k, a.d, 0, partial);
     SI_LAUNCH(down_reduce_chunks, grid_of(ceil_div(d, kThreads)), grid_of(kThreads), stream, partial, n_chunks, a.d,
               a.out);
     if (a.computed)
@@ -155,15 +176,20 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
     if (a.actual_zero) {       // debug: the full gate product (the dense pipeline's gate+up kernel)
         const unsigned char* no_mask = nullptr;
         float* h1_all = section<float>(a.scratch, l.h1_all);
-        SI_LAUNCH(gate_up_mask_fp32, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, a.x, a.w_gate,
-                  a.w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1_all, section<float>(a.scratch, l.h3_all));
+        SI_LAUNCH(K::gate_up_mask, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, a.x, w_gate,
+                  w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1_all, section<float>(a.scratch, l.h3_all));
         SI_LAUNCH(sparseinfer_zero_rows, grid_of(ceil_div(k, kThreads)), grid_of(kThreads), stream, h1_all, a.k,
                   a.actual_zero);
     }
     return 0;
 }
 
+template <typename T>
 int prefill(const SparseMlpCudaArgs& a, cudaStream_t stream) {
+    typedef Kernels<T> K;
+    const T* w_gate = static_cast<const T*>(a.w_gate);
+    const T* w_up = static_cast<const T*>(a.w_up);
+    const T* w_down_t = static_cast<const T*>(a.w_down_t);
     const Layout l = layout(a.d, a.k);
     const long long d = a.d, k = a.k;
     const long long n_chunks = ceil_div(k, DOWN_ROW_CHUNK);
@@ -175,10 +201,10 @@ int prefill(const SparseMlpCudaArgs& a, cudaStream_t stream) {
         const float* x = a.x + (long long)t * d;
         float* out = a.out + (long long)t * d;
         // registry's dense pipeline: ops.gate_up_mask(zero=None), ops.down_chunks(dense=True)
-        SI_LAUNCH(gate_up_mask_fp32, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, x, a.w_gate,
-                  a.w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1, h3);
-        SI_LAUNCH(down_chunks_fp32, grid_of(ceil_div(d, DOWN_THREADS * kFloatV), n_chunks),
-                  grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, a.w_down_t, d, a.k, a.d, 1, partial);
+        SI_LAUNCH(K::gate_up_mask, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, x, w_gate,
+                  w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1, h3);
+        SI_LAUNCH(K::down_dense, grid_of(ceil_div(d, DOWN_THREADS * K::V), n_chunks),
+                  grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, w_down_t, d, a.k, a.d, 1, partial);
         SI_LAUNCH(down_reduce_chunks, grid_of(ceil_div(d, kThreads)), grid_of(kThreads), stream, partial, n_chunks,
                   a.d, out);
     }
@@ -190,6 +216,7 @@ bool valid(const SparseMlpCudaArgs* a) {
     if (a->n_tokens < 1 || a->d < 1 || a->k < 1) return false;
     if (ceil_div(a->k, DOWN_ROW_CHUNK) > kMaxGridY) return false;
     if (a->activation != SPARSEINFER_ACT_RELU && a->activation != SPARSEINFER_ACT_FATRELU) return false;
+    if (a->weight_dtype != SPARSEINFER_WEIGHTS_FP32 && a->weight_dtype != SPARSEINFER_WEIGHTS_FP16) return false;
     if (reinterpret_cast<uintptr_t>(a->scratch) % 16 != 0) return false;
     if (a->n_tokens == 1) {
         if (!a->w_signs || a->sign_stride < ceil_div(a->d, WARP_SIZE) || a->alpha_milli <= 0) return false;
@@ -208,7 +235,9 @@ extern "C" size_t sparseinfer_cuda_scratch_bytes(int n_tokens, int d, int k) {
 extern "C" int sparseinfer_cuda_sparse_mlp(const SparseMlpCudaArgs* args, void* stream) {
     if (!valid(args)) return cudaErrorInvalidValue;
     const cudaStream_t s = static_cast<cudaStream_t>(stream);
-    return args->n_tokens == 1 ? decode(*args, s) : prefill(*args, s);
+    if (args->weight_dtype == SPARSEINFER_WEIGHTS_FP16)
+        return args->n_tokens == 1 ? decode<half_bits>(*args, s) : prefill<half_bits>(*args, s);
+    return args->n_tokens == 1 ? decode<float>(*args, s) : prefill<float>(*args, s);
 }
 
 extern "C" const char* sparseinfer_cuda_error_string(int code) {

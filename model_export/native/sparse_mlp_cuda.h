@@ -18,12 +18,14 @@ extern "C" {
 
 #define SPARSEINFER_ACT_RELU 0
 #define SPARSEINFER_ACT_FATRELU 1
+#define SPARSEINFER_WEIGHTS_FP32 0
+#define SPARSEINFER_WEIGHTS_FP16 1
 
 typedef struct {
     const float* x;            // [n_tokens, d]
-    const float* w_gate;       // [k, d] row-major
-    const float* w_up;         // [k, d]
-    const float* w_down_t;     // [k, d]: W_down transposed
+    const void* w_gate;        // [k, d] row-major, weight_dtype
+    const void* w_up;          // [k, d]
+    const void* w_down_t;      // [k, d]: W_down transposed
     const uint32_t* w_signs;   // [k, sign_stride] words: bit j % 32 of word j / 32 is 1 iff W_gate[i, j] < 0
     int64_t sign_stride;       // uint32 words per row of w_signs, >= ceil(d / 32); words past ceil(d / 32) unread
     int n_tokens, d, k;
@@ -36,6 +38,7 @@ typedef struct {
     void* scratch;             // sparseinfer_cuda_scratch_bytes(n_tokens, d, k) bytes, 256-byte aligned
     uint8_t* actual_zero;      // [k] or NULL (n_tokens == 1 only): 1 where the full gate's h1 is zero (debug:
                                // every gate row is computed once more, densely)
+    int weight_dtype;          // SPARSEINFER_WEIGHTS_*: fp16 weights are widened exactly, float32 accumulation
 } SparseMlpCudaArgs;
 
 // Bytes of device scratch one call needs (counts, masks, h1, h3, partial sums, counters).

@@ -1,8 +1,8 @@
 // The sparse-MLP op library for onnxruntime: one `SparseMLP` node per layer, domain
 // `ai.sparseinfer`, loadable by any host with SessionOptions.register_custom_ops_library.
 //
-//   inputs : x [..., d] float; W_gate, W_up, W_down^T [k, d] float (initializers, read in
-//            place); W_gate's sign words [k, >= ceil(d/64)] uint64; optionally W_gate's
+//   inputs : x [..., d] float; W_gate, W_up, W_down^T [k, d] float or float16 (initializers,
+//            read in place; fp16 widened exactly, float32 accumulation); W_gate's sign words [k, >= ceil(d/64)] uint64; optionally W_gate's
 //            +-1 int8 signs [d, k] (read only by the exports' function bodies, ignored here)
 //   attrs  : alpha_milli (eq. 2's alpha in thousandths), activation ("relu" | "fatrelu"),
 //            threshold (fatrelu)
@@ -119,6 +119,12 @@ Inputs read_inputs(OrtKernelContext* ctx, const std::string& node) {
         *slots[i] = view(v);
     }
     if (in.gate.shape.size() != 2) throw OpError(node + ": W_gate must be [k, d], got " + shape_text(in.gate.shape));
+    if (in.gate.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT && in.gate.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16)
+        throw OpError(node + ": W_gate must be float32 or float16");
+    for (const TensorView* w : {&in.up, &in.down_t})
+        if (w->type != in.gate.type)
+            throw OpError(node + ": " + (w == &in.up ? "W_up" : "W_down^T") + " has another element type than W_gate");
+    if (in.signs.type != ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64) throw OpError(node + ": sign words must be uint64");
     const int64_t k = in.gate.shape[0], d = in.gate.shape[1];
     if (k < 1 || d < 1 || k > INT32_MAX || d > INT32_MAX)
         throw OpError(node + ": W_gate has shape " + shape_text(in.gate.shape) + "; k and d must be in [1, 2^31)");
@@ -223,7 +229,8 @@ void for_row_blocks(OrtKernelContext* ctx, int n, F&& fn) {
 }
 
 // The down projection of one token over its listed rows, column blocks as tasks.
-void down(OrtKernelContext* ctx, const MlpParams& p, const float* wt, const std::vector<int32_t>& rows,
+template <typename W>
+void down(OrtKernelContext* ctx, const MlpParams& p, const W* wt, const std::vector<int32_t>& rows,
           const std::vector<float>& h3, float* out) {
     const int block = down_block(p.d, 2);
     const int tasks = (p.d + block - 1) / block;
@@ -233,6 +240,7 @@ void down(OrtKernelContext* ctx, const MlpParams& p, const float* wt, const std:
     });
 }
 
+template <typename W>
 void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, float* out, uint8_t* predicted,
                     uint8_t* computed, uint8_t* actual) {
     MlpParams p = kernel.p;
@@ -240,9 +248,9 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     p.d = int(in.gate.shape[1]);
     p.sign_stride = in.signs.shape[1];
     const auto* x = static_cast<const float*>(in.x.data);
-    const auto* w_gate = static_cast<const float*>(in.gate.data);
-    const auto* w_up = static_cast<const float*>(in.up.data);
-    const auto* w_down_t = static_cast<const float*>(in.down_t.data);
+    const auto* w_gate = static_cast<const W*>(in.gate.data);
+    const auto* w_up = static_cast<const W*>(in.up.data);
+    const auto* w_down_t = static_cast<const W*>(in.down_t.data);
     const auto* signs = static_cast<const uint64_t*>(in.signs.data);
 
     std::vector<uint64_t> x_words((p.d + 63) / 64);
@@ -297,22 +305,23 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     }
     if (actual) {
         for_row_blocks(ctx, p.k, [&](int r0, int r1) {
-            for (int i = r0; i < r1; ++i) actual[i] = activate(p, dot(w_gate + int64_t(i) * p.d, x, p.d, nullptr)) == 0.0f;
+            for (int i = r0; i < r1; ++i) actual[i] = activate(p, dot<W>(w_gate + int64_t(i) * p.d, x, p.d, nullptr)) == 0.0f;
         });
     }
 }
 
 // Several tokens: every row, token by token in the contract's order (a row is read once
 // for all tokens while it is in cache).
+template <typename W>
 void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, float* out) {
     MlpParams p = kernel.p;
     p.k = int(in.gate.shape[0]);
     p.d = int(in.gate.shape[1]);
     const int n = int(in.tokens);
     const auto* x = static_cast<const float*>(in.x.data);
-    const auto* w_gate = static_cast<const float*>(in.gate.data);
-    const auto* w_up = static_cast<const float*>(in.up.data);
-    const auto* w_down_t = static_cast<const float*>(in.down_t.data);
+    const auto* w_gate = static_cast<const W*>(in.gate.data);
+    const auto* w_up = static_cast<const W*>(in.up.data);
+    const auto* w_down_t = static_cast<const W*>(in.down_t.data);
     for (int64_t j = 0; j < int64_t(n) * p.d; ++j)
         if (x[j] != x[j])
             throw OpError(kernel.node + ": x contains NaN at token " + std::to_string(j / p.d) + ", index " +
@@ -320,12 +329,12 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
     std::vector<float> h3(size_t(n) * p.k);    // [token, row]
     for_row_blocks(ctx, p.k, [&](int r0, int r1) {
         for (int i = r0; i < r1; ++i) {
-            const float* g = w_gate + int64_t(i) * p.d;
-            const float* u = w_up + int64_t(i) * p.d;
+            const W* g = w_gate + int64_t(i) * p.d;
+            const W* u = w_up + int64_t(i) * p.d;
             for (int t = 0; t < n; ++t) {
                 const float* xt = x + int64_t(t) * p.d;
-                const float h = activate(p, dot(g, xt, p.d, nullptr));
-                h3[size_t(t) * p.k + i] = h != 0.0f ? h * dot(u, xt, p.d, nullptr) : 0.0f;
+                const float h = activate(p, dot<W>(g, xt, p.d, nullptr));
+                h3[size_t(t) * p.k + i] = h != 0.0f ? h * dot<W>(u, xt, p.d, nullptr) : 0.0f;
             }
         }
     });
@@ -359,10 +368,12 @@ OrtStatus* ORT_API_CALL compute_cpu(void* op_kernel, OrtKernelContext* ctx) {
         auto* predicted = static_cast<uint8_t*>(output(ctx, kPredictedZero, mask_dims));
         auto* computed = static_cast<uint8_t*>(output(ctx, kComputed, mask_dims));
         auto* actual = static_cast<uint8_t*>(output(ctx, kActualZero, mask_dims));
+        const bool fp16 = in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
         if (in.tokens == 1)
-            compute_decode(ctx, kernel, in, out, predicted, computed, actual);
+            fp16 ? compute_decode<half>(ctx, kernel, in, out, predicted, computed, actual)
+                 : compute_decode<float>(ctx, kernel, in, out, predicted, computed, actual);
         else if (in.tokens > 1)
-            compute_dense(ctx, kernel, in, out);
+            fp16 ? compute_dense<half>(ctx, kernel, in, out) : compute_dense<float>(ctx, kernel, in, out);
         return nullptr;
     } catch (const OpError& e) {
         return status_of(e, ORT_INVALID_ARGUMENT);
@@ -384,9 +395,11 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         const std::vector<int64_t> mask_dims{in.tokens == 1 ? k : 0};
         SparseMlpCudaArgs a{};
         a.x = static_cast<const float*>(in.x.data);
-        a.w_gate = static_cast<const float*>(in.gate.data);
-        a.w_up = static_cast<const float*>(in.up.data);
-        a.w_down_t = static_cast<const float*>(in.down_t.data);
+        a.w_gate = in.gate.data;
+        a.w_up = in.up.data;
+        a.w_down_t = in.down_t.data;
+        a.weight_dtype = in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? SPARSEINFER_WEIGHTS_FP16
+                                                                               : SPARSEINFER_WEIGHTS_FP32;
         a.w_signs = static_cast<const uint32_t*>(in.signs.data);
         a.sign_stride = 2 * in.signs.shape[1];
         a.n_tokens = int(in.tokens);
@@ -441,11 +454,13 @@ OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const O
     }
 }
 
+// Weights are float32 or float16 (declared as any type, checked in read_inputs); x is float32.
 ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
     switch (i) {
+        case kX: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
         case kSigns: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64;
         case kSignsInt8: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
     }
 }
 
