@@ -104,7 +104,7 @@ class SparseInferLM(TemplateLM):
                                    f"model, alpha, random, seed, provider, target, threads, mlp_kernels, "
                                    f"max_length, max_gen_toks, cache_dir, progress")
         from sparseinfer.model_export.decode import OnnxDecoder
-        from sparseinfer.tools.export_commands import _tokenizer_for
+        from sparseinfer.model_export.export_folder import tokenizer_for
 
         self.provider = str(provider)
         self.progress = _as_bool(progress)
@@ -134,7 +134,7 @@ class SparseInferLM(TemplateLM):
                                            f", not alpha {alpha}; pass the checkpoint to re-export")
             row = Row("dense") if baked is None else Row("sparse", alpha=alpha or ",".join(map(str, baked)))
         self.row, self.path = row, path
-        self.tokenizer, self.bos, self.eos = _tokenizer_for(path, None)
+        self.tokenizer, self.bos, self.eos = tokenizer_for(path)
         limit = export_max_length(path) or DEFAULT_MAX_LENGTH
         self.max_length = min(int(max_length or DEFAULT_MAX_LENGTH), limit)
         self.decoder = OnnxDecoder(path, self.provider, int(threads) if threads else None, mlp_kernels,
@@ -161,9 +161,9 @@ class SparseInferLM(TemplateLM):
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
         if add_special_tokens is False:
             return self.tokenizer.encode(string, add_special_tokens=False).ids
-        from sparseinfer.tools.export_commands import _prompt_ids
+        from sparseinfer.model_export.export_folder import prompt_ids
 
-        return _prompt_ids(self.tokenizer, self.bos, string)
+        return prompt_ids(self.tokenizer, self.bos, string)
 
     def tok_decode(self, ids) -> str:
         return self.tokenizer.decode(list(ids))

@@ -135,11 +135,11 @@ def is_checkpoint(path) -> bool:
     return (p.is_file() and p.suffix.lower() == ".gguf") or (p.is_dir() and (p / "config.json").is_file())
 
 
-def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None, quiet: bool = True,
+def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
                   log=None) -> Path:
     """The row's model.onnx under ``root``, exported now unless a matching one is cached.
     ``loaded``: a callable returning the loaded checkpoint (so it is read at most once)."""
-    from sparseinfer.tools.export_commands import export_checkpoint
+    from sparseinfer.model_export.export_folder import export_checkpoint
 
     out = Path(root) / row.slug
     key = export_key(checkpoint, row, target)
@@ -164,7 +164,6 @@ def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None, 
     source = ck
     if row.kind == "random":
         source = dataclasses.replace(ck, weights=drop_random_rows(ck.weights, row.random, row.seed))
-    export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target,
-                      quiet=quiet)
+    export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target)
     key_file.write_text(json.dumps(key, indent=1) + "\n")
     return model

@@ -125,7 +125,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     out = Path(out)
     exports = export_root(out / "exports", checkpoint)
     target = target or provider
-    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, quiet=not progress, log=log)
+    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, log=log)
              for row in rows}
     loaded.clear()                                     # the weights are in the exports now
     result = {"checkpoint": str(checkpoint), "tasks": names, "limit": limit, "provider": provider,
@@ -148,7 +148,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
                                **one})
         del lm
     finish(result)
-    from sparseinfer.tools.export_commands import machine_description
+    from sparseinfer.benchmarks.machine import machine_description
     result["machine"] = machine_description(provider)
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")

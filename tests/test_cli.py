@@ -122,7 +122,7 @@ def test_bench_decode_keeps_the_timed_rounds_when_the_profiles_fail(tmp_path, mo
 
 
 def test_machine_description_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):
-    from sparseinfer.tools.export_commands import gpu_names, machine_description
+    from sparseinfer.benchmarks.machine import gpu_names, machine_description
 
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB'\n")

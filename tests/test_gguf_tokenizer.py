@@ -347,7 +347,7 @@ def test_add_bos_without_a_bos_id_is_an_error(tmp_path):
 
 
 def test_checkpoint_gpt2_tokenizer_and_prompt_ids(tmp_path):
-    from sparseinfer.tools.export_commands import _prompt_ids
+    from sparseinfer.model_export.export_folder import prompt_ids as _prompt_ids
 
     tokens, types = gpt2_vocab()
     tokens += [f"<pad{i}>" for i in range(MODEL_SHAPE.vocab_size - len(tokens))]

@@ -36,8 +36,9 @@ def test_no_generated_files_tracked():
 
 # The product's folders, bottom-up: a module may import only folders of a lower rank (not its
 # siblings'). kernels/ and sim/ both stand on reference/; model_export/ on those; benchmarks/
-# on everything below tools/ (``sparseinfer bench`` in tools/ runs benchmarks/harness.py).
-LAYERS = {"reference": 0, "kernels": 1, "sim": 1, "model_export": 2, "benchmarks": 3, "tools": 4}
+# on everything below tools/ (``sparseinfer bench`` in tools/ runs benchmarks/harness.py);
+# evaluation/ (the lm-eval backend) on exports and benchmarks; tools/ on everything.
+LAYERS = {"reference": 0, "kernels": 1, "sim": 1, "model_export": 2, "benchmarks": 3, "evaluation": 4, "tools": 5}
 
 
 def _imported_folders(folder: str, source: str, filename: str = "<source>"):

@@ -14,6 +14,10 @@ from sparseinfer.model_export.ort_profile import one_line
 from sparseinfer.model_export.synthetic import MAX_LAYERS, SYNTHETIC_SHAPES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 
+from sparseinfer.benchmarks.machine import machine_description
+from sparseinfer.model_export.export_folder import prompt_ids as _prompt_ids
+from sparseinfer.model_export.export_folder import tokenizer_for as _tokenizer_for
+
 from .output import echo_err, echo_json, format_table
 
 
@@ -65,53 +69,25 @@ def _progress():
                     transient=True)
 
 
-PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed, KV cache grown by Concat), for "
-                 "runtimes without onnxruntime's com.microsoft contrib ops. Default: GroupQueryAttention and "
-                 "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
-
-
-def _genai_ops_library():
-    """The op library genai_config.json names for a sparse export: the CUDA flavour (both
-    kernels) where it builds, else the CPU one, else none (genai then runs the function bodies)."""
-    from sparseinfer.model_export import op_library
-    from sparseinfer.reference.errors import SparseInferError
-
-    for build in (op_library.cuda_library, op_library.cpu_library):
-        try:
-            return build()
-        except SparseInferError:
-            continue
-    return None
-
-
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
                       portable=False):
-    """Load, export with a progress bar, copy the tokenizer beside the model; returns the path."""
+    """model_export.export_folder.export_checkpoint with a progress bar and a line on stderr."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
-    from sparseinfer.model_export.export import ExportOptions, export_onnx
+    from sparseinfer.model_export.export_folder import export_checkpoint as export
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
-    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable)
-    library = _genai_ops_library() if sparse else None
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
-        path = export_onnx(ck.weights, out, opts, progress=lambda: bar.advance(task),
-                           token_ids={"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id},
-                           ops_library=library)
-    if ck.tokenizer is not None:
-        ck.tokenizer.save(str(Path(path).with_name("tokenizer.json")))
-        ids = {"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id}
-        Path(path).with_name("generation_config.json").write_text(json.dumps(ids) + "\n")
-        # what onnxruntime-genai's Tokenizer (onnxruntime-extensions) reads besides tokenizer.json
-        names = {f"{k}_token": ck.tokenizer.id_to_token(v) for k, v in (("bos", ck.bos_token_id),
-                                                                       ("eos", ck.eos_token_id)) if v is not None}
-        Path(path).with_name("tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-             "model_max_length": ck.shape.max_position_embeddings, **names}, indent=2) + "\n")
+        path = export(ck, out, sparse, alpha, target, debug, portable, progress=lambda: bar.advance(task))
     if not quiet:
         echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
                  f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''})")
     return path
+
+
+PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed, KV cache grown by Concat), for "
+                 "runtimes without onnxruntime's com.microsoft contrib ops. Default: GroupQueryAttention and "
+                 "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
 
 
 @click.command("export")
@@ -132,25 +108,6 @@ def export_cmd(checkpoint, out, alpha, dense, target, debug, portable):
     onnx.checker.check_model(full_check=True).
     """
     export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug, portable=portable)
-
-
-def _tokenizer_for(model_path, tokenizer_path):
-    from sparseinfer.model_export.tokenizer import load_tokenizer_json
-
-    path = Path(tokenizer_path) if tokenizer_path else Path(model_path).with_name("tokenizer.json")
-    tok = load_tokenizer_json(path)
-    gen_cfg = Path(model_path).with_name("generation_config.json")
-    ids = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
-    return tok, ids.get("bos_token_id"), ids.get("eos_token_id")
-
-
-def _prompt_ids(tok, bos, prompt):
-    """Prompt ids. A tokenizer with a post-processor (a GGUF's, built from its add_bos_token /
-    add_eos_token; a Hugging Face template) adds BOS / EOS itself; else BOS, if any, goes first."""
-    if tok.post_processor is not None:
-        return tok.encode(prompt).ids
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    return ([bos] if bos is not None else []) + ids
 
 
 SAMPLING = [
@@ -269,37 +226,6 @@ def compare_cmd(model_dir, prompt, alpha, target, work_dir, portable, max_new_to
         ["dense tokens/s", f"{result['dense_tokens_per_s']:.2f}"],
         ["sparse tokens/s (debug export)", f"{result['sparse_tokens_per_s']:.2f}"]]))
     click.echo(_stats_line(result["sparse_stats"]))
-
-
-def machine_description(provider: str = "cpu") -> dict:
-    """Date, CPU, Python and onnxruntime; with the cuda provider also the GPUs nvidia-smi lists."""
-    import datetime
-    import platform
-
-    import onnxruntime as ort
-
-    cpu = platform.processor() or ""
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    out = {"date": datetime.date.today().isoformat(), "cpu": cpu, "cpu_count": os.cpu_count(),
-           "platform": platform.platform(), "python": platform.python_version(), "onnxruntime": ort.__version__}
-    if provider == "cuda":
-        out["gpu"] = gpu_names()
-    return out
-
-
-def gpu_names() -> list[str]:
-    """'name, driver, memory' of each GPU from nvidia-smi; [] where it is missing or fails."""
-    import subprocess
-
-    try:
-        proc = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in proc.stdout.splitlines() if line.strip()] if proc.returncode == 0 else []
 
 
 def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work) -> dict:
