@@ -104,3 +104,32 @@ def run_sweep(runner, alphas_milli: list[int], layers: tuple[int, int], hw: Hard
         r["pareto"] = i in front
     return {"model": m.name, "hardware": hw.name, "layers": f"{layers[0]}-{layers[1]}",
             "dense_latency_ms": base.total_us / 1000, "method": lat.FIG4_METHOD, "rows": rows}
+
+
+def run_method_sweep(runner, method, calibration, targets: list[float], hw: HardwareSpec,
+                     context_tokens: int = lat.DEFAULT_CONTEXT_TOKENS, progress=None) -> dict:
+    """The sweep for any ``sim.methods`` method: one row per target sparsity (the method is
+    prepared for each on ``calibration``), latency simulated from its measured rows and
+    channels (``sim.method_compare``), quality against the dense run."""
+    from .method_compare import dense_latency, evaluate_method
+    from .methods import make_method
+
+    m = runner.shape
+    dense_method = make_method("dense")
+    dense_method.prepare(runner.weights, calibration, 0.0)
+    dense, _ = runner.run_method(dense_method, 0.0)
+    dense_us = dense_latency(m, hw, context_tokens)
+    rows = []
+    for i, s in enumerate(targets):
+        r = evaluate_method(runner, method, s, calibration, hw, dense, dense_us, context_tokens)
+        rows.append({"sparsity": s, "achieved_sparsity": r["sparsity"], "latency_ms": r["latency_ms"],
+                     "speedup_vs_llama.cpp": r["speedup"], "bytes_skipped": r["bytes_skipped"],
+                     "precision": r["precision"], "recall": r["recall"], "top1_agreement": r["top1_agreement"],
+                     "mean_kl": r["mean_kl"], "max_abs_logit_delta": r["max_abs_logit_delta"]})
+        if progress:
+            progress(i + 1, len(targets), rows[-1])
+    front = pareto_front(rows)
+    for i, r in enumerate(rows):
+        r["pareto"] = i in front
+    return {"model": m.name, "hardware": hw.name, "method": method.name, "dense_latency_ms": dense_us / 1000,
+            "params": method.describe()["params"], "rows": rows}

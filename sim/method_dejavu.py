@@ -72,7 +72,7 @@ def train_predictor(x: np.ndarray, active: np.ndarray, rank: int, epochs: int = 
             pre = xb @ params[0] + params[1]
             h = np.maximum(pre, 0)
             logits = h @ params[2] + params[3]
-            g = (1.0 / (1.0 + np.exp(-logits)) - yb) / (len(idx) * k)      # dBCE/dlogits (mean)
+            g = (0.5 * (1.0 + np.tanh(0.5 * logits)) - yb) / (len(idx) * k)   # dBCE/dlogits (mean); stable sigmoid
             gw2 = h.T @ g
             gb2 = g.sum(axis=0)
             gh = (g @ params[2].T) * (pre > 0)

@@ -77,6 +77,7 @@ class ReferenceRunner:
         if int(max_new_tokens) < 1:
             raise SparseInferError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         self._model_class = LlamaReference
+        self.checkpoint = checkpoint      # its tokenizer encodes calibration prompts too (sim.methods)
         self.weights = checkpoint.weights
         self.shape = checkpoint.shape
         tok = checkpoint.tokenizer

@@ -28,6 +28,26 @@ def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_ne
     return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens, progress)
 
 
+DEFAULT_METHOD_SPARSITY = "0.9"
+
+
+def method_options(f):
+    """--method, --sparsity, --param, --approximate, --calibration (issue 16)."""
+    f = click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
+                     help="With --method: calibration prompts (text or JSONL), disjoint from --prompts; "
+                          "default: built-in ones.")(f)
+    f = click.option("--approximate", is_flag=True,
+                     help="Allow the sign predictor on a SiLU model (predicted-negative gates treated as zero).")(f)
+    f = click.option("--param", "params", multiple=True,
+                     help="Method parameter METHOD.KEY=VALUE (repeatable), e.g. dejavu.rank=64.")(f)
+    f = click.option("--sparsity", default=None,
+                     help=f"Target sparsity of --method (comma-separated for sweep; default {DEFAULT_METHOD_SPARSITY}); "
+                          "with the default method it calibrates α per layer to it.")(f)
+    return click.option("--method", "method_name", default="sparseinfer", show_default=True,
+                        help="Sparsity method: sparseinfer (the sign predictor at --alpha), oracle, random, dejavu, "
+                             "teal, cats, wisparse, cluster, cluster-oracle, dense.")(f)
+
+
 def _hardware(hw, hw_file):
     return load_hardware(hw_file if hw_file else hw)
 
@@ -182,9 +202,11 @@ def _progress(done, total, row):
 @click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
 @click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps traced per prompt.")
+@method_options
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a Fig. 3-style PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens, plot_file, as_json):
+def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens, method_name, sparsity, params,
+                    approximate, calibration_file, plot_file, as_json):
     """Per-layer precision / recall of the predicted zero rows (paper Fig. 3).
 
     Runs the checkpoint on real prompts with the NumPy reference model and reports, per
@@ -193,11 +215,22 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
     """
     from sparseinfer.sim.predictor_stats import per_layer_stats, summary
 
+    method = _method_or_none(method_name, sparsity, params, approximate, calibration_file, single=True)
     runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
-    _, traces = runner.sparse(alpha)
+    if method is None:
+        _, traces = runner.sparse(alpha)
+    else:
+        method, targets, calibration = _prepare_method(runner, method, sparsity, calibration_file, prompts_file,
+                                                       max_prompts)
+        method.prepare(runner.weights, calibration, targets[0])
+        _, traces = runner.run_method(method, targets[0])
     stats = per_layer_stats(traces)
     data = {"checkpoint": str(checkpoint), "model": runner.shape.name, "alpha": str(alpha),
             "tokens": len(traces), "layers": [s.to_dict() for s in stats], "mean": summary(stats)}
+    if method is not None:
+        data.update({"method": method.name, "sparsity": targets[0], "params": method.describe()["params"]})
+        del data["alpha"]
+        alpha = f"n/a ({method.name}, target sparsity {targets[0]:g})"
     if plot_file:
         from sparseinfer.sim.plots import plot_precision_recall
 
@@ -225,9 +258,11 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
               help="Text file (one prompt per line) or JSONL with 'question'/'prompt'/'text' fields.")
 @click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps per prompt.")
+@method_options
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write the latency-quality PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompts, max_new_tokens, plot_file, as_json):
+def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompts, max_new_tokens, method_name,
+          sparsity, params, approximate, calibration_file, plot_file, as_json):
     """α sweep: simulated latency and speedup vs measured sparsity and quality.
 
     For each α: the simulated per-token latency (SparseInfer+KF+AS on --hw, from the
@@ -237,6 +272,27 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     """
     from sparseinfer.sim import alpha_sweep
 
+    method = _method_or_none(method_name, sparsity, params, approximate, calibration_file, single=False)
+    if method is not None:
+        spec = _hardware(hw, hw_file)
+        runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
+        method, targets, calibration = _prepare_method(runner, method, sparsity, calibration_file, prompts_file,
+                                                       max_prompts)
+        result = alpha_sweep.run_method_sweep(runner, method, calibration, targets, spec,
+                                              progress=None if as_json else _method_progress)
+        if as_json:
+            echo_json(result)
+            return
+        click.echo(f"{result['model']} on {result['hardware']}: method {result['method']}, "
+                   f"dense {result['dense_latency_ms']:.3f} ms/token")
+        click.echo(format_table(
+            ["target", "achieved", "ms/token", "speedup", "bytes skipped", "precision", "recall", "top-1", "mean KL",
+             "pareto"],
+            [[f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", f"{r['latency_ms']:.3f}",
+              f"{r['speedup_vs_llama.cpp']:.3f}x", f"{r['bytes_skipped']:.4f}", f"{r['precision']:.4f}",
+              f"{r['recall']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.3g}", "*" if r["pareto"] else ""]
+             for r in result["rows"]]))
+        return
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     # --layers syntax is checked before the (slow) checkpoint load: no layer bound yet, so
     # only a malformed range fails here; the bound is checked once the layer count is known
@@ -262,6 +318,50 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
          for r in result["rows"]]))
     if plot_file:
         click.echo(f"wrote {plot_file}")
+
+
+def _method_progress(done, total, row):
+    echo_err(f"[{done}/{total}] sparsity {row['sparsity']:g}: {row['latency_ms']:.3f} ms, "
+             f"achieved {row['achieved_sparsity']:.3f}, top-1 {row['top1_agreement']:.3f}")
+
+
+def _method_or_none(method_name, sparsity, params, approximate, calibration_file, single: bool):
+    """The --method's instance (None for the default sign predictor run by --alpha), its
+    arguments checked before the slow checkpoint load."""
+    from pathlib import Path
+
+    from sparseinfer.sim.method_base import parse_sparsities
+    from sparseinfer.sim.methods import check_method_name, make_method, parse_param_options
+
+    name = check_method_name(method_name)
+    by_method = parse_param_options(params)
+    if sparsity is not None:
+        targets = parse_sparsities(sparsity)
+        if single and len(targets) != 1:
+            raise click.BadParameter(f"one target sparsity, got {sparsity}", param_hint="--sparsity")
+    if calibration_file and not Path(calibration_file).is_file():
+        raise click.UsageError(f"no such calibration file: {calibration_file}")
+    if name == "sparseinfer" and not by_method and not approximate and sparsity is None:
+        return None          # today's behaviour: the sign predictor at --alpha
+    if name == "sparseinfer" and sparsity is not None and "alpha" not in by_method.get(name, {}):
+        by_method.setdefault(name, {})["alpha"] = "auto"
+    unused = sorted(set(by_method) - {name})
+    if unused:
+        raise click.BadParameter(f"--param names {unused[0]}, but --method is {name}", param_hint="--param")
+    return make_method(name, by_method.get(name), approximate)
+
+
+def _prepare_method(runner, method, sparsity, calibration_file, prompts_file, max_prompts):
+    """(method, targets, calibration over the calibration prompts, disjoint from the evaluation ones)."""
+    from sparseinfer.sim.method_base import parse_sparsities
+    from sparseinfer.sim.model_runner import read_prompts
+
+    from .method_commands import load_calibration
+
+    targets = parse_sparsities(sparsity if sparsity is not None else DEFAULT_METHOD_SPARSITY)
+    calibration = load_calibration(runner.checkpoint, calibration_file, 64, read_prompts(prompts_file, max_prompts),
+                                   echo_err)
+    return method, targets, calibration
 
 
 COMMANDS = (latency, fig4, hardware, predictor_stats, sweep)

@@ -102,13 +102,18 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
     from sparseinfer.reference.shapes import load_model
     from sparseinfer.sim.method_base import parse_sparsities
     from sparseinfer.sim.method_compare import compare_methods, plot_pareto, write_whole
-    from sparseinfer.sim.methods import COMPARE_DEFAULT, parse_method_list, parse_param_options
+    from sparseinfer.sim.methods import COMPARE_DEFAULT, make_method, parse_method_list, parse_param_options
     from sparseinfer.sim.model_runner import read_prompts
 
     # every argument is checked before the (slow) checkpoint load
     names = parse_method_list(methods_text) if methods_text else list(COMPARE_DEFAULT)
     targets = parse_sparsities(sparsity_text)
     by_method = parse_param_options(params)
+    for name in by_method:
+        if name not in names:
+            raise SparseInferError(f"--param names {name}, which is not in --methods")
+    for name in names:                       # parameter names and values, checked before the load
+        make_method(name, by_method.get(name), approximate)
     if int(max_calibration_prompts) < 1:
         raise SparseInferError(f"--max-calibration-prompts must be >= 1, got {max_calibration_prompts}")
     if calibration_file and not Path(calibration_file).is_file():
