@@ -159,6 +159,8 @@ class OnnxDecoder:
                 raise SparseInferError(f"max_length {max_length} is outside 1-{exported} (the export's max_length)")
             self.max_positions = min(self.max_positions, max_length or exported)
         self.output_names = [o.name for o in self.session.get_outputs()]
+        kv_type = next((i.type for i in self.session.get_inputs() if i.name.startswith("past_key_values.")), "")
+        self.kv_dtype = np.float16 if kv_type == "tensor(float16)" else np.float32       # --dtype of the export
         self.debug = any(n.startswith("debug.") for n in self.output_names)
         if self.static_decode and (not self.shared_kv or self.debug):
             raise SparseInferError(f"{path}: static decoding (CUDA graphs) needs a fused export (shared KV buffer) "
@@ -198,10 +200,10 @@ class OnnxDecoder:
 
             device = "cuda" if self.provider == "cuda" else "cpu"
             shape = (1, self.kv_heads, self.max_positions, self.head_dim)
-            self.past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32), device, 0)
+            self.past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), device, 0)
                          for name in names}
         else:
-            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+            empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
             self.past = {name: empty for name in names}
         self.length = 0
         self._static = None

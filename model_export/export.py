@@ -51,7 +51,7 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaWeights, rope_tables
 
 from . import mlp_functions as mf
-from .onnx_builder import (BOOL, FLOAT, INT32, INT64, MS_DOMAIN, ExternalData, GraphBuilder, make_model,
+from .onnx_builder import (BOOL, FLOAT, FLOAT16, INT32, INT64, MS_DOMAIN, ExternalData, GraphBuilder, make_model,
                            register_onnxruntime_schemas)
 
 EXTERNAL_DATA_BYTES = 1 << 30     # fp32 weights above this go to a side file (protobuf's 2 GiB limit)
@@ -65,6 +65,7 @@ class ExportOptions:
     debug: bool = False
     portable: bool = False            # standard ops only (no GroupQueryAttention etc.), KV cache grown by Concat
     max_length: int | None = None     # longest sequence (shared KV buffer, rotary caches); default: the model's
+    dtype: str = "float32"            # weights and activations: float32 or float16 (fused form only)
 
 
 def export_form(options: ExportOptions) -> dict[str, str]:
@@ -73,8 +74,28 @@ def export_form(options: ExportOptions) -> dict[str, str]:
             else {"sparseinfer.attention": "gqa", "sparseinfer.kv_cache": "shared"})
 
 
-def _f32(a) -> np.ndarray:
-    return np.ascontiguousarray(np.asarray(a).astype(np.float32))
+DTYPES = {"float32": (np.float32, FLOAT), "float16": (np.float16, FLOAT16)}
+FP16_MAX = float(np.finfo(np.float16).max)
+
+
+def check_fp16_range(weights: LlamaWeights) -> None:
+    """Every finite weight fits float16 (|w| <= 65504); else a one-line error naming the tensor."""
+    named = [("model.embed_tokens.weight", weights.embed), ("model.norm.weight", weights.final_norm)]
+    if weights.lm_head is not weights.embed:
+        named.append(("lm_head.weight", weights.lm_head))
+    for i, lw in enumerate(weights.layers):
+        pre = f"model.layers.{i}"
+        named += [(f"{pre}.self_attn.{n}_proj.weight", getattr(lw, n)) for n in ("q", "k", "v", "o")]
+        named += [(f"{pre}.mlp.{n}_proj.weight", getattr(lw, n)) for n in ("gate", "up", "down")]
+        named += [(f"{pre}.input_layernorm.weight", lw.input_norm), (f"{pre}.post_attention_layernorm.weight",
+                                                                     lw.post_norm)]
+    for name, a in named:
+        a = np.asarray(a)
+        big = np.abs(a[np.isfinite(a)].astype(np.float32)) > FP16_MAX
+        if big.any():
+            raise SparseInferError(f"{name}: {int(big.sum())} value(s) overflow float16 (largest "
+                                   f"{float(np.abs(a.astype(np.float32)).max()):g} > {FP16_MAX:g}); export with "
+                                   f"--dtype float32")
 
 
 # onnxruntime 1.32's GroupQueryAttention (CPU) checks "head_size must be a multiple of 8", and
@@ -117,11 +138,22 @@ class LlamaExporter:
                                    f"(the model's max_position_embeddings)")
         if self.s.head_dim % 2:
             raise SparseInferError(f"head_dim {self.s.head_dim} is odd; rotary embeddings need an even head_dim")
+        if options.dtype not in DTYPES:
+            raise SparseInferError(f"unknown dtype {options.dtype!r}; expected float32 or float16")
+        if options.dtype == "float16":
+            if options.portable:
+                raise SparseInferError("--dtype float16 needs the fused form (GroupQueryAttention); drop --portable")
+            check_fp16_range(weights)
+        self.np_dtype, self.onnx_dtype = DTYPES[options.dtype]
         self.tied = weights.lm_head is weights.embed
         self.kv_head_dim = self.s.head_dim if options.portable else gqa_head_dim(self.s.head_dim)
         self.g = GraphBuilder(external=external)
 
     # -- graph inputs and shared values ---------------------------------------------------
+    def _cast(self, a) -> np.ndarray:
+        """A weight in the export's dtype (float16 values were checked to fit at __init__)."""
+        return np.ascontiguousarray(np.asarray(a).astype(self.np_dtype))
+
     def _inputs(self):
         g, s = self.g, self.s
         self.ids = g.add_input("input_ids", INT64, ["batch_size", "sequence_length"])
@@ -129,8 +161,8 @@ class LlamaExporter:
         self.pos = g.add_input("position_ids", INT64, ["batch_size", "sequence_length"])
         kv_len = "past_sequence_length" if self.o.portable else "max_sequence_length"
         kv_shape = ["batch_size", s.num_kv_heads, kv_len, self.kv_head_dim]
-        self.past = [(g.add_input(f"past_key_values.{i}.key", FLOAT, kv_shape),
-                      g.add_input(f"past_key_values.{i}.value", FLOAT, kv_shape)) for i in range(s.num_layers)]
+        self.past = [(g.add_input(f"past_key_values.{i}.key", self.onnx_dtype, kv_shape),
+                      g.add_input(f"past_key_values.{i}.value", self.onnx_dtype, kv_shape)) for i in range(s.num_layers)]
 
     def _attention_bias(self) -> str:
         """[batch, 1, 1, seq, total] additive mask: causal and attention_mask."""
@@ -168,7 +200,7 @@ class LlamaExporter:
         pre = f"model.layers.{i}.self_attn"
 
         def proj(name, w, heads):
-            y = g.make_matmul(x, g.initializer(f"{pre}.{name}.weight_t", _f32(w).T), f"{sc}/{name}")
+            y = g.make_matmul(x, g.initializer(f"{pre}.{name}.weight_t", self._cast(w).T), f"{sc}/{name}")
             return g.make_transpose(g.make_reshape(y, [0, 0, heads, hd], f"{sc}/{name}"), [0, 2, 1, 3], f"{sc}/{name}")
 
         q = self._rope(proj("q_proj", lw.q, s.num_heads), cos, sin, f"{sc}/q_rotary")
@@ -187,7 +219,7 @@ class LlamaExporter:
         probs = g.make_softmax(g.make_add(scores, bias, f"{sc}/qk"), f"{sc}/qk")
         ctx = g.make_reshape(g.make_matmul(probs, v5, f"{sc}/pv"), [0, s.num_heads, -1, hd], f"{sc}/pv")
         ctx = g.make_reshape(g.make_transpose(ctx, [0, 2, 1, 3], f"{sc}/pv"), [0, 0, s.num_heads * hd], f"{sc}/pv")
-        return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", _f32(lw.o).T), f"{sc}/o_proj")
+        return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", self._cast(lw.o).T), f"{sc}/o_proj")
 
     # -- fused form (onnxruntime contrib ops) ------------------------------------------------
     def _gqa_lengths(self):
@@ -205,7 +237,7 @@ class LlamaExporter:
         hd, hdp = s.head_dim, self.kv_head_dim
 
         def pad(w, heads):
-            return pad_head_rows(_f32(w), heads, hd, hdp)
+            return pad_head_rows(self._cast(w), heads, hd, hdp)
 
         qkv_t = np.concatenate([pad(lw.q, s.num_heads), pad(lw.k, s.num_kv_heads), pad(lw.v, s.num_kv_heads)]).T
         qkv = g.make_matmul(x, g.initializer(f"{pre}.qkv_proj.weight_t", qkv_t), f"{sc}/qkv_proj")
@@ -214,7 +246,7 @@ class LlamaExporter:
             qkv, past_k, past_v, *lengths, *caches, f"{sc}", num_heads=s.num_heads, kv_num_heads=s.num_kv_heads,
             scale=1.0 / np.sqrt(hd), outputs=[f"{sc}/GroupQueryAttention/output_0", f"present.{i}.key",
                                               f"present.{i}.value"])[0]
-        o_t = pad_head_rows(_f32(lw.o).T, s.num_heads, hd, hdp)                         # [h hdp, d]
+        o_t = pad_head_rows(self._cast(lw.o).T, s.num_heads, hd, hdp)                         # [h hdp, d]
         return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", o_t), f"{sc}/o_proj")
 
     def _layers_fused(self, h):
@@ -227,23 +259,24 @@ class LlamaExporter:
         half_pad = (self.kv_head_dim - s.head_dim) // 2          # identity rotations of the zero padding
         cos = np.pad(cos, ((0, 0), (0, half_pad)), constant_values=1.0)
         sin = np.pad(sin, ((0, 0), (0, half_pad)), constant_values=0.0)
-        caches = (g.initializer("model.rotary_emb.cos_cache", cos), g.initializer("model.rotary_emb.sin_cache", sin))
+        caches = (g.initializer("model.rotary_emb.cos_cache", self._cast(cos)),
+                  g.initializer("model.rotary_emb.sin_cache", self._cast(sin)))
         xn = g.make_simplified_layer_norm(h, g.initializer("model.layers.0.input_layernorm.weight",
-                                                           _f32(w.layers[0].input_norm)), eps,
+                                                           self._cast(w.layers[0].input_norm)), eps,
                                           "/model/layers.0/input_layernorm")
         for i, lw in enumerate(w.layers):
             lsc = f"/model/layers.{i}"
             attn = self._attention_gqa(i, xn, lengths, caches)
             x, h = g.make_skip_simplified_layer_norm(
-                attn, h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight", _f32(lw.post_norm)),
+                attn, h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight", self._cast(lw.post_norm)),
                 eps, f"{lsc}/post_attention_layernorm")
             mlp = self._mlp(i, x)
             if i + 1 < len(w.layers):
                 xn, h = g.make_skip_simplified_layer_norm(
                     mlp, h, g.initializer(f"model.layers.{i + 1}.input_layernorm.weight",
-                                          _f32(w.layers[i + 1].input_norm)), eps, f"/model/layers.{i + 1}/input_layernorm")
+                                          self._cast(w.layers[i + 1].input_norm)), eps, f"/model/layers.{i + 1}/input_layernorm")
             self.progress()
-        return g.make_skip_simplified_layer_norm(mlp, h, g.initializer("model.norm.weight", _f32(w.final_norm)), eps,
+        return g.make_skip_simplified_layer_norm(mlp, h, g.initializer("model.norm.weight", self._cast(w.final_norm)), eps,
                                                  f"{sc}/norm", with_sum=False)[0]
 
     def _layers_portable(self, h):
@@ -254,21 +287,21 @@ class LlamaExporter:
         eps = s.rms_norm_eps
         for i, lw in enumerate(w.layers):
             lsc = f"/model/layers.{i}"
-            xn = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.input_layernorm.weight", _f32(lw.input_norm)),
+            xn = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.input_layernorm.weight", self._cast(lw.input_norm)),
                                  eps, f"{lsc}/input_layernorm")
             h = g.make_add(h, self._attention(i, xn, bias, cos, sin), f"{lsc}/attn_residual")
             x = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight",
-                                                 _f32(lw.post_norm)), eps, f"{lsc}/post_attention_layernorm")
+                                                 self._cast(lw.post_norm)), eps, f"{lsc}/post_attention_layernorm")
             h = g.make_add(h, self._mlp(i, x), f"{lsc}/mlp_residual")
             self.progress()
-        return g.make_rms_norm(h, g.initializer("model.norm.weight", _f32(w.final_norm)), eps, "/model/norm")
+        return g.make_rms_norm(h, g.initializer("model.norm.weight", self._cast(w.final_norm)), eps, "/model/norm")
 
     def _mlp(self, i, x):
         """The layer's MLP (sparse op or dense MatMuls) on its normed input x; debug output of x."""
         g, lsc = self.g, f"/model/layers.{i}"
         if self.o.debug:
             g.nodes.append(onnx.helper.make_node("Identity", [x], [f"debug.{i}.mlp_input"], name=f"{lsc}/debug.mlp_input"))
-            g.add_output(f"debug.{i}.mlp_input", FLOAT, ["batch_size", "sequence_length", self.s.d])
+            g.add_output(f"debug.{i}.mlp_input", self.onnx_dtype, ["batch_size", "sequence_length", self.s.d])
         return self._mlp_sparse(i, x) if self.o.sparse else self._mlp_dense_t(g, i, x, f"{lsc}/mlp")
 
     def _lm_head(self, hn, embed):
@@ -279,7 +312,7 @@ class LlamaExporter:
         constant-folded by onnxruntime into a second copy in memory."""
         g, s, sc = self.g, self.s, "/lm_head"
         if not self.tied:
-            return g.make_matmul(hn, g.initializer("lm_head.weight_t", _f32(self.w.lm_head).T), sc)
+            return g.make_matmul(hn, g.initializer("lm_head.weight_t", self._cast(self.w.lm_head).T), sc)
         rows = g.make_gemm(g.make_reshape(hn, [-1, s.d], sc), embed, sc, trans_b=1)
         out_shape = g.make_concat([g.make_shape(self.ids, sc), g.const([s.vocab_size])], 0, sc)
         return g.op("Reshape", [rows, out_shape], sc)
@@ -287,22 +320,23 @@ class LlamaExporter:
     def _mlp_dense_t(self, b: GraphBuilder, i, x, sc):
         """Dense MLP on transposed-free weights (dense export): x [.., d] @ W^T."""
         lw, pre = self.w.layers[i], f"model.layers.{i}.mlp"
-        gate = b.make_matmul(x, b.initializer(f"{pre}.gate_proj.weight_t", _f32(lw.gate).T), f"{sc}/gate_proj")
-        up = b.make_matmul(x, b.initializer(f"{pre}.up_proj.weight_t", _f32(lw.up).T), f"{sc}/up_proj")
-        h3 = b.make_mul(mf.apply_activation(b, gate, self.act, f"{sc}/act"), up, f"{sc}/act")
-        return b.make_matmul(h3, b.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T), f"{sc}/down_proj")
+        gate = b.make_matmul(x, b.initializer(f"{pre}.gate_proj.weight_t", self._cast(lw.gate).T), f"{sc}/gate_proj")
+        up = b.make_matmul(x, b.initializer(f"{pre}.up_proj.weight_t", self._cast(lw.up).T), f"{sc}/up_proj")
+        h3 = b.make_mul(mf.apply_activation(b, gate, self.act, f"{sc}/act", self.np_dtype), up, f"{sc}/act")
+        return b.make_matmul(h3, b.initializer(f"{pre}.down_proj.weight_t", self._cast(lw.down).T), f"{sc}/down_proj")
 
     def _mlp_sparse(self, i, x):
         """One ``SparseMLP`` node (``mlp_functions``): sparse for one token, dense for more."""
         g, lw = self.g, self.w.layers[i]
         sc, pre = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
-        inputs = [x, g.initializer(f"{pre}.gate_proj.weight", _f32(lw.gate)),
-                  g.initializer(f"{pre}.up_proj.weight", _f32(lw.up)),
-                  g.initializer(f"{pre}.down_proj.weight_t", _f32(lw.down).T),
+        x32 = x if self.onnx_dtype == FLOAT else g.make_cast(x, FLOAT, sc)       # the op takes x in float32
+        inputs = [x32, g.initializer(f"{pre}.gate_proj.weight", self._cast(lw.gate)),
+                  g.initializer(f"{pre}.up_proj.weight", self._cast(lw.up)),
+                  g.initializer(f"{pre}.down_proj.weight_t", self._cast(lw.down).T),
                   g.initializer(f"{pre}.gate_proj.sign_words",
-                                mf.pack_sign_words64(lw.gate, groups=self.o.target == "cpu"))]
+                                mf.pack_sign_words64(self._cast(lw.gate), groups=self.o.target == "cpu"))]
         if self.o.target == "cuda":            # the function body's predictor on the CUDA provider
-            inputs.append(g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(lw.gate)))
+            inputs.append(g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(self._cast(lw.gate))))
         outs = g.make_node(mf.OP_TYPE, inputs, sc, n_out=4 if self.o.debug else 1, domain=mf.DOMAIN,
                            alpha_milli=self.alpha_milli[i], activation=self.act.kind,
                            threshold=float(self.act.threshold))
@@ -313,27 +347,30 @@ class LlamaExporter:
                                            ("rows", rows, INT64, ["rows_computed"])):
                 g.nodes.append(onnx.helper.make_node("Identity", [src], [f"debug.{i}.{name}"], name=f"{sc}/debug.{name}"))
                 g.add_output(f"debug.{i}.{name}", kind, shape)
-        return outs[0]
+        return outs[0] if self.onnx_dtype == FLOAT else g.make_cast(outs[0], self.onnx_dtype, sc)
 
     # -- whole model ----------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
         g, s, w = self.g, self.s, self.w
         self._inputs()
-        embed = g.initializer("model.embed_tokens.weight", _f32(w.embed))
+        embed = g.initializer("model.embed_tokens.weight", self._cast(w.embed))
         h = g.make_gather(embed, self.ids, "/model/embed_tokens")
         hn = self._layers_portable(h) if self.o.portable else self._layers_fused(h)
         logits = self._lm_head(hn, embed)
+        if self.onnx_dtype != FLOAT:            # logits come out float32 whatever the weights
+            logits = g.make_cast(logits, FLOAT, "/lm_head")
         g.nodes.append(onnx.helper.make_node("Identity", [logits], ["logits"], name="/lm_head/logits"))
         outputs = [("logits", FLOAT, ["batch_size", "sequence_length", s.vocab_size])]
         kv = ["batch_size", s.num_kv_heads, "total_sequence_length" if self.o.portable else "max_sequence_length",
               self.kv_head_dim]
         for i in range(s.num_layers):
-            outputs += [(f"present.{i}.key", FLOAT, kv), (f"present.{i}.value", FLOAT, kv)]
+            outputs += [(f"present.{i}.key", self.onnx_dtype, kv), (f"present.{i}.value", self.onnx_dtype, kv)]
         debug_outputs, g.outputs = g.outputs, []
         for name, kind, shape in outputs:
             g.add_output(name, kind, shape)
         g.outputs += debug_outputs
-        functions = [mf.sparse_mlp_function(s.d, s.k, self.act, self.o.target, self.o.debug)] if self.o.sparse else []
+        functions = [mf.sparse_mlp_function(s.d, s.k, self.act, self.o.target, self.o.debug, self.onnx_dtype)] \
+            if self.o.sparse else []
         domains = ([mf.DOMAIN] if self.o.sparse else []) + ([] if self.o.portable else [MS_DOMAIN])
         model = make_model(g.make_graph("sparseinfer_llama"), functions, domains)
         meta = {"sparseinfer.sparse": str(self.o.sparse), "sparseinfer.target": self.o.target,

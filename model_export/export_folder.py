@@ -29,14 +29,14 @@ def genai_ops_library():
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, portable=False,
-                      progress=None) -> Path:
+                      progress=None, dtype="float32") -> Path:
     """Load (a path) or take (a loaded checkpoint), export, and write the folder's other files
     beside the model. ``progress``: called once per layer exported. Returns the model's path."""
     from .checkpoint import load_checkpoint
     from .export import ExportOptions, export_onnx
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
-    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable)
+    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable, dtype=dtype)
     path = export_onnx(ck.weights, out, opts, progress=progress,
                        token_ids={"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id},
                        ops_library=genai_ops_library() if sparse else None)

@@ -193,34 +193,44 @@ def _predict_int8(b: FunctionBuilder, x_row: str, w_signs_t: str, d: int, alpha:
     return _eq2(b, b.make_sub(b.const(d), dot, sc), b.make_add(b.const(d), dot, sc), alpha, sc)
 
 
-def activation_keeps(b: GraphBuilder, z: str, act: Activation, scope: str) -> str:
-    """Bool mask where the activation passes z through (relu: z > 0; fatrelu: z >= T)."""
+def activation_keeps(b: GraphBuilder, z: str, act: Activation, scope: str, dtype=np.float32) -> str:
+    """Bool mask where the activation passes z (of ``dtype``) through (relu: z > 0; fatrelu: z >= T)."""
     if act.kind == "relu":
-        return b.op("Greater", [z, b.const(0.0, np.float32)], scope)
-    return b.op("GreaterOrEqual", [z, b.const(act.threshold, np.float32)], scope)
+        return b.op("Greater", [z, b.const(0.0, dtype)], scope)
+    return b.op("GreaterOrEqual", [z, b.const(act.threshold, dtype)], scope)
 
 
-def apply_activation(b: GraphBuilder, z: str, act: Activation, scope: str) -> str:
+def apply_activation(b: GraphBuilder, z: str, act: Activation, scope: str, dtype=np.float32) -> str:
     if act.kind == "silu":
         return b.make_mul(z, b.op("Sigmoid", [z], scope), scope)
-    return b.make_where(activation_keeps(b, z, act, scope), z, b.const(0.0, np.float32), scope)
+    return b.make_where(activation_keeps(b, z, act, scope, dtype), z, b.const(0.0, dtype), scope)
 
 
-def _gate_up(b: FunctionBuilder, x_t: str, zero: str, act: Activation) -> tuple[str, str]:
+def _rows_f32(b: FunctionBuilder, w: str, rows: str, weight_type, sc: str) -> str:
+    """The listed rows of a weight matrix, in float32 (fp16 weights widened exactly)."""
+    got = b.make_gather(w, rows, sc)
+    return got if weight_type == FLOAT else b.make_cast(got, FLOAT, sc)
+
+
+def _f32(b: FunctionBuilder, w: str, weight_type, sc: str) -> str:
+    return w if weight_type == FLOAT else b.make_cast(w, FLOAT, sc)
+
+
+def _gate_up(b: FunctionBuilder, x_t: str, zero: str, act: Activation, weight_type=FLOAT) -> tuple[str, str]:
     """(h3 [n], rows [n]): the kept rows' gate, then up for those whose h1 is non-zero (+AS)."""
     sc = "SparseGateUp"
     idx = b.make_nonzero_flat(b.op("Not", [zero], sc), sc)
-    z = b.make_reshape(b.make_matmul(b.make_gather("w_gate", idx, sc), x_t, sc), [-1], sc)
+    z = b.make_reshape(b.make_matmul(_rows_f32(b, "w_gate", idx, weight_type, sc), x_t, sc), [-1], sc)
     h1 = apply_activation(b, z, act, sc)
     live = b.make_nonzero_flat(b.op("Not", [b.op("Equal", [h1, b.const(0.0, np.float32)], sc)], sc), sc)
     rows = b.make_gather(idx, live, sc)
-    up = b.make_reshape(b.make_matmul(b.make_gather("w_up", rows, sc), x_t, sc), [-1], sc)
+    up = b.make_reshape(b.make_matmul(_rows_f32(b, "w_up", rows, weight_type, sc), x_t, sc), [-1], sc)
     return b.make_mul(b.make_gather(h1, live, sc), up, sc), rows
 
 
-def _down(b: FunctionBuilder, h3: str, rows: str) -> str:
+def _down(b: FunctionBuilder, h3: str, rows: str, weight_type=FLOAT) -> str:
     sc = "SparseDown"
-    return b.make_matmul(b.make_unsqueeze(h3, [0], sc), b.make_gather("w_down_t", rows, sc), sc)
+    return b.make_matmul(b.make_unsqueeze(h3, [0], sc), _rows_f32(b, "w_down_t", rows, weight_type, sc), sc)
 
 
 def _returns(b: FunctionBuilder, values, names, kinds) -> None:
@@ -231,17 +241,18 @@ def _returns(b: FunctionBuilder, values, names, kinds) -> None:
 
 
 def _decode_branch(root: FunctionBuilder, d: int, k: int, act: Activation, target: str, alpha: str,
-                   x_shape: str, names, debug: bool) -> onnx.GraphProto:
+                   x_shape: str, names, debug: bool, weight_type) -> onnx.GraphProto:
     b = FunctionBuilder(root=root)
     x_row, x_t = b.make_reshape("x", [1, d], "decode"), b.make_reshape("x", [d, 1], "decode")
     zero = _predict_words(b, x_row, "w_signs", d, alpha) if target == "cpu" else \
         _predict_int8(b, x_row, "w_signs_int8_t", d, alpha)
-    h3, rows = _gate_up(b, x_t, zero, act)
-    values = [b.op("Reshape", [_down(b, h3, rows), x_shape], "decode")]
+    h3, rows = _gate_up(b, x_t, zero, act, weight_type)
+    values = [b.op("Reshape", [_down(b, h3, rows, weight_type), x_shape], "decode")]
     if debug:
         counts = b.op("ScatterElements", [b.const(np.zeros(k, np.int64)), rows,
                                           b.op("Expand", [b.const(1), b.make_shape(rows, "debug")], "debug")], "debug")
-        full_gate = b.make_reshape(b.make_matmul("w_gate", x_t, "debug"), [-1], "debug")
+        full_gate = b.make_reshape(b.make_matmul(_f32(b, "w_gate", weight_type, "debug"), x_t, "debug"), [-1],
+                                   "debug")
         values += [zero, b.make_cast(counts, BOOL, "debug"), b.op("Not", [activation_keeps(b, full_gate, act, "debug")],
                                                                    "debug")]
     _returns(b, values, [f"decode_{n}" for n in names], [FLOAT, BOOL, BOOL, BOOL])
@@ -249,14 +260,17 @@ def _decode_branch(root: FunctionBuilder, d: int, k: int, act: Activation, targe
 
 
 def _prefill_branch(root: FunctionBuilder, d: int, act: Activation, x_shape: str, names,
-                    debug: bool) -> onnx.GraphProto:
-    """Several tokens: the dense MLP, the same weights (W_gate and W_up as [k, d])."""
+                    debug: bool, weight_type) -> onnx.GraphProto:
+    """Several tokens: the dense MLP, the same weights (W_gate and W_up as [k, d]; fp16 ones
+    widened to float32 here, every call: the body is the fallback, the op library the fast path)."""
     b = FunctionBuilder(root=root)
     x2t = b.make_transpose(b.make_reshape("x", [-1, d], "prefill"), [1, 0], "prefill")
-    gate = b.make_transpose(b.make_matmul("w_gate", x2t, "gate_proj"), [1, 0], "gate_proj")
-    up = b.make_transpose(b.make_matmul("w_up", x2t, "up_proj"), [1, 0], "up_proj")
+    gate = b.make_transpose(b.make_matmul(_f32(b, "w_gate", weight_type, "gate_proj"), x2t, "gate_proj"), [1, 0],
+                            "gate_proj")
+    up = b.make_transpose(b.make_matmul(_f32(b, "w_up", weight_type, "up_proj"), x2t, "up_proj"), [1, 0], "up_proj")
     h3 = b.make_mul(apply_activation(b, gate, act, "act"), up, "act")
-    values = [b.op("Reshape", [b.make_matmul(h3, "w_down_t", "down_proj"), x_shape], "prefill")]
+    values = [b.op("Reshape", [b.make_matmul(h3, _f32(b, "w_down_t", weight_type, "down_proj"), "down_proj"),
+                               x_shape], "prefill")]
     if debug:
         empty = b.make_cast(b.const(np.zeros(0, np.int64)), BOOL, "debug")
         values += [empty] * 3
@@ -264,8 +278,10 @@ def _prefill_branch(root: FunctionBuilder, d: int, act: Activation, x_shape: str
     return b.make_graph("prefill")
 
 
-def sparse_mlp_function(d: int, k: int, act: Activation, target: str, debug: bool = False) -> onnx.FunctionProto:
-    """The body of ``SparseMLP`` for one export (d, k, activation and target are the model's)."""
+def sparse_mlp_function(d: int, k: int, act: Activation, target: str, debug: bool = False,
+                        weight_type=FLOAT) -> onnx.FunctionProto:
+    """The body of ``SparseMLP`` for one export (d, k, activation, target and the weights'
+    element type, FLOAT or FLOAT16, are the model's); x and out are float32."""
     if target not in TARGETS:
         raise SparseInferError(f"unknown target {target!r}; expected cpu or cuda")
     names = ("out", *DEBUG_OUTPUTS) if debug else ("out",)
@@ -275,8 +291,8 @@ def sparse_mlp_function(d: int, k: int, act: Activation, target: str, debug: boo
     one_token = b.op("Equal", [b.op("Size", ["x"], "x"), b.const(d)], "x")
     b.nodes.append(helper.make_node(
         "If", [one_token], list(names), name=b._unique("If"),
-        then_branch=_decode_branch(b, d, k, act, target, alpha, x_shape, names, debug),
-        else_branch=_prefill_branch(b, d, act, x_shape, names, debug)))
+        then_branch=_decode_branch(b, d, k, act, target, alpha, x_shape, names, debug, weight_type),
+        else_branch=_prefill_branch(b, d, act, x_shape, names, debug, weight_type)))
     inputs = ["x", "w_gate", "w_up", "w_down_t", "w_signs"] + (["w_signs_int8_t"] if target == "cuda" else [])
     return helper.make_function(DOMAIN, OP_TYPE, inputs, list(names), b.nodes, [helper.make_opsetid("", OPSET)],
                                 attributes=["alpha_milli", "activation", "threshold"])

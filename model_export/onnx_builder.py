@@ -244,4 +244,5 @@ def make_model(graph: onnx.GraphProto, functions=(), extra_domains=()) -> onnx.M
     return model
 
 
-FLOAT, INT32, INT64, BOOL = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64, TensorProto.BOOL
+FLOAT, FLOAT16, INT32, INT64, BOOL = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.INT32, TensorProto.INT64,
+                                     TensorProto.BOOL)

@@ -459,3 +459,54 @@ def test_cuda_graph_decode_matches_the_eager_cuda_decode(tmp_path, sparse):
     assert eager.tokens == graph.tokens
     for x, y in zip(eager.logits, graph.logits):
         np.testing.assert_allclose(y, x, rtol=0, atol=_tol(x))
+
+
+@pytest.mark.parametrize("mlp_kernels", ["native", "function"])
+def test_float16_export_keeps_the_masks_bit_exact_on_its_own_inputs(tmp_path, mlp_kernels):
+    """--dtype float16: fp16 weights and activations; the SparseMLP op widens its fp16 weights
+    exactly and accumulates in float32 in the contract's order, so on each decode step's own
+    (fp16) MLP input its masks are the reference's with the same fp16 weights."""
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=True, debug=True, max_length=64, dtype="float16"))
+    model = onnx.load(str(path), load_external_data=False)
+    gate = next(t for t in model.graph.initializer if t.name == "model.layers.0.mlp.gate_proj.weight")
+    assert gate.data_type == onnx.TensorProto.FLOAT16
+    decoder = OnnxDecoder(path, mlp_kernels=mlp_kernels)
+    assert decoder.kv_dtype == np.float16 and decoder.mlp_kernels == mlp_kernels
+    half = [(lw.gate.astype(np.float16), lw.up.astype(np.float16), lw.down.astype(np.float16)) for lw in w.layers]
+    logits, _ = decoder.step(PROMPT[:6])
+    assert logits.dtype == np.float32
+    for tok in (101, 32, 113):
+        _, debug = decoder.step([tok])
+        for i, (g16, u16, d16) in enumerate(half):
+            x = debug[f"debug.{i}.mlp_input"].reshape(-1)
+            assert x.dtype == np.float16
+            _, trace = mlp_sparse(x.astype(np.float32), g16, u16, d16, w.activation, alpha=1.0)
+            assert np.array_equal(debug[f"debug.{i}.predicted_zero"], trace.predicted_zero)
+            assert np.array_equal(debug[f"debug.{i}.rows"], np.flatnonzero(trace.computed_up))
+            assert np.array_equal(debug[f"debug.{i}.actual_zero"], trace.actual_zero)
+            assert 0 < trace.predicted_zero.sum() < trace.k
+
+
+def test_float16_export_decodes_like_the_float32_one(tmp_path):
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
+    f32 = export_onnx(w, tmp_path / "a" / "m.onnx", ExportOptions(sparse=False, max_length=64))
+    f16 = export_onnx(w, tmp_path / "b" / "m.onnx", ExportOptions(sparse=False, max_length=64, dtype="float16"))
+    a = generate(OnnxDecoder(f32), PROMPT[:8], 10, keep_logits=True)
+    b = generate(OnnxDecoder(f16), PROMPT[:8], 10, keep_logits=True)
+    assert a.tokens == b.tokens and len(set(a.tokens)) > 2
+    # fp16 activations: a few units in the last place of fp16 (2^-11) relative to the logits' scale
+    scale = float(np.abs(a.logits[0]).max())
+    assert float(np.abs(a.logits[0] - b.logits[0]).max()) < 2 ** -6 * scale
+    assert (tmp_path / "b" / "m.onnx").stat().st_size < 0.6 * (tmp_path / "a" / "m.onnx").stat().st_size
+
+
+def test_float16_export_refuses_overflow_and_the_portable_form(tmp_path):
+    w = make_weights(synthetic_shape("tiny", layers=2), seed=4)
+    w.layers[1].up[3, 7] = 1e5
+    with pytest.raises(SparseInferError, match=r"model\.layers\.1\.mlp\.up_proj\.weight: 1 value\(s\) overflow float16"):
+        export_onnx(w, tmp_path / "m.onnx", ExportOptions(dtype="float16"))
+    with pytest.raises(SparseInferError, match="float16 needs the fused form"):
+        export_onnx(w, tmp_path / "m.onnx", ExportOptions(dtype="float16", portable=True))
+    with pytest.raises(SparseInferError, match="unknown dtype 'bfloat16'"):
+        export_onnx(w, tmp_path / "m.onnx", ExportOptions(dtype="bfloat16"))

@@ -70,7 +70,7 @@ def _progress():
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
-                      portable=False):
+                      portable=False, dtype="float32"):
     """model_export.export_folder.export_checkpoint with a progress bar and a line on stderr."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.model_export.export_folder import export_checkpoint as export
@@ -78,13 +78,17 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
-        path = export(ck, out, sparse, alpha, target, debug, portable, progress=lambda: bar.advance(task))
+        path = export(ck, out, sparse, alpha, target, debug, portable, progress=lambda: bar.advance(task),
+                      dtype=dtype)
     if not quiet:
         echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
-                 f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''})")
+                 f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''}, {dtype})")
     return path
 
 
+DTYPE_HELP = ("Weights and activations: float32, or float16 (fused form only; half the bytes; the SparseMLP op "
+              "widens its fp16 weights exactly and accumulates in float32; a weight beyond float16's range is an "
+              "error; onnxruntime's CPU provider runs fp16 MatMuls slowly, fp16 is for GPUs).")
 PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed, KV cache grown by Concat), for "
                  "runtimes without onnxruntime's com.microsoft contrib ops. Default: GroupQueryAttention and "
                  "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
@@ -100,14 +104,18 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
 @click.option("--debug", is_flag=True, help="Add per-layer debug outputs (MLP input, predicted and actual "
                                            "zero masks, computed rows); costs one full gate product per layer.")
 @click.option("--portable", is_flag=True, help=PORTABLE_HELP)
-def export_cmd(checkpoint, out, alpha, dense, target, debug, portable):
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help=DTYPE_HELP)
+def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype):
     """Export CHECKPOINT (HF directory or .gguf) to one ONNX model for prefill + decode.
 
-    Decode steps use the sparse MLP (custom ops in domain ai.onnx.contrib, carried as
-    local functions of standard ops); prefill stays dense. The graph passes
-    onnx.checker.check_model(full_check=True).
+    Decode steps use the sparse MLP: one SparseMLP node per layer (domain ai.sparseinfer),
+    run by the op library where a host registers it, else by its function body of standard
+    ops; prefill stays dense. Beside the model: genai_config.json, the tokenizer files and,
+    for sparse exports, the op library. The graph passes onnx.checker.check_model(full_check=True).
     """
-    export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug, portable=portable)
+    export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug, portable=portable,
+                      dtype=dtype)
 
 
 SAMPLING = [
@@ -272,6 +280,8 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Also time the dense and sparse exports with each decode step replayed as a CUDA graph (rows "
                    "'dense-graph', 'sparse-graph'; --provider cuda, fused exports): the steps' inputs and outputs "
                    "are bound once, with fixed shapes.")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help=DTYPE_HELP)
 @click.option("--with-portable", is_flag=True,
               help="Also time the dense export in the portable form (row 'dense-portable', in the same alternated "
                    "rounds; 'speedup_dense_over_dense_portable' in the JSON).")
@@ -281,7 +291,8 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
-                     tokens, repeats, profile_tokens, portable, with_portable, cuda_graph, work_dir, out_json, as_json):
+                     tokens, repeats, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir, out_json,
+                     as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
     Both exports are written first and flushed to disk, then both are loaded and decode
@@ -305,8 +316,10 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     prompt = _prompt_ids(ck.tokenizer, ck.bos_token_id, "The quick brown fox") if ck.tokenizer else [0, 1, 2, 3]
     kinds = ("dense", "sparse")
     form = "-portable" if portable else ""
+    form += "" if dtype == "float32" else f"-{dtype}"
     paths = {kind: export_checkpoint(ck, work / f"{kind}-{target}{form}" / "model.onnx", sparse=kind == "sparse",
-                                     alpha=alpha, target=target, quiet=as_json, portable=portable) for kind in kinds}
+                                     alpha=alpha, target=target, quiet=as_json, portable=portable, dtype=dtype)
+             for kind in kinds}
     if with_portable and not portable:
         paths["dense-portable"] = export_checkpoint(ck, work / f"dense-{target}-portable" / "model.onnx", sparse=False,
                                                     target=target, quiet=as_json, portable=True)
@@ -337,7 +350,7 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
     decoders.clear()                       # free the timed sessions before the profiled ones
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
-              "target": target, "provider": provider, "threads": threads, "decode_tokens": tokens,
+              "target": target, "dtype": dtype, "provider": provider, "threads": threads, "decode_tokens": tokens,
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
