@@ -127,9 +127,13 @@ STAGES = {s.name: s for s in (
           ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=15, min_start_s=15),
     Stage("ort-bench", "bench-decode --provider cuda --target cuda --cuda-graph (sparse on the op library's CUDA "
                        "kernel and on the function bodies; dense and sparse also replayed as CUDA graphs), then 8 "
-                       "profiled tokens per model: time by provider, top ops ({out}/cuda-decode.json)",
+                       "profiled tokens per model: time by provider, top ops ({out}/cuda-decode.json); then the same "
+                       "in float16 without profiles ({out}/cuda-decode-fp16.json)",
           ((*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5", "--profile-tokens", "8",
-            "--cuda-graph", "--out", "{out}/cuda-decode.json"),), estimate_s=90, min_start_s=60),
+            "--cuda-graph", "--out", "{out}/cuda-decode.json"),
+           (*_CLI, "bench-decode", "--provider", "cuda", "--target", "cuda", "--repeats", "5", "--dtype", "float16",
+            "--cuda-graph", "--work-dir", "out/bench-decode-fp16", "--out", "{out}/cuda-decode-fp16.json")),
+          estimate_s=150, min_start_s=90),
 )}
 GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
           "ort": ("ort-smoke", "ops-build", "ort-tests", "ort-bench")}
