@@ -145,9 +145,9 @@ def test_make_checkpoint_layers_and_seed_range(tmp_path):
     ok = runner.invoke(cli, ["make-checkpoint", "--shape", "tiny", "--layers", "4", "--out", str(tmp_path / "four")])
     assert ok.exit_code == 0, ok.output                                 # the case issue 18 reported
     assert load_checkpoint(tmp_path / "four").shape.num_layers == 4
-    for args, message in ((["--layers", "0"], f"--layers must be in 1..{MAX_LAYERS}, got 0"),
-                          (["--layers", str(MAX_LAYERS + 1)], f"--layers must be in 1..{MAX_LAYERS}"),
-                          (["--seed", "-1"], "--seed must be an integer >= 0, got -1")):
+    for args, message in ((["--layers", "0"], f"'--layers': 0 is not in the range 1<=x<={MAX_LAYERS}"),
+                          (["--layers", str(MAX_LAYERS + 1)], f"'--layers': {MAX_LAYERS + 1} is not in the range"),
+                          (["--seed", "-1"], "'--seed': -1 is not in the range x>=0")):
         bad = runner.invoke(cli, ["make-checkpoint", *args, "--out", str(tmp_path / "bad")])
         assert bad.exit_code == 2 and message in bad.output and len(bad.output.strip().splitlines()) == 1, bad.output
 
