@@ -11,13 +11,16 @@ evaluation prompts (``ReferenceRunner.run_method``) and reports:
   the true zeros (ReLU) or the ``floor(s·k)`` smallest-|h1| rows (SiLU) — means over
   layers of per-layer pooled counts (paper Fig. 3's convention). Channel methods are
   scored on the down-input channels they drop;
-* predictor ops, bytes read per token and resident memory (all layers);
+* predictor ops, bytes read per token and resident memory (all layers of the checkpoint's
+  own shape, also when ``sim_model`` simulates latency at another shape);
 * quality against dense on the same positions: mean KL(p_dense || p_method) of the
   next-token distributions and top-1 agreement (``sim/quality.py``);
 * the simulated per-token latency on ``hw`` (``sim/latency.py``'s roofline ops, with
   each method's measured per-layer rows / channels and its predictor) and the speed-up
   over the dense model in the same simulation; Pareto-optimal rows (latency, KL) among the
-  realisable methods (bounds excluded) are marked.
+  realisable methods (bounds excluded) are marked. ``sim_model`` simulates the latency at
+  another shape (e.g. ProSparse-13B) from the measured per-layer fractions, an
+  extrapolation reported as ``latency_model``.
 
 Calibration prompts and evaluation prompts never overlap (``check_disjoint``).
 """

@@ -56,10 +56,8 @@ class _Layer:
         self.dense = self.mlp(x)
         self.dense_energy = float((self.dense.astype(np.float64) ** 2).sum()) or 1.0
 
-    def mlp(self, x, h_rule=None):
+    def mlp(self, x):
         h3 = self.act(x @ self.gate.T) * (x @ self.up.T)
-        if h_rule is not None:
-            h3 = np.where(h_rule(h3), h3, _F32(0))
         return (h3 @ self.down.T).astype(_F32)
 
     def thresholds(self, a: float, s_x: float, s_h: float) -> tuple[float, float]:
@@ -71,13 +69,11 @@ class _Layer:
         return t_x, t_h
 
     def error(self, a: float, s_x: float, s_h: float) -> float:
-        sx = np.abs(self.x) * (self.norm_x ** a)
-        t_x = _quantile_threshold(sx, s_x)
-        xk = np.where(sx > t_x, self.x, _F32(0))
-        scale = (self.norm_h ** a).astype(_F32)
+        """||MLP(x) - MLP_sparse(x)||^2 / ||MLP(x)||^2 over the calibration tokens."""
+        t_x, t_h = self.thresholds(a, s_x, s_h)
+        xk = np.where(np.abs(self.x) * (self.norm_x ** a) > t_x, self.x, _F32(0))
         h3 = self.act(xk @ self.gate.T) * (xk @ self.up.T)
-        t_h = _quantile_threshold(np.abs(h3) * scale, s_h)
-        h3 = np.where(np.abs(h3) * scale > t_h, h3, _F32(0))
+        h3 = np.where(np.abs(h3) * (self.norm_h ** a) > t_h, h3, _F32(0))
         out = h3 @ self.down.T
         return float(((out - self.dense).astype(np.float64) ** 2).sum()) / self.dense_energy
 
