@@ -32,6 +32,19 @@ def test_genai_config_describes_the_export(tmp_path, portable, shared, head_size
     assert dec["outputs"]["present_value_names"] == "present.%d.value"
 
 
+def _genai_greedy(og, model) -> list[int]:
+    """onnxruntime-genai's Generator: greedy tokens after PROMPT, up to NEW_TOKENS."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(PROMPT)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return make_checkpoint("tiny", tmp_path_factory.mktemp("genai") / "ck", layers=2)
@@ -44,14 +57,7 @@ def test_genai_generator_decodes_the_export_like_our_decoder(tmp_path, checkpoin
     r = CliRunner().invoke(cli, ["export", str(checkpoint), "--out", str(out), *flags])
     assert r.exit_code == 0, r.output
     model = og.Model(str(out.parent))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = _genai_greedy(og, model)
     ours = generate(OnnxDecoder(out, mlp_kernels="function"), PROMPT, len(theirs)).tokens
     assert len(theirs) == NEW_TOKENS and len(set(theirs)) > 2             # a real continuation, not one token
     assert theirs == ours
@@ -75,15 +81,7 @@ def test_genai_runs_a_sparse_export_on_the_op_library_it_names(tmp_path, checkpo
         "session_options"]["custom_ops_library"]
     assert library.is_file()
     op_library.counters(library, reset=True)
-    model = og.Model(str(out.parent))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = _genai_greedy(og, og.Model(str(out.parent)))
     steps = op_library.counters(library)["decode_steps"]
     assert steps >= 2 * (NEW_TOKENS - 1)                     # every layer of every decode step ran natively
     ours = generate(OnnxDecoder(out, mlp_kernels="native"), PROMPT, len(theirs)).tokens

@@ -141,12 +141,19 @@ P* section(void* scratch, size_t offset) {
     return reinterpret_cast<P*>(static_cast<char*>(scratch) + offset);
 }
 
+// The layer's weights as T (the launcher's weight_dtype chose T).
+template <typename T> struct Typed {
+    const T *gate, *up, *down_t;
+    explicit Typed(const SparseMlpCudaArgs& a)
+        : gate(static_cast<const T*>(a.w_gate)), up(static_cast<const T*>(a.w_up)),
+          down_t(static_cast<const T*>(a.w_down_t)) {}
+};
+
 template <typename T>
 int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
     typedef Kernels<T> K;
-    const T* w_gate = static_cast<const T*>(a.w_gate);
-    const T* w_up = static_cast<const T*>(a.w_up);
-    const T* w_down_t = static_cast<const T*>(a.w_down_t);
+    const Typed<T> w(a);
+    const T *w_gate = w.gate, *w_up = w.up, *w_down_t = w.down_t;
     const Layout l = layout(a.d, a.k);
     const long long d = a.d, k = a.k;
     const long long n_words = ceil_div(d, WARP_SIZE);
@@ -187,9 +194,8 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
 template <typename T>
 int prefill(const SparseMlpCudaArgs& a, cudaStream_t stream) {
     typedef Kernels<T> K;
-    const T* w_gate = static_cast<const T*>(a.w_gate);
-    const T* w_up = static_cast<const T*>(a.w_up);
-    const T* w_down_t = static_cast<const T*>(a.w_down_t);
+    const Typed<T> w(a);
+    const T *w_gate = w.gate, *w_up = w.up, *w_down_t = w.down_t;
     const Layout l = layout(a.d, a.k);
     const long long d = a.d, k = a.k;
     const long long n_chunks = ceil_div(k, DOWN_ROW_CHUNK);
