@@ -39,7 +39,7 @@ from sparseinfer.reference.errors import SparseInferError
 from . import latency as lat
 from .alpha_sweep import pareto_front
 from .method_base import MethodCost
-from .methods import COMPARE_DEFAULT_PARAMS, make_method
+from .methods import APPROXIMATE_METHODS, COMPARE_DEFAULT_PARAMS, make_method
 from .predictor_stats import per_layer_stats, summary
 from .quality import quality
 from .sparsity_model import LayerSparsity
@@ -179,7 +179,9 @@ def evaluate_method(runner, method, target: float, calibration, hw, dense_logits
             "mean_kl": q["mean_kl"], "top1_agreement": q["top1_agreement"],
             "max_abs_logit_delta": q["max_abs_logit_delta"], "latency_ms": us / 1000, "speedup": dense_us / us,
             "pareto": False, "axis": info["axis"], "exact_for_relu": bool(info["exact_for_relu"]),
-            "bound": bool(info["bound"]), "approximate": bool(method.params.get("approximate", False)),
+            "bound": bool(info["bound"]),
+            "approximate": bool(method.params.get("approximate", False)) and method.name in APPROXIMATE_METHODS
+            and not runner.weights.activation.sparse_capable,
             "paper": info["paper"], "params": info["params"],
             "layer_sparsity": [round(r["sparsity"], 6) for r in rows], "extra": method.extra_stats()}
 
