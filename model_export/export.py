@@ -66,6 +66,7 @@ class ExportOptions:
     portable: bool = False            # standard ops only (no GroupQueryAttention etc.), KV cache grown by Concat
     max_length: int | None = None     # longest sequence (shared KV buffer, rotary caches); default: the model's
     dtype: str = "float32"            # weights and activations: float32 or float16 (fused form only)
+    approximate: bool = False         # sparse SiLU: rows the sign predictor skips are taken as zero
 
 
 def export_form(options: ExportOptions) -> dict[str, str]:
@@ -129,8 +130,9 @@ class LlamaExporter:
         self.progress = progress or (lambda: None)
         if options.target not in mf.TARGETS:
             raise SparseInferError(f"unknown target {options.target!r}; expected cpu or cuda")
-        if options.sparse and not self.act.sparse_capable:
-            raise SparseInferError(f"activation {self.act} has no exact zeros; export it with --dense")
+        if options.sparse and not self.act.sparse_capable and not options.approximate:
+            raise SparseInferError(f"activation {self.act} has no exact zeros; export it with --dense, or "
+                                   f"sparse with --approximate (rows predicted negative taken as zero)")
         self.alpha_milli = AlphaSchedule.parse(options.alpha).per_layer_milli(self.s.num_layers)
         self.max_length = options.max_length or self.s.max_position_embeddings
         if not 0 < self.max_length <= self.s.max_position_embeddings:
@@ -380,6 +382,7 @@ class LlamaExporter:
                 "sparseinfer.model_head_dim": str(s.head_dim), "sparseinfer.vocab_size": str(s.vocab_size),
                 "sparseinfer.max_position_embeddings": str(s.max_position_embeddings),
                 "sparseinfer.activation": str(self.act), **export_form(self.o),
+                "sparseinfer.approximate": str(self.o.sparse and not self.act.sparse_capable),
                 "sparseinfer.max_length": str(self.max_length),
                 "sparseinfer.tied_embeddings": str(self.tied)}
         onnx.helper.set_model_props(model, meta)
@@ -391,21 +394,31 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
     """Build, save and check the model, write ``genai_config.json`` beside it (``token_ids``:
     bos / eos / pad ids for it; ``ops_library``: the op library it names for sparse exports);
     returns its path. Above 1 GiB of fp32 weights the
-    initializers are streamed into ``<name>.data`` beside it while the graph is built."""
+    initializers are streamed into ``<name>.data`` beside it while the graph is built.
+
+    Written whole: the model and its ``.data`` (which the model names, so it is written under
+    its final name) go to a staging folder inside the output folder, are checked there, and
+    only then are moved into place together (reference.files.commit), so a failed or
+    interrupted export, a re-export over a good one included, leaves the previous pair intact
+    and no partial file."""
+    from sparseinfer.reference.files import commit, staging_folder
+
     from .genai_config import write_genai_config
 
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    data_path = out.parent / (out.name + ".data")
-    if data_path.exists():
-        data_path.unlink()
+    if out.is_dir():
+        raise SparseInferError(f"cannot write {out}: it is a directory")
+    data_name = out.name + ".data"
     big = 4 * weights.num_elements() > EXTERNAL_DATA_BYTES
-    with ExternalData(data_path) if big else contextlib.nullcontext() as external:
-        model = LlamaExporter(weights, options, progress, external).build()
-    onnx.save_model(model, str(out))
+    with staging_folder(out.parent, out.name) as stage:
+        staged = stage / out.name
+        with ExternalData(stage / data_name) if big else contextlib.nullcontext() as external:
+            model = LlamaExporter(weights, options, progress, external).build()
+        onnx.save_model(model, str(staged))
+        if check:
+            register_onnxruntime_schemas()
+            onnx.checker.check_model(str(staged), full_check=True)
+        commit(stage, out.parent, [data_name, out.name])     # the model last: it names the data
     write_genai_config(out, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids,
                        ops_library if options.sparse else None)
-    if check:
-        register_onnxruntime_schemas()
-        onnx.checker.check_model(str(out), full_check=True)
     return out

@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import replacing, write_json
 
 
 def genai_ops_library():
@@ -29,27 +30,29 @@ def genai_ops_library():
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, portable=False,
-                      progress=None, dtype="float32") -> Path:
+                      progress=None, dtype="float32", approximate=False) -> Path:
     """Load (a path) or take (a loaded checkpoint), export, and write the folder's other files
     beside the model. ``progress``: called once per layer exported. Returns the model's path."""
     from .checkpoint import load_checkpoint
     from .export import ExportOptions, export_onnx
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
-    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable, dtype=dtype)
+    opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable, dtype=dtype,
+                         approximate=approximate)
     path = export_onnx(ck.weights, out, opts, progress=progress,
                        token_ids={"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id},
                        ops_library=genai_ops_library() if sparse else None)
-    if ck.tokenizer is not None:
-        ck.tokenizer.save(str(Path(path).with_name("tokenizer.json")))
+    if ck.tokenizer is not None:                   # each written whole (reference.files)
+        with replacing(Path(path).with_name("tokenizer.json")) as tmp:
+            ck.tokenizer.save(str(tmp))
         ids = {"bos_token_id": ck.bos_token_id, "eos_token_id": ck.eos_token_id}
-        Path(path).with_name("generation_config.json").write_text(json.dumps(ids) + "\n")
+        write_json(Path(path).with_name("generation_config.json"), ids, indent=None)
         # what onnxruntime-genai's Tokenizer (onnxruntime-extensions) reads besides tokenizer.json
         names = {f"{k}_token": ck.tokenizer.id_to_token(v) for k, v in (("bos", ck.bos_token_id),
                                                                        ("eos", ck.eos_token_id)) if v is not None}
-        Path(path).with_name("tokenizer_config.json").write_text(json.dumps(
-            {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
-             "model_max_length": ck.shape.max_position_embeddings, **names}, indent=2) + "\n")
+        write_json(Path(path).with_name("tokenizer_config.json"),
+                   {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
+                    "model_max_length": ck.shape.max_position_embeddings, **names})
     return path
 
 

@@ -156,16 +156,19 @@ def mlp_dense(x, w_gate, w_up, w_down, activation, w_down_t=None) -> np.ndarray:
 
 
 def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+actual",
-               w_signs=None, w_down_t=None):
+               w_signs=None, w_down_t=None, approximate: bool = False):
     """Sparse MLP: returns (output [d] float32, MLPTrace).
 
     ``w_signs`` (``pack_signs(w_gate)``) and ``w_down_t`` (``w_down.T`` contiguous) may be
     passed to avoid re-deriving them per call, the way a kernel prepares them once at load
-    time.
+    time. ``approximate``: allow an activation without exact zeros (SiLU): rows the
+    predictor skips are taken as zero, an approximation; the trace's ``actual_zero`` is then
+    the rows whose gate pre-activation is negative (what the sign predictor aims at).
     """
     act = Activation.parse(activation)
-    if not act.sparse_capable:
-        raise SparseInferError(f"activation {act} has no exact zeros; sparse modes need relu or fatrelu")
+    if not act.sparse_capable and not approximate:
+        raise SparseInferError(f"activation {act} has no exact zeros; sparse modes need relu or fatrelu "
+                               f"(or approximate=True)")
     if mode not in MODES:
         raise SparseInferError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
     x, d, k = check_mlp_inputs(x, w_gate, w_up, w_down)
@@ -174,8 +177,9 @@ def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+a
 
     # The true h1 for every row: the statistics (actual mask) need it, and for the rows
     # the mode computes it is bit-identical to what a kernel computes for them.
-    h1_true = act(oc.warp_dot_rows(w_gate, x))
-    actual_zero = h1_true == 0
+    z = oc.warp_dot_rows(w_gate, x)
+    h1_true = act(z)
+    actual_zero = h1_true == 0 if act.sparse_capable else z < 0
 
     if mode == "oracle":
         predicted_zero = actual_zero.copy()

@@ -510,3 +510,25 @@ def test_float16_export_refuses_overflow_and_the_portable_form(tmp_path):
         export_onnx(w, tmp_path / "m.onnx", ExportOptions(dtype="float16", portable=True))
     with pytest.raises(SparseInferError, match="unknown dtype 'bfloat16'"):
         export_onnx(w, tmp_path / "m.onnx", ExportOptions(dtype="bfloat16"))
+
+
+def test_silu_models_export_sparse_only_when_approximate(tmp_path):
+    """A SiLU model's sparse export needs approximate=True; then the SparseMLP op (native or
+    body) skips the rows the sign predictor calls negative, with the reference's masks."""
+    w = make_weights(synthetic_shape("tiny", layers=2, hidden_act="silu"), seed=4)
+    with pytest.raises(SparseInferError, match="has no exact zeros; export it with --dense, or sparse with --approximate"):
+        export_onnx(w, tmp_path / "no" / "m.onnx", ExportOptions(sparse=True))
+    path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=True, approximate=True, debug=True, alpha="0.98"))
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    assert meta["sparseinfer.approximate"] == "True" and meta["sparseinfer.activation"] == "silu"
+    for kernels in ("native", "function"):
+        decoder = OnnxDecoder(path, mlp_kernels=kernels)
+        decoder.step(PROMPT[:5])
+        for tok in (101, 32):
+            _, debug = decoder.step([tok])
+            for i, lw in enumerate(w.layers):
+                x = debug[f"debug.{i}.mlp_input"].reshape(-1)
+                _, trace = mlp_sparse(x, lw.gate, lw.up, lw.down, "silu", alpha=0.98, approximate=True)
+                assert np.array_equal(debug[f"debug.{i}.predicted_zero"], trace.predicted_zero), kernels
+                assert np.array_equal(debug[f"debug.{i}.rows"], np.flatnonzero(trace.computed_up)), kernels
+                assert 0.2 < trace.predicted_zero.mean() < 0.8

@@ -70,7 +70,7 @@ def _progress():
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
-                      portable=False, dtype="float32"):
+                      portable=False, dtype="float32", approximate=False):
     """model_export.export_folder.export_checkpoint with a progress bar and a line on stderr."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.model_export.export_folder import export_checkpoint as export
@@ -79,7 +79,7 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
         path = export(ck, out, sparse, alpha, target, debug, portable, progress=lambda: bar.advance(task),
-                      dtype=dtype)
+                      dtype=dtype, approximate=approximate)
     if not quiet:
         echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
                  f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''}, {dtype})")
@@ -106,7 +106,10 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
 @click.option("--portable", is_flag=True, help=PORTABLE_HELP)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help=DTYPE_HELP)
-def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype):
+@click.option("--approximate", is_flag=True,
+              help="Sparse export of a model without exact zeros (SiLU): the rows the sign predictor calls "
+                   "negative are taken as zero, an approximation (measure its quality: compare-methods, eval).")
+def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, approximate):
     """Export CHECKPOINT (HF directory or .gguf) to one ONNX model for prefill + decode.
 
     Decode steps use the sparse MLP: one SparseMLP node per layer (domain ai.sparseinfer),
@@ -115,7 +118,7 @@ def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype):
     for sparse exports, the op library. The graph passes onnx.checker.check_model(full_check=True).
     """
     export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug, portable=portable,
-                      dtype=dtype)
+                      dtype=dtype, approximate=approximate)
 
 
 SAMPLING = [

@@ -22,6 +22,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -47,7 +48,7 @@ constexpr int kCacheLine = 64;
 static_assert(kLanes == 32, "the butterfly below is 16, 8, 4, 2, 1");
 static_assert(DOWN_ROW_CHUNK % DOWN_SUB_CHUNKS == 0, "sub-chunks split a chunk evenly");
 
-enum Activation { kRelu = 0, kFatRelu = 1 };
+enum Activation { kRelu = 0, kFatRelu = 1, kSilu = 2 };   // silu: approximate sparsity (exports' --approximate)
 
 struct MlpParams {
     int d = 0, k = 0;
@@ -59,8 +60,12 @@ struct MlpParams {
 
 inline float activate(const MlpParams& p, float z) {
     if (p.act == kRelu) return z > 0.0f ? z : 0.0f;
+    if (p.act == kSilu) return z / (1.0f + std::exp(-z));     // not part of the bit-exact contract
     return z >= p.threshold ? z : 0.0f;
 }
+
+// The debug output actual_zero: h1 == 0, or for SiLU (no exact zeros) a negative gate.
+inline bool actually_zero(const MlpParams& p, float z) { return p.act == kSilu ? z < 0.0f : activate(p, z) == 0.0f; }
 
 inline void prefetch_span(const void* p, size_t bytes) {
     const char* c = static_cast<const char*>(p);

@@ -173,8 +173,10 @@ Kernel* make_kernel(const OrtKernelInfo* info) {
             check(g_api->KernelInfoGetAttribute_float(info, "threshold", &kernel->p.threshold));
             if (!(kernel->p.threshold == kernel->p.threshold) || kernel->p.threshold - kernel->p.threshold != 0.0f)
                 throw OpError(kernel->node + ": fatrelu threshold must be finite");
+        } else if (act == "silu") {
+            kernel->p.act = kSilu;             // predicted-negative gates taken as zero: an approximation
         } else {
-            throw OpError(kernel->node + ": activation '" + act + "' has no exact zeros; expected relu or fatrelu");
+            throw OpError(kernel->node + ": activation '" + act + "' is not supported; expected relu, fatrelu or silu");
         }
     } catch (...) {
         delete kernel;
@@ -305,7 +307,7 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     }
     if (actual) {
         for_row_blocks(ctx, p.k, [&](int r0, int r1) {
-            for (int i = r0; i < r1; ++i) actual[i] = activate(p, dot<W>(w_gate + int64_t(i) * p.d, x, p.d, nullptr)) == 0.0f;
+            for (int i = r0; i < r1; ++i) actual[i] = actually_zero(p, dot<W>(w_gate + int64_t(i) * p.d, x, p.d, nullptr));
         });
     }
 }
@@ -406,6 +408,8 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         a.d = int(d);
         a.k = int(k);
         a.alpha_milli = kernel.p.alpha_milli;
+        if (kernel.p.act == kSilu)
+            throw OpError(kernel.node + ": the CUDA kernels have no SiLU; run this approximate export on the CPU");
         a.activation = kernel.p.act == kRelu ? SPARSEINFER_ACT_RELU : SPARSEINFER_ACT_FATRELU;
         a.threshold = kernel.p.threshold;
         a.out = static_cast<float*>(output(ctx, kOut, in.x.shape));
