@@ -6,6 +6,12 @@ zero), each row says whether the version's output was verified against the refer
 at that shape (bits, or the rigorous bound for the atomic version), its time, the bytes
 it touches (``sim.traffic``), GB/s, % of peak, and its speedup over cuBLAS dense fp16
 GEMVs (CuPy matmul) for the same step, timed in the same run.
+
+The ``baseline`` row (``dense-gemv``) is the strong dense baseline of issue 17: the dense
+fp16 MLP as this project's own bandwidth-tuned GEMVs, checked against the rigorous bound.
+Every ``mlp`` row also gets ``strong_dense_us``, ``best_dense_us`` (the faster of cuBLAS and
+that row, where it verified), ``best_dense`` (which one) and ``speedup_vs_best_dense``: the
+headline ratio.
 """
 from __future__ import annotations
 
@@ -16,7 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from sparseinfer.kernels import DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, ops
+from sparseinfer.kernels import BASELINE, DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, ops
+from sparseinfer.kernels.baseline_check import dense_mlp_verified
 from sparseinfer.kernels.device import DeviceMatrix, cupy
 from sparseinfer.kernels.graph import MLPGraph, capture
 from sparseinfer.kernels.expected import expected_h1_h3, same_bits, within_down_bound
@@ -71,7 +78,9 @@ def _row(kernel, version, shape, sparsity, verified, timing, n_bytes, peak, dens
 
 
 # What each benchmark row times, by kernel family; tests and ``bench_case`` iterate over it.
-TARGET_FAMILIES = {"mlp": PIPELINES, "pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN}
+TARGET_FAMILIES = {"mlp": PIPELINES, "pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN,
+                   "baseline": BASELINE}
+STRONG_DENSE = "dense-gemv"      # the baseline row the headline ratio is also read against
 
 
 def bench_targets():
@@ -182,7 +191,19 @@ class BenchCase:
             verified = self._verify_down(v.run(h3, wt).get(), v.deterministic, self.want)
             return Measurement(kernel, version, lambda: v.run(h3, wt), verified,
                                traffic.down_bytes(version, shape.d, shape.k, BENCH_DTYPE, rows["down"]), "down")
+        if kernel == "baseline":          # the strong dense MLP: W_down in the HF layout, its own upload
+            run, mlp, w_down, layer = BASELINE[version].run, self.mlp, self._w_down_dense(), self.layer
+            h1, h3, out = (a.get() for a in run(x, mlp.w_gate, mlp.w_up, w_down, self.act))
+            verified = dense_mlp_verified(h1, h3, out, layer.x, layer.w_gate, layer.w_up, self.w_down_t, self.act)
+            return Measurement(kernel, version, lambda: run(x, mlp.w_gate, mlp.w_up, w_down, self.act), verified,
+                               traffic.strong_dense_bytes(shape.d, shape.k, BENCH_DTYPE), "mlp")
         raise ValueError(f"unknown benchmark kernel {kernel!r}; expected one of {', '.join(TARGET_FAMILIES)}")
+
+    def _w_down_dense(self) -> DeviceMatrix:
+        """W_down [d, k] (Hugging Face layout) on the device, for the strong dense baseline."""
+        if getattr(self, "_w_down_dev", None) is None:
+            self._w_down_dev = DeviceMatrix.from_host("w_down", self.layer.w_down, check_nan=False)
+        return self._w_down_dev
 
     def row(self, m: Measurement, timing, peak: float) -> dict:
         return _row(m.kernel, m.version, self.shape, self.sparsity, m.verified, timing, m.n_bytes, peak,
@@ -212,7 +233,29 @@ def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0,
         out.append(case.row(m, t, peak))
         log(f"  {kernel} {version}: {t.median_us:.2f} us, {m.n_bytes / t.median_us / 1e3:.0f} GB/s, "
             f"verified {m.verified}")
+    add_best_dense(out)
+    head = next((r for r in out if r["kernel"] == "mlp" and r["version"] == DEFAULT_PIPELINE and "best_dense_us" in r),
+                None)
+    if head:
+        log(f"  headline {DEFAULT_PIPELINE}: {head['speedup_vs_best_dense']:.2f}x the faster dense "
+            f"({head['best_dense']}: cuBLAS {head['dense_baseline_us']:.1f} us, {STRONG_DENSE} "
+            f"{head['strong_dense_us'] if head['strong_dense_us'] is not None else 'not verified'} us)")
     return out
+
+
+def add_best_dense(rows: list[dict]) -> None:
+    """Each timed ``mlp`` row of one case gets the strong dense row's time (None where it failed
+    or did not verify), the faster of it and cuBLAS, which one that is, and the speed-up over it."""
+    strong = next((r for r in rows if r["kernel"] == "baseline" and r["version"] == STRONG_DENSE and r.get("verified")
+                   and "latency_us" in r), None)
+    for r in rows:
+        if r["kernel"] != "mlp" or "latency_us" not in r:
+            continue
+        cublas = r["dense_baseline_us"]
+        strong_us = strong["latency_us"] if strong else None
+        best, which = (strong_us, STRONG_DENSE) if strong_us is not None and strong_us < cublas else (cublas, "cublas")
+        r.update(strong_dense_us=strong_us, best_dense_us=best, best_dense=which,
+                 speedup_vs_best_dense=round(best / r["latency_us"], 3))
 
 
 def verify_case(shape, sparsity: float, seed: int = 0, log=print) -> list[dict]:

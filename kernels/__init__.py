@@ -7,8 +7,8 @@ the CPU compile gate: :mod:`.compile_check`; the same sources run on the CPU:
 sources on the CUDA provider.
 """
 from .device import DeviceMatrix, GpuUnavailable, gpu_unavailable_reason
-from .registry import DEFAULT_PIPELINE, DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
+from .registry import BASELINE, DEFAULT_PIPELINE, DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
 from .sparse_mlp import SparseMLP
 
-__all__ = ["DeviceMatrix", "GpuUnavailable", "gpu_unavailable_reason", "DEFAULT_PIPELINE", "DOWN", "FAMILIES",
+__all__ = ["BASELINE", "DeviceMatrix", "GpuUnavailable", "gpu_unavailable_reason", "DEFAULT_PIPELINE", "DOWN", "FAMILIES",
            "GATE_UP", "PACK_SIGNS", "PIPELINES", "PREDICT", "SparseMLP"]

@@ -16,7 +16,8 @@ from sparseinfer.reference.signs import words_per_row
 
 from . import device
 from .device import DeviceMatrix, cupy, kernel
-from .sources import DOWN_THREADS, GATE_UP_BATCHED_THREADS, GATE_UP_PREDICTING
+from .sources import (DOWN_NARROW_THREADS, DOWN_THREADS, GATE_UP_BATCHED_THREADS, GATE_UP_PREDICTING,
+                      GATE_UP_SMALL_BLOCKS, PREDICT_ROWS_PER_WARP)
 
 THREADS = 256                      # 8 warps per block in the warp-per-row kernels
 COMPACT_THREADS = 1024
@@ -117,18 +118,21 @@ def _check_signs(w_signs, x_signs, d: int) -> int:
     return w_signs.shape[0]
 
 
-def predict(w_signs, x_signs, d: int, alpha_milli: int, vector_loads: bool = False):
+def predict(w_signs, x_signs, d: int, alpha_milli: int, vector_loads: bool = False, multi_row: bool = False):
     """(counts int32 [k], zero uint8 [k]): N_neg per row and eq. 2's predicted-zero mask.
 
     ``vector_loads``: read the sign words 16 bytes at a time where aligned (predict_rows_vec).
+    ``multi_row``: predict_rows_multi, PREDICT_ROWS_PER_WARP rows per warp, every 16-byte quad a
+    lane reads loaded before any is counted.
     """
     k = _check_signs(w_signs, x_signs, d)
     alpha_milli = check_alpha_milli(alpha_milli)
     cp = cupy()
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
-    kernel("predict_rows_vec" if vector_loads else "predict_rows")(
-        _warp_grid(k), (THREADS,),
+    name = "predict_rows_multi" if multi_row else "predict_rows_vec" if vector_loads else "predict_rows"
+    kernel(name)(
+        _warp_grid(-(-k // PREDICT_ROWS_PER_WARP) if multi_row else k), (THREADS,),
         (w_signs, np.int64(w_signs.shape[1]), x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
     return counts, zero
 
@@ -205,7 +209,7 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
     zero = cp.empty(k, dtype=cp.uint8)
     h1, h3 = _gate_up_outputs(k, zeroed=False)
     name = f"gate_up_{kind}_{w_gate.dtype_name}"
-    threads = GATE_UP_BATCHED_THREADS if kind == "batched" else THREADS
+    threads = GATE_UP_BATCHED_THREADS if kind in GATE_UP_SMALL_BLOCKS else THREADS
     grid = _warp_grid(k, threads)
     if kind == "persistent":
         grid = (min(grid[0], device.resident_blocks(name, threads)),)
@@ -224,8 +228,8 @@ def _check_down(h3, w_down_t: DeviceMatrix) -> tuple[int, int]:
     return w_down_t.rows, w_down_t.cols
 
 
-def _down_grid_x(d: int, dtype) -> int:
-    return -(-d // (DOWN_THREADS * vector_width(dtype)))
+def _down_grid_x(d: int, dtype, tile: int = DOWN_THREADS) -> int:
+    return -(-d // (tile * vector_width(dtype)))
 
 
 def _chunked_down(h3, w_down_t: DeviceMatrix) -> tuple:
@@ -236,13 +240,17 @@ def _chunked_down(h3, w_down_t: DeviceMatrix) -> tuple:
     return k, d, n_chunks, cp.empty((n_chunks, d), dtype=cp.float32), cp.empty(d, dtype=cp.float32)
 
 
-def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False, batched: bool = False):
+def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False, batched: bool = False, narrow: bool = False):
     """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending.
-    ``batched``: down_chunks_batched, each thread loading 8 rows' weights before adding them."""
+    ``batched``: down_chunks_batched, each thread loading 8 rows' weights before adding them.
+    ``narrow``: down_chunks_narrow, the batched kernel on column tiles of DOWN_NARROW_THREADS
+    threads (more, smaller blocks per chunk; the same order per column)."""
     k, d, n_chunks, partial, out = _chunked_down(h3, w_down_t)
-    name = f"down_chunks_batched_{w_down_t.dtype_name}" if batched else f"down_chunks_{w_down_t.dtype_name}"
+    dt = w_down_t.dtype_name
+    name = f"down_chunks_narrow_{dt}" if narrow else f"down_chunks_batched_{dt}" if batched else f"down_chunks_{dt}"
+    tile = DOWN_NARROW_THREADS if narrow else DOWN_THREADS
     kernel(name)(
-        (_down_grid_x(d, w_down_t.dtype), n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
+        (_down_grid_x(d, w_down_t.dtype, tile), n_chunks), (tile * DOWN_SUB_CHUNKS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(bool(dense)), partial))
     kernel("down_reduce_chunks")((-(-d // THREADS),), (THREADS,), (partial, np.int32(n_chunks), np.int32(d), out))
     return out
@@ -281,3 +289,31 @@ def down_atomic(h3, w_down_t: DeviceMatrix, rows_per_block: int = ATOMIC_ROWS_PE
         (_down_grid_x(d, w_down_t.dtype), -(-k // rows_per_block)), (DOWN_THREADS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(rows_per_block), out))
     return out
+
+
+# --- the strong dense baseline (dense.cu; issue 17) -------------------------------------
+
+def dense_gemv_mlp(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down: DeviceMatrix, activation):
+    """(h1, h3 [k], out [d]): the dense MLP as two bandwidth-tuned GEMVs, the benchmark's strong
+    dense baseline beside cuBLAS. ``w_down`` in the Hugging Face layout [d, k] (not W_down^T):
+    dense_gate_up (warp per neuron, gate and up chunks in flight together), then dense_rows
+    (warp per output row). h1 and h3 are in the contract's order; ``out`` is not (one warp
+    sum per row of W_down instead of the chunked partials), so it is checked against
+    rigorous_error_bound."""
+    d = check_vector("x", x)
+    check_pair(w_gate, w_up, d)
+    act = sparse_activation(activation)
+    k = w_gate.rows
+    check_matrix("w_down", w_down, k)
+    if w_down.rows != d or w_down.dtype != w_gate.dtype:
+        raise SparseInferError(f"w_down has shape {w_down.shape} {w_down.dtype_name}; expected [d, k] = ({d}, {k}) "
+                               f"{w_gate.dtype_name}")
+    cp = cupy()
+    h1, h3 = _gate_up_outputs(k, zeroed=False)
+    kernel(f"dense_gate_up_{w_gate.dtype_name}")(
+        _warp_grid(k), (THREADS,),
+        (x, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k), *_act_args(act), h1, h3))
+    out = cp.empty(d, dtype=cp.float32)
+    kernel(f"dense_rows_{w_down.dtype_name}")(
+        _warp_grid(d), (THREADS,), (w_down.data, np.int64(w_down.ld), h3, np.int32(d), np.int32(k), out))
+    return h1, h3, out

@@ -8,6 +8,8 @@ Tests and benchmarks iterate over these dictionaries, so a new version is one ke
 * ``gate_up``:    run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero | None)
 * ``down``:       run(h3, w_down_t: DeviceMatrix) -> out
 * ``mlp``:        a gate_up version and a down version run in sequence (``SparseMLP``)
+* ``baseline``:   run(x, w_gate, w_up, w_down [d, k], activation) -> (h1, h3, out): the strong dense
+  baseline (not a sparse version; ``deterministic`` False: out is checked against the rigorous bound)
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ def _family(family: str, *entries) -> dict:
     return {name: Version(family, name, desc, det, run) for name, desc, det, run in entries}
 
 
-def _predict_mask(w_signs, x_signs, d, alpha_milli, vector_loads=False):
-    return (*ops.predict(w_signs, x_signs, d, alpha_milli, vector_loads), None, None)
+def _predict_mask(w_signs, x_signs, d, alpha_milli, vector_loads=False, multi_row=False):
+    return (*ops.predict(w_signs, x_signs, d, alpha_milli, vector_loads, multi_row), None, None)
 
 
 def _predict_v2(w_signs, x_signs, d, alpha_milli):
@@ -73,6 +75,8 @@ PREDICT = _family(
     ("v2", "v1, then one block compacts the active rows into an ascending list (ballot prefix)", True, _predict_v2),
     ("v3", "v1 reading the sign words 16 bytes per lane where aligned (as the fused gate+up does)", True,
      functools.partial(_predict_mask, vector_loads=True)),
+    ("v4", "4 rows per warp (8 lanes each), every 16-byte quad of sign words a lane reads loaded before any is "
+           "counted (13B: one round trip per row)", True, functools.partial(_predict_mask, multi_row=True)),
 )
 
 GATE_UP = _family(
@@ -85,6 +89,9 @@ GATE_UP = _family(
                       "loaded before they are added (+AS)", True, functools.partial(_gate_up_fused, kind="persistent")),
     ("v5_batched", "v3 (warp per row) with v4's loads: 8 weight chunks per lane in flight before they are added "
                    "(+AS)", True, functools.partial(_gate_up_fused, kind="batched")),
+    ("v6_paired", "v5 with the gate and up rows read together: 6 chunks of each per lane in flight, one series "
+                  "of round trips for both (reads the up row of every predicted-active row; +AS in the result)",
+     True, functools.partial(_gate_up_fused, kind="paired")),
     ("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)", True,
      _gate_up_dense),
 )
@@ -95,6 +102,9 @@ DOWN = _family(
                   "in order", True, lambda h3, wt: ops.down_chunks(h3, wt)),
     ("v4_batched", "v1 with each thread loading 8 rows' weights before it adds them (more loads in flight)",
      True, lambda h3, wt: ops.down_chunks(h3, wt, batched=True)),
+    ("v5_narrow", "v4 on column tiles of 64 threads instead of 128: twice the blocks per chunk, 256 threads each "
+                  "(more blocks in flight; the same order per column)", True,
+     lambda h3, wt: ops.down_chunks(h3, wt, narrow=True)),
     ("v3_serial", "v1 in one launch: the last block of each column tile (threadfence + counter) adds the "
                   "chunks' partials in order", True, lambda h3, wt: ops.down_chunks_serial(h3, wt)),
     ("v2_atomic", "order free (paper): split-K over row groups skipping h3 == 0, one atomicAdd per column per block",
@@ -103,7 +113,14 @@ DOWN = _family(
      lambda h3, wt: ops.down_chunks(h3, wt, dense=True)),
 )
 
-FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN}
+BASELINE = _family(
+    "baseline",
+    ("dense-gemv", "strong dense fp16 MLP: two bandwidth-tuned GEMVs (warp per neuron with gate and up chunks in "
+                   "flight together; warp per row of W_down [d, k], 8 chunks per lane in flight), no partials",
+     False, ops.dense_gemv_mlp),
+)
+
+FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN, "baseline": BASELINE}
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,8 @@ PIPELINES = {p.name: p for p in (
              "persistent fused predict+gate+up, one-launch deterministic down"),
     Pipeline("sparse-batched", "v5_batched", "v4_batched", "fused predict+gate+up and deterministic down, each "
              "with 8 loads in flight per lane/thread (default: the fastest measured, H200 2026-11-26)"),
+    Pipeline("sparse-paired", "v6_paired", "v5_narrow", "fused predict+gate+up with gate and up loads in flight "
+             "together, deterministic down on narrow column tiles (issue 17 candidate)"),
     Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}

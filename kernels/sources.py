@@ -14,14 +14,20 @@ from sparseinfer.reference import order_contract as oc
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPE_NAMES as SIGN_SUFFIXES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES as WEIGHT_SUFFIXES
 
-SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu")
+SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu", "dense.cu")
 DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_SUB_CHUNKS per block in v1)
 # Threads per block of gate_up_batched: 2 warps, so that a block holding one long-lived
 # active row keeps one other warp slot idle, not seven (at sparsity 0.92 about half of the
 # 8-warp blocks hold an active row and stay resident while their other warps have exited).
 GATE_UP_BATCHED_THREADS = 64
 # The gate+up kernels that predict as they go (gate_up.cu's GATE_UP_PREDICTING), by kind.
-GATE_UP_PREDICTING = ("fused", "persistent", "batched")
+GATE_UP_PREDICTING = ("fused", "persistent", "batched", "paired")
+# ... and those of them launched in blocks of GATE_UP_BATCHED_THREADS.
+GATE_UP_SMALL_BLOCKS = ("batched", "paired")
+# down_chunks_narrow (down v5): threads per column tile (x DOWN_SUB_CHUNKS per block); v1-v4 take DOWN_THREADS.
+DOWN_NARROW_THREADS = 64
+# predict_rows_multi (predict v4): rows per warp, each on WARP_SIZE / PREDICT_ROWS_PER_WARP lanes.
+PREDICT_ROWS_PER_WARP = 4
 
 # Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's
 # default is --ftz=false; no --use_fast_math). The contract's constants come in as defines.
@@ -36,21 +42,25 @@ COMPILE_OPTIONS = (
     f"-DDOWN_SUB_CHUNKS={oc.DOWN_SUB_CHUNKS}",
     f"-DDOWN_THREADS={DOWN_THREADS}",
     f"-DGATE_UP_BATCHED_THREADS={GATE_UP_BATCHED_THREADS}",
+    f"-DDOWN_NARROW_THREADS={DOWN_NARROW_THREADS}",
+    f"-DPREDICT_ROWS_PER_WARP={PREDICT_ROWS_PER_WARP}",
 )
 
 # The kernels each source defines (extern "C" names), and the hot ones whose register
 # spills fail the compile gate (every kernel on the per-token path).
 KERNELS = {
     "signs.cu": tuple(f"pack_signs_{s}" for s in SIGN_SUFFIXES),
-    "predict.cu": ("predict_rows", "predict_rows_vec", "compact_active"),
+    "predict.cu": ("predict_rows", "predict_rows_vec", "predict_rows_multi", "compact_active"),
     "gate_up.cu": tuple(f"gate_up_{v}_{s}" for v in ("mask", "list", *GATE_UP_PREDICTING)
                         for s in WEIGHT_SUFFIXES),
-    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_batched", "chunks_serial", "atomic")
+    "down.cu": tuple(f"down_{v}_{s}" for v in ("chunks", "chunks_batched", "chunks_narrow", "chunks_serial", "atomic")
                      for s in WEIGHT_SUFFIXES)
     + ("down_reduce_chunks",),
+    # the strong dense baseline (not on the sparse path; `sparseinfer bench`'s baseline row)
+    "dense.cu": tuple(f"dense_{v}_{s}" for v in ("gate_up", "rows") for s in WEIGHT_SUFFIXES),
 }
 HOT_KERNELS = frozenset(
-    name for src in ("predict.cu", "gate_up.cu", "down.cu") for name in KERNELS[src]) | {"pack_signs_fp32"}
+    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu") for name in KERNELS[src]) | {"pack_signs_fp32"}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
 

@@ -30,7 +30,8 @@ def predict_bytes(version: str, d: int, k: int) -> int:
 
 def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows_up: int) -> int:
     """Weights of the rows read, x, h1 and h3 written; plus what each version reads to decide."""
-    rows = 2 * k if version == "dense" else rows_gate + rows_up
+    # v6_paired reads the up row of every row predicted active, with its gate row (+AS drops the sum)
+    rows = 2 * k if version == "dense" else 2 * rows_gate if version == "v6_paired" else rows_gate + rows_up
     common = rows * d * itemsize(dtype) + d * F32 + 2 * k * F32
     if version == "dense":
         return common
@@ -38,7 +39,7 @@ def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows
         return common + k * MASK
     if version == "v2_list":
         return common + rows_gate * INDEX + INDEX
-    if version in ("v3_fused", "v4_persistent", "v5_batched"):  # the predictor's reads and writes, inside the kernel
+    if version in ("v3_fused", "v4_persistent", "v5_batched", "v6_paired"):  # the predictor's reads and writes, inside the kernel
         return common + predict_bytes("v1", d, k)
     raise ValueError(f"unknown gate_up version {version!r}")
 
@@ -47,7 +48,7 @@ def down_bytes(version: str, d: int, k: int, dtype: str, rows_down: int) -> int:
     """Rows of W_down^T read, h3, and the partial sums (v1) or the output (v2)."""
     rows = k if version == "dense" else rows_down
     weights = rows * d * itemsize(dtype)
-    if version in ("v1_chunks", "v4_batched", "v3_serial", "dense"):
+    if version in ("v1_chunks", "v4_batched", "v5_narrow", "v3_serial", "dense"):
         n_chunks = -(-k // DOWN_ROW_CHUNK)
         return weights + k * F32 + 2 * n_chunks * d * F32 + d * F32
     if version == "v2_atomic":
@@ -64,6 +65,12 @@ def mlp_bytes(gate_up: str, down: str, d: int, k: int, dtype: str, rows: dict) -
     if gate_up in ("v1_mask", "v2_list"):
         total += predict_bytes("v2" if gate_up == "v2_list" else "v1", d, k)
     return total + down_bytes(down, d, k, dtype, rows["down"])
+
+
+def strong_dense_bytes(d: int, k: int, dtype: str) -> int:
+    """The strong dense baseline (kernels' ``dense_gemv_mlp``): the three matrices, x read,
+    h1 and h3 written, h3 read back by the down GEMV, out written."""
+    return 3 * k * d * itemsize(dtype) + d * F32 + 3 * k * F32 + d * F32
 
 
 def dense_mlp_bytes(d: int, k: int, dtype: str) -> int:

@@ -174,6 +174,54 @@ __device__ __forceinline__ float warp_dot_row_batched(const T* __restrict__ row,
     return warp_sum_butterfly(scalar_chunks_add(acc, row, x, d, c, n_chunks));
 }
 
+// Two rows' dot products with the same x at once (a neuron's gate and up rows): each lane
+// loads U chunks of BOTH rows before adding any, so 2 x U x 16 bytes are in flight per lane
+// and the two rows share their round trips and their loads of x. Each row's sum keeps the
+// contract's order exactly as warp_dot_row_batched does (chunks ascending per lane, elements
+// in order, the same butterfly), so z_a and z_b are warp_dot_row's bits.
+template <typename T>
+__device__ __forceinline__ void chunk_pair_dot_add(float& acc_a, float& acc_b, uint4 ca, uint4 cb,
+                                                   const float* __restrict__ x, int j0) {
+    const int V = Elem<T>::V;
+    float wa[V], wb[V], xv[V];
+    Elem<T>::unpack(ca, wa);
+    Elem<T>::unpack(cb, wb);
+    load_x<V>(x, j0, xv);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+        acc_a = __fadd_rn(acc_a, __fmul_rn(wa[v], xv[v]));
+        acc_b = __fadd_rn(acc_b, __fmul_rn(wb[v], xv[v]));
+    }
+}
+
+template <typename T, int U>
+__device__ __forceinline__ void warp_dot_pair_batched(const T* __restrict__ row_a, const T* __restrict__ row_b,
+                                                      const float* __restrict__ x, int d, int lane, float& z_a,
+                                                      float& z_b) {
+    const int V = Elem<T>::V;
+    const int n_chunks = (d + V - 1) / V;
+    const int n_vec = (aligned16(row_a) && aligned16(row_b) && aligned16(x)) ? d / V : 0;
+    const uint4* av = reinterpret_cast<const uint4*>(row_a);
+    const uint4* bv = reinterpret_cast<const uint4*>(row_b);
+    float acc_a = 0.0f, acc_b = 0.0f;
+    int c = lane;
+    for (; c < n_vec; c += U * WARP_SIZE) {
+        uint4 wa[U], wb[U];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (c + u * WARP_SIZE < n_vec) {
+                wa[u] = __ldg(av + c + u * WARP_SIZE);
+                wb[u] = __ldg(bv + c + u * WARP_SIZE);
+            }
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+            if (c + u * WARP_SIZE < n_vec) chunk_pair_dot_add<T>(acc_a, acc_b, wa[u], wb[u], x, (c + u * WARP_SIZE) * V);
+    }
+    c = n_vec + ((lane - n_vec % WARP_SIZE) + WARP_SIZE) % WARP_SIZE;    // as in warp_dot_row_batched
+    z_a = warp_sum_butterfly(scalar_chunks_add(acc_a, row_a, x, d, c, n_chunks));
+    z_b = warp_sum_butterfly(scalar_chunks_add(acc_b, row_b, x, d, c, n_chunks));
+}
+
 // reference/activations.py: relu z > 0 ? z : +0; fatrelu z >= thr ? z : +0.
 __device__ __forceinline__ float activate(float z, int act_kind, float threshold) {
     if (act_kind == ACT_RELU) return z > 0.0f ? z : 0.0f;

@@ -63,8 +63,10 @@ __device__ __forceinline__ void down_add_rows(const T* __restrict__ wt, i64 ld, 
 // +0.0 (q[s]), for the same columns as every other group: several independent load streams
 // per column tile. Group 0 finally adds q[1], q[2], ... in order and writes partial[c, j];
 // down_reduce_chunks adds the chunks. v4 (down_chunks_batched) is v1 with DOWN_BATCH rows'
-// loads in flight per thread (down_add_rows).
-template <typename T, int BATCH = 1>
+// loads in flight per thread (down_add_rows). TILE: threads per column tile and sub-chunk
+// (DOWN_THREADS; v5, down_chunks_narrow, takes DOWN_NARROW_THREADS: narrower tiles, so more
+// and smaller blocks per chunk, with the same per-column order).
+template <typename T, int BATCH = 1, int TILE = DOWN_THREADS>
 __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, const T* __restrict__ wt, i64 ld,
                                                  int k, int d, int dense, float* __restrict__ partial) {
     const int V = Elem<T>::V;
@@ -73,7 +75,7 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
     __shared__ int rows_s[DOWN_ROW_CHUNK];
     __shared__ float h_s[DOWN_ROW_CHUNK];
     __shared__ int group_count[GROUPS];
-    __shared__ float sub_s[DOWN_SUB_CHUNKS - 1][DOWN_THREADS][Elem<T>::V];
+    __shared__ float sub_s[DOWN_SUB_CHUNKS - 1][TILE][Elem<T>::V];
     const int chunk = blockIdx.y;
     const int r0 = chunk * DOWN_ROW_CHUNK;
     const int lane = lane_id();
@@ -99,14 +101,14 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
         __syncthreads();
     }
 
-    const int sub = threadIdx.x / DOWN_THREADS;     // the sub-chunk this thread adds
-    const int ct = threadIdx.x % DOWN_THREADS;      // its column slot in the tile
+    const int sub = threadIdx.x / TILE;             // the sub-chunk this thread adds
+    const int ct = threadIdx.x % TILE;              // its column slot in the tile
     int begin = 0, end = 0;                         // sub-chunk's slice of rows_s
     for (int q = 0; q < (sub + 1) * GROUPS_PER_SUB; ++q) {
         if (q < sub * GROUPS_PER_SUB) begin += group_count[q];
         end += group_count[q];
     }
-    const int col0 = (blockIdx.x * DOWN_THREADS + ct) * V;
+    const int col0 = (blockIdx.x * TILE + ct) * V;
     const bool has_cols = col0 < d;                 // no early return: barriers follow
     float acc[V];
 #pragma unroll
@@ -198,6 +200,9 @@ __device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, c
 }
 
 #define DOWN_BATCH 8      // rows whose weights a thread of down_chunks_batched loads before adding them
+#ifndef DOWN_NARROW_THREADS
+#define DOWN_NARROW_THREADS 64    // v5's column tile: 64 threads x V columns, 4 sub-chunks per block
+#endif
 #define DOWN(NAME, T)                                                                                        \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) {      \
@@ -206,6 +211,10 @@ __device__ __forceinline__ void down_atomic_impl(const float* __restrict__ h3, c
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_batched_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) { \
         down_chunks_impl<T, DOWN_BATCH>(h3, wt, ld, k, d, dense, partial);                                   \
+    }                                                                                                        \
+    extern "C" __global__ void __launch_bounds__(DOWN_NARROW_THREADS * DOWN_SUB_CHUNKS)                      \
+    down_chunks_narrow_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, int dense, float* partial) { \
+        down_chunks_impl<T, DOWN_BATCH, DOWN_NARROW_THREADS>(h3, wt, ld, k, d, dense, partial);              \
     }                                                                                                        \
     extern "C" __global__ void __launch_bounds__(DOWN_THREADS * DOWN_SUB_CHUNKS)                             \
     down_chunks_serial_##NAME(const float* h3, const T* wt, i64 ld, int k, int d, float* partial,            \
