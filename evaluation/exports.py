@@ -24,6 +24,7 @@ import numpy as np
 
 from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import write_json
 
 EXPORTER_SOURCES = ("export.py", "onnx_builder.py", "mlp_functions.py", "checkpoint.py", "gguf_loader.py",
                     "tokenizer.py")
@@ -165,5 +166,5 @@ def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
     if row.kind == "random":
         source = dataclasses.replace(ck, weights=drop_random_rows(ck.weights, row.random, row.seed))
     export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target)
-    key_file.write_text(json.dumps(key, indent=1) + "\n")
+    write_json(key_file, key, indent=1)
     return model

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import make_folder, write_json
 
 from .data import BBH_TASKS, check_data
 from .exports import ensure_export, export_key, export_root, make_rows
@@ -150,8 +151,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     finish(result)
     from sparseinfer.benchmarks.machine import machine_description
     result["machine"] = machine_description(provider)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_json(make_folder(out) / "eval.json", result)
     return result
 
 

@@ -12,10 +12,9 @@ another one, and copy its library over it).
 """
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
+
+from sparseinfer.reference.files import copy_whole, write_json
 
 GENAI_CONFIG = "genai_config.json"
 
@@ -59,10 +58,6 @@ def write_genai_config(model_path, meta: dict[str, str], shape, token_ids: dict 
                        ops_library: Path | None = None) -> Path:
     path = Path(model_path).with_name(GENAI_CONFIG)
     if ops_library:                    # beside the model, written whole (temporary name, then rename)
-        copy = path.with_name(Path(ops_library).name)
-        tmp = copy.with_name(f".{copy.name}.tmp")
-        shutil.copyfile(ops_library, tmp)
-        os.replace(tmp, copy)
+        copy_whole(ops_library, path.with_name(Path(ops_library).name))
     config = genai_config(meta, shape, Path(model_path).name, token_ids, ops_library)
-    path.write_text(json.dumps(config, indent=2) + "\n")
-    return path
+    return write_json(path, config)

@@ -49,7 +49,6 @@ the 7B shape (4 layers, target 0.9) predicted and actual sparsity agree within a
 """
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -58,6 +57,7 @@ import numpy as np
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES, dtype_name, parse_dtype
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import commit, staging_folder, write_json
 from sparseinfer.reference.llama import LayerWeights, LlamaReference, LlamaWeights
 from sparseinfer.reference.shapes import BUILTIN_MODELS, ModelShape
 
@@ -276,10 +276,11 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_
     shape = synthetic_shape(shape_name, layers, kv_heads, hidden_act, tie_embeddings)
     weights = make_weights(shape, target_sparsity, seed)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(hf_config(shape, dtype, target_sparsity, seed), indent=2) + "\n")
-    save_file(hf_tensors(weights, dtype), str(out / "model.safetensors"), metadata={"format": "pt"})
-    byte_level_tokenizer().save(str(out / "tokenizer.json"))
+    with staging_folder(out, "checkpoint") as stage:     # written whole, moved in together, config last
+        save_file(hf_tensors(weights, dtype), str(stage / "model.safetensors"), metadata={"format": "pt"})
+        byte_level_tokenizer().save(str(stage / "tokenizer.json"))
+        write_json(stage / "config.json", hf_config(shape, dtype, target_sparsity, seed))
+        commit(stage, out, ["model.safetensors", "tokenizer.json", "config.json"])
     return out
 
 

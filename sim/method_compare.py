@@ -29,12 +29,12 @@ from __future__ import annotations
 import datetime as _dt
 import os
 import platform
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import write_whole
 
 from . import latency as lat
 from .alpha_sweep import pareto_front
@@ -220,22 +220,6 @@ def compare_methods(runner, calibration, method_names: list[str], targets: list[
             "evaluation": {"prompts": len(runner.prompt_ids), "tokens": int(len(dense_logits))},
             "dense_latency_ms": dense_us / 1000, "methods": method_names, "targets": list(targets),
             "rows": rows}
-
-
-def write_whole(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` through a temporary name in the same folder, then rename."""
-    p = Path(path)
-    if not p.parent.is_dir():
-        raise SparseInferError(f"no such directory: {p.parent}")
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
 
 
 def plot_pareto(result: dict, path) -> Path:

@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
+from sparseinfer.reference.files import check_destination, write_whole  # noqa: E402
 
 from . import paper  # noqa: E402
 
@@ -24,17 +25,21 @@ def check_png_path(path) -> Path:
     p = Path(path)
     if p.suffix.lower() != ".png":
         raise SparseInferError(f"plot file must end in .png, got {p.name}")
-    if not p.parent.is_dir():
-        raise SparseInferError(f"no such directory for the plot: {p.parent}")
-    return p
+    return check_destination(p, "plot")
 
 
 def save_png(fig, path) -> Path:
+    """Draw ``fig`` into memory, then write the PNG whole (reference.files)."""
+    import io
+
     p = check_png_path(path)
     fig.tight_layout()
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    return p
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=120)
+    finally:
+        plt.close(fig)
+    return write_whole(p, buf.getvalue())
 
 
 def plot_precision_recall(layer_stats: list[dict], path, title: str = "") -> Path:

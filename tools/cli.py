@@ -10,15 +10,30 @@ import sys
 import click
 
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import os_error_message
+
+
+class _Interrupted(Exception):
+    """Ctrl-C reached the command (its writers have removed their partial files on the way out)."""
 
 
 class OneLineErrors(click.Group):
-    """A click group whose usage errors and SparseInferErrors print one line and exit 2."""
+    """A click group whose usage errors, SparseInferErrors and OS errors (disk full, not a
+    directory, permission) print one line and exit 2; Ctrl-C prints one line and exits 130."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:          # before click turns it into Abort with a blank line
+            raise _Interrupted() from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
             return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
                                 standalone_mode=False, **extra)
+        except (_Interrupted, KeyboardInterrupt):
+            click.echo("error: interrupted", err=True)
+            sys.exit(130)
         except click.exceptions.Abort:
             click.echo("error: aborted", err=True)
             sys.exit(130)
@@ -28,7 +43,10 @@ class OneLineErrors(click.Group):
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(2)
         except (SparseInferError, FileNotFoundError) as e:
-            click.echo(f"error: {e}", err=True)
+            click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            sys.exit(2)
+        except OSError as e:
+            click.echo(f"error: {os_error_message(e)}", err=True)
             sys.exit(2)
 
 

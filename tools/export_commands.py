@@ -2,7 +2,6 @@
 bench-decode."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
 from sparseinfer.model_export.ort_profile import one_line
 from sparseinfer.model_export.synthetic import MAX_LAYERS, SYNTHETIC_SHAPES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
+from sparseinfer.reference.files import make_folder, write_json
 
 from sparseinfer.benchmarks.machine import machine_description
 from sparseinfer.model_export.export_folder import prompt_ids as _prompt_ids
@@ -63,10 +63,11 @@ TARGET_HELP = ("Predictor formulation. cpu: W_gate sign bits packed in uint64 wo
 
 
 def _progress():
+    from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True)
+                    transient=True, console=Console(stderr=True))     # stdout holds only the result
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
@@ -263,7 +264,7 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Checkpoint directory; default: make a synthetic one (--shape, --layers, --target-sparsity).")
 @click.option("--shape", "shape_name", type=click.Choice(list(SYNTHETIC_SHAPES)), default="prosparse-7b",
               show_default=True, help="Synthetic layer shape when no --checkpoint is given.")
-@click.option("--layers", type=int, default=4, show_default=True)
+@click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=4, show_default=True)
 @click.option("--target-sparsity", type=float, default=0.9, show_default=True)
 @click.option("--alpha", default="1.00", show_default=True, help="α schedule of the sparse export.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
@@ -272,8 +273,10 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
 @click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
               help=MLP_KERNELS_HELP + " With native kernels the sparse export is also timed on its function "
                    "bodies (row 'sparse-function').")
-@click.option("--tokens", type=int, default=32, show_default=True, help="Decode steps per run.")
-@click.option("--repeats", type=int, default=3, show_default=True, help="Runs per model (median reported).")
+@click.option("--tokens", type=click.IntRange(2), default=32, show_default=True,
+              help="Tokens generated per run, >= 2 (the first comes from the prefill, the rest are decode steps).")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Runs per model, >= 1 (median reported).")
 @click.option("--profile-tokens", type=click.IntRange(0, 4096), default=0, show_default=True,
               help="After the timed rounds, decode this many tokens per model in a new session with "
                    "onnxruntime's profiler on: time per token by execution provider and the top ops "
@@ -364,8 +367,8 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
 
     def save():
         if out_json:
-            Path(out_json).parent.mkdir(parents=True, exist_ok=True)
-            Path(out_json).write_text(json.dumps(result, indent=2) + "\n")
+            make_folder(Path(out_json).parent)
+            write_json(out_json, result)
 
     save()                                 # the timed rounds are kept even if the profiles are cut short
     profiles = _profile_decodes({k: v for k, v in paths.items() if not k.endswith("-graph")}, kernels_of,

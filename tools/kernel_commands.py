@@ -1,13 +1,11 @@
 """Commands over the CUDA kernels: bench (GPU) and kernels (list versions, CPU compile report)."""
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import click
 
 from sparseinfer.kernels.registry import FAMILIES, PIPELINES
 from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS
+from sparseinfer.reference.files import make_folder, write_json
 
 from .output import echo_err, echo_json, format_table
 
@@ -65,13 +63,11 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
     shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
 
     def save(result):                      # after every case too: a run cut short keeps its rows
-        text = json.dumps(result, indent=2)
         if json_path:
-            Path(json_path).write_text(text + "\n")
+            write_json(json_path, result)
         if results_dir:
             name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
-            Path(results_dir).mkdir(parents=True, exist_ok=True)
-            (Path(results_dir) / f"{name}.json").write_text(text + "\n")
+            write_json(make_folder(results_dir) / f"{name}.json", result)
 
     result = run(shapes, sparsities, repeats=repeats, loop_layers=loop_layers, log=echo_err, save=save)
     save(result)

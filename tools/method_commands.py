@@ -1,7 +1,6 @@
 """``sparseinfer compare-methods``: every activation-sparsity method side by side."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import click
@@ -101,7 +100,8 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
     """
     from sparseinfer.reference.shapes import load_model
     from sparseinfer.sim.method_base import parse_sparsities
-    from sparseinfer.sim.method_compare import compare_methods, plot_pareto, write_whole
+    from sparseinfer.reference.files import write_json
+    from sparseinfer.sim.method_compare import compare_methods, plot_pareto
     from sparseinfer.sim.methods import COMPARE_DEFAULT, make_method, parse_method_list, parse_param_options
     from sparseinfer.sim.model_runner import read_prompts
 
@@ -137,7 +137,7 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
                              sim_model=sim_shape, progress=None if as_json else _progress)
     result["checkpoint"] = str(checkpoint)
     if out_file:
-        write_whole(out_file, (json.dumps(result, indent=2) + "\n").encode())
+        write_json(out_file, result)
     if plot_file:
         plot_pareto(result, plot_file)
     if as_json:

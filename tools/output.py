@@ -1,13 +1,15 @@
 """Small output helpers shared by the commands: aligned text tables and JSON."""
 from __future__ import annotations
 
-import json
-
 import click
+
+from sparseinfer.reference.files import json_text
 
 
 def echo_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, sort_keys=False))
+    """``data`` as JSON on stdout: never NaN or Infinity (non-finite floats are null, their
+    paths listed under ``non_finite_as_null``; reference.files.json_text)."""
+    click.echo(json_text(data))
 
 
 def echo_err(message: str) -> None:
