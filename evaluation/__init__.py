@@ -8,7 +8,10 @@
 * ``exports``: the rows of a Table II/III run (dense, each α, random row dropping), each
   exported once and cached.
 * ``runner``: runs the rows through ``lm_eval.simple_evaluate`` and builds the table.
+* ``ray_shards``: ``--ray``, a row's requests on Ray workers (one model session each),
+  gathered in request order.
 
-lm-eval is an optional extra (``pip install 'sparseinfer[eval]'``); nothing here imports it
-at module level except ``backend``.
+lm-eval is an optional extra (``pip install 'sparseinfer[eval]'``), and so is Ray
+(``pip install 'sparseinfer[ray]'``). Nothing here imports lm-eval at module level except
+``backend`` and ``ray_shards``, and nothing imports Ray until ``--ray`` is given.
 """

@@ -89,6 +89,19 @@ def export_max_length(path) -> int:
     return int(meta.get("sparseinfer.max_length", meta.get("sparseinfer.max_position_embeddings", 0)))
 
 
+def summarize_stats(raw: dict, mlp_kernels: str) -> dict:
+    """``stats()`` from the raw counters (``SparseInferLM._stats``, or their sum over Ray workers)."""
+    s = dict(raw)
+    s["decode_tokens_per_s"] = s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else None
+    steps = s.pop("rows_steps")
+    pz, rc = s.pop("rows_predicted_zero"), s.pop("rows_computed")
+    s["decode_steps_counted"] = steps
+    s["predicted_sparsity"] = pz / steps if steps else None
+    s["decode_sparsity"] = 1.0 - rc / steps if steps else None       # rows not computed (+AS)
+    s["mlp_kernels"] = mlp_kernels
+    return s
+
+
 def _as_bool(v) -> bool:
     return v if isinstance(v, bool) else str(v).strip().lower() in ("1", "true", "yes", "on")
 
@@ -180,15 +193,7 @@ class SparseInferLM(TemplateLM):
                        "rows_steps": 0, "rows_predicted_zero": 0.0, "rows_computed": 0.0}
 
     def stats(self) -> dict:
-        s = dict(self._stats)
-        s["decode_tokens_per_s"] = s["decode_tokens"] / s["decode_s"] if s["decode_s"] > 0 else None
-        steps = s.pop("rows_steps")
-        pz, rc = s.pop("rows_predicted_zero"), s.pop("rows_computed")
-        s["decode_steps_counted"] = steps
-        s["predicted_sparsity"] = pz / steps if steps else None
-        s["decode_sparsity"] = 1.0 - rc / steps if steps else None       # rows not computed (+AS)
-        s["mlp_kernels"] = self.decoder.mlp_kernels
-        return s
+        return summarize_stats(self._stats, self.decoder.mlp_kernels)
 
     def _warn_once(self, message: str) -> None:
         if message not in self._warned:

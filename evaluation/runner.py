@@ -6,6 +6,9 @@ see ``exports``), ``<slug>/cache-<key>_rank0.db`` (lm-eval's request cache: an i
 resumes from what it has; the key changes with the export), ``<slug>/results.json`` and
 ``<slug>/samples_<task>_<date>.jsonl`` (lm-eval's own sample logging: prompt, generation,
 extracted answer, correct), and ``eval.json`` for the whole run.
+
+With ``ray`` (``--ray``), each row's requests run on Ray workers (``ray_shards``). lm-eval,
+its cache and its sample logging stay here, so the files are the same.
 """
 from __future__ import annotations
 
@@ -100,7 +103,10 @@ def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: st
 
 def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cpu", data_dir=None, out="out/eval",
              max_gen_toks=None, threads=None, mlp_kernels="auto", target=None, seed=0, progress=True, verbose=False,
-             log=print) -> dict:
+             log=print, ray=None, ray_workers=None) -> dict:
+    """Evaluate dense, each α and the random control (see the module's docstring). ``ray``: a
+    Ray address ('auto', 'local', HOST:PORT) to run each row's requests on Ray workers
+    (``ray_shards``; ``ray_workers`` of them) instead of in this process."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
 
     from .backend import SparseInferLM
@@ -111,6 +117,9 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
         raise SparseInferError(f"--limit {limit}: expected a positive number of samples per task")
     if not Path(checkpoint).exists():
         raise SparseInferError(f"no such checkpoint: {checkpoint}")
+    if ray is not None:
+        from .ray_shards import connect
+        connect(ray)                                   # before any export: no Ray, no work
     loaded = {}
 
     def ck():
@@ -130,22 +139,31 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
              for row in rows}
     loaded.clear()                                     # the weights are in the exports now
     result = {"checkpoint": str(checkpoint), "tasks": names, "limit": limit, "provider": provider,
-              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "rows": []}
+              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "ray": ray, "rows": []}
     for row in rows:
         key = hashlib.sha256(json.dumps(export_key(checkpoint, row, target), sort_keys=True).encode()).hexdigest()[:12]
         row_dir = out / row.slug
         log(f"evaluating {row.label} ({paths[row]}) on {', '.join(names)}"
             f"{f', {limit} samples per task' if limit else ''}")
-        lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
-                           provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
-                           cache_dir=str(out / "exports"), progress=progress,
-                           **({"max_gen_toks": max_gen_toks} if max_gen_toks else {}))
+        if ray is not None:
+            from .ray_shards import RayLM
+            lm = RayLM(paths[row], row, provider=provider, threads=threads, mlp_kernels=mlp_kernels,
+                       max_gen_toks=max_gen_toks, workers=ray_workers, progress=progress, address=ray)
+        else:
+            lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
+                               provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
+                               cache_dir=str(out / "exports"), progress=progress,
+                               **({"max_gen_toks": max_gen_toks} if max_gen_toks else {}))
         if lm.path != paths[row]:
             lm_path = lm.path
             raise SparseInferError(f"internal: export {lm_path} is not {paths[row]}")
-        one = evaluate_row(lm, names, data_root, row_dir, str(row_dir / f"cache-{key}"), limit, max_gen_toks,
-                           progress)
-        result["rows"].append({**row.as_dict(), "export": str(paths[row]), "mlp_kernels": lm.decoder.mlp_kernels,
+        try:
+            one = evaluate_row(lm, names, data_root, row_dir, str(row_dir / f"cache-{key}"), limit, max_gen_toks,
+                               progress)
+        finally:
+            if ray is not None:
+                lm.close()                             # the workers' sessions go before the next row's start
+        result["rows"].append({**row.as_dict(), "export": str(paths[row]), "mlp_kernels": one["stats"]["mlp_kernels"],
                                **one})
         del lm
     finish(result)

@@ -26,10 +26,18 @@ from .output import echo_err, echo_json, format_table
               help="Exports (cached), lm-eval's cache (resume), per-sample JSONL, results and eval.json.")
 @click.option("--max-gen-toks", type=int, default=None,
               help="Cap every generation at N tokens (default: the tasks' own, GSM8K 256, BBH 1024).")
+@click.option("--ray", "ray_address", metavar="ADDRESS|auto|local", default=None,
+              help="Run each row's requests on Ray workers, one model session per worker (a GPU each with "
+                   "--provider cuda): 'auto' joins the running cluster, 'local' starts one here, or HOST:PORT. "
+                   "Same results as in-process. --out must be on a disk every node sees. "
+                   "Needs the ray extra: pip install -e '.[ray]'.")
+@click.option("--ray-workers", type=int, default=None,
+              help="Number of Ray workers (default: one per GPU with cuda, else one per --threads CPUs of the "
+                   "cluster; --threads defaults to 1 under --ray).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def eval_cmd(checkpoint, tasks, alphas, random_sparsity, limit, provider, threads, data_dir, out_dir, max_gen_toks,
-             quiet, as_json):
+             ray_address, ray_workers, quiet, as_json):
     """Accuracy of CHECKPOINT (HF directory or .gguf) dense and sparse, through lm-eval.
 
     Evaluates the dense export, one sparse export per --alpha and, with --random, the
@@ -47,7 +55,7 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, limit, provider, thread
 
     result = run_eval(checkpoint, tasks, alphas=alphas, random=random_sparsity, limit=limit, provider=provider,
                       data_dir=data_dir, out=out_dir, max_gen_toks=max_gen_toks, threads=threads,
-                      progress=not quiet and not as_json, log=echo_err)
+                      progress=not quiet and not as_json, log=echo_err, ray=ray_address, ray_workers=ray_workers)
     if as_json:
         echo_json(result)
         return
