@@ -22,7 +22,8 @@ from typing import Callable
 
 import numpy as np
 
-from sparseinfer.kernels import BASELINE, DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, ops
+from sparseinfer.kernels import (BASELINE, DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP,
+                                  ops)
 from sparseinfer.kernels.baseline_check import dense_mlp_verified
 from sparseinfer.kernels.device import DeviceMatrix, cupy
 from sparseinfer.kernels.graph import MLPGraph, capture
@@ -234,8 +235,8 @@ def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0,
         log(f"  {kernel} {version}: {t.median_us:.2f} us, {m.n_bytes / t.median_us / 1e3:.0f} GB/s, "
             f"verified {m.verified}")
     add_best_dense(out)
-    head = next((r for r in out if r["kernel"] == "mlp" and r["version"] == DEFAULT_PIPELINE and "best_dense_us" in r),
-                None)
+    head = next((r for r in out
+                 if r["kernel"] == "mlp" and r["version"] == DEFAULT_PIPELINE and "best_dense_us" in r), None)
     if head:
         log(f"  headline {DEFAULT_PIPELINE}: {head['speedup_vs_best_dense']:.2f}x the faster dense "
             f"({head['best_dense']}: cuBLAS {head['dense_baseline_us']:.1f} us, {STRONG_DENSE} "

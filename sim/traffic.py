@@ -31,7 +31,7 @@ def predict_bytes(version: str, d: int, k: int) -> int:
 def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows_up: int) -> int:
     """Weights of the rows read, x, h1 and h3 written; plus what each version reads to decide."""
     # v6_paired reads the up row of every row predicted active, with its gate row (+AS drops the sum)
-    rows = 2 * k if version == "dense" else 2 * rows_gate if version == "v6_paired" else rows_gate + rows_up
+    rows = 2 * k if version == "dense" else (2 * rows_gate if version == "v6_paired" else rows_gate + rows_up)
     common = rows * d * itemsize(dtype) + d * F32 + 2 * k * F32
     if version == "dense":
         return common
@@ -39,7 +39,8 @@ def gate_up_bytes(version: str, d: int, k: int, dtype: str, rows_gate: int, rows
         return common + k * MASK
     if version == "v2_list":
         return common + rows_gate * INDEX + INDEX
-    if version in ("v3_fused", "v4_persistent", "v5_batched", "v6_paired"):  # the predictor's reads and writes, inside the kernel
+    # the predictor's reads and writes, inside the kernel
+    if version in ("v3_fused", "v4_persistent", "v5_batched", "v6_paired"):
         return common + predict_bytes("v1", d, k)
     raise ValueError(f"unknown gate_up version {version!r}")
 
