@@ -137,13 +137,16 @@ def is_checkpoint(path) -> bool:
 
 
 def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
-                  log=None) -> Path:
+                  log=None, debug: bool = False) -> Path:
     """The row's model.onnx under ``root``, exported now unless a matching one is cached.
-    ``loaded``: a callable returning the loaded checkpoint (so it is read at most once)."""
+    ``loaded``: a callable returning the loaded checkpoint (so it is read at most once);
+    ``debug``: an export with the per-layer debug outputs (masks; part of the key)."""
     from sparseinfer.model_export.export_folder import export_checkpoint
 
     out = Path(root) / row.slug
     key = export_key(checkpoint, row, target)
+    if debug:
+        key["debug"] = True
     key_file = out / "key.json"
     model = out / "model.onnx"
     if model.is_file() and key_file.is_file():
@@ -165,6 +168,7 @@ def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
     source = ck
     if row.kind == "random":
         source = dataclasses.replace(ck, weights=drop_random_rows(ck.weights, row.random, row.seed))
-    export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target)
+    export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target,
+                      debug=debug)
     write_json(key_file, key, indent=1)
     return model

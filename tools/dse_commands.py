@@ -18,14 +18,46 @@ HW_HELP = "Platform: a built-in name (see `sparseinfer hardware`) or a TOML file
 ALPHA_HELP = "α schedule, e.g. 1.00 or '1.03@0-19,1.00' (α > 1 is more conservative)."
 
 
-def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8, progress=None):
+def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8, progress=None,
+                ort=None):
     """Load the checkpoint (model_export) and read the prompts first, then run the dense
-    greedy decodes (``sim.model_runner.ReferenceRunner``)."""
-    from sparseinfer.model_export.checkpoint import load_checkpoint
+    greedy decodes (``sim.model_runner.ReferenceRunner``). ``ort``: {provider, export_dir,
+    threads, mlp_kernels} to run onnxruntime debug exports instead (``evaluation.ort_runner``)."""
     from sparseinfer.sim.model_runner import ReferenceRunner, read_prompts
 
     prompts = read_prompts(prompts_file, max_prompts)
+    if ort and ort.get("provider"):
+        from sparseinfer.evaluation.ort_runner import OrtRunner
+
+        return OrtRunner(checkpoint_path, prompts, max_new_tokens, progress=progress, **ort)
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+
     return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens, progress)
+
+
+def ort_options(f):
+    """--provider, --export-dir, --threads, --mlp-kernels: masks from onnxruntime debug exports (issue 15 item 5)."""
+    from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
+
+    f = click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
+                     help="With --provider: " + MLP_KERNELS_HELP)(f)
+    f = click.option("--threads", type=int, default=None, help="With --provider: onnxruntime intra-op threads.")(f)
+    f = click.option("--export-dir", type=click.Path(file_okay=False), default="out/dse-exports", show_default=True,
+                     help="With --provider: where the debug exports (one per alpha schedule, and the dense one) "
+                          "are made once and cached.")(f)
+    return click.option("--provider", type=click.Choice(["cpu", "cuda"]), default=None,
+                        help="Decode onnxruntime exports with debug outputs (per-layer predicted/actual zero masks) "
+                             "on this provider instead of the NumPy reference model; the sign predictor (--alpha) "
+                             "only.")(f)
+
+
+def _ort(provider, export_dir, threads, mlp_kernels, method) -> dict | None:
+    if provider is None:
+        return None
+    if method is not None:
+        raise click.UsageError(f"--provider runs the sign predictor (--alpha) only; --method {method.name} "
+                               "needs the NumPy reference model (drop --provider)")
+    return {"provider": provider, "export_dir": export_dir, "threads": threads, "mlp_kernels": mlp_kernels}
 
 
 DEFAULT_METHOD_SPARSITY = "0.9"
@@ -203,20 +235,23 @@ def _progress(done, total, row):
 @click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps traced per prompt.")
 @method_options
+@ort_options
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a Fig. 3-style PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens, method_name, sparsity, params,
-                    approximate, calibration_file, plot_file, as_json):
+                    approximate, calibration_file, provider, export_dir, threads, mlp_kernels, plot_file, as_json):
     """Per-layer precision / recall of the predicted zero rows (paper Fig. 3).
 
-    Runs the checkpoint on real prompts with the NumPy reference model and reports, per
+    Runs the checkpoint on real prompts with the NumPy reference model (with --provider:
+    onnxruntime exports with debug masks, made once under --export-dir) and reports, per
     layer, precision and recall of zero rows, predicted / actual / union sparsity and the
     fraction of the MLP's weight bytes skipped.
     """
     from sparseinfer.sim.predictor_stats import per_layer_stats, summary
 
     method = _method_or_none(method_name, sparsity, params, approximate, calibration_file, single=True)
-    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
+    ort = _ort(provider, export_dir, threads, mlp_kernels, method)
+    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err, ort)
     if method is None:
         _, traces = runner.sparse(alpha)
     else:
@@ -226,7 +261,8 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
         _, traces = runner.run_method(method, targets[0])
     stats = per_layer_stats(traces)
     data = {"checkpoint": str(checkpoint), "model": runner.shape.name, "alpha": str(alpha),
-            "tokens": len(traces), "layers": [s.to_dict() for s in stats], "mean": summary(stats)}
+            "tokens": len(traces), "layers": [s.to_dict() for s in stats], "mean": summary(stats),
+            "engine": f"onnxruntime {provider}" if ort else "numpy reference"}
     if method is not None:
         data.update({"method": method.name, "sparsity": targets[0], "params": method.describe()["params"]})
         del data["alpha"]
@@ -259,10 +295,12 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
 @click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
 @click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps per prompt.")
 @method_options
+@ort_options
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write the latency-quality PNG here.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompts, max_new_tokens, method_name,
-          sparsity, params, approximate, calibration_file, plot_file, as_json):
+          sparsity, params, approximate, calibration_file, provider, export_dir, threads, mlp_kernels, plot_file,
+          as_json):
     """α sweep: simulated latency and speedup vs measured sparsity and quality.
 
     For each α: the simulated per-token latency (SparseInfer+KF+AS on --hw, from the
@@ -273,6 +311,7 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     from sparseinfer.sim import alpha_sweep
 
     method = _method_or_none(method_name, sparsity, params, approximate, calibration_file, single=False)
+    ort = _ort(provider, export_dir, threads, mlp_kernels, method)
     if method is not None:
         spec = _hardware(hw, hw_file)
         runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
@@ -298,9 +337,10 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     # only a malformed range fails here; the bound is checked once the layer count is known
     alpha_sweep.parse_layers(layers, sys.maxsize)
     spec = _hardware(hw, hw_file)
-    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
+    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err, ort)
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
+    result["engine"] = f"onnxruntime {provider}" if ort else "numpy reference"
     if plot_file:
         from sparseinfer.sim.plots import plot_sweep
 
