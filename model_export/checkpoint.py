@@ -71,8 +71,36 @@ def expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
             "gate": (k, d), "up": (k, d), "down": (d, k)}
 
 
+POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "max_position_embeddings")
+POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
+MAX_POSITIONS = 1 << 20           # max_position_embeddings: the export's rotary tables are [positions, head_dim]
+
+
+def check_config_fields(cfg: dict, name: str) -> None:
+    """Sizes are positive integers (not booleans, strings, floats or null), rope_theta and
+    rms_norm_eps finite positive numbers; a field left out keeps its default (and a null
+    num_key_value_heads means as many as the heads, a null rope_theta 10000)."""
+    import math
+
+    for key in POSITIVE_INT_FIELDS:
+        if key not in cfg or (key == "num_key_value_heads" and cfg[key] is None):    # default: as many as heads
+            continue
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SparseInferError(f"{name}: field {key} must be a positive integer, got {json.dumps(v)}")
+        if key == "max_position_embeddings" and v > MAX_POSITIONS:
+            raise SparseInferError(f"{name}: field {key} is {v}; at most {MAX_POSITIONS} are supported")
+    for key in POSITIVE_FLOAT_FIELDS:
+        if key not in cfg or (key == "rope_theta" and cfg[key] is None):             # default: 10000
+            continue
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SparseInferError(f"{name}: field {key} must be a finite positive number, got {json.dumps(v)}")
+
+
 def check_config(cfg: dict, name: str) -> ModelShape:
-    """Architecture, activation and head checks; returns the model shape."""
+    """Architecture, activation, field and head checks; returns the model shape."""
     archs = cfg.get("architectures") or []
     model_type = str(cfg.get("model_type", "")).lower()
     if not (set(archs) & set(SUPPORTED_ARCHITECTURES) or model_type in SUPPORTED_MODEL_TYPES):
@@ -82,6 +110,8 @@ def check_config(cfg: dict, name: str) -> ModelShape:
     act = str(cfg.get("hidden_act", "silu")).lower()
     if act not in SUPPORTED_ACTIVATIONS:
         raise SparseInferError(f"{name}: unsupported hidden_act {act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+    if all(key in cfg for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")):
+        check_config_fields(cfg, name)          # (a missing one: from_hf_config names it)
     shape = from_hf_config(cfg, name)
     if shape.d % shape.num_heads or shape.num_heads % shape.num_kv_heads:
         raise SparseInferError(f"{name}: hidden_size {shape.d}, {shape.num_heads} heads and "
@@ -91,10 +121,25 @@ def check_config(cfg: dict, name: str) -> ModelShape:
     return shape
 
 
+_EXPONENT_BITS = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}     # all ones: Inf or NaN
+
+
 def check_tensor(name: str, array: np.ndarray, expected: tuple[int, ...], source: str) -> None:
+    """The config's shape, and every value finite (a NaN or Inf weight would decode garbage)."""
     if tuple(array.shape) != tuple(expected):
         raise SparseInferError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
                                f"but the config implies {tuple(expected)}")
+    bits = _EXPONENT_BITS.get(array.dtype)
+    if bits is not None:
+        bad = (array.view(np.uint16) & bits) == bits
+    elif array.dtype.kind == "f":
+        bad = ~np.isfinite(array)
+    else:
+        return
+    if bad.any():
+        first = np.unravel_index(int(np.argmax(bad)), array.shape)
+        raise SparseInferError(f"{source}: tensor {name} holds {int(bad.sum())} non-finite values (NaN or Inf), "
+                               f"the first at {tuple(int(i) for i in first)}")
 
 
 def assemble(shape: ModelShape, get, source: str) -> LlamaWeights:

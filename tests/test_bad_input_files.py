@@ -398,3 +398,53 @@ def test_written_files_keep_the_usual_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert (tmp_path / "a.txt").stat().st_mode & 0o777 == 0o666 & ~mask
+
+
+# --- a corrupted config.json or tensor: exit 0 with a model, or exit 2 with one line --------------
+
+CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
+                 "hidden_act", "tie_word_embeddings"]
+odd_values = (st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from([1 << 40, 2.5, 1e308, -0.0, "x", "8",
+                                                                               [], {}])
+              | st.floats(allow_nan=True, allow_infinity=True))
+
+
+@given(field=st.sampled_from(CONFIG_FIELDS), value=odd_values)
+def test_a_corrupted_config_field_exports_or_is_one_line(tmp_path_factory, checkpoint, field, value):
+    import shutil
+
+    ck = tmp_path_factory.mktemp("bad") / "ck"
+    shutil.copytree(checkpoint, ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    cfg[field] = value
+    (ck / "config.json").write_text(json.dumps(cfg))
+    out = ck.parent / "m.onnx"
+    r = run("export", ck, "--dense", "--out", out)
+    if r.exit_code == 0:
+        OnnxDecoder(out, "cpu").step(PROMPT[:1])            # a valid model (its context may be 1)
+    else:
+        one_line_error(r)
+        assert not out.exists()
+    if field in CONFIG_FIELDS[:7] and (isinstance(value, bool) or not isinstance(value, int) or value < 1) \
+            and not (field == "num_key_value_heads" and value is None):
+        one_line_error(r, field)                     # a size that is not a positive integer is named
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path, bad, dtype):
+    from safetensors.numpy import load_file, save_file
+
+    ck = make_checkpoint("tiny", tmp_path / "ck", layers=1, dtype=dtype)
+    tensors = load_file(str(ck / "model.safetensors"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    t = tensors[name].copy()
+    if t.dtype == np.uint16 or str(t.dtype) == "bfloat16":
+        t.view(np.uint16)[3, 5] = 0x7FC0 if bad != bad else 0x7F80
+    else:
+        t[3, 5] = bad
+    tensors[name] = t
+    save_file(tensors, str(ck / "model.safetensors"))
+    one_line_error(run("export", ck, "--dense", "--out", tmp_path / "m.onnx"), name, "non-finite", "(3, 5)")
+    assert not (tmp_path / "m.onnx").exists()
