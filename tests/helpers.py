@@ -33,3 +33,22 @@ def mlp_weights(rng, d: int, k: int, dtype=np.float32, sparsity: float = 0.5):
     w_up = rng.standard_normal((k, d)) / np.sqrt(d)
     w_down = rng.standard_normal((d, k)) / np.sqrt(k)
     return x, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)
+
+
+def gguf_tensors(weights):
+    """(GGUF tensor name, array) of a synthetic model's fp32 weights, Q and K rope-permuted as
+    llama.cpp stores them: what the GGUF test files write."""
+    from sparseinfer.model_export.gguf_loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, rope_permute
+    from sparseinfer.model_export.synthetic import hf_tensors
+
+    s = weights.shape
+    for hf, arr in hf_tensors(weights, "fp32").items():
+        name = GGUF_GLOBAL_NAMES.get(hf)
+        if name is None:
+            i, rest = hf[len("model.layers."):].split(".", 1)
+            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
+        if hf.endswith("q_proj.weight"):
+            arr = rope_permute(arr, s.num_heads)
+        elif hf.endswith("k_proj.weight"):
+            arr = rope_permute(arr, s.num_kv_heads)
+        yield hf, name, arr

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from sparseinfer.model_export.checkpoint import load_checkpoint
-from sparseinfer.model_export.gguf_loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, rope_permute
-from sparseinfer.model_export.synthetic import hf_tensors, make_weights, synthetic_shape
+from helpers import gguf_tensors
+from sparseinfer.model_export.gguf_loader import rope_permute
+from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaReference
 
@@ -35,15 +36,7 @@ def _write(path, weights, qtype=None, arch="llama"):
     w.add_token_scores([-float(i) for i in range(len(vocab))])
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
-    for hf, arr in hf_tensors(weights, "fp32").items():
-        name = GGUF_GLOBAL_NAMES.get(hf)
-        if name is None:
-            i, rest = hf[len("model.layers."):].split(".", 1)
-            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
-        if hf.endswith("q_proj.weight"):
-            arr = rope_permute(arr, s.num_heads)
-        elif hf.endswith("k_proj.weight"):
-            arr = rope_permute(arr, s.num_kv_heads)
+    for hf, name, arr in gguf_tensors(weights):
         if qtype is not None and arr.ndim == 2 and "mlp" in hf:
             w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
         elif arr.ndim == 2 and "self_attn" in hf:

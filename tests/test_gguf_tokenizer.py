@@ -11,8 +11,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparseinfer.model_export.checkpoint import load_checkpoint
-from sparseinfer.model_export.gguf_loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, _tokenizer_fields, rope_permute
-from sparseinfer.model_export.synthetic import hf_tensors, make_weights, synthetic_shape
+from helpers import gguf_tensors
+from sparseinfer.model_export.gguf_loader import _tokenizer_fields
+from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.model_export.tokenizer import (
     _byte_alphabet, _split_pre_tokenizer, BPE_PRE_TOKENIZERS, load_tokenizer_json)
 from sparseinfer.reference.errors import SparseInferError
@@ -115,15 +116,7 @@ def write_model(path, meta=None):
     w.add_vocab_size(s.vocab_size)                      # without a token list the config needs it
     if meta is not None:
         _metadata(w, **meta)
-    for hf, arr in hf_tensors(weights, "fp32").items():
-        name = GGUF_GLOBAL_NAMES.get(hf)
-        if name is None:
-            i, rest = hf[len("model.layers."):].split(".", 1)
-            name = f"blk.{i}.{GGUF_LAYER_NAMES[rest]}"
-        if hf.endswith("q_proj.weight"):
-            arr = rope_permute(arr, s.num_heads)
-        elif hf.endswith("k_proj.weight"):
-            arr = rope_permute(arr, s.num_kv_heads)
+    for _, name, arr in gguf_tensors(weights):
         w.add_tensor(name, arr)
     _finish(w)
     return weights
