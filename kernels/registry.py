@@ -98,7 +98,7 @@ GATE_UP = _family(
 
 DOWN = _family(
     "down",
-    ("v1_chunks", f"deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
+    ("v1_chunks", "deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
                   "in order", True, lambda h3, wt: ops.down_chunks(h3, wt)),
     ("v4_batched", "v1 with each thread loading 8 rows' weights before it adds them (more loads in flight)",
      True, lambda h3, wt: ops.down_chunks(h3, wt, batched=True)),

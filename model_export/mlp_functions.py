@@ -49,7 +49,7 @@ from onnx import TensorProto, helper
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.errors import SparseInferError
 
-from .onnx_builder import BOOL, FLOAT, INT64, OPSET, GraphBuilder
+from .onnx_builder import BOOL, FLOAT, OPSET, GraphBuilder
 
 DOMAIN = "ai.sparseinfer"
 OP_TYPE = "SparseMLP"

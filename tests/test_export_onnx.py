@@ -22,7 +22,7 @@ import pytest
 from click.testing import CliRunner
 
 from sparseinfer.model_export.decode import OnnxDecoder, generate, make_session
-from sparseinfer.model_export.export import ExportOptions, export_onnx, gqa_head_dim
+from sparseinfer.model_export.export import ExportOptions, export_onnx
 from sparseinfer.model_export.mlp_functions import DOMAIN, OP_TYPE
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows

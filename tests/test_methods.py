@@ -4,7 +4,6 @@ import math
 import numpy as np
 import pytest
 
-from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaWeights
 from sparseinfer.reference.mlp import mlp_sparse
