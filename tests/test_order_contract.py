@@ -155,3 +155,30 @@ def test_contract_constants():
 def test_vector_width_is_16_bytes():
     from sparseinfer.reference.dtypes import BFLOAT16
     assert [oc.vector_width(t) for t in (np.float32, np.float16, BFLOAT16)] == [4, 8, 8]
+
+
+def _pinned_case():
+    rng = np.random.default_rng(20261129)
+    w = rng.standard_normal((37, 1100)).astype(F32)
+    x = rng.standard_normal(1100).astype(F32)
+    wt = rng.standard_normal((1300, 96)).astype(F32)
+    h3 = rng.standard_normal(1300).astype(F32)
+    h3[rng.random(1300) < 0.6] = 0
+    return w, x, wt, h3
+
+
+def _digest(a) -> str:
+    import hashlib
+    return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+
+def test_the_contract_is_pinned_by_fixed_outputs():
+    """The bits of the contract's row dot products and down projection on one fixed input,
+    recorded on 2026-11-29: a change of the order (lanes, vector width, butterfly, chunk or
+    sub-chunk sizes) changes them, so it cannot pass unnoticed. The same input in another
+    chunking gives other bits, so the digests do pin the constants."""
+    w, x, wt, h3 = _pinned_case()
+    assert _digest(oc.warp_dot_rows(w, x)) == "2c8e46580d582410"
+    assert _digest(oc.down_projection(h3, wt)) == "149518f1e1c8b677"
+    assert _digest(oc.down_projection(h3, wt, row_chunk=256)) != "149518f1e1c8b677"
+    assert _digest(oc.down_projection(h3, wt, sub_chunks=2)) != "149518f1e1c8b677"
