@@ -80,3 +80,23 @@ def test_hf_config_and_errors(tmp_path):
     (tmp_path / "short.json").write_text(json.dumps({"hidden_size": 8}))
     with pytest.raises(SparseInferError, match="missing intermediate_size"):
         load_model(str(tmp_path / "short.json"))
+
+
+def test_attention_counts_on_a_grouped_query_shape():
+    """kv heads < heads (the tiny synthetic shape: 2 of 4): the projection MACs equal the
+    weights' element counts of a real model of that shape, and the KV cache is kv_dim wide,
+    not d; on a shape without GQA the same formulas give other, larger numbers."""
+    from dataclasses import replace
+
+    from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
+
+    w = make_weights(synthetic_shape("tiny", layers=1), seed=0)
+    m = w.shape
+    assert m.num_kv_heads < m.num_heads
+    lw = w.layers[0]
+    assert op_counts.attention_projection_macs(m) == lw.q.size + lw.k.size + lw.v.size + lw.o.size
+    assert op_counts.kv_dim(m) == lw.k.shape[0] == m.num_kv_heads * m.head_dim < m.d
+    assert op_counts.kv_cache_bytes(m, 100) == 2 * 100 * lw.k.shape[0] * 2
+    mha = replace(m, num_kv_heads=m.num_heads)
+    assert op_counts.attention_projection_macs(mha) > op_counts.attention_projection_macs(m)
+    assert op_counts.kv_dim(mha) == m.d
