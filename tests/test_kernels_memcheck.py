@@ -3,7 +3,7 @@
 Each check runs in a subprocess whose emulated kernels are built with -fsanitize=address
 and which loads libasan first (``emulator.memcheck_env``). Out-of-bounds or freed-memory
 accesses on global (NumPy), ``__shared__`` (static) or local memory end it with an
-AddressSanitizer report. compute-sanitizer's memcheck runs on a lent GPU (benchmarks/README.md;
+AddressSanitizer report. compute-sanitizer's memcheck runs on a GPU (benchmarks/README.md;
 clean on an H200, 2026-11-26).
 """
 from __future__ import annotations
