@@ -52,3 +52,19 @@ def gguf_tensors(weights):
         elif hf.endswith("k_proj.weight"):
             arr = rope_permute(arr, s.num_kv_heads)
         yield hf, name, arr
+
+
+def write_eval_data(root, gsm8k, bbh_sizes: dict, question: str = "{task} question {i}?"):
+    """A tiny local data folder in the layout ``sparseinfer eval --data-dir`` reads:
+    gsm8k/test.jsonl from (question, answer) pairs, and bbh/bbh/<task>.json with
+    ``bbh_sizes[task]`` examples each (inputs from ``question``, targets alternating No/Yes)."""
+    import json
+
+    (root / "gsm8k").mkdir(parents=True)
+    (root / "gsm8k" / "test.jsonl").write_text(
+        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in gsm8k))
+    (root / "bbh" / "bbh").mkdir(parents=True)
+    for task, n in bbh_sizes.items():
+        examples = [{"input": question.format(task=task, i=i), "target": "Yes" if i % 2 else "No"} for i in range(n)]
+        (root / "bbh" / "bbh" / f"{task}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
+    return root

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import write_eval_data
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -24,14 +25,7 @@ BBH_SIZES = {t: (4 if t == "boolean_expressions" else 2) for t in data.BBH_TASKS
 
 
 def write_data(root):
-    (root / "gsm8k").mkdir(parents=True)
-    (root / "gsm8k" / "test.jsonl").write_text(
-        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K))
-    (root / "bbh" / "bbh").mkdir(parents=True)
-    for task, n in BBH_SIZES.items():
-        examples = [{"input": f"{task} question {i}?", "target": "Yes" if i % 2 else "No"} for i in range(n)]
-        (root / "bbh" / "bbh" / f"{task}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
-    return root
+    return write_eval_data(root, GSM8K, BBH_SIZES)
 
 
 @pytest.fixture(scope="module")

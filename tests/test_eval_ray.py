@@ -5,6 +5,7 @@ import sys
 
 import pytest
 from click.testing import CliRunner
+from helpers import write_eval_data
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -24,14 +25,7 @@ GSM8K = [("Janet has 16 eggs and sells 9 at $2. How much does she make?", "9 * 2
 def write_data(root):
     from sparseinfer.evaluation.data import BBH_TASKS
 
-    (root / "gsm8k").mkdir(parents=True)
-    (root / "gsm8k" / "test.jsonl").write_text(
-        "".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in GSM8K))
-    (root / "bbh" / "bbh").mkdir(parents=True)
-    for task in BBH_TASKS:
-        examples = [{"input": f"{task} question {i}: is it {i}?", "target": "Yes" if i % 2 else "No"} for i in range(3)]
-        (root / "bbh" / "bbh" / f"{task}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
-    return root
+    return write_eval_data(root, GSM8K, {task: 3 for task in BBH_TASKS}, "{task} question {i}: is it {i}?")
 
 
 @pytest.fixture(scope="module")
