@@ -35,6 +35,16 @@ def mlp_weights(rng, d: int, k: int, dtype=np.float32, sparsity: float = 0.5):
     return x, w_gate.astype(dtype), w_up.astype(dtype), w_down.astype(dtype)
 
 
+def write_gguf_shape(writer, s) -> None:
+    """The model-shape keys of a Llama GGUF (layers, widths, heads, context) for shape ``s``."""
+    writer.add_block_count(s.num_layers)
+    writer.add_embedding_length(s.d)
+    writer.add_feed_forward_length(s.k)
+    writer.add_head_count(s.num_heads)
+    writer.add_head_count_kv(s.num_kv_heads)
+    writer.add_context_length(s.max_position_embeddings)
+
+
 def gguf_tensors(weights):
     """(GGUF tensor name, array) of a synthetic model's fp32 weights, Q and K rope-permuted as
     llama.cpp stores them: what the GGUF test files write."""

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sparseinfer.model_export.checkpoint import load_checkpoint
-from helpers import gguf_tensors
+from helpers import gguf_tensors, write_gguf_shape
 from sparseinfer.model_export.gguf_loader import rope_permute
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.reference.errors import SparseInferError
@@ -20,14 +20,9 @@ VOCAB = ["<unk>", "<s>", "</s>"] + [f"▁{w}" for w in ("hello", "world", "the")
 def _write(path, weights, qtype=None, arch="llama"):
     s = weights.shape
     w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(s.num_layers)
-    w.add_embedding_length(s.d)
-    w.add_feed_forward_length(s.k)
-    w.add_head_count(s.num_heads)
-    w.add_head_count_kv(s.num_kv_heads)
+    write_gguf_shape(w, s)
     w.add_layer_norm_rms_eps(s.rms_norm_eps)
     w.add_rope_freq_base(s.rope_theta)
-    w.add_context_length(s.max_position_embeddings)
     w.add_string(f"{arch}.hidden_act", "fatrelu")
     w.add_float32(f"{arch}.hidden_act_param", 0.01)
     vocab = VOCAB + [f"<0x{b:02X}>" for b in range(s.vocab_size - len(VOCAB))]

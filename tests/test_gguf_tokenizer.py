@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sparseinfer.model_export.checkpoint import load_checkpoint
-from helpers import gguf_tensors
+from helpers import gguf_tensors, write_gguf_shape
 from sparseinfer.model_export.gguf_loader import _tokenizer_fields
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.model_export.tokenizer import (
@@ -107,12 +107,7 @@ def write_model(path, meta=None):
     weights = make_weights(MODEL_SHAPE, seed=3)
     s = weights.shape
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_block_count(s.num_layers)
-    w.add_embedding_length(s.d)
-    w.add_feed_forward_length(s.k)
-    w.add_head_count(s.num_heads)
-    w.add_head_count_kv(s.num_kv_heads)
-    w.add_context_length(s.max_position_embeddings)
+    write_gguf_shape(w, s)
     w.add_vocab_size(s.vocab_size)                      # without a token list the config needs it
     if meta is not None:
         _metadata(w, **meta)
