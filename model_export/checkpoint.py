@@ -44,6 +44,18 @@ LAYER_TENSORS = {
     "up": "mlp.up_proj.weight",
     "down": "mlp.down_proj.weight",
 }
+
+
+def named_tensors(weights: LlamaWeights) -> dict[str, np.ndarray]:
+    """The model's tensors under their Hugging Face names, as they are (no copy, no cast);
+    a tied LM head is the embedding and is not listed twice."""
+    out = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
+    if not weights.shape.tie_word_embeddings:
+        out["lm_head.weight"] = weights.lm_head
+    for i, lw in enumerate(weights.layers):
+        for field, hf in LAYER_TENSORS.items():
+            out[f"model.layers.{i}.{hf}"] = getattr(lw, field)
+    return out
 MLP_FIELDS = ("gate", "up", "down")
 
 

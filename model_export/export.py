@@ -81,16 +81,9 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 def check_fp16_range(weights: LlamaWeights) -> None:
     """Every finite weight fits float16 (|w| <= 65504); else a one-line error naming the tensor."""
-    named = [("model.embed_tokens.weight", weights.embed), ("model.norm.weight", weights.final_norm)]
-    if weights.lm_head is not weights.embed:
-        named.append(("lm_head.weight", weights.lm_head))
-    for i, lw in enumerate(weights.layers):
-        pre = f"model.layers.{i}"
-        named += [(f"{pre}.self_attn.{n}_proj.weight", getattr(lw, n)) for n in ("q", "k", "v", "o")]
-        named += [(f"{pre}.mlp.{n}_proj.weight", getattr(lw, n)) for n in ("gate", "up", "down")]
-        named += [(f"{pre}.input_layernorm.weight", lw.input_norm), (f"{pre}.post_attention_layernorm.weight",
-                                                                     lw.post_norm)]
-    for name, a in named:
+    from .checkpoint import named_tensors
+
+    for name, a in named_tensors(weights).items():
         a = np.asarray(a)
         big = np.abs(a[np.isfinite(a)].astype(np.float32)) > FP16_MAX
         if big.any():

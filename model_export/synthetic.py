@@ -61,7 +61,7 @@ from sparseinfer.reference.files import commit, staging_folder, write_json
 from sparseinfer.reference.llama import LayerWeights, LlamaReference, LlamaWeights
 from sparseinfer.reference.shapes import BUILTIN_MODELS, ModelShape
 
-from .checkpoint import LAYER_TENSORS
+from .checkpoint import named_tensors
 from .tokenizer import BYTE_SPECIAL_TOKENS, byte_level_tokenizer
 
 BYTE_VOCAB = 256 + len(BYTE_SPECIAL_TOKENS)
@@ -256,13 +256,7 @@ def hf_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) 
 def hf_tensors(weights: LlamaWeights, dtype) -> dict[str, np.ndarray]:
     """The Hugging Face tensor dict of ``weights`` cast to ``dtype``."""
     dt = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    out = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
-    if not weights.shape.tie_word_embeddings:
-        out["lm_head.weight"] = weights.lm_head
-    for i, lw in enumerate(weights.layers):
-        for field, hf in LAYER_TENSORS.items():
-            out[f"model.layers.{i}.{hf}"] = getattr(lw, field)
-    return {n: np.ascontiguousarray(a.astype(dt, copy=False)) for n, a in out.items()}
+    return {n: np.ascontiguousarray(a.astype(dt, copy=False)) for n, a in named_tensors(weights).items()}
 
 
 def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_sparsity: float = 0.9,
