@@ -297,11 +297,11 @@ def _build_cuda(include: Path) -> Path:
 def build(cuda: bool | None = None) -> Built:
     """Build (or find in the cache) the libraries. ``cuda``: True = required, None = where possible."""
     include = ort_include_dir()
-    cpu = _build_cpu(include)
+    cpu = cpu_library()
     reason = cuda_unavailable_reason() if cuda is not False else "not requested (--no-cuda)"
     if cuda and reason:
         raise SparseInferError(reason)
-    cuda_path = _build_cuda(include) if reason is None else None
+    cuda_path = cuda_library() if reason is None else None
     return Built(cpu, cuda_path, library_api_version(cpu), header_api_version(include), reason)
 
 
@@ -309,15 +309,19 @@ def library_api_version(path: Path) -> int:
     return int(ctypes.CDLL(str(path)).sparseinfer_ops_api_version())
 
 
-_built_cpu: Path | None = None
+_built: dict[str, Path] = {}        # flavour -> library, once per process (the key costs compiler calls)
+
+
+def _library(flavour: str, build_with) -> Path:
+    path = _built.get(flavour)
+    if path is None or not path.is_file():
+        path = _built[flavour] = build_with(ort_include_dir())
+    return path
 
 
 def cpu_library() -> Path:
     """The CPU library's path, built on first use in this process (cached across processes)."""
-    global _built_cpu
-    if _built_cpu is None or not _built_cpu.is_file():
-        _built_cpu = _build_cpu(ort_include_dir())
-    return _built_cpu
+    return _library("cpu", _build_cpu)
 
 
 def unavailable_reason() -> str | None:
@@ -330,10 +334,11 @@ def unavailable_reason() -> str | None:
 
 
 def cuda_library() -> Path:
+    """The CUDA flavour's path (both kernels), built on first use in this process, as cpu_library."""
     reason = cuda_unavailable_reason()
     if reason:
         raise SparseInferError(reason)
-    return _build_cuda(ort_include_dir())
+    return _library("cuda", _build_cuda)
 
 
 def counters(path: Path, reset: bool = False) -> dict:
