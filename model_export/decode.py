@@ -24,6 +24,8 @@ MLP_KERNELS_HELP = ("How a sparse export's SparseMLP nodes run: 'native' = this 
                     "(C++ on the CPU provider, the CUDA kernels on the CUDA provider; built on first use and "
                     "cached, see 'sparseinfer build-ops'); 'function' = the ONNX function bodies carried in the "
                     "model (standard ops, any onnxruntime); 'auto' = native where the library builds here.")
+
+
 def session_options(threads: int | None = None, profile: str | None = None):
     """onnxruntime SessionOptions: intra-op threads, and with ``profile`` (a path prefix) its
     own profiler on (``session.end_profiling()`` writes ``<prefix>_<time>.json``; see ort_profile)."""
@@ -138,6 +140,7 @@ class OnnxDecoder:
         del model
         self.session = make_session(path, provider, threads, profile, self.library, cuda_graph)
         self.provider = provider
+        self.device = "cuda" if provider == "cuda" else "cpu"        # where the bound buffers live
         self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         meta = self.session.get_modelmeta().custom_metadata_map
         try:
@@ -198,9 +201,8 @@ class OnnxDecoder:
             # as past and present alike, GroupQueryAttention writes each step's keys in place
             import onnxruntime as ort
 
-            device = "cuda" if self.provider == "cuda" else "cpu"
             shape = (1, self.kv_heads, self.max_positions, self.head_dim)
-            self.past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), device, 0)
+            self.past = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.kv_dtype), self.device, 0)
                          for name in names}
         else:
             empty = np.zeros((1, self.kv_heads, 0, self.head_dim), dtype=self.kv_dtype)
@@ -234,13 +236,12 @@ class OnnxDecoder:
         """One decode step on the buffers bound once (see ``static_decode``); logits [1, vocab]."""
         import onnxruntime as ort
 
-        device = "cuda" if self.provider == "cuda" else "cpu"
         if self._static is None:
             vocab = self.session.get_outputs()[0].shape[-1]
             values = {"input_ids": np.zeros((1, 1), np.int64), "position_ids": np.zeros((1, 1), np.int64),
                       "attention_mask": np.zeros((1, self.max_positions), np.int64)}
-            values = {k: ort.OrtValue.ortvalue_from_numpy(v, device, 0) for k, v in values.items()}
-            logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, vocab), np.float32, device, 0)
+            values = {k: ort.OrtValue.ortvalue_from_numpy(v, self.device, 0) for k, v in values.items()}
+            logits = ort.OrtValue.ortvalue_from_shape_and_type((1, 1, vocab), np.float32, self.device, 0)
             binding = self.session.io_binding()
             for name, value in {**values, **self.past}.items():
                 binding.bind_ortvalue_input(name, value)
@@ -266,25 +267,22 @@ class OnnxDecoder:
         come back to the host."""
         import onnxruntime as ort
 
-        device = "cuda" if self.provider == "cuda" else "cpu"
         binding = self.session.io_binding()
         for name, value in feed.items():
             binding.bind_cpu_input(name, value)
         for name, value in self.past.items():
             if isinstance(value, np.ndarray):
-                value = ort.OrtValue.ortvalue_from_numpy(value, device, 0)
+                value = ort.OrtValue.ortvalue_from_numpy(value, self.device, 0)
             binding.bind_ortvalue_input(name, value)
         for name in self.output_names:
             if name.startswith("present.") and self.shared_kv:
                 binding.bind_ortvalue_output(name, self.past[name.replace("present", "past_key_values")])
             elif name.startswith("present."):
-                binding.bind_output(name, device, 0)
+                binding.bind_output(name, self.device, 0)
             else:
                 binding.bind_output(name, "cpu")
         run_options = None
         if self.cuda_graph:               # the prefill (and any other shape) runs uncaptured
-            import onnxruntime as ort
-
             run_options = ort.RunOptions()
             run_options.add_run_config_entry("gpu_graph_id", "-1")
         self.session.run_with_iobinding(binding, run_options)
