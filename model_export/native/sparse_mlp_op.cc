@@ -242,17 +242,28 @@ void down(OrtKernelContext* ctx, const MlpParams& p, const W* wt, const std::vec
     });
 }
 
+// One call's view of the node: the kernel's attributes with the inputs' sizes, and typed pointers.
+template <typename W>
+struct Layer {
+    MlpParams p;
+    const float* x;
+    const W *w_gate, *w_up, *w_down_t;
+    Layer(const Kernel& kernel, const Inputs& in)
+        : p(kernel.p), x(static_cast<const float*>(in.x.data)), w_gate(static_cast<const W*>(in.gate.data)),
+          w_up(static_cast<const W*>(in.up.data)), w_down_t(static_cast<const W*>(in.down_t.data)) {
+        p.k = int(in.gate.shape[0]);
+        p.d = int(in.gate.shape[1]);
+        p.sign_stride = in.signs.shape[1];
+    }
+};
+
 template <typename W>
 void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, float* out, uint8_t* predicted,
                     uint8_t* computed, uint8_t* actual) {
-    MlpParams p = kernel.p;
-    p.k = int(in.gate.shape[0]);
-    p.d = int(in.gate.shape[1]);
-    p.sign_stride = in.signs.shape[1];
-    const auto* x = static_cast<const float*>(in.x.data);
-    const auto* w_gate = static_cast<const W*>(in.gate.data);
-    const auto* w_up = static_cast<const W*>(in.up.data);
-    const auto* w_down_t = static_cast<const W*>(in.down_t.data);
+    const Layer<W> layer(kernel, in);
+    const MlpParams& p = layer.p;
+    const float* x = layer.x;
+    const W *w_gate = layer.w_gate, *w_up = layer.w_up, *w_down_t = layer.w_down_t;
     const auto* signs = static_cast<const uint64_t*>(in.signs.data);
 
     std::vector<uint64_t> x_words((p.d + 63) / 64);
@@ -316,14 +327,11 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
 // for all tokens while it is in cache).
 template <typename W>
 void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, float* out) {
-    MlpParams p = kernel.p;
-    p.k = int(in.gate.shape[0]);
-    p.d = int(in.gate.shape[1]);
+    const Layer<W> layer(kernel, in);
+    const MlpParams& p = layer.p;
     const int n = int(in.tokens);
-    const auto* x = static_cast<const float*>(in.x.data);
-    const auto* w_gate = static_cast<const W*>(in.gate.data);
-    const auto* w_up = static_cast<const W*>(in.up.data);
-    const auto* w_down_t = static_cast<const W*>(in.down_t.data);
+    const float* x = layer.x;
+    const W *w_gate = layer.w_gate, *w_up = layer.w_up, *w_down_t = layer.w_down_t;
     for (int64_t j = 0; j < int64_t(n) * p.d; ++j)
         if (x[j] != x[j])
             throw OpError(kernel.node + ": x contains NaN at token " + std::to_string(j / p.d) + ", index " +
