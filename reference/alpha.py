@@ -5,6 +5,11 @@ RANGES is one or more ``A`` or ``A-B`` (inclusive) joined by ``+`` (``1.02@0-9+3
 A bare ``VALUE`` is the default for every other layer (at most one; 1.00 when absent,
 the paper's neutral eq. 2). α is held in thousandths: a value with more than three
 decimals is an error rather than silently rounded. Overlapping ranges are an error.
+
+α lies in 0.001 .. 1,000,000 (``MAX_ALPHA_MILLI`` thousandths), so that eq. 2 on integer
+counts, ``1000 * N_neg > alpha_milli * (d - N_neg)``, fits 64-bit arithmetic for any row
+length below 2^31 in the reference, the ONNX bodies and the kernels (whose ``alpha_milli`` is
+a 32-bit int); a value outside it is an error, never clipped.
 """
 from __future__ import annotations
 
@@ -14,24 +19,33 @@ from decimal import Decimal, InvalidOperation
 from .errors import SparseInferError
 
 DEFAULT_ALPHA_MILLI = 1000  # α = 1.00, paper eq. 2 without scaling
+MAX_ALPHA_MILLI = 10**9     # α = 1,000,000: alpha_milli * d < 2^63 for d < 2^31, and an int32 in the kernels
 
 
 def decimal_to_milli(text: str, context: str) -> int:
     """Exact thousandths of a decimal text (``"1.03"`` -> 1030); errors name ``context``.
 
-    A value with more than three decimals is an error rather than silently rounded.
+    A value with more than three decimals is an error rather than silently rounded, and so is
+    one beyond ±``MAX_ALPHA_MILLI`` thousandths (the sign is the caller's to check).
     """
     text = str(text).strip()
     try:
         value = Decimal(text)
     except InvalidOperation:
         raise SparseInferError(f"{context}: {text!r} is not a number") from None
-    milli = value * 1000
-    if not milli.is_finite():
+    if not value.is_finite():
         raise SparseInferError(f"{context}: {text!r} is not a finite number")
-    if milli != milli.to_integral_value():
+    if value.copy_abs() > Decimal(MAX_ALPHA_MILLI // 1000):       # exact, whatever the exponent
+        raise SparseInferError(f"{context}: {text} is outside the supported range of alpha, "
+                               f"0.001 to {MAX_ALPHA_MILLI // 1000:,}")
+    sign, digits, exponent = value.as_tuple()       # value = ±digits · 10^exponent, held exactly
+    if not any(digits):
+        return 0
+    while digits[-1] == 0:
+        digits, exponent = digits[:-1], exponent + 1
+    if exponent < -3:
         raise SparseInferError(f"{context}: {text} has more than 3 decimals (alpha is held in thousandths)")
-    return int(milli)
+    return (-1) ** sign * int("".join(map(str, digits))) * 10 ** (exponent + 3)
 
 
 def parse_layer_range(text: str, context: str) -> tuple[int, int]:

@@ -43,3 +43,38 @@ def test_errors_name_the_problem(spec, message):
 def test_range_past_the_model_is_an_error():
     with pytest.raises(SparseInferError, match="names layer 39, but the model has 32 layers"):
         AlphaSchedule.parse("1.03@0-39").per_layer_milli(32)
+
+
+@pytest.mark.parametrize("spec", ["1e16", "9223372036854775.807", "1000000.001", "1e999999999", "-1e999999999",
+                                  "1.03@0-3,1e7"])
+def test_alpha_beyond_the_range_is_refused(spec):
+    with pytest.raises(SparseInferError, match="outside the supported range of alpha, 0.001 to 1,000,000"):
+        AlphaSchedule.parse(spec)
+
+
+def test_alpha_held_exactly_at_any_precision():
+    from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
+
+    assert AlphaSchedule.parse("1000000").default_milli == MAX_ALPHA_MILLI
+    assert AlphaSchedule.parse("0.001").default_milli == 1
+    assert AlphaSchedule.parse("1." + "0" * 40).default_milli == 1000      # trailing zeros are exact
+    assert AlphaSchedule.parse("12.5e-1").default_milli == 1250
+    for spec in ("1.0000000000000000000000000001", "1e-999999999", "0.0005"):   # past Decimal's 28 digits too
+        with pytest.raises(SparseInferError, match="more than 3 decimals"):
+            AlphaSchedule.parse(spec)
+
+
+def test_eq2_at_the_largest_alpha_does_not_overflow():
+    """At α = 1,000,000 and the longest row, eq. 2 on int64 counts gives what exact integers
+    give (an overflow would flip the comparison), with both outcomes present."""
+    import numpy as np
+
+    from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
+    from sparseinfer.reference.signs import zero_rows_from_counts
+
+    d = 2**31 - 1
+    n_neg = [0, 1, d // 2, d - 2147, d - 2148, d - 1, d]       # α at its top: the edge near N_pos 2147
+    for milli in (1, 1000, MAX_ALPHA_MILLI):
+        exact = [1000 * n > milli * (d - n) for n in n_neg]
+        assert zero_rows_from_counts(np.array(n_neg), d, milli).tolist() == exact
+        assert any(exact) and not all(exact)

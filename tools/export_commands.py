@@ -18,7 +18,7 @@ from sparseinfer.benchmarks.machine import machine_description
 from sparseinfer.model_export.export_folder import prompt_ids as _prompt_ids
 from sparseinfer.model_export.export_folder import tokenizer_for as _tokenizer_for
 
-from .output import echo_err, echo_json, format_table
+from .output import FiniteFloat, echo_err, echo_json, format_table
 
 
 @click.command("make-checkpoint")
@@ -122,14 +122,20 @@ def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, ap
                       dtype=dtype, approximate=approximate)
 
 
+THREADS = click.option("--threads", type=click.IntRange(1), default=None,
+                       help="intra-op threads, >= 1 (default: onnxruntime's).")
 SAMPLING = [
-    click.option("--max-new-tokens", type=int, default=32, show_default=True),
-    click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
-    click.option("--top-p", type=float, default=1.0, show_default=True, help="Nucleus sampling mass."),
-    click.option("--seed", type=int, default=0, show_default=True, help="Sampling seed."),
+    click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
+                 help="Tokens to generate, >= 1 (the prompt and these must fit the model's context)."),
+    click.option("--temperature", type=FiniteFloat(0), default=0.0, show_default=True,
+                 help="Sampling temperature, a finite number >= 0; 0 = greedy."),
+    click.option("--top-p", type=FiniteFloat(0, 1, min_open=True), default=1.0, show_default=True,
+                 help="Nucleus sampling mass, in (0, 1]; 1 = the whole distribution."),
+    click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
+                 help="Sampling seed (any integer >= 0)."),
     click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                  help="onnxruntime execution provider (cuda keeps the KV cache on the GPU with IOBinding)."),
-    click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's)."),
+    THREADS,
     click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
                  help=MLP_KERNELS_HELP),
 ]
@@ -269,7 +275,7 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
 @click.option("--alpha", default="1.00", show_default=True, help="α schedule of the sparse export.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@THREADS
 @click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
               help=MLP_KERNELS_HELP + " With native kernels the sparse export is also timed on its function "
                    "bodies (row 'sparse-function').")

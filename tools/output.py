@@ -1,5 +1,8 @@
-"""Small output helpers shared by the commands: aligned text tables and JSON."""
+"""Small helpers shared by the commands: aligned text tables, JSON, and the click type of a
+finite number in a range."""
 from __future__ import annotations
+
+import math
 
 import click
 
@@ -10,6 +13,19 @@ def echo_json(data) -> None:
     """``data`` as JSON on stdout: never NaN or Infinity (non-finite floats are null, their
     paths listed under ``non_finite_as_null``; reference.files.json_text)."""
     click.echo(json_text(data))
+
+
+class FiniteFloat(click.FloatRange):
+    """A float in a range that is also finite: click's FloatRange lets NaN through (every
+    comparison with NaN is false) and Infinity past an open top. Nothing is clamped."""
+
+    name = "finite float"
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return rv
 
 
 def echo_err(message: str) -> None:
