@@ -7,6 +7,7 @@ file of the same form, passed as ``--hw-file PATH`` (or ``--hw PATH.toml``).
 """
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
@@ -73,10 +74,11 @@ _FRACTIONS = ("dense_bandwidth_fraction", "sparse_bandwidth_fraction", "compute_
 
 
 def _positive(where: str, key: str, value) -> float:
+    """A finite number > 0 (TOML's inf and nan are floats too), or one line naming the file and field."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SparseInferError(f"{where}: {key} must be a number, got {value!r}")
-    if not value > 0:
-        raise SparseInferError(f"{where}: {key} must be > 0, got {value}")
+    if not math.isfinite(value) or not value > 0:
+        raise SparseInferError(f"{where}: {key} must be a finite number > 0, got {value}")
     return float(value)
 
 
@@ -108,7 +110,9 @@ def spec_from_dict(data: dict, where: str = "hardware spec") -> HardwareSpec:
         if getattr(efficiency, k) > 1:
             raise SparseInferError(f"{where}: {k} is a fraction of peak and must be <= 1, got {getattr(efficiency, k)}")
     figures = {k: _positive(where, k, data[k]) for k in _FIGURES}
-    figures["sm_count"] = int(figures["sm_count"])
+    if not isinstance(data["sm_count"], int):
+        raise SparseInferError(f"{where}: sm_count must be a whole number, got {data['sm_count']}")
+    figures["sm_count"] = data["sm_count"]
     return HardwareSpec(name=data["name"].strip(), title=str(data.get("title", data["name"])), efficiency=efficiency,
                         sources=dict(sources), efficiency_notes=dict(notes), path=str(where), **figures)
 

@@ -46,7 +46,14 @@ def test_a_platform_can_be_added_from_a_small_file(tmp_path):
 @pytest.mark.parametrize("edit,message", [
     (lambda t: t.replace("popc_tera_per_s = \"derived", "other = \"derived"), "no source given for popc_tera_per_s"),
     (lambda t: t.replace("dense_bandwidth_fraction = 0.70", "dense_bandwidth_fraction = 1.5"), "must be <= 1"),
-    (lambda t: t.replace("memory_bandwidth_gb_per_s = 204.8", "memory_bandwidth_gb_per_s = -1"), "must be > 0"),
+    (lambda t: t.replace("memory_bandwidth_gb_per_s = 204.8", "memory_bandwidth_gb_per_s = -1"), "must be a finite number > 0"),
+    (lambda t: t.replace("memory_bandwidth_gb_per_s = 204.8", "memory_bandwidth_gb_per_s = inf"),
+     "mine.toml: memory_bandwidth_gb_per_s must be a finite number > 0, got inf"),
+    (lambda t: t.replace("memory_bandwidth_gb_per_s = 204.8", "memory_bandwidth_gb_per_s = nan"),
+     "memory_bandwidth_gb_per_s must be a finite number > 0, got nan"),
+    (lambda t: t.replace("kernel_launch_us = ", "kernel_launch_us = +inf #"), "kernel_launch_us must be a finite number"),
+    (lambda t: t.replace("sm_count = 16", "sm_count = 16.5"), "sm_count must be a whole number, got 16.5"),
+    (lambda t: t.replace("sm_count = 16", "sm_count = \"16\""), "sm_count must be a number"),
     (lambda t: t.replace("[efficiency]", "[efficiencyx]"), "missing [efficiency] table"),
     (lambda t: t + "\n[[[", "cannot read hardware file"),
 ])
