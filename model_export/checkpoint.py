@@ -130,24 +130,44 @@ def check_config(cfg: dict, name: str) -> ModelShape:
                                f"{shape.num_kv_heads} key/value heads do not divide evenly")
     if shape.head_dim % 2:
         raise SparseInferError(f"{name}: head dimension {shape.head_dim} is odd; rotary embeddings need it even")
+    for key in TOKEN_ID_FIELDS:
+        check_token_id(cfg.get(key), key, shape.vocab_size, name)
     return shape
 
 
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")
+
+
+def check_token_id(value, key: str, vocab_size: int, name: str) -> int | None:
+    """A special token's id: null (none) or a whole number inside the vocabulary. A list of end
+    tokens (as some configs give) is checked element by element and yields None: the decoder
+    stops on one id only, and picking one of several would be a guess."""
+    ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
+    if value is None:
+        return None
+    for v in ids:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
+            raise SparseInferError(f"{name}: field {key} must be a token id in 0-{vocab_size - 1} (the vocabulary) "
+                                   f"or null, got {json.dumps(value)}")
+    return None if isinstance(value, list) else value
+
+
 _EXPONENT_BITS = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}     # all ones: Inf or NaN
+WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 
 
 def check_tensor(name: str, array: np.ndarray, expected: tuple[int, ...], source: str) -> None:
-    """The config's shape, and every value finite (a NaN or Inf weight would decode garbage)."""
+    """The config's shape, a float type (an integer type is data mislabelled in its header, whose
+    values would become weights of ~1e9), and every value finite (a NaN or Inf weight would decode
+    garbage)."""
     if tuple(array.shape) != tuple(expected):
         raise SparseInferError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
                                f"but the config implies {tuple(expected)}")
+    if array.dtype not in WEIGHT_DTYPES:
+        raise SparseInferError(f"{source}: tensor {name} is stored as {dtype_name(array.dtype)}; weights must be "
+                               f"float32, float16 or bfloat16")
     bits = _EXPONENT_BITS.get(array.dtype)
-    if bits is not None:
-        bad = (array.view(np.uint16) & bits) == bits
-    elif array.dtype.kind == "f":
-        bad = ~np.isfinite(array)
-    else:
-        return
+    bad = (array.view(np.uint16) & bits) == bits if bits is not None else ~np.isfinite(array)
     if bad.any():
         first = np.unravel_index(int(np.argmax(bad)), array.shape)
         raise SparseInferError(f"{source}: tensor {name} holds {int(bad.sum())} non-finite values (NaN or Inf), "
@@ -204,6 +224,60 @@ def _safetensor_files(root: Path) -> list[Path]:
     return files
 
 
+# bytes per element of each safetensors dtype (the format's own list)
+SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+                        "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+HEADER_BYTES_MAX = 100 << 20              # the format's own bound on a header
+
+
+def check_safetensors_header(f: Path) -> None:
+    """Each tensor's header entry agrees with its data: a known dtype, a shape of whole numbers,
+    and offsets inside the file spanning exactly shape × itemsize bytes; one line naming the file,
+    the tensor and the rule broken. (A header can still call F32 data I32, the same size:
+    ``check_tensor`` refuses weights of an integer type.)"""
+    import math
+    import struct
+
+    try:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            text = fh.read(n) if 0 < n <= HEADER_BYTES_MAX else b""
+        size = f.stat().st_size
+    except OSError as e:
+        raise SparseInferError(f"cannot read {f}: {e.strerror or e}") from None
+    if not 0 < n <= HEADER_BYTES_MAX or len(text) != n:
+        raise SparseInferError(f"{f}: not a safetensors file (its header length {n} does not fit the file's "
+                               f"{size} bytes)")
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SparseInferError(f"{f}: the safetensors header is not JSON ({str(e).splitlines()[0]})") from None
+    if not isinstance(header, dict):
+        raise SparseInferError(f"{f}: the safetensors header is not a JSON object")
+    data_bytes = size - 8 - n
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        where = f"{f}: tensor {name}"
+        if not isinstance(entry, dict):
+            raise SparseInferError(f"{where}: its header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in SAFETENSORS_ITEMSIZE:
+            raise SparseInferError(f"{where}: unknown dtype {json.dumps(dtype)} in the header")
+        if not isinstance(shape, list) or not all(type(x) is int and x >= 0 for x in shape):
+            raise SparseInferError(f"{where}: shape {json.dumps(shape)} in the header is not a list of "
+                                   f"whole numbers >= 0")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(x) is int for x in offsets)
+                and 0 <= offsets[0] <= offsets[1] <= data_bytes):
+            raise SparseInferError(f"{where}: data_offsets {json.dumps(offsets)} lie outside the file's "
+                                   f"{data_bytes} data bytes")
+        expected = math.prod(shape) * SAFETENSORS_ITEMSIZE[dtype]
+        if offsets[1] - offsets[0] != expected:
+            raise SparseInferError(f"{where}: the header says {dtype} {shape}, {expected} bytes, but its data "
+                                   f"spans {offsets[1] - offsets[0]} bytes")
+
+
 @contextlib.contextmanager
 def _safetensors_reader(files: list[Path]):
     """``get(name) -> ndarray | None`` over the files, each tensor read when asked (so a
@@ -215,6 +289,7 @@ def _safetensors_reader(files: list[Path]):
     with contextlib.ExitStack() as stack:
         where = {}
         for f in files:
+            check_safetensors_header(f)
             try:
                 handle = stack.enter_context(safe_open(str(f), framework="np"))
                 where.update(dict.fromkeys(handle.keys(), (f, handle)))
@@ -248,12 +323,9 @@ def load_hf_checkpoint(path) -> Checkpoint:
         weights = assemble(shape, get, str(root))
     from .tokenizer import load_tokenizer_json
     tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
-    return Checkpoint(weights=weights, tokenizer=tok, source=str(root), stored_dtype="/".join(sorted(dtypes)),
-                      bos_token_id=_opt_int(cfg.get("bos_token_id")), eos_token_id=_opt_int(cfg.get("eos_token_id")))
-
-
-def _opt_int(v):
-    return None if v is None or isinstance(v, list) else int(v)
+    ids = {key: check_token_id(cfg.get(key), key, shape.vocab_size, str(root / "config.json"))
+           for key in TOKEN_ID_FIELDS}
+    return Checkpoint(weights=weights, tokenizer=tok, source=str(root), stored_dtype="/".join(sorted(dtypes)), **ids)
 
 
 def load_checkpoint(path) -> Checkpoint:
