@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sparseinfer.reference.activations import hf_activation_names
 from sparseinfer.reference.dtypes import BFLOAT16, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaWeights
@@ -28,7 +29,7 @@ from sparseinfer.reference.shapes import ModelShape, from_hf_config, read_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "sparsellama")
-SUPPORTED_ACTIVATIONS = ("relu", "fatrelu", "silu")
+SUPPORTED_ACTIVATIONS = hf_activation_names()
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 

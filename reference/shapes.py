@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from sparseinfer.reference.activations import kind_of_hf_name
 from sparseinfer.reference.errors import SparseInferError
 
 
@@ -58,8 +59,8 @@ _REQUIRED = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_atten
 
 
 def activation_from_config(cfg: dict) -> str:
-    """The activation spec (``relu``, ``silu``, ``fatrelu:T``) of a Hugging Face config."""
-    act = str(cfg.get("hidden_act", "silu")).lower()
+    """The activation spec (``relu``, ``silu``, ``gelu``, ``gelu_tanh``, ``fatrelu:T``) of a Hugging Face config."""
+    act = kind_of_hf_name(cfg.get("hidden_act", "silu"))
     if act == "fatrelu":
         return f"fatrelu:{cfg.get('hidden_act_param', 0.0)}"
     return act

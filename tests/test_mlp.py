@@ -123,7 +123,7 @@ def test_unknown_mode_and_activation():
     with pytest.raises(SparseInferError, match="unknown mode"):
         mlp_sparse(*args, "relu", 1.0, "magic")
     with pytest.raises(SparseInferError, match="unknown activation"):
-        mlp_dense(*args, "gelu")
+        mlp_dense(*args, "quick_gelu")
     with pytest.raises(SparseInferError, match="needs a threshold"):
         mlp_dense(*args, "fatrelu")
 
