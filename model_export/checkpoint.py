@@ -25,7 +25,7 @@ from sparseinfer.reference.activations import hf_activation_names
 from sparseinfer.reference.dtypes import BFLOAT16, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaWeights
-from sparseinfer.reference.shapes import ModelShape, from_hf_config, read_config
+from sparseinfer.reference.shapes import BUILTIN_MODELS, ModelShape, from_hf_config, load_model, read_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "sparsellama")
@@ -112,6 +112,28 @@ def check_config_fields(cfg: dict, name: str) -> None:
             raise SparseInferError(f"{name}: field {key} must be a finite positive number, got {json.dumps(v)}")
 
 
+def check_shape_config(cfg: dict, name: str) -> ModelShape:
+    """The model shape of a config whose sizes are positive integers (``check_config_fields``) and
+    whose heads divide the hidden size and key/value heads the heads."""
+    if all(key in cfg for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")):
+        check_config_fields(cfg, name)          # (a missing one: from_hf_config names it)
+    shape = from_hf_config(cfg, name)
+    if shape.d % shape.num_heads or shape.num_heads % shape.num_kv_heads:
+        raise SparseInferError(f"{name}: hidden_size {shape.d}, {shape.num_heads} heads and "
+                               f"{shape.num_kv_heads} key/value heads do not divide evenly")
+    return shape
+
+
+def load_shape(name_or_path) -> ModelShape:
+    """``reference.shapes.load_model`` (a built-in name, or a config.json or a folder holding one)
+    with a config's fields checked as a checkpoint's are: a zero or negative size, a string or a
+    boolean is one line naming the file and field, never a count of zero."""
+    p = Path(name_or_path)
+    if str(name_or_path).strip().lower() not in BUILTIN_MODELS and (p.suffix == ".json" or p.is_dir()):
+        return check_shape_config(read_config(p), str(p))
+    return load_model(name_or_path)
+
+
 def check_config(cfg: dict, name: str) -> ModelShape:
     """Architecture, activation, field and head checks; returns the model shape."""
     archs = cfg.get("architectures") or []
@@ -123,12 +145,7 @@ def check_config(cfg: dict, name: str) -> ModelShape:
     act = str(cfg.get("hidden_act", "silu")).lower()
     if act not in SUPPORTED_ACTIVATIONS:
         raise SparseInferError(f"{name}: unsupported hidden_act {act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
-    if all(key in cfg for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")):
-        check_config_fields(cfg, name)          # (a missing one: from_hf_config names it)
-    shape = from_hf_config(cfg, name)
-    if shape.d % shape.num_heads or shape.num_heads % shape.num_kv_heads:
-        raise SparseInferError(f"{name}: hidden_size {shape.d}, {shape.num_heads} heads and "
-                               f"{shape.num_kv_heads} key/value heads do not divide evenly")
+    shape = check_shape_config(cfg, name)
     if shape.head_dim % 2:
         raise SparseInferError(f"{name}: head dimension {shape.head_dim} is odd; rotary embeddings need it even")
     for key in TOKEN_ID_FIELDS:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from sparseinfer.reference.shapes import BUILTIN_MODELS, load_model
+from sparseinfer.model_export.checkpoint import load_shape
+from sparseinfer.reference.shapes import BUILTIN_MODELS
 from sparseinfer.sim import ops as op_counts
 from sparseinfer.sim import paper
 
@@ -15,8 +16,8 @@ MODEL_HELP = "Built-in model name (see `sparseinfer models`) or a Hugging Face c
 @click.command()
 @click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
               help="Fraction of MLP rows skipped, in [0, 1). Table I implies 0.92.")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=int,
-              help="Rank r of PowerInfer's DejaVu predictor (d->r->k).")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1),
+              help="Rank r of PowerInfer's DejaVu predictor (d->r->k), >= 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def table1(sparsity, rank, as_json):
     """Reproduce the paper's Table I for ProSparse-Llama2-13B.
@@ -53,12 +54,12 @@ def table1(sparsity, rank, as_json):
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
               help="Fraction of MLP rows skipped, in [0, 1).")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=int,
-              help="Rank r of PowerInfer's DejaVu predictor.")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1),
+              help="Rank r of PowerInfer's DejaVu predictor, >= 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def ops(model_name, sparsity, rank, as_json):
     """Operation counts of one MLP block and of a whole token (all layers), per method."""
-    model = load_model(model_name)
+    model = load_shape(model_name)
     per_layer = op_counts.ops_per_layer(model, sparsity, rank)
     per_token = op_counts.ops_per_token(model, sparsity, rank)
     data = {"model": model.name, "d": model.d, "k": model.k, "num_layers": model.num_layers,
@@ -77,12 +78,12 @@ def ops(model_name, sparsity, rank, as_json):
 
 @click.command()
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=int,
-              help="Rank r of PowerInfer's DejaVu predictor.")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1),
+              help="Rank r of PowerInfer's DejaVu predictor, >= 1.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def memory(model_name, rank, as_json):
     """Predictor memory of a whole model: PowerInfer's FP16 DejaVu weights vs packed sign words."""
-    model = load_model(model_name)
+    model = load_shape(model_name)
     mem = op_counts.predictor_memory_mib(model, rank)
     data = {"model": model.name, "num_layers": model.num_layers, "rank": rank, "predictor_memory_mib": mem,
             "ratio": mem["PowerInfer"] / mem["SparseInfer"]}
