@@ -144,9 +144,12 @@ class BenchCase:
         return dict.fromkeys(("gate", "up", "down"), self.shape.k)
 
     def pipeline_bytes(self, pipe) -> int:
-        """Bytes a pipeline touches at this shape: the predicted rows when sparse, else all."""
+        """Bytes a pipeline touches at this shape: the predicted rows when sparse, else all (a
+        fused pipeline: those of its separate versions, plus its per-part sums)."""
         rows = self.trace.rows if pipe.sparse else self.all_rows
-        return traffic.mlp_bytes(pipe.gate_up, pipe.down, self.shape.d, self.shape.k, BENCH_DTYPE, rows)
+        d, k = self.shape.d, self.shape.k
+        return (traffic.mlp_bytes(pipe.gate_up, pipe.down, d, k, BENCH_DTYPE, rows)
+                + (ops.fused_scratch_bytes(d, k) if pipe.fused else 0))
 
     def pipeline_verified(self, pipe, got) -> bool:
         """A pipeline's output (host) against the reference: bits, or the atomic bound."""

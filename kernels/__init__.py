@@ -7,8 +7,9 @@ the CPU compile gate: :mod:`.compile_check`; the same sources run on the CPU:
 sources on the CUDA provider.
 """
 from .device import DeviceMatrix, GpuUnavailable, gpu_unavailable_reason
-from .registry import BASELINE, DEFAULT_PIPELINE, DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
+from .registry import (BASELINE, DEFAULT_PIPELINE, DOWN, FAMILIES, GATE_UP, MLP_FUSED, PACK_SIGNS, PIPELINES,
+                       PREDICT)
 from .sparse_mlp import SparseMLP
 
 __all__ = ["BASELINE", "DeviceMatrix", "GpuUnavailable", "gpu_unavailable_reason", "DEFAULT_PIPELINE", "DOWN", "FAMILIES",
-           "GATE_UP", "PACK_SIGNS", "PIPELINES", "PREDICT", "SparseMLP"]
+           "GATE_UP", "MLP_FUSED", "PACK_SIGNS", "PIPELINES", "PREDICT", "SparseMLP"]

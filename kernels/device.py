@@ -131,13 +131,25 @@ def _storage_dtype(dtype: np.dtype) -> np.dtype:
     return np.dtype(np.uint16) if dtype.itemsize == 2 else dtype
 
 
+def padded_rows(a: np.ndarray) -> np.ndarray:
+    """[rows, ld] of the storage dtype: ``a``'s bits, each row zero-padded to ``ld`` = cols
+    rounded up to 16 bytes (so that every row starts 16-byte aligned)."""
+    rows, cols = a.shape
+    per_vector = vector_width(a.dtype)
+    host = np.zeros((rows, -(-cols // per_vector) * per_vector), dtype=_storage_dtype(a.dtype))
+    host[:, :cols] = a.view(host.dtype)
+    return host
+
+
 @dataclass
 class DeviceMatrix:
     """A [rows, cols] matrix of dtype ``dtype`` stored row-major with row stride ``ld``.
 
     ``data`` is [rows, ld] of the storage dtype (raw uint16 bits for fp16/bf16). ``ld``
     is ``cols`` rounded up to 16 bytes, zero-padded, so that every row starts 16-byte
-    aligned and the kernels can use vector loads on any d.
+    aligned and the kernels can use vector loads on any d. A matrix whose rows lie inside
+    wider records (``layout.NeuronMajor``) has ``data`` 1-D, from its first row's first
+    element on: the kernels get that pointer and the stride ``ld``.
     """
 
     data: object
@@ -168,13 +180,15 @@ class DeviceMatrix:
         if check_nan:
             check_no_nan(name, a)
         rows, cols = a.shape
-        per_vector = vector_width(a.dtype)
-        ld = -(-cols // per_vector) * per_vector
-        host = np.zeros((rows, ld), dtype=_storage_dtype(a.dtype))
-        host[:, :cols] = a.view(host.dtype)
+        host = padded_rows(a)
         xp = cupy() if xp is None else xp
-        return cls(xp.asarray(host), a.dtype, rows, cols, ld)
+        return cls(xp.asarray(host), a.dtype, rows, cols, host.shape[1])
 
     def to_host(self) -> np.ndarray:
         data = self.data.get() if hasattr(self.data, "get") else np.asarray(self.data)
+        if data.ndim == 1:            # rows inside wider records: row i at i * ld
+            flat = np.zeros(self.rows * self.ld, data.dtype)
+            used = min(data.size, flat.size)
+            flat[:used] = data[:used]
+            data = flat.reshape(self.rows, self.ld)
         return np.ascontiguousarray(data[:, :self.cols]).view(self.dtype)

@@ -10,7 +10,7 @@ What makes a recording replayable (:func:`capture`):
 
 * an eager run first, with the ordinary allocator: kernels compiled and loaded, the
   occupancy query cached, and state that outlives the graph (the down projection's
-  self-resetting counters, ``ops._tile_done``) created in ordinary memory, not in the
+  self-resetting counters, ``ops._counters``) created in ordinary memory, not in the
   private pool that dies with the graph;
 * a private memory pool for a second run (which leaves the pool holding blocks of every
   size the step asks for) and for the recording, used by nothing else, so the buffers the

@@ -16,7 +16,7 @@ from sparseinfer.reference.signs import words_per_row
 
 from . import device
 from .device import DeviceMatrix, cupy, kernel
-from .sources import (DOWN_NARROW_THREADS, DOWN_THREADS, GATE_UP_BATCHED_THREADS, GATE_UP_PREDICTING,
+from .sources import (DOWN_NARROW_THREADS, DOWN_THREADS, FUSED_THREADS, GATE_UP_BATCHED_THREADS, GATE_UP_PREDICTING,
                       GATE_UP_SMALL_BLOCKS, PREDICT_ROWS_PER_WARP)
 
 THREADS = 256                      # 8 warps per block in the warp-per-row kernels
@@ -256,18 +256,19 @@ def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False, batched: bool =
     return out
 
 
-# Per column tile, how many chunk blocks of down_chunks_serial have finished; each launch
-# leaves them at 0 again, so one zeroed buffer per (backend, tile count) serves every call
-# made on one stream.
-_TILE_DONE: dict = {}
+# Self-resetting counters of the kernels whose last block adds the others' partials: per
+# column tile, how many chunk blocks of down_chunks_serial have finished; per chunk, how many
+# parts of mlp_fused (and how many chunks). Each launch leaves them at 0 again, so one zeroed
+# buffer per (backend, kernel, length) serves every call made on one stream.
+_COUNTERS: dict = {}
 
 
-def _tile_done(n_tiles: int):
+def _counters(kind: str, n: int):
     cp = cupy()
-    key = (id(cp), n_tiles)
-    if key not in _TILE_DONE:
-        _TILE_DONE[key] = cp.zeros(n_tiles, dtype=cp.uint32)
-    return _TILE_DONE[key]
+    key = (id(cp), kind, n)
+    if key not in _COUNTERS:
+        _COUNTERS[key] = cp.zeros(n, dtype=cp.uint32)
+    return _COUNTERS[key]
 
 
 def down_chunks_serial(h3, w_down_t: DeviceMatrix):
@@ -276,7 +277,7 @@ def down_chunks_serial(h3, w_down_t: DeviceMatrix):
     n_tiles = _down_grid_x(d, w_down_t.dtype)
     kernel(f"down_chunks_serial_{w_down_t.dtype_name}")(
         (n_tiles, n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
-        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _tile_done(n_tiles), out))
+        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _counters("tile_done", n_tiles), out))
     return out
 
 
@@ -289,6 +290,55 @@ def down_atomic(h3, w_down_t: DeviceMatrix, rows_per_block: int = ATOMIC_ROWS_PE
         (_down_grid_x(d, w_down_t.dtype), -(-k // rows_per_block)), (DOWN_THREADS,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(rows_per_block), out))
     return out
+
+
+# --- predict + gate + up + down in one launch (fused.cu) ---------------------------------
+
+def fused_parts(k: int) -> tuple[int, int]:
+    """(chunks, parts) of mlp_fused at k rows: the contract's down chunks, and their sub-chunks
+    (one part each, every chunk counted whole)."""
+    n_chunks = -(-k // DOWN_ROW_CHUNK)
+    return n_chunks, n_chunks * DOWN_SUB_CHUNKS
+
+
+def fused_scratch_bytes(d: int, k: int) -> int:
+    """Bytes of mlp_fused's per-part sums q [parts, d] float32, written and read back: its traffic
+    beyond the chunked down projection's (whose chunk partials it also writes and reads)."""
+    return 2 * fused_parts(k)[1] * d * 4
+
+
+def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down_t: DeviceMatrix, activation,
+              alpha_milli: int):
+    """(h1, h3, zero, out): the whole sparse MLP in one persistent launch (mlp_fused). The three
+    weight matrices share one row stride: row-major matrices, or views into the neuron-major
+    records (``layout.NeuronMajor``). A grid of the blocks resident at once strides over the
+    parts (``device.resident_blocks``); ``out`` is the contract's down projection, bit for bit."""
+    d = check_vector("x", x)
+    check_pair(w_gate, w_up, d)
+    k = _check_signs(w_signs, x_signs, d)
+    if k != w_gate.rows:
+        raise SparseInferError(f"w_signs has {k} rows but w_gate has {w_gate.rows}")
+    check_matrix("w_down_t", w_down_t, d)
+    if w_down_t.rows != k or w_down_t.dtype != w_gate.dtype or w_down_t.ld != w_gate.ld:
+        raise SparseInferError(f"w_down_t {w_down_t.shape} {w_down_t.dtype_name} (row stride {w_down_t.ld}) does not "
+                               f"match w_gate {w_gate.shape} {w_gate.dtype_name} (row stride {w_gate.ld})")
+    act = sparse_activation(activation)
+    alpha_milli = check_alpha_milli(alpha_milli)
+    cp = cupy()
+    n_chunks, n_parts = fused_parts(k)
+    counts = cp.empty(k, dtype=cp.int32)
+    zero = cp.empty(k, dtype=cp.uint8)
+    h1, h3 = _gate_up_outputs(k, zeroed=False)
+    q = cp.empty((n_parts, d), dtype=cp.float32)
+    partial = cp.empty((n_chunks, d), dtype=cp.float32)
+    out = cp.empty(d, dtype=cp.float32)
+    name = f"mlp_fused_{w_gate.dtype_name}"
+    kernel(name)(
+        (min(n_parts, device.resident_blocks(name, FUSED_THREADS)),), (FUSED_THREADS,),
+        (x, x_signs, w_signs, np.int64(w_signs.shape[1]), w_gate.data, w_up.data, w_down_t.data, np.int64(w_gate.ld),
+         np.int32(d), np.int32(k), np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3, q, partial,
+         _counters("mlp_fused", n_chunks + 1), out))
+    return h1, h3, zero, out
 
 
 # --- the strong dense baseline (dense.cu; issue 17) -------------------------------------

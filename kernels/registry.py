@@ -7,7 +7,9 @@ Tests and benchmarks iterate over these dictionaries, so a new version is one ke
 * ``predict``:    run(w_signs, x_signs, d, alpha_milli) -> (counts, zero, active | None, n_active | None)
 * ``gate_up``:    run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero | None)
 * ``down``:       run(h3, w_down_t: DeviceMatrix) -> out
-* ``mlp``:        a gate_up version and a down version run in sequence (``SparseMLP``)
+* ``mlp_fused``:  run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero, out): the whole MLP in one launch
+* ``mlp``:        a gate_up version and a down version run in sequence, or an mlp_fused version
+  (``SparseMLP``), on the weights in row-major or neuron-major layout (``layout.py``)
 * ``baseline``:   run(x, w_gate, w_up, w_down [d, k], activation) -> (h1, h3, out): the strong dense
   baseline (not a sparse version; ``deterministic`` False: out is checked against the rigorous bound)
 """
@@ -113,6 +115,17 @@ DOWN = _family(
      lambda h3, wt: ops.down_chunks(h3, wt, dense=True)),
 )
 
+def _mlp_fused(mlp, x, x_signs, alpha_milli):
+    return ops.mlp_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.w_down_t, mlp.activation, alpha_milli)
+
+
+MLP_FUSED = _family(
+    "mlp_fused",
+    ("v1", "persistent blocks over the down projection's sub-chunks: warp per neuron predicts, reads gate and up "
+           "together (v6), then the block adds the W_down^T rows of its h3 != 0 neurons; the last part of a chunk "
+           "and the last chunk add the partials in order (+AS)", True, _mlp_fused),
+)
+
 BASELINE = _family(
     "baseline",
     ("dense-gemv", "strong dense fp16 MLP: two bandwidth-tuned GEMVs (warp per neuron with gate and up chunks in "
@@ -120,18 +133,27 @@ BASELINE = _family(
      False, ops.dense_gemv_mlp),
 )
 
-FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN, "baseline": BASELINE}
+FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN, "mlp_fused": MLP_FUSED,
+            "baseline": BASELINE}
+LAYOUTS = ("row-major", "neuron-major")
 
 
 @dataclass(frozen=True)
 class Pipeline:
+    """``gate_up`` then ``down``; or, with ``fused``, that mlp_fused version alone, ``gate_up`` and
+    ``down`` then naming the separate versions that read the same rows (its bytes and trace).
+    ``layout``: the weights it reads (one of LAYOUTS)."""
     name: str
     gate_up: str
     down: str
     description: str
+    layout: str = "row-major"
+    fused: str = ""
 
     @property
     def deterministic(self) -> bool:
+        if self.fused:
+            return MLP_FUSED[self.fused].deterministic
         return GATE_UP[self.gate_up].deterministic and DOWN[self.down].deterministic
 
     @property
@@ -149,6 +171,12 @@ PIPELINES = {p.name: p for p in (
              "with 8 loads in flight per lane/thread (default: the fastest measured, H200 2026-11-26)"),
     Pipeline("sparse-paired", "v6_paired", "v5_narrow", "fused predict+gate+up with gate and up loads in flight "
              "together, deterministic down on narrow column tiles (issue 17 candidate)"),
+    Pipeline("sparse-neuron-major", "v6_paired", "v5_narrow", "sparse-paired on the neuron-major layout: a neuron's "
+             "gate, up and W_down^T rows one contiguous record (issue 17 candidate)", layout="neuron-major"),
+    Pipeline("fused", "v6_paired", "v5_narrow", "predict, gate, up and down in one persistent launch (mlp_fused v1), "
+             "row-major weights (issue 17 candidate)", fused="v1"),
+    Pipeline("fused-neuron-major", "v6_paired", "v5_narrow", "mlp_fused v1 on the neuron-major layout: each active "
+             "neuron one contiguous stream of its three rows (issue 17 candidate)", layout="neuron-major", fused="v1"),
     Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}

@@ -14,7 +14,10 @@ from sparseinfer.reference import order_contract as oc
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPE_NAMES as SIGN_SUFFIXES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES as WEIGHT_SUFFIXES
 
-SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu", "dense.cu")
+# The files of cuda/ the kernels are built from: one module per .cu (its kernels in KERNELS), and
+# down_rows.cuh, the row lists and sums the down and fused kernels share (common.cuh, included
+# by all, and cpu_emulation.h are named where they are used).
+SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu", "down_rows.cuh")
 DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_SUB_CHUNKS per block in v1)
 # Threads per block of gate_up_batched: 2 warps, so that a block holding one long-lived
 # active row keeps one other warp slot idle, not seven (at sparsity 0.92 about half of the
@@ -28,6 +31,8 @@ GATE_UP_SMALL_BLOCKS = ("batched", "paired")
 DOWN_NARROW_THREADS = 64
 # predict_rows_multi (predict v4): rows per warp, each on WARP_SIZE / PREDICT_ROWS_PER_WARP lanes.
 PREDICT_ROWS_PER_WARP = 4
+# mlp_fused (fused.cu): threads per block, 8 warps over a part's 128 neurons, then over its columns.
+FUSED_THREADS = 256
 
 # Products and sums rounded separately (no FMA contraction), subnormals kept (NVRTC's
 # default is --ftz=false; no --use_fast_math). The contract's constants come in as defines.
@@ -44,6 +49,7 @@ COMPILE_OPTIONS = (
     f"-DGATE_UP_BATCHED_THREADS={GATE_UP_BATCHED_THREADS}",
     f"-DDOWN_NARROW_THREADS={DOWN_NARROW_THREADS}",
     f"-DPREDICT_ROWS_PER_WARP={PREDICT_ROWS_PER_WARP}",
+    f"-DFUSED_THREADS={FUSED_THREADS}",
 )
 
 # The kernels each source defines (extern "C" names), and the hot ones whose register
@@ -58,9 +64,11 @@ KERNELS = {
     + ("down_reduce_chunks",),
     # the strong dense baseline (not on the sparse path; `sparseinfer bench`'s baseline row)
     "dense.cu": tuple(f"dense_{v}_{s}" for v in ("gate_up", "rows") for s in WEIGHT_SUFFIXES),
+    # predict + gate + up + down in one persistent launch
+    "fused.cu": tuple(f"mlp_fused_{s}" for s in WEIGHT_SUFFIXES),
 }
 HOT_KERNELS = frozenset(
-    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu") for name in KERNELS[src]) | {"pack_signs_fp32"}
+    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu") for name in KERNELS[src]) | {"pack_signs_fp32"}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
 

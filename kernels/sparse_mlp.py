@@ -2,7 +2,8 @@
 
 Built once from Hugging Face layouts (w_gate, w_up [k, d]; w_down [d, k]): checks them on
 the host, packs W_gate's sign words, transposes W_down to [k, d] and keeps everything on
-the device. ``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with
+the device. A pipeline on the neuron-major layout (``layout.py``) reads a second copy, the
+records built on the device at its first call and shared by every pipeline of the layer. ``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with
 ``trace=True``, the reference's :class:`MLPTrace` (mode ``predicted+actual``).
 """
 from __future__ import annotations
@@ -17,9 +18,9 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.mlp import MLPTrace, check_mlp_inputs
 from sparseinfer.reference.signs import alpha_to_milli
 
-from . import ops
+from . import layout, ops
 from .device import DeviceMatrix, cupy
-from .registry import DEFAULT_PIPELINE, DOWN, GATE_UP, PIPELINES
+from .registry import DEFAULT_PIPELINE, DOWN, GATE_UP, MLP_FUSED, PIPELINES
 
 
 def _pipeline(name: str):
@@ -46,6 +47,7 @@ class SparseMLP:
         self.w_down_t = DeviceMatrix.from_host("w_down^T", np.ascontiguousarray(w_down.T), WEIGHT_DTYPES,
                                                check_nan=False)
         self.w_signs = ops.pack_signs(self.w_gate)
+        self._layouts = {}              # layout -> this layer on it; shared by with_pipeline's copies
 
     def with_pipeline(self, pipeline: str) -> "SparseMLP":
         """The same layer run by another pipeline, sharing this one's device weights (no copy)."""
@@ -60,7 +62,19 @@ class SparseMLP:
         for name in ("w_gate", "w_up", "w_down_t"):
             setattr(other, name, dataclasses.replace(getattr(self, name), data=getattr(self, name).data.copy()))
         other.w_signs = self.w_signs.copy()
+        other._layouts = {}
         return other
+
+    def in_layout(self, name: str) -> "SparseMLP":
+        """This layer with w_gate, w_up and w_down_t read from layout ``name`` (built once)."""
+        if name == "row-major":
+            return self
+        if name not in self._layouts:
+            records = layout.stack_records(self.w_gate.data, self.w_up.data, self.w_down_t.data, cupy())
+            view = copy.copy(self)
+            view.w_gate, view.w_up, view.w_down_t = layout.record_views(records, self.w_gate.dtype, self.d)
+            self._layouts[name] = view
+        return self._layouts[name]
 
     def to_device_x(self, x, check: bool = True):
         """x as a float32 CuPy vector [d]; with ``check``, NaN is an error (one device sync)."""
@@ -74,9 +88,12 @@ class SparseMLP:
 
     def steps(self, x, alpha_milli: int):
         """(h1, h3, zero | None, out) of this pipeline; x already on the device."""
+        pipe, mlp = self.pipeline, self.in_layout(self.pipeline.layout)
         x_signs = ops.pack_x_signs(x)
-        h1, h3, zero = GATE_UP[self.pipeline.gate_up].run(self, x, x_signs, alpha_milli)
-        out = DOWN[self.pipeline.down].run(h3, self.w_down_t)
+        if pipe.fused:
+            return MLP_FUSED[pipe.fused].run(mlp, x, x_signs, alpha_milli)
+        h1, h3, zero = GATE_UP[pipe.gate_up].run(mlp, x, x_signs, alpha_milli)
+        out = DOWN[pipe.down].run(h3, mlp.w_down_t)
         return h1, h3, zero, out
 
     def __call__(self, x, alpha=1.0, trace: bool = False, check: bool = True):

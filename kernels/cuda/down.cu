@@ -2,59 +2,7 @@
 // Each thread owns V = 16 bytes' worth of output columns and reads 16 bytes of every row
 // it adds (coalesced across the block); rows whose h3 is exactly zero are never read.
 #include "common.cuh"
-
-// Column tile of this thread: [col0, col0 + V) and whether it may use one 16-byte load.
-template <typename T>
-__device__ __forceinline__ bool down_vector_ok(const T* wt, i64 ld, int col0, int d) {
-    return aligned16(wt) && ((ld * (i64)sizeof(T)) % 16 == 0) && col0 + Elem<T>::V <= d;
-}
-
-// acc[v] = fl(acc[v] + fl(h * Wt[row, col0 + v])) for the thread's columns below d.
-template <typename T>
-__device__ __forceinline__ void down_add_row(const T* __restrict__ wt, i64 ld, i64 row, float h, int col0, int d,
-                                             bool vec, float* acc) {
-    const int V = Elem<T>::V;
-    const T* p = wt + row * ld + col0;
-    if (vec) {
-        float w[V];
-        Elem<T>::unpack(__ldg(reinterpret_cast<const uint4*>(p)), w);
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(h, w[v]));
-    } else {
-#pragma unroll
-        for (int v = 0; v < V; ++v)
-            if (col0 + v < d) acc[v] = __fadd_rn(acc[v], __fmul_rn(h, Elem<T>::load(p, v)));
-    }
-}
-
-// Add rows rows_s[begin .. end) (weights h_s) in ascending order; BATCH > 1 loads the 16-byte
-// vectors of up to BATCH rows before adding any of them (predicated for the last batch), so
-// a thread has BATCH loads in flight instead of what the compiler hoists from an unrolled loop.
-template <typename T, int BATCH>
-__device__ __forceinline__ void down_add_rows(const T* __restrict__ wt, i64 ld, const int* rows_s, const float* h_s,
-                                              int begin, int end, int col0, int d, bool vec, float* acc) {
-    const int V = Elem<T>::V;
-    if (BATCH > 1 && vec) {
-        for (int n = begin; n < end; n += BATCH) {
-            uint4 wv[BATCH];
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u)
-                if (n + u < end) wv[u] = __ldg(reinterpret_cast<const uint4*>(wt + (i64)rows_s[n + u] * ld + col0));
-#pragma unroll
-            for (int u = 0; u < BATCH; ++u) {
-                if (n + u >= end) break;
-                float w[V];
-                Elem<T>::unpack(wv[u], w);
-                const float h = h_s[n + u];
-#pragma unroll
-                for (int v = 0; v < V; ++v) acc[v] = __fadd_rn(acc[v], __fmul_rn(h, w[v]));
-            }
-        }
-        return;
-    }
-#pragma unroll 4
-    for (int n = begin; n < end; ++n) down_add_row(wt, ld, (i64)rows_s[n], h_s[n], col0, d, vec, acc);
-}
+#include "down_rows.cuh"
 
 // v1 (deterministic, the contract's order). Block (column tile, chunk c of DOWN_ROW_CHUNK
 // rows), DOWN_SUB_CHUNKS groups of DOWN_THREADS threads. The block first lists the chunk's
@@ -78,28 +26,8 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
     __shared__ float sub_s[DOWN_SUB_CHUNKS - 1][TILE][Elem<T>::V];
     const int chunk = blockIdx.y;
     const int r0 = chunk * DOWN_ROW_CHUNK;
-    const int lane = lane_id();
-    const int warp = threadIdx.x / WARP_SIZE;
-    const int n_warps = blockDim.x / WARP_SIZE;
 
-    for (int pass = 0; pass < 2; ++pass) {          // pass 0: count per group; pass 1: scatter
-        for (int g = warp; g < GROUPS; g += n_warps) {
-            const int i = r0 + g * WARP_SIZE + lane;
-            const float h = i < k ? h3[i] : 0.0f;
-            const bool keep = i < k && (dense || h != 0.0f);
-            const u32 bits = __ballot_sync(FULL_MASK, keep);
-            if (pass == 0) {
-                if (lane == 0) group_count[g] = __popc(bits);
-            } else if (keep) {
-                int offset = 0;
-                for (int q = 0; q < g; ++q) offset += group_count[q];
-                const int slot = offset + __popc(bits & ((1u << lane) - 1u));
-                rows_s[slot] = i;
-                h_s[slot] = h;
-            }
-        }
-        __syncthreads();
-    }
+    list_nonzero_rows<GROUPS>(h3, r0, k, dense, rows_s, h_s, group_count);
 
     const int sub = threadIdx.x / TILE;             // the sub-chunk this thread adds
     const int ct = threadIdx.x % TILE;              // its column slot in the tile
