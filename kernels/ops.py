@@ -22,7 +22,6 @@ from .sources import (DOWN_NARROW_THREADS, DOWN_THREADS, FUSED_THREADS, GATE_UP_
 THREADS = 256                      # 8 warps per block in the warp-per-row kernels
 COMPACT_THREADS = 1024
 ATOMIC_ROWS_PER_BLOCK = 64
-_ACT_KIND = {"relu": 0, "fatrelu": 1}
 _NULL = np.uint64(0)
 
 
@@ -65,10 +64,14 @@ def check_pair(w_gate: DeviceMatrix, w_up: DeviceMatrix, d: int) -> None:
                                f"{w_gate.shape} {w_gate.dtype_name}")
 
 
-def sparse_activation(activation) -> Activation:
+def sparse_activation(activation, approximate: bool = False) -> Activation:
+    """The activation of a sparse (predicting) MLP: relu or fatrelu, or with ``approximate``
+    one without exact zeros, whose predicted-negative rows are taken as zero (as in
+    reference.mlp.mlp_sparse). The kernel wrappers below run any activation."""
     act = Activation.parse(activation)
-    if act.kind not in _ACT_KIND:
-        raise SparseInferError(f"activation {act} has no exact zeros; the kernels support relu and fatrelu")
+    if not act.sparse_capable and not approximate:
+        raise SparseInferError(f"activation {act} has no exact zeros; the sparse kernels need relu or fatrelu "
+                               f"(or approximate=True)")
     return act
 
 
@@ -83,7 +86,7 @@ def _warp_grid(n_warps: int, threads: int = THREADS) -> tuple:
 
 
 def _act_args(act: Activation) -> tuple:
-    return np.int32(_ACT_KIND[act.kind]), np.float32(act.threshold)
+    return np.int32(act.code), np.float32(act.threshold)
 
 
 # --- predictor ---------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def gate_up_mask(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, zero=N
     """(h1, h3) [k]: warp per row over all rows; ``zero`` (uint8 mask) skips rows, None = dense."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
-    act = sparse_activation(activation)
+    act = Activation.parse(activation)
     k = w_gate.rows
     if zero is not None:
         check_vector("zero mask", zero, k, np.uint8)
@@ -175,7 +178,7 @@ def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active
     """(h1, h3) [k]: warps only over the compacted active rows (count read on the device)."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
-    act = sparse_activation(activation)
+    act = Activation.parse(activation)
     k = w_gate.rows
     check_vector("active", active, k, np.int32)
     check_vector("n_active", n_active, 1, np.int32)
@@ -202,7 +205,7 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
     k = _check_signs(w_signs, x_signs, d)
     if k != w_gate.rows:
         raise SparseInferError(f"w_signs has {k} rows but w_gate has {w_gate.rows}")
-    act = sparse_activation(activation)
+    act = Activation.parse(activation)
     alpha_milli = check_alpha_milli(alpha_milli)
     cp = cupy()
     counts = cp.empty(k, dtype=cp.int32)
@@ -322,7 +325,7 @@ def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_d
     if w_down_t.rows != k or w_down_t.dtype != w_gate.dtype or w_down_t.ld != w_gate.ld:
         raise SparseInferError(f"w_down_t {w_down_t.shape} {w_down_t.dtype_name} (row stride {w_down_t.ld}) does not "
                                f"match w_gate {w_gate.shape} {w_gate.dtype_name} (row stride {w_gate.ld})")
-    act = sparse_activation(activation)
+    act = Activation.parse(activation)
     alpha_milli = check_alpha_milli(alpha_milli)
     cp = cupy()
     n_chunks, n_parts = fused_parts(k)
@@ -352,7 +355,7 @@ def dense_gemv_mlp(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down: DeviceMa
     rigorous_error_bound."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
-    act = sparse_activation(activation)
+    act = Activation.parse(activation)
     k = w_gate.rows
     check_matrix("w_down", w_down, k)
     if w_down.rows != d or w_down.dtype != w_gate.dtype:

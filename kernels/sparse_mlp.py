@@ -30,9 +30,9 @@ def _pipeline(name: str):
 
 
 class SparseMLP:
-    def __init__(self, w_gate, w_up, w_down, activation, pipeline: str = DEFAULT_PIPELINE):
+    def __init__(self, w_gate, w_up, w_down, activation, pipeline: str = DEFAULT_PIPELINE, approximate: bool = False):
         self.pipeline = _pipeline(pipeline)
-        self.activation = ops.sparse_activation(activation)
+        self.activation = ops.sparse_activation(activation, approximate)
         w_gate, w_up, w_down = (np.asarray(w) for w in (w_gate, w_up, w_down))
         if w_gate.ndim != 2:
             raise SparseInferError(f"w_gate has shape {w_gate.shape}; expected [k, d]")
@@ -110,6 +110,10 @@ class SparseMLP:
         h1_all, _ = ops.gate_up_mask(x, self.w_gate, self.w_up, self.activation, None)   # the full gate
         predicted_zero = zero.get().astype(bool)
         computed_up = ~predicted_zero & (h1.get() != 0)
+        # without exact zeros, the rows whose gate is negative (reference.mlp.mlp_sparse): h1's
+        # sign bit, since a warp sum from +0.0 is never -0.0 and these activations keep the sign
+        h1_all = h1_all.get()
+        actual_zero = h1_all == 0 if self.activation.sparse_capable else np.signbit(h1_all)
         return MLPTrace(mode="predicted+actual", d=self.d, k=self.k, weight_dtype=self.weight_dtype,
-                        alpha_milli=alpha_milli, predicted_zero=predicted_zero, actual_zero=h1_all.get() == 0,
+                        alpha_milli=alpha_milli, predicted_zero=predicted_zero, actual_zero=actual_zero,
                         computed_gate=~predicted_zero, computed_up=computed_up, computed_down=computed_up.copy())
