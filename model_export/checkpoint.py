@@ -170,6 +170,22 @@ def check_token_id(value, key: str, vocab_size: int, name: str) -> int | None:
     return None if isinstance(value, list) else value
 
 
+def read_generation_config(path, vocab_size: int) -> dict:
+    """bos_token_id and eos_token_id of a generation_config.json (beside a checkpoint or an
+    export), each None when absent, checked as a config's are (``check_token_id``); a file that
+    is not a JSON object is one line naming it. No file: both None."""
+    p = Path(path)
+    if not p.is_file():
+        return dict.fromkeys(TOKEN_ID_FIELDS)
+    try:
+        cfg = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise SparseInferError(f"cannot read {p}: {str(e).splitlines()[0]}") from None
+    if not isinstance(cfg, dict):
+        raise SparseInferError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
+    return {key: check_token_id(cfg.get(key), key, vocab_size, str(p)) for key in TOKEN_ID_FIELDS}
+
+
 _EXPONENT_BITS = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}     # all ones: Inf or NaN
 WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float16), BFLOAT16)
 

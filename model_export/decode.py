@@ -102,6 +102,127 @@ def read_model_proto(path):
         raise SparseInferError(f"cannot read {path}: {str(e).splitlines()[0]}") from None
 
 
+@dataclass(frozen=True)
+class ExportInfo:
+    """What a decoder needs to know of an export, read from its metadata and checked against
+    its graph (``check_export``)."""
+
+    num_layers: int
+    kv_heads: int
+    head_dim: int
+    max_positions: int
+    vocab_size: int
+    sparse: bool
+    shared_kv: bool
+    max_length: int
+
+
+_SIZES = {"num_layers": "sparseinfer.num_layers", "kv_heads": "sparseinfer.num_kv_heads",
+          "head_dim": "sparseinfer.head_dim", "max_positions": "sparseinfer.max_position_embeddings",
+          "vocab_size": "sparseinfer.vocab_size"}
+_FEEDS = ("input_ids", "attention_mask", "position_ids")
+
+
+def _dims(value) -> list:
+    """A graph input's or output's dimensions: ints where fixed, names (or None) where not."""
+    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+            for d in value.type.tensor_type.shape.dim]
+
+
+def check_export(model, path) -> ExportInfo:
+    """The export's metadata, checked: the sizes are positive whole numbers, the flags hold one of
+    their values, and the graph is the decoder they describe (its inputs and outputs, the KV
+    cache's heads and head size, the vocabulary, a SparseMLP node per layer with the recorded α
+    in a sparse export and none in a dense one). A model this project did not export, or whose
+    metadata and graph disagree, is one line naming the file and what is wrong."""
+    from onnx import TensorProto
+
+    from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
+
+    from .checkpoint import MAX_POSITIONS
+    from .mlp_functions import DOMAIN, OP_TYPE
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    if not any(key.startswith("sparseinfer.") for key in meta):
+        raise SparseInferError(f"{path}: not a sparseinfer export (no sparseinfer.* metadata)")
+
+    def fail(what):
+        raise SparseInferError(f"{path}: {what}")
+
+    def whole(key, default=None) -> int:
+        text = meta.get(key, default)
+        if text is None:
+            fail(f"metadata {key} is missing")
+        if not (text.isascii() and text.isdigit() and int(text) > 0):
+            fail(f"metadata {key} = {text!r} is not a positive whole number")
+        return int(text)
+
+    def one_of(key, values, default):
+        text = meta.get(key, default)
+        if text not in values:
+            fail(f"metadata {key} = {text!r} is not one of {', '.join(values)}")
+        return text
+
+    sizes = {field: whole(key) for field, key in _SIZES.items()}
+    if sizes["max_positions"] > MAX_POSITIONS:             # a KV buffer is allocated at this length
+        fail(f"metadata sparseinfer.max_position_embeddings {sizes['max_positions']} exceeds {MAX_POSITIONS}")
+    sparse = one_of("sparseinfer.sparse", ("True", "False"), None) == "True"
+    shared = one_of("sparseinfer.kv_cache", ("shared", "concat"), "concat") == "shared"
+    max_length = whole("sparseinfer.max_length", str(sizes["max_positions"]))
+    if max_length > sizes["max_positions"]:
+        fail(f"metadata sparseinfer.max_length {max_length} exceeds sparseinfer.max_position_embeddings "
+             f"{sizes['max_positions']}")
+    n = sizes["num_layers"]
+    if len(model.graph.input) != len(_FEEDS) + 2 * n:
+        fail(f"the graph has {len(model.graph.input)} inputs, but a {n}-layer decoder (its metadata) has "
+             f"{len(_FEEDS) + 2 * n}")
+    kv = [f"past_key_values.{i}.{t}" for i in range(n) for t in ("key", "value")]
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name: o for o in model.graph.output}
+    for what, have, want in (("inputs", inputs, [*_FEEDS, *kv]),
+                             ("outputs", {k: v for k, v in outputs.items() if not k.startswith("debug.")},
+                              ["logits", *(name.replace("past_key_values", "present") for name in kv)])):
+        missing, extra = [x for x in want if x not in have], [x for x in have if x not in want]
+        if missing or extra:
+            fail(f"the graph's {what} are not those of a {n}-layer decoder (its metadata): "
+                 + "; ".join(f"{label} {', '.join(names[:3])}{' ...' if len(names) > 3 else ''}"
+                             for label, names in (("missing", missing), ("unexpected", extra)) if names))
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16)
+    types = {**dict.fromkeys(_FEEDS, (TensorProto.INT64,)), "logits": (TensorProto.FLOAT,),
+             **dict.fromkeys(kv, floats), **{name.replace("past_key_values", "present"): floats for name in kv}}
+    for name, allowed in types.items():
+        got = (inputs[name] if name in inputs else outputs[name]).type.tensor_type.elem_type
+        if got not in allowed:
+            fail(f"{name} holds {TensorProto.DataType.Name(got)}, where a decoder's holds "
+                 f"{' or '.join(map(TensorProto.DataType.Name, allowed))}")
+    fits = lambda dim, want: not isinstance(dim, int) or dim == want       # noqa: E731 (a named dim fits)
+    for name in kv:
+        for value in (inputs[name], outputs[name.replace("past_key_values", "present")]):
+            dims = _dims(value)
+            if len(dims) != 4 or not fits(dims[1], sizes["kv_heads"]) or not fits(dims[3], sizes["head_dim"]):
+                fail(f"{value.name} has dimensions {dims}, but the metadata gives {sizes['kv_heads']} key/value "
+                     f"heads of size {sizes['head_dim']}")
+    logits = _dims(outputs["logits"])
+    if len(logits) != 3 or not fits(logits[2], sizes["vocab_size"]):
+        fail(f"logits have dimensions {logits}, but metadata sparseinfer.vocab_size is {sizes['vocab_size']}")
+    nodes = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+    if not sparse:
+        if nodes:
+            fail(f"metadata calls it dense, but the graph holds {len(nodes)} {OP_TYPE} nodes")
+        return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length)
+    if len(nodes) != n:
+        fail(f"a sparse export of {n} layers should hold {n} {OP_TYPE} nodes, the graph holds {len(nodes)}")
+    alphas = meta.get("sparseinfer.alpha_milli", "").split(",")
+    if len(alphas) != n or not all(a.isascii() and a.isdigit() and 1 <= int(a) <= MAX_ALPHA_MILLI for a in alphas):
+        fail(f"metadata sparseinfer.alpha_milli = {meta.get('sparseinfer.alpha_milli')!r} is not {n} whole "
+             f"numbers in 1-{MAX_ALPHA_MILLI}")
+    for node, alpha in zip(nodes, alphas):
+        got = next((a.i for a in node.attribute if a.name == "alpha_milli"), None)
+        if got != int(alpha):
+            fail(f"node {node.name} has alpha_milli {got}, but the metadata records {alpha}")
+    return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length)
+
+
 def is_sparse_export(model) -> bool:
     return any(p.key == "sparseinfer.sparse" and p.value == "True" for p in model.metadata_props)
 
@@ -136,28 +257,22 @@ class OnnxDecoder:
         self.static_decode = bool(static_decode or cuda_graph)
         self.cuda_graph = bool(cuda_graph)
         model = read_model_proto(path)
+        info = check_export(model, path)
         self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, has_sparse_mlp_op(model), provider)
         del model
         self.session = make_session(path, provider, threads, profile, self.library, cuda_graph)
         self.provider = provider
         self.device = "cuda" if provider == "cuda" else "cpu"        # where the bound buffers live
         self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
-        meta = self.session.get_modelmeta().custom_metadata_map
-        try:
-            self.num_layers = int(meta["sparseinfer.num_layers"])
-            self.kv_heads = int(meta["sparseinfer.num_kv_heads"])
-            self.head_dim = int(meta["sparseinfer.head_dim"])
-            self.max_positions = int(meta["sparseinfer.max_position_embeddings"])
-        except KeyError:
-            raise SparseInferError(f"{path}: not a sparseinfer export (metadata missing)") from None
-        self.sparse = meta.get("sparseinfer.sparse") == "True"
-        self.shared_kv = meta.get("sparseinfer.kv_cache", "concat") == "shared"
+        self.num_layers, self.kv_heads, self.head_dim = info.num_layers, info.kv_heads, info.head_dim
+        self.max_positions, self.vocab_size = info.max_positions, info.vocab_size
+        self.sparse, self.shared_kv = info.sparse, info.shared_kv
         if self.shared_kv:
             if io_binding is False:
                 raise SparseInferError(f"{path}: its KV cache is one buffer shared by past and present, which "
                                        f"needs io_binding (re-export with --portable for plain session.run)")
             self.io_binding = True
-            exported = int(meta.get("sparseinfer.max_length", self.max_positions))
+            exported = info.max_length
             if max_length is not None and not 0 < max_length <= exported:
                 raise SparseInferError(f"max_length {max_length} is outside 1-{exported} (the export's max_length)")
             self.max_positions = min(self.max_positions, max_length or exported)
@@ -343,6 +458,11 @@ def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature:
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise SparseInferError("the prompt is empty")
+    outside = next((t for t in [*prompt_ids, *([] if stop_id is None else [stop_id])]
+                    if not 0 <= t < decoder.vocab_size), None)
+    if outside is not None:
+        raise SparseInferError(f"token id {outside} is outside the model's vocabulary (0-{decoder.vocab_size - 1}); "
+                               f"is the tokenizer the model's own?")
     if len(prompt_ids) + max_new_tokens > decoder.max_positions:
         raise SparseInferError(f"prompt of {len(prompt_ids)} tokens + {max_new_tokens} new tokens exceeds "
                                f"the context of {decoder.max_positions}")

@@ -165,10 +165,13 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
     the kernels); for exports with --debug, the measured decode sparsity and the
     predictor's precision / recall.
     """
+    from sparseinfer.model_export.checkpoint import read_generation_config
     from sparseinfer.model_export.decode import OnnxDecoder, generate
 
-    tok, bos, eos = _tokenizer_for(model, tokenizer_path)
     decoder = OnnxDecoder(model, provider, threads, mlp_kernels)
+    # token ids inside the model's vocabulary, or one line naming the file and field
+    read_generation_config(Path(model).with_name("generation_config.json"), decoder.vocab_size)
+    tok, bos, eos = _tokenizer_for(model, tokenizer_path)
     ids = _prompt_ids(tok, bos, prompt)
     stream = None if as_json else (lambda t: click.echo(tok.decode([t]), nl=False))
     if not as_json:
