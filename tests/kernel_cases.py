@@ -3,6 +3,7 @@ reference, and comparisons that explain their failures. Shared by the GPU tests 
 CPU test that checks the cases themselves are non-trivial."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,3 +127,20 @@ def assert_same(got, want, what: str, case) -> None:
     """Exact comparison (bit patterns for floats) with a self-explaining failure."""
     msg = mismatch_report(got, want, what, case)
     assert not msg, msg
+
+
+@contextlib.contextmanager
+def mutated(src: str, old: str, new: str):
+    """The emulator builds ``src`` with ``old`` replaced by ``new`` inside the block."""
+    from sparseinfer.kernels import emulator, sources
+
+    text = sources.raw_text(src)
+    assert text.count(old) == 1, old
+    orig = sources.raw_text
+    emulator._library.cache_clear()
+    emulator.raw_text = sources.raw_text = lambda name: (text.replace(old, new) if name == src else orig(name))
+    try:
+        yield
+    finally:
+        emulator.raw_text = sources.raw_text = orig
+        emulator._library.cache_clear()

@@ -10,12 +10,10 @@ rigorous-bound checks, which the registry tests do not cover (it is not a sparse
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 
-from kernel_cases import assert_same, build_case
+from kernel_cases import assert_same, build_case, mutated
 from sparseinfer.benchmarks import harness
 from sparseinfer.kernels import BASELINE, DOWN, GATE_UP, PIPELINES, PREDICT, SparseMLP, emulator, ops, sources
 from sparseinfer.kernels.baseline_check import dense_mlp_verified, gate_up_within_bound
@@ -107,21 +105,6 @@ def test_paired_pipeline_bit_for_bit(emu, d, k, dtype, activation):
                 oc.down_projection(want_h3, np.ascontiguousarray(case.w_down.T)), "down v5_narrow", case)
 
 
-@contextlib.contextmanager
-def _mutated(src: str, old: str, new: str):
-    """The emulator builds ``src`` with ``old`` replaced by ``new`` inside the block."""
-    text = sources.raw_text(src)
-    assert text.count(old) == 1, old
-    orig = sources.raw_text
-    emulator._library.cache_clear()
-    emulator.raw_text = sources.raw_text = lambda name: (text.replace(old, new) if name == src else orig(name))
-    try:
-        yield
-    finally:
-        emulator.raw_text = sources.raw_text = orig
-        emulator._library.cache_clear()
-
-
 MUTANTS = [
     # v6: the up row's chunks of a batch added last-to-first (the sum's order changes)
     ("gate_up", "common.cuh", "if (c + u * WARP_SIZE < n_vec) chunk_pair_dot_add<T>(acc_a, acc_b, wa[u], wb[u], x, "
@@ -158,7 +141,7 @@ def test_bit_exact_checks_reject_mutants(emu, family, header, old, new):
 
     got, want = run()
     assert np.array_equal(got.view(np.uint32), want.view(np.uint32))
-    with _mutated(header, old, new):
+    with mutated(header, old, new):
         got, want = run()
     assert not np.array_equal(got.view(np.uint32), want.view(np.uint32)), "the mutant passed the bit-exact check"
 

@@ -29,6 +29,7 @@
 #include <ucontext.h>
 #endif
 
+#include <cmath>                 // CUDA's float math functions (fabsf, ...) are the C library's here
 #include <cstdint>
 #include <cstring>
 #include <functional>
