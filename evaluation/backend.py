@@ -17,6 +17,9 @@ holding ``model.onnx`` and its ``tokenizer.json``, or the ``.onnx`` itself) or a
   continuation. Prefill is dense in every export (as in the paper), so these scores are
   the dense model's whatever α is; the backend logs so once per run.
 
+With ``method=NAME,sparsity=S`` (any ``sim.methods`` method) the model decodes on the NumPy
+reference model instead (``method_backend.MethodLM``).
+
 Each answer is handed to lm-eval's cache hook as it is made, so a run with
 ``use_cache`` (``sparseinfer eval`` always sets one) resumes where it was interrupted.
 ``stats()`` gives what was measured: decode tokens/s, and with the native CPU kernels the
@@ -115,7 +118,8 @@ class SparseInferLM(TemplateLM):
         if unknown:
             raise SparseInferError(f"unknown model_args for sparseinfer: {', '.join(sorted(unknown))}; expected "
                                    f"model, alpha, random, seed, provider, target, threads, mlp_kernels, "
-                                   f"max_length, max_gen_toks, cache_dir, progress")
+                                   f"max_length, max_gen_toks, cache_dir, progress (or method=NAME,sparsity=S: any "
+                                   f"sim.methods method on the NumPy reference model)")
         from sparseinfer.model_export.decode import OnnxDecoder
         from sparseinfer.model_export.export_folder import tokenizer_for
 
@@ -158,8 +162,13 @@ class SparseInferLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
+        """``method=NAME`` among the arguments: the NumPy reference backend (``method_backend``)."""
         args = parse_model_args(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        if args.get("method") and cls is SparseInferLM:
+            from .method_backend import MethodLM
+
+            return MethodLM(**args, **extra)
         return cls(**args, **extra)
 
     # -- tokens ---------------------------------------------------------------------------

@@ -115,3 +115,16 @@ def check_data(data_dir, tasks) -> Path:
         else:
             bbh_path(root, task.removeprefix("bbh_"))
     return root
+
+
+def task_documents(data_dir, tasks) -> list[str]:
+    """The texts a run evaluates (GSM8K questions, BBH inputs) of ``tasks`` ('gsm8k', 'bbh' or
+    'bbh_<subtask>'): what calibration prompts must not overlap."""
+    texts = []
+    for task in tasks:
+        if task == "gsm8k":
+            texts += [r["question"] for r in read_gsm8k(data_dir)]
+        else:
+            for sub in (BBH_TASKS if task == "bbh" else (task.removeprefix("bbh_"),)):
+                texts += [r["input"] for r in read_bbh(data_dir, sub)]
+    return texts

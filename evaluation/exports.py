@@ -1,11 +1,12 @@
 """The rows of a Table II/III run and their exports, each made once and cached.
 
-A row is ``dense``, ``sparse`` at an α schedule (the predictor baked into the export), or
-``random`` at a sparsity S: the paper's control, here a *fixed* random mask per layer —
-a fraction S of each MLP's rows (gate and up rows, down columns) set to zero in the
-weights, then a dense export. The same rows are dropped at every position, prefill
-included; a per-token random mask on decode only would need a random predictor inside
-the export (not available).
+A row is ``dense``, ``sparse`` at an α schedule (the predictor baked into the export),
+``random`` at a sparsity S — a *fixed* random mask per layer: a fraction S of each MLP's
+rows (gate and up rows, down columns) set to zero in the weights, then a dense export, so
+the same rows are dropped at every position, prefill included — or ``method``: any
+``sim.methods`` method at a target sparsity, which no export carries; those rows decode on
+the NumPy reference model (``method_backend``) and have no export. ``method`` ``random``
+is the paper's own control: a fresh random row mask per token at each decode step.
 
 An export lives in ``<root>/<slug>/model.onnx`` with ``key.json`` beside it: the
 checkpoint's files (path, size, mtime), the row, the target and a hash of the exporter's
@@ -32,17 +33,24 @@ EXPORTER_SOURCES = ("export.py", "onnx_builder.py", "mlp_functions.py", "checkpo
 
 @dataclass(frozen=True)
 class Row:
-    kind: str                         # dense | sparse | random
+    kind: str                         # dense | sparse | random | method
     alpha: str | None = None          # sparse: the α schedule as given
-    random: float | None = None       # random: the fraction of rows dropped
+    random: float | None = None       # random: the fraction of rows dropped (a fixed mask)
     seed: int = 0
+    method: str | None = None         # method: a sim.methods name
+    sparsity: float | None = None     # method: its target sparsity
+    params: tuple = ()                # method: sorted (key, value) pairs of its parameters
 
     @property
     def label(self) -> str:
         if self.kind == "sparse":
             return f"α {self.alpha}"
         if self.kind == "random":
-            return f"random {self.random:.2f}"
+            return f"random {self.random:.2f} fixed mask"
+        if self.kind == "method":
+            extra = ["per token"] if self.method == "random" else []
+            extra += [f"{k}={v}" for k, v in self.params]
+            return f"{self.method}@{self.sparsity:g}" + (f" ({', '.join(extra)})" if extra else "")
         return "dense"
 
     @property
@@ -51,11 +59,21 @@ class Row:
             return "alpha-" + self.alpha.replace(",", "_").replace("@", "at")
         if self.kind == "random":
             return f"random-{self.random:g}-seed{self.seed}"
+        if self.kind == "method":
+            tail = hashlib.sha256(repr(self.params).encode()).hexdigest()[:8] if self.params else ""
+            return f"method-{self.method}-{self.sparsity:g}" + (f"-{tail}" if tail else "")
         return "dense"
 
+    @property
+    def engine(self) -> str:
+        return "numpy reference" if self.kind == "method" else "onnxruntime"
+
     def as_dict(self) -> dict:
-        return {"kind": self.kind, "alpha": self.alpha, "random": self.random, "seed": self.seed,
-                "label": self.label}
+        out = {"kind": self.kind, "alpha": self.alpha, "random": self.random, "seed": self.seed,
+               "label": self.label}
+        if self.kind == "method":
+            out.update(method=self.method, sparsity=self.sparsity, params=dict(self.params), engine=self.engine)
+        return out
 
 
 def parse_alpha(spec: str, num_layers: int | None = None) -> str:
@@ -66,8 +84,56 @@ def parse_alpha(spec: str, num_layers: int | None = None) -> str:
     return str(spec).strip()
 
 
-def make_rows(alphas=(), random: float | None = None, seed: int = 0, num_layers: int | None = None) -> list[Row]:
-    """dense first, then each α in order, then the random control; bad values are one-line errors."""
+def method_row(name: str, sparsity, params: dict | None = None) -> Row:
+    """A ``method`` row: the name and the parameters checked by ``sim.methods`` (one-line errors)."""
+    from sparseinfer.sim.method_base import check_sparsity
+    from sparseinfer.sim.methods import check_method_name, make_method
+
+    name = check_method_name(name)
+    target = check_sparsity(sparsity, f"--method {name}: sparsity")
+    params = {str(k): str(v) for k, v in (params or {}).items()}
+    make_method(name, params)                         # unknown or malformed parameters fail here
+    return Row("method", method=name, sparsity=target, params=tuple(sorted(params.items())))
+
+
+def parse_method_rows(methods=(), sparsities=(), params: dict | None = None, approximate: bool = False) -> list[Row]:
+    """``--method NAME[@S]`` (repeatable) with ``--sparsity S[,S...]`` (repeatable): a row per
+    method and target — a method's own ``@S``, else every ``--sparsity`` value. ``params``:
+    {method: {key: value}} (``sim.methods.parse_param_options``); the sign predictor is aimed
+    at its target (α calibrated per layer, ``alpha=auto``) unless a schedule is given;
+    ``approximate`` allows the sign predictor (sparseinfer, cluster) on a SiLU model."""
+    from sparseinfer.sim.method_base import parse_sparsities
+    from sparseinfer.sim.methods import COMPARE_DEFAULT_PARAMS, METHODS, check_method_name
+
+    params = params or {}
+    targets = [s for text in sparsities for s in parse_sparsities(text)]
+    rows, named = [], set()
+    for spec in methods:
+        name, at, own = str(spec).partition("@")
+        name = check_method_name(name)
+        named.add(name)
+        wanted = parse_sparsities(own) if at else targets
+        if not wanted:
+            raise SparseInferError(f"--method {name} needs a target sparsity: --sparsity S or --method {name}@S")
+        for s in wanted:
+            given = {**COMPARE_DEFAULT_PARAMS.get(name, {}), **params.get(name, {})}
+            if approximate and "approximate" in METHODS[name].PARAMS:       # as sim.methods.make_method
+                given.setdefault("approximate", "true")
+            row = method_row(name, s, given)
+            if row not in rows:
+                rows.append(row)
+    if sparsities and not methods:
+        raise SparseInferError("--sparsity is the target of a --method; give --method NAME too")
+    unused = sorted(set(params) - named)
+    if unused:
+        raise SparseInferError(f"--param names {unused[0]}, which is not a --method")
+    return rows
+
+
+def make_rows(alphas=(), random: float | None = None, seed: int = 0, num_layers: int | None = None,
+              methods=()) -> list[Row]:
+    """dense first, then each α in order, then the fixed-mask random control, then the
+    ``method`` rows; bad values are one-line errors."""
     rows = [Row("dense")]
     for spec in alphas:
         row = Row("sparse", alpha=parse_alpha(spec, num_layers))
@@ -77,6 +143,7 @@ def make_rows(alphas=(), random: float | None = None, seed: int = 0, num_layers:
         if not 0.0 < float(random) < 1.0:
             raise SparseInferError(f"--random {random}: expected a sparsity between 0 and 1 (e.g. 0.9)")
         rows.append(Row("random", random=float(random), seed=seed))
+    rows.extend(r for r in methods if r not in rows)
     return rows
 
 

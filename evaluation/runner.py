@@ -7,8 +7,14 @@ resumes from what it has; the key changes with the export), ``<slug>/results.jso
 ``<slug>/samples_<task>_<date>.jsonl`` (lm-eval's own sample logging: prompt, generation,
 extracted answer, correct), and ``eval.json`` for the whole run.
 
-With ``ray`` (``--ray``), each row's requests run on Ray workers (``ray_shards``). lm-eval,
-its cache and its sample logging stay here, so the files are the same.
+``methods`` (``--method NAME --sparsity S``) add rows of any ``sim.methods`` method, which
+decode on the NumPy reference model (``method_backend``; no export, prefill dense). Their
+calibration prompts (built-in, or ``--calibration FILE``) are collected once for all of them
+and must not overlap the documents of the evaluated tasks (all of them, not only the
+``--limit`` first).
+
+With ``ray`` (``--ray``), each export row's requests run on Ray workers (``ray_shards``).
+lm-eval, its cache and its sample logging stay here, so the files are the same.
 """
 from __future__ import annotations
 
@@ -22,8 +28,8 @@ from pathlib import Path
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import make_folder, write_json
 
-from .data import BBH_TASKS, check_data
-from .exports import ensure_export, export_key, export_root, make_rows
+from .data import BBH_TASKS, check_data, task_documents
+from .exports import checkpoint_identity, ensure_export, export_key, export_root, make_rows, parse_method_rows
 from .taskgen import BBH_GROUP, GSM8K_TASK, TASKS_DIR, bbh_task
 
 GSM8K_METRIC = "exact_match,strict-match"          # the headline GSM8K score (lm-eval's first filter)
@@ -101,22 +107,56 @@ def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: st
     return {"scores": scores, "stats": lm.stats(), "wall_s": wall}
 
 
+def method_sources_hash() -> str:
+    """Hash of the methods' and the reference model's sources: a method row run by other code
+    does not resume from the old answers."""
+    import sparseinfer.reference.llama as llama
+    import sparseinfer.sim.methods as methods
+
+    h = hashlib.sha256()
+    for path in sorted(Path(methods.__file__).parent.glob("method*.py")) + [Path(llama.__file__)]:
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def row_cache_key(checkpoint, row, target: str, calibration=None) -> str:
+    """The key of a row's lm-eval cache: its export's key, or for a method row the checkpoint,
+    the row, the calibration prompts and the methods' sources."""
+    if row.kind != "method":
+        key = export_key(checkpoint, row, target)
+    else:
+        key = {"checkpoint": checkpoint_identity(checkpoint), "row": row.as_dict(), "engine": row.engine,
+               "calibration": calibration, "sources": method_sources_hash()}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
 def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cpu", data_dir=None, out="out/eval",
              max_gen_toks=None, threads=None, mlp_kernels="auto", target=None, seed=0, progress=True, verbose=False,
-             log=print, ray=None, ray_workers=None) -> dict:
-    """Evaluate dense, each α and the random control (see the module's docstring). ``ray``: a
-    Ray address ('auto', 'local', HOST:PORT) to run each row's requests on Ray workers
-    (``ray_shards``; ``ray_workers`` of them) instead of in this process."""
+             log=print, ray=None, ray_workers=None, methods=(), sparsities=(), params=None, approximate=False,
+             calibration_file=None, max_calibration_prompts=64) -> dict:
+    """Evaluate dense, each α, the random control and each method row (see the module's
+    docstring). ``ray``: a Ray address ('auto', 'local', HOST:PORT) to run each export row's
+    requests on Ray workers (``ray_shards``; ``ray_workers`` of them) instead of in this
+    process. ``methods`` / ``sparsities`` / ``params`` / ``approximate``: the method rows
+    (``exports.parse_method_rows``); ``calibration_file``: their calibration prompts."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.sim.method_compare import calibration_prompts, check_disjoint
 
     from .backend import SparseInferLM
 
     names = parse_tasks(tasks)
+    method_rows = parse_method_rows(methods, sparsities, params, approximate)
+    prompts, source = calibration_prompts(calibration_file, max_calibration_prompts) if method_rows else ([], None)
+    if method_rows and ray is not None:
+        raise SparseInferError("--ray runs onnxruntime exports; --method rows decode on the NumPy reference model in "
+                               "this process: run them without --ray")
     data_root = check_data(data_dir, names)
     if limit is not None and limit <= 0:
         raise SparseInferError(f"--limit {limit}: expected a positive number of samples per task")
     if not Path(checkpoint).exists():
         raise SparseInferError(f"no such checkpoint: {checkpoint}")
+    if method_rows:
+        check_disjoint(prompts, task_documents(data_root, names), f"{', '.join(names)} documents")
     if ray is not None:
         from .ray_shards import connect
         connect(ray)                                   # before any export: no Ray, no work
@@ -127,7 +167,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
             loaded["ck"] = load_checkpoint(checkpoint)
         return loaded["ck"]
 
-    rows = make_rows(alphas, random, seed, ck().shape.num_layers)
+    rows = make_rows(alphas, random, seed, ck().shape.num_layers, methods=method_rows)
     quiet_lm_eval(verbose)
     if not progress:
         import os
@@ -136,35 +176,53 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     exports = export_root(out / "exports", checkpoint)
     target = target or provider
     paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, log=log)
-             for row in rows}
-    loaded.clear()                                     # the weights are in the exports now
+             for row in rows if row.kind != "method"}
+    calibration = None
+    if method_rows:
+        from sparseinfer.sim.methods import collect_calibration
+        from sparseinfer.sim.model_runner import encode_prompts
+
+        calibration = collect_calibration(ck().weights, encode_prompts(ck(), prompts, "calibration prompts"), source)
+        log(f"calibration: {calibration.prompts} prompts, {calibration.tokens} tokens from {source}, none of them "
+            f"in the {', '.join(names)} documents")
+    else:
+        loaded.clear()                                 # the weights are in the exports now
+    calibration_key = None if calibration is None else {
+        **calibration.describe(), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     result = {"checkpoint": str(checkpoint), "tasks": names, "limit": limit, "provider": provider,
               "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "ray": ray, "rows": []}
+    if calibration is not None:
+        result["calibration"] = calibration.describe()
+    gen = {"max_gen_toks": max_gen_toks} if max_gen_toks else {}
     for row in rows:
-        key = hashlib.sha256(json.dumps(export_key(checkpoint, row, target), sort_keys=True).encode()).hexdigest()[:12]
+        key = row_cache_key(checkpoint, row, target, calibration_key)
         row_dir = out / row.slug
-        log(f"evaluating {row.label} ({paths[row]}) on {', '.join(names)}"
+        log(f"evaluating {row.label} ({paths.get(row, row.engine)}) on {', '.join(names)}"
             f"{f', {limit} samples per task' if limit else ''}")
-        if ray is not None:
+        if row.kind == "method":
+            from .method_backend import MethodLM
+            lm = MethodLM(model=str(checkpoint), method=row, sparsity=row.sparsity, loaded=ck(),
+                          calibrated=calibration, progress=progress, **gen)
+        elif ray is not None:
             from .ray_shards import RayLM
             lm = RayLM(paths[row], row, provider=provider, threads=threads, mlp_kernels=mlp_kernels,
                        max_gen_toks=max_gen_toks, workers=ray_workers, progress=progress, address=ray)
         else:
             lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
                                provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
-                               cache_dir=str(out / "exports"), progress=progress,
-                               **({"max_gen_toks": max_gen_toks} if max_gen_toks else {}))
-        if lm.path != paths[row]:
+                               cache_dir=str(out / "exports"), progress=progress, **gen)
+        if row.kind != "method" and lm.path != paths[row]:
             lm_path = lm.path
             raise SparseInferError(f"internal: export {lm_path} is not {paths[row]}")
         try:
             one = evaluate_row(lm, names, data_root, row_dir, str(row_dir / f"cache-{key}"), limit, max_gen_toks,
                                progress)
         finally:
-            if ray is not None:
+            if ray is not None and row.kind != "method":
                 lm.close()                             # the workers' sessions go before the next row's start
-        result["rows"].append({**row.as_dict(), "export": str(paths[row]), "mlp_kernels": one["stats"]["mlp_kernels"],
-                               **one})
+        result["rows"].append({**row.as_dict(), "engine": row.engine,
+                               "export": str(paths[row]) if row in paths else None,
+                               "mlp_kernels": one["stats"]["mlp_kernels"], **one})
         del lm
     finish(result)
     from sparseinfer.benchmarks.machine import machine_description
@@ -217,8 +275,53 @@ def notes(result: dict) -> list[str]:
                "(— where the kernel did not run: dense rows, function bodies, or every answer from the cache); "
                "prefill is dense in every row")
     if any(r["kind"] == "random" for r in result["rows"]):
-        out.append("random row: a fixed random mask per layer (same rows dropped at every position, prefill too)")
+        out.append("random S fixed mask: the same random rows of each layer dropped at every position, prefill "
+                   "too (a sparse export of zeroed weights)")
+    if any(r["kind"] == "method" for r in result["rows"]):
+        cal = result.get("calibration") or {}
+        out.append(f"method@S rows: decoded on the NumPy reference model (float32, CPU; prefill dense, the method in "
+                   f"decode steps), their tok/s is that model's, not comparable with the onnxruntime rows; decode "
+                   f"sparsity there: down-projection inputs not computed; calibration {cal.get('prompts')} prompts "
+                   f"from {cal.get('source')}, disjoint from the task documents")
+    if any(r.get("method") == "random" for r in result["rows"]):
+        out.append("random@S (per token): floor(S·k) rows drawn afresh for every token at every decode step, "
+                   "seeded (the paper's control)")
     fresh = [r["stats"]["generations"] for r in result["rows"]]
     if any(f == 0 for f in fresh):
         out.append("rows whose answers all came from the cache have no speed or sparsity measured")
     return out
+
+
+def accuracy_fields(eval_row: dict) -> dict:
+    """The accuracy columns of one evaluated row, for the design-space tools' rows
+    (``compare-methods --tasks``, ``sweep --tasks``): score per task, average and the
+    differences to the dense row, in points."""
+    return {"accuracy": {t: s["score"] for t, s in eval_row["scores"].items()},
+            "accuracy_average": eval_row["average"], "accuracy_delta": eval_row.get("delta"),
+            "accuracy_delta_average": eval_row.get("delta_average"), "accuracy_row": eval_row["label"]}
+
+
+def accuracy_summary(result: dict, out) -> dict:
+    """What the accuracy columns were measured on: tasks, samples, the dense row's scores and
+    where the run's files are."""
+    dense = result["rows"][0]
+    return {"tasks": result["tasks"], "limit": result["limit"], "data_dir": result["data_dir"],
+            "max_gen_toks": result["max_gen_toks"], "samples": {t: dense["scores"][t]["n"] for t in result["tasks"]},
+            "dense": {"engine": dense["engine"], **accuracy_fields(dense)}, "calibration": result.get("calibration"),
+            "eval_json": str(Path(out) / "eval.json")}
+
+
+def check_task_arguments(tasks, data_dir, limit, calibration_file=None, max_calibration_prompts=None) -> list[str]:
+    """``--tasks`` / ``--data-dir`` / ``--limit`` of a design-space tool, checked before its
+    (slow) run, and with ``max_calibration_prompts`` its calibration prompts against the task
+    documents: the task names."""
+    from sparseinfer.sim.method_compare import calibration_prompts, check_disjoint
+
+    names = parse_tasks(tasks)
+    root = check_data(data_dir, names)
+    if limit is not None and limit <= 0:
+        raise SparseInferError(f"--limit {limit}: expected a positive number of samples per task")
+    if max_calibration_prompts is not None:
+        prompts, _ = calibration_prompts(calibration_file, max_calibration_prompts)
+        check_disjoint(prompts, task_documents(root, names), f"{', '.join(names)} documents")
+    return names

@@ -65,13 +65,53 @@ ROW_KEYS = ("method", "target_sparsity", "sparsity", "bytes_skipped", "precision
             "exact_for_relu", "bound", "approximate", "paper", "params", "layer_sparsity", "extra")
 
 
-def check_disjoint(calibration_prompts, evaluation_prompts) -> None:
-    """One-line error if a calibration prompt is also an evaluation prompt."""
-    cal = {p.strip() for p in calibration_prompts}
-    shared = [p for p in evaluation_prompts if p.strip() in cal]
+MIN_CONTAINED_CHARS = 40     # a calibration prompt this long found inside an evaluation text is an overlap
+
+
+def _normal(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def check_disjoint(calibration_prompts, evaluation_prompts, what: str = "evaluation prompts") -> None:
+    """One-line error if a calibration prompt overlaps an evaluation text (``what`` names
+    them): equal up to whitespace, an evaluation text inside a calibration prompt, or a
+    calibration prompt of at least ``MIN_CONTAINED_CHARS`` characters inside an evaluation text."""
+    cal = [c for c in (_normal(p) for p in calibration_prompts) if c]
+    exact = set(cal)
+    long_cal = [c for c in cal if len(c) >= MIN_CONTAINED_CHARS]
+    shared = []
+    for text in evaluation_prompts:
+        e = _normal(text)
+        if e and (e in exact or any(e in c for c in cal) or any(c in e for c in long_cal)):
+            shared.append(e)
     if shared:
-        raise SparseInferError(f"calibration and evaluation prompts overlap ({len(shared)} shared, e.g. "
-                               f"{shared[0][:40]!r}); give disjoint prompt files")
+        raise SparseInferError(f"calibration and {what} overlap ({len(shared)} shared, e.g. "
+                               f"{shared[0][:40]!r}); give a disjoint --calibration file")
+
+
+def calibration_prompts(calibration_file=None, max_prompts: int = 64) -> tuple[list[str], str]:
+    """(prompts, source): those of ``calibration_file`` (text or JSONL) or the built-in ones."""
+    from .model_runner import read_prompts
+
+    if int(max_prompts) < 1:
+        raise SparseInferError(f"--max-calibration-prompts must be >= 1, got {max_prompts}")
+    if calibration_file:
+        if not Path(calibration_file).is_file():
+            raise SparseInferError(f"no such calibration file: {calibration_file}")
+        return read_prompts(calibration_file, max_prompts), str(calibration_file)
+    return list(CALIBRATION_PROMPTS[:max_prompts]), "built-in (sim/method_compare.CALIBRATION_PROMPTS)"
+
+
+def load_calibration(checkpoint, calibration_file, max_calibration_prompts, evaluation_prompts, progress=None,
+                     what: str = "evaluation prompts"):
+    """Calibration prompts (file or built-in), checked disjoint from ``evaluation_prompts``,
+    and each layer's MLP inputs on them (``methods.collect_calibration``)."""
+    from .methods import collect_calibration
+    from .model_runner import encode_prompts
+
+    prompts, source = calibration_prompts(calibration_file, max_calibration_prompts)
+    check_disjoint(prompts, evaluation_prompts, what)
+    return collect_calibration(checkpoint.weights, encode_prompts(checkpoint, prompts, "calibration prompts"), source, progress=progress)
 
 
 def method_layer_ops(m, cost: MethodCost, gate_rows: float, up_rows: float, down_rows: float, x_cols: float,
@@ -224,7 +264,9 @@ def compare_methods(runner, calibration, method_names: list[str], targets: list[
 
 def plot_pareto(result: dict, path) -> Path:
     """Quality (mean KL, log scale) against simulated speed-up, one marker per method, one
-    point per target sparsity, the Pareto front of the realisable rows drawn through."""
+    point per target sparsity, the Pareto front of the realisable rows drawn through; with
+    accuracy columns (``compare-methods --tasks``), a second panel of the average accuracy
+    against the same speed-up, the dense row's as a line."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -235,7 +277,11 @@ def plot_pareto(result: dict, path) -> Path:
         raise SparseInferError(f"plot file must end in .png, got {p.name}")
     rows = result["rows"]
     floor = 1e-6
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    accuracy = result.get("accuracy")
+    if accuracy:
+        fig, (ax, acc_ax) = plt.subplots(1, 2, figsize=(13, 4.8))
+    else:
+        fig, ax = plt.subplots(figsize=(7.5, 4.8))
     markers = "osD^v<>phX*"
     for j, name in enumerate(result["methods"]):
         rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r["speedup"])
@@ -254,6 +300,18 @@ def plot_pareto(result: dict, path) -> Path:
     ax.set_title(f"{Path(str(result['model'])).name} ({result['activation']}): quality vs speed-up")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
+    if accuracy:
+        for j, name in enumerate(result["methods"]):
+            rs = sorted((r for r in rows if r["method"] == name), key=lambda r: r["speedup"])
+            acc_ax.plot([r["speedup"] for r in rs], [r["accuracy_average"] for r in rs],
+                        marker=markers[j % len(markers)], ls=":" if rs and rs[0]["bound"] else "-", label=name,
+                        alpha=0.85)
+        acc_ax.axhline(accuracy["dense"]["accuracy_average"], color="black", lw=1, alpha=0.5, label="dense")
+        acc_ax.set_xlabel(f"simulated decode speed-up over dense ({result['hardware']})")
+        acc_ax.set_ylabel(f"accuracy, mean of {', '.join(accuracy['tasks'])} (points)")
+        acc_ax.set_title(f"accuracy ({', '.join(f'{t} N={n}' for t, n in accuracy['samples'].items())})")
+        acc_ax.grid(alpha=0.3)
+        acc_ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     import io
 

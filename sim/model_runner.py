@@ -63,6 +63,14 @@ def read_prompts(path=None, max_prompts: int = 4) -> list[str]:
     return prompts
 
 
+def encode_prompts(checkpoint, prompts, what: str = "prompts") -> list[np.ndarray]:
+    """Token ids of ``prompts`` with the checkpoint's tokenizer, BOS (if any) first."""
+    if checkpoint.tokenizer is None:
+        raise SparseInferError(f"{checkpoint.source}: no tokenizer.json; cannot encode {what}")
+    bos = [] if checkpoint.bos_token_id is None else [checkpoint.bos_token_id]
+    return [np.array(bos + checkpoint.tokenizer.encode(p).ids, dtype=np.int64) for p in prompts]
+
+
 class ReferenceRunner:
     """The sweep's runner interface over a loaded checkpoint (see ``alpha_sweep``).
 
@@ -80,11 +88,7 @@ class ReferenceRunner:
         self.checkpoint = checkpoint      # its tokenizer encodes calibration prompts too (sim.methods)
         self.weights = checkpoint.weights
         self.shape = checkpoint.shape
-        tok = checkpoint.tokenizer
-        if tok is None:
-            raise SparseInferError(f"{checkpoint.source}: no tokenizer.json; cannot encode prompts")
-        bos = [] if checkpoint.bos_token_id is None else [checkpoint.bos_token_id]
-        self.prompt_ids = [np.array(bos + tok.encode(p).ids, dtype=np.int64) for p in prompts]
+        self.prompt_ids = encode_prompts(checkpoint, prompts)
         self.max_new_tokens = int(max_new_tokens)
         self.progress = progress      # progress(message) for long runs, e.g. echo to stderr
         self.continuations = []

@@ -11,6 +11,7 @@ from sparseinfer.sim import latency as lat
 from sparseinfer.sim import paper
 from sparseinfer.sim.hardware import builtin_hardware, load_hardware
 
+from .eval_commands import eval_runner, task_options
 from .output import echo_err, echo_json, format_table, rel_diff
 from .sim_commands import MODEL_HELP
 
@@ -296,22 +297,33 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
 @click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps per prompt.")
 @method_options
 @ort_options
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write the latency-quality PNG here.")
+@task_options("out/sweep-eval")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Write the latency-quality PNG here (with --tasks: accuracy against latency).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompts, max_new_tokens, method_name,
-          sparsity, params, approximate, calibration_file, provider, export_dir, threads, mlp_kernels, plot_file,
-          as_json):
+          sparsity, params, approximate, calibration_file, provider, export_dir, threads, mlp_kernels, tasks, limit,
+          data_dir, max_gen_toks, eval_out, plot_file, as_json):
     """α sweep: simulated latency and speedup vs measured sparsity and quality.
 
     For each α: the simulated per-token latency (SparseInfer+KF+AS on --hw, from the
     measured per-layer sparsity), its speedup over dense llama.cpp, the measured sparsity,
     and quality against the dense model on the same prompts (top-1 agreement, mean KL,
-    max |delta logit|). Pareto-optimal points (latency, KL) are marked.
+    max |delta logit|). Pareto-optimal points (latency, KL) are marked. With --tasks, each
+    row also gets its accuracy from `sparseinfer eval` (the α rows through onnxruntime
+    exports on --provider, default cpu; --method rows on the NumPy reference model), with
+    the difference to dense in points and its own Pareto mark (latency, accuracy).
     """
     from sparseinfer.sim import alpha_sweep
+    from sparseinfer.sim.methods import parse_param_options
 
     method = _method_or_none(method_name, sparsity, params, approximate, calibration_file, single=False)
     ort = _ort(provider, export_dir, threads, mlp_kernels, method)
+    if tasks:
+        eval_runner().check_task_arguments(tasks, data_dir, limit, calibration_file,
+                                           64 if method is not None else None)
+    evaluation = {"tasks": tasks, "limit": limit, "data_dir": data_dir, "max_gen_toks": max_gen_toks,
+                  "out": eval_out, "log": echo_err, "progress": False}
     if method is not None:
         spec = _hardware(hw, hw_file)
         runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err)
@@ -319,18 +331,28 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
                                                        max_prompts)
         result = alpha_sweep.run_method_sweep(runner, method, calibration, targets, spec,
                                               progress=None if as_json else _method_progress)
+        if tasks:
+            given = parse_param_options(params).get(method.name, {})
+            if method.name == "sparseinfer":
+                given.setdefault("alpha", "auto" if sparsity is not None else "1.00")    # as _method_or_none
+            ev = eval_runner().run_eval(checkpoint, methods=[f"{method.name}@{s:g}" for s in targets],
+                                        params={method.name: given}, approximate=approximate,
+                                        calibration_file=calibration_file, **evaluation)
+            _add_accuracy(result, ev, lambda r: r["kind"] == "method", "sparsity", "sparsity", eval_out)
         if as_json:
             echo_json(result)
             return
         click.echo(f"{result['model']} on {result['hardware']}: method {result['method']}, "
                    f"dense {result['dense_latency_ms']:.3f} ms/token")
+        acc = _accuracy_columns(result)
         click.echo(format_table(
             ["target", "achieved", "ms/token", "speedup", "bytes skipped", "precision", "recall", "top-1", "mean KL",
-             "pareto"],
+             *acc[0], "pareto"],
             [[f"{r['sparsity']:g}", f"{r['achieved_sparsity']:.4f}", f"{r['latency_ms']:.3f}",
               f"{r['speedup_vs_llama.cpp']:.3f}x", f"{r['bytes_skipped']:.4f}", f"{r['precision']:.4f}",
-              f"{r['recall']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.3g}", "*" if r["pareto"] else ""]
-             for r in result["rows"]]))
+              f"{r['recall']:.4f}", f"{r['top1_agreement']:.3f}", f"{r['mean_kl']:.3g}", *acc[1](r),
+              "*" if r["pareto"] else ""] for r in result["rows"]]))
+        _echo_accuracy(result)
         return
     alphas = alpha_sweep.parse_alpha_range(alpha_range)
     # --layers syntax is checked before the (slow) checkpoint load: no layer bound yet, so
@@ -341,23 +363,69 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
     result["engine"] = f"onnxruntime {provider}" if ort else "numpy reference"
+    if tasks:
+        ev = eval_runner().run_eval(checkpoint, alphas=[r["schedule"] for r in result["rows"]],
+                                    provider=provider or "cpu", threads=threads, mlp_kernels=mlp_kernels, **evaluation)
+        _add_accuracy(result, ev, lambda r: r["kind"] == "sparse", "alpha", "schedule", eval_out)
     if plot_file:
         from sparseinfer.sim.plots import plot_sweep
 
-        plot_sweep(result, plot_file)
+        if tasks:            # accuracy against latency, the front on (latency, accuracy)
+            plot_sweep({**result, "rows": [{**r, "pareto": r["pareto_accuracy"]} for r in result["rows"]]},
+                       plot_file, quality_key="accuracy_average")
+        else:
+            plot_sweep(result, plot_file)
     if as_json:
         echo_json(result)
         return
     click.echo(f"{result['model']} on {result['hardware']}: layers {result['layers']}, "
                f"dense {result['dense_latency_ms']:.3f} ms/token")
+    acc = _accuracy_columns(result)
     click.echo(format_table(
-        ["alpha", "ms/token", "speedup", "pred sparsity", "union sparsity", "top-1", "mean KL", "max |dlogit|", "pareto"],
+        ["alpha", "ms/token", "speedup", "pred sparsity", "union sparsity", "top-1", "mean KL", "max |dlogit|",
+         *acc[0], "pareto"],
         [[f"{r['alpha']:.3f}", f"{r['latency_ms']:.3f}", f"{r['speedup_vs_llama.cpp']:.3f}x",
           f"{r['predicted_sparsity']:.4f}", f"{r['union_sparsity']:.4f}", f"{r['top1_agreement']:.3f}",
-          f"{r['mean_kl']:.3g}", f"{r['max_abs_logit_delta']:.3g}", "*" if r["pareto"] else ""]
+          f"{r['mean_kl']:.3g}", f"{r['max_abs_logit_delta']:.3g}", *acc[1](r), "*" if r["pareto"] else ""]
          for r in result["rows"]]))
+    _echo_accuracy(result)
     if plot_file:
         click.echo(f"wrote {plot_file}")
+
+
+def _add_accuracy(result: dict, ev: dict, wanted, eval_key: str, row_key: str, eval_out) -> None:
+    """Each sweep row's accuracy columns from the evaluated row whose ``eval_key`` equals the
+    sweep row's ``row_key``; ``pareto_accuracy`` marks the front of (latency, accuracy)."""
+    from sparseinfer.sim.alpha_sweep import pareto_front
+
+    runner = eval_runner()
+    by = {r[eval_key]: r for r in ev["rows"] if wanted(r)}
+    for row in result["rows"]:
+        row.update(runner.accuracy_fields(by[row[row_key]]))
+    front = pareto_front([{"latency_ms": r["latency_ms"], "loss": -r["accuracy_average"]} for r in result["rows"]],
+                         "latency_ms", "loss")
+    for i, row in enumerate(result["rows"]):
+        row["pareto_accuracy"] = i in front
+    result["accuracy"] = runner.accuracy_summary(ev, eval_out)
+
+
+def _accuracy_columns(result: dict):
+    """(headers, row -> cells) of the accuracy columns: score per task, Δ vs dense, the
+    accuracy front; none without --tasks."""
+    acc = result.get("accuracy")
+    if not acc:
+        return [], lambda r: []
+    return ([*acc["tasks"], "Δ acc", "acc front"],
+            lambda r: [*(f"{r['accuracy'][t]:.2f}" for t in acc["tasks"]), f"{r['accuracy_delta_average']:+.2f}",
+                       "*" if r["pareto_accuracy"] else ""])
+
+
+def _echo_accuracy(result: dict) -> None:
+    acc = result.get("accuracy")
+    if acc:
+        click.echo(f"accuracy ({', '.join(f'{t} {n}' for t, n in acc['samples'].items())} samples, "
+                   f"{acc['data_dir']}): dense " + ", ".join(f"{t} {v:.2f}" for t, v in acc["dense"]["accuracy"].items())
+                   + f"; Δ acc: average difference to dense in points; files under {acc['eval_json']}")
 
 
 def _method_progress(done, total, row):
@@ -394,9 +462,8 @@ def _method_or_none(method_name, sparsity, params, approximate, calibration_file
 def _prepare_method(runner, method, sparsity, calibration_file, prompts_file, max_prompts):
     """(method, targets, calibration over the calibration prompts, disjoint from the evaluation ones)."""
     from sparseinfer.sim.method_base import parse_sparsities
+    from sparseinfer.sim.method_compare import load_calibration
     from sparseinfer.sim.model_runner import read_prompts
-
-    from .method_commands import load_calibration
 
     targets = parse_sparsities(sparsity if sparsity is not None else DEFAULT_METHOD_SPARSITY)
     calibration = load_calibration(runner.checkpoint, calibration_file, 64, read_prompts(prompts_file, max_prompts),

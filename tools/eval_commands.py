@@ -15,8 +15,29 @@ from .output import echo_err, echo_json, format_table
               help="A sparse row at this α schedule, e.g. 1.00 or '1.03@0-19,1.00'; repeat for more rows. "
                    "The dense row is always evaluated.")
 @click.option("--random", "random_sparsity", type=float, default=None,
-              help="Add the paper's control: a fraction S of each layer's MLP rows dropped at random "
-                   "(a fixed mask per layer, prefill included), e.g. 0.9.")
+              help="Add a fixed-mask random row: a fraction S of each layer's MLP rows dropped at random, the same "
+                   "rows at every position, prefill included (an export of zeroed weights), e.g. 0.9. The paper's "
+                   "per-token control is --method random --sparsity S.")
+@click.option("--method", "methods", multiple=True, metavar="NAME[@S]",
+              help="Add a row of any sparsity method at target sparsity S (NAME@S, or --sparsity), decoded on the "
+                   "NumPy reference model with the prompt's prefill dense: sparseinfer (α calibrated to S unless "
+                   "--param sparseinfer.alpha=...), oracle, random (a fresh random row mask per token at each "
+                   "decode step: the paper's control), dejavu, teal, cats, wisparse, cluster, cluster-oracle, "
+                   "dense. Repeatable.")
+@click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
+              help="Target sparsity in [0, 1) of each --method given without @S; a comma list makes a row per "
+                   "value. Repeatable.")
+@click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE",
+              help="A --method's parameter, repeatable, e.g. dejavu.rank=64, random.seed=1, "
+                   "sparseinfer.alpha='1.03@0-19,1.00'.")
+@click.option("--approximate", is_flag=True,
+              help="Allow the sign predictor (--method sparseinfer, cluster) on a SiLU model, where a "
+                   "predicted-negative gate is treated as zero: an approximation.")
+@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
+              help="Calibration prompts of the --method rows (text, one per line, or JSONL; default: built-in). "
+                   "Refused if one overlaps a document of the evaluated tasks.")
+@click.option("--max-calibration-prompts", type=int, default=64, show_default=True,
+              help="Use at most this many calibration prompts.")
 @click.option("--limit", type=int, default=None, help="Samples per task (lm-eval --limit; per BBH subtask).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
@@ -36,16 +57,21 @@ from .output import echo_err, echo_json, format_table
                    "cluster; --threads defaults to 1 under --ray).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def eval_cmd(checkpoint, tasks, alphas, random_sparsity, limit, provider, threads, data_dir, out_dir, max_gen_toks,
-             ray_address, ray_workers, quiet, as_json):
+def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, params, approximate, calibration_file,
+             max_calibration_prompts, limit, provider, threads, data_dir, out_dir, max_gen_toks, ray_address,
+             ray_workers, quiet, as_json):
     """Accuracy of CHECKPOINT (HF directory or .gguf) dense and sparse, through lm-eval.
 
-    Evaluates the dense export, one sparse export per --alpha and, with --random, the
-    random-dropping control on the same samples (lm-eval's gsm8k_cot and bbh_cot_fewshot
-    on local files), then prints a table shaped like the paper's Tables II/III: score per
-    task, average, difference to dense in points, measured decode sparsity and decode
-    tokens/s. Exports are made once and cached under --out; an interrupted run resumes
-    from lm-eval's cache there. Needs the eval extra: pip install 'sparseinfer[eval]'.
+    Evaluates the dense export, one sparse export per --alpha, with --random a fixed-mask
+    random row and one row per --method at each target sparsity (NumPy reference model) on
+    the same samples (lm-eval's gsm8k_cot and bbh_cot_fewshot on local files), then prints a
+    table shaped like the paper's Tables II/III: score per task, average, difference to
+    dense in points, measured decode sparsity and decode tokens/s. Exports are made once
+    and cached under --out; an interrupted run resumes from lm-eval's cache there. Needs
+    the eval extra: pip install 'sparseinfer[eval]'. Example (the paper's rows and its
+    per-token random control):
+
+        sparseinfer eval ck/ --alpha 1.00 --alpha '1.03@0-19,1.00' --method random --sparsity 0.9
     """
     try:
         from sparseinfer.evaluation.runner import notes, run_eval, table
@@ -53,9 +79,14 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, limit, provider, thread
         raise click.ClickException(f"sparseinfer eval needs lm-eval ({e.name} missing): "
                                    f"pip install 'sparseinfer[eval]'") from None
 
+    from sparseinfer.sim.methods import parse_param_options
+
     result = run_eval(checkpoint, tasks, alphas=alphas, random=random_sparsity, limit=limit, provider=provider,
                       data_dir=data_dir, out=out_dir, max_gen_toks=max_gen_toks, threads=threads,
-                      progress=not quiet and not as_json, log=echo_err, ray=ray_address, ray_workers=ray_workers)
+                      progress=not quiet and not as_json, log=echo_err, ray=ray_address, ray_workers=ray_workers,
+                      methods=methods, sparsities=sparsities, params=parse_param_options(params),
+                      approximate=approximate, calibration_file=calibration_file,
+                      max_calibration_prompts=max_calibration_prompts)
     if as_json:
         echo_json(result)
         return
@@ -66,3 +97,33 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, limit, provider, thread
 
 
 COMMANDS = (eval_cmd,)
+
+
+def eval_runner():
+    """``sparseinfer.evaluation.runner``, or a one-line error naming the missing extra."""
+    try:
+        from sparseinfer.evaluation import runner
+    except ImportError as e:
+        raise click.ClickException(f"--tasks needs lm-eval ({e.name} missing): pip install 'sparseinfer[eval]'") from None
+    return runner
+
+
+def task_options(default_out: str):
+    """--tasks, --limit, --data-dir, --max-gen-toks, --eval-out: accuracy through ``sparseinfer eval``
+    for a design-space tool's rows."""
+    def decorate(f):
+        f = click.option("--eval-out", type=click.Path(file_okay=False), default=default_out, show_default=True,
+                         help="With --tasks: where the evaluation keeps its exports, lm-eval's cache (an interrupted "
+                              "run resumes), per-sample JSONL and eval.json.")(f)
+        f = click.option("--max-gen-toks", type=int, default=None,
+                         help="With --tasks: cap every generation at N tokens (default: the tasks' own).")(f)
+        f = click.option("--data-dir", type=click.Path(), default=None,
+                         help="With --tasks: holds gsm8k/test.jsonl and bbh/bbh/<task>.json "
+                              "(default: $SPARSEINFER_DATA_DIR).")(f)
+        f = click.option("--limit", type=int, default=None,
+                         help="With --tasks: samples per task (per BBH subtask).")(f)
+        return click.option("--tasks", default=None,
+                            help="Also measure accuracy through `sparseinfer eval` (lm-eval on local data): "
+                                 "gsm8k, bbh or bbh_<subtask>, comma-separated; each row gets its score per task "
+                                 "and the difference to the dense row in points.")(f)
+    return decorate

@@ -8,6 +8,7 @@ import click
 from sparseinfer.reference.errors import SparseInferError
 
 from .dse_commands import _hardware, hw_options
+from .eval_commands import eval_runner, task_options
 from .output import echo_err, echo_json, format_table
 from .sim_commands import MODEL_HELP
 
@@ -16,46 +17,38 @@ PARAM_HELP = ("Method parameter METHOD.KEY=VALUE, repeatable: sparseinfer.alpha=
               "cluster.clusters=32, random.seed=1, wisparse.exponent=1.")
 
 
-def prompt_ids(checkpoint, prompts):
-    bos = [] if checkpoint.bos_token_id is None else [checkpoint.bos_token_id]
-    import numpy as np
-
-    return [np.array(bos + checkpoint.tokenizer.encode(p).ids, dtype=np.int64) for p in prompts]
-
-
-def load_calibration(checkpoint, calibration_file, max_calibration_prompts, evaluation_prompts, progress=None):
-    """Calibration prompts (file or built-in), checked disjoint from the evaluation prompts,
-    and each layer's MLP inputs on them."""
-    from sparseinfer.sim.method_compare import CALIBRATION_PROMPTS, check_disjoint
-    from sparseinfer.sim.methods import collect_calibration
-    from sparseinfer.sim.model_runner import read_prompts
-
-    if calibration_file:
-        prompts = read_prompts(calibration_file, max_calibration_prompts)
-        source = str(calibration_file)
-    else:
-        prompts = list(CALIBRATION_PROMPTS[:max_calibration_prompts])
-        source = "built-in (sim/method_compare.CALIBRATION_PROMPTS)"
-    check_disjoint(prompts, evaluation_prompts)
-    if checkpoint.tokenizer is None:
-        raise SparseInferError(f"{checkpoint.source}: no tokenizer; cannot encode calibration prompts")
-    return collect_calibration(checkpoint.weights, prompt_ids(checkpoint, prompts), source, progress=progress)
-
-
 def _progress(done, total, row):
     echo_err(f"[{done}/{total}] {row['method']} at {row['target_sparsity']:g}: sparsity {row['sparsity']:.3f}, "
              f"KL {row['mean_kl']:.3g}, speed-up {row['speedup']:.2f}x")
 
 
 def table(result: dict) -> str:
+    """One line per method and target; with --tasks, the score per task and Δ vs dense (points)."""
+    tasks = (result.get("accuracy") or {}).get("tasks", [])
     return format_table(
         ["method", "target", "sparsity", "bytes skipped", "precision", "recall", "pred. ops/token", "pred. MiB",
-         "mean KL", "top-1", "speed-up", "pareto"],
+         "mean KL", "top-1", *tasks, *(["Δ acc"] if tasks else []), "speed-up", "pareto"],
         [[r["method"] + (" (bound)" if r["bound"] else "") + (" (approx.)" if r["approximate"] else ""),
           f"{r['target_sparsity']:g}", f"{r['sparsity']:.3f}", f"{r['bytes_skipped']:.3f}", f"{r['precision']:.3f}",
           f"{r['recall']:.3f}", f"{r['predictor_ops_per_token']:.3g} {r['predictor_unit']}" if r["predictor_ops_per_token"]
           else "0", f"{r['predictor_memory_bytes'] / 2**20:.3g}", f"{r['mean_kl']:.3g}", f"{r['top1_agreement']:.3f}",
+          *(f"{r['accuracy'][t]:.2f}" for t in tasks), *([f"{r['accuracy_delta_average']:+.2f}"] if tasks else []),
           f"{r['speedup']:.2f}x", "*" if r["pareto"] else ""] for r in result["rows"]])
+
+
+def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximate, calibration_file,
+                 max_calibration_prompts, tasks, limit, data_dir, max_gen_toks, eval_out) -> None:
+    """The accuracy columns of every row (``sparseinfer eval`` with a method row per method
+    and target, on the same calibration prompts) and ``result['accuracy']``."""
+    runner = eval_runner()
+    ev = runner.run_eval(checkpoint, tasks, methods=[f"{n}@{s:g}" for s in targets for n in names],
+                         params=by_method, approximate=approximate, calibration_file=calibration_file,
+                         max_calibration_prompts=max_calibration_prompts, limit=limit, data_dir=data_dir,
+                         out=eval_out, max_gen_toks=max_gen_toks, progress=False, log=echo_err)
+    by_row = {(r["method"], r["sparsity"]): r for r in ev["rows"] if r["kind"] == "method"}
+    for row in result["rows"]:
+        row.update(runner.accuracy_fields(by_row[(row["method"], row["target_sparsity"])]))
+    result["accuracy"] = runner.accuracy_summary(ev, eval_out)
 
 
 @click.command("compare-methods")
@@ -81,27 +74,34 @@ def table(result: dict) -> str:
 @click.option("--sim-model", default=None,
               help="Simulate latency at this model shape (" + MODEL_HELP.rstrip(".") + ") from the measured "
                    "per-layer fractions (default: the checkpoint's own shape).")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write the quality / speed-up PNG here.")
+@task_options("out/compare-eval")
+@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
+              help="Write the quality / speed-up PNG here (with --tasks, accuracy / speed-up beside it).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the JSON result here.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approximate, calibration_file,
                         max_calibration_prompts, prompts_file, max_prompts, max_new_tokens, hw, hw_file, sim_model,
-                        plot_file, out_file, as_json):
+                        tasks, limit, data_dir, max_gen_toks, eval_out, plot_file, out_file, as_json):
     """Every activation-sparsity method on CHECKPOINT at each target sparsity.
 
     Per method and target: achieved sparsity, bytes skipped, precision / recall of the
     skip set against the true zeros (ReLU) or the smallest-|h1| rows (SiLU), predictor
     ops and memory, quality against dense (mean KL of next-token distributions, top-1
     agreement) with the NumPy reference model, and the simulated per-token speed-up on
-    --hw. Calibration prompts (--calibration) and evaluation prompts (--prompts) never
-    overlap. Example:
+    --hw. With --tasks, also accuracy through `sparseinfer eval` (one --method row per
+    method and target, decoded on the NumPy reference model with a dense prefill): score
+    per task and difference to the dense row in points. Calibration prompts
+    (--calibration) never overlap the evaluation prompts (--prompts) or the task documents.
+    Example:
 
         sparseinfer compare-methods ck/ --methods sparseinfer,dejavu,teal,cats --sparsity 0.5,0.9 --plot p.png
+        sparseinfer compare-methods ck/ --methods teal,random --sparsity 0.9 --tasks gsm8k,bbh --limit 20 \\
+            --data-dir DATA
     """
     from sparseinfer.reference.shapes import load_model
     from sparseinfer.sim.method_base import parse_sparsities
     from sparseinfer.reference.files import write_json
-    from sparseinfer.sim.method_compare import compare_methods, plot_pareto
+    from sparseinfer.sim.method_compare import compare_methods, load_calibration, plot_pareto
     from sparseinfer.sim.methods import COMPARE_DEFAULT, make_method, parse_method_list, parse_param_options
     from sparseinfer.sim.model_runner import read_prompts
 
@@ -126,6 +126,8 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
     spec = _hardware(hw, hw_file)
     sim_shape = load_model(sim_model) if sim_model else None
     evaluation = read_prompts(prompts_file, max_prompts)
+    if tasks:
+        eval_runner().check_task_arguments(tasks, data_dir, limit, calibration_file, max_calibration_prompts)
 
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.sim.model_runner import ReferenceRunner
@@ -136,6 +138,9 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
     result = compare_methods(runner, calibration, names, targets, spec, by_method, approximate,
                              sim_model=sim_shape, progress=None if as_json else _progress)
     result["checkpoint"] = str(checkpoint)
+    if tasks:
+        add_accuracy(result, checkpoint, names, targets, by_method, approximate, calibration_file,
+                     max_calibration_prompts, tasks, limit, data_dir, max_gen_toks, eval_out)
     if out_file:
         write_json(out_file, result)
     if plot_file:
@@ -149,6 +154,12 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
                f"{result['evaluation']['prompts']} prompts / {result['evaluation']['tokens']} tokens; "
                f"scored against {result['reference_set']}")
     click.echo(table(result))
+    acc = result.get("accuracy")
+    if acc:
+        click.echo(f"accuracy ({', '.join(f'{t} {n}' for t, n in acc['samples'].items())} samples): dense "
+                   f"({acc['dense']['engine']}) " + ", ".join(f"{t} {v:.2f}" for t, v in acc["dense"]["accuracy"].items())
+                   + "; method rows on the NumPy reference model, prefill dense; Δ acc: average difference to dense "
+                   f"in points; files under {acc['eval_json']}")
     for r in result["rows"]:
         if r["extra"].get("online_clustering_precision") is not None:
             e = r["extra"]
