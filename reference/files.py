@@ -8,6 +8,12 @@ written into a staging folder inside the destination folder (``staging_folder``)
 into place by ``commit`` with Ctrl-C deferred and the previous files restored if a rename
 fails, so a good pair is never mixed with a half-written one.
 
+A process killed outright (SIGKILL, a power cut) cannot clean up: its temporary file or
+staging folder stays behind, hidden. Their names carry the writer's host and process id
+(``.model.onnx.<host>-<pid>.<random>.partial``), and every write first removes those in its
+folder whose writer, on this host, is gone (``remove_stale``); one whose process still runs is
+never touched.
+
 An OSError while writing (disk full, a path under a regular file, no permission) becomes a
 one-line SparseInferError naming the final path (``cannot_write``). ``json_text`` is the one
 JSON serializer of results: non-finite floats become null, listed under ``non_finite_as_null``,
@@ -22,8 +28,10 @@ import errno
 import json
 import math
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -40,6 +48,51 @@ def _umask() -> int:
 
 
 _FILE_MODE = 0o666 & ~_umask()           # what open() would give a new file (mkstemp gives 0600)
+
+
+# --- temporary names, and those left by writers that are gone ------------------------------------
+
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+# .<final name>.<host>-<pid>.<8 random characters of tempfile's>.(tmp|partial)
+_TEMPORARY = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9-]*)-(?P<pid>[0-9]{1,10})\.[a-z0-9_]{8}\.(?:tmp|partial)$")
+
+
+def _prefix(name: str) -> str:
+    """The prefix of a temporary name for ``name``: hidden, with this process's host and id."""
+    return f".{name}.{_HOST}-{os.getpid()}."
+
+
+def _running(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host (one of another user counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale(folder) -> list[str]:
+    """Remove the temporary files and staging folders in ``folder`` whose writer, a process of this
+    host named in the file name, no longer runs (killed before it could clean up); returns their
+    names. Another host's, a running process's and any other file are left alone."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    removed = []
+    for entry in entries:
+        m = _TEMPORARY.match(entry.name)
+        if not m or m["host"] != _HOST or _running(int(m["pid"])):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        removed.append(entry.name)
+    return removed
 
 
 def os_error_line(e: OSError) -> str:
@@ -96,8 +149,9 @@ def replacing(path):
     one-line SparseInferError). The folder must exist."""
     p = Path(path)
     check_destination(p)
+    remove_stale(p.parent)
     try:
-        fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=p.parent, prefix=_prefix(p.name), suffix=".tmp")
         os.close(fd)
         tmp = Path(name)
         os.chmod(tmp, _FILE_MODE)
@@ -181,8 +235,9 @@ def staging_folder(folder, label: str):
     """A new hidden folder inside ``folder`` (same file system, so ``commit``'s renames are
     atomic), removed with whatever is left in it when the block ends, error or not."""
     dest = make_folder(folder)
+    remove_stale(dest)
     try:
-        stage = Path(tempfile.mkdtemp(dir=dest, prefix=f".{label}.", suffix=".partial"))
+        stage = Path(tempfile.mkdtemp(dir=dest, prefix=_prefix(label), suffix=".partial"))
     except OSError as e:
         raise cannot_write(dest / label, e) from None
     try:

@@ -339,6 +339,81 @@ def test_ctrl_c_during_a_fresh_export_leaves_nothing(tmp_path, checkpoint):
     assert list(tmp_path.iterdir()) == []
 
 
+# --- SIGKILL: no cleanup is possible, so the next write removes what a dead writer left ------
+
+HOLD = """
+import sys, time
+from sparseinfer.reference import files
+if sys.argv[2] == "stage":
+    with files.staging_folder(sys.argv[1], "model.onnx") as stage:
+        (stage / "model.onnx.data").write_bytes(b"x" * 4096)
+        print(stage.name, flush=True)
+        time.sleep(600)
+else:
+    with files.replacing(sys.argv[1] + "/result.json") as tmp:
+        tmp.write_text("{")
+        print(tmp.name, flush=True)
+        time.sleep(600)
+"""
+
+
+def _holding(folder, kind):
+    """A real process that holds a staging folder (or a temporary file) in ``folder``, and its name."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder), kind], stdout=subprocess.PIPE, text=True)
+    return proc, proc.stdout.readline().strip()
+
+
+@pytest.mark.parametrize("kind", ["stage", "file"])
+def test_what_a_sigkilled_writer_left_is_removed_by_the_next_write_and_a_live_ones_kept(tmp_path, kind):
+    dead, dead_name = _holding(tmp_path, kind)
+    live, live_name = _holding(tmp_path, kind)
+    try:
+        assert dead_name and live_name and dead_name != live_name
+        dead.send_signal(signal.SIGKILL)
+        dead.wait(timeout=30)
+        assert (tmp_path / dead_name).exists()                     # a SIGKILL leaves it behind
+        files.write_json(tmp_path / "other.json", {"a": 1})        # any write into the folder
+        assert not (tmp_path / dead_name).exists()
+        assert (tmp_path / live_name).exists()                     # its writer still runs
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["other.json", live_name])
+    finally:
+        live.kill()
+        live.wait(timeout=30)
+    files.write_json(tmp_path / "other.json", {"a": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["other.json"]
+
+
+def test_remove_stale_leaves_other_files_alone(tmp_path):
+    host, gone = files._HOST, 2**22 + 12345                       # above pid_max's default: no such process
+    keep = [f".model.onnx.other-host-{gone}.abcdefgh.partial", f".x.{host}-{os.getpid()}.abcdefgh.tmp",
+            f".x.{host}-{gone}.ABCDEFGH.tmp", "model.onnx", f"x.{host}-{gone}.abcdefgh.tmp", ".hidden"]
+    for name in keep:
+        (tmp_path / name).mkdir() if name.endswith(".partial") else (tmp_path / name).write_text("x")
+    stale = tmp_path / f".model.onnx.{host}-{gone}.abcd_123.partial"
+    (stale / ".previous").mkdir(parents=True)
+    (stale / "model.onnx.data").write_text("x")
+    assert files.remove_stale(tmp_path) == [stale.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+
+
+def test_an_export_killed_with_sigkill_leaves_nothing_after_the_next_export(tmp_path, checkpoint):
+    out = tmp_path / "model.onnx"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", str(checkpoint), "--out", str(out),
+                             "--dense"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().strip() == "layer"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+    finally:
+        proc.kill()
+    left = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert left and (left[0] / "model.onnx.data").stat().st_size > 0 and not out.exists()
+    r = run("export", checkpoint, "--out", out, "--dense")
+    assert r.exit_code == 0, r.output
+    no_partial_files(tmp_path)
+    assert np.isfinite(_first_logits(out)).all()
+
+
 # --- JSON never holds NaN or Infinity ----------------------------------------------------------
 
 finite_or_not = st.recursive(
