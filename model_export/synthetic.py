@@ -239,7 +239,7 @@ def hf_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) 
         "_name_or_path": f"{shape.name}-{shape.num_layers}l",      # the name the tools show (synthetic-tiny-2l)
         "architectures": ["SparseLlamaForCausalLM" if act.kind == "fatrelu" else "LlamaForCausalLM"],
         "model_type": "sparsellama" if act.kind == "fatrelu" else "llama",
-        "hidden_act": act.kind, "hidden_size": shape.d, "intermediate_size": shape.k,
+        "hidden_act": act.hf_name, "hidden_size": shape.d, "intermediate_size": shape.k,
         "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
         "num_key_value_heads": shape.num_kv_heads, "vocab_size": shape.vocab_size,
         "max_position_embeddings": shape.max_position_embeddings, "rope_theta": shape.rope_theta,

@@ -31,7 +31,8 @@ from .output import FiniteFloat, echo_err, echo_json, format_table
 @click.option("--dtype", type=click.Choice(list(WEIGHT_DTYPE_NAMES)), default="fp32", show_default=True,
               help="Stored weight type.")
 @click.option("--kv-heads", type=int, default=None, help="Key/value heads (GQA); default: the shape's own.")
-@click.option("--hidden-act", default=None, help="relu, fatrelu:T or silu (default: the shape's FATReLU).")
+@click.option("--hidden-act", default=None,
+              help="relu, fatrelu:T, silu, gelu or gelu_tanh (default: the shape's FATReLU).")
 @click.option("--tie-embeddings", is_flag=True, help="Share the embedding with the LM head.")
 @click.option("--seed", type=click.IntRange(0), default=0, show_default=True,
               help="Random seed (any integer >= 0).")
