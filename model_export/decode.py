@@ -409,8 +409,9 @@ def sample(logits: np.ndarray, temperature: float, top_p: float, rng: np.random.
     """Greedy when temperature is 0; else temperature + nucleus (top-p) sampling."""
     if temperature <= 0:
         return int(np.argmax(logits))
-    z = logits.astype(np.float64) / temperature
-    p = np.exp(z - z.max())
+    z = logits.astype(np.float64)
+    with np.errstate(over="ignore"):              # shifted first: a tiny temperature gives -inf, exp 0, never NaN
+        p = np.exp((z - z.max()) / temperature)
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
     keep = np.cumsum(p[order]) - p[order] < top_p          # smallest prefix with mass >= top_p

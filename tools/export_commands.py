@@ -123,8 +123,9 @@ def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, ap
                       dtype=dtype, approximate=approximate)
 
 
-THREADS = click.option("--threads", type=click.IntRange(1), default=None,
-                       help="intra-op threads, >= 1 (default: onnxruntime's).")
+MAX_THREADS = 1024
+THREADS = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                       help=f"intra-op threads, 1..{MAX_THREADS} (default: onnxruntime's).")
 SAMPLING = [
     click.option("--max-new-tokens", type=click.IntRange(1), default=32, show_default=True,
                  help="Tokens to generate, >= 1 (the prompt and these must fit the model's context)."),
