@@ -108,7 +108,7 @@ class MethodLM(SparseInferLM):
     ``calibrated``: a ``sim.method_base.Calibration`` already collected (``sparseinfer eval``
     shares one between its rows)."""
 
-    def __init__(self, model, method, sparsity, params=None, calibration=None, max_calibration_prompts=64,
+    def __init__(self, model, method, sparsity=None, params=None, calibration=None, max_calibration_prompts=64,
                  approximate=False, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, progress=True, loaded=None,
                  calibrated=None, batch_size=None, max_batch_size=None, device=None, **unknown):
         super(SparseInferLM, self).__init__()
