@@ -10,6 +10,7 @@ debug outputs, the decode sparsity and the predictor's precision / recall.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,12 @@ def session_options(threads: int | None = None, profile: str | None = None):
     own profiler on (``session.end_profiling()`` writes ``<prefix>_<time>.json``; see ort_profile)."""
     import onnxruntime as ort
 
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise SparseInferError(f"threads must be a whole number >= 1 (or left to onnxruntime), got {threads!r}")
     opts = ort.SessionOptions()
+    opts.log_severity_level = 4      # fatal only: a failed run is raised, and reported, once (onnxruntime_errors)
     if threads:
-        opts.intra_op_num_threads = int(threads)
+        opts.intra_op_num_threads = threads
     if profile:
         Path(profile).parent.mkdir(parents=True, exist_ok=True)
         opts.enable_profiling = True
@@ -70,6 +74,20 @@ def make_session(path, provider: str = "cpu", threads: int | None = None, profil
         raise SparseInferError(f"{PROVIDERS[provider]} failed to load for {path} (onnxruntime fell back to "
                                f"{', '.join(session.get_providers())}); check its CUDA / cuDNN libraries")
     return session
+
+
+@contextlib.contextmanager
+def onnxruntime_errors(path):
+    """An error onnxruntime raises while running ``path`` (one in a custom op included, e.g. the
+    op library's status for NaN in an MLP input) as a one-line SparseInferError naming the file."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    raised = (RuntimeError, *(c for c in vars(state).values() if isinstance(c, type) and issubclass(c, Exception)))
+    try:
+        yield
+    except raised as e:
+        line = next((x for x in str(e).splitlines() if x.strip()), type(e).__name__)
+        raise SparseInferError(f"{path}: onnxruntime failed: {line}") from None
 
 
 def resolve_mlp_kernels(requested: str, has_op: bool, provider: str) -> tuple[str, Path | None]:
@@ -202,6 +220,10 @@ def check_export(model, path) -> ExportInfo:
             if len(dims) != 4 or not fits(dims[1], sizes["kv_heads"]) or not fits(dims[3], sizes["head_dim"]):
                 fail(f"{value.name} has dimensions {dims}, but the metadata gives {sizes['kv_heads']} key/value "
                      f"heads of size {sizes['head_dim']}")
+        past, present = _dims(inputs[name])[2], _dims(outputs[name.replace("past_key_values", "present")])[2]
+        if (past == present) != shared:               # one buffer for both, or present = past + new tokens
+            fail(f"metadata sparseinfer.kv_cache is {'shared' if shared else 'concat'}, but {name} is "
+                 f"{past!r} long and its present {present!r}")
     logits = _dims(outputs["logits"])
     if len(logits) != 3 or not fits(logits[2], sizes["vocab_size"]):
         fail(f"logits have dimensions {logits}, but metadata sparseinfer.vocab_size is {sizes['vocab_size']}")
@@ -256,6 +278,7 @@ class OnnxDecoder:
             raise SparseInferError("cuda_graph needs the cuda provider")
         self.static_decode = bool(static_decode or cuda_graph)
         self.cuda_graph = bool(cuda_graph)
+        self.path = path
         model = read_model_proto(path)
         info = check_export(model, path)
         self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, has_sparse_mlp_op(model), provider)
@@ -331,16 +354,17 @@ class OnnxDecoder:
         n = ids.shape[1]
         if self.length + n > self.max_positions:
             raise SparseInferError(f"{self.length + n} tokens exceed the context of {self.max_positions}")
-        if self.static_decode and n == 1 and self.length > 0:
-            logits = self._run_static(int(ids[0, 0]))
-            self.length += 1
-            return logits, {}
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + n), dtype=np.int64),
-                "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None]}
-        if self.io_binding:
-            out = self._run_bound(feed)
-        else:
-            out = dict(zip(self.output_names, self.session.run(None, {**feed, **self.past})))
+        with onnxruntime_errors(self.path):
+            if self.static_decode and n == 1 and self.length > 0:
+                logits = self._run_static(int(ids[0, 0]))
+                self.length += 1
+                return logits, {}
+            feed = {"input_ids": ids, "attention_mask": np.ones((1, self.length + n), dtype=np.int64),
+                    "position_ids": np.arange(self.length, self.length + n, dtype=np.int64)[None]}
+            if self.io_binding:
+                out = self._run_bound(feed)
+            else:
+                out = dict(zip(self.output_names, self.session.run(None, {**feed, **self.past})))
         if not self.shared_kv:                       # a shared buffer was written in place
             for name in self.past:
                 self.past[name] = out[name.replace("past_key_values", "present")]

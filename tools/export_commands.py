@@ -172,8 +172,9 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
 
     decoder = OnnxDecoder(model, provider, threads, mlp_kernels)
     # token ids inside the model's vocabulary, or one line naming the file and field
-    read_generation_config(Path(model).with_name("generation_config.json"), decoder.vocab_size)
-    tok, bos, eos = _tokenizer_for(model, tokenizer_path)
+    ids = read_generation_config(Path(model).with_name("generation_config.json"), decoder.vocab_size)
+    tok, _, _ = _tokenizer_for(model, tokenizer_path)
+    bos, eos = ids["bos_token_id"], ids["eos_token_id"]
     ids = _prompt_ids(tok, bos, prompt)
     stream = None if as_json else (lambda t: click.echo(tok.decode([t]), nl=False))
     if not as_json:
