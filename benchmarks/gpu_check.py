@@ -92,11 +92,13 @@ STAGES = {s.name: s for s in (
                        "verified once at d 1100, k 1031",
           (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "preflight"), _verify(1100, 1031)),
           estimate_s=20, min_start_s=20, stops_run=True),
-    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py), in "
-                   f"{XDIST_WORKERS} processes where pytest-xdist is installed",
-          ((*_PYTEST, "-m", "gpu", XDIST, "tests/test_kernels_gpu.py"),), estimate_s=40, min_start_s=40),
-    Stage("bench", "sparseinfer bench: every version and pipeline, 7B/13B, sparsity 0.90/0.92, then the 8-layer "
-                   "decode loop eager and as a CUDA graph ({out}/<device>.json)",
+    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py) and the "
+                   "constructed boundary cases (tests/test_boundaries.py: gates at the threshold and at +-0.0, "
+                   f"signed zeros in x), in {XDIST_WORKERS} processes where pytest-xdist is installed",
+          ((*_PYTEST, "-m", "gpu", XDIST, "tests/test_kernels_gpu.py", "tests/test_boundaries.py"),), estimate_s=40,
+          min_start_s=40),
+    Stage("bench", "sparseinfer bench: every version and pipeline (the neuron-major and fused ones included), 7B/13B, "
+                   "sparsity 0.90/0.92, then the 8-layer decode loop eager and as a CUDA graph ({out}/<device>.json)",
           ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=60, min_start_s=60),
     Stage("sanitize", "compute-sanitizer memcheck on the GPU property tests (3 Hypothesis examples each) and on "
                       "verify-kernels at tail shapes, CuPy's pool off (one allocation per buffer); racecheck and "
@@ -109,10 +111,11 @@ STAGES = {s.name: s for s in (
     Stage("pytest-bench", "the pytest-benchmark cases at the 13B shape, sparsity 0.92 ({out}/pytest-bench.json)",
           ((*_PYTEST, "-m", "gpu", "tests/test_kernels_bench.py", "-k", "13b and 0.92", "--benchmark-enable",
             "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=25, min_start_s=25),
-    Stage("profile", "Nsight Compute on the hot kernels at the 13B shape, sparsity 0.92 ({out}/profile.txt)",
+    Stage("profile", "Nsight Compute on the hot kernels at the 13B shape, sparsity 0.92, the fused MLP kernel "
+                     "included ({out}/profile.txt)",
           (("ncu", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "Occupancy",
             "--section", "LaunchStats", "--section", "WarpStateStats",
-            "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16|dense_.*fp16)",
+            "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16|dense_.*fp16|mlp_fused_fp16)",
             "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
             "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
           estimate_s=50, min_start_s=50),
