@@ -252,3 +252,23 @@ def test_model_args_errors(fx):
         SparseInferLM.create_from_arg_string(f"model={fx['ck']},method=teal")
     with pytest.raises(SparseInferError, match="not KEY=VALUE"):
         SparseInferLM.create_from_arg_string(f"model={fx['ck']},method=teal,sparsity=0.5,params=rank")
+
+
+def test_run_time_estimate_is_the_latency_model_times_the_tokens():
+    from sparseinfer.evaluation import estimate
+    from sparseinfer.reference.shapes import load_model
+    from sparseinfer.sim import latency as lat
+    from sparseinfer.sim.hardware import load_hardware
+
+    data = estimate.estimate("prosparse-llama2-7b", "h200", tokens=100, limit=10, max_gen_toks=64)
+    assert data["samples"] == {"gsm8k": 10, "bbh": 270} and "not a measurement" in data["kind"]
+    m, hw = load_model("prosparse-llama2-7b"), load_hardware("h200")
+    dense, sparse = data["rows"][0]["tasks"]["gsm8k"], data["rows"][2]["tasks"]["bbh"]
+    assert dense["generated_tokens"] == 64 and dense["context_tokens"] == 900 + 32
+    ms = lat.decode_latency(m, hw, "1.00", None, ("llama.cpp",), 932)["methods"][0]["ms_per_token"]
+    prefill = 2.0 * estimate.parameters(m) * 900 / (hw.fp16_tensor_tflops * 1e12 * hw.efficiency.compute_fraction)
+    assert dense["seconds_fp16"] == pytest.approx(10 * (64 * ms / 1000 + prefill), rel=1e-12)
+    assert 6.0e9 < estimate.parameters(m) < 7.0e9                      # ProSparse-Llama2-7B
+    assert sparse["decode_ms_per_token_fp16"] < dense["decode_ms_per_token_fp16"]
+    random = data["rows"][3]["tasks"]["gsm8k"]
+    assert random["seconds_fp32"] == pytest.approx(10 * 64 * estimate.parameters(m) * 4 / 20e9)
