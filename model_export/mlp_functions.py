@@ -46,7 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from sparseinfer.reference.activations import Activation
+from sparseinfer.reference.activations import GELU_TANH_K1, GELU_TANH_K2, INV_SQRT2, Activation
 from sparseinfer.reference.errors import SparseInferError
 
 from .onnx_builder import BOOL, FLOAT, OPSET, GraphBuilder
@@ -201,9 +201,20 @@ def activation_keeps(b: GraphBuilder, z: str, act: Activation, scope: str, dtype
 
 
 def apply_activation(b: GraphBuilder, z: str, act: Activation, scope: str, dtype=np.float32) -> str:
-    if act.kind == "silu":
-        return b.make_mul(z, b.op("Sigmoid", [z], scope), scope)
-    return b.make_where(activation_keeps(b, z, act, scope, dtype), z, b.const(0.0, dtype), scope)
+    """h1 of z: relu / fatrelu exactly; silu z Sigmoid(z), gelu_tanh z Sigmoid(z (K1 + K2 z^2)),
+    gelu 0.5 z (1 + Erf(z / sqrt 2)) through onnxruntime's Sigmoid and Erf (within
+    ``Activation.error_bound`` of the reference, reference/activations.py)."""
+    if act.sparse_capable:
+        return b.make_where(activation_keeps(b, z, act, scope, dtype), z, b.const(0.0, dtype), scope)
+    if act.kind == "gelu":
+        erf = b.op("Erf", [b.make_mul(z, b.const(INV_SQRT2, dtype), scope)], scope)
+        return b.make_mul(b.make_mul(z, b.const(0.5, dtype), scope), b.make_add(b.const(1.0, dtype), erf, scope),
+                          scope)
+    y = z
+    if act.kind == "gelu_tanh":                   # 0.5 (1 + tanh(v)) = sigmoid(2 v)
+        z2 = b.make_mul(b.const(GELU_TANH_K2, dtype), b.make_mul(z, z, scope), scope)
+        y = b.make_mul(z, b.make_add(b.const(GELU_TANH_K1, dtype), z2, scope), scope)
+    return b.make_mul(z, b.op("Sigmoid", [y], scope), scope)
 
 
 def _rows_f32(b: FunctionBuilder, w: str, rows: str, weight_type, sc: str) -> str:
@@ -253,8 +264,8 @@ def _decode_branch(root: FunctionBuilder, d: int, k: int, act: Activation, targe
                                           b.op("Expand", [b.const(1), b.make_shape(rows, "debug")], "debug")], "debug")
         full_gate = b.make_reshape(b.make_matmul(_f32(b, "w_gate", weight_type, "debug"), x_t, "debug"), [-1],
                                    "debug")
-        actual = b.op("Less", [full_gate, b.const(0.0, np.float32)], "debug") if act.kind == "silu" else \
-            b.op("Not", [activation_keeps(b, full_gate, act, "debug")], "debug")       # silu: a negative gate
+        actual = b.op("Not", [activation_keeps(b, full_gate, act, "debug")], "debug") if act.sparse_capable else \
+            b.op("Less", [full_gate, b.const(0.0, np.float32)], "debug")       # silu, gelu: a negative gate
         values += [zero, b.make_cast(counts, BOOL, "debug"), actual]
     _returns(b, values, [f"decode_{n}" for n in names], [FLOAT, BOOL, BOOL, BOOL])
     return b.make_graph("decode")

@@ -78,3 +78,41 @@ def write_eval_data(root, gsm8k, bbh_sizes: dict, question: str = "{task} questi
         examples = [{"input": question.format(task=task, i=i), "target": "Yes" if i % 2 else "No"} for i in range(n)]
         (root / "bbh" / "bbh" / f"{task}.json").write_text(json.dumps({"canary": "x", "examples": examples}))
     return root
+
+
+# The largest slope of silu (1.0998), gelu and gelu_tanh (1.1289): tests/test_activations_gelu.py.
+ACTIVATION_MAX_SLOPE = 1.13
+
+
+def approximate_mlp_bound(x, w_gate, w_up, w_down, rows, act) -> np.ndarray:
+    """Per output column, a bound on |out - reference| for a sparse MLP over ``rows`` computed
+    in any float32 summation order with a library activation (an ONNX body: MatMul, Sigmoid,
+    Erf), the reference being mlp_sparse on the same rows. Each dot product of both is within
+    rigorous_error_bound of exact, so z and h2 differ by at most twice that (dz, dh2); h1 by
+    ACTIVATION_MAX_SLOPE dz plus act.error_bound at |z| + dz; h3 = h1 h2 by the propagated
+    difference plus one rounding on each side; the down projections by the h3 differences
+    times |W_down| plus each side's own summation bound."""
+    from sparseinfer.reference.order_contract import UNIT_ROUNDOFF_FP32, rigorous_error_bound, warp_dot_rows
+
+    x64, d = np.asarray(x, np.float64), np.shape(x)[-1]
+    g, u = np.asarray(w_gate, np.float64)[rows], np.asarray(w_up, np.float64)[rows]
+    z = warp_dot_rows(np.asarray(w_gate)[rows], x).astype(np.float64)
+    dz = 2 * rigorous_error_bound(np.abs(g) @ np.abs(x64), d)
+    h1 = act(z.astype(np.float32)).astype(np.float64)
+    h2 = warp_dot_rows(np.asarray(w_up)[rows], x).astype(np.float64)
+    dh2 = 2 * rigorous_error_bound(np.abs(u) @ np.abs(x64), d)
+    dh1 = ACTIVATION_MAX_SLOPE * dz + act.error_bound(np.abs(z) + dz)
+    big1, big2 = np.abs(h1) + dh1, np.abs(h2) + dh2
+    dh3 = dh1 * big2 + np.abs(h1) * dh2 + 2 * UNIT_ROUNDOFF_FP32 * big1 * big2
+    wd = np.abs(np.asarray(w_down, np.float64)[:, rows])                    # [d, rows]
+    return wd @ dh3 + 2 * rigorous_error_bound(wd @ (np.abs(h1 * h2) + dh3), max(len(rows), 1))
+
+
+def computed_rows_agree(got, trace, x, w_gate, act) -> bool:
+    """A library activation's +AS mask (an ONNX body: up computed where h1 != 0) against the
+    reference's: the same rows, except where the reference's h1 is within act.error_bound of
+    zero (onnxruntime's Sigmoid is 0 below about -17, 1 + Erf below about -5.5)."""
+    diff = np.flatnonzero(np.asarray(got, bool) != trace.computed_up)
+    from sparseinfer.reference.order_contract import warp_dot_rows
+    z = warp_dot_rows(np.asarray(w_gate)[diff], x)
+    return bool((trace.computed_gate[diff] & (np.abs(act(z)) <= act.error_bound(z))).all())

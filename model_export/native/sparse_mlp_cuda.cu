@@ -40,6 +40,11 @@ enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration
 #include "gate_up.cu"
 #include "down.cu"
 
+static_assert(SPARSEINFER_ACT_RELU == ACT_RELU && SPARSEINFER_ACT_FATRELU == ACT_FATRELU &&
+                  SPARSEINFER_ACT_SILU == ACT_SILU && SPARSEINFER_ACT_GELU == ACT_GELU &&
+                  SPARSEINFER_ACT_GELU_TANH == ACT_GELU_TANH,
+              "the launcher's activation codes are the kernels'");
+
 namespace {
 
 const int kThreads = 256;                  // kernels/ops.py THREADS: 8 warps per warp-per-row block
@@ -88,11 +93,17 @@ sparseinfer_computed_rows(const float* __restrict__ h1, int k, unsigned char* __
     if (i < k) computed[i] = h1[i] != 0.0f ? 1 : 0;
 }
 
-// actual_zero[i] = 1 where the dense gate's h1 (every row computed) is zero.
+// actual_zero[i] = 1 where the dense gate's h1 (every row computed) is zero; with `negative`
+// (silu, gelu: no exact zeros) where the gate is negative, i.e. h1's sign bit is set (these
+// activations keep the gate's sign, down to -0.0 on underflow, and a warp sum from +0.0 is
+// never -0.0).
 __global__ void __launch_bounds__(256)
-sparseinfer_zero_rows(const float* __restrict__ h1, int k, unsigned char* __restrict__ actual_zero) {
+sparseinfer_zero_rows(const float* __restrict__ h1, int k, int negative, unsigned char* __restrict__ actual_zero) {
     const long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < k) actual_zero[i] = h1[i] == 0.0f ? 1 : 0;
+    if (i >= k) return;
+    unsigned bits;
+    memcpy(&bits, h1 + i, sizeof bits);
+    actual_zero[i] = (negative ? (bits >> 31) != 0 : h1[i] == 0.0f) ? 1 : 0;
 }
 
 // The kernels of one weight type (kernels/cuda instantiates each for fp32 and fp16).
@@ -185,8 +196,9 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
         float* h1_all = section<float>(a.scratch, l.h1_all);
         SI_LAUNCH(K::gate_up_mask, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, a.x, w_gate,
                   w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1_all, section<float>(a.scratch, l.h3_all));
+        const int negative = a.activation != SPARSEINFER_ACT_RELU && a.activation != SPARSEINFER_ACT_FATRELU;
         SI_LAUNCH(sparseinfer_zero_rows, grid_of(ceil_div(k, kThreads)), grid_of(kThreads), stream, h1_all, a.k,
-                  a.actual_zero);
+                  negative, a.actual_zero);
     }
     return 0;
 }
@@ -221,7 +233,7 @@ bool valid(const SparseMlpCudaArgs* a) {
     if (!a || !a->x || !a->w_gate || !a->w_up || !a->w_down_t || !a->out || !a->scratch) return false;
     if (a->n_tokens < 1 || a->d < 1 || a->k < 1) return false;
     if (ceil_div(a->k, DOWN_ROW_CHUNK) > kMaxGridY) return false;
-    if (a->activation != SPARSEINFER_ACT_RELU && a->activation != SPARSEINFER_ACT_FATRELU) return false;
+    if (a->activation < SPARSEINFER_ACT_RELU || a->activation > SPARSEINFER_ACT_GELU_TANH) return false;
     if (a->weight_dtype != SPARSEINFER_WEIGHTS_FP32 && a->weight_dtype != SPARSEINFER_WEIGHTS_FP16) return false;
     if (reinterpret_cast<uintptr_t>(a->scratch) % 16 != 0) return false;
     if (a->n_tokens == 1) {

@@ -16,8 +16,11 @@
 extern "C" {
 #endif
 
-#define SPARSEINFER_ACT_RELU 0
+#define SPARSEINFER_ACT_RELU 0        // kernels/cuda/common.cuh ACT_* (static_asserts in sparse_mlp_cuda.cu)
 #define SPARSEINFER_ACT_FATRELU 1
+#define SPARSEINFER_ACT_SILU 2        // silu and the gelus: predicted-negative rows taken as zero
+#define SPARSEINFER_ACT_GELU 3
+#define SPARSEINFER_ACT_GELU_TANH 4
 #define SPARSEINFER_WEIGHTS_FP32 0
 #define SPARSEINFER_WEIGHTS_FP16 1
 
@@ -36,7 +39,8 @@ typedef struct {
     uint8_t* predicted_zero;   // [k] or NULL (n_tokens == 1 only): 1 where the predictor skips the row
     uint8_t* computed;         // [k] or NULL (n_tokens == 1 only): 1 where up and down were computed (+AS)
     void* scratch;             // sparseinfer_cuda_scratch_bytes(n_tokens, d, k) bytes, 256-byte aligned
-    uint8_t* actual_zero;      // [k] or NULL (n_tokens == 1 only): 1 where the full gate's h1 is zero (debug:
+    uint8_t* actual_zero;      // [k] or NULL (n_tokens == 1 only): 1 where the full gate's h1 is zero, or
+                               // without exact zeros (silu, gelu) where the gate is negative (debug:
                                // every gate row is computed once more, densely)
     int weight_dtype;          // SPARSEINFER_WEIGHTS_*: fp16 weights are widened exactly, float32 accumulation
 } SparseMlpCudaArgs;

@@ -19,10 +19,12 @@
 // kernels/cuda's sources through sparse_mlp_cuda.h on the provider's compute stream.
 #include <onnxruntime_c_api.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <exception>
+#include <iterator>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -30,6 +32,10 @@
 #include "sparse_mlp_cpu.h"
 #ifdef SPARSEINFER_WITH_CUDA
 #include "sparse_mlp_cuda.h"
+static_assert(sparseinfer::kRelu == SPARSEINFER_ACT_RELU && sparseinfer::kFatRelu == SPARSEINFER_ACT_FATRELU &&
+                  sparseinfer::kSilu == SPARSEINFER_ACT_SILU && sparseinfer::kGelu == SPARSEINFER_ACT_GELU &&
+                  sparseinfer::kGeluTanh == SPARSEINFER_ACT_GELU_TANH,
+              "the CPU kernel's activations and the CUDA launcher's share their codes");
 #endif
 
 namespace {
@@ -166,17 +172,19 @@ Kernel* make_kernel(const OrtKernelInfo* info) {
         std::string act(len, '\0');
         check(g_api->KernelInfoGetAttribute_string(info, "activation", act.data(), &len));
         act.resize(len ? len - 1 : 0);
-        if (act == "relu") {
-            kernel->p.act = kRelu;
-        } else if (act == "fatrelu") {
-            kernel->p.act = kFatRelu;
+        const auto* names_end = std::end(kActivationNames);
+        const auto* found = std::find_if(std::begin(kActivationNames), names_end,
+                                         [&](const char* name) { return act == name; });
+        if (found == names_end) {
+            std::string expected;
+            for (const char* name : kActivationNames) expected += std::string(expected.empty() ? "" : ", ") + name;
+            throw OpError(kernel->node + ": activation '" + act + "' is not supported; expected one of " + expected);
+        }
+        kernel->p.act = Activation(found - std::begin(kActivationNames));   // silu, gelu: an approximation
+        if (kernel->p.act == kFatRelu) {
             check(g_api->KernelInfoGetAttribute_float(info, "threshold", &kernel->p.threshold));
             if (!(kernel->p.threshold == kernel->p.threshold) || kernel->p.threshold - kernel->p.threshold != 0.0f)
                 throw OpError(kernel->node + ": fatrelu threshold must be finite");
-        } else if (act == "silu") {
-            kernel->p.act = kSilu;             // predicted-negative gates taken as zero: an approximation
-        } else {
-            throw OpError(kernel->node + ": activation '" + act + "' is not supported; expected relu, fatrelu or silu");
         }
     } catch (...) {
         delete kernel;
@@ -416,9 +424,7 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         a.d = int(d);
         a.k = int(k);
         a.alpha_milli = kernel.p.alpha_milli;
-        if (kernel.p.act == kSilu)
-            throw OpError(kernel.node + ": the CUDA kernels have no SiLU; run this approximate export on the CPU");
-        a.activation = kernel.p.act == kRelu ? SPARSEINFER_ACT_RELU : SPARSEINFER_ACT_FATRELU;
+        a.activation = int(kernel.p.act);      // the same codes (static_asserts below)
         a.threshold = kernel.p.threshold;
         a.out = static_cast<float*>(output(ctx, kOut, in.x.shape));
         a.predicted_zero = static_cast<uint8_t*>(output(ctx, kPredictedZero, mask_dims));
