@@ -99,9 +99,10 @@ def exp_nonpositive(x: np.ndarray) -> np.ndarray:
     """e^x in float32 for x <= 0 (the module docstring's algorithm)."""
     x = np.asarray(x, dtype=_F)
     n = (x * _LOG2E + _ROUND) - _ROUND
-    r = (x - n * _LN2_HI) - n * _LN2_LO
+    with np.errstate(invalid="ignore"):                # x = -inf: 0 below
+        r = (x - n * _LN2_HI) - n * _LN2_LO
+        ni = np.clip(n, -150, 0).astype(np.int32)
     p = _horner(_EXP_TAYLOR, r)
-    ni = np.clip(n, -150, 0).astype(np.int32)
     big = ni < -100                                    # 2^n subnormal: p 2^(n + 50) 2^-50
     scale = ((np.where(big, ni + 50, ni) + 127).astype(np.uint32) << 23).view(_F)
     y = p * scale
