@@ -21,6 +21,15 @@ What makes a recording replayable (:func:`capture`):
 
 The recorded step may not read device memory on the host (CuPy raises during capture; so
 does the emulator's stand-in), so the wrappers in ``ops.py`` keep every count on the device.
+
+Not done here: keeping the sign words L2-resident across a decode step (an access-policy
+window of persisting accesses on the stream or the graph's kernel nodes). CuPy exposes the
+persisting set-aside (``cupy.cuda.runtime.deviceSetLimit``) but neither
+``cudaStreamSetAttribute`` nor ``cudaGraphKernelNodeSetAttribute``, so this path cannot mark
+a window without binding the driver itself. And a step's sign words exceed the L2 several
+times over (ProSparse-13B: 40 layers x 8.85 MB = 354 MB, 7B: 32 x 5.6 MB = 180 MB, against
+50 MB of L2 on an H100 or H200), so a window over them could keep only a set-aside's
+fraction of them resident (its hit ratio), while the set-aside leaves less L2 to the weights.
 """
 from __future__ import annotations
 
