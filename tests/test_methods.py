@@ -319,3 +319,29 @@ def test_registry_and_parsing_errors():
     assert smallest_rows(np.array([[3.0, 1.0, 2.0, 0.5]]), 0.5).tolist() == [[False, True, False, True]]
     with pytest.raises(SparseInferError, match="needs calibration"):
         make_method("teal").prepare(toy_model(), None, 0.5)
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_gelu_models_the_thresholding_methods_and_the_approximate_sign_predictor(act):
+    """On a GELU model, as on SiLU: teal, cats and wisparse calibrate to their target on
+    held-out inputs; the sign predictor needs approximate=True, then skips exactly the
+    reference's predicted rows and computes up and down for every other row (no exact zeros)."""
+    w = toy_model(d=128, k=192, layers=2, act=act)
+    cal = calib(w, tokens=800, seed=4)
+    held = np.random.default_rng(12).standard_normal((200, 128)).astype(F32)
+    for name, tol in (("teal", 0.02), ("cats", 0.03), ("wisparse", 0.05)):
+        m = make_method(name)
+        m.prepare(w, cal, 0.6)
+        sp = np.mean([run(m, w, x, i=i, target=0.6)[1].sparsity for x in held[:60] for i in range(2)])
+        assert abs(sp - 0.6) < tol, (name, sp)
+    with pytest.raises(SparseInferError, match="--approximate"):
+        make_method("sparseinfer").prepare(w, None, 0.5)
+    si = make_method("sparseinfer", approximate=True)
+    si.prepare(w, None, 0.5)
+    x = held[0]
+    out, tr = run(si, w, x, target=0.5)
+    lw = w.layers[0]
+    want, ref = mlp_sparse(x, lw.gate, lw.up, lw.down, act, alpha=si.alpha_milli[0] / 1000, approximate=True)
+    assert np.array_equal(tr.predicted_zero, ref.predicted_zero) and 0 < tr.predicted_zero.mean() < 1
+    assert tr.rows["up"] == int((~tr.predicted_zero).sum())
+    np.testing.assert_allclose(out, want, rtol=1e-5, atol=1e-6)
