@@ -26,9 +26,13 @@ from sparseinfer.model_export.export import ExportOptions, export_onnx
 from sparseinfer.model_export.mlp_functions import DOMAIN, OP_TYPE
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows
+from sparseinfer.reference.activations import (APPROXIMATE_KINDS, LIBRARY_ERROR_UNITS, OWN_ERROR_UNITS, U,
+                                               Activation)
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaReference
 from sparseinfer.tools.cli import cli
+
+from helpers import computed_rows_agree
 
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110]
 GAMMA_K = 552 * 2.0 ** -24
@@ -512,15 +516,19 @@ def test_float16_export_refuses_overflow_and_the_portable_form(tmp_path):
         export_onnx(w, tmp_path / "m.onnx", ExportOptions(dtype="bfloat16"))
 
 
-def test_silu_models_export_sparse_only_when_approximate(tmp_path):
-    """A SiLU model's sparse export needs approximate=True; then the SparseMLP op (native or
-    body) skips the rows the sign predictor calls negative, with the reference's masks."""
-    w = make_weights(synthetic_shape("tiny", layers=2, hidden_act="silu"), seed=4)
+@pytest.mark.parametrize("act", APPROXIMATE_KINDS)
+def test_silu_and_gelu_models_export_sparse_only_when_approximate(tmp_path, act):
+    """A SiLU or GELU model's sparse export needs approximate=True; then the SparseMLP op
+    (native or body) skips the rows the sign predictor calls negative, with the reference's
+    masks (the body's computed rows: up to h1 within the activation's error bound of 0)."""
+    w = make_weights(synthetic_shape("tiny", layers=2, hidden_act=act), seed=4)
     with pytest.raises(SparseInferError, match="has no exact zeros; export it with --dense, or sparse with --approximate"):
         export_onnx(w, tmp_path / "no" / "m.onnx", ExportOptions(sparse=True))
     path = export_onnx(w, tmp_path / "m.onnx", ExportOptions(sparse=True, approximate=True, debug=True, alpha="0.98"))
     meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
-    assert meta["sparseinfer.approximate"] == "True" and meta["sparseinfer.activation"] == "silu"
+    assert meta["sparseinfer.approximate"] == "True" and meta["sparseinfer.activation"] == act
+    node = next(n for n in onnx.load(str(path), load_external_data=False).graph.node if n.op_type == OP_TYPE)
+    assert next(a.s for a in node.attribute if a.name == "activation") == act.encode()
     for kernels in ("native", "function"):
         decoder = OnnxDecoder(path, mlp_kernels=kernels)
         decoder.step(PROMPT[:5])
@@ -528,7 +536,26 @@ def test_silu_models_export_sparse_only_when_approximate(tmp_path):
             _, debug = decoder.step([tok])
             for i, lw in enumerate(w.layers):
                 x = debug[f"debug.{i}.mlp_input"].reshape(-1)
-                _, trace = mlp_sparse(x, lw.gate, lw.up, lw.down, "silu", alpha=0.98, approximate=True)
+                _, trace = mlp_sparse(x, lw.gate, lw.up, lw.down, act, alpha=0.98, approximate=True)
                 assert np.array_equal(debug[f"debug.{i}.predicted_zero"], trace.predicted_zero), kernels
-                assert np.array_equal(debug[f"debug.{i}.rows"], np.flatnonzero(trace.computed_up)), kernels
+                assert np.array_equal(debug[f"debug.{i}.actual_zero"], trace.actual_zero), kernels
+                computed = np.zeros(w.shape.k, bool)
+                computed[debug[f"debug.{i}.rows"]] = True
+                assert np.array_equal(computed, trace.computed_up) if kernels == "native" else \
+                    computed_rows_agree(computed, trace, x, lw.gate, Activation.parse(act)), kernels
                 assert 0.2 < trace.predicted_zero.mean() < 0.8
+
+
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh"])
+def test_gelu_dense_export_matches_reference(tmp_path, act):
+    """A dense GELU export (Erf, or Sigmoid for the tanh form, in the graph) against the
+    reference model: the summation-order allowance GAMMA_K plus the activation's
+    (LIBRARY_ERROR_UNITS + OWN_ERROR_UNITS) u per unit of |z| (Activation.error_bound)."""
+    w = make_weights(synthetic_shape("tiny", layers=2, hidden_act=act), seed=11)
+    steps = _run_both(w, ExportOptions(sparse=False), tmp_path, LlamaReference(w))
+    units = GAMMA_K / U + LIBRARY_ERROR_UNITS + OWN_ERROR_UNITS
+    for o, r, _, _ in steps:
+        assert np.abs(r).max() > 0.5
+        np.testing.assert_allclose(o, r, rtol=0, atol=units * U * (1 + float(np.abs(r).max())))
+    other = make_weights(synthetic_shape("tiny", layers=2, hidden_act="silu"), seed=11)
+    assert np.abs(LlamaReference(other).prefill(PROMPT) - steps[0][1]).max() > 1e-3      # the activation matters
