@@ -176,10 +176,14 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
     tok, _, _ = _tokenizer_for(model, tokenizer_path)
     bos, eos = ids["bos_token_id"], ids["eos_token_id"]
     ids = _prompt_ids(tok, bos, prompt)
-    stream = None if as_json else (lambda t: click.echo(tok.decode([t]), nl=False))
-    if not as_json:
-        click.echo(prompt, nl=False)
-    gen = generate(decoder, ids, max_new_tokens, temperature, top_p, seed, on_token=stream, stop_id=eos)
+    started = []
+
+    def stream(t):                       # the prompt, then each token: stdout stays empty if nothing runs
+        if not started:
+            started.append(click.echo(prompt, nl=False))
+        click.echo(tok.decode([t]), nl=False)
+    gen = generate(decoder, ids, max_new_tokens, temperature, top_p, seed, on_token=None if as_json else stream,
+                   stop_id=eos)
     stats = {**gen.stats(), "mlp_kernels": decoder.mlp_kernels}
     if as_json:
         echo_json({"text": tok.decode(gen.tokens), "tokens": gen.tokens, **stats})
