@@ -66,7 +66,7 @@ class ExportOptions:
     portable: bool = False            # standard ops only (no GroupQueryAttention etc.), KV cache grown by Concat
     max_length: int | None = None     # longest sequence (shared KV buffer, rotary caches); default: the model's
     dtype: str = "float32"            # weights and activations: float32 or float16 (fused form only)
-    approximate: bool = False         # sparse SiLU: rows the sign predictor skips are taken as zero
+    approximate: bool = False         # sparse SiLU / GELU: rows the sign predictor skips are taken as zero
 
 
 def export_form(options: ExportOptions) -> dict[str, str]:
