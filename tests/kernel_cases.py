@@ -7,6 +7,7 @@ import contextlib
 from dataclasses import dataclass
 
 import numpy as np
+import pytest
 from hypothesis import strategies as st
 
 from sparseinfer.kernels.expected import expected_h1_h3
@@ -144,3 +145,15 @@ def mutated(src: str, old: str, new: str):
     finally:
         emulator.raw_text = sources.raw_text = orig
         emulator._library.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def emu():
+    """The kernels on the CPU emulation for a test module (``from kernel_cases import emu``):
+    yields its CuPy stand-in; skips where g++ is missing."""
+    from sparseinfer.kernels import emulator
+
+    if emulator.unavailable_reason():
+        pytest.skip(emulator.unavailable_reason())
+    with emulator.installed() as xp:
+        yield xp

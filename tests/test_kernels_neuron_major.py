@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernel_cases import assert_same, build_case, mutated
+from kernel_cases import assert_same, build_case, emu, mutated  # noqa: F401 (emu: a fixture)
 from sparseinfer.benchmarks import harness
-from sparseinfer.kernels import MLP_FUSED, PIPELINES, SparseMLP, emulator, layout, ops
+from sparseinfer.kernels import MLP_FUSED, PIPELINES, SparseMLP, layout, ops
 from sparseinfer.kernels.device import DeviceMatrix, padded_rows
 from sparseinfer.kernels.registry import LAYOUTS
 from sparseinfer.kernels.shapes import BenchShape
@@ -25,14 +25,6 @@ from sparseinfer.sim import traffic
 pytestmark = pytest.mark.emulated
 
 NEW_PIPELINES = ("sparse-neuron-major", "fused", "fused-neuron-major")
-
-
-@pytest.fixture(scope="module")
-def emu():
-    if emulator.unavailable_reason():
-        pytest.skip(emulator.unavailable_reason())
-    with emulator.installed() as xp:
-        yield xp
 
 
 def test_new_pipelines_are_registered_and_benchmarked():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernel_cases import assert_same, build_case, mutated
+from kernel_cases import assert_same, build_case, emu, mutated  # noqa: F401 (emu: a fixture)
 from sparseinfer.benchmarks import harness
 from sparseinfer.kernels import BASELINE, DOWN, GATE_UP, PIPELINES, PREDICT, SparseMLP, emulator, ops, sources
 from sparseinfer.kernels.baseline_check import dense_mlp_verified, gate_up_within_bound
@@ -29,14 +29,6 @@ from sparseinfer.sim import traffic
 pytestmark = pytest.mark.emulated
 
 NEW_SPARSE = {"predict": ["v4"], "gate_up": ["v6_paired"], "down": ["v5_narrow"], "mlp": ["sparse-paired"]}
-
-
-@pytest.fixture(scope="module")
-def emu():
-    if emulator.unavailable_reason():
-        pytest.skip(emulator.unavailable_reason())
-    with emulator.installed() as xp:
-        yield xp
 
 
 def test_new_versions_are_in_the_registry_the_bench_and_the_traffic_model():
