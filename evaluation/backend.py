@@ -162,14 +162,17 @@ class SparseInferLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string, additional_config=None):
+        return cls.create_from_arg_obj(parse_model_args(arg_string), additional_config)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict, additional_config=None):
         """``method=NAME`` among the arguments: the NumPy reference backend (``method_backend``)."""
-        args = parse_model_args(arg_string)
         extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
-        if args.get("method") and cls is SparseInferLM:
+        if arg_dict.get("method") and cls is SparseInferLM:
             from .method_backend import MethodLM
 
-            return MethodLM(**args, **extra)
-        return cls(**args, **extra)
+            return MethodLM(**arg_dict, **extra)
+        return cls(**arg_dict, **extra)
 
     # -- tokens ---------------------------------------------------------------------------
     @property

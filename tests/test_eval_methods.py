@@ -247,6 +247,15 @@ def test_sweep_and_compare_tasks_errors(fx, tmp_path):
     assert r.exit_code == 2 and "unknown task 'mmlu'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
+def test_lm_evals_own_command_line_reaches_the_method_backend(fx):
+    """lm-eval's CLI hands model_args over as a dict (create_from_arg_obj), with numbers parsed."""
+    from lm_eval.api.registry import get_model
+
+    lm = get_model("sparseinfer").create_from_arg_obj(
+        {"model": str(fx["ck"]), "method": "random", "sparsity": 0.9, "params": "seed=3"}, {"batch_size": 1})
+    assert isinstance(lm, MethodLM) and lm.row.label == "random@0.9 (per token, seed=3)"
+
+
 def test_model_args_errors(fx):
     with pytest.raises(SparseInferError, match="needs sparsity=S"):
         SparseInferLM.create_from_arg_string(f"model={fx['ck']},method=teal")
