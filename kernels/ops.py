@@ -280,7 +280,8 @@ def down_chunks_serial(h3, w_down_t: DeviceMatrix):
     n_tiles = _down_grid_x(d, w_down_t.dtype)
     kernel(f"down_chunks_serial_{w_down_t.dtype_name}")(
         (n_tiles, n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
-        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _counters("tile_done", n_tiles), out))
+        (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _counters("tile_done", n_tiles),
+         out))
     return out
 
 

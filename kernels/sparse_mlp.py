@@ -3,8 +3,9 @@
 Built once from Hugging Face layouts (w_gate, w_up [k, d]; w_down [d, k]): checks them on
 the host, packs W_gate's sign words, transposes W_down to [k, d] and keeps everything on
 the device. A pipeline on the neuron-major layout (``layout.py``) reads a second copy, the
-records built on the device at its first call and shared by every pipeline of the layer. ``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with
-``trace=True``, the reference's :class:`MLPTrace` (mode ``predicted+actual``).
+records built on the device at its first call and shared by every pipeline of the layer.
+``mlp(x, alpha)`` returns the output (a CuPy float32 [d]) and, with ``trace=True``, the
+reference's :class:`MLPTrace` (mode ``predicted+actual``).
 """
 from __future__ import annotations
 

@@ -311,5 +311,6 @@ def test_the_edge_cases_reject_mutants(src, old, new):
         mlp = SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation, pipeline="sparse-fused")
         assert_same(_host(mlp(case.x)), want, "unmutated", case)
         with mutated(src, old, new):
-            got = _host(SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation, pipeline="sparse-fused")(case.x))
+            got = _host(SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation,
+                                  pipeline="sparse-fused")(case.x))
         assert not np.array_equal(got.view(np.uint32), want.view(np.uint32)), "the mutant passed the edge case"

@@ -102,7 +102,8 @@ def test_fused_counters_reset_for_the_next_call(emu):
 
 FUSED_MUTANTS = [
     # a chunk's sub-chunk sums added last to first
-    ("q + (i64)(chunk * DOWN_SUB_CHUNKS + p) * d + j", "q + (i64)(chunk * DOWN_SUB_CHUNKS + DOWN_SUB_CHUNKS - 1 - p) * d + j"),
+    ("q + (i64)(chunk * DOWN_SUB_CHUNKS + p) * d + j",
+     "q + (i64)(chunk * DOWN_SUB_CHUNKS + DOWN_SUB_CHUNKS - 1 - p) * d + j"),
     # the chunk partials added last to first
     ("__ldcg(partial + (i64)c * d + j)", "__ldcg(partial + (i64)(n_chunks - 1 - c) * d + j)"),
     # the chunk counter left set: the next call's chunks finish too early or never

@@ -115,14 +115,16 @@ __device__ __forceinline__ void mlp_fused_impl(const float* __restrict__ x, cons
     }
 }
 
-#define MLP_FUSED(NAME, T)                                                                                     \
-    extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                              \
-    mlp_fused_##NAME(const float* x, const u32* x_signs, const u32* w_signs, i64 sign_ld, const T* w_gate,     \
-                     const T* w_up, const T* w_down_t, i64 ld, int d, int k, int alpha_milli, int act_kind,     \
-                     float threshold, int* counts, unsigned char* zero, float* h1, float* h3, float* q,         \
-                     float* partial, u32* done, float* out) {                                                   \
+// Two blocks per SM (up to 128 registers; left alone, ptxas gives the fp16 kernel 165 on sm_90:
+// one block of 8 warps per SM).
+#define MLP_FUSED(NAME, T)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                               \
+    mlp_fused_##NAME(const float* x, const u32* x_signs, const u32* w_signs, i64 sign_ld, const T* w_gate,       \
+                     const T* w_up, const T* w_down_t, i64 ld, int d, int k, int alpha_milli, int act_kind,      \
+                     float threshold, int* counts, unsigned char* zero, float* h1, float* h3, float* q,          \
+                     float* partial, u32* done, float* out) {                                                    \
         mlp_fused_impl<T>(x, x_signs, w_signs, sign_ld, w_gate, w_up, w_down_t, ld, d, k, alpha_milli, act_kind, \
-                          threshold, counts, zero, h1, h3, q, partial, done, out);                              \
+                          threshold, counts, zero, h1, h3, q, partial, done, out);                               \
     }
 MLP_FUSED(fp32, float)
 MLP_FUSED(fp16, half_bits)
