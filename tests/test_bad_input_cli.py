@@ -306,7 +306,8 @@ def _write_header(path: Path, header: dict, data: bytes) -> None:
 
 
 header_edits = st.one_of(
-    st.tuples(st.just("dtype"), st.sampled_from([*SAFETENSORS_ITEMSIZE, "F32", "F32", "X", 7, None])),
+    st.tuples(st.just("dtype"), st.sampled_from(["I32", "U32", "F32"]) | st.sampled_from([*SAFETENSORS_ITEMSIZE, "X", 7,
+                                                                                             None])),
     st.tuples(st.just("shape"), st.lists(st.integers(-2, 600), max_size=3) | st.just("x")),
     st.tuples(st.just("data_offsets"), st.lists(st.integers(-10, 5_000_000), min_size=0, max_size=3)),
     st.tuples(st.just("truncate"), st.integers(1, 5000)),

@@ -297,6 +297,21 @@ cli()
 """
 
 
+def _signal_a_slow_export(checkpoint, out, sig, *extra, env=None, after_a_layer=lambda: None):
+    """A real ``sparseinfer export --dense`` at a big checkpoint's pace, sent ``sig`` once it has
+    written a layer (and ``after_a_layer`` has looked at its files); its exit code and stderr."""
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", str(checkpoint), "--out", str(out),
+                             "--dense", *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stderr.readline().strip() == "layer"
+        after_a_layer()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    return proc.returncode, err
+
+
 def test_ctrl_c_during_a_re_export_exits_130_and_keeps_the_good_one(tmp_path, checkpoint):
     out = tmp_path / "ex" / "model.onnx"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -307,18 +322,12 @@ def test_ctrl_c_during_a_re_export_exits_130_and_keeps_the_good_one(tmp_path, ch
     assert (out.parent / "model.onnx.data").stat().st_size > 1 << 20
     before, logits = digest(out.parent), _first_logits(out)
 
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", str(checkpoint), "--out", str(out),
-                             "--dense", "--portable"],          # a different export over the good one
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr.readline().strip() == "layer"     # one layer's weights are in the staged .data
-        staged = [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
-        assert staged and (staged[0] / "model.onnx.data").stat().st_size > 0
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, err
+    def staged():                                             # one layer's weights are in the staged .data
+        left = [p for p in out.parent.iterdir() if p.name.endswith(".partial")]
+        assert left and (left[0] / "model.onnx.data").stat().st_size > 0
+    code, err = _signal_a_slow_export(checkpoint, out, signal.SIGINT, "--portable", env=env,   # another export
+                                      after_a_layer=staged)                                      # over the good one
+    assert code == 130, err
     assert err.strip().splitlines()[-1] == "error: interrupted", err
     assert "Traceback" not in err
     assert digest(out.parent) == before                       # the good pair, untouched; nothing staged left
@@ -326,16 +335,8 @@ def test_ctrl_c_during_a_re_export_exits_130_and_keeps_the_good_one(tmp_path, ch
 
 
 def test_ctrl_c_during_a_fresh_export_leaves_nothing(tmp_path, checkpoint):
-    out = tmp_path / "model.onnx"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", str(checkpoint), "--out", str(out),
-                             "--dense"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr.readline().strip() == "layer"
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
+    code, err = _signal_a_slow_export(checkpoint, tmp_path / "model.onnx", signal.SIGINT)
+    assert code == 130 and err.strip().splitlines()[-1] == "error: interrupted", err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -398,14 +399,7 @@ def test_remove_stale_leaves_other_files_alone(tmp_path):
 
 def test_an_export_killed_with_sigkill_leaves_nothing_after_the_next_export(tmp_path, checkpoint):
     out = tmp_path / "model.onnx"
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_EXPORT, "export", str(checkpoint), "--out", str(out),
-                             "--dense"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert proc.stderr.readline().strip() == "layer"
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=60)
-    finally:
-        proc.kill()
+    _signal_a_slow_export(checkpoint, out, signal.SIGKILL)
     left = [p for p in tmp_path.iterdir() if p.name.endswith(".partial")]
     assert left and (left[0] / "model.onnx.data").stat().st_size > 0 and not out.exists()
     r = run("export", checkpoint, "--out", out, "--dense")
