@@ -11,7 +11,9 @@ The exports carry only the sign predictor, so these rows run ``sim.methods.Metho
 the prompt is one dense prefill and the method applies in decode steps only;
 ``loglikelihood`` requests are scored by the dense prefill. ``method=random`` is the
 paper's control: ``floor(s·k)`` rows drawn afresh for every token at every decode step,
-from one seeded stream per row (``random.seed``, default 0).
+from a stream seeded per request by the row's seed (``random.seed``, default 0) and the
+prompt (``request_seed``), so a request draws the same masks whichever requests ran
+before it (a resumed run, another order).
 
 Methods that calibrate (dejavu, teal, cats, wisparse, cluster; sparseinfer with
 ``alpha=auto``, the default here) are prepared once on calibration prompts: the built-in
@@ -26,11 +28,13 @@ counts rows; ``predicted_sparsity`` is the method's own decision on its axis.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.sim.methods import make_method
 
 from .backend import DEFAULT_MAX_GEN_TOKS, DEFAULT_MAX_LENGTH, SparseInferLM, _as_bool
 from .exports import Row, parse_method_rows
@@ -55,6 +59,11 @@ def parse_params(text) -> dict:
             raise SparseInferError(f"params {text!r}: {piece!r} is not KEY=VALUE")
         out[key.strip()] = value.strip()
     return out
+
+
+def request_seed(seed: int, context: str) -> int:
+    """The random stream of one request: from the row's seed and the prompt."""
+    return int(hashlib.sha256(f"{int(seed)}\0{context}".encode()).hexdigest()[:15], 16)
 
 
 class MethodDecoder:
@@ -117,8 +126,6 @@ class MethodLM(SparseInferLM):
                                    f"expected model, method, sparsity, params, calibration, max_calibration_prompts, "
                                    f"approximate, max_length, max_gen_toks, progress")
         from sparseinfer.model_export.checkpoint import load_checkpoint
-        from sparseinfer.sim.methods import make_method
-
         if isinstance(method, Row):
             self.row = method                          # from exports.parse_method_rows
         else:
@@ -136,7 +143,9 @@ class MethodLM(SparseInferLM):
             raise SparseInferError(f"{ck.source}: no tokenizer; cannot evaluate")
         self.checkpoint_source = str(model)
         self.tokenizer, self.bos, self.eos = ck.tokenizer, ck.bos_token_id, ck.eos_token_id
+        self.weights = ck.weights
         self.method = make_method(self.row.method, dict(self.row.params))
+        self.base_seed = self.method.params.get("seed")
         if calibrated is None:
             from sparseinfer.sim.method_compare import load_calibration
 
@@ -149,6 +158,14 @@ class MethodLM(SparseInferLM):
         self._warned: set[str] = set()
         self._warn_once(PREFILL_NOTE)
         self.reset_stats()
+
+    def greedy(self, context: str, until: list[str], max_gen: int) -> str:
+        if self.row.method == "random":           # the only method that draws at decode time
+            self.method = make_method("random", {**dict(self.row.params),
+                                                 "seed": str(request_seed(self.base_seed, context))})
+            self.method.prepare(self.weights, None, self.row.sparsity)
+            self.decoder.model.method = self.method
+        return super().greedy(context, until, max_gen)
 
     def get_model_info(self) -> dict:
         return {"sparseinfer_row": self.row.as_dict(), "sparseinfer_checkpoint": self.checkpoint_source,

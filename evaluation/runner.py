@@ -108,13 +108,14 @@ def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: st
 
 
 def method_sources_hash() -> str:
-    """Hash of the methods' and the reference model's sources: a method row run by other code
-    does not resume from the old answers."""
+    """Hash of the methods', the reference model's and the method backend's sources: a method
+    row run by other code does not resume from the old answers."""
     import sparseinfer.reference.llama as llama
     import sparseinfer.sim.methods as methods
 
     h = hashlib.sha256()
-    for path in sorted(Path(methods.__file__).parent.glob("method*.py")) + [Path(llama.__file__)]:
+    for path in (sorted(Path(methods.__file__).parent.glob("method*.py"))
+                 + [Path(llama.__file__), Path(__file__).with_name("method_backend.py")]):
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 

@@ -13,7 +13,7 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip inst
 
 from sparseinfer.evaluation import exports, runner  # noqa: E402
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
-from sparseinfer.evaluation.method_backend import MethodLM  # noqa: E402
+from sparseinfer.evaluation.method_backend import MethodLM, request_seed  # noqa: E402
 from sparseinfer.model_export.checkpoint import load_checkpoint  # noqa: E402
 from sparseinfer.model_export.export_folder import prompt_ids  # noqa: E402
 from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
@@ -44,7 +44,10 @@ def run(*args):
 
 
 def direct_tokens(ck, name, sparsity, params, prompt, n):
-    """Greedy tokens of the reference model decoding with the method's masks (no lm-eval)."""
+    """Greedy tokens of the reference model decoding with the method's masks (no lm-eval);
+    random draws from the request's own stream, as the backend does."""
+    if name == "random":
+        params = {**params, "seed": str(request_seed(int(params.get("seed", 0)), prompt))}
     method = make_method(name, params)
     method.prepare(ck.weights, load_calibration(ck, None, 64, []), sparsity)
     ids = prompt_ids(ck.tokenizer, ck.bos_token_id, prompt)
@@ -78,41 +81,44 @@ def test_methods_change_the_tokens(fx):
     assert direct_tokens(fx["loaded"], "random", 0.9, {"seed": "4"}, PROMPT, 12) != dense
 
 
-def test_per_token_random_draws_a_fresh_mask_of_exactly_floor_s_k_rows(fx):
-    lm = MethodLM(model=str(fx["ck"]), method="random", sparsity=0.9, params="seed=2", loaded=fx["loaded"],
-                  progress=False)
-    masks = []
-    select = lm.method.select
+def test_per_token_random_draws_a_fresh_mask_of_exactly_floor_s_k_rows(fx, monkeypatch):
+    from sparseinfer.sim.method_basic import RandomRows
 
-    def record(inp):
-        plan = select(inp)
+    masks = []
+    select = RandomRows.select
+
+    def record(self, inp):
+        plan = select(self, inp)
         masks.append((inp.layer, plan.skip_rows.copy()))
         return plan
 
-    lm.method.select = record
-    lm.greedy(PROMPT, [], 8)
-    steps = lm.stats()["decode_steps_counted"]
+    monkeypatch.setattr(RandomRows, "select", record)
+
+    def draws(lm, prompt):
+        masks.clear()
+        lm.greedy(prompt, [], 8)
+        return list(masks), lm.stats()["decode_steps_counted"]
+
+    lm = MethodLM(model=str(fx["ck"]), method="random", sparsity=0.9, params="seed=2", loaded=fx["loaded"],
+                  progress=False)
+    first, steps = draws(lm, PROMPT)
     k = fx["loaded"].shape.k
-    assert steps >= 3 and len(masks) == 2 * steps               # every decode step, every layer; none in prefill
-    for _, m in masks:
+    assert steps >= 3 and len(first) == 2 * steps                # every decode step, every layer; none in prefill
+    for _, m in first:
         assert m.sum() == math.floor(0.9 * k)
     for layer in (0, 1):
-        mine = [m for li, m in masks if li == layer]
+        mine = [m for li, m in first if li == layer]
         assert len({m.tobytes() for m in mine}) == len(mine)     # a new draw each step
-    assert not np.array_equal(masks[0][1], masks[1][1])          # and each layer
-    # seeded: the same seed draws the same masks, another seed others
-    again = MethodLM(model=str(fx["ck"]), method="random", sparsity=0.9, params="seed=2", loaded=fx["loaded"],
-                     progress=False)
-    other = MethodLM(model=str(fx["ck"]), method="random", sparsity=0.9, params="seed=3", loaded=fx["loaded"],
-                     progress=False)
-    from sparseinfer.sim.method_base import LayerInput
-
-    lw = fx["loaded"].weights.layers[0]
-    inp = LayerInput(0, np.ones(fx["loaded"].shape.d, np.float32), lw.gate, lw.up, lw.down, fx["loaded"].weights.activation)
-    first = make_method("random", {"seed": "2"})
-    first.prepare(fx["loaded"].weights, None, 0.9)
-    a, b = again.method.select(inp).skip_rows, other.method.select(inp).skip_rows
-    assert np.array_equal(a, first.select(inp).skip_rows) and not np.array_equal(a, b)
+    assert not np.array_equal(first[0][1], first[1][1])          # and each layer
+    # a stream per request: the same prompt draws the same masks after another request ran,
+    # another prompt or another seed draws others
+    other_prompt, _ = draws(lm, "A different prompt entirely")
+    again, _ = draws(lm, PROMPT)
+    assert all(np.array_equal(a, b) for (_, a), (_, b) in zip(first, again)) and len(again) == len(first)
+    assert not np.array_equal(first[0][1], other_prompt[0][1])
+    reseeded = MethodLM(model=str(fx["ck"]), method="random", sparsity=0.9, params="seed=3", loaded=fx["loaded"],
+                        progress=False)
+    assert not np.array_equal(first[0][1], draws(reseeded, PROMPT)[0][0][1])
 
 
 def test_row_labels_tell_fixed_from_per_token_random():
