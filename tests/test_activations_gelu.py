@@ -1,9 +1,11 @@
 """SiLU and the GELUs (reference/activations.py): the float32 algorithm against float64, the
 kernels' and the op library's copies of it, the ONNX bodies' library evaluation within
-``Activation.error_bound``, Hugging Face names, and every CUDA pipeline on the emulator bit
-for bit against the reference with predicted-negative rows skipped (``approximate``)."""
+``Activation.error_bound``, Hugging Face names, and every CUDA pipeline (on a GPU, and on the
+emulator) bit for bit against the reference with predicted-negative rows skipped
+(``approximate``)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -165,18 +167,17 @@ def test_the_reference_model_runs_gelu_and_sparse_needs_approximate():
     assert not np.array_equal(out, dense)
 
 
-@pytest.fixture(scope="module")
-def emu():
+@pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu),
+                                        pytest.param("emulated", marks=pytest.mark.emulated)])
+def backend(request):
+    """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
     from sparseinfer.kernels import emulator
-    if emulator.unavailable_reason():
-        pytest.skip(emulator.unavailable_reason())
-    with emulator.installed() as xp:
-        yield xp
+    with emulator.installed() if request.param == "emulated" else contextlib.nullcontext():
+        yield request.param
 
 
-@pytest.mark.emulated
 @pytest.mark.parametrize("kind", APPROXIMATE_KINDS)
-def test_every_pipeline_on_the_emulator_equals_the_reference_bit_for_bit(emu, kind):
+def test_every_pipeline_equals_the_reference_bit_for_bit(backend, kind):
     """SparseMLP(approximate=True): predicted-negative rows skipped, the rest with the
     reference's activation bits; every deterministic sparse pipeline's output, masks and
     actual_zero (the gate's sign) equal mlp_sparse's, the dense pipeline mlp_dense's, and
