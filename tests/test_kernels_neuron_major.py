@@ -110,10 +110,12 @@ FUSED_MUTANTS = [
     ("done[chunk] = 0u;", ";"),
     # +AS broken: h3 = fl(h1 * h2) where h1 == 0 (a -0 h3 where the up products are negative)
     ("h = a != 0.0f ? __fmul_rn(a, z_up) : 0.0f;", "h = __fmul_rn(a, z_up);"),
+    # no barrier between the warps writing the part's h3 and the block listing its rows
+    ("__syncthreads();                            // the part's h3 written (read back below)", ";"),
 ]
 
 
-@pytest.mark.parametrize("old,new", FUSED_MUTANTS, ids=["sub-order", "chunk-order", "no-reset", "plus-as"])
+@pytest.mark.parametrize("old,new", FUSED_MUTANTS, ids=["sub-order", "chunk-order", "no-reset", "plus-as", "no-barrier"])
 def test_bit_exact_checks_reject_fused_mutants(emu, old, new):
     act = "fatrelu:0.01"
     case = build_case(300, 1031, np.float32, 1000, seed=3, activation=act, features=(), sparsity=0.5)
