@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,8 +95,6 @@ def check_config_fields(cfg: dict, name: str) -> None:
     """Sizes are positive integers (not booleans, strings, floats or null), rope_theta and
     rms_norm_eps finite positive numbers; a field left out keeps its default (and a null
     num_key_value_heads means as many as the heads, a null rope_theta 10000)."""
-    import math
-
     for key in POSITIVE_INT_FIELDS:
         if key not in cfg or (key == "num_key_value_heads" and cfg[key] is None):    # default: as many as heads
             continue
@@ -145,6 +144,11 @@ def check_config(cfg: dict, name: str) -> ModelShape:
     act = str(cfg.get("hidden_act", "silu")).lower()
     if act not in SUPPORTED_ACTIVATIONS:
         raise SparseInferError(f"{name}: unsupported hidden_act {act!r}; supported: {', '.join(SUPPORTED_ACTIVATIONS)}")
+    threshold = cfg.get("hidden_act_param", 0.0)
+    if act == "fatrelu" and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                             or not abs(threshold) <= float(np.finfo(np.float32).max)):     # compared in float32
+        raise SparseInferError(f"{name}: field hidden_act_param (the FATReLU threshold) must be a number within "
+                               f"float32's range, got {json.dumps(threshold)}")
     shape = check_shape_config(cfg, name)
     if shape.head_dim % 2:
         raise SparseInferError(f"{name}: head dimension {shape.head_dim} is odd; rotary embeddings need it even")
@@ -269,7 +273,6 @@ def check_safetensors_header(f: Path) -> None:
     and offsets inside the file spanning exactly shape × itemsize bytes; one line naming the file,
     the tensor and the rule broken. (A header can still call F32 data I32, the same size:
     ``check_tensor`` refuses weights of an integer type.)"""
-    import math
     import struct
 
     try:

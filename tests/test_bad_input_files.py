@@ -473,7 +473,7 @@ def test_written_files_keep_the_usual_permissions(tmp_path):
 
 CONFIG_FIELDS = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                  "num_key_value_heads", "vocab_size", "max_position_embeddings", "rope_theta", "rms_norm_eps",
-                 "hidden_act", "tie_word_embeddings"]
+                 "hidden_act", "tie_word_embeddings", "hidden_act_param", "bos_token_id", "eos_token_id"]
 odd_values = (st.none() | st.booleans() | st.integers(-3, 3) | st.sampled_from([1 << 40, 2.5, 1e308, -0.0, "x", "8",
                                                                                [], {}])
               | st.floats(allow_nan=True, allow_infinity=True))
@@ -498,6 +498,13 @@ def test_a_corrupted_config_field_exports_or_is_one_line(tmp_path_factory, check
     if field in CONFIG_FIELDS[:7] and (isinstance(value, bool) or not isinstance(value, int) or value < 1) \
             and not (field == "num_key_value_heads" and value is None):
         one_line_error(r, field)                     # a size that is not a positive integer is named
+    if field == "hidden_act_param" and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                        or not abs(value) <= float(np.finfo(np.float32).max)):
+        one_line_error(r, field)                     # the FATReLU threshold
+    ids = value if field == "eos_token_id" and isinstance(value, list) else [value]     # (several end tokens)
+    if field in ("bos_token_id", "eos_token_id") and value is not None \
+            and not all(type(v) is int and 0 <= v < 258 for v in ids):
+        one_line_error(r, field)                     # a token id outside the vocabulary (or no id at all)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
