@@ -205,6 +205,10 @@ REFUSED = [
     ("sweep {ck}", "--max-prompts", "0", "--max-prompts"),
     ("compare-methods {ck} --methods oracle", "--sparsity", "nan", "sparsity"),
     ("compare-methods {ck} --methods oracle --sparsity 0.5", "--max-prompts", "0", "--max-prompts"),
+    ("bench", "--sparsity", "nan", "sparsities"),
+    ("bench", "--repeats", "2", "--repeats"),
+    ("bench", "--loop-layers", "-1", "--loop-layers"),
+    ("bench-plot {results} --out {tmp}/p.png", "--sparsity", "nan", "sparsity nan"),
     ("verify-kernels --backend emulated --d 64 --k 64", "--d", "0", "--d"),
     ("verify-kernels --backend emulated --d 64 --k 64", "--sparsity", "1", "--sparsity"),
     pytest.param("verify-kernels --backend emulated --d 64 --k 64", "--seed", "-1", "--seed", marks=pytest.mark.xfail(
@@ -238,10 +242,13 @@ REFUSED = [
 ]
 
 
+RESULTS = Path(__file__).parents[1] / "benchmarks" / "results" / "h200.json"      # a `bench` results file
+
+
 @pytest.mark.parametrize("args,option,value,needle", REFUSED)
 def test_a_number_out_of_range_is_one_line_naming_it(tmp_path, checkpoint, exports, eval_data, args, option, value,
                                                      needle):
-    filled = args.format(ck=checkpoint, sparse=exports["sparse"], tmp=tmp_path, data=eval_data)
+    filled = args.format(ck=checkpoint, sparse=exports["sparse"], tmp=tmp_path, data=eval_data, results=RESULTS)
     error_last(run(*filled.split(), option, value), needle)       # (eval and the DSE tools print progress)
     no_partial_files(tmp_path)
 
@@ -551,6 +558,12 @@ def test_a_corrupted_hardware_file_gives_finite_latencies_or_one_line(tmp_path_f
     (lambda d: (d / "p.txt").write_bytes(b"\xff\x00\xfe") and d / "p.txt",
      ["predictor-stats", "{ck}", "--prompts", "{x}"], "p.txt"),
     (lambda d: (d / "r.json").write_text("[]") and d / "r.json", ["latency", "--calibrate", "{x}"], "r.json"),
+    (lambda d: (d / "p.txt").write_bytes(b"\xff\x00\xfe") and d / "p.txt",
+     ["compare-methods", "{ck}", "--methods", "oracle", "--sparsity", "0.5", "--prompts", "{x}"], "p.txt"),
+    (lambda d: (d / "c.txt").write_bytes(b"\xff\x00\xfe") and d / "c.txt",
+     ["compare-methods", "{ck}", "--methods", "dejavu", "--sparsity", "0.5", "--calibration", "{x}"], "c.txt"),
+    (lambda d: d / "nowhere", ["eval", "{ck}", "--tasks", "gsm8k", "--data-dir", "{x}", "--out", "{tmp}/e"],
+     "nowhere"),
     (lambda d: d / "missing.gguf", ["export", "{x}", "--out", "{tmp}/m.onnx"], "no such checkpoint"),
     (lambda d: (d / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00") and d / "m.gguf",
      ["export", "{x}", "--out", "{tmp}/m.onnx"], "cannot read GGUF"),
