@@ -11,6 +11,7 @@ import numpy as np
 from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
 from sparseinfer.model_export.ort_profile import one_line
 from sparseinfer.model_export.synthetic import MAX_LAYERS, SYNTHETIC_SHAPES
+from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
 from sparseinfer.reference.files import make_folder, write_json
 
@@ -58,6 +59,8 @@ def make_checkpoint_cmd(shape_name, layers, target_sparsity, dtype, kv_heads, hi
         click.echo(f"wrote {path} ({shape_name}, {dtype}, target sparsity {target_sparsity})")
 
 
+ALPHA_HELP = ("α schedule, e.g. 1.00 or '1.03@0-19,1.00' (paper eq. 2; > 1 skips fewer rows); each α in "
+              f"0.001..{MAX_ALPHA_MILLI // 1000:,}, with at most 3 decimals.")
 TARGET_HELP = ("Predictor formulation. cpu: W_gate sign bits packed in uint64 words, XOR + arithmetic "
                "popcount (k*d/8 bytes per layer, d rounded up to a multiple of 1024; 1/32 of fp32 W_gate). cuda: ±1 int8 signs and "
                "MatMulInteger, since the CUDA EP has no bitwise ops (k*d bytes per layer, 8x the packed words).")
@@ -99,8 +102,7 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
 @click.command("export")
 @click.argument("checkpoint", type=click.Path(exists=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
-@click.option("--alpha", default="1.00", show_default=True,
-              help="α schedule, e.g. 1.00 or '1.03@0-19,1.00' (paper eq. 2; > 1 skips fewer rows).")
+@click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
 @click.option("--dense", is_flag=True, help="Dense baseline: no predictor, every MLP row computed.")
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--debug", is_flag=True, help="Add per-layer debug outputs (MLP input, predicted and actual "
@@ -207,7 +209,7 @@ def _stats_line(st: dict) -> str:
 @click.command("compare")
 @click.argument("model_dir", type=click.Path())
 @click.option("--prompt", required=True, help="Prompt text.")
-@click.option("--alpha", default="1.00", show_default=True, help="α schedule of the sparse export.")
+@click.option("--alpha", default="1.00", show_default=True, help="The sparse export's " + ALPHA_HELP)
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--work-dir", type=click.Path(file_okay=False), default=None,
               help="Where the two exports go (default: a temporary directory).")
@@ -282,7 +284,7 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               show_default=True, help="Synthetic layer shape when no --checkpoint is given.")
 @click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=4, show_default=True)
 @click.option("--target-sparsity", type=float, default=0.9, show_default=True)
-@click.option("--alpha", default="1.00", show_default=True, help="α schedule of the sparse export.")
+@click.option("--alpha", default="1.00", show_default=True, help="The sparse export's " + ALPHA_HELP)
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @THREADS
