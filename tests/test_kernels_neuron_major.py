@@ -101,11 +101,14 @@ def test_fused_counters_reset_for_the_next_call(emu):
 
 
 FUSED_MUTANTS = [
-    # a chunk's sub-chunk sums added last to first
-    ("q + (i64)(chunk * DOWN_SUB_CHUNKS + p) * d + j",
-     "q + (i64)(chunk * DOWN_SUB_CHUNKS + DOWN_SUB_CHUNKS - 1 - p) * d + j"),
-    # the chunk partials added last to first
-    ("__ldcg(partial + (i64)c * d + j)", "__ldcg(partial + (i64)(n_chunks - 1 - c) * d + j)"),
+    # the in-order sums of partials: rows 1 and 2 swapped (((p0 + p2) + p1) + ...)
+    ("if (r0 + u < n) v[u] = __ldcg(col + u * stride);",
+     "if (r0 + u < n) v[u] = __ldcg(col + (r0 + 2 < n && (u == 1 || u == 2) ? 3 - u : u) * stride);"),
+    # a chunk's last sub-chunk sum left out
+    ("block_sum_rows_in_order(q + (i64)chunk * DOWN_SUB_CHUNKS * d, DOWN_SUB_CHUNKS, d,",
+     "block_sum_rows_in_order(q + (i64)chunk * DOWN_SUB_CHUNKS * d, DOWN_SUB_CHUNKS - 1, d,"),
+    # the last chunk's partial left out
+    ("block_sum_rows_in_order(partial, n_chunks, d, out);", "block_sum_rows_in_order(partial, n_chunks - 1, d, out);"),
     # the chunk counter left set: the next call's chunks finish too early or never
     ("done[chunk] = 0u;", ";"),
     # +AS broken: h3 = fl(h1 * h2) where h1 == 0 (a -0 h3 where the up products are negative)
@@ -115,7 +118,7 @@ FUSED_MUTANTS = [
 ]
 
 
-@pytest.mark.parametrize("old,new", FUSED_MUTANTS, ids=["sub-order", "chunk-order", "no-reset", "plus-as", "no-barrier"])
+@pytest.mark.parametrize("old,new", FUSED_MUTANTS, ids=["sum-order", "sub-dropped", "chunk-dropped", "no-reset", "plus-as", "no-barrier"])
 def test_bit_exact_checks_reject_fused_mutants(emu, old, new):
     act = "fatrelu:0.01"
     case = build_case(300, 1031, np.float32, 1000, seed=3, activation=act, features=(), sparsity=0.5)

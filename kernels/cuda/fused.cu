@@ -21,9 +21,49 @@
 
 #define PART_ROWS (DOWN_ROW_CHUNK / DOWN_SUB_CHUNKS)
 #ifndef FUSED_PAIR_BATCH
-#define FUSED_PAIR_BATCH 6          // gate and up chunks per lane in flight (gate_up v6's)
+#define FUSED_PAIR_BATCH 5          // gate and up chunks per lane in flight (13B fp16: 20 = 4 round trips, as v6's 6)
 #endif
-#define FUSED_DOWN_BATCH 8          // W_down^T rows per thread in flight (down v4's)
+#define FUSED_DOWN_BATCH 4          // W_down^T rows per thread in flight
+
+#define FUSED_SUM_BATCH 8           // rows of partials per thread in flight in the in-order sums
+
+// out[j] = (((+0.0 + p[0, j]) + p[1, j]) + ...) over the n rows of p [n, d] (row stride d), for
+// every column j, by the whole block: the contract's in-order sum of partials, which other
+// blocks wrote (read via L2). Where d allows, each thread takes 4 adjacent columns with 16-byte
+// loads and loads FUSED_SUM_BATCH rows before adding them: 4 x FUSED_SUM_BATCH values in flight
+// per thread instead of one row's value per round trip; else one column at a time.
+__device__ __forceinline__ void block_sum_rows_in_order(const float* p, int n, int d, float* out) {
+    if (d % 4 == 0 && aligned16(p) && aligned16(out)) {
+#pragma unroll 1
+        for (int j = threadIdx.x * 4; j < d; j += blockDim.x * 4) {
+            const float4* col = reinterpret_cast<const float4*>(p + j);
+            const i64 stride = d / 4;                   // float4s per row
+            float4 s = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll 1
+            for (int r0 = 0; r0 < n; r0 += FUSED_SUM_BATCH, col += FUSED_SUM_BATCH * stride) {
+                float4 v[FUSED_SUM_BATCH];
+#pragma unroll
+                for (int u = 0; u < FUSED_SUM_BATCH; ++u)
+                    if (r0 + u < n) v[u] = __ldcg(col + u * stride);
+#pragma unroll
+                for (int u = 0; u < FUSED_SUM_BATCH; ++u)
+                    if (r0 + u < n) {
+                        s.x = __fadd_rn(s.x, v[u].x);
+                        s.y = __fadd_rn(s.y, v[u].y);
+                        s.z = __fadd_rn(s.z, v[u].z);
+                        s.w = __fadd_rn(s.w, v[u].w);
+                    }
+            }
+            *reinterpret_cast<float4*>(out + j) = s;
+        }
+        return;
+    }
+    for (int j = threadIdx.x; j < d; j += blockDim.x) {
+        float s = 0.0f;
+        for (int r = 0; r < n; ++r) s = __fadd_rn(s, __ldcg(p + (i64)r * d + j));
+        out[j] = s;
+    }
+}
 
 template <typename T>
 __device__ __forceinline__ void mlp_fused_impl(const float* __restrict__ x, const u32* __restrict__ x_signs,
@@ -44,6 +84,7 @@ __device__ __forceinline__ void mlp_fused_impl(const float* __restrict__ x, cons
     const int lane = lane_id();
     const int warp = threadIdx.x / WARP_SIZE;
     const int n_warps = blockDim.x / WARP_SIZE;
+    bool final_block = false;
 
     for (int part = blockIdx.x; part < n_parts; part += gridDim.x) {      // uniform per block
         const int r0 = part * PART_ROWS;
@@ -88,12 +129,7 @@ __device__ __forceinline__ void mlp_fused_impl(const float* __restrict__ x, cons
         __syncthreads();
         if (last) {                                 // uniform per block
             __threadfence();
-            for (int j = threadIdx.x; j < d; j += blockDim.x) {
-                float s = 0.0f;
-                for (int p = 0; p < DOWN_SUB_CHUNKS; ++p)
-                    s = __fadd_rn(s, __ldcg(q + (i64)(chunk * DOWN_SUB_CHUNKS + p) * d + j));
-                partial[(i64)chunk * d + j] = s;
-            }
+            block_sum_rows_in_order(q + (i64)chunk * DOWN_SUB_CHUNKS * d, DOWN_SUB_CHUNKS, d, partial + (i64)chunk * d);
             __threadfence();
             __syncthreads();
             if (threadIdx.x == 0) {
@@ -101,22 +137,20 @@ __device__ __forceinline__ void mlp_fused_impl(const float* __restrict__ x, cons
                 last = atomicAdd(done + n_chunks, 1u) == n_chunks - 1;
             }
             __syncthreads();
-            if (last) {
-                __threadfence();
-                for (int j = threadIdx.x; j < d; j += blockDim.x) {
-                    float s = 0.0f;
-                    for (int c = 0; c < n_chunks; ++c) s = __fadd_rn(s, __ldcg(partial + (i64)c * d + j));
-                    out[j] = s;
-                }
-                if (threadIdx.x == 0) done[n_chunks] = 0u;
-            }
+            final_block = final_block || last;      // the last chunk: this block adds the partials below
         }
         __syncthreads();                            // shared memory free for the next part
+    }
+    if (final_block) {                              // after the loop: its registers are free by then
+        __threadfence();
+        block_sum_rows_in_order(partial, n_chunks, d, out);
+        if (threadIdx.x == 0) done[n_chunks] = 0u;
     }
 }
 
 // Two blocks per SM (up to 128 registers; left alone, ptxas gives the fp16 kernel 165 on sm_90:
-// one block of 8 warps per SM).
+// one block of 8 warps per SM). The batches above are the largest that fit 128 without a spill
+// on sm_80/87/90 (6 gate/up chunks or 8 down rows spill).
 #define MLP_FUSED(NAME, T)                                                                                       \
     extern "C" __global__ void __launch_bounds__(FUSED_THREADS, 2)                                               \
     mlp_fused_##NAME(const float* x, const u32* x_signs, const u32* w_signs, i64 sign_ld, const T* w_gate,       \
