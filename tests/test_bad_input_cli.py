@@ -409,6 +409,17 @@ def test_a_bos_id_outside_the_vocabulary_is_one_line(tmp_path, exports, checkpoi
     one_line_error(run("export", ck, "--out", tmp_path / "e.onnx"), "config.json", "eos_token_id")
 
 
+def test_a_tokenizer_larger_than_the_model_is_one_line(tmp_path, exports):
+    """A prompt token the model has no embedding for is refused before the model runs."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(exports["sparse"].with_name("tokenizer.json")))
+    tok.add_tokens(["zebra"])                                # id 258: one past the model's vocabulary
+    tok.save(str(tmp_path / "big.json"))
+    r = run("generate", exports["sparse"], "--prompt", "a zebra", "--tokenizer", tmp_path / "big.json", "--json")
+    one_line_error(r, "token id 258 is outside the model's vocabulary (0-257)")
+
+
 # --- ONNX files: this project's metadata, another graph --------------------------------------------
 
 META_VALUES = st.sampled_from([None, "", "0", "-1", "1", "2", "3", "4", "64", "258", "259", "512", "100000",
