@@ -126,6 +126,7 @@ class MethodLM(SparseInferLM):
                                    f"expected model, method, sparsity, params, calibration, max_calibration_prompts, "
                                    f"approximate, max_length, max_gen_toks, progress")
         from sparseinfer.model_export.checkpoint import load_checkpoint
+
         if isinstance(method, Row):
             self.row = method                          # from exports.parse_method_rows
         else:
