@@ -32,10 +32,23 @@ def as_fraction(sparsity) -> Fraction:
     return s
 
 
+# Bounds that keep every count exact in float64 (< 2^53) for any model shape of up to 2^16-wide
+# layers: a predictor rank above the layers' own sizes is no longer low-rank anyway, and no model
+# decodes 16 million tokens of context.
+MAX_RANK = 1 << 20
+MAX_CONTEXT_TOKENS = 1 << 24
+
+
 def check_rank(rank: int) -> int:
-    if int(rank) < 1:
-        raise SparseInferError(f"predictor rank must be >= 1, got {rank}")
+    if not 1 <= int(rank) <= MAX_RANK:
+        raise SparseInferError(f"predictor rank must be in 1..{MAX_RANK}, got {rank}")
     return int(rank)
+
+
+def check_context(context_tokens: int) -> int:
+    if not 0 <= int(context_tokens) <= MAX_CONTEXT_TOKENS:
+        raise SparseInferError(f"context length must be in 0..{MAX_CONTEXT_TOKENS} tokens, got {context_tokens}")
+    return int(context_tokens)
 
 
 def dense_mlp_ops(m: ModelShape) -> int:
@@ -130,12 +143,12 @@ def attention_projection_macs(m: ModelShape) -> int:
 
 def kv_cache_bytes(m: ModelShape, context_tokens: int, itemsize: int = FP16_BYTES) -> int:
     """K and V cache read by one layer's attention at ``context_tokens`` positions."""
-    return 2 * int(context_tokens) * kv_dim(m) * itemsize
+    return 2 * check_context(context_tokens) * kv_dim(m) * itemsize
 
 
 def kv_cache_macs(m: ModelShape, context_tokens: int) -> int:
     """q·K^T and softmax·V of one layer for one token: 2 · context · d MACs."""
-    return 2 * int(context_tokens) * m.d
+    return 2 * check_context(context_tokens) * m.d
 
 
 def lm_head_macs(m: ModelShape) -> int:

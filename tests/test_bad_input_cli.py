@@ -97,7 +97,8 @@ def reference_tokens(exports):
 # --- numbers on the command line -------------------------------------------------------------
 
 EDGE_NUMBERS = ["-1", "0", "-0", "1", "2", "0.5", "1.5", "1e16", "9223372036854775.807", "9223372036854775808",
-                "99999999999999999999", "nan", "NaN", "inf", "-inf", "1e-300", "5e-324", "", "x", "1,2", "0x10"]
+                "99999999999999999999", "1" + "0" * 40, "nan", "NaN", "inf", "-inf", "1e-300", "5e-324", "", "x", "1,2",
+                "0x10"]
 numbers = st.sampled_from(EDGE_NUMBERS) | st.integers(-2, 10**20).map(str) \
     | st.floats(allow_nan=True, allow_infinity=True).map(repr)
 
@@ -156,6 +157,7 @@ def test_any_number_to_generate_ends_cleanly(exports, option, value):
         one_line_error(r, option)
 
 
+HUGE = "1" + "0" * 400                 # past float64's range: a count computed from it cannot be a float
 EVAL = "eval {ck} --tasks gsm8k --data-dir {data} --out {tmp}/e --limit 1 --quiet"
 EVAL_4 = EVAL + " --max-gen-toks 4"
 
@@ -201,6 +203,11 @@ REFUSED = [
     ("make-checkpoint --out {tmp}/c", "--target-sparsity", "nan", "--target-sparsity"),
     ("make-checkpoint --out {tmp}/c", "--kv-heads", "3", "--kv-heads"),
     ("table1", "--rank", "0", "--rank"),
+    ("table1", "--rank", HUGE, "--rank"),
+    ("memory --model prosparse-llama2-7b", "--rank", HUGE, "--rank"),
+    ("latency --model prosparse-llama2-7b", "--rank", HUGE, "rank must be in 1..1048576"),
+    ("latency --model prosparse-llama2-7b", "--context", HUGE, "context length must be in 0..16777216"),
+    ("fig4", "--context", HUGE, "context length must be in 0..16777216"),
     ("table1", "--sparsity", "1", "sparsity"),
     ("ops --model prosparse-llama2-7b", "--sparsity", "nan", "sparsity"),
     ("memory --model prosparse-llama2-7b", "--rank", "-1", "--rank"),

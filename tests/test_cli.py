@@ -42,7 +42,7 @@ def test_ops_memory_models():
     (["ops", "--model", "gpt-17"], "unknown model 'gpt-17'"),
     (["ops", "--model", "prosparse-llama2-7b", "--sparsity", "1.0"], "sparsity must be in [0, 1)"),
     (["memory", "--model", "/nonexistent/config.json"], "no such config file"),
-    (["table1", "--rank", "0"], "'--rank': 0 is not in the range x>=1"),
+    (["table1", "--rank", "0"], "'--rank': 0 is not in the range 1<=x<=1048576"),
     (["ops", "--rank", "x", "--model", "prosparse-llama2-7b"], "Invalid value for '--rank'"),
     (["frobnicate"], "No such command"),
 ])

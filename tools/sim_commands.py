@@ -16,8 +16,8 @@ MODEL_HELP = "Built-in model name (see `sparseinfer models`) or a Hugging Face c
 @click.command()
 @click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
               help="Fraction of MLP rows skipped, in [0, 1). Table I implies 0.92.")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1),
-              help="Rank r of PowerInfer's DejaVu predictor (d->r->k), >= 1.")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
+              help=f"Rank r of PowerInfer's DejaVu predictor (d->r->k), 1..{op_counts.MAX_RANK}.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def table1(sparsity, rank, as_json):
     """Reproduce the paper's Table I for ProSparse-Llama2-13B.
@@ -54,8 +54,8 @@ def table1(sparsity, rank, as_json):
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
               help="Fraction of MLP rows skipped, in [0, 1).")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1),
-              help="Rank r of PowerInfer's DejaVu predictor, >= 1.")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
+              help=f"Rank r of PowerInfer's DejaVu predictor, 1..{op_counts.MAX_RANK}.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def ops(model_name, sparsity, rank, as_json):
     """Operation counts of one MLP block and of a whole token (all layers), per method."""
@@ -78,8 +78,8 @@ def ops(model_name, sparsity, rank, as_json):
 
 @click.command()
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1),
-              help="Rank r of PowerInfer's DejaVu predictor, >= 1.")
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
+              help=f"Rank r of PowerInfer's DejaVu predictor, 1..{op_counts.MAX_RANK}.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def memory(model_name, rank, as_json):
     """Predictor memory of a whole model: PowerInfer's FP16 DejaVu weights vs packed sign words."""
