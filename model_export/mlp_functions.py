@@ -264,8 +264,9 @@ def _decode_branch(root: FunctionBuilder, d: int, k: int, act: Activation, targe
                                           b.op("Expand", [b.const(1), b.make_shape(rows, "debug")], "debug")], "debug")
         full_gate = b.make_reshape(b.make_matmul(_f32(b, "w_gate", weight_type, "debug"), x_t, "debug"), [-1],
                                    "debug")
-        actual = b.op("Not", [activation_keeps(b, full_gate, act, "debug")], "debug") if act.sparse_capable else \
-            b.op("Less", [full_gate, b.const(0.0, np.float32)], "debug")       # silu, gelu: a negative gate
+        # h1 == 0 (a kept z = +0.0 counts: fatrelu with a threshold <= 0); silu, gelu: a negative gate
+        actual = b.op("Equal", [apply_activation(b, full_gate, act, "debug"), b.const(0.0, np.float32)], "debug") \
+            if act.sparse_capable else b.op("Less", [full_gate, b.const(0.0, np.float32)], "debug")
         values += [zero, b.make_cast(counts, BOOL, "debug"), actual]
     _returns(b, values, [f"decode_{n}" for n in names], [FLOAT, BOOL, BOOL, BOOL])
     return b.make_graph("decode")

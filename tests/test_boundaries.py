@@ -274,12 +274,9 @@ def test_op_library_host_kernel_on_the_edges(act, t):
 
 # The bodies' MatMul adds in its own order (blocked, with FMA): only a dyadic T keeps every
 # partial sum exact there, so fatrelu:0.01's edge is the kernels' and the host kernel's alone.
-# Where fatrelu's threshold is 0 or below, a kept z = +0.0 gives h1 = +0.0: the reference counts
-# that row actually zero (h1 == 0), the bodies' actual_zero is Not(z >= T) (mlp_functions.py).
-_KEPT_ZERO = pytest.mark.xfail(strict=True, reason="the ONNX bodies' actual_zero is Not(z >= T), not h1 == 0: a "
-                                                   "kept z = +0.0 (threshold <= 0) is reported not zero")
-DYADIC_EDGES = [pytest.param(a, t, id=a, marks=[_KEPT_ZERO] if Activation.parse(a).threshold <= 0 and a != "relu"
-                             else []) for a, t in EDGES if (t * 2**8).is_integer()]
+# Where fatrelu's threshold is 0 or below, a kept z = +0.0 gives h1 = +0.0: actually zero (h1 == 0)
+# in the reference and in the bodies' actual_zero alike.
+DYADIC_EDGES = [pytest.param(a, t, id=a) for a, t in EDGES if (t * 2**8).is_integer()]
 
 
 @pytest.mark.parametrize("act,t", DYADIC_EDGES)
