@@ -5,8 +5,8 @@ The checks run as named stages, in order, each under a timeout cut from what is 
 skipped and says so; a failed ``preflight`` stops the run before minutes are spent on the
 rest. Everything goes under ``--out``: ``gpu-check.log`` (every command's output, under a
 header per stage), ``summary.json`` (rewritten after each stage: status, seconds, exit
-codes, last lines) and the files the stages write (``<device>.json``,
-``pytest-bench.json``, ``profile.txt``, ``cuda-decode.json``).
+codes, last lines) and the files the stages write (``<device>.json``, ``bench.json``,
+``sweep-13b.json`` / ``.png``, ``pytest-bench.json``, ``profile.txt``, ``cuda-decode.json``).
 
 Run from the repository root on a machine with an NVIDIA GPU, after
 ``pip install -e '.[gpu,test]'`` and, for the ``ort`` group, onnxruntime-gpu in place of
@@ -99,7 +99,18 @@ STAGES = {s.name: s for s in (
           min_start_s=40),
     Stage("bench", "sparseinfer bench: every version and pipeline (the neuron-major and fused ones included), 7B/13B, "
                    "sparsity 0.90/0.92, then the 8-layer decode loop eager and as a CUDA graph ({out}/<device>.json)",
-          ((*_CLI, "bench", "--results-dir", "{out}"),), estimate_s=60, min_start_s=60),
+          ((*_CLI, "bench", "--json", "{out}/bench.json", "--results-dir", "{out}"),), estimate_s=60, min_start_s=60),
+    Stage("sweep", "sparseinfer bench at the 13B shape, sparsity 0.80/0.90/0.95, no decode loop, then how each "
+                   "pipeline's speed-ups, % of peak and the predictor move with sparsity ({out}/sweep-13b.json, "
+                   "{out}/sweep-13b.png)",
+          ((*_CLI, "bench", "--model", "prosparse-llama2-13b", "--sparsity", "0.8,0.9,0.95", "--loop-layers", "0",
+            "--repeats", "20", "--json", "{out}/sweep-13b.json"),
+           (*_CLI, "bench-plot", "{out}/sweep-13b.json", "--vs-sparsity", "--out", "{out}/sweep-13b.png")),
+          estimate_s=60, min_start_s=45),
+    Stage("calibrate", "sparseinfer latency --calibrate on the bench stage's results: the H200 constants fitted "
+                       "and the model's error per measured row (in the log)",
+          ((*_CLI, "latency", "--model", "prosparse-llama2-13b", "--hw", "h200", "--calibrate", "{out}/bench.json"),),
+          estimate_s=5, min_start_s=5),
     Stage("sanitize", "compute-sanitizer memcheck on the GPU property tests (3 Hypothesis examples each) and on "
                       "verify-kernels at tail shapes, CuPy's pool off (one allocation per buffer); racecheck and "
                       "synccheck on verify-kernels",
@@ -139,7 +150,7 @@ STAGES = {s.name: s for s in (
             "--cuda-graph", "--work-dir", "out/bench-decode-fp16", "--out", "{out}/cuda-decode-fp16.json")),
           estimate_s=150, min_start_s=90),
 )}
-GROUPS = {"kernels": ("preflight", "tests", "bench", "sanitize", "pytest-bench", "profile"),
+GROUPS = {"kernels": ("preflight", "tests", "bench", "sweep", "calibrate", "sanitize", "pytest-bench", "profile"),
           "ort": ("ort-smoke", "ops-build", "ort-tests", "ort-bench")}
 
 

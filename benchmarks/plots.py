@@ -90,3 +90,60 @@ def plot_bench(result: dict, path, model: str | None = None, sparsity: float | N
     fig.suptitle(f"{result.get('device', '?')}, CUDA {result.get('cuda_version', '?')}, {result.get('date', '?')}: "
                  f"{model}, fp16, sparsity {sparsity}", fontsize=10)
     return save_png(fig, path)
+
+
+SWEEP_TARGETS = {"speedup_vs_dense": ("speed-up over cuBLAS dense fp16", MLP_TARGET_SPEEDUP),
+                 "speedup_vs_best_dense": ("speed-up over the faster dense row", 3.5),
+                 "pct_peak": ("% of peak bandwidth on bytes touched", 60.0),
+                 "predict_launches": ("predictor time / empty launch", 1.5)}
+
+
+def sparsity_series(result: dict, model: str | None = None) -> dict:
+    """How each figure moves with sparsity at one model shape: per measured sparsity, every MLP
+    pipeline's speed-ups and % of peak, and every predictor version's time in empty launches
+    (``None`` where a row is missing, failed or did not verify). Needs two sparsities or more."""
+    rows = result.get("rows") or []
+    if not rows:
+        raise SparseInferError("the benchmark results hold no rows")
+    model = model or rows[-1]["model"]
+    timed = [r for r in rows if r["model"] == model and r.get("verified") and "latency_us" in r]
+    sparsities = sorted({r["sparsity"] for r in rows if r["model"] == model})
+    if len(sparsities) < 2:
+        raise SparseInferError(f"a sparsity plot needs results at two sparsities or more; {model} has "
+                               f"{sparsities or 'none'} (run `sparseinfer bench --sparsity 0.8,0.9,0.95`)")
+
+    def series(kernel: str, value) -> dict:
+        found: dict = {}
+        for r in timed:
+            if r["kernel"] == kernel and value(r) is not None:
+                found.setdefault(r["version"], {})[r["sparsity"]] = value(r)
+        return {version: [by.get(s) for s in sparsities] for version, by in found.items()}
+
+    empty_us = result.get("empty_launch_us")
+    return {"model": model, "sparsity": sparsities,
+            "speedup_vs_dense": series("mlp", lambda r: r.get("speedup_vs_dense")),
+            "speedup_vs_best_dense": series("mlp", lambda r: r.get("speedup_vs_best_dense")),
+            "pct_peak": series("mlp", lambda r: r.get("pct_peak")),
+            "predict_launches": series("predict", lambda r: round(r["latency_us"] / empty_us, 3)) if empty_us else {}}
+
+
+def plot_sparsity_sweep(result: dict, path, model: str | None = None) -> Path:
+    """Four panels against sparsity (the issue's targets dashed): the MLP pipelines' speed-up
+    over cuBLAS and over the faster dense row, their % of peak, and the predictor in empty launches."""
+    data = sparsity_series(result, model)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, (field, (label, target)) in zip(axes.flat, SWEEP_TARGETS.items()):
+        for name, values in sorted(data[field].items()):
+            xs = [s for s, v in zip(data["sparsity"], values) if v is not None]
+            ax.plot(xs, [v for v in values if v is not None], marker="o", label=name)
+        ax.axhline(target, ls="--", c="k", lw=1, label=f"target {target:g}")
+        ax.set_xlabel("sparsity (fraction of gate rows predicted zero)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        if data[field]:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "no verified rows", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"{result.get('device', '?')}, CUDA {result.get('cuda_version', '?')}, {result.get('date', '?')}: "
+                 f"{data['model']}, fp16", fontsize=10)
+    return save_png(fig, path)

@@ -282,3 +282,60 @@ def test_a_version_that_raises_is_an_error_row_and_the_others_still_run(stand_in
     assert len(saved) == 1 and saved[0]["complete"] is False and len(saved[0]["rows"]) == len(rows)
     from sparseinfer.sim.calibrate import validate_results
     validate_results(result)                  # error rows pass the calibration's schema (and are skipped)
+
+
+def _sweep_results():
+    """Results at three sparsities: a pipeline that speeds up with sparsity, one whose 0.95 row failed
+    verification, a predictor, and a 7B row that must not leak into the 13B series."""
+    rows = []
+    for s, us in ((0.8, 40.0), (0.9, 25.0), (0.95, 20.0)):
+        rows += [{"kernel": "mlp", "version": "sparse-a", "model": "prosparse-llama2-13b", "sparsity": s,
+                  "verified": True, "latency_us": us, "speedup_vs_dense": round(130.0 / us, 3),
+                  "speedup_vs_best_dense": round(100.0 / us, 3), "pct_peak": 10.0 * s},
+                 {"kernel": "mlp", "version": "sparse-b", "model": "prosparse-llama2-13b", "sparsity": s,
+                  "verified": s != 0.95, "latency_us": 2 * us, "speedup_vs_dense": round(65.0 / us, 3),
+                  "speedup_vs_best_dense": round(50.0 / us, 3), "pct_peak": 5.0},
+                 {"kernel": "predict", "version": "v4", "model": "prosparse-llama2-13b", "sparsity": s,
+                  "verified": True, "latency_us": 4.0 + s}]
+    rows.append({"kernel": "mlp", "version": "sparse-c", "model": "prosparse-llama2-7b", "sparsity": 0.9,
+                 "verified": True, "latency_us": 1.0, "speedup_vs_dense": 9.0, "speedup_vs_best_dense": 9.0,
+                 "pct_peak": 1.0})
+    for r in rows:                        # the fields every results row carries (sim.calibrate.read_results)
+        r.update(d=5120, k=13824, dtype="float16", latency_us_spread=0.5, bytes=1,
+                 gb_per_s=1.0, dense_baseline_us=130.0)
+        r.setdefault("pct_peak", 1.0)
+        r.setdefault("speedup_vs_dense", 1.0)
+    return {**INFO, "date": "2026-11-29", "empty_launch_us": 2.5, "rows": rows}
+
+
+def test_sparsity_series_follows_each_pipeline_and_predictor_across_sparsities():
+    from sparseinfer.benchmarks.plots import sparsity_series
+
+    data = sparsity_series(_sweep_results(), "prosparse-llama2-13b")
+    assert data["sparsity"] == [0.8, 0.9, 0.95]
+    assert data["speedup_vs_dense"] == {"sparse-a": [3.25, 5.2, 6.5], "sparse-b": [1.625, 2.6, None]}
+    assert data["speedup_vs_best_dense"]["sparse-a"] == [2.5, 4.0, 5.0]
+    assert data["pct_peak"] == {"sparse-a": [8.0, 9.0, 9.5], "sparse-b": [5.0, 5.0, None]}
+    assert data["predict_launches"] == {"v4": [round(4.8 / 2.5, 3), round(4.9 / 2.5, 3), round(4.95 / 2.5, 3)]}
+    from sparseinfer.reference.errors import SparseInferError
+    with pytest.raises(SparseInferError, match="two sparsities or more; prosparse-llama2-7b has"):
+        sparsity_series(_sweep_results(), "prosparse-llama2-7b")
+
+
+def test_bench_plot_vs_sparsity_draws_the_sweep_and_refuses_one_sparsity(tmp_path):
+    from matplotlib.image import imread
+
+    results = tmp_path / "sweep.json"
+    results.write_text(json.dumps(_sweep_results()))
+    runner = CliRunner()
+    r = runner.invoke(cli, ["bench-plot", str(results), "--vs-sparsity", "--model", "prosparse-llama2-13b",
+                            "--out", str(tmp_path / "s.png")])
+    assert r.exit_code == 0, r.output
+    image = imread(tmp_path / "s.png")
+    assert image.shape[0] > 500 and image.std() > 0
+    r = runner.invoke(cli, ["bench-plot", str(results), "--vs-sparsity", "--model", "prosparse-llama2-7b",
+                            "--out", str(tmp_path / "t.png")])
+    assert r.exit_code == 2 and "two sparsities or more" in r.output and not (tmp_path / "t.png").exists()
+    r = runner.invoke(cli, ["bench-plot", str(results), "--vs-sparsity", "--sparsity", "0.9",
+                            "--out", str(tmp_path / "t.png")])
+    assert r.exit_code == 2 and "--vs-sparsity draws them all" in r.output

@@ -105,17 +105,25 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
 @click.option("--model", type=click.Choice(BENCH_MODELS), default=None,
               help="Model shape to draw (default: the last one in the results).")
 @click.option("--sparsity", type=float, default=None, help="Sparsity to draw (default: the highest).")
-def bench_plot(results, out, model, sparsity):
+@click.option("--vs-sparsity", is_flag=True,
+              help="Draw how the figures move with sparsity instead (results at two sparsities or more, e.g. "
+                   "`bench --sparsity 0.8,0.9,0.95`): each pipeline's speed-up over cuBLAS and over the faster "
+                   "dense row, its % of peak, and each predictor in empty launches, targets dashed.")
+def bench_plot(results, out, model, sparsity, vs_sparsity):
     """Draw a `sparseinfer bench` results file (benchmarks/results/<device>.json) as one PNG.
 
     Left: % of peak bandwidth of every kernel version, the 70 % target dashed, rows that
     failed verification hatched. Right: speed-up over cuBLAS dense of every MLP pipeline,
     one layer and, where present, the decode loop eager and as a CUDA graph; 5x dashed.
+    With --vs-sparsity: the MLP pipelines and predictors against sparsity.
     """
-    from sparseinfer.benchmarks.plots import plot_bench
+    from sparseinfer.benchmarks.plots import plot_bench, plot_sparsity_sweep
     from sparseinfer.sim.calibrate import read_results
 
-    click.echo(f"wrote {plot_bench(read_results(results), out, model, sparsity)}")
+    if vs_sparsity and sparsity is not None:
+        raise click.BadParameter("--sparsity picks one sparsity; --vs-sparsity draws them all", param_hint="--sparsity")
+    result = read_results(results)
+    click.echo(f"wrote {plot_sparsity_sweep(result, out, model) if vs_sparsity else plot_bench(result, out, model, sparsity)}")
 
 
 @click.command()
