@@ -11,8 +11,8 @@
 
 The last three are never exactly zero (``sparse_capable`` is False): the sign predictor
 runs on them only as an approximation (``approximate``: a row predicted negative is taken
-as zero). Their float32 evaluation is defined here step by step, with every product, sum
-and quotient rounded separately (no FMA) and no library ``exp``/``erf``: the kernels
+as zero). Their float32 evaluation is defined here step by step, with every product and sum
+rounded separately (no FMA, no division) and no library ``exp``/``erf``: the kernels
 (``kernels/cuda/common.cuh``: ``activate``), the op library's CPU kernel
 (``model_export/native/sparse_mlp_cpu.h``) and this module compute the same algorithm
 and get the same bits, so they are inside the bit-exact contract like relu. The ONNX
@@ -37,11 +37,12 @@ The algorithm (u: float32 unit roundoff 2^-24):
   exp(-a^2 / 2) as exp(-hi^2 / 2) exp(-lo (a + hi) / 2) with a = hi + lo split exactly
   (Dekker: hi has 12 bits, so hi^2 is exact and the argument's rounding error stays
   relative to the small part); F(v) = e^(v^2) erfc(v) is P_B(v - 1.625) on [0.75, 2.5) and
-  P_C(1/v) / v on [2.5, 10.1) (1/v = recip(v / 4) / 4) (least-squares fits on Chebyshev nodes, relative error
-  < 3e-8 with float32 coefficients); from 10.1 on erfc(v) is 0 in float32.
+  P_C(s) s, s = 1/v = recip(v / 4) / 4, on [2.5, 10.1) (least-squares fits on Chebyshev
+  nodes, relative error < 3e-8 with float32 coefficients); from 10.1 on erfc(v) is 0 in
+  float32.
 
 Against float64, h1 is within ``OWN_ERROR_UNITS`` u |z| (+ ``SUBNORMAL_ERROR``) of the
-exact value; exp alone within 1.7 ulp.
+exact value; exp and recip alone within 2 ulp.
 """
 from __future__ import annotations
 

@@ -146,7 +146,9 @@ inline float activate(const MlpParams& p, float z) {
 }
 
 // The debug output actual_zero: h1 == 0, or without exact zeros a negative gate.
-inline bool actually_zero(const MlpParams& p, float z) { return exact_zeros(p.act) ? activate(p, z) == 0.0f : z < 0.0f; }
+inline bool actually_zero(const MlpParams& p, float z) {
+    return exact_zeros(p.act) ? activate(p, z) == 0.0f : z < 0.0f;
+}
 
 inline void prefetch_span(const void* p, size_t bytes) {
     const char* c = static_cast<const char*>(p);
