@@ -26,7 +26,7 @@ from sparseinfer.reference.activations import hf_activation_names
 from sparseinfer.reference.dtypes import BFLOAT16, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaWeights
-from sparseinfer.reference.shapes import BUILTIN_MODELS, ModelShape, from_hf_config, load_model, read_config
+from sparseinfer.reference.shapes import ModelShape, from_hf_config, read_config
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "SparseLlamaForCausalLM")
 SUPPORTED_MODEL_TYPES = ("llama", "sparsellama")
@@ -85,54 +85,6 @@ def expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:
             "gate": (k, d), "up": (k, d), "down": (d, k)}
 
 
-POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "vocab_size", "max_position_embeddings")
-POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
-MAX_POSITIONS = 1 << 20           # max_position_embeddings: the export's rotary tables are [positions, head_dim]
-
-
-def check_config_fields(cfg: dict, name: str) -> None:
-    """Sizes are positive integers (not booleans, strings, floats or null), rope_theta and
-    rms_norm_eps finite positive numbers; a field left out keeps its default (and a null
-    num_key_value_heads means as many as the heads, a null rope_theta 10000)."""
-    for key in POSITIVE_INT_FIELDS:
-        if key not in cfg or (key == "num_key_value_heads" and cfg[key] is None):    # default: as many as heads
-            continue
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise SparseInferError(f"{name}: field {key} must be a positive integer, got {json.dumps(v)}")
-        if key == "max_position_embeddings" and v > MAX_POSITIONS:
-            raise SparseInferError(f"{name}: field {key} is {v}; at most {MAX_POSITIONS} are supported")
-    for key in POSITIVE_FLOAT_FIELDS:
-        if key not in cfg or (key == "rope_theta" and cfg[key] is None):             # default: 10000
-            continue
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
-            raise SparseInferError(f"{name}: field {key} must be a finite positive number, got {json.dumps(v)}")
-
-
-def check_shape_config(cfg: dict, name: str) -> ModelShape:
-    """The model shape of a config whose sizes are positive integers (``check_config_fields``) and
-    whose heads divide the hidden size and key/value heads the heads."""
-    if all(key in cfg for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")):
-        check_config_fields(cfg, name)          # (a missing one: from_hf_config names it)
-    shape = from_hf_config(cfg, name)
-    if shape.d % shape.num_heads or shape.num_heads % shape.num_kv_heads:
-        raise SparseInferError(f"{name}: hidden_size {shape.d}, {shape.num_heads} heads and "
-                               f"{shape.num_kv_heads} key/value heads do not divide evenly")
-    return shape
-
-
-def load_shape(name_or_path) -> ModelShape:
-    """``reference.shapes.load_model`` (a built-in name, or a config.json or a folder holding one)
-    with a config's fields checked as a checkpoint's are: a zero or negative size, a string or a
-    boolean is one line naming the file and field, never a count of zero."""
-    p = Path(name_or_path)
-    if str(name_or_path).strip().lower() not in BUILTIN_MODELS and (p.suffix == ".json" or p.is_dir()):
-        return check_shape_config(read_config(p), str(p))
-    return load_model(name_or_path)
-
-
 def check_config(cfg: dict, name: str) -> ModelShape:
     """Architecture, activation, field and head checks; returns the model shape."""
     archs = cfg.get("architectures") or []
@@ -149,7 +101,7 @@ def check_config(cfg: dict, name: str) -> ModelShape:
                              or not abs(threshold) <= float(np.finfo(np.float32).max)):     # compared in float32
         raise SparseInferError(f"{name}: field hidden_act_param (the FATReLU threshold) must be a number within "
                                f"float32's range, got {json.dumps(threshold)}")
-    shape = check_shape_config(cfg, name)
+    shape = from_hf_config(cfg, name)
     if shape.head_dim % 2:
         raise SparseInferError(f"{name}: head dimension {shape.head_dim} is odd; rotary embeddings need it even")
     for key in TOKEN_ID_FIELDS:

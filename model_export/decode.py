@@ -157,7 +157,7 @@ def check_export(model, path) -> ExportInfo:
 
     from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
 
-    from .checkpoint import MAX_POSITIONS
+    from sparseinfer.reference.shapes import MAX_POSITIONS
     from .mlp_functions import DOMAIN, OP_TYPE
 
     meta = {p.key: p.value for p in model.metadata_props}

@@ -5,6 +5,7 @@ checkpoint loader all read shapes from here."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -66,19 +67,53 @@ def activation_from_config(cfg: dict) -> str:
     return act
 
 
+POSITIVE_INT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "max_position_embeddings")
+POSITIVE_FLOAT_FIELDS = ("rope_theta", "rms_norm_eps")
+MAX_POSITIONS = 1 << 20           # max_position_embeddings: the export's rotary tables are [positions, head_dim]
+
+
+def check_config_fields(cfg: dict, name: str) -> None:
+    """Sizes are positive integers (not booleans, strings, floats or null), rope_theta and
+    rms_norm_eps finite positive numbers; a field left out keeps the Hugging Face LlamaConfig
+    default (a null num_key_value_heads means as many as the heads, a null rope_theta 10000)."""
+    for key in POSITIVE_INT_FIELDS:
+        if key not in cfg or (key == "num_key_value_heads" and cfg[key] is None):    # default: as many as heads
+            continue
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise SparseInferError(f"{name}: field {key} must be a positive integer, got {json.dumps(v)}")
+        if key == "max_position_embeddings" and v > MAX_POSITIONS:
+            raise SparseInferError(f"{name}: field {key} is {v}; at most {MAX_POSITIONS} are supported")
+    for key in POSITIVE_FLOAT_FIELDS:
+        if key not in cfg or (key == "rope_theta" and cfg[key] is None):             # default: 10000
+            continue
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            raise SparseInferError(f"{name}: field {key} must be a finite positive number, got {json.dumps(v)}")
+
+
 def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
+    """The model shape of a Hugging Face config: required sizes present, every size a positive
+    integer (``check_config_fields``), heads dividing the hidden size and key/value heads the heads;
+    one line naming the file and field otherwise. Fields left out take LlamaConfig's defaults."""
     missing = [key for key in _REQUIRED if key not in cfg]
     if missing:
         raise SparseInferError(f"{name}: config is missing {', '.join(missing)}")
-    heads = int(cfg["num_attention_heads"])
-    return ModelShape(
-        name=str(cfg.get("_name_or_path") or name), hidden_size=int(cfg["hidden_size"]),
-        intermediate_size=int(cfg["intermediate_size"]), num_layers=int(cfg["num_hidden_layers"]),
-        num_heads=heads, num_kv_heads=int(cfg.get("num_key_value_heads") or heads),
-        vocab_size=int(cfg.get("vocab_size", 32000)), hidden_act=activation_from_config(cfg),
-        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)), source=name,
+    check_config_fields(cfg, name)
+    heads = cfg["num_attention_heads"]
+    shape = ModelShape(
+        name=str(cfg.get("_name_or_path") or name), hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"], num_layers=cfg["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        vocab_size=cfg.get("vocab_size", 32000), hidden_act=activation_from_config(cfg),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096), source=name,
         rope_theta=float(cfg.get("rope_theta") or 10000.0), rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)))
+    if shape.d % shape.num_heads or shape.num_heads % shape.num_kv_heads:
+        raise SparseInferError(f"{name}: hidden_size {shape.d}, {shape.num_heads} heads and "
+                               f"{shape.num_kv_heads} key/value heads do not divide evenly")
+    return shape
 
 
 def read_config(path) -> dict:

@@ -227,12 +227,8 @@ REFUSED = [
     ("bench-plot {results} --out {tmp}/p.png", "--sparsity", "nan", "sparsity nan"),
     ("verify-kernels --backend emulated --d 64 --k 64", "--d", "0", "--d"),
     ("verify-kernels --backend emulated --d 64 --k 64", "--sparsity", "1", "--sparsity"),
-    pytest.param("verify-kernels --backend emulated --d 64 --k 64", "--seed", "-1", "--seed", marks=known_gap(
-        "tools/kernel_commands.py: --seed is a plain int; -1 reaches NumPy's default_rng and ends in a ValueError "
-        "traceback (needs click.IntRange(0))")),
-    pytest.param("tour --out {tmp}/tour", "--max-new-tokens", "-1", "--max-new-tokens", marks=known_gap(
-        "tools/tour_commands.py: --max-new-tokens is a plain int; -1 runs the whole tour as if valid (needs "
-        "click.IntRange(1))")),
+    ("verify-kernels --backend emulated --d 64 --k 64", "--seed", "-1", "--seed"),
+    ("tour --out {tmp}/tour", "--max-new-tokens", "-1", "--max-new-tokens"),
     (EVAL_4, "--limit", "0", "--limit"),
     (EVAL_4, "--random", "nan", "--random"),
     (EVAL_4, "--threads", "-1", "threads"),
@@ -294,9 +290,6 @@ def test_a_corrupted_config_gives_counts_or_one_line(tmp_path_factory, field, va
         one_line_error(r, str(path), field)
 
 
-@known_gap("tools/dse_commands.py reads --model through reference.shapes.load_model, which converts config fields "
-           "with int() unchecked: a vocabulary of -5 gives negative LM-head times, a string a ValueError traceback "
-           "(model_export.checkpoint.load_shape checks them)")
 def test_latency_refuses_a_bad_config(tmp_path):
     cfg = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 176,
            "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": -5}

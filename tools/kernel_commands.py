@@ -178,7 +178,7 @@ def kernels(do_compile, as_json):
 @click.option("--k", "k", type=click.IntRange(1), default=None, help="Intermediate size (default: the model's).")
 @click.option("--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True), default=BENCH_SPARSITIES[0],
               show_default=True, help="Fraction of gate rows built to be predicted zero.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the random test inputs.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
     """Run every kernel version and MLP pipeline once and check it against the reference.

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import click
 
-from sparseinfer.model_export.checkpoint import load_shape
-from sparseinfer.reference.shapes import BUILTIN_MODELS
+from sparseinfer.reference.shapes import BUILTIN_MODELS, load_model
 from sparseinfer.sim import ops as op_counts
 from sparseinfer.sim import paper
 
@@ -59,7 +58,7 @@ def table1(sparsity, rank, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def ops(model_name, sparsity, rank, as_json):
     """Operation counts of one MLP block and of a whole token (all layers), per method."""
-    model = load_shape(model_name)
+    model = load_model(model_name)
     per_layer = op_counts.ops_per_layer(model, sparsity, rank)
     per_token = op_counts.ops_per_token(model, sparsity, rank)
     data = {"model": model.name, "d": model.d, "k": model.k, "num_layers": model.num_layers,
@@ -83,7 +82,7 @@ def ops(model_name, sparsity, rank, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def memory(model_name, rank, as_json):
     """Predictor memory of a whole model: PowerInfer's FP16 DejaVu weights vs packed sign words."""
-    model = load_shape(model_name)
+    model = load_model(model_name)
     mem = op_counts.predictor_memory_mib(model, rank)
     data = {"model": model.name, "num_layers": model.num_layers, "rank": rank, "predictor_memory_mib": mem,
             "ratio": mem["PowerInfer"] / mem["SparseInfer"]}

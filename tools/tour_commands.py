@@ -31,7 +31,7 @@ def _step(title: str) -> None:
 @click.command()
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the synthetic checkpoint, the ONNX exports and the plots.")
-@click.option("--max-new-tokens", default=24, show_default=True, type=int, help="Decode steps of the dense/sparse comparison.")
+@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1), help="Decode steps of the dense/sparse comparison.")
 @click.pass_context
 def tour(ctx, out_dir, max_new_tokens):
     """The main job: Table I, Fig. 4, and a synthetic model decoded dense vs sparse.
