@@ -9,7 +9,6 @@ exports, a copy of the op library that ``genai_config.json`` names. ``tokenizer_
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from sparseinfer.reference.errors import SparseInferError
@@ -56,16 +55,18 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
     return path
 
 
-def tokenizer_for(model_path, tokenizer_path=None):
+def tokenizer_for(model_path, tokenizer_path=None, vocab_size: int | None = None):
     """(tokenizer, bos id, eos id) of an export: its tokenizer.json (or ``tokenizer_path``) and
-    generation_config.json."""
+    generation_config.json, whose ids must lie inside ``vocab_size`` (the model's; default: the
+    tokenizer's), or one line naming the file and field."""
+    from .checkpoint import read_generation_config
     from .tokenizer import load_tokenizer_json
 
     path = Path(tokenizer_path) if tokenizer_path else Path(model_path).with_name("tokenizer.json")
     tok = load_tokenizer_json(path)
-    gen_cfg = Path(model_path).with_name("generation_config.json")
-    ids = json.loads(gen_cfg.read_text()) if gen_cfg.is_file() else {}
-    return tok, ids.get("bos_token_id"), ids.get("eos_token_id")
+    ids = read_generation_config(Path(model_path).with_name("generation_config.json"),
+                                 vocab_size or tok.get_vocab_size(with_added_tokens=True))
+    return tok, ids["bos_token_id"], ids["eos_token_id"]
 
 
 def prompt_ids(tok, bos, prompt):

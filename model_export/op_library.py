@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparseinfer.kernels.sources import COMPILE_OPTIONS
+from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
 from sparseinfer.reference.errors import SparseInferError
 
 NATIVE_DIR = Path(__file__).parent / "native"
@@ -53,7 +54,8 @@ DEFAULT_MIRROR = "http://deb.debian.org/debian"
 CACHE_ENV = "SPARSEINFER_OPS_CACHE"
 INCLUDE_ENV = "ORT_INCLUDE_DIR"
 
-DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
+DEFINES = (*(o for o in COMPILE_OPTIONS if o.startswith("-D")),
+           f"-DSPARSEINFER_MAX_ALPHA_MILLI={MAX_ALPHA_MILLI}")       # the op checks alpha_milli against it
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
              "-fvisibility=hidden", "-Wall", "-Wextra")
 # nvcc: the NVRTC options of the kernels (no FMA, no flush-to-zero, IEEE division and sqrt)

@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from .alpha import MAX_ALPHA_MILLI
 from .dtypes import SIGN_PACK_DTYPES, check_dtype, check_no_nan
 from .errors import SparseInferError
 
@@ -78,11 +79,18 @@ def negative_product_counts(w_signs, x_signs, d: int) -> np.ndarray:
 
 
 def alpha_to_milli(alpha: float) -> int:
-    """α as an exact integer in thousandths: round(alpha * 1000) (1.03 -> 1030)."""
+    """α as an exact integer in thousandths (1.03 -> 1030), within 0.001..MAX_ALPHA_MILLI/1000
+    so that eq. 2's integer arithmetic cannot overflow. A float between two thousandths (more
+    than the binary representation error away) is an error, never rounded."""
     a = float(alpha)
     if not math.isfinite(a) or a <= 0:
         raise SparseInferError(f"alpha must be a finite number > 0, got {alpha!r}")
-    return int(round(a * 1000))
+    milli = round(a * 1000)
+    if not 1 <= milli <= MAX_ALPHA_MILLI:
+        raise SparseInferError(f"alpha {alpha!r} is outside the supported range, 0.001 to {MAX_ALPHA_MILLI // 1000:,}")
+    if abs(a * 1000 - milli) > 1e-6 * milli:
+        raise SparseInferError(f"alpha {alpha!r} has more than 3 decimals (alpha is held in thousandths)")
+    return int(milli)
 
 
 def zero_rows_from_counts(n_neg, d: int, alpha_milli: int) -> np.ndarray:

@@ -223,8 +223,7 @@ def method_latency(m: ModelShape, hw: HardwareSpec, method: str, layers: list[La
     """Per-token decode latency of one method given per-layer sparsity."""
     if len(layers) != m.num_layers:
         raise SparseInferError(f"need sparsity for {m.num_layers} layers, got {len(layers)}")
-    if int(context_tokens) < 0:
-        raise SparseInferError(f"context length must be >= 0, got {context_tokens}")
+    context_tokens = counts.check_context(context_tokens)
     per_layer = [attention_ops(m, context_tokens) + mlp_layer_ops(m, method, layer, rank) for layer in layers]
     per_layer.append(lm_head_ops(m))
     return MethodLatency(method, _accumulate(per_layer, hw))

@@ -78,3 +78,14 @@ def test_eq2_at_the_largest_alpha_does_not_overflow():
         exact = [1000 * n > milli * (d - n) for n in n_neg]
         assert zero_rows_from_counts(np.array(n_neg), d, milli).tolist() == exact
         assert any(exact) and not all(exact)
+
+
+def test_alpha_to_milli_is_exact_in_range_and_never_rounds():
+    from sparseinfer.reference.signs import alpha_to_milli
+
+    assert [alpha_to_milli(a) for a in (1.03, 0.001, 1.0, 0.999, 1e6)] == [1030, 1, 1000, 999, 10**9]
+    for bad, message in ((1.0305, "more than 3 decimals"), (0.0004, "outside the supported range"),
+                         (1e6 + 1, "outside the supported range"), (9223372036854775.807, "outside"),
+                         (float("nan"), "finite number > 0"), (-1.0, "finite number > 0")):
+        with pytest.raises(SparseInferError, match=message):
+            alpha_to_milli(bad)

@@ -169,14 +169,11 @@ def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top
     the kernels); for exports with --debug, the measured decode sparsity and the
     predictor's precision / recall.
     """
-    from sparseinfer.model_export.checkpoint import read_generation_config
     from sparseinfer.model_export.decode import OnnxDecoder, generate
 
     decoder = OnnxDecoder(model, provider, threads, mlp_kernels)
     # token ids inside the model's vocabulary, or one line naming the file and field
-    ids = read_generation_config(Path(model).with_name("generation_config.json"), decoder.vocab_size)
-    tok, _, _ = _tokenizer_for(model, tokenizer_path)
-    bos, eos = ids["bos_token_id"], ids["eos_token_id"]
+    tok, bos, eos = _tokenizer_for(model, tokenizer_path, decoder.vocab_size)
     ids = _prompt_ids(tok, bos, prompt)
     started = []
 

@@ -164,8 +164,9 @@ Kernel* make_kernel(const OrtKernelInfo* info) {
         kernel->node = std::string(kOpName) + " node '" + name + "'";
         int64_t alpha = 0;
         check(g_api->KernelInfoGetAttribute_int64(info, "alpha_milli", &alpha));
-        if (alpha < 1 || alpha > 1000000000)
-            throw OpError(kernel->node + ": alpha_milli " + std::to_string(alpha) + " is outside [1, 1e9]");
+        if (alpha < 1 || alpha > SPARSEINFER_MAX_ALPHA_MILLI)     // reference/alpha.py's range, passed by the build
+            throw OpError(kernel->node + ": alpha_milli " + std::to_string(alpha) + " is outside [1, " +
+                          std::to_string(SPARSEINFER_MAX_ALPHA_MILLI) + "]");
         kernel->p.alpha_milli = int(alpha);
         len = 0;
         check(g_api->KernelInfoGetAttribute_string(info, "activation", nullptr, &len));
