@@ -388,3 +388,27 @@ def test_silu_and_gelu_run_approximately_with_the_references_bits(kind):
     bound = approximate_mlp_bound(x, w_gate, w_up, w_down, np.flatnonzero(trace.computed_up), act)
     excess = np.abs(body[0][0].astype(np.float64) - want) - bound
     assert (excess <= 0).all(), f"{int((excess > 0).sum())} columns past the bound, first {np.argmax(excess)}"
+
+
+def test_a_library_built_for_a_cpu_feature_this_cpu_lacks_refuses_to_register_instead_of_crashing(tmp_path):
+    """A library built with -march=native and copied to an older CPU: registration fails with a
+    message naming the missing extension, and the host process carries on. Simulated by building
+    the same sources with one more required extension, one this CPU does not have."""
+    flags = open("/proc/cpuinfo").read()
+    absent = next((f for f in ("avx512f", "avx512vnni", "avx512bf16", "avx5124vnniw") if f" {f}" not in flags), None)
+    if absent is None:
+        pytest.skip("this CPU has every extension the test could require")
+    include = op_library.ort_include_dir()
+    out = tmp_path / "libsparseinfer_ops.so"
+    subprocess.run(["g++", *op_library.CXX_FLAGS, *op_library.DEFINES, f'-DSPARSEINFER_REQUIRE_CPU_FEATURE="{absent}"',
+                    f"-I{include}", f"-I{op_library.NATIVE_DIR}", "-shared",
+                    str(op_library.NATIVE_DIR / op_library.OP_SOURCE), "-o", str(out)], check=True)
+    opts = ort.SessionOptions()
+    with pytest.raises(Exception, match=f"built for a CPU with {absent}, which this CPU lacks; rebuild it"):
+        opts.register_custom_ops_library(str(out))
+    _session(_mlp_model(*_tiny_layer(), 1000, Activation.parse("relu")))      # the process and the real library go on
+
+
+def _tiny_layer():
+    w_gate, w_up, w_down, _ = _layer(np.random.default_rng(0), 64, 8)
+    return w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate)
