@@ -287,3 +287,17 @@ def test_run_time_estimate_is_the_latency_model_times_the_tokens():
     assert sparse["decode_ms_per_token_fp16"] < dense["decode_ms_per_token_fp16"]
     random = data["rows"][3]["tasks"]["gsm8k"]
     assert random["seconds_fp32"] == pytest.approx(10 * 64 * estimate.parameters(m) * 4 / 20e9)
+
+
+def test_overlap_rule():
+    """Equal up to whitespace, an evaluation text inside a calibration prompt, or a calibration
+    prompt of at least MIN_CONTAINED_CHARS inside an evaluation text; a short phrase is not."""
+    from sparseinfer.sim.method_compare import MIN_CONTAINED_CHARS, check_disjoint
+
+    doc = "Tom has 3 boxes of 12 pencils and gives away 5. How many pencils are left?"
+    check_disjoint(["How many pencils", "Something else entirely."], [doc])            # short phrase: allowed
+    long_part = doc[-MIN_CONTAINED_CHARS:]                                          # no space at either end
+    for cal in (doc.replace(" ", "  "), "Q: " + doc + " A:", long_part):
+        with pytest.raises(SparseInferError, match="overlap"):
+            check_disjoint(["unrelated", cal], [doc])
+    check_disjoint([long_part[1:]], [doc])                                               # one character short
