@@ -11,7 +11,7 @@ from helpers import write_eval_data
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
-from sparseinfer.evaluation import exports, runner  # noqa: E402
+from sparseinfer.evaluation import exports  # noqa: E402
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
 from sparseinfer.evaluation.method_backend import MethodLM, request_seed  # noqa: E402
 from sparseinfer.model_export.checkpoint import load_checkpoint  # noqa: E402
