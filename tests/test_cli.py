@@ -134,3 +134,16 @@ def test_machine_description_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypat
     assert gpu_names() == []
     monkeypatch.setenv("PATH", str(tmp_path / "nowhere"))
     assert gpu_names() == []
+
+
+def test_bench_decode_times_a_long_prompt_s_prefill_and_refuses_one_past_the_context(tmp_path):
+    out = tmp_path / "bench.json"
+    args = ["bench-decode", "--shape", "tiny", "--layers", "1", "--tokens", "3", "--repeats", "2",
+            "--work-dir", str(tmp_path)]
+    r = CliRunner().invoke(cli, [*args, "--prompt-tokens", "40", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    result = json.loads(out.read_text())
+    assert result["prompt_tokens"] == 40 and "prefill ms (40 tokens)" in r.output
+    assert all(result[k]["prefill_ms_median"] > 0 for k in ("dense", "sparse"))
+    r = CliRunner().invoke(cli, [*args, "--prompt-tokens", "1000000"])
+    assert r.exit_code == 2 and "exceed the model's context" in r.output

@@ -110,7 +110,8 @@ def test_cpu_op_equals_the_reference_bit_for_bit(d, k, alpha_milli, act, zeros, 
 
 
 @settings(max_examples=10, deadline=None)
-@given(d=st.one_of(st.integers(1, 200), st.sampled_from([128, 256])), k=st.integers(1, 700), tokens=st.integers(2, 4),
+@given(d=st.one_of(st.integers(1, 200), st.sampled_from([128, 256])), k=st.integers(1, 700),
+       tokens=st.one_of(st.integers(2, 4), st.integers(15, 35)),          # one group of tokens, or several
        act=st.sampled_from(["relu", "fatrelu:0.05"]), dtype=st.sampled_from([np.float32, np.float16]),
        seed=st.integers(0, 2**31 - 1))
 def test_several_tokens_run_the_dense_mlp_bit_for_bit(d, k, tokens, act, dtype, seed):
@@ -124,6 +125,27 @@ def test_several_tokens_run_the_dense_mlp_bit_for_bit(d, k, tokens, act, dtype, 
     assert out.shape == xs.shape and predicted.shape == (0,)
     for t in range(tokens):
         assert np.array_equal(_bits(out[0, t]), _bits(mlp_dense(xs[0, t], w_gate, w_up, w_down, act)))
+
+
+def test_prefill_tokens_whose_chunks_are_all_zero_skip_them_as_the_reference_does():
+    """Rows 512-1023 of W_gate (the down projection's second chunk) are one vector v, so a token
+    with v . x <= 0 has that whole chunk zero and one with v . x > 0 has it live; the down
+    projection of tokens in groups must still add each token's chunks exactly as mlp_dense does."""
+    rng = np.random.default_rng(5)
+    d, k, tokens = 64, 1100, 21                    # three chunks; groups of 16 and 5 tokens
+    w_gate, w_up, w_down, _ = _layer(rng, d, k)
+    v = rng.standard_normal(d).astype(np.float32)
+    w_gate[512:1024] = v
+    xs = rng.standard_normal((1, tokens, d)).astype(np.float32)
+    xs[0, ::2] *= np.sign(xs[0, ::2] @ v)[:, None]            # even tokens: v . x > 0, odd ones: random
+    xs[0, 1::4] *= -np.sign(xs[0, 1::4] @ v)[:, None]         # and some with v . x < 0
+    live = xs[0] @ v > 0
+    assert live.any() and not live.all()
+    session = _session(_mlp_model(w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate), 1000,
+                                  Activation.parse("relu")))
+    (out,) = session.run(None, {"x": xs})
+    for t in range(tokens):
+        assert np.array_equal(_bits(out[0, t]), _bits(mlp_dense(xs[0, t], w_gate, w_up, w_down, "relu"))), t
 
 
 def test_edges_exactly_at_the_fatrelu_threshold_and_signed_zeros():

@@ -292,6 +292,10 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Tokens generated per run, >= 2 (the first comes from the prefill, the rest are decode steps).")
 @click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
               help="Runs per model, >= 1 (median reported).")
+@click.option("--prompt-tokens", type=click.IntRange(1, 1 << 20), default=None,
+              help="Prompt length in tokens (the short prompt's ids repeated), to time the prefill too: the dense "
+                   "export's MatMuls against the sparse export's op, which runs prefill densely (default: a short "
+                   "prompt, 'The quick brown fox').")
 @click.option("--profile-tokens", type=click.IntRange(0, 4096), default=0, show_default=True,
               help="After the timed rounds, decode this many tokens per model in a new session with "
                    "onnxruntime's profiler on: time per token by execution provider and the top ops "
@@ -312,7 +316,7 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
-                     tokens, repeats, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir, out_json,
+                     tokens, repeats, prompt_tokens, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir, out_json,
                      as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
@@ -335,6 +339,11 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     from sparseinfer.model_export.checkpoint import load_checkpoint
     ck = load_checkpoint(checkpoint)
     prompt = _prompt_ids(ck.tokenizer, ck.bos_token_id, "The quick brown fox") if ck.tokenizer else [0, 1, 2, 3]
+    if prompt_tokens:
+        if prompt_tokens + tokens > ck.shape.max_position_embeddings:
+            raise click.BadParameter(f"{prompt_tokens} prompt tokens and {tokens} generated exceed the model's context "
+                                     f"of {ck.shape.max_position_embeddings}", param_hint="--prompt-tokens")
+        prompt = [prompt[i % len(prompt)] for i in range(prompt_tokens)]
     kinds = ("dense", "sparse")
     form = "-portable" if portable else ""
     form += "" if dtype == "float32" else f"-{dtype}"
@@ -353,7 +362,7 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
         for kind in kinds:
             paths[f"{kind}-graph"] = paths[kind]
             decoders[f"{kind}-graph"] = OnnxDecoder(paths[kind], provider, threads, mlp_kernels, cuda_graph=True)
-    runs, last = {kind: [] for kind in decoders}, {}
+    runs, prefills, last = {kind: [] for kind in decoders}, {kind: [] for kind in decoders}, {}
     with _progress() as bar:
         task = bar.add_task(f"decode {'/'.join(decoders)} alternately", total=len(decoders) * (repeats + 1))
         for r in range(repeats + 1):
@@ -361,8 +370,10 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
                 last[kind] = generate(decoder, prompt, tokens)
                 if r:  # round 0 is the warm-up
                     runs[kind].append(last[kind].decode_tokens_per_s)
+                    prefills[kind].append(last[kind].prefill_s * 1e3)
                 bar.advance(task)
     rows = {kind: {"tokens_per_s_median": float(np.median(runs[kind])), "tokens_per_s_runs": runs[kind],
+                   "prefill_ms_median": float(np.median(prefills[kind])),
                    "mlp_kernels": decoders[kind].mlp_kernels,
                    "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*")),
                    **({"rows_of_last_run": last[kind].kernel_rows} if last[kind].kernel_rows else {})}
@@ -372,6 +383,7 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     decoders.clear()                       # free the timed sessions before the profiled ones
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
               "target": target, "dtype": dtype, "provider": provider, "threads": threads, "decode_tokens": tokens,
+              "prompt_tokens": len(prompt),
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
@@ -395,9 +407,9 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
     if as_json:
         echo_json(result)
         return
-    click.echo(format_table(["model", "MLP kernels", "tokens/s (median)", "runs"], [
-        [k, v["mlp_kernels"], f"{v['tokens_per_s_median']:.2f}", " ".join(f"{x:.2f}" for x in v["tokens_per_s_runs"])]
-        for k, v in rows.items()]))
+    click.echo(format_table(["model", "MLP kernels", "tokens/s (median)", "runs", f"prefill ms ({len(prompt)} tokens)"], [
+        [k, v["mlp_kernels"], f"{v['tokens_per_s_median']:.2f}", " ".join(f"{x:.2f}" for x in v["tokens_per_s_runs"]),
+         f"{v['prefill_ms_median']:.1f}"] for k, v in rows.items()]))
     if "speedup_function_bodies" in result:
         click.echo(f"sparse (function bodies) / dense: {result['speedup_function_bodies']:.2f}x")
     if "speedup_dense_over_dense_portable" in result:

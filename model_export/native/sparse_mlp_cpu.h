@@ -261,6 +261,46 @@ inline float dot(const W* w, const float* x, int d, const W* ahead) {
     return d % step_of<W>() ? dot_row<W, true>(w, x, d, ahead) : dot_row<W, false>(w, x, d, ahead);
 }
 
+// Prefill: kTokens tokens' dot products with one row at once. `xi` holds the tokens' x
+// interleaved, xi[j * kTokens + t] = x_t[j], so that lane l's running sums of all the tokens
+// are one vector and each product is added to it vertically: every token's sum takes the
+// contract's roundings in its order (lane l: its chunk's V elements in order, chunk after
+// chunk), then its own tail and butterfly (finish_row, on xs[t]). No transposes, and each
+// weight is read once for the kTokens tokens.
+constexpr int kTokens = 16;
+typedef float TokenVec __attribute__((vector_size(kTokens * sizeof(float))));
+
+template <typename W, bool kTail>
+inline void dot_row_tokens_impl(const W* __restrict w, const float* __restrict xi, const float* const* xs, int d,
+                                float* z) {
+    constexpr int V = Weights<W>::V, kStep = step_of<W>();
+    TokenVec acc[kLanes] = {};
+    const int full = d / kStep;
+    for (int t = 0; t < full; ++t)
+        for (int l = 0; l < kLanes; ++l) {
+            const int j0 = t * kStep + l * V;
+            TokenVec a = acc[l];
+            for (int v = 0; v < V; ++v) {
+                TokenVec xv;
+                std::memcpy(&xv, xi + size_t(j0 + v) * kTokens, sizeof xv);
+                const TokenVec prod = float(w[j0 + v]) * xv;
+                a = a + prod;
+            }
+            acc[l] = a;
+        }
+    for (int t = 0; t < kTokens; ++t) {
+        if (!xs[t]) continue;                          // padding of a short group
+        alignas(16) float lanes[kLanes];
+        for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l][t];
+        z[t] = finish_row<W, kTail>(lanes, w, xs[t], d);
+    }
+}
+
+template <typename W>
+inline void dot_row_tokens(const W* w, const float* xi, const float* const* xs, int d, float* z) {
+    d % step_of<W>() ? dot_row_tokens_impl<W, true>(w, xi, xs, d, z) : dot_row_tokens_impl<W, false>(w, xi, xs, d, z);
+}
+
 // x's sign words; returns the index of the first NaN in x, or -1.
 inline int64_t pack_signs(const float* x, int d, uint64_t* words, int64_t n_words) {
     std::memset(words, 0, n_words * sizeof(uint64_t));
@@ -407,6 +447,59 @@ inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, con
         for (int j = 0; j < m; ++j) total[j] = total[j] + part[j];
     }
     std::memcpy(out + j0, total, m * sizeof(float));
+}
+
+// down_columns for `n_tokens` tokens at once (prefill): h3 is [n_tokens, k], out [n_tokens, d].
+// Every row of W_down^T in [j0, j1) is read once for all the tokens while it is in cache, and
+// each token's sums take exactly down_columns's roundings in its order: a row adds to a
+// token's sums only where its h3 != 0 for that token, and a chunk counts for a token only where
+// one of its rows does (then all of the chunk's sub-chunks are added, as down_columns does).
+template <typename W>
+inline void down_columns_tokens(const W* __restrict wt, int d, int k, const float* __restrict h3, int n_tokens,
+                                int j0, int j1, float* __restrict out) {
+    const int m = j1 - j0;
+    const size_t span = size_t(m) * n_tokens;
+    std::vector<float> buf(3 * span);
+    float* __restrict total = buf.data();
+    float* __restrict part = total + span;
+    float* __restrict q = part + span;
+    std::fill(total, total + span, 0.0f);
+    std::vector<uint8_t> live(n_tokens);
+    constexpr int kChunkRows = kSubRows * kSubs;
+    for (int c0 = 0; c0 < k; c0 += kChunkRows) {
+        const int c1 = std::min(k, c0 + kChunkRows);
+        bool any = false;
+        for (int t = 0; t < n_tokens; ++t) {
+            const float* h = h3 + size_t(t) * k;
+            live[t] = std::any_of(h + c0, h + c1, [](float v) { return v != 0.0f; });
+            any = any || live[t];
+        }
+        if (!any) continue;
+        std::fill(part, part + span, 0.0f);
+        for (int s = 0; s < kSubs; ++s) {
+            std::fill(q, q + span, 0.0f);
+            for (int i = c0 + s * kSubRows; i < std::min(c1, c0 + (s + 1) * kSubRows); ++i) {
+                const W* __restrict src = wt + int64_t(i) * d + j0;
+                if (i + 1 < k) prefetch_span(src + d, m * sizeof(W));
+                for (int t = 0; t < n_tokens; ++t) {
+                    const float h = h3[size_t(t) * k + i];
+                    if (h == 0.0f) continue;
+                    float* __restrict qt = q + size_t(t) * m;
+                    for (int j = 0; j < m; ++j) {
+                        const float p0 = h * float(src[j]);
+                        qt[j] = qt[j] + p0;
+                    }
+                }
+            }
+            for (int t = 0; t < n_tokens; ++t)
+                if (live[t])
+                    for (size_t j = size_t(t) * m; j < size_t(t + 1) * m; ++j) part[j] = part[j] + q[j];
+        }
+        for (int t = 0; t < n_tokens; ++t)
+            if (live[t])
+                for (size_t j = size_t(t) * m; j < size_t(t + 1) * m; ++j) total[j] = total[j] + part[j];
+    }
+    for (int t = 0; t < n_tokens; ++t) std::memcpy(out + int64_t(t) * d + j0, total + size_t(t) * m, m * sizeof(float));
 }
 
 // Columns per down task: whole cache lines, about `target` columns, and at least

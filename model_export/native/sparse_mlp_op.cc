@@ -332,6 +332,8 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     }
 }
 
+constexpr int kPrefillTokens = 16;   // tokens whose down projections share one read of W_down^T
+
 // Several tokens: every row, token by token in the contract's order (a row is read once
 // for all tokens while it is in cache).
 template <typename W>
@@ -345,32 +347,35 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
         if (x[j] != x[j])
             throw OpError(kernel.node + ": x contains NaN at token " + std::to_string(j / p.d) + ", index " +
                           std::to_string(j % p.d));
+    // x interleaved kTokens tokens at a time (a short last group padded with zeros, results dropped)
+    std::vector<float> xi(size_t((n + kTokens - 1) / kTokens) * p.d * kTokens, 0.0f);
+    for (int t = 0; t < n; ++t)
+        for (int j = 0; j < p.d; ++j) xi[(size_t(t / kTokens) * p.d + j) * kTokens + t % kTokens] = x[int64_t(t) * p.d + j];
     std::vector<float> h3(size_t(n) * p.k);    // [token, row]
     for_row_blocks(ctx, p.k, [&](int r0, int r1) {
-        for (int i = r0; i < r1; ++i) {
-            const W* g = w_gate + int64_t(i) * p.d;
-            const W* u = w_up + int64_t(i) * p.d;
-            for (int t = 0; t < n; ++t) {
-                const float* xt = x + int64_t(t) * p.d;
-                const float h = activate(p, dot<W>(g, xt, p.d, nullptr));
-                h3[size_t(t) * p.k + i] = h != 0.0f ? h * dot<W>(u, xt, p.d, nullptr) : 0.0f;
+        for (int g0 = 0; g0 < n; g0 += kTokens) {
+            const float* xs[kTokens];
+            for (int t = 0; t < kTokens; ++t) xs[t] = g0 + t < n ? x + int64_t(g0 + t) * p.d : nullptr;
+            const float* group = xi.data() + size_t(g0 / kTokens) * p.d * kTokens;
+            for (int i = r0; i < r1; ++i) {
+                float z[kTokens], zu[kTokens];
+                dot_row_tokens<W>(w_gate + int64_t(i) * p.d, group, xs, p.d, z);
+                dot_row_tokens<W>(w_up + int64_t(i) * p.d, group, xs, p.d, zu);
+                for (int t = 0; t < kTokens && g0 + t < n; ++t) {
+                    const float h = activate(p, z[t]);
+                    h3[size_t(g0 + t) * p.k + i] = h != 0.0f ? h * zu[t] : 0.0f;
+                }
             }
         }
     });
-    std::vector<int32_t> rows;
-    std::vector<float> vals;
-    for (int t = 0; t < n; ++t) {
-        rows.clear();
-        vals.clear();
-        for (int i = 0; i < p.k; ++i) {
-            const float h = h3[size_t(t) * p.k + i];
-            if (h != 0.0f) {
-                rows.push_back(i);
-                vals.push_back(h);
-            }
-        }
-        down(ctx, p, w_down_t, rows, vals, out + int64_t(t) * p.d);
-    }
+    // the down projection in groups of tokens x column blocks: W_down^T read once per group
+    const int block = down_block(p.d, 2);
+    const int blocks = (p.d + block - 1) / block, groups = (n + kPrefillTokens - 1) / kPrefillTokens;
+    parallel_for(ctx, size_t(blocks) * groups, 0, [&](size_t b) {
+        const int j0 = int(b % blocks) * block, t0 = int(b / blocks) * kPrefillTokens;
+        down_columns_tokens(w_down_t, p.d, p.k, h3.data() + size_t(t0) * p.k, std::min(kPrefillTokens, n - t0), j0,
+                            std::min(p.d, j0 + block), out + int64_t(t0) * p.d);
+    });
 }
 
 OrtStatus* status_of(const std::exception& e, OrtErrorCode code) { return g_api->CreateStatus(code, e.what()); }
