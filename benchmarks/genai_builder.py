@@ -55,7 +55,7 @@ DEFAULT_PROMPT = ("The history of the Roman Empire begins with the founding of t
                   "following centuries")
 OURS_GENAI, BUILDER_GENAI, OURS_DECODER = "ours_genai", "builder_genai", "ours_onnx_decoder"
 QUIET_CORES = 0.25           # a round is "quiet" when other processes used less than this many cores in every run
-TARGET_RATIO = 1.0           # issue 14: our dense export >= 1.0x the builder's fp32 model
+TARGET_RATIO = 1.0           # our dense export >= 1.0x the builder's fp32 model
 
 
 # ---------------------------------------------------------------- checkpoint -> HF folder

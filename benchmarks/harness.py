@@ -7,7 +7,7 @@ at that shape (bits, or the rigorous bound for the atomic version), its time, th
 it touches (``sim.traffic``), GB/s, % of peak, and its speedup over cuBLAS dense fp16
 GEMVs (CuPy matmul) for the same step, timed in the same run.
 
-The ``baseline`` row (``dense-gemv``) is the strong dense baseline of issue 17: the dense
+The ``baseline`` row (``dense-gemv``) is the strong dense baseline: the dense
 fp16 MLP as this project's own bandwidth-tuned GEMVs, checked against the rigorous bound.
 Every ``mlp`` row also gets ``strong_dense_us``, ``best_dense_us`` (the faster of cuBLAS and
 that row, where it verified), ``best_dense`` (which one) and ``speedup_vs_best_dense``: the

@@ -1,5 +1,5 @@
 """The benchmark's results as one PNG: bandwidth per kernel version and speed-up per MLP
-pipeline at one (model, sparsity), with the issue's targets drawn in.
+pipeline at one (model, sparsity), with the targets drawn in.
 
 Left: % of the device's peak bandwidth of every kernel row (pack_signs, predict, gate_up,
 down), coloured by family, the 70 % target dashed. A row or pipeline that failed
@@ -128,7 +128,7 @@ def sparsity_series(result: dict, model: str | None = None) -> dict:
 
 
 def plot_sparsity_sweep(result: dict, path, model: str | None = None) -> Path:
-    """Four panels against sparsity (the issue's targets dashed): the MLP pipelines' speed-up
+    """Four panels against sparsity (the targets dashed): the MLP pipelines' speed-up
     over cuBLAS and over the faster dense row, their % of peak, and the predictor in empty launches."""
     data = sparsity_series(result, model)
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))

@@ -1,4 +1,4 @@
-"""Accuracy through lm-evaluation-harness (issue 15).
+"""Accuracy through lm-evaluation-harness.
 
 * ``backend``: the lm-eval model ``sparseinfer`` (onnxruntime decoding of this project's
   exports; greedy ``generate_until`` with stop strings, ``loglikelihood`` and

@@ -1,4 +1,4 @@
-"""The design-space runner (``sim.alpha_sweep``'s interface) on onnxruntime exports (issue 15 item 5).
+"""The design-space runner (``sim.alpha_sweep``'s interface) on onnxruntime exports.
 
 ``predictor-stats`` and ``sweep`` take their masks from the NumPy reference model
 (``sim.model_runner.ReferenceRunner``) by default. With ``--provider cpu|cuda`` they take

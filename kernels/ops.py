@@ -345,7 +345,7 @@ def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_d
     return h1, h3, zero, out
 
 
-# --- the strong dense baseline (dense.cu; issue 17) -------------------------------------
+# --- the strong dense baseline (dense.cu) ----------------------------------------------
 
 def dense_gemv_mlp(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down: DeviceMatrix, activation):
     """(h1, h3 [k], out [d]): the dense MLP as two bandwidth-tuned GEMVs, the benchmark's strong

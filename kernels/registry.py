@@ -170,13 +170,13 @@ PIPELINES = {p.name: p for p in (
     Pipeline("sparse-batched", "v5_batched", "v4_batched", "fused predict+gate+up and deterministic down, each "
              "with 8 loads in flight per lane/thread (default: the fastest measured, H200 2026-11-26)"),
     Pipeline("sparse-paired", "v6_paired", "v5_narrow", "fused predict+gate+up with gate and up loads in flight "
-             "together, deterministic down on narrow column tiles (issue 17 candidate)"),
+             "together, deterministic down on narrow column tiles (candidate)"),
     Pipeline("sparse-neuron-major", "v6_paired", "v5_narrow", "sparse-paired on the neuron-major layout: a neuron's "
-             "gate, up and W_down^T rows one contiguous record (issue 17 candidate)", layout="neuron-major"),
+             "gate, up and W_down^T rows one contiguous record (candidate)", layout="neuron-major"),
     Pipeline("fused", "v6_paired", "v5_narrow", "predict, gate, up and down in one persistent launch (mlp_fused v1), "
-             "row-major weights (issue 17 candidate)", fused="v1"),
+             "row-major weights (candidate)", fused="v1"),
     Pipeline("fused-neuron-major", "v6_paired", "v5_narrow", "mlp_fused v1 on the neuron-major layout: each active "
-             "neuron one contiguous stream of its three rows (issue 17 candidate)", layout="neuron-major", fused="v1"),
+             "neuron one contiguous stream of its three rows (candidate)", layout="neuron-major", fused="v1"),
     Pipeline("sparse-atomic", "v3_fused", "v2_atomic", "fused gate+up, the paper's atomicAdd down"),
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}

@@ -1,4 +1,4 @@
-"""Bad input through the command line, command by command (issue 18 item 6).
+"""Bad input through the command line, command by command.
 
 Every command that takes files or numbers is fed corrupted configs, weights, safetensors
 headers, parameters, hardware files, ONNX metadata and generation configs. The rule checked

@@ -1,4 +1,4 @@
-"""Files are written whole, OS errors are one line, Ctrl-C exits 130, JSON has no NaN (issue 18, items 3-4).
+"""Files are written whole, OS errors are one line, Ctrl-C exits 130, JSON has no NaN.
 
 Every file the product writes goes to a temporary name (or a staging folder) in its own
 folder and is renamed into place only when complete (reference/files.py). These tests

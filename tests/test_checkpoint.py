@@ -143,7 +143,7 @@ def test_every_layer_count_and_seed_makes_a_checkpoint_with_the_target_sparsity(
 def test_make_checkpoint_layers_and_seed_range(tmp_path):
     runner = CliRunner()
     ok = runner.invoke(cli, ["make-checkpoint", "--shape", "tiny", "--layers", "4", "--out", str(tmp_path / "four")])
-    assert ok.exit_code == 0, ok.output                                 # the case issue 18 reported
+    assert ok.exit_code == 0, ok.output                                 # a layer count once refused
     assert load_checkpoint(tmp_path / "four").shape.num_layers == 4
     for args, message in ((["--layers", "0"], f"'--layers': 0 is not in the range 1<=x<={MAX_LAYERS}"),
                           (["--layers", str(MAX_LAYERS + 1)], f"'--layers': {MAX_LAYERS + 1} is not in the range"),

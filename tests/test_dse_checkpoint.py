@@ -1,4 +1,4 @@
-"""predictor-stats and sweep on a tiny synthetic checkpoint (issue 4's maker and reference model)."""
+"""predictor-stats and sweep on a tiny synthetic checkpoint (the checkpoint maker and the reference model)."""
 import json
 
 import pytest

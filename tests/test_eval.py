@@ -1,4 +1,4 @@
-"""sparseinfer eval and the lm-eval model 'sparseinfer' (issue 15), on a tiny synthetic
+"""sparseinfer eval and the lm-eval model 'sparseinfer', on a tiny synthetic
 checkpoint and tiny data fixtures (never ../shared/data)."""
 import json
 import math

@@ -1,4 +1,4 @@
-"""predictor-stats and sweep on onnxruntime debug exports (issue 15 item 5), checked against
+"""predictor-stats and sweep on onnxruntime debug exports, checked against
 the NumPy reference path on a tiny synthetic checkpoint: the same masks, so the same
 statistics and simulated latency, and logits (so quality) within float tolerance."""
 import json

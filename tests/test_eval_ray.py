@@ -1,4 +1,4 @@
-"""sparseinfer eval --ray (issue 15 item 4): a row's requests on Ray workers give what one
+"""sparseinfer eval --ray: a row's requests on Ray workers give what one
 process gives, on a tiny synthetic checkpoint and a local two-worker Ray instance."""
 import json
 import sys

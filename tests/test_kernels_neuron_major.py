@@ -1,4 +1,4 @@
-"""Issue 17's neuron-major layout and the fused gate+up+down kernel, on the CPU emulation.
+"""The neuron-major layout and the fused gate+up+down kernel, on the CPU emulation.
 
 The registry's property tests (tests/test_kernels_gpu.py) already run the new pipelines
 (sparse-neuron-major, fused, fused-neuron-major) bit for bit on both backends; this file

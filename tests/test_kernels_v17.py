@@ -1,4 +1,4 @@
-"""Issue 17's kernels on the CPU emulation: predict v4 (rows per warp), gate_up v6_paired (gate
+"""The memory-limit kernel versions on the CPU emulation: predict v4 (rows per warp), gate_up v6_paired (gate
 and up loads in flight together), down v5_narrow (64-thread column tiles), pipeline
 sparse-paired, and the strong dense baseline (dense-gemv).
 

@@ -1,4 +1,4 @@
-"""Each activation-sparsity method on constructed inputs with a known answer (issue 16)."""
+"""Each activation-sparsity method on constructed inputs with a known answer."""
 import math
 
 import numpy as np

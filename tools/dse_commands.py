@@ -37,7 +37,7 @@ def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_ne
 
 
 def ort_options(f):
-    """--provider, --export-dir, --threads, --mlp-kernels: masks from onnxruntime debug exports (issue 15 item 5)."""
+    """--provider, --export-dir, --threads, --mlp-kernels: masks from onnxruntime debug exports."""
     from sparseinfer.model_export.decode import MLP_KERNELS, MLP_KERNELS_HELP
 
     f = click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
@@ -65,7 +65,7 @@ DEFAULT_METHOD_SPARSITY = "0.9"
 
 
 def method_options(f):
-    """--method, --sparsity, --param, --approximate, --calibration (issue 16)."""
+    """--method, --sparsity, --param, --approximate, --calibration."""
     f = click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
                      help="With --method: calibration prompts (text or JSONL), disjoint from --prompts; "
                           "default: built-in ones.")(f)
