@@ -84,3 +84,19 @@ def test_provider_refuses_other_methods(ck):
     r = run("predictor-stats", str(ck), "--method", "teal", "--sparsity", "0.5", "--provider", "cpu")
     assert r.exit_code == 2 and "--method teal needs the NumPy reference model" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.ort_cuda
+def test_ort_masks_on_the_cuda_provider_equal_the_reference(ck, tmp_path):
+    """The design-space runner on onnxruntime's CUDA provider (debug exports, the function
+    bodies' masks): the same continuations and masks as the NumPy reference, logits within 1e-3."""
+    ref = ReferenceRunner(load_checkpoint(ck), PROMPTS, max_new_tokens=5)
+    cuda = OrtRunner(ck, PROMPTS, max_new_tokens=5, provider="cuda", export_dir=tmp_path)
+    assert cuda.continuations == ref.continuations
+    ref_logits, ref_traces = ref.sparse(SCHEDULE)
+    cuda_logits, cuda_traces = cuda.sparse(SCHEDULE)
+    for a, b in zip(ref_traces, cuda_traces):
+        for ta, tb in zip(a, b):
+            assert np.array_equal(ta.predicted_zero, tb.predicted_zero)
+            assert np.array_equal(ta.computed_up, tb.computed_up)
+    np.testing.assert_allclose(cuda_logits, ref_logits, rtol=0, atol=1e-3)
