@@ -154,7 +154,7 @@ class SparseInferLM(TemplateLM):
         self.tokenizer, self.bos, self.eos = tokenizer_for(path)
         limit = export_max_length(path) or DEFAULT_MAX_LENGTH
         self.max_length = min(int(max_length or DEFAULT_MAX_LENGTH), limit)
-        self.decoder = OnnxDecoder(path, self.provider, int(threads) if threads else None, mlp_kernels,
+        self.decoder = OnnxDecoder(path, self.provider, int(threads) if threads not in (None, "") else None, mlp_kernels,
                                    max_length=self.max_length)
         self.max_length = self.decoder.max_positions
         self._warned: set[str] = set()

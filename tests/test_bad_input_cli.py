@@ -162,11 +162,6 @@ EVAL = "eval {ck} --tasks gsm8k --data-dir {data} --out {tmp}/e --limit 1 --quie
 EVAL_4 = EVAL + " --max-gen-toks 4"
 
 
-def known_gap(reason: str):
-    """A case that fails today for a reason outside the validation layers tested here."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 # (arguments, option, value, what the one line must hold); the commands are given real inputs,
 # so that a value let through runs and shows up as a wrong exit
 REFUSED = [
@@ -233,15 +228,10 @@ REFUSED = [
     (EVAL_4, "--random", "nan", "--random"),
     (EVAL_4, "--threads", "-1", "threads"),
     (EVAL_4, "--alpha", "1e16", "outside the supported range"),
-    pytest.param(EVAL, "--max-gen-toks", "-1", "--max-gen-toks", marks=known_gap(
-        "tools/eval_commands.py: --max-gen-toks -1 is refused only by the decoder, as '513 tokens exceed the "
-        "context of 512', which names no option")),
-    pytest.param(EVAL, "--max-gen-toks", "0", "--max-gen-toks", marks=known_gap(
-        "tools/eval_commands.py / evaluation: --max-gen-toks 0 silently becomes 256")),
-    pytest.param(EVAL_4, "--ray-workers", "-1", "--ray-workers", marks=known_gap(
-        "tools/eval_commands.py: --ray-workers -1 is accepted (ignored without --ray)")),
-    pytest.param(EVAL_4, "--max-calibration-prompts", "-1", "--max-calibration-prompts", marks=known_gap(
-        "tools/eval_commands.py: --max-calibration-prompts -1 is accepted (ignored without a calibrated method)")),
+    (EVAL, "--max-gen-toks", "-1", "--max-gen-toks"),
+    (EVAL, "--max-gen-toks", "0", "--max-gen-toks"),
+    (EVAL_4, "--ray-workers", "-1", "--ray-workers"),
+    (EVAL_4, "--max-calibration-prompts", "-1", "--max-calibration-prompts"),
 ]
 
 

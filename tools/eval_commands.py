@@ -36,23 +36,24 @@ from .output import echo_err, echo_json, format_table
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
               help="Calibration prompts of the --method rows (text, one per line, or JSONL; default: built-in). "
                    "Refused if one overlaps a document of the evaluated tasks.")
-@click.option("--max-calibration-prompts", type=int, default=64, show_default=True,
+@click.option("--max-calibration-prompts", type=click.IntRange(1), default=64, show_default=True,
               help="Use at most this many calibration prompts.")
 @click.option("--limit", type=int, default=None, help="Samples per task (lm-eval --limit; per BBH subtask).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--threads", type=int, default=None, help="intra-op threads (default: onnxruntime's).")
+@click.option("--threads", type=click.IntRange(1, 1024), default=None,
+              help="intra-op threads, 1..1024 (default: onnxruntime's).")
 @click.option("--data-dir", type=click.Path(), default=None,
               help="Holds gsm8k/test.jsonl and bbh/bbh/<task>.json (default: $SPARSEINFER_DATA_DIR).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/eval", show_default=True,
               help="Exports (cached), lm-eval's cache (resume), per-sample JSONL, results and eval.json.")
-@click.option("--max-gen-toks", type=int, default=None,
-              help="Cap every generation at N tokens (default: the tasks' own, GSM8K 256, BBH 1024).")
+@click.option("--max-gen-toks", type=click.IntRange(1), default=None,
+              help="Cap every generation at N >= 1 tokens (default: the tasks' own, GSM8K 256, BBH 1024).")
 @click.option("--ray", "ray_address", metavar="ADDRESS|auto|local", default=None,
               help="Run each row's requests on Ray workers, one model session per worker (a GPU each with "
                    "--provider cuda): 'auto' joins the running cluster, 'local' starts one here, or HOST:PORT. "
                    "Same results as in-process. --out must be on a disk every node sees. "
                    "Needs the ray extra: pip install -e '.[ray]'.")
-@click.option("--ray-workers", type=int, default=None,
+@click.option("--ray-workers", type=click.IntRange(1), default=None,
               help="Number of Ray workers (default: one per GPU with cuda, else one per --threads CPUs of the "
                    "cluster; --threads defaults to 1 under --ray).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
@@ -115,7 +116,7 @@ def task_options(default_out: str):
         f = click.option("--eval-out", type=click.Path(file_okay=False), default=default_out, show_default=True,
                          help="With --tasks: where the evaluation keeps its exports, lm-eval's cache (an interrupted "
                               "run resumes), per-sample JSONL and eval.json.")(f)
-        f = click.option("--max-gen-toks", type=int, default=None,
+        f = click.option("--max-gen-toks", type=click.IntRange(1), default=None,
                          help="With --tasks: cap every generation at N tokens (default: the tasks' own).")(f)
         f = click.option("--data-dir", type=click.Path(), default=None,
                          help="With --tasks: holds gsm8k/test.jsonl and bbh/bbh/<task>.json "
