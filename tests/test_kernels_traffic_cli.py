@@ -45,6 +45,11 @@ def test_kernels_command_lists_every_version():
     assert {(v["family"], v["name"]) for v in data["versions"]} == \
         {(f, n) for f, vs in FAMILIES.items() for n in vs}
     assert [p["name"] for p in data["pipelines"]] == list(PIPELINES)
+    by_name = {p["name"]: p for p in data["pipelines"]}
+    assert (by_name["fused-neuron-major"]["mlp_fused"], by_name["fused-neuron-major"]["layout"]) == ("v1", "neuron-major")
+    assert (by_name["sparse-batched"]["mlp_fused"], by_name["sparse-batched"]["layout"]) == (None, "row-major")
+    text = CliRunner().invoke(cli, ["kernels"]).output
+    assert any(line.startswith("fused ") and "mlp_fused v1" in line for line in text.splitlines())
 
 
 def test_bench_without_gpu_is_a_one_line_error(monkeypatch):

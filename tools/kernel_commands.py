@@ -140,8 +140,8 @@ def kernels(do_compile, as_json):
     """
     data = {"versions": [{"family": v.family, "name": v.name, "deterministic": v.deterministic,
                           "description": v.description} for fam in FAMILIES.values() for v in fam.values()],
-            "pipelines": [{"name": p.name, "gate_up": p.gate_up, "down": p.down, "description": p.description}
-                          for p in PIPELINES.values()]}
+            "pipelines": [{"name": p.name, "gate_up": p.gate_up, "down": p.down, "mlp_fused": p.fused or None,
+                           "layout": p.layout, "description": p.description} for p in PIPELINES.values()]}
     if do_compile:
         from sparseinfer.kernels import compile_check as cc
         try:
@@ -159,8 +159,10 @@ def kernels(do_compile, as_json):
                             [[v["family"], v["name"], "yes" if v["deterministic"] else "bound", v["description"]]
                              for v in data["versions"]]))
     click.echo("")
-    click.echo(format_table(["pipeline", "gate_up", "down", "description"],
-                            [[p["name"], p["gate_up"], p["down"], p["description"]] for p in data["pipelines"]]))
+    # a fused pipeline runs its mlp_fused version alone (gate_up / down name the rows it reads)
+    click.echo(format_table(["pipeline", "kernels", "layout", "description"],
+                            [[p["name"], f"mlp_fused {p['mlp_fused']}" if p["mlp_fused"] else f"{p['gate_up']} + {p['down']}",
+                              p["layout"], p["description"]] for p in data["pipelines"]]))
     if do_compile:
         click.echo("")
         click.echo(format_table(["kernel", "arch", "registers", "spill stores B", "spill loads B"],
