@@ -21,14 +21,13 @@ from pathlib import Path
 import numpy as np
 
 from sparseinfer.kernels import emulator
-from sparseinfer.kernels.sources import COMPILE_OPTIONS, SOURCES, raw_text
-from sparseinfer.model_export.op_library import launcher_compile_command
+from sparseinfer.kernels.sources import SOURCES, raw_text
+from sparseinfer.model_export.op_library import DEFINES, launcher_compile_command
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "model_export" / "native"
 LAUNCHER = NATIVE / "sparse_mlp_cuda.cu"
 HEADER = NATIVE / "sparse_mlp_cuda.h"
-DEFINES = tuple(o for o in COMPILE_OPTIONS if o.startswith("-D"))
 KERNEL_FILES = (*SOURCES, "common.cuh", "cpu_emulation.h")
 
 # Every kernel a call of the launcher runs (spills in these fail the gate).
