@@ -39,7 +39,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
 
-from .exports import Row, ensure_export, export_root, is_checkpoint, make_rows
+from .exports import Row, check_dtype_name, ensure_export, export_root, is_checkpoint, make_rows
 
 log = logging.getLogger("sparseinfer.evaluation")
 
@@ -113,12 +113,12 @@ def _as_bool(v) -> bool:
 class SparseInferLM(TemplateLM):
     def __init__(self, model, alpha=None, random=None, seed=0, provider="cpu", target=None, threads=None,
                  mlp_kernels="auto", max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, cache_dir=None,
-                 progress=True, batch_size=None, max_batch_size=None, device=None, **unknown):
+                 dtype="float32", progress=True, batch_size=None, max_batch_size=None, device=None, **unknown):
         super().__init__()
         if unknown:
             raise SparseInferError(f"unknown model_args for sparseinfer: {', '.join(sorted(unknown))}; expected "
                                    f"model, alpha, random, seed, provider, target, threads, mlp_kernels, "
-                                   f"max_length, max_gen_toks, cache_dir, progress (or method=NAME,sparsity=S: any "
+                                   f"max_length, max_gen_toks, cache_dir, dtype, progress (or method=NAME,sparsity=S: any "
                                    f"sim.methods method on the NumPy reference model)")
         from sparseinfer.model_export.decode import OnnxDecoder
         from sparseinfer.model_export.export_folder import tokenizer_for
@@ -135,7 +135,7 @@ class SparseInferLM(TemplateLM):
             row = make_rows(alphas, random, int(seed))[-1]
             root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "sparseinfer" / "eval-exports"
             path = ensure_export(source, row, export_root(root, source), target or self.provider,
-                                 log=log.info)
+                                 log=log.info, dtype=check_dtype_name(dtype))
         else:
             path = source / "model.onnx" if source.is_dir() else source
             if not path.is_file():

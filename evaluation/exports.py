@@ -187,9 +187,12 @@ def checkpoint_identity(checkpoint) -> list:
     return [str(path)] + [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
 
 
-def export_key(checkpoint, row: Row, target: str) -> dict:
-    return {"checkpoint": checkpoint_identity(checkpoint), "row": row.as_dict(), "target": target,
-            "exporter": source_hash()}
+def export_key(checkpoint, row: Row, target: str, dtype: str = "float32") -> dict:
+    key = {"checkpoint": checkpoint_identity(checkpoint), "row": row.as_dict(), "target": target,
+           "exporter": source_hash()}
+    if dtype != "float32":                             # (float32 keys as before: their caches stay valid)
+        key["dtype"] = dtype
+    return key
 
 
 def export_root(cache_dir, checkpoint) -> Path:
@@ -198,20 +201,30 @@ def export_root(cache_dir, checkpoint) -> Path:
     return Path(cache_dir) / f"{path.name}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
 
 
+def check_dtype_name(dtype) -> str:
+    """An export dtype the exporter knows (float32, float16), or a one-line error."""
+    from sparseinfer.model_export.export import DTYPES
+
+    if dtype not in DTYPES:
+        raise SparseInferError(f"dtype {dtype!r}: expected {' or '.join(DTYPES)}")
+    return str(dtype)
+
+
 def is_checkpoint(path) -> bool:
     p = Path(path)
     return (p.is_file() and p.suffix.lower() == ".gguf") or (p.is_dir() and (p / "config.json").is_file())
 
 
 def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
-                  log=None, debug: bool = False) -> Path:
+                  log=None, debug: bool = False, dtype: str = "float32") -> Path:
     """The row's model.onnx under ``root``, exported now unless a matching one is cached.
     ``loaded``: a callable returning the loaded checkpoint (so it is read at most once);
-    ``debug``: an export with the per-layer debug outputs (masks; part of the key)."""
+    ``debug``: an export with the per-layer debug outputs (masks; part of the key);
+    ``dtype``: float32, or float16 weights and activations (its own folder and key)."""
     from sparseinfer.model_export.export_folder import export_checkpoint
 
-    out = Path(root) / row.slug
-    key = export_key(checkpoint, row, target)
+    out = Path(root) / (row.slug + ("" if dtype == "float32" else f"-{dtype}"))
+    key = export_key(checkpoint, row, target, dtype)
     if debug:
         key["debug"] = True
     key_file = out / "key.json"
@@ -236,6 +249,6 @@ def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
     if row.kind == "random":
         source = dataclasses.replace(ck, weights=drop_random_rows(ck.weights, row.random, row.seed))
     export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target,
-                      debug=debug)
+                      debug=debug, dtype=dtype)
     write_json(key_file, key, indent=1)
     return model

@@ -29,7 +29,8 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import make_folder, write_json
 
 from .data import BBH_TASKS, check_data, task_documents
-from .exports import checkpoint_identity, ensure_export, export_key, export_root, make_rows, parse_method_rows
+from .exports import (check_dtype_name, checkpoint_identity, ensure_export, export_key, export_root, make_rows,
+                      parse_method_rows)
 from .taskgen import BBH_GROUP, GSM8K_TASK, TASKS_DIR, bbh_task
 
 GSM8K_METRIC = "exact_match,strict-match"          # the headline GSM8K score (lm-eval's first filter)
@@ -120,11 +121,11 @@ def method_sources_hash() -> str:
     return h.hexdigest()[:16]
 
 
-def row_cache_key(checkpoint, row, target: str, calibration=None) -> str:
+def row_cache_key(checkpoint, row, target: str, calibration=None, dtype: str = "float32") -> str:
     """The key of a row's lm-eval cache: its export's key, or for a method row the checkpoint,
     the row, the calibration prompts and the methods' sources."""
     if row.kind != "method":
-        key = export_key(checkpoint, row, target)
+        key = export_key(checkpoint, row, target, dtype)
     else:
         key = {"checkpoint": checkpoint_identity(checkpoint), "row": row.as_dict(), "engine": row.engine,
                "calibration": calibration, "sources": method_sources_hash()}
@@ -134,18 +135,20 @@ def row_cache_key(checkpoint, row, target: str, calibration=None) -> str:
 def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cpu", data_dir=None, out="out/eval",
              max_gen_toks=None, threads=None, mlp_kernels="auto", target=None, seed=0, progress=True, verbose=False,
              log=print, ray=None, ray_workers=None, methods=(), sparsities=(), params=None, approximate=False,
-             calibration_file=None, max_calibration_prompts=64) -> dict:
+             calibration_file=None, max_calibration_prompts=64, dtype="float32") -> dict:
     """Evaluate dense, each α, the random control and each method row (see the module's
     docstring). ``ray``: a Ray address ('auto', 'local', HOST:PORT) to run each export row's
     requests on Ray workers (``ray_shards``; ``ray_workers`` of them) instead of in this
     process. ``methods`` / ``sparsities`` / ``params`` / ``approximate``: the method rows
-    (``exports.parse_method_rows``); ``calibration_file``: their calibration prompts."""
+    (``exports.parse_method_rows``); ``calibration_file``: their calibration prompts; ``dtype``:
+    the exports' float32, or float16 (weights and activations; the method rows stay float32)."""
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.sim.method_compare import calibration_prompts, check_disjoint
 
     from .backend import SparseInferLM
 
     names = parse_tasks(tasks)
+    dtype = check_dtype_name(dtype)
     method_rows = parse_method_rows(methods, sparsities, params, approximate)
     prompts, source = calibration_prompts(calibration_file, max_calibration_prompts) if method_rows else ([], None)
     if method_rows and ray is not None:
@@ -176,7 +179,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     out = Path(out)
     exports = export_root(out / "exports", checkpoint)
     target = target or provider
-    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, log=log)
+    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, log=log, dtype=dtype)
              for row in rows if row.kind != "method"}
     calibration = None
     if method_rows:
@@ -191,12 +194,12 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     calibration_key = None if calibration is None else {
         **calibration.describe(), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     result = {"checkpoint": str(checkpoint), "tasks": names, "limit": limit, "provider": provider,
-              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "ray": ray, "rows": []}
+              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "ray": ray, "dtype": dtype, "rows": []}
     if calibration is not None:
         result["calibration"] = calibration.describe()
     gen = {"max_gen_toks": max_gen_toks} if max_gen_toks else {}
     for row in rows:
-        key = row_cache_key(checkpoint, row, target, calibration_key)
+        key = row_cache_key(checkpoint, row, target, calibration_key, dtype)
         row_dir = out / row.slug
         log(f"evaluating {row.label} ({paths.get(row, row.engine)}) on {', '.join(names)}"
             f"{f', {limit} samples per task' if limit else ''}")
@@ -211,7 +214,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
         else:
             lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
                                provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
-                               cache_dir=str(out / "exports"), progress=progress, **gen)
+                               cache_dir=str(out / "exports"), dtype=dtype, progress=progress, **gen)
         if row.kind != "method" and lm.path != paths[row]:
             lm_path = lm.path
             raise SparseInferError(f"internal: export {lm_path} is not {paths[row]}")
@@ -272,9 +275,11 @@ def notes(result: dict) -> list[str]:
            f"GSM8K: 8-shot CoT, strict match; BBH: 3-shot CoT, exact match, macro average over subtasks"]
     if result.get("max_gen_toks"):
         out.append(f"generations capped at {result['max_gen_toks']} tokens (the tasks' own: GSM8K 256, BBH 1024)")
-    out.append("decode sparsity: MLP rows not computed in decode steps, counted by the native kernel "
-               "(— where the kernel did not run: dense rows, function bodies, or every answer from the cache); "
-               "prefill is dense in every row")
+    if result.get("dtype", "float32") != "float32":
+        out.append(f"exports in {result['dtype']} (weights and activations; the SparseMLP op accumulates in float32)")
+    out.append("decode sparsity: MLP rows not computed in decode steps, counted by the CPU kernel of the op library "
+               "(— where it did not run: dense rows, function bodies, the CUDA kernel, or every answer from the "
+               "cache); prefill is dense in every row")
     if any(r["kind"] == "random" for r in result["rows"]):
         out.append("random S fixed mask: the same random rows of each layer dropped at every position, prefill "
                    "too (a sparse export of zeroed weights)")

@@ -294,3 +294,23 @@ def test_eval_on_the_cuda_provider_gives_the_cpu_runs_scores_and_sparsity(fixtur
     assert 0 < sparse_cpu["decode_sparsity"] < 1
     if sparse_cuda["decode_sparsity"] is not None:
         assert abs(sparse_cuda["decode_sparsity"] - sparse_cpu["decode_sparsity"]) < 0.01
+
+
+def test_eval_in_float16_exports_each_row_in_its_own_folder(fixtures, tmp_path):
+    import onnx
+
+    args = ["eval", str(fixtures["ck"]), "--tasks", "bbh_navigate", "--alpha", "1.00", "--limit", "1",
+            "--data-dir", str(fixtures["data"]), "--max-gen-toks", "4", "--quiet", "--json", "--out", str(tmp_path)]
+    r = run(*args, "--dtype", "float16")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["dtype"] == "float16"
+    exports = [row["export"] for row in result["rows"]]
+    assert exports[0].endswith("dense-float16/model.onnx") and exports[1].endswith("alpha-1.00-float16/model.onnx")
+    model = onnx.load(exports[1], load_external_data=False)
+    kinds = {i.data_type for i in model.graph.initializer if len(i.dims) == 2}
+    assert onnx.TensorProto.FLOAT16 in kinds
+    assert result["rows"][1]["stats"]["generations"] == 1 and 0 < result["rows"][1]["stats"]["decode_sparsity"] < 1
+    r = run(*args)                                   # float32 beside it: its own exports, not the float16 ones
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["rows"][1]["export"].endswith("alpha-1.00/model.onnx")

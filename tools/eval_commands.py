@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import click
 
+from .export_commands import DTYPE_HELP
 from .output import echo_err, echo_json, format_table
 
 
@@ -40,6 +41,9 @@ from .output import echo_err, echo_json, format_table
               help="Use at most this many calibration prompts.")
 @click.option("--limit", type=int, default=None, help="Samples per task (lm-eval --limit; per BBH subtask).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="The exports' weights and activations: " + DTYPE_HELP.split(": ", 1)[1] + " The --method rows "
+                   "stay float32 (NumPy reference).")
 @click.option("--threads", type=click.IntRange(1, 1024), default=None,
               help="intra-op threads, 1..1024 (default: onnxruntime's).")
 @click.option("--data-dir", type=click.Path(), default=None,
@@ -59,7 +63,7 @@ from .output import echo_err, echo_json, format_table
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, params, approximate, calibration_file,
-             max_calibration_prompts, limit, provider, threads, data_dir, out_dir, max_gen_toks, ray_address,
+             max_calibration_prompts, limit, provider, dtype, threads, data_dir, out_dir, max_gen_toks, ray_address,
              ray_workers, quiet, as_json):
     """Accuracy of CHECKPOINT (HF directory or .gguf) dense and sparse, through lm-eval.
 
@@ -87,7 +91,7 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, pa
                       progress=not quiet and not as_json, log=echo_err, ray=ray_address, ray_workers=ray_workers,
                       methods=methods, sparsities=sparsities, params=parse_param_options(params),
                       approximate=approximate, calibration_file=calibration_file,
-                      max_calibration_prompts=max_calibration_prompts)
+                      max_calibration_prompts=max_calibration_prompts, dtype=dtype)
     if as_json:
         echo_json(result)
         return
