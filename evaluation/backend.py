@@ -36,6 +36,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from sparseinfer.model_export.checkpoint import first_id, stop_ids
 from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
 
@@ -177,7 +178,8 @@ class SparseInferLM(TemplateLM):
     # -- tokens ---------------------------------------------------------------------------
     @property
     def eot_token_id(self) -> int:
-        return self.eos if self.eos is not None else 0
+        eos = first_id(self.eos)
+        return eos if eos is not None else 0
 
     @property
     def prefix_token_id(self) -> int:
@@ -258,7 +260,7 @@ class SparseInferLM(TemplateLM):
         steps = 0
         while True:
             tok = int(np.argmax(logits))
-            if tok == self.eos:
+            if tok in stop_ids(self.eos):
                 break
             tokens.append(tok)
             text, stopped = stop_cut(self.tok_decode(tokens), until)

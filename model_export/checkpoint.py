@@ -70,7 +70,7 @@ class Checkpoint:
     source: str
     stored_dtype: str
     bos_token_id: int | None = None
-    eos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None      # several: any of them ends a generation
 
     @property
     def shape(self) -> ModelShape:
@@ -112,18 +112,30 @@ def check_config(cfg: dict, name: str) -> ModelShape:
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")
 
 
-def check_token_id(value, key: str, vocab_size: int, name: str) -> int | None:
+def check_token_id(value, key: str, vocab_size: int, name: str) -> int | tuple[int, ...] | None:
     """A special token's id: null (none) or a whole number inside the vocabulary. A list of end
-    tokens (as some configs give) is checked element by element and yields None: the decoder
-    stops on one id only, and picking one of several would be a guess."""
+    tokens (Llama 3's configs give two) is checked element by element and kept as a tuple: any
+    of them ends a generation (``stop_ids``)."""
     ids = value if isinstance(value, list) and key == "eos_token_id" else [value]
-    if value is None:
+    if value is None or ids == []:
         return None
     for v in ids:
         if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < vocab_size:
             raise SparseInferError(f"{name}: field {key} must be a token id in 0-{vocab_size - 1} (the vocabulary) "
                                    f"or null, got {json.dumps(value)}")
-    return None if isinstance(value, list) else value
+    return tuple(ids) if isinstance(value, list) else value
+
+
+def stop_ids(eos) -> frozenset[int]:
+    """The ids that end a generation, from an eos_token_id: none, one id or a tuple of them."""
+    if eos is None:
+        return frozenset()
+    return frozenset(int(t) for t in eos) if isinstance(eos, (tuple, list)) else frozenset([int(eos)])
+
+
+def first_id(value) -> int | None:
+    """One id for where a single one is needed (a pad id, a token name): the first of several."""
+    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 def read_generation_config(path, vocab_size: int) -> dict:

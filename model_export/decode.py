@@ -478,13 +478,16 @@ class Generation:
 
 
 def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, on_token=None, stop_id: int | None = None, keep_logits: bool = False) -> Generation:
-    """Prefill, then decode up to ``max_new_tokens`` tokens (the first comes from prefill)."""
+             seed: int = 0, on_token=None, stop_id=None, keep_logits: bool = False) -> Generation:
+    """Prefill, then decode up to ``max_new_tokens`` tokens (the first comes from prefill);
+    ``stop_id``: an id, or several, any of which ends the generation."""
+    from .checkpoint import stop_ids
+
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise SparseInferError("the prompt is empty")
-    outside = next((t for t in [*prompt_ids, *([] if stop_id is None else [stop_id])]
-                    if not 0 <= t < decoder.vocab_size), None)
+    stops = stop_ids(stop_id)
+    outside = next((t for t in [*prompt_ids, *sorted(stops)] if not 0 <= t < decoder.vocab_size), None)
     if outside is not None:
         raise SparseInferError(f"token id {outside} is outside the model's vocabulary (0-{decoder.vocab_size - 1}); "
                                f"is the tokenizer the model's own?")
@@ -507,7 +510,7 @@ def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature:
             gen.logits.append(logits)
         if on_token:
             on_token(tok)
-        if n + 1 == max_new_tokens or tok == stop_id:
+        if n + 1 == max_new_tokens or tok in stops:
             break
         logits, debug = decoder.step([tok])
         logits = logits[-1]

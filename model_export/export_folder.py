@@ -14,6 +14,8 @@ from pathlib import Path
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import replacing, write_json
 
+from .checkpoint import first_id
+
 
 def genai_ops_library():
     """The op library genai_config.json names for a sparse export: the CUDA flavour (both
@@ -48,7 +50,8 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
         write_json(Path(path).with_name("generation_config.json"), ids, indent=None)
         # what onnxruntime-genai's Tokenizer (onnxruntime-extensions) reads besides tokenizer.json
         names = {f"{k}_token": ck.tokenizer.id_to_token(v) for k, v in (("bos", ck.bos_token_id),
-                                                                       ("eos", ck.eos_token_id)) if v is not None}
+                                                                       ("eos", first_id(ck.eos_token_id)))
+                 if v is not None}
         write_json(Path(path).with_name("tokenizer_config.json"),
                    {"tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False,
                     "model_max_length": ck.shape.max_position_embeddings, **names})

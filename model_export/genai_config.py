@@ -16,6 +16,8 @@ from pathlib import Path
 
 from sparseinfer.reference.files import copy_whole, write_json
 
+from .checkpoint import first_id
+
 GENAI_CONFIG = "genai_config.json"
 
 
@@ -25,13 +27,14 @@ def genai_config(meta: dict[str, str], shape, filename: str, token_ids: dict | N
     ``ops_library``: the custom-op library genai registers for the decoder session."""
     ids = {k: v for k, v in (token_ids or {}).items() if v is not None}
     context = int(meta["sparseinfer.max_length"])
-    eos = ids.get("eos_token_id")
+    eos = ids.get("eos_token_id")               # an id, or a list of them (genai stops on any)
     model = {
         "type": "llama",
         "context_length": context,
         "vocab_size": shape.vocab_size,
         **({"bos_token_id": ids["bos_token_id"]} if "bos_token_id" in ids else {}),
-        **({"eos_token_id": eos, "pad_token_id": ids.get("pad_token_id", eos)} if eos is not None else {}),
+        **({"eos_token_id": list(eos) if isinstance(eos, tuple) else eos,
+            "pad_token_id": ids.get("pad_token_id", first_id(eos))} if eos is not None else {}),
         "decoder": {
             "session_options": {"log_id": "onnxruntime-genai", "provider_options": [],
                                 **({"custom_ops_library": Path(ops_library).name} if ops_library else {})},

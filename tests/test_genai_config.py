@@ -86,3 +86,33 @@ def test_genai_runs_a_sparse_export_on_the_op_library_it_names(tmp_path, checkpo
     assert steps >= 2 * (NEW_TOKENS - 1)                     # every layer of every decode step ran natively
     ours = generate(OnnxDecoder(out, mlp_kernels="native"), PROMPT, len(theirs)).tokens
     assert theirs == ours
+
+
+def test_several_end_tokens_each_end_a_generation_here_and_in_genai(tmp_path, checkpoint):
+    """A config with eos_token_id [a, b] (as Llama 3's): the checkpoint keeps both, the export's
+    generation_config.json and genai_config.json list both, and a greedy run stops at the first
+    of either, in our decoder, through `generate` and under genai's Generator."""
+    import shutil
+
+    from sparseinfer.model_export.checkpoint import load_checkpoint
+
+    ck = tmp_path / "ck"
+    shutil.copytree(checkpoint, ck)
+    out = tmp_path / "free" / "model.onnx"
+    assert CliRunner().invoke(cli, ["export", str(ck), "--out", str(out), "--dense"]).exit_code == 0
+    free = generate(OnnxDecoder(out, mlp_kernels="function"), PROMPT, NEW_TOKENS).tokens
+    first = free.index(free[4])                       # where the 5th token first appears: the run must stop there
+    never = next(t for t in range(258) if t not in free)
+    cfg = json.loads((ck / "config.json").read_text())
+    (ck / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [never, free[4]]}))
+    assert load_checkpoint(ck).eos_token_id == (never, free[4])
+    out = tmp_path / "two" / "model.onnx"
+    assert CliRunner().invoke(cli, ["export", str(ck), "--out", str(out), "--dense"]).exit_code == 0
+    assert json.loads(out.with_name("generation_config.json").read_text())["eos_token_id"] == [never, free[4]]
+    assert json.loads(out.with_name("genai_config.json").read_text())["model"]["eos_token_id"] == [never, free[4]]
+    ours = generate(OnnxDecoder(out, mlp_kernels="function"), PROMPT, NEW_TOKENS, stop_id=(never, free[4])).tokens
+    assert ours == free[:first + 1] and len(ours) < NEW_TOKENS
+    r = CliRunner().invoke(cli, ["generate", str(out), "--prompt", "The quick", "--max-new-tokens", "30", "--json"])
+    assert r.exit_code == 0, r.output
+    og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    assert _genai_greedy(og, og.Model(str(out.parent))) == ours
