@@ -14,9 +14,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Callable
+
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import write_whole
 
 CACHE_ENV = "SPARSEINFER_KERNEL_CACHE"
 
@@ -52,13 +54,8 @@ def cached_compile(key: str, compile_fn: Callable[[], bytes]) -> tuple[bytes, bo
 
 
 def _store(folder: Path, path: Path, data: bytes) -> None:
-    tmp = None
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError:               # a read-only or full cache folder: compiled, just not kept
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+        write_whole(path, data)
+    except (OSError, SparseInferError):     # a read-only or full cache folder: compiled, just not kept
+        pass

@@ -17,14 +17,13 @@ row does, at the rank actually used.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import replacing
 
 from .method_base import LayerInput, Method, MethodCost, Plan
 
@@ -99,14 +98,9 @@ def save_predictors(path, predictors: list[LowRankPredictor], meta: dict) -> Pat
     for i, pr in enumerate(predictors):
         for name in ("w1", "b1", "w2", "b2"):
             arrays[f"{name}_{i}"] = getattr(pr, name)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    with replacing(p) as tmp:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return p
 
 
