@@ -75,24 +75,6 @@ def stop_cut(text: str, until) -> tuple[str, bool]:
     return (text[:cut], True) if cut >= 0 else (text, False)
 
 
-def export_alpha_milli(path) -> list[int] | None:
-    """The α (thousandths per layer) baked into a sparse export; None for a dense one."""
-    from sparseinfer.model_export.decode import is_sparse_export, read_model_proto
-
-    model = read_model_proto(path)
-    if not is_sparse_export(model):
-        return None
-    meta = {p.key: p.value for p in model.metadata_props}
-    return [int(v) for v in meta["sparseinfer.alpha_milli"].split(",")]
-
-
-def export_max_length(path) -> int:
-    from sparseinfer.model_export.decode import read_model_proto
-
-    meta = {p.key: p.value for p in read_model_proto(path).metadata_props}
-    return int(meta.get("sparseinfer.max_length", meta.get("sparseinfer.max_position_embeddings", 0)))
-
-
 def summarize_stats(raw: dict, mlp_kernels: str) -> dict:
     """``stats()`` from the raw counters (``SparseInferLM._stats``, or their sum over Ray workers)."""
     s = dict(raw)
@@ -121,7 +103,7 @@ class SparseInferLM(TemplateLM):
                                    f"model, alpha, random, seed, provider, target, threads, mlp_kernels, "
                                    f"max_length, max_gen_toks, cache_dir, dtype, progress (or method=NAME,sparsity=S: any "
                                    f"sim.methods method on the NumPy reference model)")
-        from sparseinfer.model_export.decode import OnnxDecoder
+        from sparseinfer.model_export.decode import OnnxDecoder, export_info
         from sparseinfer.model_export.export_folder import tokenizer_for
 
         self.provider = str(provider)
@@ -137,6 +119,7 @@ class SparseInferLM(TemplateLM):
             root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "sparseinfer" / "eval-exports"
             path = ensure_export(source, row, export_root(root, source), target or self.provider,
                                  log=log.info, dtype=check_dtype_name(dtype))
+            info = export_info(path)
         else:
             path = source / "model.onnx" if source.is_dir() else source
             if not path.is_file():
@@ -144,7 +127,8 @@ class SparseInferLM(TemplateLM):
                                        f"(config.json + safetensors, or .gguf)")
             if random is not None:
                 raise SparseInferError("random=S needs a checkpoint (model=CHECKPOINT), not an export")
-            baked = export_alpha_milli(path)
+            info = export_info(path)
+            baked = list(info.alpha_milli) if info.sparse else None
             if alpha is not None:
                 want = AlphaSchedule.parse(alpha).per_layer_milli(len(baked) if baked else 1)
                 if baked is None or want != baked:
@@ -153,8 +137,7 @@ class SparseInferLM(TemplateLM):
             row = Row("dense") if baked is None else Row("sparse", alpha=alpha or ",".join(map(str, baked)))
         self.row, self.path = row, path
         self.tokenizer, self.bos, self.eos = tokenizer_for(path)
-        limit = export_max_length(path) or DEFAULT_MAX_LENGTH
-        self.max_length = min(int(max_length or DEFAULT_MAX_LENGTH), limit)
+        self.max_length = min(int(max_length or DEFAULT_MAX_LENGTH), info.max_length)
         self.decoder = OnnxDecoder(path, self.provider, int(threads) if threads not in (None, "") else None, mlp_kernels,
                                    max_length=self.max_length)
         self.max_length = self.decoder.max_positions

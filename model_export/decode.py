@@ -133,6 +133,7 @@ class ExportInfo:
     sparse: bool
     shared_kv: bool
     max_length: int
+    alpha_milli: tuple[int, ...] | None = None      # a sparse export's α per layer, in thousandths
 
 
 _SIZES = {"num_layers": "sparseinfer.num_layers", "kv_heads": "sparseinfer.num_kv_heads",
@@ -156,8 +157,8 @@ def check_export(model, path) -> ExportInfo:
     from onnx import TensorProto
 
     from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
-
     from sparseinfer.reference.shapes import MAX_POSITIONS
+
     from .mlp_functions import DOMAIN, OP_TYPE
 
     meta = {p.key: p.value for p in model.metadata_props}
@@ -242,11 +243,13 @@ def check_export(model, path) -> ExportInfo:
         got = next((a.i for a in node.attribute if a.name == "alpha_milli"), None)
         if got != int(alpha):
             fail(f"node {node.name} has alpha_milli {got}, but the metadata records {alpha}")
-    return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length)
+    return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length,
+                      alpha_milli=tuple(int(a) for a in alphas))
 
 
-def is_sparse_export(model) -> bool:
-    return any(p.key == "sparseinfer.sparse" and p.value == "True" for p in model.metadata_props)
+def export_info(path) -> ExportInfo:
+    """``check_export`` of the model at ``path`` (its graph and metadata; weights left on disk)."""
+    return check_export(read_model_proto(path), path)
 
 
 def has_sparse_mlp_op(model) -> bool:
