@@ -58,6 +58,8 @@ def named_tensors(weights: LlamaWeights) -> dict[str, np.ndarray]:
         for field, hf in LAYER_TENSORS.items():
             out[f"model.layers.{i}.{hf}"] = getattr(lw, field)
     return out
+
+
 MLP_FIELDS = ("gate", "up", "down")
 
 

@@ -266,7 +266,7 @@ inline float dot(const W* w, const float* x, int d, const W* ahead) {
 // are one vector and each product is added to it vertically: every token's sum takes the
 // contract's roundings in its order (lane l: its chunk's V elements in order, chunk after
 // chunk), then its own tail and butterfly (finish_row, on xs[t]). No transposes, and each
-// weight is read once for the kTokens tokens.
+// weight is read once for the kTokens tokens (the prefill's down projection groups them alike).
 constexpr int kTokens = 16;
 typedef float TokenVec __attribute__((vector_size(kTokens * sizeof(float))));
 

@@ -332,8 +332,6 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     }
 }
 
-constexpr int kPrefillTokens = 16;   // tokens whose down projections share one read of W_down^T
-
 // Several tokens: every row, token by token in the contract's order (a row is read once
 // for all tokens while it is in cache).
 template <typename W>
@@ -368,12 +366,12 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
             }
         }
     });
-    // the down projection in groups of tokens x column blocks: W_down^T read once per group
+    // the down projection in the same groups of tokens x column blocks: W_down^T read once per group
     const int block = down_block(p.d, 2);
-    const int blocks = (p.d + block - 1) / block, groups = (n + kPrefillTokens - 1) / kPrefillTokens;
+    const int blocks = (p.d + block - 1) / block, groups = (n + kTokens - 1) / kTokens;
     parallel_for(ctx, size_t(blocks) * groups, 0, [&](size_t b) {
-        const int j0 = int(b % blocks) * block, t0 = int(b / blocks) * kPrefillTokens;
-        down_columns_tokens(w_down_t, p.d, p.k, h3.data() + size_t(t0) * p.k, std::min(kPrefillTokens, n - t0), j0,
+        const int j0 = int(b % blocks) * block, t0 = int(b / blocks) * kTokens;
+        down_columns_tokens(w_down_t, p.d, p.k, h3.data() + size_t(t0) * p.k, std::min(kTokens, n - t0), j0,
                             std::min(p.d, j0 + block), out + int64_t(t0) * p.d);
     });
 }
