@@ -317,6 +317,16 @@ def accuracy_summary(result: dict, out) -> dict:
             "eval_json": str(Path(out) / "eval.json")}
 
 
+def merge_accuracy(result: dict, ev: dict, eval_key, row_key, out) -> None:
+    """Each of a design-space tool's ``result['rows']`` gets the accuracy fields of the
+    evaluated row with the same key (``eval_key(eval row) == row_key(row)``; ``eval_key`` gives
+    None for rows not to match), and ``result['accuracy']`` the evaluation's summary."""
+    by = {eval_key(r): r for r in ev["rows"]}
+    for row in result["rows"]:
+        row.update(accuracy_fields(by[row_key(row)]))
+    result["accuracy"] = accuracy_summary(ev, out)
+
+
 def check_task_arguments(tasks, data_dir, limit, calibration_file=None, max_calibration_prompts=None) -> list[str]:
     """``--tasks`` / ``--data-dir`` / ``--limit`` of a design-space tool, checked before its
     (slow) run, and with ``max_calibration_prompts`` its calibration prompts against the task

@@ -111,7 +111,8 @@ def load_calibration(checkpoint, calibration_file, max_calibration_prompts, eval
 
     prompts, source = calibration_prompts(calibration_file, max_calibration_prompts)
     check_disjoint(prompts, evaluation_prompts, what)
-    return collect_calibration(checkpoint.weights, encode_prompts(checkpoint, prompts, "calibration prompts"), source, progress=progress)
+    return collect_calibration(checkpoint.weights, encode_prompts(checkpoint, prompts, "calibration prompts"), source,
+                               progress=progress)
 
 
 def method_layer_ops(m, cost: MethodCost, gate_rows: float, up_rows: float, down_rows: float, x_cols: float,

@@ -338,7 +338,8 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
             ev = eval_runner().run_eval(checkpoint, methods=[f"{method.name}@{s:g}" for s in targets],
                                         params={method.name: given}, approximate=approximate,
                                         calibration_file=calibration_file, **evaluation)
-            _add_accuracy(result, ev, lambda r: r["kind"] == "method", "sparsity", "sparsity", eval_out)
+            _add_accuracy(result, ev, lambda r: r["sparsity"] if r["kind"] == "method" else None,
+                          lambda r: r["sparsity"], eval_out)
         if as_json:
             echo_json(result)
             return
@@ -366,7 +367,8 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     if tasks:
         ev = eval_runner().run_eval(checkpoint, alphas=[r["schedule"] for r in result["rows"]],
                                     provider=provider or "cpu", threads=threads, mlp_kernels=mlp_kernels, **evaluation)
-        _add_accuracy(result, ev, lambda r: r["kind"] == "sparse", "alpha", "schedule", eval_out)
+        _add_accuracy(result, ev, lambda r: r["alpha"] if r["kind"] == "sparse" else None,
+                      lambda r: r["schedule"], eval_out)
     if plot_file:
         from sparseinfer.sim.plots import plot_sweep
 
@@ -393,20 +395,16 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
         click.echo(f"wrote {plot_file}")
 
 
-def _add_accuracy(result: dict, ev: dict, wanted, eval_key: str, row_key: str, eval_out) -> None:
-    """Each sweep row's accuracy columns from the evaluated row whose ``eval_key`` equals the
-    sweep row's ``row_key``; ``pareto_accuracy`` marks the front of (latency, accuracy)."""
+def _add_accuracy(result: dict, ev: dict, eval_key, row_key, eval_out) -> None:
+    """Each sweep row's accuracy columns (``runner.merge_accuracy``); ``pareto_accuracy`` marks
+    the front of (latency, accuracy)."""
     from sparseinfer.sim.alpha_sweep import pareto_front
 
-    runner = eval_runner()
-    by = {r[eval_key]: r for r in ev["rows"] if wanted(r)}
-    for row in result["rows"]:
-        row.update(runner.accuracy_fields(by[row[row_key]]))
+    eval_runner().merge_accuracy(result, ev, eval_key, row_key, eval_out)
     front = pareto_front([{"latency_ms": r["latency_ms"], "loss": -r["accuracy_average"]} for r in result["rows"]],
                          "latency_ms", "loss")
     for i, row in enumerate(result["rows"]):
         row["pareto_accuracy"] = i in front
-    result["accuracy"] = runner.accuracy_summary(ev, eval_out)
 
 
 def _accuracy_columns(result: dict):

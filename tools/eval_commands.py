@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from .export_commands import DTYPE_HELP
+from .export_commands import DTYPE_HELP, THREADS
 from .output import echo_err, echo_json, format_table
 
 
@@ -44,8 +44,7 @@ from .output import echo_err, echo_json, format_table
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The exports' weights and activations: " + DTYPE_HELP.split(": ", 1)[1] + " The --method rows "
                    "stay float32 (NumPy reference).")
-@click.option("--threads", type=click.IntRange(1, 1024), default=None,
-              help="intra-op threads, 1..1024 (default: onnxruntime's).")
+@THREADS
 @click.option("--data-dir", type=click.Path(), default=None,
               help="Holds gsm8k/test.jsonl and bbh/bbh/<task>.json (default: $SPARSEINFER_DATA_DIR).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/eval", show_default=True,

@@ -316,8 +316,8 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
-                     tokens, repeats, prompt_tokens, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir, out_json,
-                     as_json):
+                     tokens, repeats, prompt_tokens, profile_tokens, portable, dtype, with_portable, cuda_graph,
+                     work_dir, out_json, as_json):
     """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
 
     Both exports are written first and flushed to disk, then both are loaded and decode

@@ -45,10 +45,8 @@ def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximat
                          params=by_method, approximate=approximate, calibration_file=calibration_file,
                          max_calibration_prompts=max_calibration_prompts, limit=limit, data_dir=data_dir,
                          out=eval_out, max_gen_toks=max_gen_toks, progress=False, log=echo_err)
-    by_row = {(r["method"], r["sparsity"]): r for r in ev["rows"] if r["kind"] == "method"}
-    for row in result["rows"]:
-        row.update(runner.accuracy_fields(by_row[(row["method"], row["target_sparsity"])]))
-    result["accuracy"] = runner.accuracy_summary(ev, eval_out)
+    runner.merge_accuracy(result, ev, lambda r: (r["method"], r["sparsity"]) if r["kind"] == "method" else None,
+                          lambda r: (r["method"], r["target_sparsity"]), eval_out)
 
 
 @click.command("compare-methods")
