@@ -148,7 +148,7 @@ class DeviceMatrix:
     ``data`` is [rows, ld] of the storage dtype (raw uint16 bits for fp16/bf16). ``ld``
     is ``cols`` rounded up to 16 bytes, zero-padded, so that every row starts 16-byte
     aligned and the kernels can use vector loads on any d. A matrix whose rows lie inside
-    wider records (``layout.NeuronMajor``) has ``data`` 1-D, from its first row's first
+    wider records (``layout.record_views``) has ``data`` 1-D, from its first row's first
     element on: the kernels get that pointer and the stride ``ld``.
     """
 

@@ -315,7 +315,7 @@ def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_d
               alpha_milli: int):
     """(h1, h3, zero, out): the whole sparse MLP in one persistent launch (mlp_fused). The three
     weight matrices share one row stride: row-major matrices, or views into the neuron-major
-    records (``layout.NeuronMajor``). A grid of the blocks resident at once strides over the
+    records (``layout.record_views``). A grid of the blocks resident at once strides over the
     parts (``device.resident_blocks``); ``out`` is the contract's down projection, bit for bit."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)

@@ -115,6 +115,7 @@ DOWN = _family(
      lambda h3, wt: ops.down_chunks(h3, wt, dense=True)),
 )
 
+
 def _mlp_fused(mlp, x, x_signs, alpha_milli):
     return ops.mlp_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.w_down_t, mlp.activation, alpha_milli)
 

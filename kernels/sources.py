@@ -68,7 +68,8 @@ KERNELS = {
     "fused.cu": tuple(f"mlp_fused_{s}" for s in WEIGHT_SUFFIXES),
 }
 HOT_KERNELS = frozenset(
-    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu") for name in KERNELS[src]) | {"pack_signs_fp32"}
+    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu") for name in KERNELS[src]
+) | {"pack_signs_fp32"}
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
 
