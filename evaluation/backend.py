@@ -104,7 +104,7 @@ class SparseInferLM(TemplateLM):
                                    f"max_length, max_gen_toks, cache_dir, dtype, progress (or method=NAME,sparsity=S: any "
                                    f"sim.methods method on the NumPy reference model)")
         from sparseinfer.model_export.decode import OnnxDecoder, export_info
-        from sparseinfer.model_export.export_folder import tokenizer_for
+        from sparseinfer.model_export.export_folder import export_model, tokenizer_for
 
         self.provider = str(provider)
         self.progress = _as_bool(progress)
@@ -121,7 +121,7 @@ class SparseInferLM(TemplateLM):
                                  log=log.info, dtype=check_dtype_name(dtype))
             info = export_info(path)
         else:
-            path = source / "model.onnx" if source.is_dir() else source
+            path = export_model(source)
             if not path.is_file():
                 raise SparseInferError(f"{model}: neither an export (model.onnx) nor a checkpoint "
                                        f"(config.json + safetensors, or .gguf)")

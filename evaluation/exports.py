@@ -9,9 +9,10 @@ the NumPy reference model (``method_backend``) and have no export. ``method`` ``
 is the paper's own control: a fresh random row mask per token at each decode step.
 
 An export lives in ``<root>/<slug>/model.onnx`` with ``key.json`` beside it: the
-checkpoint's files (path, size, mtime), the row, the target and a hash of the exporter's
-sources. ``key.json`` is written last, so an interrupted export is redone; any change of
-key re-exports.
+checkpoint's files (path, size, mtime), the row, the target and a hash of the sources an
+export depends on (``export_sources``: every module the exporter imports, found from the
+code). ``key.json`` is written last, so an interrupted export is redone; any change of key
+re-exports.
 """
 from __future__ import annotations
 
@@ -27,9 +28,7 @@ from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import write_json
 
-EXPORTER_SOURCES = ("export.py", "onnx_builder.py", "mlp_functions.py", "checkpoint.py", "gguf_loader.py",
-                    "tokenizer.py")
-
+from .export_sources import source_hash
 
 @dataclass(frozen=True)
 class Row:
@@ -165,18 +164,6 @@ def drop_random_rows(weights, fraction: float, seed: int = 0):
     if tied:
         out.lm_head = out.embed
     return out
-
-
-def source_hash() -> str:
-    """Hash of the exporter's sources: an export made by other code is made again."""
-    import sparseinfer.model_export as me
-
-    h = hashlib.sha256()
-    root = Path(me.__file__).parent
-    for name in EXPORTER_SOURCES:
-        path = root / name
-        h.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b""))
-    return h.hexdigest()[:16]
 
 
 def checkpoint_identity(checkpoint) -> list:

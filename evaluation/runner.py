@@ -18,6 +18,7 @@ lm-eval, its cache and its sample logging stay here, so the files are the same.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -84,9 +85,31 @@ def quiet_lm_eval(verbose: bool) -> None:
         logging.getLogger(name).setLevel(level)
 
 
+@contextlib.contextmanager
+def progress_bars(shown: bool):
+    """Inside, every tqdm bar is off unless ``shown``: lm-eval's own bars pass their own
+    ``disable=``, and tqdm reads TQDM_DISABLE only when it is first imported, so the switch
+    goes to tqdm's constructor itself (and is put back on the way out)."""
+    if shown:
+        yield
+        return
+    from tqdm import std
+
+    init = std.tqdm.__dict__["__init__"]
+
+    def quiet(self, *args, **kwargs):
+        init.__get__(self, type(self))(*args, **{**kwargs, "disable": True})
+    std.tqdm.__init__ = quiet
+    try:
+        yield
+    finally:
+        std.tqdm.__init__ = init
+
+
 def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: str, limit=None,
                  max_gen_toks=None, progress=True) -> dict:
-    """One row through lm_eval.simple_evaluate (cache, sample logging); scores and lm.stats()."""
+    """One row through lm_eval.simple_evaluate (cache, sample logging); scores and lm.stats().
+    ``progress``: lm-eval's progress bars, on or off."""
     import lm_eval
     from lm_eval.loggers import EvaluationTracker
     from lm_eval.tasks import TaskManager
@@ -95,10 +118,12 @@ def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: st
     tracker = EvaluationTracker(output_path=str(out_dir / "results.json"))
     lm.reset_stats()
     t0 = time.perf_counter()
-    res = lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_task(t) for t in tasks], limit=limit, task_manager=tm,
-                                  use_cache=cache_prefix, log_samples=True, evaluation_tracker=tracker,
-                                  gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
-                                  bootstrap_iters=0, verbosity="ERROR")
+    with progress_bars(progress):
+        res = lm_eval.simple_evaluate(model=lm, tasks=[lm_eval_task(t) for t in tasks], limit=limit,
+                                      task_manager=tm, use_cache=cache_prefix, log_samples=True,
+                                      evaluation_tracker=tracker,
+                                      gen_kwargs={"max_gen_toks": int(max_gen_toks)} if max_gen_toks else None,
+                                      bootstrap_iters=0, verbosity="ERROR")
     wall = time.perf_counter() - t0
     scores = {t: task_scores(t, res) for t in tasks}
     samples = res.pop("samples")
@@ -173,9 +198,6 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
 
     rows = make_rows(alphas, random, seed, ck().shape.num_layers, methods=method_rows)
     quiet_lm_eval(verbose)
-    if not progress:
-        import os
-        os.environ["TQDM_DISABLE"] = "1"              # lm-eval's own bars too (tqdm reads TQDM_* at each bar)
     out = Path(out)
     exports = export_root(out / "exports", checkpoint)
     target = target or provider

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "sparsellama")
 SUPPORTED_ACTIVATIONS = hf_activation_names()
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+EMBEDDING = "model.embed_tokens.weight"        # one row per token of the vocabulary
 
 # Hugging Face tensor names of one decoder layer, by LayerWeights field
 LAYER_TENSORS = {
@@ -51,7 +53,7 @@ LAYER_TENSORS = {
 def named_tensors(weights: LlamaWeights) -> dict[str, np.ndarray]:
     """The model's tensors under their Hugging Face names, as they are (no copy, no cast);
     a tied LM head is the embedding and is not listed twice."""
-    out = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.final_norm}
+    out = {EMBEDDING: weights.embed, "model.norm.weight": weights.final_norm}
     if not weights.shape.tie_word_embeddings:
         out["lm_head.weight"] = weights.lm_head
     for i, lw in enumerate(weights.layers):
@@ -106,12 +108,20 @@ def check_config(cfg: dict, name: str) -> ModelShape:
     shape = from_hf_config(cfg, name)
     if shape.head_dim % 2:
         raise SparseInferError(f"{name}: head dimension {shape.head_dim} is odd; rotary embeddings need it even")
-    for key in TOKEN_ID_FIELDS:
-        check_token_id(cfg.get(key), key, shape.vocab_size, name)
     return shape
 
 
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id")
+
+
+def token_ids(cfg: dict, vocab_size: int, name: str, embedding_rows: int | None) -> dict:
+    """The config's bos_token_id and eos_token_id (``check_token_id``), once the stored
+    embedding (``embedding_rows``, one row per token; None: not stored) shows that vocab_size
+    is right, so that a vocab_size too small is named as such rather than an id beyond it."""
+    if embedding_rows is not None and embedding_rows != vocab_size:
+        raise SparseInferError(f"{name}: field vocab_size is {vocab_size}, but tensor {EMBEDDING} holds "
+                               f"{embedding_rows} rows, one per token")
+    return {key: check_token_id(cfg.get(key), key, vocab_size, name) for key in TOKEN_ID_FIELDS}
 
 
 def check_token_id(value, key: str, vocab_size: int, name: str) -> int | tuple[int, ...] | None:
@@ -153,7 +163,7 @@ def read_generation_config(path, vocab_size: int) -> dict:
         raise SparseInferError(f"cannot read {p}: {str(e).splitlines()[0]}") from None
     if not isinstance(cfg, dict):
         raise SparseInferError(f"{p}: expected a JSON object, got {type(cfg).__name__}")
-    return {key: check_token_id(cfg.get(key), key, vocab_size, str(p)) for key in TOKEN_ID_FIELDS}
+    return token_ids(cfg, vocab_size, str(p), None)
 
 
 _EXPONENT_BITS = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}     # all ones: Inf or NaN
@@ -194,7 +204,7 @@ def assemble(shape: ModelShape, get, source: str) -> LlamaWeights:
 
     d, v = shape.d, shape.vocab_size
     exp = expected_shapes(shape)
-    embed = fetch("model.embed_tokens.weight", (v, d))
+    embed = fetch(EMBEDDING, (v, d))
     layers = []
     for i in range(shape.num_layers):
         fields = {f: fetch(f"model.layers.{i}.{hf}", exp[f], keep_dtype=f in MLP_FIELDS)
@@ -208,23 +218,76 @@ def assemble(shape: ModelShape, get, source: str) -> LlamaWeights:
     return LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
 
 
+def tensor_names(shape: ModelShape) -> list[str]:
+    """The Hugging Face names of every tensor the config implies, in ``assemble``'s order."""
+    layers = [f"model.layers.{i}.{hf}" for i in range(shape.num_layers) for hf in LAYER_TENSORS.values()]
+    return [EMBEDDING, *layers, "model.norm.weight", *([] if shape.tie_word_embeddings else ["lm_head.weight"])]
+
+
+def _and_more(names: list[str]) -> str:
+    """', and 2 more: b, c' after the first of ``names`` (at most five listed)."""
+    if len(names) < 2:
+        return ""
+    return f", and {len(names) - 1} more: {', '.join(names[1:6])}{', ...' if len(names) > 6 else ''}"
+
+
+def check_tensors_present(expected: list[str], present, source: str) -> None:
+    """Every expected tensor name among ``present``, else one line naming the missing ones."""
+    missing = [name for name in expected if name not in present]
+    if missing:
+        raise SparseInferError(f"{source}: tensor {missing[0]} is missing{_and_more(missing)}")
+
+
+# Buffers some checkpoints store that the config already implies (recomputed from rope_theta).
+DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
+# Stored tensors a loader may pass over: an LM head beside tied embeddings (Hugging Face ties
+# them and never reads it) and GGUF's rope_freqs (Llama 3.1's rope-scaling factors, which the
+# exporter's rotary embedding does not use).
+IGNORED_WHEN_TIED = ("lm_head.weight", "output.weight")
+IGNORED_TENSORS = ("rope_freqs.weight",)
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.([0-9]+)\.")
+
+
+def check_no_extra_tensors(expected: list[str], present, source: str, tied: bool = False) -> None:
+    """Every stored tensor in ``present`` is one the config implies (``expected``) or a buffer
+    derived from it, else one line naming those it does not account for: weights of more
+    layers than the config says would otherwise be dropped silently."""
+    known = set(expected) | set(IGNORED_TENSORS) | (set(IGNORED_WHEN_TIED) if tied else set())
+    extra = [name for name in present if name not in known and not name.endswith(DERIVED_TENSOR_SUFFIXES)]
+    if not extra:
+        return
+    layers = 1 + max((int(m[1]) for name in expected if (m := _LAYER_INDEX.search(name))), default=-1)
+    beyond = [int(m[1]) for name in extra if (m := _LAYER_INDEX.search(name)) and int(m[1]) >= layers]
+    why = (f"; the weights hold layer {max(beyond)}, but the config has {layers} layer{'s' if layers != 1 else ''}"
+           if beyond else "")
+    raise SparseInferError(f"{source}: tensor {extra[0]} is not accounted for by the config{_and_more(extra)}{why}")
+
+
+def _require_regular_file(p: Path, what: str) -> None:
+    if not p.is_file():
+        raise SparseInferError(f"{p}: {'a directory' if p.is_dir() else 'not a regular file'}, not {what}")
+
+
 def _safetensor_files(root: Path) -> list[Path]:
     index = root / INDEX_FILE
-    if index.is_file():
+    if index.exists():
+        _require_regular_file(index, "a shard index")
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SparseInferError(f"cannot read {index}: {e}") from None
         files = [root / f for f in dict.fromkeys(weight_map.values())]
-    elif (root / SINGLE_FILE).is_file():
+        for f in files:
+            if not f.exists():
+                raise SparseInferError(f"{root}: shard {f.name} listed in {INDEX_FILE} is missing")
+    elif (root / SINGLE_FILE).exists():
         files = [root / SINGLE_FILE]
     else:
         files = sorted(root.glob("*.safetensors"))
         if not files:
             raise SparseInferError(f"{root}: no model.safetensors, {INDEX_FILE} or *.safetensors found")
     for f in files:
-        if not f.is_file():
-            raise SparseInferError(f"{root}: shard {f.name} listed in {INDEX_FILE} is missing")
+        _require_regular_file(f, "a safetensors file")
     return files
 
 
@@ -234,11 +297,23 @@ SAFETENSORS_ITEMSIZE = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1,
 HEADER_BYTES_MAX = 100 << 20              # the format's own bound on a header
 
 
-def check_safetensors_header(f: Path) -> None:
+@dataclass
+class SafetensorsHeader:
+    """A checked header: each tensor's shape and data bytes [start, end), and the data's size."""
+
+    path: Path
+    shapes: dict[str, tuple[int, ...]]
+    spans: dict[str, tuple[int, int]]
+    data_bytes: int
+
+
+def check_safetensors_header(f: Path) -> SafetensorsHeader:
     """Each tensor's header entry agrees with its data: a known dtype, a shape of whole numbers,
     and offsets inside the file spanning exactly shape × itemsize bytes; one line naming the file,
     the tensor and the rule broken. (A header can still call F32 data I32, the same size:
-    ``check_tensor`` refuses weights of an integer type.)"""
+    ``check_tensor`` refuses weights of an integer type.) That the entries tile the data is
+    ``check_data_tiled``'s, after the tensor names are checked: a removed entry leaves a gap
+    that the safetensors library blames on the tensor after it."""
     import struct
 
     try:
@@ -259,6 +334,7 @@ def check_safetensors_header(f: Path) -> None:
     if not isinstance(header, dict):
         raise SparseInferError(f"{f}: the safetensors header is not a JSON object")
     data_bytes = size - 8 - n
+    checked = SafetensorsHeader(f, {}, {}, data_bytes)
     for name, entry in header.items():
         if name == "__metadata__":
             continue
@@ -279,20 +355,47 @@ def check_safetensors_header(f: Path) -> None:
         if offsets[1] - offsets[0] != expected:
             raise SparseInferError(f"{where}: the header says {dtype} {shape}, {expected} bytes, but its data "
                                    f"spans {offsets[1] - offsets[0]} bytes")
+        checked.shapes[name], checked.spans[name] = tuple(shape), tuple(offsets)
+    return checked
+
+
+def check_data_tiled(header: SafetensorsHeader) -> None:
+    """The tensors' data follow one another from the first data byte to the last, as the
+    format requires: a gap, an overlap or bytes left over is one line naming the bytes and
+    the tensors beside them."""
+    at, before = 0, None
+    for start, end, name in sorted((start, end, name) for name, (start, end) in header.spans.items()):
+        if start > at:
+            raise SparseInferError(f"{header.path}: data bytes {at}-{start} belong to no tensor in the header "
+                                   f"(they lie between {before or 'the header'} and {name})")
+        if start < at:
+            raise SparseInferError(f"{header.path}: tensors {before} and {name} overlap in the data "
+                                   f"(bytes {start}-{at})")
+        at, before = end, name
+    if at != header.data_bytes:
+        raise SparseInferError(f"{header.path}: data bytes {at}-{header.data_bytes} belong to no tensor in the "
+                               f"header (they follow {before or 'the header'})")
 
 
 @contextlib.contextmanager
-def _safetensors_reader(files: list[Path]):
+def _safetensors_reader(files: list[Path], expected: list[str], source: str, tied: bool = False):
     """``get(name) -> ndarray | None`` over the files, each tensor read when asked (so a
-    checkpoint is in memory once, not its files' bytes and then its arrays), and the set of
-    dtypes read so far (bf16 arrives as ml_dtypes.bfloat16)."""
+    checkpoint is in memory once, not its files' bytes and then its arrays), the set of
+    dtypes read so far (bf16 arrives as ml_dtypes.bfloat16) and every stored tensor's shape.
+    The headers are checked first, then that each ``expected`` name is there, then the data's
+    tiling (``check_data_tiled``)."""
     from safetensors import SafetensorError, safe_open
 
     errors = (SafetensorError, OSError, ValueError, TypeError)
+    headers = [check_safetensors_header(f) for f in files]
+    shapes = {name: shape for h in headers for name, shape in h.shapes.items()}
+    check_tensors_present(expected, shapes, source)
+    check_no_extra_tensors(expected, shapes, source, tied=tied)
+    for h in headers:
+        check_data_tiled(h)
     with contextlib.ExitStack() as stack:
         where = {}
         for f in files:
-            check_safetensors_header(f)
             try:
                 handle = stack.enter_context(safe_open(str(f), framework="np"))
                 where.update(dict.fromkeys(handle.keys(), (f, handle)))
@@ -311,7 +414,7 @@ def _safetensors_reader(files: list[Path]):
             dtypes.add(dtype_name(a.dtype))
             return a
 
-        yield get, dtypes
+        yield get, dtypes, shapes
 
 
 def load_hf_checkpoint(path) -> Checkpoint:
@@ -321,13 +424,15 @@ def load_hf_checkpoint(path) -> Checkpoint:
     if not root.is_dir():
         raise SparseInferError(f"{root}: expected a checkpoint directory (config.json + *.safetensors) or a .gguf file")
     cfg = read_config(root)
-    shape = check_config(cfg, str(root / "config.json"))
-    with _safetensors_reader(_safetensor_files(root)) as (get, dtypes):
+    config_name = str(root / "config.json")
+    shape = check_config(cfg, config_name)
+    with _safetensors_reader(_safetensor_files(root), tensor_names(shape), str(root),
+                             tied=shape.tie_word_embeddings) as (get, dtypes, shapes):
+        embedding = shapes[EMBEDDING]
+        ids = token_ids(cfg, shape.vocab_size, config_name, embedding[0] if embedding else None)
         weights = assemble(shape, get, str(root))
     from .tokenizer import load_tokenizer_json
     tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
-    ids = {key: check_token_id(cfg.get(key), key, shape.vocab_size, str(root / "config.json"))
-           for key in TOKEN_ID_FIELDS}
     return Checkpoint(weights=weights, tokenizer=tok, source=str(root), stored_dtype="/".join(sorted(dtypes)), **ids)
 
 

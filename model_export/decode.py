@@ -527,12 +527,19 @@ def generate(decoder: OnnxDecoder, prompt_ids, max_new_tokens: int, temperature:
 
 
 def compare_generations(dense: Generation, sparse: Generation) -> dict:
-    """First divergence, agreement and max |Δlogit| while the two saw the same tokens."""
+    """First divergence, agreement (positions with the same token) and max |Δlogit| while the
+    two saw the same tokens; at the divergence, how far apart the dense logits of the two
+    chosen tokens were (a near tie is flipped by a small |Δlogit|)."""
     n = min(len(dense.tokens), len(sparse.tokens))
     same = [a == b for a, b in zip(dense.tokens[:n], sparse.tokens[:n])]
     first = next((j for j, s in enumerate(same) if not s), None)
     upto = n if first is None else first + 1          # logits at the divergence still share inputs
     dl = [float(np.abs(a - b).max()) for a, b in zip(dense.logits[:upto], sparse.logits[:upto])]
+    gap = None
+    if first is not None and first < len(dense.logits):
+        at = dense.logits[first]
+        gap = float(at[dense.tokens[first]] - at[sparse.tokens[first]])
     return {"tokens_compared": n, "first_divergence": first, "token_agreement": float(np.mean(same)) if n else 1.0,
+            "tokens_agreeing": int(sum(same)), "dense_logit_gap_at_divergence": gap,
             "max_abs_logit_diff": max(dl) if dl else 0.0,
             "dense_tokens_per_s": dense.decode_tokens_per_s, "sparse_tokens_per_s": sparse.decode_tokens_per_s}

@@ -383,25 +383,33 @@ class LlamaExporter:
 
 
 def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = ExportOptions(), progress=None,
-                check: bool = True, token_ids: dict | None = None, ops_library: Path | None = None) -> Path:
-    """Build, save and check the model, write ``genai_config.json`` beside it (``token_ids``:
-    bos / eos / pad ids for it; ``ops_library``: the op library it names for sparse exports);
-    returns its path. Above 1 GiB of fp32 weights the
-    initializers are streamed into ``<name>.data`` beside it while the graph is built.
+                check: bool = True, token_ids: dict | None = None, ops_library: Path | None = None,
+                companions: dict | None = None) -> Path:
+    """Build, save and check the model, with ``genai_config.json`` beside it (``token_ids``:
+    bos / eos / pad ids for it; ``ops_library``: the op library it names for sparse exports,
+    copied beside it) and ``companions``, {file name: write(path)} of the other files that
+    belong to the export (its tokenizer's); returns the model's path. Above 1 GiB of fp32
+    weights the initializers are streamed into ``<name>.data`` beside it while the graph is built.
 
-    Written whole: the model and its ``.data`` (which the model names, so it is written under
-    its final name) go to a staging folder inside the output folder, are checked there, and
-    only then are moved into place together (reference.files.commit), so a failed or
-    interrupted export, a re-export over a good one included, leaves the previous pair intact
-    and no partial file."""
-    from sparseinfer.reference.files import commit, staging_folder
+    Written whole: every file goes to a staging folder inside the output folder (the .data
+    under its final name, which the model names), the model is checked there, and only then
+    are they moved into place together, the model last (reference.files.commit), so a failed or
+    interrupted export, a re-export over a good one included, leaves the previous files intact
+    and no partial file, nor an output folder it made. A destination that is not a regular
+    file (a device, a FIFO, a directory) is refused before any work."""
+    from sparseinfer.reference.files import check_replaceable, commit, staging_folder
 
-    from .genai_config import write_genai_config
+    from .genai_config import GENAI_CONFIG, write_genai_config
 
     out = Path(out_path)
-    if out.is_dir():
-        raise SparseInferError(f"cannot write {out}: it is a directory")
     data_name = out.name + ".data"
+    library = ops_library if options.sparse else None
+    companions = dict(companions or {})
+    beside = [Path(library).name] if library else []
+    beside += [*companions, GENAI_CONFIG]
+    check_replaceable(out, "model")
+    for name in [data_name, *beside]:
+        check_replaceable(out.with_name(name))
     big = 4 * weights.num_elements() > EXTERNAL_DATA_BYTES
     with staging_folder(out.parent, out.name) as stage:
         staged = stage / out.name
@@ -411,7 +419,8 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
         if check:
             register_onnxruntime_schemas()
             onnx.checker.check_model(str(staged), full_check=True)
-        commit(stage, out.parent, [data_name, out.name])     # the model last: it names the data
-    write_genai_config(out, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids,
-                       ops_library if options.sparse else None)
+        write_genai_config(staged, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids, library)
+        for name, write in companions.items():
+            write(stage / name)
+        commit(stage, out.parent, [data_name, *beside, out.name])     # the model last: it names the data
     return out

@@ -18,7 +18,8 @@ import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .checkpoint import LAYER_TENSORS, Checkpoint, assemble, check_config
+from .checkpoint import (EMBEDDING, LAYER_TENSORS, Checkpoint, assemble, check_config, check_no_extra_tensors,
+                         tensor_names, token_ids)
 
 # Hugging Face name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
 GGUF_LAYER_NAMES = {
@@ -101,21 +102,51 @@ def gguf_config(reader, name: str) -> dict:
     return {k: v for k, v in cfg.items() if v is not None}
 
 
-def load_gguf_checkpoint(path) -> Checkpoint:
+class _PastTheEnd(Exception):
+    def __init__(self, end: int, part: str):
+        super().__init__(end, part)
+        self.end, self.part = end, part
+
+
+def open_gguf(p: Path):
+    """A ``gguf.GGUFReader`` over ``p``. The reader slices its memory map without checking the
+    file's end, so a truncated file fails later on a short array with an unrelated message;
+    here every read past the end is caught and reported as truncation, in one line."""
     from gguf import GGUFReader
 
+    class CheckedReader(GGUFReader):
+        def _get(self, offset, dtype, count=1, override_order=None):
+            end = int(offset) + np.dtype(dtype).itemsize * int(count)
+            if end > len(self.data):
+                data_offset = getattr(self, "data_offset", None)     # set once the header is read
+                raise _PastTheEnd(end, "header" if data_offset is None or offset < data_offset else "tensor data")
+            return super()._get(offset, dtype, count, override_order)
+
+    size = p.stat().st_size
+    if size == 0:
+        raise SparseInferError(f"{p}: truncated GGUF file: it is empty")
+    try:
+        return CheckedReader(str(p))
+    except _PastTheEnd as e:
+        raise SparseInferError(f"{p}: truncated GGUF file: it has {size} bytes, but its {e.part} runs to byte "
+                               f"{e.end} at least") from None
+    except Exception as e:  # the reader raises ValueError / struct errors on bad files
+        raise SparseInferError(f"cannot read GGUF {p}: {str(e).splitlines()[0]}") from None
+
+
+def load_gguf_checkpoint(path) -> Checkpoint:
     p = Path(path)
     if not p.is_file():
         raise SparseInferError(f"no such checkpoint: {p}")
-    try:
-        reader = GGUFReader(str(p))
-    except Exception as e:  # the reader raises ValueError / struct errors on bad files
-        raise SparseInferError(f"cannot read GGUF {p}: {str(e).splitlines()[0]}") from None
+    reader = open_gguf(p)
     cfg = gguf_config(reader, str(p))
     shape = check_config(cfg, str(p))
+    by_name = {t.name: t for t in reader.tensors}
+    embedding = by_name.get(GGUF_GLOBAL_NAMES[EMBEDDING])
+    rows = int(embedding.shape[-1]) if embedding is not None and len(embedding.shape) else None    # fastest axis first
+    ids = token_ids(cfg, shape.vocab_size, str(p), rows)
     from .tokenizer import gguf_tokenizer
     tokenizer = gguf_tokenizer(_tokenizer_fields(reader), str(p))     # before the weights: fails fast
-    by_name = {t.name: t for t in reader.tensors}
     to_gguf = dict(GGUF_GLOBAL_NAMES)
     for i in range(shape.num_layers):
         to_gguf.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
@@ -131,7 +162,8 @@ def load_gguf_checkpoint(path) -> Checkpoint:
             a = rope_unpermute(a, shape.num_kv_heads)
         return a
 
+    check_no_extra_tensors([to_gguf.get(n, n) for n in tensor_names(shape)], by_name, str(p),
+                           tied=shape.tie_word_embeddings)
     weights = assemble(shape, get, str(p))
     types = sorted({t.tensor_type.name for t in reader.tensors})
-    return Checkpoint(weights=weights, tokenizer=tokenizer, source=str(p), stored_dtype="/".join(types),
-                      bos_token_id=cfg.get("bos_token_id"), eos_token_id=cfg.get("eos_token_id"))
+    return Checkpoint(weights=weights, tokenizer=tokenizer, source=str(p), stored_dtype="/".join(types), **ids)

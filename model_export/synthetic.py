@@ -270,7 +270,7 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_
     shape = synthetic_shape(shape_name, layers, kv_heads, hidden_act, tie_embeddings)
     weights = make_weights(shape, target_sparsity, seed)
     out = Path(out_dir)
-    with staging_folder(out, "checkpoint") as stage:     # written whole, moved in together, config last
+    with staging_folder(out, "checkpoint", target=out) as stage:    # written whole, moved in together, config last
         save_file(hf_tensors(weights, dtype), str(stage / "model.safetensors"), metadata={"format": "pt"})
         byte_level_tokenizer().save(str(stage / "tokenizer.json"))
         write_json(stage / "config.json", hf_config(shape, dtype, target_sparsity, seed))

@@ -3,7 +3,8 @@
 A file is written under a temporary name in its own folder and renamed onto its final name
 only when complete (``write_whole``, ``replacing``), so an interrupted or failed run (Ctrl-C,
 a full disk, an exception) leaves the previous file intact and no partial one. Files that
-belong together (an ONNX model and its ``.data``, a checkpoint's config and weights) are
+belong together (an export's model, its ``.data`` and the files beside them; a checkpoint's
+config, weights and tokenizer) are
 written into a staging folder inside the destination folder (``staging_folder``) and moved
 into place by ``commit`` with Ctrl-C deferred and the previous files restored if a rename
 fails, so a good pair is never mixed with a half-written one.
@@ -14,10 +15,18 @@ staging folder stays behind, hidden. Their names carry the writer's host and pro
 folder whose writer, on this host, is gone (``remove_stale``); one whose process still runs is
 never touched.
 
-An OSError while writing (disk full, a path under a regular file, no permission) becomes a
-one-line SparseInferError naming the final path (``cannot_write``). ``json_text`` is the one
-JSON serializer of results: non-finite floats become null, listed under ``non_finite_as_null``,
-and the text never holds NaN or Infinity.
+An OSError while writing (disk full, a path under a regular file, no permission), or a
+library's I/O error that carries one (safetensors' and tokenizers' '... (os error 28)'),
+becomes a one-line SparseInferError naming the final path (``cannot_write``). A path that
+exists and is not a regular file (a device, a FIFO, a socket, or a link to one) is never
+replaced: renaming a file onto ``/dev/full`` would replace the device (``check_replaceable``).
+Folders a failed write created are removed again (``staging_folder``).
+
+SIGTERM ends a command as Ctrl-C does, so that every writer cleans up on the way out
+(``terminate_as_interrupt``); both are held back while ``commit`` moves files into place.
+
+``json_text`` is the one JSON serializer of results: non-finite floats become null, listed
+under ``non_finite_as_null``, and the text never holds NaN or Infinity.
 
 The foundation layer: standard library only, so every folder above may use it.
 """
@@ -32,6 +41,7 @@ import re
 import shutil
 import signal
 import socket
+import stat
 import tempfile
 import threading
 from pathlib import Path
@@ -115,6 +125,23 @@ def cannot_write(path, e: OSError) -> SparseInferError:
     return SparseInferError(f"cannot write {path}: {os_error_line(e)}{where}")
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (?P<errno>[0-9]{1,4})\)")
+
+
+def os_error_of(e: BaseException) -> OSError | None:
+    """``e`` as an OSError: itself, or the OSError a library's I/O error carries in its text
+    (safetensors and tokenizers raise plain exceptions ending '... (os error 28)'); else None."""
+    if isinstance(e, OSError):
+        return e
+    if not isinstance(e, Exception) or isinstance(e, SparseInferError):
+        return None
+    m = _RUST_OS_ERROR.search(str(e))
+    if m is None:
+        return None
+    code = int(m["errno"])
+    return OSError(code, os.strerror(code))
+
+
 def make_folder(folder) -> Path:
     """``folder`` and its parents, or a one-line error (a parent that is a regular file, permission)."""
     p = Path(folder)
@@ -129,17 +156,40 @@ def make_folder(folder) -> Path:
     return p
 
 
+_FILE_KINDS = ((stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"))
+
+
+def check_replaceable(path, what: str = "file") -> Path:
+    """``path``, or a one-line error where writing it would replace something that is not a
+    regular file: a directory, a device, a FIFO, a socket, or a symbolic link to one. (A file
+    renamed onto ``/dev/full`` would replace the device.) A missing path, a regular file and a
+    link to a regular file or to nothing may be replaced."""
+    p = Path(path)
+    try:
+        mode = os.stat(p).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return p
+    except OSError as e:
+        raise cannot_write(p, e) from None
+    if stat.S_ISREG(mode):
+        return p
+    kind = "a directory" if stat.S_ISDIR(mode) else next((k for test, k in _FILE_KINDS if test(mode)),
+                                                         "not a regular file")
+    link = " (through a symbolic link)" if p.is_symlink() else ""
+    raise SparseInferError(f"cannot write the {what} {p}: it is {kind}{link}, not a regular file")
+
+
 def check_destination(path, what: str = "file") -> Path:
     """``path``, or a one-line error where it cannot be written: its folder missing or under a
-    regular file, or ``path`` a directory (checked before long work that ends in writing it)."""
+    regular file, or ``path`` something other than a regular file (``check_replaceable``;
+    checked before long work that ends in writing it)."""
     p = Path(path)
     if not p.parent.is_dir():
         if p.parent.exists() or any(q.is_file() for q in p.parent.parents):
             raise SparseInferError(f"cannot write the {what} {p}: {p.parent} is not a directory")
         raise SparseInferError(f"no such directory for the {what}: {p.parent}")
-    if p.is_dir():
-        raise SparseInferError(f"cannot write the {what} {p}: it is a directory")
-    return p
+    return check_replaceable(p, what)
 
 
 @contextlib.contextmanager
@@ -160,12 +210,12 @@ def replacing(path):
     try:
         yield tmp
         os.replace(tmp, p)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise cannot_write(p, e) from None
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        os_error = os_error_of(e)
+        if os_error is None:
+            raise
+        raise cannot_write(p, os_error) from None
 
 
 def write_whole(path, data: bytes | str) -> Path:
@@ -231,47 +281,104 @@ def write_json(path, data, indent: int | None = 2) -> Path:
 # --- files that belong together ---------------------------------------------------------------
 
 @contextlib.contextmanager
-def staging_folder(folder, label: str):
+def new_folder(folder):
+    """``folder``, made with its missing parents for the block (``make_folder``); if the block
+    fails, those of them this call made are removed again where they are still empty, so a
+    failed run leaves no empty folder behind."""
+    p = Path(folder)
+    missing = [q for q in (p, *p.parents) if not os.path.lexists(q)]      # the deepest first
+    try:
+        yield make_folder(p)
+    except BaseException:
+        for q in missing:
+            with contextlib.suppress(OSError):
+                q.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def staging_folder(folder, label: str, target=None):
     """A new hidden folder inside ``folder`` (same file system, so ``commit``'s renames are
-    atomic), removed with whatever is left in it when the block ends, error or not."""
-    dest = make_folder(folder)
-    remove_stale(dest)
+    atomic), removed with whatever is left in it when the block ends, error or not; ``folder``
+    is made if missing, and removed again if the block fails (``new_folder``). An I/O error in
+    the block becomes one line naming ``target`` (default ``folder/label``)."""
+    with new_folder(folder) as dest:
+        target = dest / label if target is None else Path(target)
+        remove_stale(dest)
+        try:
+            stage = Path(tempfile.mkdtemp(dir=dest, prefix=_prefix(label), suffix=".partial"))
+        except OSError as e:
+            raise cannot_write(target, e) from None
+        try:
+            yield stage
+        except Exception as e:
+            os_error = os_error_of(e)
+            if os_error is None:
+                raise
+            raise cannot_write(target, os_error) from None
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where it lands (``terminate_as_interrupt``): a KeyboardInterrupt, so that
+    it unwinds as Ctrl-C does and every writer removes its partial files on the way out."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """SIGTERM raises ``Terminated`` while the block runs, where it would end the process at
+    once (its default action; main thread only). Another handler, or SIGTERM ignored, stays."""
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+    signal.signal(signal.SIGTERM, _raise_terminated)
     try:
-        stage = Path(tempfile.mkdtemp(dir=dest, prefix=_prefix(label), suffix=".partial"))
-    except OSError as e:
-        raise cannot_write(dest / label, e) from None
-    try:
-        yield stage
-    except OSError as e:
-        raise cannot_write(dest / label, e) from None
+        yield
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 @contextlib.contextmanager
 def deferred_interrupts():
-    """Ctrl-C (SIGINT) held back while the block runs and raised as KeyboardInterrupt after it
-    (main thread only; elsewhere the block runs as is)."""
+    """Ctrl-C (SIGINT) and SIGTERM held back while the block runs and raised after it, each to
+    the handler it had before (KeyboardInterrupt, ``Terminated``, or the process's end); a
+    signal that was ignored stays ignored. Main thread only; elsewhere the block runs as is."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    caught: list[int] = []
+    previous = {}
+    for signum in DEFERRED_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    for signum in dict.fromkeys(caught):
+        signal.raise_signal(signum)
 
 
 def commit(stage, folder, names: list[str]) -> None:
     """Move ``stage/name`` onto ``folder/name`` for each name in order, as one step as far as a
     file system allows: Ctrl-C is deferred until all are in place, and if a rename fails the
-    files already moved are put back to their previous versions. A name missing from ``stage``
+    files already moved are put back to their previous versions; a name that would replace
+    something other than a regular file (``check_replaceable``) moves none. A name missing from ``stage``
     is removed from ``folder`` (a side file the previous version had and the new one has not).
     Put last the file whose presence marks the set complete (the model, the config)."""
     stage, folder = Path(stage), Path(folder)
+    for name in names:                           # nothing moved unless every name may be replaced
+        check_replaceable(folder / name)
     backups = stage / ".previous"
     with deferred_interrupts():
         backups.mkdir()

@@ -117,12 +117,17 @@ def from_hf_config(cfg: dict, name: str = "config.json") -> ModelShape:
 
 
 def read_config(path) -> dict:
-    """Read a config.json (or a directory holding one), with one-line errors."""
+    """Read a config.json (or a directory holding one), with one-line errors; a directory
+    named *.json, or one in place of a checkpoint's config.json, is named as a directory."""
     p = Path(path)
-    if p.is_dir():
+    if p.is_dir() and p.suffix.lower() != ".json":
         p = p / "config.json"
-    if not p.is_file():
+    if p.is_dir():
+        raise SparseInferError(f"{p}: a directory, not a config file")
+    if not p.exists():
         raise SparseInferError(f"no such config file: {p}")
+    if not p.is_file():
+        raise SparseInferError(f"{p}: not a regular file, so not a config file")
     try:
         cfg = json.loads(p.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:

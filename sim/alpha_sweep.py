@@ -51,7 +51,9 @@ def parse_layers(spec, num_layers: int) -> tuple[int, int]:
     if spec is None:
         return 0, min(PAPER_ALPHA_LAYERS, num_layers) - 1
     text = str(spec).strip().lower()
-    if text in ("", "all"):
+    if not text:
+        raise SparseInferError(f"layers {spec!r}: an empty selection; give A-B or 'all'")
+    if text == "all":
         return 0, num_layers - 1
     a, b = parse_layer_range(text, f"layers {spec!r}")
     if b >= num_layers:

@@ -91,8 +91,10 @@ def _table(where: str, data: dict, key: str) -> dict:
 
 def spec_from_dict(data: dict, where: str = "hardware spec") -> HardwareSpec:
     """Validate a parsed TOML document: every figure present, positive and sourced."""
-    if not isinstance(data.get("name"), str) or not data["name"].strip():
+    if "name" not in data:
         raise SparseInferError(f"{where}: missing 'name'")
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        raise SparseInferError(f"{where}: 'name' must be a non-empty string, got {data['name']!r}")
     missing = [k for k in _FIGURES if k not in data]
     if missing:
         raise SparseInferError(f"{where}: missing {', '.join(missing)}")

@@ -243,6 +243,9 @@ class Method:
     exact_for_relu = False
     bound = False                    # an unrealisable upper bound (reads the true h1)
     needs_calibration = False
+    # thresholds magnitudes at the target's quantile of calibration values: where a model has more
+    # exact zeros than the target, the threshold is 0 and drops exactly those zeros
+    quantile_threshold = False
     PARAMS: dict = {}
 
     def __init__(self, **params):
@@ -285,6 +288,7 @@ class Method:
     def describe(self) -> dict:
         return {"method": self.name, "paper": self.paper, "axis": self.axis,
                 "exact_for_relu": self.exact_for_relu, "bound": self.bound,
+                "quantile_threshold": self.quantile_threshold,
                 "params": {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v))
                            for k, v in self.params.items()}}
 

@@ -4,7 +4,12 @@
 evaluation prompts (``ReferenceRunner.run_method``) and reports:
 
 * ``sparsity``: the method's own decision on its axis (rows skipped; for channel methods
-  the MAC-weighted fraction of projection-input channels dropped, (2 s_x + s_h) / 3);
+  the MAC-weighted fraction of projection-input channels dropped, (2 s_x + s_h) / 3, its
+  parts in ``channels_dropped``: s_x of gate/up's input x, s_h of down's input h3, whose
+  exact zeros on a ReLU model count as dropped). A threshold at the target's quantile of
+  calibration magnitudes (``quantile_threshold``: teal, cats, wisparse) is 0 where the
+  model has more exact zeros than the target (``dense_zero_fraction``), and then drops
+  exactly those: such rows exceed their target;
 * ``bytes_skipped``: fraction of the MLP's weight bytes not read (on a ReLU model every
   method also skips up/down rows whose computed h1 is zero, the paper's +AS);
 * ``precision`` / ``recall`` of the skip set on the k axis against the reference set —
@@ -59,10 +64,11 @@ CALIBRATION_PROMPTS = (
     "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; } return sum;",
 )
 
-ROW_KEYS = ("method", "target_sparsity", "sparsity", "bytes_skipped", "precision", "recall",
+ROW_KEYS = ("method", "target_sparsity", "sparsity", "channels_dropped", "bytes_skipped", "precision", "recall",
             "predictor_ops_per_token", "predictor_unit", "predictor_bytes_per_token", "predictor_memory_bytes",
             "mean_kl", "top1_agreement", "max_abs_logit_delta", "latency_ms", "speedup", "pareto", "axis",
-            "exact_for_relu", "bound", "approximate", "paper", "params", "layer_sparsity", "extra")
+            "exact_for_relu", "bound", "quantile_threshold", "approximate", "paper", "params", "layer_sparsity",
+            "extra")
 
 
 MIN_CONTAINED_CHARS = 40     # a calibration prompt this long found inside an evaluation text is an overlap
@@ -211,8 +217,12 @@ def evaluate_method(runner, method, target: float, calibration, hw, dense_logits
                         context_tokens)
     info = method.describe()
     q = quality(dense_logits, logits)
+    channels = None if info["axis"] != "channels" else {
+        "gate_up_inputs": float(np.mean([1.0 - r["x_cols"] / m.d for r in rows])),
+        "down_inputs": float(np.mean([t.predicted_zero.mean() for token in traces for t in token]))}
     return {"method": method.name, "target_sparsity": target,
-            "sparsity": float(np.mean([r["sparsity"] for r in rows])), "bytes_skipped": stats["bytes_skipped"],
+            "sparsity": float(np.mean([r["sparsity"] for r in rows])), "channels_dropped": channels,
+            "bytes_skipped": stats["bytes_skipped"],
             "precision": stats["precision"], "recall": stats["recall"],
             "predictor_ops_per_token": cost.ops * m.num_layers, "predictor_unit": cost.unit,
             "predictor_bytes_per_token": cost.bytes_read * m.num_layers,
@@ -220,7 +230,7 @@ def evaluate_method(runner, method, target: float, calibration, hw, dense_logits
             "mean_kl": q["mean_kl"], "top1_agreement": q["top1_agreement"],
             "max_abs_logit_delta": q["max_abs_logit_delta"], "latency_ms": us / 1000, "speedup": dense_us / us,
             "pareto": False, "axis": info["axis"], "exact_for_relu": bool(info["exact_for_relu"]),
-            "bound": bool(info["bound"]),
+            "bound": bool(info["bound"]), "quantile_threshold": bool(info["quantile_threshold"]),
             "approximate": bool(method.params.get("approximate", False)) and method.name in APPROXIMATE_METHODS
             and not runner.weights.activation.sparse_capable,
             "paper": info["paper"], "params": info["params"],
@@ -238,7 +248,7 @@ def compare_methods(runner, calibration, method_names: list[str], targets: list[
                for n in method_names]
     dense_method = make_method("dense")
     dense_method.prepare(runner.weights, calibration, 0.0)
-    dense_logits, _ = runner.run_method(dense_method, 0.0)
+    dense_logits, dense_traces = runner.run_method(dense_method, 0.0)
     dense_us = dense_latency(sim_model or m, hw, context_tokens)
     rows = []
     total = len(methods) * len(targets)
@@ -255,6 +265,8 @@ def compare_methods(runner, calibration, method_names: list[str], targets: list[
     return {"model": m.name, "activation": str(act), "hardware": hw.name, "context_tokens": int(context_tokens),
             "latency_model": (sim_model or m).name,
             "reference_set": "true zeros (h1 == 0)" if act.sparse_capable else "smallest |h1| rows at the target",
+            "dense_zero_fraction": summary(per_layer_stats(dense_traces))["actual_sparsity"]
+            if act.sparse_capable else None,
             "date": _dt.date.today().isoformat(), "machine": f"{platform.machine()} {platform.processor() or ''} "
                                                                 f"({os.cpu_count()} CPUs)".replace("  ", " "),
             "calibration": calibration.describe(),

@@ -42,6 +42,7 @@ class Teal(Method):
     paper = "Liu et al.: TEAL, Training-Free Activation Sparsity in LLMs (2024)"
     axis = "channels"
     needs_calibration = True
+    quantile_threshold = True
 
     def prepare(self, weights, calibration, target):
         super().prepare(weights, calibration, target)
@@ -79,6 +80,10 @@ class Cats(Method):
     @property
     def exact_for_relu(self):
         return self.params["threshold"] == 0.0
+
+    @property
+    def quantile_threshold(self):
+        return self.params["threshold"] == "auto"
 
     def prepare(self, weights, calibration, target):
         super().prepare(weights, calibration, target)

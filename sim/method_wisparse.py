@@ -140,6 +140,7 @@ class WiSparse(Method):
     paper = "WiSparse: Weight-Aware Mixed Activation Sparsity (seed 004, arXiv 2026-02)"
     axis = "channels"
     needs_calibration = True
+    quantile_threshold = True
     PARAMS = {"exponent": (float, None, "fix a for every layer (default: searched per layer)"),
               "seed": (int, 0, "random seed of the evolutionary search")}
 

@@ -200,9 +200,9 @@ REFUSED = [
     ("table1", "--rank", "0", "--rank"),
     ("table1", "--rank", HUGE, "--rank"),
     ("memory --model prosparse-llama2-7b", "--rank", HUGE, "--rank"),
-    ("latency --model prosparse-llama2-7b", "--rank", HUGE, "rank must be in 1..1048576"),
-    ("latency --model prosparse-llama2-7b", "--context", HUGE, "context length must be in 0..16777216"),
-    ("fig4", "--context", HUGE, "context length must be in 0..16777216"),
+    ("latency --model prosparse-llama2-7b", "--rank", HUGE, "--rank"),
+    ("latency --model prosparse-llama2-7b", "--context", HUGE, "'--context'"),
+    ("fig4", "--context", HUGE, "'--context'"),
     ("table1", "--sparsity", "1", "sparsity"),
     ("ops --model prosparse-llama2-7b", "--sparsity", "nan", "sparsity"),
     ("memory --model prosparse-llama2-7b", "--rank", "-1", "--rank"),
@@ -567,7 +567,7 @@ def test_a_corrupted_hardware_file_gives_finite_latencies_or_one_line(tmp_path_f
      "nowhere"),
     (lambda d: d / "missing.gguf", ["export", "{x}", "--out", "{tmp}/m.onnx"], "no such checkpoint"),
     (lambda d: (d / "m.gguf").write_bytes(b"GGUF\x03\x00\x00\x00") and d / "m.gguf",
-     ["export", "{x}", "--out", "{tmp}/m.onnx"], "cannot read GGUF"),
+     ["export", "{x}", "--out", "{tmp}/m.onnx"], "truncated GGUF file"),
 ])
 def test_a_wrong_file_is_one_line(tmp_path, checkpoint, exports, make, args, needle):
     x = make(tmp_path)

@@ -231,7 +231,7 @@ def test_disk_full_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, m
     one_line_error(run("make-checkpoint", "--out", out, "--layers", "2", "--seed", "1"), "ENOSPC")
     assert digest(out) == before
     one_line_error(run("make-checkpoint", "--out", tmp_path / "fresh"), "ENOSPC")
-    assert not any((tmp_path / "fresh").iterdir())           # no config.json without weights
+    assert not (tmp_path / "fresh").exists()                 # no config.json without weights, no empty folder
 
 
 def test_disk_full_while_writing_a_plot_keeps_the_previous_one(tmp_path, monkeypatch):
@@ -505,6 +505,8 @@ def test_a_corrupted_config_field_exports_or_is_one_line(tmp_path_factory, check
     if field in ("bos_token_id", "eos_token_id") and value is not None \
             and not all(type(v) is int and 0 <= v < 258 for v in ids):
         one_line_error(r, field)                     # a token id outside the vocabulary (or no id at all)
+    if field == "vocab_size" and type(value) is int and value not in (0, 258):
+        one_line_error(r, field)                     # not the embedding's rows, whatever the token ids
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
@@ -524,3 +526,27 @@ def test_a_non_finite_weight_is_refused_naming_the_tensor(tmp_path, bad, dtype):
     save_file(tensors, str(ck / "model.safetensors"))
     one_line_error(run("export", ck, "--dense", "--out", tmp_path / "m.onnx"), name, "non-finite", "(3, 5)")
     assert not (tmp_path / "m.onnx").exists()
+
+
+# --- errors that name the thing at fault ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def silu_checkpoint(tmp_path_factory):
+    return make_checkpoint("tiny", tmp_path_factory.mktemp("silu") / "silu", layers=1, hidden_act="silu")
+
+
+@pytest.mark.parametrize("command", ["predictor-stats", "sweep"])
+def test_the_sign_predictor_at_alpha_on_silu_points_to_approximate(silu_checkpoint, command):
+    """Refused before the dense decodes (the error is the only line on stderr), naming the
+    activation and the option that runs it."""
+    one_line_error(run(command, silu_checkpoint, "--max-prompts", 1, "--max-new-tokens", 1),
+                   "silu: activation silu has no exact zeros", "pass --approximate")
+    r = run("predictor-stats", silu_checkpoint, "--max-prompts", 1, "--max-new-tokens", 1, "--approximate", "--json")
+    assert r.exit_code == 0, r.output
+    assert 0 < json.loads(r.stdout)["mean"]["predicted_sparsity"] < 1          # what --approximate runs
+
+
+def test_a_config_path_that_is_a_folder_is_named_a_folder(tmp_path):
+    (tmp_path / "config.json").mkdir()
+    line = one_line_error(run("memory", "--model", tmp_path / "config.json"), "config.json: a directory, not a config file")
+    assert "no such" not in line and "config.json/config.json" not in line

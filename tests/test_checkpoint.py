@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -186,6 +187,99 @@ def test_errors_are_one_line(tmp_path):
     (path / "model.safetensors").unlink()
     with pytest.raises(SparseInferError, match="no model.safetensors"):
         load_checkpoint(path)
+
+
+def _edit_header(path, edit):
+    """Rewrite model.safetensors with ``edit(header)`` applied to its JSON header, the data as it was."""
+    f = path / "model.safetensors"
+    data = f.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    text = json.dumps(header).encode()
+    f.write_bytes(len(text).to_bytes(8, "little") + text + data[8 + n:])
+
+
+def test_a_header_entry_removed_is_named_missing_not_blamed_on_the_next_tensor(tmp_path):
+    """Without its entry, down_proj's bytes are a gap before gate_proj's (the header lists
+    tensors by name), which the safetensors library reports as gate_proj's invalid offset."""
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    down, gate = "model.layers.0.mlp.down_proj.weight", "model.layers.0.mlp.gate_proj.weight"
+    _edit_header(path, lambda h: h.pop(down))
+    with pytest.raises(SparseInferError, match=rf"ck: tensor {down} is missing$") as e:
+        load_checkpoint(path)
+    assert gate not in str(e.value)
+
+
+def test_every_missing_tensor_is_counted_and_the_first_few_named(tmp_path):
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    _write_config(path, num_hidden_layers=2)
+    with pytest.raises(SparseInferError, match=r"tensor model.layers.1.input_layernorm.weight is missing, and 8 more: "
+                                               r"model.layers.1.self_attn.q_proj.weight, .*, \.\.\.$"):
+        load_checkpoint(path)
+
+
+NORM, DOWN = "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.down_proj.weight"   # adjacent
+
+
+def _shrink_norm(header):
+    """The layer norm one float shorter: 4 bytes before down_proj's data that no entry lists."""
+    header[NORM]["shape"][0] -= 1
+    header[NORM]["data_offsets"][1] -= 4
+
+
+def _move_down_back(header):
+    """down_proj's span 4 bytes earlier: its first 4 bytes are also the layer norm's last."""
+    header[DOWN]["data_offsets"] = [o - 4 for o in header[DOWN]["data_offsets"]]
+
+
+@pytest.mark.parametrize("edit,message", [
+    (_shrink_norm, rf"data bytes \d+-\d+ belong to no tensor in the header \(they lie between {NORM} and {DOWN}\)$"),
+    (_move_down_back, rf"tensors {NORM} and {DOWN} overlap in the data \(bytes \d+-\d+\)$"),
+])
+def test_data_that_no_entry_or_two_entries_list_is_named_by_its_bytes(tmp_path, edit, message):
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    _edit_header(path, edit)
+    with pytest.raises(SparseInferError, match=message):
+        load_checkpoint(path)
+
+
+def test_bytes_after_the_last_tensor_are_named(tmp_path):
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    with open(path / "model.safetensors", "ab") as f:
+        f.write(b"\0" * 16)
+    with pytest.raises(SparseInferError, match=r"data bytes \d+-\d+ belong to no tensor in the header "
+                                               r"\(they follow model.norm.weight\)$") as e:
+        load_checkpoint(path)
+    first, last = map(int, re.search(r"data bytes (\d+)-(\d+)", str(e.value)).groups())
+    assert last - first == 16
+
+
+def test_a_vocab_size_too_small_is_named_not_the_token_ids_beyond_it(tmp_path):
+    """The config's bos_token_id (256) is right; vocab_size 100 is wrong: the embedding holds 258 rows."""
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    _write_config(path, vocab_size=100)
+    with pytest.raises(SparseInferError, match="config.json: field vocab_size is 100, but tensor "
+                                               "model.embed_tokens.weight holds 258 rows, one per token$"):
+        load_checkpoint(path)
+    _write_config(path, vocab_size=258, bos_token_id=300)          # with the right vocabulary, the id is named
+    with pytest.raises(SparseInferError, match=r"field bos_token_id must be a token id in 0-257 .* got 300$"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("name,message", [
+    ("model.safetensors", "model.safetensors: a directory, not a safetensors file"),
+    ("model.safetensors.index.json", "model.safetensors.index.json: a directory, not a shard index"),
+    ("config.json", "config.json: a directory, not a config file"),
+])
+def test_a_folder_in_place_of_a_checkpoint_file_is_named_a_folder(tmp_path, name, message):
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    if (path / name).exists():
+        (path / name).unlink()
+    (path / name).mkdir()
+    with pytest.raises(SparseInferError, match=message) as e:
+        load_checkpoint(path)
+    assert "missing" not in str(e.value) and "no such" not in str(e.value)
 
 
 def test_make_checkpoint_command(tmp_path):

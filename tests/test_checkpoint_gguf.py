@@ -17,10 +17,11 @@ gguf = pytest.importorskip("gguf")
 VOCAB = ["<unk>", "<s>", "</s>"] + [f"▁{w}" for w in ("hello", "world", "the")] + list("abcdefghij")
 
 
-def _write(path, weights, qtype=None, arch="llama"):
+def _write(path, weights, qtype=None, arch="llama", extra=lambda writer: None):
     s = weights.shape
     w = gguf.GGUFWriter(str(path), arch)
     write_gguf_shape(w, s)
+    extra(w)
     w.add_layer_norm_rms_eps(s.rms_norm_eps)
     w.add_rope_freq_base(s.rope_theta)
     w.add_string(f"{arch}.hidden_act", "fatrelu")
@@ -81,3 +82,30 @@ def test_gguf_errors(tmp_path):
         load_checkpoint(tmp_path / "g.gguf")
     with pytest.raises(SparseInferError, match="no such checkpoint"):
         load_checkpoint(tmp_path / "none.gguf")
+
+
+def test_a_truncated_gguf_says_truncated_wherever_it_is_cut(tmp_path):
+    """The gguf reader fails on a short file with unrelated messages (a reshape, a dtype view):
+    a cut in the header, in the tensor infos or in the tensor data is one line saying so."""
+    weights = make_weights(synthetic_shape("tiny", layers=1), seed=1)
+    _write(tmp_path / "whole.gguf", weights)
+    data = (tmp_path / "whole.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size, part in ((10, "header"), (2000, "header"), (len(data) // 2, "tensor data"),
+                       (len(data) - 64, "tensor data")):          # past any padding at the end
+        cut.write_bytes(data[:size])
+        with pytest.raises(SparseInferError, match=rf"cut.gguf: truncated GGUF file: it has {size} bytes, but its "
+                                                   rf"{part} runs to byte \d+ at least$"):
+            load_checkpoint(cut)
+    cut.write_bytes(b"")
+    with pytest.raises(SparseInferError, match="cut.gguf: truncated GGUF file: it is empty$"):
+        load_checkpoint(cut)
+    assert load_checkpoint(tmp_path / "whole.gguf").shape.num_layers == 1      # the whole file reads
+
+
+def test_a_gguf_vocab_size_too_small_is_named_not_the_token_ids_beyond_it(tmp_path):
+    weights = make_weights(synthetic_shape("tiny", layers=1), seed=1)
+    _write(tmp_path / "v.gguf", weights, extra=lambda w: w.add_vocab_size(2))
+    with pytest.raises(SparseInferError, match=f"v.gguf: field vocab_size is 2, but tensor model.embed_tokens.weight "
+                                               f"holds {weights.shape.vocab_size} rows, one per token$"):
+        load_checkpoint(tmp_path / "v.gguf")

@@ -65,7 +65,7 @@ def test_fig4_json_rows():
     (["latency", "--hw-file", "/nonexistent/hw.toml"], "no such hardware file"),
     (["latency", "--alpha", "1.02@0-99,1.00"], "names layer 99"),
     (["latency", "--sparsity", "1.5"], "sparsity must be in [0, 1)"),
-    (["latency", "--context", "-1"], "context length must be in 0..16777216 tokens, got -1"),
+    (["latency", "--context", "-1"], "'--context': -1 is not in the range 0<=x<=16777216"),
     (["sweep", "/nonexistent", "--alpha", "1.05:1.00:0.01"], "STOP is below START"),
     (["sweep", "/nonexistent", "--alpha", "1.00:x"], "alpha range"),
     (["sweep", "/nonexistent", "--hw", "tpu-v9"], "unknown hardware"),

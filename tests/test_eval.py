@@ -257,7 +257,7 @@ def test_eval_command_resumes_after_interruption(fixtures, tmp_path, monkeypatch
     (["--alpha", "1.0x"], "alpha"),
     (["--alpha", "1.03@0-19,1.00"], "names layer 19, but the model has 2 layers"),
     (["--random", "1.5"], "--random 1.5"),
-    (["--limit", "0"], "--limit 0"),
+    (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
 ])
 def test_errors_are_one_line_exit_2(fixtures, tmp_path, extra, message):
     args = ["eval", str(fixtures["ck"]), "--data-dir", str(fixtures["data"]), "--out", str(tmp_path), *extra]

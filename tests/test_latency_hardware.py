@@ -56,6 +56,9 @@ def test_a_platform_can_be_added_from_a_small_file(tmp_path):
     (lambda t: t.replace("sm_count = 16", "sm_count = \"16\""), "sm_count must be a number"),
     (lambda t: t.replace("[efficiency]", "[efficiencyx]"), "missing [efficiency] table"),
     (lambda t: t + "\n[[[", "cannot read hardware file"),
+    (lambda t: t.replace('name = "jetson-orin-agx"', "name = 5"), "toml: 'name' must be a non-empty string, got 5"),
+    (lambda t: t.replace('name = "jetson-orin-agx"', 'name = " "'), "'name' must be a non-empty string, got ' '"),
+    (lambda t: t.replace('name = "jetson-orin-agx"', 'label = "x"'), "mine.toml: missing 'name'"),
 ])
 def test_bad_hardware_files_give_one_line_errors(tmp_path, edit, message):
     p = _write_variant(tmp_path, edit)

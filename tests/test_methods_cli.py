@@ -13,7 +13,8 @@ ROW_SCHEMA = {"method": str, "target_sparsity": float, "sparsity": float, "bytes
               "predictor_bytes_per_token": float, "predictor_memory_bytes": float, "mean_kl": float,
               "top1_agreement": float, "max_abs_logit_delta": float, "latency_ms": float, "speedup": float,
               "pareto": bool, "axis": str, "exact_for_relu": bool, "bound": bool, "approximate": bool, "paper": str,
-              "params": dict, "layer_sparsity": list, "extra": dict}
+              "params": dict, "layer_sparsity": list, "extra": dict, "quantile_threshold": bool,
+              "channels_dropped": (dict, type(None))}
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def test_compare_methods_json_schema_plot_and_file(checkpoint, tmp_path):
     assert json.loads(out.read_text()) == data and plot.read_bytes()[:8] == PNG
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]          # temp files renamed away
     for key in ("model", "activation", "hardware", "latency_model", "reference_set", "date", "machine", "calibration",
-                "evaluation", "dense_latency_ms", "methods", "targets", "rows"):
+                "evaluation", "dense_latency_ms", "methods", "targets", "rows", "dense_zero_fraction"):
         assert key in data, key
     assert data["calibration"]["prompts"] == 4 and data["calibration"]["tokens"] > 100
     assert data["evaluation"] == {"prompts": 2, "tokens": 6}

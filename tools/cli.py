@@ -5,33 +5,50 @@ them here. Every error is one line on stderr (``error: …``) with exit code 2.
 """
 from __future__ import annotations
 
+import signal
 import sys
 
 import click
 
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.reference.files import os_error_message
+from sparseinfer.reference.files import Terminated, os_error_message, terminate_as_interrupt
+
+from . import stdio
 
 
 class _Interrupted(Exception):
-    """Ctrl-C reached the command (its writers have removed their partial files on the way out)."""
+    """Ctrl-C or SIGTERM reached the command (its writers have removed their partial files on
+    the way out)."""
+
+    def __init__(self, terminated: bool = False):
+        super().__init__()
+        self.terminated = terminated
 
 
 class OneLineErrors(click.Group):
     """A click group whose usage errors, SparseInferErrors and OS errors (disk full, not a
-    directory, permission) print one line and exit 2; Ctrl-C prints one line and exits 130."""
+    directory, permission) print one line and exit 2; Ctrl-C prints one line and exits 130
+    (SIGTERM: 143); a pipe on stdout closed early ends it quietly with exit 141 (stdio)."""
 
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
-        except KeyboardInterrupt:          # before click turns it into Abort with a blank line
-            raise _Interrupted() from None
+        except KeyboardInterrupt as e:     # before click turns it into Abort with a blank line
+            raise _Interrupted(isinstance(e, Terminated)) from None
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
-            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
-                                standalone_mode=False, **extra)
-        except (_Interrupted, KeyboardInterrupt):
+            with terminate_as_interrupt():
+                rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+            sys.stdout.flush()             # a result still buffered fails here, not at exit
+            return rv
+        except stdio.ReaderGone:
+            sys.exit(stdio.READER_GONE_EXIT)
+        except (_Interrupted, KeyboardInterrupt) as e:
+            if isinstance(e, Terminated) or getattr(e, "terminated", False):
+                click.echo("error: terminated", err=True)
+                sys.exit(128 + signal.SIGTERM)
             click.echo("error: interrupted", err=True)
             sys.exit(130)
         except click.exceptions.Abort:
@@ -55,8 +72,7 @@ class OneLineErrors(click.Group):
 def cli():
     """SparseInfer: training-free sign-bit prediction of activation sparsity.
 
-    Reproduce the paper's counts (table1, ops, memory), list model shapes (models).
-    Run ``sparseinfer COMMAND --help`` for each command.
+    Start with `sparseinfer tour`, the main job. Each command has --help.
     """
 
 
@@ -74,6 +90,7 @@ _register()
 
 
 def main():
+    stdio.install()
     cli()
 
 

@@ -6,34 +6,60 @@ import sys
 
 import click
 
+from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.shapes import load_model
 from sparseinfer.sim import latency as lat
 from sparseinfer.sim import paper
 from sparseinfer.sim.hardware import builtin_hardware, load_hardware
+from sparseinfer.sim.ops import MAX_CONTEXT_TOKENS, MAX_RANK
 
 from .eval_commands import eval_runner, task_options
+from .export_commands import MAX_THREADS
 from .output import echo_err, echo_json, format_table, rel_diff
 from .sim_commands import MODEL_HELP
 
 HW_HELP = "Platform: a built-in name (see `sparseinfer hardware`) or a TOML file of the same form."
 ALPHA_HELP = "α schedule, e.g. 1.00 or '1.03@0-19,1.00' (α > 1 is more conservative)."
+MAX_PROMPTS = click.option("--max-prompts", default=4, show_default=True, type=click.IntRange(1),
+                           help="Use at most this many prompts.")
+CONTEXT = click.option("--context", "context_tokens", default=lat.DEFAULT_CONTEXT_TOKENS, show_default=True,
+                       type=click.IntRange(0, MAX_CONTEXT_TOKENS),
+                       help=f"KV-cache length (tokens) of the decode step, 0..{MAX_CONTEXT_TOKENS:,}.")
 
 
 def open_runner(checkpoint_path, prompts_file=None, max_prompts: int = 4, max_new_tokens: int = 8, progress=None,
-                ort=None):
+                ort=None, needs_exact_zeros: bool = False):
     """Load the checkpoint (model_export) and read the prompts first, then run the dense
     greedy decodes (``sim.model_runner.ReferenceRunner``). ``ort``: {provider, export_dir,
-    threads, mlp_kernels} to run onnxruntime debug exports instead (``evaluation.ort_runner``)."""
+    threads, mlp_kernels} to run onnxruntime debug exports instead (``evaluation.ort_runner``).
+    ``needs_exact_zeros``: the run uses the sign predictor at --alpha (``require_exact_zeros``)."""
     from sparseinfer.sim.model_runner import ReferenceRunner, read_prompts
 
     prompts = read_prompts(prompts_file, max_prompts)
     if ort and ort.get("provider"):
         from sparseinfer.evaluation.ort_runner import OrtRunner
 
-        return OrtRunner(checkpoint_path, prompts, max_new_tokens, progress=progress, **ort)
+        runner = OrtRunner(checkpoint_path, prompts, max_new_tokens, progress=progress, **ort)
+        if needs_exact_zeros:
+            require_exact_zeros(runner.checkpoint, "drop --provider and pass --approximate")
+        return runner
     from sparseinfer.model_export.checkpoint import load_checkpoint
 
-    return ReferenceRunner(load_checkpoint(checkpoint_path), prompts, max_new_tokens, progress)
+    checkpoint = load_checkpoint(checkpoint_path)
+    if needs_exact_zeros:                                 # before the dense decodes
+        require_exact_zeros(checkpoint, "pass --approximate")
+    return ReferenceRunner(checkpoint, prompts, max_new_tokens, progress)
+
+
+def require_exact_zeros(checkpoint, remedy: str) -> None:
+    """The sign predictor at --alpha skips the rows whose activation is exactly zero; on an
+    activation without exact zeros (SiLU, GELU) it runs only as an approximation, which
+    --approximate asks for: one line naming the activation and the option."""
+    act = checkpoint.weights.activation
+    if not act.sparse_capable:
+        raise SparseInferError(f"{checkpoint.source}: activation {act} has no exact zeros, so the sign predictor "
+                               f"at --alpha cannot skip rows exactly; {remedy} (rows predicted negative taken as "
+                               f"zero)")
 
 
 def ort_options(f):
@@ -42,7 +68,8 @@ def ort_options(f):
 
     f = click.option("--mlp-kernels", type=click.Choice(MLP_KERNELS), default="auto", show_default=True,
                      help="With --provider: " + MLP_KERNELS_HELP)(f)
-    f = click.option("--threads", type=int, default=None, help="With --provider: onnxruntime intra-op threads.")(f)
+    f = click.option("--threads", type=click.IntRange(1, MAX_THREADS), default=None,
+                     help=f"With --provider: onnxruntime intra-op threads, 1..{MAX_THREADS}.")(f)
     f = click.option("--export-dir", type=click.Path(file_okay=False), default="out/dse-exports", show_default=True,
                      help="With --provider: where the debug exports (one per alpha schedule, and the dense one) "
                           "are made once and cached.")(f)
@@ -107,16 +134,15 @@ def _fmt_ops(method_row: dict) -> str:
     return format_table(["op", "stage", "MB", "Mops", "unit", "launches", "bw", "bound", "us/token"], rows)
 
 
-@click.command()
+@click.command(short_help="Per-token decode latency of each method.")
 @click.option("--model", "model_name", default="prosparse-llama2-13b", show_default=True, help=MODEL_HELP)
 @hw_options
 @click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
 @click.option("--sparsity", default=None,
               help="True activation sparsity in [0, 1) (default: the model's reported one, 0.8880 for 13B).")
-@click.option("--context", "context_tokens", default=lat.DEFAULT_CONTEXT_TOKENS, show_default=True, type=int,
-              help="KV-cache length (tokens) of the decode step.")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=int,
-              help="Rank r of PowerInfer's DejaVu predictor.")
+@CONTEXT
+@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, MAX_RANK),
+              help=f"Rank r of PowerInfer's DejaVu predictor, 1..{MAX_RANK}.")
 @click.option("--ops", "show_ops", default=None, type=click.Choice(lat.METHODS),
               help="Also print the per-op breakdown of one method.")
 @click.option("--calibrate", "results_file", type=click.Path(dir_okay=False),
@@ -136,6 +162,7 @@ def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show
     timed as launches x launch time + max(bytes / achieved bandwidth, ops / achieved
     compute); the binding limit is reported. Example:
 
+    \b
         sparseinfer latency --model prosparse-llama2-13b --hw jetson-orin-agx --alpha '1.02@0-19,1.00'
     """
     from sparseinfer.sim import calibrate as cal
@@ -179,10 +206,9 @@ def latency(model_name, hw, hw_file, alpha, sparsity, context_tokens, rank, show
         click.echo(_fmt_ops(next(r for r in data["methods"] if r["method"] == show_ops)))
 
 
-@click.command()
+@click.command(short_help="Reproduce the paper's Fig. 4 speedups (Jetson Orin).")
 @hw_options
-@click.option("--context", "context_tokens", default=lat.DEFAULT_CONTEXT_TOKENS, show_default=True, type=int,
-              help="KV-cache length (tokens) of the decode step.")
+@CONTEXT
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Also write a PNG bar chart here.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON rows.")
 def fig4(hw, hw_file, context_tokens, plot_file, as_json):
@@ -208,7 +234,7 @@ def fig4(hw, hw_file, context_tokens, plot_file, as_json):
         click.echo(f"wrote {plot_file}")
 
 
-@click.command()
+@click.command(short_help="List the built-in hardware platforms.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def hardware(as_json):
     """List the built-in platforms with their peak figures and efficiency constants."""
@@ -228,13 +254,14 @@ def _progress(done, total, row):
              f"sparsity {row['union_sparsity']:.3f}, top-1 {row['top1_agreement']:.3f}")
 
 
-@click.command(name="predictor-stats")
+@click.command(name="predictor-stats", short_help="Per-layer predictor precision / recall (Fig. 3).")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="Text file (one prompt per line) or JSONL with 'question'/'prompt'/'text' fields.")
 @click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
-@click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
-@click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps traced per prompt.")
+@MAX_PROMPTS
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(1),
+              help="Decode steps traced per prompt.")
 @method_options
 @ort_options
 @click.option("--plot", "plot_file", type=click.Path(dir_okay=False), help="Write a Fig. 3-style PNG here.")
@@ -252,7 +279,8 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
 
     method = _method_or_none(method_name, sparsity, params, approximate, calibration_file, single=True)
     ort = _ort(provider, export_dir, threads, mlp_kernels, method)
-    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err, ort)
+    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err, ort,
+                         needs_exact_zeros=method is None)
     if method is None:
         _, traces = runner.sparse(alpha)
     else:
@@ -284,7 +312,7 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
         click.echo(f"wrote {plot_file}")
 
 
-@click.command()
+@click.command(short_help="α sweep: simulated latency vs sparsity and quality.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--alpha", "alpha_range", default="1.00:1.05:0.01", show_default=True,
               help="α values START:STOP:STEP (inclusive), applied to --layers; other layers stay at 1.00.")
@@ -293,8 +321,9 @@ def predictor_stats(checkpoint, prompts_file, alpha, max_prompts, max_new_tokens
 @hw_options
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="Text file (one prompt per line) or JSONL with 'question'/'prompt'/'text' fields.")
-@click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
-@click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps per prompt.")
+@MAX_PROMPTS
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(1),
+              help="Decode steps per prompt.")
 @method_options
 @ort_options
 @task_options("out/sweep-eval")
@@ -360,7 +389,7 @@ def sweep(checkpoint, alpha_range, layers, hw, hw_file, prompts_file, max_prompt
     # only a malformed range fails here; the bound is checked once the layer count is known
     alpha_sweep.parse_layers(layers, sys.maxsize)
     spec = _hardware(hw, hw_file)
-    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err, ort)
+    runner = open_runner(checkpoint, prompts_file, max_prompts, max_new_tokens, echo_err, ort, needs_exact_zeros=True)
     span = alpha_sweep.parse_layers(layers, runner.shape.num_layers)
     result = alpha_sweep.run_sweep(runner, alphas, span, spec, progress=None if as_json else _progress)
     result["engine"] = f"onnxruntime {provider}" if ort else "numpy reference"

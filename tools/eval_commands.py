@@ -7,7 +7,7 @@ from .export_commands import DTYPE_HELP, THREADS
 from .output import echo_err, echo_json, format_table
 
 
-@click.command("eval")
+@click.command("eval", short_help="Accuracy dense and sparse through lm-eval.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--tasks", default="gsm8k,bbh", show_default=True,
               help="Comma-separated: gsm8k (8-shot CoT, strict match), bbh (27 subtasks, 3-shot CoT, exact match, "
@@ -39,7 +39,8 @@ from .output import echo_err, echo_json, format_table
                    "Refused if one overlaps a document of the evaluated tasks.")
 @click.option("--max-calibration-prompts", type=click.IntRange(1), default=64, show_default=True,
               help="Use at most this many calibration prompts.")
-@click.option("--limit", type=int, default=None, help="Samples per task (lm-eval --limit; per BBH subtask).")
+@click.option("--limit", type=click.IntRange(1), default=None,
+              help="Samples per task, >= 1 (lm-eval --limit; per BBH subtask).")
 @click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
               help="The exports' weights and activations: " + DTYPE_HELP.split(": ", 1)[1] + " The --method rows "
@@ -75,6 +76,7 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, pa
     the eval extra: pip install 'sparseinfer[eval]'. Example (the paper's rows and its
     per-token random control):
 
+    \b
         sparseinfer eval ck/ --alpha 1.00 --alpha '1.03@0-19,1.00' --method random --sparsity 0.9
     """
     try:
@@ -124,8 +126,8 @@ def task_options(default_out: str):
         f = click.option("--data-dir", type=click.Path(), default=None,
                          help="With --tasks: holds gsm8k/test.jsonl and bbh/bbh/<task>.json "
                               "(default: $SPARSEINFER_DATA_DIR).")(f)
-        f = click.option("--limit", type=int, default=None,
-                         help="With --tasks: samples per task (per BBH subtask).")(f)
+        f = click.option("--limit", type=click.IntRange(1), default=None,
+                         help="With --tasks: samples per task, >= 1 (per BBH subtask).")(f)
         return click.option("--tasks", default=None,
                             help="Also measure accuracy through `sparseinfer eval` (lm-eval on local data): "
                                  "gsm8k, bbh or bbh_<subtask>, comma-separated; each row gets its score per task "

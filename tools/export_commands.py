@@ -13,16 +13,18 @@ from sparseinfer.model_export.ort_profile import one_line
 from sparseinfer.model_export.synthetic import MAX_LAYERS, SYNTHETIC_SHAPES
 from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES
-from sparseinfer.reference.files import make_folder, write_json
+from sparseinfer.reference.files import check_replaceable, make_folder, write_json
 
 from sparseinfer.benchmarks.machine import machine_description
+from sparseinfer.model_export.export_folder import export_model as _export_model
 from sparseinfer.model_export.export_folder import prompt_ids as _prompt_ids
 from sparseinfer.model_export.export_folder import tokenizer_for as _tokenizer_for
 
 from .output import FiniteFloat, echo_err, echo_json, format_table
+from .token_text import TextStream, display_text
 
 
-@click.command("make-checkpoint")
+@click.command("make-checkpoint", short_help="Write a synthetic ProSparse-like checkpoint.")
 @click.option("--shape", "shape_name", type=click.Choice(list(SYNTHETIC_SHAPES)), default="tiny", show_default=True,
               help="Layer shape: tiny (test shape) or the ProSparse-Llama2 7B / 13B layer shapes.")
 @click.option("--layers", type=click.IntRange(1, MAX_LAYERS), default=None,
@@ -31,7 +33,8 @@ from .output import FiniteFloat, echo_err, echo_json, format_table
               help="Fraction of MLP rows whose FATReLU output is zero at decode time.")
 @click.option("--dtype", type=click.Choice(list(WEIGHT_DTYPE_NAMES)), default="fp32", show_default=True,
               help="Stored weight type.")
-@click.option("--kv-heads", type=int, default=None, help="Key/value heads (GQA); default: the shape's own.")
+@click.option("--kv-heads", type=click.IntRange(1), default=None,
+              help="Key/value heads (GQA), >= 1 and dividing the attention heads; default: the shape's own.")
 @click.option("--hidden-act", default=None,
               help="relu, fatrelu:T, silu, gelu or gelu_tanh (default: the shape's FATReLU).")
 @click.option("--tie-embeddings", is_flag=True, help="Share the embedding with the LM head.")
@@ -70,8 +73,10 @@ def _progress():
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    console = Console(stderr=True)                 # stdout holds only the result
+    # off where stderr is not a terminal: rich would end it there with an empty line
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                    transient=True, console=Console(stderr=True))     # stdout holds only the result
+                    transient=True, console=console, disable=not console.is_interactive)
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, quiet=False,
@@ -80,6 +85,7 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.model_export.export_folder import export_checkpoint as export
 
+    check_replaceable(out, "model")                # before loading: a device or FIFO is refused at once
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
     with _progress() as bar:
         task = bar.add_task(f"export {'sparse' if sparse else 'dense'}", total=ck.shape.num_layers)
@@ -99,7 +105,7 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
                  "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
 
 
-@click.command("export")
+@click.command("export", short_help="Export a checkpoint to one ONNX model.")
 @click.argument("checkpoint", type=click.Path(exists=False))
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output .onnx path.")
 @click.option("--alpha", default="1.00", show_default=True, help=ALPHA_HELP)
@@ -113,7 +119,9 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
 @click.option("--approximate", is_flag=True,
               help="Sparse export of a model without exact zeros (SiLU): the rows the sign predictor calls "
                    "negative are taken as zero, an approximation (measure its quality: compare-methods, eval).")
-def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, approximate):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the model's path and form as JSON on stdout instead of the line on stderr.")
+def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, approximate, as_json):
     """Export CHECKPOINT (HF directory or .gguf) to one ONNX model for prefill + decode.
 
     Decode steps use the sparse MLP: one SparseMLP node per layer (domain ai.sparseinfer),
@@ -121,8 +129,12 @@ def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, ap
     ops; prefill stays dense. Beside the model: genai_config.json, the tokenizer files and,
     for sparse exports, the op library. The graph passes onnx.checker.check_model(full_check=True).
     """
-    export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug, portable=portable,
-                      dtype=dtype, approximate=approximate)
+    path = export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug,
+                             portable=portable, dtype=dtype, approximate=approximate, quiet=as_json)
+    if as_json:
+        echo_json({"path": str(path), "checkpoint": str(checkpoint), "sparse": not dense,
+                   "alpha": None if dense else alpha, "target": None if dense else target,
+                   "approximate": approximate, "portable": portable, "debug": debug, "dtype": dtype})
 
 
 MAX_THREADS = 1024
@@ -153,42 +165,51 @@ def _with(options):
     return wrap
 
 
-@click.command("generate")
+@click.command("generate", short_help="Decode text from an ONNX export.")
 @click.argument("model", type=click.Path())
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
-              help="tokenizer.json (default: the one beside MODEL).")
+              help="tokenizer.json (default: the one beside MODEL); refused if its vocabulary is too small for the "
+                   "model's ids.")
 @_with(SAMPLING)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of streaming.")
 def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top_p, seed, provider, threads,
                  mlp_kernels, as_json):
-    """Decode text from an exported MODEL (.onnx), streaming tokens.
+    """Decode text from an exported MODEL (its folder or its .onnx file), streaming tokens.
 
-    Then prints prefill time, decode tokens/s and the rows skipped: with native MLP
-    kernels, the fraction of rows predicted zero and of up/down rows computed (counted by
-    the kernels); for exports with --debug, the measured decode sparsity and the
-    predictor's precision / recall.
+    Control characters and bytes that are not UTF-8 (U+FFFD) print escaped (\\x1b,
+    \\ufffd); --json holds the text as decoded. Then prints prefill time, decode
+    tokens/s and the rows skipped: with native MLP kernels, the fraction of rows predicted
+    zero and of up/down rows computed (counted by the kernels); for exports with --debug,
+    the measured decode sparsity and the predictor's precision / recall.
     """
     from sparseinfer.model_export.decode import OnnxDecoder, generate
 
+    model = _export_model(model)
     decoder = OnnxDecoder(model, provider, threads, mlp_kernels)
     # token ids inside the model's vocabulary, or one line naming the file and field
     tok, bos, eos = _tokenizer_for(model, tokenizer_path, decoder.vocab_size)
     ids = _prompt_ids(tok, bos, prompt)
-    started = []
+    text = TextStream(tok, ids)
 
     def stream(t):                       # the prompt, then each token: stdout stays empty if nothing runs
-        if not started:
-            started.append(click.echo(prompt, nl=False))
-        click.echo(tok.decode([t]), nl=False)
+        if len(text.ids) == len(ids):
+            click.echo(display_text(prompt, keep_lines=True), nl=False)
+        click.echo(display_text(text.push(t), keep_lines=True), nl=False)
     gen = generate(decoder, ids, max_new_tokens, temperature, top_p, seed, on_token=None if as_json else stream,
                    stop_id=eos)
-    stats = {**gen.stats(), "mlp_kernels": decoder.mlp_kernels}
+    stats = {**gen.stats(), "mlp_kernels": _kernels_label(decoder)}
     if as_json:
         echo_json({"text": tok.decode(gen.tokens), "tokens": gen.tokens, **stats})
         return
-    click.echo("")
+    click.echo(display_text(text.end(), keep_lines=True))
     echo_err(_stats_line(stats))
+
+
+def _kernels_label(decoder) -> str:
+    """What ran the MLPs: 'dense' for a dense export (no SparseMLP node), else the sparse
+    export's native kernels or function bodies."""
+    return decoder.mlp_kernels if decoder.sparse else "dense"
 
 
 def _stats_line(st: dict) -> str:
@@ -203,8 +224,8 @@ def _stats_line(st: dict) -> str:
     return line
 
 
-@click.command("compare")
-@click.argument("model_dir", type=click.Path())
+@click.command("compare", short_help="Decode a checkpoint dense and sparse side by side.")
+@click.argument("checkpoint", type=click.Path())
 @click.option("--prompt", required=True, help="Prompt text.")
 @click.option("--alpha", default="1.00", show_default=True, help="The sparse export's " + ALPHA_HELP)
 @click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True, help=TARGET_HELP)
@@ -213,23 +234,29 @@ def _stats_line(st: dict) -> str:
 @click.option("--portable", is_flag=True, help=PORTABLE_HELP)
 @_with(SAMPLING)
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def compare_cmd(model_dir, prompt, alpha, target, work_dir, portable, max_new_tokens, temperature, top_p, seed,
+def compare_cmd(checkpoint, prompt, alpha, target, work_dir, portable, max_new_tokens, temperature, top_p, seed,
                 provider, threads, mlp_kernels, as_json):
-    """Decode MODEL_DIR's dense and sparse exports side by side.
+    """Export CHECKPOINT (HF directory or .gguf) dense and sparse, and decode both side by side.
 
-    Reports the first position where the tokens diverge, token agreement, the max
-    |Δlogit| while both saw the same tokens, tokens/s of each, and the sparse run's
-    decode sparsity and predictor precision / recall (its export carries debug outputs,
-    which adds one full gate product per layer to its time).
+    Takes the checkpoint, not an export (generate decodes an export). Reports the first
+    position where the tokens diverge, token agreement (the share of positions where both
+    chose the same token), the max |Δlogit| while both saw the same tokens, tokens/s of
+    each, and the sparse run's decode sparsity and predictor precision / recall (its
+    export carries debug outputs, which adds one full gate product per layer to its time).
+    The texts print with control characters and U+FFFD escaped (not in --json).
     """
     import tempfile
 
     from sparseinfer.model_export.checkpoint import load_checkpoint
     from sparseinfer.model_export.decode import OnnxDecoder, compare_generations, generate
 
-    ck = load_checkpoint(model_dir)
+    export = _export_model(checkpoint)
+    if export.suffix.lower() == ".onnx" and export.is_file() and not (Path(checkpoint) / "config.json").is_file():
+        raise click.ClickException(f"{checkpoint} is an ONNX export; compare takes the checkpoint (HF directory or "
+                                   f".gguf) and exports it dense and sparse itself (an export decodes with generate)")
+    ck = load_checkpoint(checkpoint)
     if ck.tokenizer is None:
-        raise click.ClickException(f"{model_dir}: no tokenizer.json")
+        raise click.ClickException(f"{checkpoint}: no tokenizer.json")
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(work_dir or tmp)
         runs = {}
@@ -245,14 +272,27 @@ def compare_cmd(model_dir, prompt, alpha, target, work_dir, portable, max_new_to
         echo_json(result)
         return
     for kind, gen in runs.items():
-        click.echo(f"{kind:6s} {ck.tokenizer.decode(gen.tokens)!r}")
+        click.echo(f"{kind:6s} '{display_text(ck.tokenizer.decode(gen.tokens))}'")
+    click.echo(_agreement_line(result))
     click.echo(format_table(["metric", "value"], [
         ["first divergence", "none" if result["first_divergence"] is None else result["first_divergence"]],
-        ["token agreement", f"{result['token_agreement']:.3f}"],
         ["max |Δlogit| (same inputs)", f"{result['max_abs_logit_diff']:.3g}"],
         ["dense tokens/s", f"{result['dense_tokens_per_s']:.2f}"],
         ["sparse tokens/s (debug export)", f"{result['sparse_tokens_per_s']:.2f}"]]))
     click.echo(_stats_line(result["sparse_stats"]))
+
+
+def _agreement_line(r: dict) -> str:
+    """compare's token agreement as a sentence: what it counts, and where and why the runs part."""
+    n, first = r["tokens_compared"], r["first_divergence"]
+    line = f"token agreement {r['token_agreement']:.3f}: dense and sparse chose the same token at "
+    if first is None:
+        return line + f"all {n} positions"
+    line += f"{r['tokens_agreeing']} of {n} positions; they part at token {first} (from 0)"
+    if r["dense_logit_gap_at_divergence"] is not None:
+        line += (f", where the dense logits of the two choices are {r['dense_logit_gap_at_divergence']:.3g} apart "
+                 f"(max |Δlogit| up to there {r['max_abs_logit_diff']:.3g})")
+    return line + ", and from there each continues its own text, so later positions agree only by chance"
 
 
 def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work) -> dict:
@@ -274,7 +314,7 @@ def _profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work)
     return out
 
 
-@click.command("bench-decode")
+@click.command("bench-decode", short_help="Dense vs sparse decode tokens/s on onnxruntime.")
 @click.option("--checkpoint", type=click.Path(), default=None,
               help="Checkpoint directory; default: make a synthetic one (--shape, --layers, --target-sparsity).")
 @click.option("--shape", "shape_name", type=click.Choice(list(SYNTHETIC_SHAPES)), default="prosparse-7b",
@@ -374,7 +414,7 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
                 bar.advance(task)
     rows = {kind: {"tokens_per_s_median": float(np.median(runs[kind])), "tokens_per_s_runs": runs[kind],
                    "prefill_ms_median": float(np.median(prefills[kind])),
-                   "mlp_kernels": decoders[kind].mlp_kernels,
+                   "mlp_kernels": _kernels_label(decoders[kind]),
                    "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*")),
                    **({"rows_of_last_run": last[kind].kernel_rows} if last[kind].kernel_rows else {})}
             for kind in decoders}
@@ -422,7 +462,7 @@ def bench_decode_cmd(checkpoint, shape_name, layers, target_sparsity, alpha, tar
                f"{provider} provider, {where}, {result['machine']['date']})")
 
 
-@click.command("build-ops")
+@click.command("build-ops", short_help="Build the native sparse-MLP op library.")
 @click.option("--cuda/--no-cuda", default=None,
               help="Build the CUDA-provider library too (default: where nvcc and the CUDA runtime are found; "
                    "--cuda makes their absence an error).")

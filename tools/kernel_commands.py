@@ -20,7 +20,7 @@ def _parse_sparsities(text: str) -> tuple:
     return values
 
 
-@click.command()
+@click.command(short_help="Time every kernel version and pipeline on a GPU.")
 @click.option("--model", "models", multiple=True, type=click.Choice(BENCH_MODELS),
               help="Model shape(s) to benchmark (default: all of them).")
 @click.option("--sparsity", "sparsity", default=",".join(str(s) for s in BENCH_SPARSITIES), show_default=True,
@@ -99,7 +99,7 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
              for r in loop["rows"]]))
 
 
-@click.command("bench-plot")
+@click.command("bench-plot", short_help="Draw a `bench` results file as one PNG.")
 @click.argument("results", type=click.Path(exists=True, dir_okay=False))
 @click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="PNG file to write.")
 @click.option("--model", type=click.Choice(BENCH_MODELS), default=None,
@@ -109,7 +109,9 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
               help="Draw how the figures move with sparsity instead (results at two sparsities or more, e.g. "
                    "`bench --sparsity 0.8,0.9,0.95`): each pipeline's speed-up over cuBLAS and over the faster "
                    "dense row, its % of peak, and each predictor in empty launches, targets dashed.")
-def bench_plot(results, out, model, sparsity, vs_sparsity):
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the PNG's path and what it draws (model, sparsity or sparsities) as JSON.")
+def bench_plot(results, out, model, sparsity, vs_sparsity, as_json):
     """Draw a `sparseinfer bench` results file (benchmarks/results/<device>.json) as one PNG.
 
     Left: % of peak bandwidth of every kernel version, the 70 % target dashed, rows that
@@ -117,16 +119,27 @@ def bench_plot(results, out, model, sparsity, vs_sparsity):
     one layer and, where present, the decode loop eager and as a CUDA graph; 5x dashed.
     With --vs-sparsity: the MLP pipelines and predictors against sparsity.
     """
-    from sparseinfer.benchmarks.plots import plot_bench, plot_sparsity_sweep
+    from sparseinfer.benchmarks.plots import pick, plot_bench, plot_sparsity_sweep, sparsity_series
     from sparseinfer.sim.calibrate import read_results
 
     if vs_sparsity and sparsity is not None:
         raise click.BadParameter("--sparsity picks one sparsity; --vs-sparsity draws them all", param_hint="--sparsity")
     result = read_results(results)
-    click.echo(f"wrote {plot_sparsity_sweep(result, out, model) if vs_sparsity else plot_bench(result, out, model, sparsity)}")
+    if vs_sparsity:
+        series = sparsity_series(result, model)
+        drawn = {"plot": "vs-sparsity", "model": series["model"], "sparsities": series["sparsity"]}
+        path = plot_sparsity_sweep(result, out, model)
+    else:
+        picked_model, picked_sparsity, _ = pick(result, model, sparsity)
+        drawn = {"plot": "bench", "model": picked_model, "sparsity": picked_sparsity}
+        path = plot_bench(result, out, model, sparsity)
+    if as_json:
+        echo_json({"path": str(path), "results": str(results), **drawn})
+    else:
+        click.echo(f"wrote {path}")
 
 
-@click.command()
+@click.command(short_help="List the kernel versions and MLP pipelines.")
 @click.option("--compile", "do_compile", is_flag=True,
               help="Also compile every source with NVRTC + ptxas (no GPU needed) and report registers and spills.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
@@ -170,7 +183,7 @@ def kernels(do_compile, as_json):
                                   c["spill_load_bytes"]] for c in data["compile"]]))
 
 
-@click.command("verify-kernels")
+@click.command("verify-kernels", short_help="Check every kernel version against the reference.")
 @click.option("--backend", type=click.Choice(["auto", "gpu", "emulated"]), default="auto", show_default=True,
               help="gpu: CuPy on a CUDA device; emulated: the same CUDA sources compiled for the CPU with g++ "
                    "(kernels/emulator.py); auto: gpu where there is one.")

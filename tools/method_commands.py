@@ -7,7 +7,7 @@ import click
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .dse_commands import _hardware, hw_options
+from .dse_commands import MAX_PROMPTS, _hardware, hw_options
 from .eval_commands import eval_runner, task_options
 from .output import echo_err, echo_json, format_table
 from .sim_commands import MODEL_HELP
@@ -36,6 +36,37 @@ def table(result: dict) -> str:
           f"{r['speedup']:.2f}x", "*" if r["pareto"] else ""] for r in result["rows"]])
 
 
+def notes(result: dict) -> list[str]:
+    """What the sparsity and bytes-skipped figures mean, and why a row exceeds its target."""
+    rows, zeros = result["rows"], result.get("dense_zero_fraction")
+    out = ["sparsity: each method's own skip decision: rows skipped, or for channel methods (2 s_x + s_h) / 3, "
+           "the MAC-weighted share of gate/up input channels (s_x) and down input channels (s_h, exact zeros "
+           "included) dropped"]
+    if zeros is None:
+        return out
+    line = (f"bytes skipped: MLP weight bytes not read, also counting up and down of every computed row whose h1 "
+            f"is exactly zero (the paper's +AS; {zeros:.3f} of h1 in the dense run)")
+    example = next((r for r in rows if r["method"] == "random"), None)
+    if example:
+        line += (f": random at {example['target_sparsity']:g} skips {example['sparsity']:.3f} of the rows and "
+                 f"{example['bytes_skipped']:.3f} of the bytes")
+    out.append(line)
+    above = [r for r in rows if r["quantile_threshold"] and r["target_sparsity"] < zeros
+             and r["sparsity"] > r["target_sparsity"] + 0.01]
+    if above:
+        out.append(f"{zeros:.3f} of this model's h1 is exactly zero: a threshold at a lower target's quantile of "
+                   f"the calibration magnitudes is 0 and drops exactly those zeros, so these rows exceed their "
+                   f"target: " + ", ".join(_achieved(r) for r in above))
+    return out
+
+
+def _achieved(row: dict) -> str:
+    """'teal at 0.5 (0.655; s_x 0.532, s_h 0.899)': a row's sparsity, a channel method's by its parts."""
+    c = row["channels_dropped"]
+    parts = f"; s_x {c['gate_up_inputs']:.3f}, s_h {c['down_inputs']:.3f}" if c else ""
+    return f"{row['method']} at {row['target_sparsity']:g} ({row['sparsity']:.3f}{parts})"
+
+
 def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximate, calibration_file,
                  max_calibration_prompts, tasks, limit, data_dir, max_gen_toks, eval_out) -> None:
     """The accuracy columns of every row (``sparseinfer eval`` with a method row per method
@@ -49,7 +80,7 @@ def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximat
                           lambda r: (r["method"], r["target_sparsity"]), eval_out)
 
 
-@click.command("compare-methods")
+@click.command("compare-methods", short_help="Every activation-sparsity method side by side.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--methods", "methods_text", default=None,
               help="Comma-separated methods (default: all but dense): sparseinfer, oracle, random, dejavu, teal, cats, "
@@ -63,11 +94,13 @@ def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximat
 @click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
               help="Calibration prompts (text, one per line, or JSONL); default: built-in prompts. Must not "
                    "share a prompt with --prompts.")
-@click.option("--max-calibration-prompts", default=64, show_default=True, type=int)
+@click.option("--max-calibration-prompts", default=64, show_default=True, type=click.IntRange(1),
+              help="Use at most this many calibration prompts.")
 @click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
               help="Evaluation prompts (text or JSONL); default: the built-in ones.")
-@click.option("--max-prompts", default=4, show_default=True, type=int, help="Use at most this many prompts.")
-@click.option("--max-new-tokens", default=8, show_default=True, type=int, help="Decode steps scored per prompt.")
+@MAX_PROMPTS
+@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(1),
+              help="Decode steps scored per prompt.")
 @hw_options
 @click.option("--sim-model", default=None,
               help="Simulate latency at this model shape (" + MODEL_HELP.rstrip(".") + ") from the measured "
@@ -88,10 +121,12 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
     agreement) with the NumPy reference model, and the simulated per-token speed-up on
     --hw. With --tasks, also accuracy through `sparseinfer eval` (one --method row per
     method and target, decoded on the NumPy reference model with a dense prefill): score
-    per task and difference to the dense row in points. Calibration prompts
+    per task and difference to the dense row in points. Under the table, what the sparsity
+    and bytes-skipped figures count, and why a row exceeds its target. Calibration prompts
     (--calibration) never overlap the evaluation prompts (--prompts) or the task documents.
     Example:
 
+    \b
         sparseinfer compare-methods ck/ --methods sparseinfer,dejavu,teal,cats --sparsity 0.5,0.9 --plot p.png
         sparseinfer compare-methods ck/ --methods teal,random --sparsity 0.9 --tasks gsm8k,bbh --limit 20 \\
             --data-dir DATA
@@ -112,8 +147,6 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
             raise SparseInferError(f"--param names {name}, which is not in --methods")
     for name in names:                       # parameter names and values, checked before the load
         make_method(name, by_method.get(name), approximate)
-    if int(max_calibration_prompts) < 1:
-        raise SparseInferError(f"--max-calibration-prompts must be >= 1, got {max_calibration_prompts}")
     if calibration_file and not Path(calibration_file).is_file():
         raise SparseInferError(f"no such calibration file: {calibration_file}")
     for path, what in ((plot_file, "plot"), (out_file, "output")):
@@ -152,6 +185,8 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
                f"{result['evaluation']['prompts']} prompts / {result['evaluation']['tokens']} tokens; "
                f"scored against {result['reference_set']}")
     click.echo(table(result))
+    for line in notes(result):
+        click.echo(line)
     acc = result.get("accuracy")
     if acc:
         click.echo(f"accuracy ({', '.join(f'{t} {n}' for t, n in acc['samples'].items())} samples): dense "

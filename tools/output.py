@@ -2,6 +2,7 @@
 finite number in a range."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import click
@@ -9,10 +10,29 @@ import click
 from sparseinfer.reference.files import json_text
 
 
+_kept: list[list] = []        # where echo_json puts results instead of printing them, innermost last
+
+
 def echo_json(data) -> None:
     """``data`` as JSON on stdout: never NaN or Infinity (non-finite floats are null, their
-    paths listed under ``non_finite_as_null``; reference.files.json_text)."""
+    paths listed under ``non_finite_as_null``; reference.files.json_text). Inside
+    ``keeping_json`` it is kept instead."""
+    if _kept:
+        _kept[-1].append(data)
+        return
     click.echo(json_text(data))
+
+
+@contextlib.contextmanager
+def keeping_json():
+    """Within, echo_json appends its data to the yielded list instead of printing it: how
+    ``tour --json`` makes one document of the results of the commands it runs."""
+    kept: list = []
+    _kept.append(kept)
+    try:
+        yield kept
+    finally:
+        _kept.pop()
 
 
 class FiniteFloat(click.FloatRange):

@@ -12,7 +12,7 @@ from .output import echo_json, format_table, rel_diff, sci
 MODEL_HELP = "Built-in model name (see `sparseinfer models`) or a Hugging Face config.json / checkpoint directory."
 
 
-@click.command()
+@click.command(short_help="Reproduce the paper's Table I (ProSparse-Llama2-13B).")
 @click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
               help="Fraction of MLP rows skipped, in [0, 1). Table I implies 0.92.")
 @click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
@@ -49,7 +49,7 @@ def table1(sparsity, rank, as_json):
             rel_diff(round(data["predictor_memory_ratio"], 2), paper.PREDICTOR_MEMORY_RATIO)]]))
 
 
-@click.command()
+@click.command(short_help="Operation counts of one MLP block and of a token.")
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
               help="Fraction of MLP rows skipped, in [0, 1).")
@@ -75,7 +75,7 @@ def ops(model_name, sparsity, rank, as_json):
          for a, b in zip(data["per_layer"], data["per_token"])]))
 
 
-@click.command()
+@click.command(short_help="Predictor memory of a whole model, per method.")
 @click.option("--model", "model_name", required=True, help=MODEL_HELP)
 @click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
               help=f"Rank r of PowerInfer's DejaVu predictor, 1..{op_counts.MAX_RANK}.")
@@ -94,7 +94,7 @@ def memory(model_name, rank, as_json):
                             + [["ratio", f"{data['ratio']:.2f}x"]]))
 
 
-@click.command()
+@click.command(short_help="List the built-in model shapes.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 def models(as_json):
     """List the built-in model shapes."""

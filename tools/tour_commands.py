@@ -17,6 +17,7 @@ from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SPARSITIES
 from .dse_commands import fig4, predictor_stats
 from .export_commands import compare_cmd, make_checkpoint_cmd
 from .kernel_commands import verification, verification_table
+from .output import echo_json, keeping_json
 from .sim_commands import table1
 
 TOUR_KERNEL_SHAPE = (1100, 1031)     # d, k: tails in every kernel, seconds on the emulator
@@ -28,14 +29,39 @@ def _step(title: str) -> None:
     click.secho(f"== {title}", bold=True)
 
 
-@click.command()
+class _Steps:
+    """Runs the tour's steps: each command's text under its title, or with --json its
+    result kept under ``key`` of one document (output.keeping_json)."""
+
+    def __init__(self, ctx, as_json: bool):
+        self.ctx, self.as_json, self.result = ctx, as_json, {}
+
+    def title(self, title: str | None) -> None:
+        if title and not self.as_json:
+            _step(title)
+
+    def run(self, key: str, title: str | None, command, **params) -> None:
+        self.title(title)
+        if not self.as_json:
+            self.ctx.invoke(command, **params)
+            return
+        with keeping_json() as kept:
+            self.ctx.invoke(command, as_json=True, **params)
+        self.result[key] = kept[0]
+
+
+@click.command(short_help="The main job: Table I, Fig. 4, a model dense vs sparse.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the synthetic checkpoint, the ONNX exports and the plots.")
 @click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1), help="Decode steps of the dense/sparse comparison.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print one JSON document instead: each step's result (the --json of table1, fig4, "
+                   "verify-kernels, make-checkpoint, compare, predictor-stats) and the files written.")
 @click.pass_context
-def tour(ctx, out_dir, max_new_tokens):
+def tour(ctx, out_dir, max_new_tokens, as_json):
     """The main job: Table I, Fig. 4, and a synthetic model decoded dense vs sparse.
 
+    \b
     1. Table I for ProSparse-Llama2-13B (operation counts, predictor memory) beside the paper.
     2. Fig. 4 speedups from the Jetson Orin latency model, plot in OUT/fig4.png.
     3. Every CUDA kernel version and pipeline run once and checked against the reference
@@ -47,30 +73,40 @@ def tour(ctx, out_dir, max_new_tokens):
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _step("Table I: ProSparse-Llama2-13B, one MLP block per token")
-    ctx.invoke(table1)
-    _step("Fig. 4: end-to-end speedups on Jetson Orin AGX (latency model)")
-    ctx.invoke(fig4, plot_file=str(out / "fig4.png"))
-    _step("CUDA kernels vs the reference (GPU, or the CPU emulation of the same sources)")
+    steps = _Steps(ctx, as_json)
+    steps.run("table1", "Table I: ProSparse-Llama2-13B, one MLP block per token", table1)
+    steps.run("fig4", "Fig. 4: end-to-end speedups on Jetson Orin AGX (latency model)", fig4,
+              plot_file=str(out / "fig4.png"))
+    steps.title("CUDA kernels vs the reference (GPU, or the CPU emulation of the same sources)")
     from sparseinfer.kernels import emulator, gpu_unavailable_reason
 
     no_gpu, no_emulator = gpu_unavailable_reason(), emulator.unavailable_reason()
     if no_gpu and no_emulator:
-        click.echo(f"skipped: {no_gpu}; {no_emulator}")
+        steps.result["kernels"] = {"skipped": f"{no_gpu}; {no_emulator}"}
+        if not as_json:
+            click.echo(f"skipped: {no_gpu}; {no_emulator}")
     else:
         d, k = TOUR_KERNEL_SHAPE
-        _, rows = verification("auto", BENCH_MODELS[0], d, k, BENCH_SPARSITIES[0], seed=0, log=lambda line: None)
-        click.echo(verification_table(rows))          # the table only: verify-kernels' progress lines would repeat it
+        use, rows = verification("auto", BENCH_MODELS[0], d, k, BENCH_SPARSITIES[0], seed=0, log=lambda line: None)
+        steps.result["kernels"] = {"backend": use, "rows": rows}
+        if not as_json:
+            click.echo(verification_table(rows))      # the table only: verify-kernels' progress lines would repeat it
         if not all(r["verified"] for r in rows):
+            if as_json:
+                echo_json(steps.result)
             raise SystemExit(1)
-    _step("A synthetic ProSparse-like checkpoint, dense vs sparse on onnxruntime")
     ckpt = out / "tiny"
-    ctx.invoke(make_checkpoint_cmd, shape_name="tiny", out_dir=str(ckpt))
-    ctx.invoke(compare_cmd, model_dir=str(ckpt), prompt=TOUR_PROMPT, work_dir=str(out / "onnx"),
-               max_new_tokens=max_new_tokens)
-    _step("Predictor precision / recall per layer (Fig. 3 style)")
-    ctx.invoke(predictor_stats, checkpoint=str(ckpt), plot_file=str(out / "fig3.png"))
-    click.echo(f"\nwrote {out / 'fig4.png'}, {out / 'fig3.png'}, {ckpt}, {out / 'onnx'}")
+    steps.run("checkpoint", "A synthetic ProSparse-like checkpoint, dense vs sparse on onnxruntime",
+              make_checkpoint_cmd, shape_name="tiny", out_dir=str(ckpt))
+    steps.run("compare", None, compare_cmd, checkpoint=str(ckpt), prompt=TOUR_PROMPT, work_dir=str(out / "onnx"),
+              max_new_tokens=max_new_tokens)
+    steps.run("predictor_stats", "Predictor precision / recall per layer (Fig. 3 style)", predictor_stats,
+              checkpoint=str(ckpt), plot_file=str(out / "fig3.png"))
+    files = {"fig4": out / "fig4.png", "fig3": out / "fig3.png", "checkpoint": ckpt, "onnx": out / "onnx"}
+    if as_json:
+        echo_json({**steps.result, "files": {k: str(v) for k, v in files.items()}})
+    else:
+        click.echo(f"\nwrote {', '.join(str(v) for v in files.values())}")
 
 
 COMMANDS = (tour,)

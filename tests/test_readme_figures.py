@@ -1,0 +1,126 @@
+"""The figures README.md quotes from a command's output are that output, and the commands and
+options it names exist: Table I (`table1`), Fig. 4 (`fig4`) and the H200 paragraph
+(`latency --hw h200 --calibrate benchmarks/results/h200.json`), each parsed from the README
+and checked against the command's --json."""
+import json
+import math
+import re
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from sparseinfer.reference.shapes import BUILTIN_MODELS
+from sparseinfer.tools.cli import cli
+
+ROOT = Path(__file__).parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def run_json(*args) -> dict:
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    return json.loads(r.stdout)
+
+
+def section(title: str) -> str:
+    """The README's text under ``## title``, up to the next heading of that level."""
+    found = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", README, re.M | re.S)
+    assert found, f"README has no section {title!r}"
+    return found[1]
+
+
+def ops_text(value) -> str:
+    """How table1 prints an op count: 16,986,931.2 or 2,211,840."""
+    return f"{value:,.1f}" if isinstance(value, float) else f"{value:,}"
+
+
+def test_table_i_as_quoted_is_what_table1_prints():
+    text = section("Table I, reproduced")
+    data = run_json("table1")
+    model = BUILTIN_MODELS[data["model"]]
+    head = re.search(r"\(ProSparse-Llama2-13B, d (\d+), k (\d+), sparsity ([\d.]+), rank (\d+)\)", text)
+    assert head and (int(head[1]), int(head[2])) == (model.d, model.k)
+    assert (float(head[3]), int(head[4])) == (data["sparsity"], data["rank"])
+    rows = {r["method"]: r for r in data["rows"]}
+    quoted = re.findall(r"^\| (llama\.cpp|PowerInfer|SparseInfer)\b[^|]*\| ([\d,.]+) \| ([\d,.]+)", text, re.M)
+    assert [q[0] for q in quoted] == ["llama.cpp", "PowerInfer", "SparseInfer"]
+    for method, prediction, mlp in quoted:
+        row = rows[method]
+        assert (prediction, mlp) == (ops_text(row["prediction_ops"]), ops_text(row["mlp_ops"])), method
+    memory = re.search(r"Predictor memory: PowerInfer ([\d.]+) MiB, SparseInfer ([\d.]+) MiB \(([\d.]+)×", text)
+    mib = data["predictor_memory_mib"]
+    assert float(memory[1]) == round(mib["PowerInfer"], 1) and float(memory[2]) == round(mib["SparseInfer"], 1)
+    assert memory[3] == f"{data['predictor_memory_ratio']:.2f}"          # as table1 prints it: 4.39, not the paper's
+
+
+ALPHAS = {"1.00": "1.00", "1.02 first 20 layers": "1.02@0-19,1.00", "1.03 first 20 layers": "1.03@0-19,1.00"}
+
+
+def test_fig4_as_quoted_is_what_fig4_prints():
+    text = section("Latency model and design-space exploration (`sim/`)")
+    rows = {(r["model"], r["alpha"], r["vs"]): r for r in run_json("fig4")}
+    pair = r"([\d.]+) / ([\d.]+) \(([+-][\d.]+) %\)"
+    quoted = re.findall(rf"^\| (13B|7B), ([^|]+?) \| {pair} \| {pair} \|", text, re.M)
+    assert len(quoted) == 4
+    for size, alpha, *cells in quoted:
+        model = f"prosparse-llama2-{size.lower()}"
+        for vs, (paper, simulated, error) in zip(("llama.cpp", "PowerInfer"), (cells[:3], cells[3:])):
+            row = rows[(model, ALPHAS[alpha], vs)]
+            assert (paper, simulated) == (f"{row['paper']:.2f}", f"{row['simulated']:.2f}"), (size, alpha, vs)
+            assert abs(float(error) - 100 * (row["simulated"] / row["paper"] - 1)) <= 0.05 + 1e-9, (size, alpha, vs)
+
+
+def test_h200_paragraph_is_what_latency_calibrate_prints():
+    text = " ".join(section("Latency model and design-space exploration (`sim/`)").split())
+    data = run_json("latency", "--hw", "h200", "--calibrate", str(ROOT / "benchmarks" / "results" / "h200.json"))
+    quoted = re.search(r"dense ([\d.]+), sparse ([\d.]+), launch ([\d.]+) µs\. The fit is within (\d+) % on every "
+                       r"cuBLAS row and (\d+) % on the gate\+up rows; the down rows run (\d+)–(\d+) % slower", text)
+    assert quoted, "the H200 paragraph's wording changed: update this test with it"
+    eff = data["calibration"]["efficiency"]
+    assert quoted.groups()[:3] == (f"{eff['dense_bandwidth_fraction']:.2f}", f"{eff['sparse_bandwidth_fraction']:.2f}",
+                                   f"{eff['kernel_launch_us']:.2f}")
+    rows = data["calibration"]["rows"]
+    dense = [abs(r["rel_error"]) * 100 for r in rows if r["class"] == "dense"]
+    gate_up = [abs(r["rel_error"]) * 100 for r in rows if r["class"] == "sparse" and r["kernel"] == "gate_up"]
+    down = [-r["rel_error"] * 100 for r in rows if r["class"] == "sparse" and r["kernel"] == "down"]
+    assert dense and gate_up and min(down) > 0                          # "slower than it says"
+    assert [int(g) for g in quoted.groups()[3:]] == [math.ceil(max(dense)), math.ceil(max(gate_up)),
+                                                     math.ceil(min(down)), math.ceil(max(down))]
+    token = re.search(r"modelled at ([\d.]+) ms for llama\.cpp and ([\d.]+) ms for SparseInfer\+KF\+AS \(([\d.]+)×\): "
+                      r"attention, ([\d.]+) ms", text)
+    by = {m["method"]: m for m in data["methods"]}
+    best = by["SparseInfer+KF+AS"]
+    assert token.groups() == (f"{by['llama.cpp']['ms_per_token']:.1f}", f"{best['ms_per_token']:.2f}",
+                              f"{best['speedup_vs_llama.cpp']:.2f}", f"{best['stage_us']['attention'] / 1000:.1f}")
+
+
+def readme_commands() -> list[list[str]]:
+    """Every `sparseinfer ...` the README shows, in backticks or in its bash blocks, as words."""
+    spans = re.findall(r"`(sparseinfer [^`]*)`", README)
+    for block in re.findall(r"```bash\n(.*?)```", README, re.S):
+        spans += [line for line in block.replace("\\\n", " ").splitlines() if line.startswith("sparseinfer ")]
+    return [s.split() for s in spans]
+
+
+def test_the_commands_and_options_the_readme_names_exist():
+    commands = readme_commands()
+    assert len(commands) > 20
+    for words in commands:
+        if words[1].startswith("-"):
+            continue                                                    # sparseinfer --help
+        assert words[1] in cli.commands, " ".join(words)
+        command = cli.commands[words[1]]
+        options = {o for p in command.params for o in (*p.opts, *p.secondary_opts)} | {"--help"}
+        for word in words[2:]:
+            for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", word):
+                assert option in options, f"README: `{' '.join(words)}`: {words[1]} has no {option}"
+
+
+def test_every_command_prints_json_as_the_readme_says():
+    """README: each command prints its result as JSON with --json (bench --json FILE writes it)."""
+    assert "prints its result as JSON on stdout with `--json` (`bench --json FILE` writes it to FILE)" in \
+        " ".join(README.split())
+    for name, command in cli.commands.items():
+        option = next((p for p in command.params if "--json" in p.opts), None)
+        assert option is not None, name
+        assert option.is_flag == (name != "bench"), name
