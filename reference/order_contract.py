@@ -44,6 +44,24 @@ Down projection (step 4, on W_down^T, shape [k, d])
 
 Order-free variants (the paper's atomicAdd down projection) are checked against
 :func:`rigorous_error_bound` instead of bit for bit.
+
+Block-quantized weights (Q8_0, Q4_0, Q4_1; ``block_quant.py``, ``quant_mlp.py``)
+-------------------------------------------------------------------------------
+* Activations stay float32; x is never quantized.
+* Each weight is first dequantized to float32 by ``block_quant``'s rule: q8_0 ``D * q``,
+  q4_0 ``D * (q - 8)`` (both exact), q4_1 ``fl(D * q + M)`` (one rounding; ``D * q`` is exact,
+  so a fused multiply-add gives the same bits), D and M the block's fp16 scale and min.
+* The row dot products of W_gate and W_up take ``V = BLOCK_VECTOR_WIDTH`` = 1, not the
+  fp32 width 4: lane ``l`` owns element ``j = 32 t + l`` of iteration ``t``, so one block of
+  32 weights is exactly one iteration across the 32 lanes. Each lane adds its products
+  ``fl(w_j * x_j)`` (``w_j`` the dequantized float32 weight) in order ``t = 0, 1, ...``; then
+  the same butterfly. d is a multiple of 32 (whole blocks; no tail). Why: a kernel
+  dequantizes one block straight into the lanes' accumulators (a CPU's SIMD registers hold
+  consecutive weights, a GPU warp's lanes one weight each) with no transposes, and a
+  block's scale is read once per iteration.
+* The down projection is unchanged: the chunks and sub-chunks above, per column, on the
+  dequantized rows of W_down^T (blocks along d). Sign words are packed from the dequantized
+  W_gate. When a kernel dequantizes is free; the values and the order of the products are not.
 """
 from __future__ import annotations
 
@@ -54,6 +72,7 @@ BUTTERFLY_OFFSETS = (16, 8, 4, 2, 1)
 VECTOR_BYTES = 16          # one 128-bit load of weights per lane per iteration
 DOWN_ROW_CHUNK = 512       # rows of W_down^T reduced into one partial sum (one kernel block)
 DOWN_SUB_CHUNKS = 4        # sub-chunks of a chunk summed separately, then added in order
+BLOCK_VECTOR_WIDTH = 1     # V of block-quantized weights: one 32-weight block per iteration
 UNIT_ROUNDOFF_FP32 = 2.0 ** -24
 UNIT_ROUNDOFF_FP64 = 2.0 ** -53
 
@@ -65,15 +84,22 @@ def vector_width(weight_dtype) -> int:
     return VECTOR_BYTES // np.dtype(weight_dtype).itemsize
 
 
-def warp_dot_rows(w_rows: np.ndarray, x: np.ndarray, row_block: int = 1024) -> np.ndarray:
+def warp_dot_rows(w_rows: np.ndarray, x: np.ndarray, row_block: int = 1024,
+                  v_width: int | None = None) -> np.ndarray:
     """``z[i] = w_rows[i] . x`` in the contract's order. w_rows [n, d] fp32/fp16/bf16, x [d] fp32.
+
+    ``v_width``: V, elements per lane per iteration; by default ``vector_width(w_rows.dtype)``
+    (block-quantized weights, dequantized to fp32, pass ``BLOCK_VECTOR_WIDTH``).
 
     Vectorised over rows and lanes; rows are processed in blocks of ``row_block`` so the
     widened weights and the per-lane accumulators stay in cache (the blocking changes
     nothing in the order: every row is independent).
     """
     n, d = w_rows.shape
-    v_width = vector_width(w_rows.dtype)
+    if v_width is None:
+        v_width = vector_width(w_rows.dtype)
+    if v_width < 1:
+        raise ValueError(f"v_width {v_width} must be at least 1")
     step = WARP_SIZE * v_width
     iters = -(-d // step)
     padded = iters * step

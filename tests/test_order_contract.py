@@ -31,6 +31,19 @@ def scalar_warp_dot(w_row, x):
     return lanes[0]
 
 
+def scalar_block_dot(w_row, x):
+    """One row of dequantized block weights (V = 1), as the contract's block section reads:
+    lane l adds w[32 t + l] * x[32 t + l] for t = 0, 1, ...; then the butterfly."""
+    lanes = [F32(0.0)] * 32
+    for t in range(len(x) // 32):
+        for lane in range(32):
+            j = 32 * t + lane
+            lanes[lane] = F32(lanes[lane] + F32(w_row[j] * x[j]))
+    for offset in (16, 8, 4, 2, 1):
+        lanes = [F32(lanes[lane] + lanes[lane ^ offset]) for lane in range(32)]
+    return lanes[0]
+
+
 def scalar_down(h3, w_t, chunk, sub_chunks):
     k, d = w_t.shape
     sub = chunk // sub_chunks
@@ -64,6 +77,30 @@ def test_warp_dot_rows_equals_scalar_transcription(dtype, d, seed):
     got = oc.warp_dot_rows(w, x)
     want = np.array([scalar_warp_dot(w[i], x) for i in range(3)], F32)
     assert_bits_equal(got, want, "warp_dot_rows", f"d={d} dtype={np.dtype(dtype).name} seed={seed}")
+
+
+@given(blocks=st.integers(1, 20), seed=st.integers(0, 2**32 - 1))
+def test_block_order_equals_scalar_transcription(blocks, seed):
+    rng = np.random.default_rng(seed)
+    w = _widely_scaled(rng, (3, 32 * blocks))
+    x = _widely_scaled(rng, 32 * blocks)
+    got = oc.warp_dot_rows(w, x, v_width=oc.BLOCK_VECTOR_WIDTH)
+    want = np.array([scalar_block_dot(w[i], x) for i in range(3)], F32)
+    assert_bits_equal(got, want, "warp_dot_rows, V = 1", f"blocks={blocks} seed={seed}")
+
+
+def test_block_order_differs_from_the_fp32_order():
+    """V = 1 and V = 4 are different orders: on this data they give other bits for most rows,
+    so which one a kernel follows is checked, not assumed."""
+    assert oc.BLOCK_VECTOR_WIDTH == 1
+    rng = np.random.default_rng(9)
+    w = _widely_scaled(rng, (64, 4096))
+    x = _widely_scaled(rng, 4096)
+    v1 = oc.warp_dot_rows(w, x, v_width=oc.BLOCK_VECTOR_WIDTH)
+    v4 = oc.warp_dot_rows(w, x)
+    assert np.array_equal(v4, oc.warp_dot_rows(w, x, v_width=4))
+    assert (v1 != v4).sum() > 32
+    np.testing.assert_allclose(v1, oc.exact_rows(w, x), rtol=1e-3, atol=1e-3 * np.abs(oc.exact_rows(w, x)).max())
 
 
 def test_order_is_not_plain_sequential():

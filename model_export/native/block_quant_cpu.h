@@ -1,0 +1,364 @@
+// Block-quantized weights (GGUF's Q8_0, Q4_0, Q4_1) on the CPU, in reference/order_contract.py's
+// order for them ("Block-quantized weights"): every result equals the NumPy reference on the
+// dequantized weights bit for bit (tests/test_block_quant_cpu.py).
+//
+// * Blocks: 32 consecutive weights of a row in F::kBytes bytes, as reference/block_quant.py
+//   and a GGUF file lay them out: an fp16 scale D (q4_1: then an fp16 min M), then the codes;
+//   q8_0 32 int8, q4_0 / q4_1 16 bytes whose low nibble is code j and high nibble code j + 16.
+//   A weight is dequantized to float32 as q8_0 D * q, q4_0 D * (q - 8) (both exact), q4_1
+//   fl(D * q + M) (D * q exact), D and M widened exactly from fp16.
+// * Row dot products (gate, up): V = 1, lane l owns element 32 t + l of iteration t, i.e. one
+//   block is one iteration of the 32 lanes; each lane adds fl(w * x) in order t = 0, 1, ...,
+//   then the butterfly 16, 8, 4, 2, 1 (sparse_mlp_cpu.h's finish_row). d is a multiple of 32.
+//   So a block is dequantized straight into SIMD registers that hold consecutive lanes, and
+//   added to the lanes' accumulators vertically: no transposes.
+// * Down projection on W_down^T blocks along d: exactly sparse_mlp_cpu.h's down_columns /
+//   down_columns_tokens (chunks, sub-chunks, rows ascending, h3 == 0 skipped), each row's
+//   weights dequantized block by block. Column ranges are whole blocks (multiples of 32).
+//
+// SIMD through GCC vector extensions, as wide as the target allows (AVX-512 16 floats, AVX2 8,
+// else 4), codes widened to int32 by the target's one instruction (SSE4.1 and up; else a plain
+// loop): element-wise IEEE products and sums, so every width gives the same bits (the library is
+// built with -ffp-contract=off, no fast math: no FMA, no reassociation).
+#pragma once
+
+#include "sparse_mlp_cpu.h"
+
+#if defined(__SSE4_1__)
+#include <immintrin.h>
+#endif
+
+namespace sparseinfer {
+
+constexpr int kBlock = 32;                         // weights per block, every format
+static_assert(kBlock == kLanes, "one block is one iteration of the 32 lanes (V = 1)");
+
+#if defined(__AVX512F__)
+constexpr int kVecFloats = 16;
+#elif defined(__AVX2__)
+constexpr int kVecFloats = 8;
+#else
+constexpr int kVecFloats = 4;
+#endif
+constexpr int kBlockVecs = kBlock / kVecFloats;    // registers a block's lanes take
+typedef float VecF __attribute__((vector_size(kVecFloats * sizeof(float))));
+typedef int32_t VecI __attribute__((vector_size(kVecFloats * sizeof(int32_t))));
+
+// A block's 32 dequantized weights, lanes v * kVecFloats .. in w[v].
+struct BlockLanes {
+    VecF w[kBlockVecs];
+};
+
+// A little-endian fp16 field, widened exactly. With F16C through vcvtph2ps, which writes its whole
+// register: the scalar float(_Float16) of AVX512-FP16 (vcvtsh2ss) merges into its destination, a
+// false dependency that chains every block's scale conversion into one serial sequence.
+inline float half_at(const uint8_t* p) {
+#if defined(__F16C__)
+    uint16_t bits;
+    std::memcpy(&bits, p, sizeof bits);
+    return _cvtsh_ss(bits);
+#else
+    half h;
+    std::memcpy(&h, p, sizeof h);
+    return float(h);
+#endif
+}
+
+template <typename V>
+inline V load_vec(const void* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// kVecFloats bytes at p widened to int32 lanes, signed (int8 codes) or not (nibble pairs): one
+// instruction where the target has it (GCC's generic __builtin_convertvector goes byte by byte).
+template <bool kSigned>
+inline VecI widen_bytes(const uint8_t* p) {
+#if defined(__AVX512F__)
+    // (the maskz forms throughout: GCC 12 warns of an uninitialized value in the unmasked ones)
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    return VecI(kSigned ? _mm512_maskz_cvtepi8_epi32(0xFFFF, b) : _mm512_maskz_cvtepu8_epi32(0xFFFF, b));
+#elif defined(__AVX2__)
+    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    return VecI(kSigned ? _mm256_cvtepi8_epi32(b) : _mm256_cvtepu8_epi32(b));
+#elif defined(__SSE4_1__)
+    const __m128i b = _mm_cvtsi32_si128(load_vec<int32_t>(p));
+    return VecI(kSigned ? _mm_cvtepi8_epi32(b) : _mm_cvtepu8_epi32(b));
+#else
+    VecI out;
+    for (int i = 0; i < kVecFloats; ++i) out[i] = kSigned ? int32_t(int8_t(p[i])) : int32_t(p[i]);
+    return out;
+#endif
+}
+
+// Codes of q4_x lanes [lane0, lane0 + kVecFloats): low nibbles of bytes lane0.. for lanes
+// below 16, high nibbles of bytes lane0 - 16.. above.
+inline VecI nibbles(const uint8_t* codes, int lane0) {
+    const VecI bytes = widen_bytes<false>(codes + lane0 % 16);
+    return lane0 < 16 ? (bytes & 15) : (bytes >> 4);
+}
+
+struct Q8_0 {
+    static constexpr int kBytes = 34;
+    static inline BlockLanes dequantize(const uint8_t* b) {
+        const float d = half_at(b);
+        BlockLanes out;
+        for (int v = 0; v < kBlockVecs; ++v)
+            out.w[v] = d * __builtin_convertvector(widen_bytes<true>(b + 2 + v * kVecFloats), VecF);
+        return out;
+    }
+};
+
+#if defined(__AVX512F__)
+// q4_x on AVX-512: a block's 16 possible values (value[c] of code c, one vector) are computed
+// once, then each lane's picked by its code with vpermps, which reads an index's low 4 bits:
+// lanes 0..15 index by their byte as it is (the low nibble), lanes 16..31 by it shifted by 4.
+// The same values as the element-wise rule, in fewer instructions than widening and scaling.
+static_assert(kBlockVecs == 2, "16 lanes a register");
+inline BlockLanes q4_lookup(const uint8_t* codes, __m512 values) {
+    const __m512i bytes = _mm512_maskz_cvtepu8_epi32(0xFFFF, _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+    BlockLanes out;
+    out.w[0] = VecF(_mm512_maskz_permutexvar_ps(0xFFFF, bytes, values));
+    out.w[1] = VecF(_mm512_maskz_permutexvar_ps(0xFFFF, __m512i(VecI(bytes) >> 4), values));
+    return out;
+}
+inline __m512 q4_codes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+#endif
+
+struct Q4_0 {
+    static constexpr int kBytes = 18;
+    static inline BlockLanes dequantize(const uint8_t* b) {
+        const float d = half_at(b);
+#if defined(__AVX512F__)
+        return q4_lookup(b + 2, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_sub_ps(q4_codes(), _mm512_set1_ps(8.0f))));
+#else
+        BlockLanes out;
+        for (int v = 0; v < kBlockVecs; ++v)
+            out.w[v] = d * __builtin_convertvector(nibbles(b + 2, v * kVecFloats) - 8, VecF);
+        return out;
+#endif
+    }
+};
+
+struct Q4_1 {
+    static constexpr int kBytes = 20;
+    static inline BlockLanes dequantize(const uint8_t* b) {
+        const float d = half_at(b), m = half_at(b + 2);
+#if defined(__AVX512F__)
+        return q4_lookup(b + 4, _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), q4_codes()), _mm512_set1_ps(m)));
+#else
+        BlockLanes out;
+        for (int v = 0; v < kBlockVecs; ++v) {
+            const VecF dq = d * __builtin_convertvector(nibbles(b + 4, v * kVecFloats), VecF);
+            out.w[v] = dq + m;
+        }
+        return out;
+#endif
+    }
+};
+
+// Bytes of one row of d weights (d a multiple of 32).
+template <typename F>
+inline int64_t row_bytes_q(int d) {
+    return int64_t(d / kBlock) * F::kBytes;
+}
+
+// The 32 lanes' accumulators, one vector per kVecFloats lanes, reduced by the butterfly.
+inline float butterfly_lanes(const VecF* acc) {
+    alignas(64) float lanes[kLanes];
+    std::memcpy(lanes, acc, sizeof lanes);
+    return finish_row<float, false>(lanes, nullptr, nullptr, 0);
+}
+
+// z[r] = rows[r] . x for kRows rows read side by side (independent accumulator chains and
+// memory streams), each in the V = 1 order. `ahead` (or null): kRows rows prefetched meanwhile.
+template <typename F, int kRows>
+inline void dot_q_rows(const uint8_t* const* rows, const float* __restrict x, int d, float* z,
+                       const uint8_t* const* ahead = nullptr) {
+    VecF acc[kRows][kBlockVecs] = {};
+    const int blocks = d / kBlock;
+    for (int b = 0; b < blocks; ++b) {
+        VecF xv[kBlockVecs];
+        for (int v = 0; v < kBlockVecs; ++v) xv[v] = load_vec<VecF>(x + b * kBlock + v * kVecFloats);
+        for (int r = 0; r < kRows; ++r) {
+            if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
+            const BlockLanes w = F::dequantize(rows[r] + int64_t(b) * F::kBytes);
+            for (int v = 0; v < kBlockVecs; ++v) {
+                const VecF prod = w.w[v] * xv[v];
+                acc[r][v] = acc[r][v] + prod;
+            }
+        }
+    }
+    for (int r = 0; r < kRows; ++r) z[r] = butterfly_lanes(acc[r]);
+}
+
+// One row's dot product (`ahead`: a row to prefetch meanwhile, or null).
+template <typename F>
+inline float dot_q(const uint8_t* row, const float* x, int d, const uint8_t* ahead = nullptr) {
+    float z;
+    dot_q_rows<F, 1>(&row, x, d, &z, ahead ? &ahead : nullptr);
+    return z;
+}
+
+// Two rows at once (a neuron's gate and up rows): z[0] = row_a . x, z[1] = row_b . x;
+// `ahead_a`, `ahead_b` (both or neither): the next two rows, prefetched meanwhile.
+template <typename F>
+inline void dot_q2(const uint8_t* row_a, const uint8_t* row_b, const float* x, int d, float* z,
+                   const uint8_t* ahead_a = nullptr, const uint8_t* ahead_b = nullptr) {
+    const uint8_t* rows[2] = {row_a, row_b};
+    const uint8_t* ahead[2] = {ahead_a, ahead_b};
+    dot_q_rows<F, 2>(rows, x, d, z, ahead_a ? ahead : nullptr);
+}
+
+// Prefill: kTokens tokens' dot products with one row, as dot_row_tokens: xi[j * kTokens + t] =
+// x_t[j]; lane l's sums of all the tokens are one TokenVec, each block dequantized once and its
+// lane l weight times x[32 t + l] of every token added vertically. xs[t] null: padding, no z[t].
+template <typename F>
+inline void dot_q_tokens(const uint8_t* row, const float* __restrict xi, const float* const* xs, int d, float* z) {
+    TokenVec acc[kLanes] = {};
+    const int blocks = d / kBlock;
+    for (int b = 0; b < blocks; ++b) {
+        const BlockLanes w = F::dequantize(row + int64_t(b) * F::kBytes);
+        alignas(64) float lanes[kLanes];
+        std::memcpy(lanes, w.w, sizeof lanes);
+        const float* xb = xi + size_t(b) * kBlock * kTokens;
+        for (int l = 0; l < kLanes; ++l) {
+            TokenVec xv;                               // (no TokenVec return value: wider than some targets' registers)
+            std::memcpy(&xv, xb + size_t(l) * kTokens, sizeof xv);
+            const TokenVec prod = lanes[l] * xv;
+            acc[l] = acc[l] + prod;
+        }
+    }
+    for (int t = 0; t < kTokens; ++t) {
+        if (!xs[t]) continue;
+        alignas(64) float lanes[kLanes];
+        for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l][t];
+        z[t] = finish_row<float, false>(lanes, nullptr, nullptr, 0);
+    }
+}
+
+// q[0 : 32 * blocks] = (((q + h[0] * row 0) + h[1] * row 1) + ...) for kRows rows' blocks, per
+// column in that order: down_columns's one-, two- and four-row steps.
+template <typename F, int kRows>
+inline void add_rows_q(float* __restrict q, const uint8_t* const* src, const float* h, int blocks) {
+    for (int b = 0; b < blocks; ++b) {
+        float* qb = q + b * kBlock;
+        VecF a[kBlockVecs];
+        for (int v = 0; v < kBlockVecs; ++v) a[v] = load_vec<VecF>(qb + v * kVecFloats);
+        for (int r = 0; r < kRows; ++r) {
+            const BlockLanes w = F::dequantize(src[r] + int64_t(b) * F::kBytes);
+            for (int v = 0; v < kBlockVecs; ++v) {
+                const VecF prod = h[r] * w.w[v];
+                a[v] = a[v] + prod;
+            }
+        }
+        std::memcpy(qb, a, sizeof a);
+    }
+}
+
+inline void add_in_place(float* __restrict acc, const float* __restrict terms, size_t n) {
+    for (size_t j = 0; j < n; ++j) acc[j] = acc[j] + terms[j];
+}
+
+// out[j0:j1] = the contract's down projection over the listed rows of W_down^T (ascending,
+// h3[r] != 0 the value of rows[r]); j0 and j1 multiples of 32. down_columns's walk exactly.
+template <typename F>
+inline void down_columns_q(const uint8_t* __restrict wt, int d, const int32_t* rows, const float* h3, int n, int j0,
+                           int j1, float* __restrict out) {
+    const int m = j1 - j0, blocks = m / kBlock;
+    const int64_t stride = row_bytes_q<F>(d), first = int64_t(j0 / kBlock) * F::kBytes;
+    const size_t span = size_t(blocks) * F::kBytes;
+    auto src = [&](int r) { return wt + int64_t(rows[r]) * stride + first; };
+    std::vector<float> buf(3 * size_t(m));
+    float* __restrict total = buf.data();
+    float* __restrict part = total + m;
+    float* __restrict q = part + m;
+    std::fill(total, total + m, 0.0f);
+    int r = 0;
+    while (r < n) {
+        const int chunk = rows[r] / (kSubRows * kSubs);
+        std::fill(part, part + m, 0.0f);
+        for (int s = 0; s < kSubs; ++s) {
+            const int end = chunk * kSubs + s + 1;            // first sub-chunk past this one
+            std::fill(q, q + m, 0.0f);
+            while (r < n && rows[r] / kSubRows < end) {
+                int step = 1;
+                if (r + 3 < n && rows[r + 3] / kSubRows < end) step = 4;
+                else if (r + 1 < n && rows[r + 1] / kSubRows < end) step = 2;
+                for (int a = r + step; a < std::min(n, r + 2 * step); ++a) prefetch_span(src(a), span);
+                const uint8_t* s4[4] = {src(r), step > 1 ? src(r + 1) : nullptr, step > 2 ? src(r + 2) : nullptr,
+                                        step > 3 ? src(r + 3) : nullptr};
+                if (step == 4) add_rows_q<F, 4>(q, s4, h3 + r, blocks);
+                else if (step == 2) add_rows_q<F, 2>(q, s4, h3 + r, blocks);
+                else add_rows_q<F, 1>(q, s4, h3 + r, blocks);
+                r += step;
+            }
+            add_in_place(part, q, m);
+        }
+        add_in_place(total, part, m);
+    }
+    std::memcpy(out + j0, total, m * sizeof(float));
+}
+
+// down_columns_q for `n_tokens` tokens at once (prefill): h3 [n_tokens, k], out [n_tokens, d];
+// down_columns_tokens's walk exactly. Each row's blocks in [j0, j1) are dequantized once, for
+// all the tokens whose h3 of that row is nonzero; rows no token uses are not read.
+template <typename F>
+inline void down_columns_tokens_q(const uint8_t* __restrict wt, int d, int k, const float* __restrict h3,
+                                  int n_tokens, int j0, int j1, float* __restrict out) {
+    const int m = j1 - j0, blocks = m / kBlock;
+    const int64_t stride = row_bytes_q<F>(d), first = int64_t(j0 / kBlock) * F::kBytes;
+    const size_t span = size_t(m) * n_tokens;
+    std::vector<float> buf(3 * span);
+    float* __restrict total = buf.data();
+    float* __restrict part = total + span;
+    float* __restrict q = part + span;
+    std::fill(total, total + span, 0.0f);
+    std::vector<uint8_t> live(n_tokens);
+    std::vector<int> users(n_tokens);
+    std::vector<float> h(n_tokens);
+    constexpr int kChunkRows = kSubRows * kSubs;
+    for (int c0 = 0; c0 < k; c0 += kChunkRows) {
+        const int c1 = std::min(k, c0 + kChunkRows);
+        bool any = false;
+        for (int t = 0; t < n_tokens; ++t) {
+            const float* ht = h3 + size_t(t) * k;
+            live[t] = std::any_of(ht + c0, ht + c1, [](float v) { return v != 0.0f; });
+            any = any || live[t];
+        }
+        if (!any) continue;
+        std::fill(part, part + span, 0.0f);
+        for (int s = 0; s < kSubs; ++s) {
+            std::fill(q, q + span, 0.0f);
+            for (int i = c0 + s * kSubRows; i < std::min(c1, c0 + (s + 1) * kSubRows); ++i) {
+                int n_users = 0;
+                for (int t = 0; t < n_tokens; ++t) {
+                    const float ht = h3[size_t(t) * k + i];
+                    if (ht != 0.0f) users[n_users] = t, h[n_users++] = ht;
+                }
+                if (!n_users) continue;
+                const uint8_t* src = wt + int64_t(i) * stride + first;
+                if (i + 1 < k) prefetch_span(src + stride, size_t(blocks) * F::kBytes);
+                for (int b = 0; b < blocks; ++b) {
+                    const BlockLanes w = F::dequantize(src + int64_t(b) * F::kBytes);
+                    for (int u = 0; u < n_users; ++u) {
+                        float* qb = q + size_t(users[u]) * m + b * kBlock;
+                        for (int v = 0; v < kBlockVecs; ++v) {
+                            const VecF prod = h[u] * w.w[v];
+                            const VecF sum = load_vec<VecF>(qb + v * kVecFloats) + prod;
+                            std::memcpy(qb + v * kVecFloats, &sum, sizeof sum);
+                        }
+                    }
+                }
+            }
+            for (int t = 0; t < n_tokens; ++t)
+                if (live[t]) add_in_place(part + size_t(t) * m, q + size_t(t) * m, m);
+        }
+        for (int t = 0; t < n_tokens; ++t)
+            if (live[t]) add_in_place(total + size_t(t) * m, part + size_t(t) * m, m);
+    }
+    for (int t = 0; t < n_tokens; ++t) std::memcpy(out + int64_t(t) * d + j0, total + size_t(t) * m, m * sizeof(float));
+}
+
+}  // namespace sparseinfer
