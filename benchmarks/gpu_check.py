@@ -265,7 +265,7 @@ def preflight_report() -> dict:
     """Versions and device facts; compiles every kernel (raises on the first that fails) and
     checks that they keep subnormals (:func:`subnormal_probe`)."""
     from sparseinfer.kernels.device import KERNEL_SOURCE, cupy, kernel, occupancy
-    from sparseinfer.kernels.ops import THREADS
+    from sparseinfer.kernels.registry import GATE_UP
 
     from .timing import device_info
 
@@ -274,7 +274,8 @@ def preflight_report() -> dict:
     for name in KERNEL_SOURCE:
         kernel(name)
     subnormal_probe()
-    sms, per_sm, source = occupancy("gate_up_persistent_fp16", THREADS)
+    persistent = GATE_UP["v4_persistent"].launches[0]
+    sms, per_sm, source = occupancy(persistent.name("fp16"), persistent.threads)
     return {**info, "cupy": cp.__version__, "driver": cp.cuda.runtime.driverGetVersion(),
             "nvrtc": ".".join(map(str, cp.cuda.nvrtc.getVersion())), "python": sys.version.split()[0],
             "kernels_compiled": len(KERNEL_SOURCE), "subnormals_kept": True,

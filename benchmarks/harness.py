@@ -3,9 +3,9 @@
 For each model in ``BENCH_SHAPES`` and sparsity in ``BENCH_SPARSITIES`` (fp16 weights,
 inputs built by ``make_layer`` so that exactly that fraction of gate rows is predicted
 zero), each row says whether the version's output was verified against the reference
-at that shape (bits, or the rigorous bound for the atomic version), its time, the bytes
-it touches (``sim.traffic``), GB/s, % of peak, and its speedup over cuBLAS dense fp16
-GEMVs (CuPy matmul) for the same step, timed in the same run.
+at that shape (``kernels.verify``: bits, or the rigorous bound for the atomic version), its
+time, the bytes it touches (its record's ``touched``), GB/s, % of peak, and its speedup over
+cuBLAS dense fp16 GEMVs (CuPy matmul) for the same step, timed in the same run.
 
 The ``baseline`` row (``dense-gemv``) is the strong dense baseline: the dense
 fp16 MLP as this project's own bandwidth-tuned GEMVs, checked against the rigorous bound.
@@ -18,26 +18,17 @@ from __future__ import annotations
 import copy
 import datetime
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from sparseinfer.kernels import (BASELINE, DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP,
-                                  ops)
-from sparseinfer.kernels.baseline_check import dense_mlp_verified
-from sparseinfer.kernels.device import DeviceMatrix, cupy
+from sparseinfer.kernels import DEFAULT_PIPELINE, PIPELINES
+from sparseinfer.kernels.device import cupy
 from sparseinfer.kernels.graph import MLPGraph, capture
-from sparseinfer.kernels.expected import expected_h1_h3, same_bits, within_down_bound
-from sparseinfer.kernels.shapes import BENCH_DTYPE, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS, make_layer
-from sparseinfer.reference import Activation, mlp_dense, mlp_sparse
-from sparseinfer.reference.dtypes import parse_dtype
-from sparseinfer.reference.shapes import BUILTIN_MODELS
-from sparseinfer.reference.signs import alpha_to_milli, pack_signs
-from sparseinfer.sim import traffic
+from sparseinfer.kernels.shapes import BENCH_DTYPE, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS
+from sparseinfer.kernels.verify import ALPHA, TARGET_FAMILIES, Case, Check, bench_targets
+from sparseinfer.reference import Activation
 
 from .timing import Timer, device_info, empty_launch_us, host_us
-
-ALPHA = 1.0
 
 
 class DenseBaseline:
@@ -78,136 +69,46 @@ def _row(kernel, version, shape, sparsity, verified, timing, n_bytes, peak, dens
             "dense_baseline_us": round(dense_us, 3), "speedup_vs_dense": round(dense_us / timing.median_us, 3)}
 
 
-# What each benchmark row times, by kernel family; tests and ``bench_case`` iterate over it.
-TARGET_FAMILIES = {"mlp": PIPELINES, "pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN,
-                   "baseline": BASELINE}
 STRONG_DENSE = "dense-gemv"      # the baseline row the headline ratio is also read against
-
-
-def bench_targets():
-    """(kernel, version) of every benchmark row, from the registry."""
-    return [(kernel, version) for kernel, family in TARGET_FAMILIES.items() for version in family]
+# The cuBLAS step each family's rows are compared with (a key of BenchCase.dense_us); others: the whole MLP.
+DENSE_STEP = {"gate_up": "gate_up", "down": "down"}
 
 
 @dataclass
-class Measurement:
-    """One benchmark row before timing: what to launch, whether it was verified, bytes, baseline."""
-    kernel: str
-    version: str
-    fn: Callable           # launches the kernel(s) once, asynchronously
-    verified: bool
+class Measurement(Check):
+    """One benchmark row before timing: the verifier's check, the bytes, the cuBLAS step."""
     n_bytes: int
     baseline: str          # key of BenchCase.dense_us
 
 
-class BenchCase:
-    """One (shape, sparsity): the layer, the reference results, the device copies and the
-    cuBLAS dense timings, built once and shared by every row (``sparseinfer bench`` and
-    the pytest-benchmark cases)."""
+class BenchCase(Case):
+    """The verifier's case with the cuBLAS dense timings, built once and shared by every row
+    (``sparseinfer bench`` and the pytest-benchmark cases); ``timer`` None: no timings."""
 
     def __init__(self, shape, sparsity: float, timer: Timer | None, seed: int = 0, log=print):
-        cp = cupy()
-        self.shape, self.sparsity, self.timer = shape, sparsity, timer
-        self.act = Activation.parse(BUILTIN_MODELS[shape.model].hidden_act)
-        layer = self.layer = make_layer(shape.d, shape.k, parse_dtype(BENCH_DTYPE), sparsity, seed)
-        self.want, self.trace = mlp_sparse(layer.x, layer.w_gate, layer.w_up, layer.w_down, self.act, ALPHA)
-        self.want_dense = mlp_dense(layer.x, layer.w_gate, layer.w_up, layer.w_down, self.act)
-        self.h3_want = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, self.act, self.trace.predicted_zero)[1]
-        self.w_down_t = np.ascontiguousarray(layer.w_down.T)
-        self.alpha_milli = alpha_to_milli(ALPHA)
-        log(f"{shape.model} sparsity {sparsity}: predicted {self.trace.predicted_sparsity:.4f}, rows {self.trace.rows}")
-        self.mlps = {}
-        self.mlp = self._mlp(DEFAULT_PIPELINE)
-        self.x = self.mlp.to_device_x(layer.x)
-        self.x_signs = ops.pack_x_signs(self.x)
-        self.h3_dev = cp.asarray(self.h3_want)
+        super().__init__(shape, sparsity, seed, log)
+        self.timer = timer
         self.dense_us = {}
-        if timer is not None:             # None: verification only (verify_case)
-            dense = DenseBaseline(layer, self.act)
+        if timer is not None:
+            dense = DenseBaseline(self.layer, self.act)
             self.dense_us = {"mlp": timer(dense.mlp).median_us, "gate_up": timer(dense.gate_up).median_us,
                              "down": timer(dense.down).median_us}
             log(f"  cuBLAS dense fp16: {self.dense_us}")
 
-    def _mlp(self, pipeline: str) -> SparseMLP:
-        """The layer under ``pipeline``; one upload of the weights, shared by every pipeline."""
-        if pipeline not in self.mlps:
-            if self.mlps:
-                self.mlps[pipeline] = next(iter(self.mlps.values())).with_pipeline(pipeline)
-            else:
-                layer = self.layer
-                self.mlps[pipeline] = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, self.act, pipeline=pipeline)
-        return self.mlps[pipeline]
-
-    @property
-    def all_rows(self) -> dict:
-        """Rows a dense step computes, in the form of the trace's ``rows``."""
-        return dict.fromkeys(("gate", "up", "down"), self.shape.k)
+    def touched(self, kernel: str, version: str) -> int:
+        """Bytes ``version`` of ``kernel`` (or a pipeline) touches at this shape, from its record:
+        the rows this case's trace reads (a dense version reads every row whatever they are)."""
+        return TARGET_FAMILIES[kernel][version].touched(self.shape.d, self.shape.k, BENCH_DTYPE, self.trace.rows)
 
     def pipeline_bytes(self, pipe) -> int:
-        """Bytes a pipeline touches at this shape: the predicted rows when sparse, else all (a
-        fused pipeline: those of its separate versions, plus its per-part sums)."""
-        rows = self.trace.rows if pipe.sparse else self.all_rows
-        d, k = self.shape.d, self.shape.k
-        return (traffic.mlp_bytes(pipe.gate_up, pipe.down, d, k, BENCH_DTYPE, rows)
-                + (ops.fused_scratch_bytes(d, k) if pipe.fused else 0))
-
-    def pipeline_verified(self, pipe, got) -> bool:
-        """A pipeline's output (host) against the reference: bits, or the atomic bound."""
-        if not pipe.sparse:
-            return same_bits(got, self.want_dense)
-        return self._verify_down(got, pipe.deterministic, self.want)
-
-    def _verify_down(self, got, deterministic: bool, want) -> bool:
-        if deterministic:
-            return same_bits(got, want)
-        return bool(within_down_bound(got, self.h3_want, self.w_down_t).all())
+        """Bytes a pipeline touches at this shape."""
+        return self.touched("mlp", pipe.name)
 
     def measurement(self, kernel: str, version: str) -> Measurement:
-        """Run ``version`` of ``kernel`` once, verify it against the reference at this shape."""
-        shape, rows, am = self.shape, self.trace.rows, self.alpha_milli
-        x, x_signs = self.x, self.x_signs
-        if kernel == "mlp":
-            pipe, mlp = PIPELINES[version], self._mlp(version)
-            verified = self.pipeline_verified(pipe, mlp.steps(x, am)[3].get())
-            return Measurement(kernel, version, lambda: mlp.steps(x, am), verified, self.pipeline_bytes(pipe), "mlp")
-        if kernel == "pack_signs":        # the per-token packing of x, as a 1-row matrix
-            run, x_row = PACK_SIGNS[version].run, DeviceMatrix(x, np.dtype(np.float32), 1, shape.d, shape.d)
-            verified = np.array_equal(run(x_row).get()[0], pack_signs(self.layer.x))
-            return Measurement(kernel, version, lambda: run(x_row), verified, traffic.pack_x_bytes(shape.d), "mlp")
-        if kernel == "predict":
-            run, w_signs = PREDICT[version].run, self.mlp.w_signs
-            zero = run(w_signs, x_signs, shape.d, am)[1]
-            verified = np.array_equal(zero.get().astype(bool), self.trace.predicted_zero)
-            return Measurement(kernel, version, lambda: run(w_signs, x_signs, shape.d, am), verified,
-                               traffic.predict_bytes(version, shape.d, shape.k), "mlp")
-        if kernel == "gate_up":
-            run, mlp = GATE_UP[version].run, self.mlp
-            h3 = run(mlp, x, x_signs, am)[1].get()
-            dense_rows = version == "dense"
-            layer = self.layer
-            want_h3 = expected_h1_h3(layer.x, layer.w_gate, layer.w_up, self.act)[1] if dense_rows else self.h3_want
-            n = self.all_rows if dense_rows else rows
-            return Measurement(kernel, version, lambda: run(mlp, x, x_signs, am), same_bits(h3, want_h3),
-                               traffic.gate_up_bytes(version, shape.d, shape.k, BENCH_DTYPE, n["gate"], n["up"]),
-                               "gate_up")
-        if kernel == "down":
-            v, h3, wt = DOWN[version], self.h3_dev, self.mlp.w_down_t
-            verified = self._verify_down(v.run(h3, wt).get(), v.deterministic, self.want)
-            return Measurement(kernel, version, lambda: v.run(h3, wt), verified,
-                               traffic.down_bytes(version, shape.d, shape.k, BENCH_DTYPE, rows["down"]), "down")
-        if kernel == "baseline":          # the strong dense MLP: W_down in the HF layout, its own upload
-            run, mlp, w_down, layer = BASELINE[version].run, self.mlp, self._w_down_dense(), self.layer
-            h1, h3, out = (a.get() for a in run(x, mlp.w_gate, mlp.w_up, w_down, self.act))
-            verified = dense_mlp_verified(h1, h3, out, layer.x, layer.w_gate, layer.w_up, self.w_down_t, self.act)
-            return Measurement(kernel, version, lambda: run(x, mlp.w_gate, mlp.w_up, w_down, self.act), verified,
-                               traffic.strong_dense_bytes(shape.d, shape.k, BENCH_DTYPE), "mlp")
-        raise ValueError(f"unknown benchmark kernel {kernel!r}; expected one of {', '.join(TARGET_FAMILIES)}")
-
-    def _w_down_dense(self) -> DeviceMatrix:
-        """W_down [d, k] (Hugging Face layout) on the device, for the strong dense baseline."""
-        if getattr(self, "_w_down_dev", None) is None:
-            self._w_down_dev = DeviceMatrix.from_host("w_down", self.layer.w_down, check_nan=False)
-        return self._w_down_dev
+        """Run ``version`` of ``kernel`` once, verified against the reference at this shape."""
+        c = self.check(kernel, version)
+        return Measurement(c.kernel, c.version, c.fn, c.verified, self.touched(kernel, version),
+                           DENSE_STEP.get(kernel, "mlp"))
 
     def row(self, m: Measurement, timing, peak: float) -> dict:
         return _row(m.kernel, m.version, self.shape, self.sparsity, m.verified, timing, m.n_bytes, peak,
@@ -260,22 +161,6 @@ def add_best_dense(rows: list[dict]) -> None:
         best, which = (strong_us, STRONG_DENSE) if strong_us is not None and strong_us < cublas else (cublas, "cublas")
         r.update(strong_dense_us=strong_us, best_dense_us=best, best_dense=which,
                  speedup_vs_best_dense=round(best / r["latency_us"], 3))
-
-
-def verify_case(shape, sparsity: float, seed: int = 0, log=print) -> list[dict]:
-    """Every version and pipeline run once at ``shape`` and checked against the reference; no timing.
-
-    The same checks as the benchmark's ``verified`` column, on whichever backend
-    ``cupy()`` gives (a GPU, or the CPU emulation of the kernels).
-    """
-    case = BenchCase(shape, sparsity, None, seed, log)
-    rows = []
-    for kernel, version in bench_targets():
-        verified = case.measurement(kernel, version).verified
-        rows.append({"kernel": kernel, "version": version, "model": shape.model, "d": shape.d, "k": shape.k,
-                     "sparsity": sparsity, "verified": verified})
-        log(f"  {kernel} {version}: {'verified' if verified else 'MISMATCH'}")
-    return rows
 
 
 def decode_loop(shape, sparsity: float, layers: int, timer: Timer, seed: int = 0, log=print) -> dict:

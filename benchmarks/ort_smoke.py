@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sparseinfer.model_export.decode import PROVIDERS, make_session
+from sparseinfer.model_export.session import PROVIDERS, make_session
 from sparseinfer.model_export.onnx_builder import make_model
 from sparseinfer.model_export.ort_profile import read_events
 from sparseinfer.reference.errors import SparseInferError

@@ -27,7 +27,7 @@ import json
 
 from sparseinfer.reference.shapes import load_model
 
-from .backend import DEFAULT_MAX_GEN_TOKS
+from .decoder_lm import DEFAULT_MAX_GEN_TOKS
 
 SAMPLES = {"gsm8k": 1319, "bbh": 6511}           # GSM8K test.jsonl; the 27 BBH files of lm-eval's bbh_cot_fewshot
 SUBTASKS = {"gsm8k": 1, "bbh": 27}               # --limit counts per subtask

@@ -4,7 +4,7 @@ A row is ``dense``, ``sparse`` at an α schedule (the predictor baked into the e
 ``random`` at a sparsity S — a *fixed* random mask per layer: a fraction S of each MLP's
 rows (gate and up rows, down columns) set to zero in the weights, then a dense export, so
 the same rows are dropped at every position, prefill included — or ``method``: any
-``sim.methods`` method at a target sparsity, which no export carries; those rows decode on
+``methods.registry`` method at a target sparsity, which no export carries; those rows decode on
 the NumPy reference model (``method_backend``) and have no export. ``method`` ``random``
 is the paper's own control: a fresh random row mask per token at each decode step.
 
@@ -36,7 +36,7 @@ class Row:
     alpha: str | None = None          # sparse: the α schedule as given
     random: float | None = None       # random: the fraction of rows dropped (a fixed mask)
     seed: int = 0
-    method: str | None = None         # method: a sim.methods name
+    method: str | None = None         # method: a methods.registry name
     sparsity: float | None = None     # method: its target sparsity
     params: tuple = ()                # method: sorted (key, value) pairs of its parameters
 
@@ -84,9 +84,9 @@ def parse_alpha(spec: str, num_layers: int | None = None) -> str:
 
 
 def method_row(name: str, sparsity, params: dict | None = None) -> Row:
-    """A ``method`` row: the name and the parameters checked by ``sim.methods`` (one-line errors)."""
-    from sparseinfer.sim.method_base import check_sparsity
-    from sparseinfer.sim.methods import check_method_name, make_method
+    """A ``method`` row: the name and the parameters checked by ``methods.registry`` (one-line errors)."""
+    from sparseinfer.methods.base import check_sparsity
+    from sparseinfer.methods.registry import check_method_name, make_method
 
     name = check_method_name(name)
     target = check_sparsity(sparsity, f"--method {name}: sparsity")
@@ -98,11 +98,11 @@ def method_row(name: str, sparsity, params: dict | None = None) -> Row:
 def parse_method_rows(methods=(), sparsities=(), params: dict | None = None, approximate: bool = False) -> list[Row]:
     """``--method NAME[@S]`` (repeatable) with ``--sparsity S[,S...]`` (repeatable): a row per
     method and target — a method's own ``@S``, else every ``--sparsity`` value. ``params``:
-    {method: {key: value}} (``sim.methods.parse_param_options``); the sign predictor is aimed
+    {method: {key: value}} (``methods.registry.parse_param_options``); the sign predictor is aimed
     at its target (α calibrated per layer, ``alpha=auto``) unless a schedule is given;
     ``approximate`` allows the sign predictor (sparseinfer, cluster) on a SiLU model."""
-    from sparseinfer.sim.method_base import parse_sparsities
-    from sparseinfer.sim.methods import COMPARE_DEFAULT_PARAMS, METHODS, check_method_name
+    from sparseinfer.methods.base import parse_sparsities
+    from sparseinfer.methods.registry import COMPARE_DEFAULT_PARAMS, METHODS, check_method_name
 
     params = params or {}
     targets = [s for text in sparsities for s in parse_sparsities(text)]
@@ -116,7 +116,7 @@ def parse_method_rows(methods=(), sparsities=(), params: dict | None = None, app
             raise SparseInferError(f"--method {name} needs a target sparsity: --sparsity S or --method {name}@S")
         for s in wanted:
             given = {**COMPARE_DEFAULT_PARAMS.get(name, {}), **params.get(name, {})}
-            if approximate and "approximate" in METHODS[name].PARAMS:       # as sim.methods.make_method
+            if approximate and "approximate" in METHODS[name].PARAMS:       # as methods.registry.make_method
                 given.setdefault("approximate", "true")
             row = method_row(name, s, given)
             if row not in rows:
@@ -226,7 +226,7 @@ def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
         key_file.unlink()
     ck = loaded() if loaded else None
     if ck is None:
-        from sparseinfer.model_export.checkpoint import load_checkpoint
+        from sparseinfer.model_export.loaders import load_checkpoint
         ck = load_checkpoint(checkpoint)
     if row.kind == "sparse":
         AlphaSchedule.parse(row.alpha).check_layers(ck.shape.num_layers)

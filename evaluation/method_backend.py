@@ -1,13 +1,13 @@
-"""The lm-eval model ``sparseinfer`` with ``method=NAME,sparsity=S``: any ``sim.methods``
+"""The lm-eval model ``sparseinfer`` with ``method=NAME,sparsity=S``: any ``methods.registry``
 method (dejavu, teal, cats, wisparse, cluster, oracle, random, sparseinfer with α auto, ...)
 decoded on the NumPy reference model.
 
     python -m sparseinfer.evaluation --model sparseinfer \\
         --model_args model=CHECKPOINT,method=teal,sparsity=0.9[,params=KEY=VALUE;KEY=VALUE][,calibration=FILE] ...
 
-The exports carry only the sign predictor, so these rows run ``sim.methods.MethodReference``
+The exports carry only the sign predictor, so these rows run ``methods.registry.MethodReference``
 (``reference.llama.LlamaReference`` whose decode MLPs run the method's ``select`` and
-``method_base.run_mlp``) in float32 on the CPU. As in the paper and the export backend,
+``methods.base.run_mlp``) in float32 on the CPU. As in the paper and the export backend,
 the prompt is one dense prefill and the method applies in decode steps only;
 ``loglikelihood`` requests are scored by the dense prefill. ``method=random`` is the
 paper's control: ``floor(s·k)`` rows drawn afresh for every token at every decode step,
@@ -17,11 +17,11 @@ before it (a resumed run, another order).
 
 Methods that calibrate (dejavu, teal, cats, wisparse, cluster; sparseinfer with
 ``alpha=auto``, the default here) are prepared once on calibration prompts: the built-in
-ones (``sim.method_compare.CALIBRATION_PROMPTS``) or ``calibration=FILE``. ``sparseinfer
+ones (``methods.calibration.CALIBRATION_PROMPTS``) or ``calibration=FILE``. ``sparseinfer
 eval`` checks them against the evaluated task documents first (``runner``); lm-eval's own
 command line gives the model no task documents to check.
 
-Generation, stop strings, scoring and statistics are ``SparseInferLM``'s; only the decoder
+Generation, stop strings, scoring and statistics are ``decoder_lm.DecoderLM``'s; only the decoder
 differs (``MethodDecoder``). Its decode sparsity is the fraction of down-projection inputs
 (MLP rows, or the down channels of a channel method) not computed, as the native kernel
 counts rows; ``predicted_sparsity`` is the method's own decision on its axis.
@@ -33,10 +33,11 @@ import logging
 
 import numpy as np
 
+from sparseinfer.methods.calibration import DEFAULT_CALIBRATION_PROMPTS
+from sparseinfer.methods.registry import make_method
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.sim.methods import make_method
 
-from .backend import DEFAULT_MAX_GEN_TOKS, DEFAULT_MAX_LENGTH, SparseInferLM, _as_bool
+from .decoder_lm import DEFAULT_MAX_GEN_TOKS, DEFAULT_MAX_LENGTH, DecoderLM, as_bool
 from .exports import Row, parse_method_rows
 
 log = logging.getLogger("sparseinfer.evaluation")
@@ -68,7 +69,7 @@ def request_seed(seed: int, context: str) -> int:
 
 class MethodDecoder:
     """``OnnxDecoder``'s interface (``reset``, ``step``, ``row_counts``, ``max_positions``,
-    ``mlp_kernels``, ``sparse``) over ``sim.methods.MethodReference``: the first ``step``
+    ``mlp_kernels``, ``sparse``) over ``methods.registry.MethodReference``: the first ``step``
     after ``reset`` is the dense prefill, every later token a decode step with the method."""
 
     mlp_kernels = ENGINE
@@ -76,7 +77,7 @@ class MethodDecoder:
     debug = False
 
     def __init__(self, weights, method, target: float, max_length: int):
-        from sparseinfer.sim.methods import MethodReference
+        from sparseinfer.methods.registry import MethodReference
 
         self.model = MethodReference(weights, method, target)
         self.max_positions = min(int(max_length), int(weights.shape.max_position_embeddings))
@@ -110,22 +111,24 @@ class MethodDecoder:
         return out
 
 
-class MethodLM(SparseInferLM):
-    """``SparseInferLM`` whose decoder is ``MethodDecoder`` (see the module docstring).
+class MethodLM(DecoderLM):
+    """The model on the NumPy reference model: a ``DecoderLM`` whose decoder is ``MethodDecoder`` (see
+    the module docstring).
 
-    ``loaded``: the checkpoint already loaded (``model_export.checkpoint.load_checkpoint``);
-    ``calibrated``: a ``sim.method_base.Calibration`` already collected (``sparseinfer eval``
+    ``loaded``: the checkpoint already loaded (``model_export.loaders.load_checkpoint``);
+    ``calibrated``: a ``methods.base.Calibration`` already collected (``sparseinfer eval``
     shares one between its rows)."""
 
-    def __init__(self, model, method, sparsity=None, params=None, calibration=None, max_calibration_prompts=64,
+    def __init__(self, model, method, sparsity=None, params=None, calibration=None,
+                 max_calibration_prompts=DEFAULT_CALIBRATION_PROMPTS,
                  approximate=False, max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, progress=True, loaded=None,
                  calibrated=None, batch_size=None, max_batch_size=None, device=None, **unknown):
-        super(SparseInferLM, self).__init__()
+        super().__init__()
         if unknown:
             raise SparseInferError(f"unknown model_args for sparseinfer with method=: {', '.join(sorted(unknown))}; "
                                    f"expected model, method, sparsity, params, calibration, max_calibration_prompts, "
                                    f"approximate, max_length, max_gen_toks, progress")
-        from sparseinfer.model_export.checkpoint import load_checkpoint
+        from sparseinfer.model_export.loaders import load_checkpoint
 
         if isinstance(method, Row):
             self.row = method                          # from exports.parse_method_rows
@@ -134,10 +137,10 @@ class MethodLM(SparseInferLM):
                 raise SparseInferError(f"method={method} needs sparsity=S (a target in [0, 1))")
             name = str(method).strip().lower()
             self.row, = parse_method_rows([f"{name}@{sparsity}"], params={name: parse_params(params)},
-                                          approximate=_as_bool(approximate))
+                                          approximate=as_bool(approximate))
         self.path = None
         self.provider = "cpu"
-        self.progress = _as_bool(progress)
+        self.progress = as_bool(progress)
         self.max_gen_toks = int(max_gen_toks)
         ck = loaded if loaded is not None else load_checkpoint(model)
         if ck.tokenizer is None:
@@ -148,7 +151,7 @@ class MethodLM(SparseInferLM):
         self.method = make_method(self.row.method, dict(self.row.params))
         self.base_seed = self.method.params.get("seed")
         if calibrated is None:
-            from sparseinfer.sim.method_compare import load_calibration
+            from sparseinfer.methods.calibration import load_calibration
 
             calibrated = load_calibration(ck, calibration, max_calibration_prompts, [], log.info)
         self.calibration = calibrated

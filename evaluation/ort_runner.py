@@ -1,12 +1,12 @@
-"""The design-space runner (``sim.alpha_sweep``'s interface) on onnxruntime exports.
+"""The design-space runner (``methods.alpha_sweep``'s interface) on onnxruntime exports.
 
 ``predictor-stats`` and ``sweep`` take their masks from the NumPy reference model
-(``sim.model_runner.ReferenceRunner``) by default. With ``--provider cpu|cuda`` they take
+(``methods.model_runner.ReferenceRunner``) by default. With ``--provider cpu|cuda`` they take
 them from ``OrtRunner`` instead: the checkpoint is exported once per α schedule with the
 debug outputs (``debug.{i}.predicted_zero``, ``actual_zero`` and ``rows`` per layer; cached
 like ``sparseinfer eval``'s exports) and decoded on onnxruntime. The dense export makes the
 greedy continuations and the dense logits. Each decode step's debug outputs become one
-``reference.mlp.MLPTrace`` per layer, the same record the reference makes. ``sim`` then
+``reference.mlp.MLPTrace`` per layer, the same record the reference makes. ``methods`` then
 computes the statistics, latency and quality from them unchanged, so the same masks give
 the same statistics. The reference stays the definition, and tests/test_eval_ort_dse.py
 checks this path against it.
@@ -36,7 +36,7 @@ class OrtRunner:
 
     def __init__(self, checkpoint_path, prompts: list[str], max_new_tokens: int = 8, provider: str = "cpu",
                  export_dir=DEFAULT_EXPORT_DIR, threads: int | None = None, mlp_kernels: str = "auto", progress=None):
-        from sparseinfer.model_export.checkpoint import load_checkpoint
+        from sparseinfer.model_export.loaders import load_checkpoint
 
         if int(max_new_tokens) < 1:
             raise SparseInferError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")

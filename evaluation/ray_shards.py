@@ -31,7 +31,8 @@ from lm_eval.api.model import TemplateLM
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .backend import DEFAULT_MAX_GEN_TOKS, DENSE_SCORING_NOTE, SparseInferLM, summarize_stats
+from .backend import SparseInferLM
+from .decoder_lm import DEFAULT_MAX_GEN_TOKS, DENSE_SCORING_NOTE, summarize_stats
 
 log = logging.getLogger("sparseinfer.evaluation")
 

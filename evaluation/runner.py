@@ -7,7 +7,7 @@ resumes from what it has; the key changes with the export), ``<slug>/results.jso
 ``<slug>/samples_<task>_<date>.jsonl`` (lm-eval's own sample logging: prompt, generation,
 extracted answer, correct), and ``eval.json`` for the whole run.
 
-``methods`` (``--method NAME --sparsity S``) add rows of any ``sim.methods`` method, which
+``methods`` (``--method NAME --sparsity S``) add rows of any ``methods.registry`` method, which
 decode on the NumPy reference model (``method_backend``; no export, prefill dense). Their
 calibration prompts (built-in, or ``--calibration FILE``) are collected once for all of them
 and must not overlap the documents of the evaluated tasks (all of them, not only the
@@ -26,6 +26,7 @@ import math
 import time
 from pathlib import Path
 
+from sparseinfer.methods.calibration import DEFAULT_CALIBRATION_PROMPTS
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import make_folder, write_json
 
@@ -134,14 +135,14 @@ def evaluate_row(lm, tasks: list[str], data_dir, out_dir: Path, cache_prefix: st
 
 
 def method_sources_hash() -> str:
-    """Hash of the methods', the reference model's and the method backend's sources: a method
-    row run by other code does not resume from the old answers."""
+    """Hash of the methods', the reference model's and the method backend's sources (its requests'
+    too, ``decoder_lm``): a method row run by other code does not resume from the old answers."""
+    import sparseinfer.methods as methods
     import sparseinfer.reference.llama as llama
-    import sparseinfer.sim.methods as methods
 
     h = hashlib.sha256()
-    for path in (sorted(Path(methods.__file__).parent.glob("method*.py"))
-                 + [Path(llama.__file__), Path(__file__).with_name("method_backend.py")]):
+    backend = [Path(__file__).with_name(name) for name in ("method_backend.py", "decoder_lm.py")]
+    for path in sorted(Path(methods.__file__).parent.glob("*.py")) + [Path(llama.__file__), *backend]:
         h.update(path.name.encode() + b"\0" + path.read_bytes())
     return h.hexdigest()[:16]
 
@@ -160,15 +161,15 @@ def row_cache_key(checkpoint, row, target: str, calibration=None, dtype: str = "
 def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cpu", data_dir=None, out="out/eval",
              max_gen_toks=None, threads=None, mlp_kernels="auto", target=None, seed=0, progress=True, verbose=False,
              log=print, ray=None, ray_workers=None, methods=(), sparsities=(), params=None, approximate=False,
-             calibration_file=None, max_calibration_prompts=64, dtype="float32") -> dict:
+             calibration_file=None, max_calibration_prompts=DEFAULT_CALIBRATION_PROMPTS, dtype="float32") -> dict:
     """Evaluate dense, each α, the random control and each method row (see the module's
     docstring). ``ray``: a Ray address ('auto', 'local', HOST:PORT) to run each export row's
     requests on Ray workers (``ray_shards``; ``ray_workers`` of them) instead of in this
     process. ``methods`` / ``sparsities`` / ``params`` / ``approximate``: the method rows
     (``exports.parse_method_rows``); ``calibration_file``: their calibration prompts; ``dtype``:
     the exports' float32, or float16 (weights and activations; the method rows stay float32)."""
-    from sparseinfer.model_export.checkpoint import load_checkpoint
-    from sparseinfer.sim.method_compare import calibration_prompts, check_disjoint
+    from sparseinfer.methods.calibration import calibration_prompts, check_disjoint
+    from sparseinfer.model_export.loaders import load_checkpoint
 
     from .backend import SparseInferLM
 
@@ -205,8 +206,8 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
              for row in rows if row.kind != "method"}
     calibration = None
     if method_rows:
-        from sparseinfer.sim.methods import collect_calibration
-        from sparseinfer.sim.model_runner import encode_prompts
+        from sparseinfer.methods.calibration import collect_calibration
+        from sparseinfer.methods.model_runner import encode_prompts
 
         calibration = collect_calibration(ck().weights, encode_prompts(ck(), prompts, "calibration prompts"), source)
         log(f"calibration: {calibration.prompts} prompts, {calibration.tokens} tokens from {source}, none of them "
@@ -251,7 +252,7 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
                                "mlp_kernels": one["stats"]["mlp_kernels"], **one})
         del lm
     finish(result)
-    from sparseinfer.benchmarks.machine import machine_description
+    from sparseinfer.model_export.machine import machine_description
     result["machine"] = machine_description(provider)
     write_json(make_folder(out) / "eval.json", result)
     return result
@@ -353,7 +354,7 @@ def check_task_arguments(tasks, data_dir, limit, calibration_file=None, max_cali
     """``--tasks`` / ``--data-dir`` / ``--limit`` of a design-space tool, checked before its
     (slow) run, and with ``max_calibration_prompts`` its calibration prompts against the task
     documents: the task names."""
-    from sparseinfer.sim.method_compare import calibration_prompts, check_disjoint
+    from sparseinfer.methods.calibration import calibration_prompts, check_disjoint
 
     names = parse_tasks(tasks)
     root = check_data(data_dir, names)

@@ -1,14 +1,22 @@
-"""What the gate+up kernels must write, from the reference: h1 and h3 in the contract.
+"""What the kernels must write, from the reference, where the reference has no function of
+that exact form: the predictor's mask from the sign words, and h1 and h3 of the gate+up kernels.
 
 Sparse: rows predicted zero get h1 = h3 = +0 and read nothing; rows whose h1 is exactly
 zero skip the up row and get h3 = +0 (+AS). Dense: every row, h3 = fl(h1 * h2).
-Shared by the GPU tests and the benchmark's verification.
+Named by the kernel versions' records (``registry.py``); shared by the GPU tests and the
+verifier (``verify.py``).
 """
 from __future__ import annotations
 
 import numpy as np
 
 from sparseinfer.reference import Activation, order_contract as oc
+from sparseinfer.reference.signs import negative_product_counts, zero_rows_from_counts
+
+
+def predicted_zero(w_signs, x_signs, d: int, alpha_milli: int) -> np.ndarray:
+    """Bool [k]: eq. 2's predicted-zero rows, from the rows' and x's sign words."""
+    return zero_rows_from_counts(negative_product_counts(w_signs, x_signs, d), d, alpha_milli)
 
 
 def expected_h1_h3(x, w_gate, w_up, activation, predicted_zero=None):
@@ -21,6 +29,11 @@ def expected_h1_h3(x, w_gate, w_up, activation, predicted_zero=None):
     rows = np.flatnonzero(h1)
     h3[rows] = h1[rows] * oc.warp_dot_rows(w_up[rows], x)
     return h1, h3
+
+
+def dense_h1_h3(x, w_gate, w_up, activation, predicted_zero=None):
+    """(h1, h3) float32 [k] of the dense kernels: every row, whatever was predicted."""
+    return expected_h1_h3(x, w_gate, w_up, activation)
 
 
 def same_bits(got, want) -> bool:

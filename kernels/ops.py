@@ -3,8 +3,14 @@
 Every wrapper checks shapes and dtypes (from metadata only, so the checks run on the
 host before CuPy is touched) and raises SparseInferError with one line naming the
 problem. Vectors (x, h3) are float32 CuPy arrays; weights are :class:`DeviceMatrix`.
+Which CUDA function a wrapper launches, and with how many threads, is the caller's
+:class:`Launch`: each kernel version's record (``registry.py``) holds its own. The helpers
+shared by several versions (sign packing, the active-list compaction, the chunks' final
+sum) launch with theirs, below.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -16,13 +22,42 @@ from sparseinfer.reference.signs import words_per_row
 
 from . import device
 from .device import DeviceMatrix, cupy, kernel
-from .sources import (DOWN_NARROW_THREADS, DOWN_THREADS, FUSED_THREADS, GATE_UP_BATCHED_THREADS, GATE_UP_PREDICTING,
-                      GATE_UP_SMALL_BLOCKS, PREDICT_ROWS_PER_WARP)
+from .sources import source_of
 
 THREADS = 256                      # 8 warps per block in the warp-per-row kernels
-COMPACT_THREADS = 1024
-ATOMIC_ROWS_PER_BLOCK = 64
 _NULL = np.uint64(0)
+
+
+@dataclass(frozen=True)
+class Launch:
+    """How one kernel is launched: its CUDA function (``{dtype}`` stands for the weights' dtype
+    name: ``gate_up_batched_{dtype}`` launches ``gate_up_batched_fp16`` on fp16 weights) and
+    threads per block. Warp-per-row kernels give each warp ``rows_per_warp`` rows; the split-K
+    down projection gives each block ``rows_per_block`` rows; a ``persistent`` grid is capped
+    at the blocks resident at once (``device.resident_blocks``). The grid follows from the
+    sizes, in the wrapper that launches it."""
+    function: str
+    threads: int = THREADS
+    rows_per_warp: int = 1
+    rows_per_block: int = 0
+    persistent: bool = False
+
+    def name(self, dtype_name: str = "") -> str:
+        """The extern "C" name launched on weights of ``dtype_name``."""
+        return self.function.format(dtype=dtype_name)
+
+    @property
+    def source(self) -> str:
+        """The file of ``cuda/`` that defines the function."""
+        return source_of(self.function)
+
+
+# The helpers' launches: sign packing (weights at load time, x every token), the compaction
+# of the predicted-active rows into a list (one block), the chunked down projections' sum of
+# the chunks' partials in order (a thread per column).
+SIGN_PACKING = Launch("pack_signs_{dtype}")
+COMPACTION = Launch("compact_active", threads=1024)
+CHUNK_SUM = Launch("down_reduce_chunks")
 
 
 # --- argument checks (metadata only) ------------------------------------------------------
@@ -81,7 +116,7 @@ def check_alpha_milli(alpha_milli) -> int:
     return int(alpha_milli)
 
 
-def _warp_grid(n_warps: int, threads: int = THREADS) -> tuple:
+def _warp_grid(n_warps: int, threads: int) -> tuple:
     return (max(1, -(-n_warps // (threads // WARP_SIZE))),)
 
 
@@ -91,23 +126,24 @@ def _act_args(act: Activation) -> tuple:
 
 # --- predictor ---------------------------------------------------------------------------
 
-def pack_signs(m: DeviceMatrix):
+def pack_signs(m: DeviceMatrix, launch: Launch = SIGN_PACKING):
     """uint32 sign words [rows, ceil(cols/32)] of a weight matrix (fp32/fp16/bf16/int8)."""
     check_matrix("pack_signs input", m, allowed=SIGN_PACK_DTYPES)
     cp = cupy()
     n_words = words_per_row(m.cols)
     words = cp.empty((m.rows, n_words), dtype=cp.uint32)
-    kernel(f"pack_signs_{m.dtype_name}")(_warp_grid(m.rows * n_words), (THREADS,),
-                                          (m.data, words, np.int32(m.rows), np.int32(m.cols), np.int64(m.ld)))
+    kernel(launch.name(m.dtype_name))(_warp_grid(m.rows * n_words, launch.threads), (launch.threads,),
+                                      (m.data, words, np.int32(m.rows), np.int32(m.cols), np.int64(m.ld)))
     return words
 
 
-def pack_x_signs(x):
+def pack_x_signs(x, launch: Launch = SIGN_PACKING):
     """uint32 sign words [ceil(d/32)] of the float32 activation vector x."""
     d = check_vector("x", x)
     cp = cupy()
     words = cp.empty(words_per_row(d), dtype=cp.uint32)
-    kernel("pack_signs_fp32")(_warp_grid(words.size), (THREADS,), (x, words, np.int32(1), np.int32(d), np.int64(d)))
+    kernel(launch.name("fp32"))(_warp_grid(words.size, launch.threads), (launch.threads,),
+                                (x, words, np.int32(1), np.int32(d), np.int64(d)))
     return words
 
 
@@ -121,32 +157,27 @@ def _check_signs(w_signs, x_signs, d: int) -> int:
     return w_signs.shape[0]
 
 
-def predict(w_signs, x_signs, d: int, alpha_milli: int, vector_loads: bool = False, multi_row: bool = False):
-    """(counts int32 [k], zero uint8 [k]): N_neg per row and eq. 2's predicted-zero mask.
-
-    ``vector_loads``: read the sign words 16 bytes at a time where aligned (predict_rows_vec).
-    ``multi_row``: predict_rows_multi, PREDICT_ROWS_PER_WARP rows per warp, every 16-byte quad a
-    lane reads loaded before any is counted.
-    """
+def predict(w_signs, x_signs, d: int, alpha_milli: int, *, launch: Launch):
+    """(counts int32 [k], zero uint8 [k]): N_neg per row and eq. 2's predicted-zero mask, the
+    rows split over warps ``launch.rows_per_warp`` at a time."""
     k = _check_signs(w_signs, x_signs, d)
     alpha_milli = check_alpha_milli(alpha_milli)
     cp = cupy()
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
-    name = "predict_rows_multi" if multi_row else "predict_rows_vec" if vector_loads else "predict_rows"
-    kernel(name)(
-        _warp_grid(-(-k // PREDICT_ROWS_PER_WARP) if multi_row else k), (THREADS,),
+    kernel(launch.name())(
+        _warp_grid(-(-k // launch.rows_per_warp), launch.threads), (launch.threads,),
         (w_signs, np.int64(w_signs.shape[1]), x_signs, np.int32(k), np.int32(d), np.int32(alpha_milli), counts, zero))
     return counts, zero
 
 
-def compact_active(zero):
-    """(active int32 [k], n_active int32 [1]): ascending rows with zero == 0, on the device."""
+def compact_active(zero, launch: Launch = COMPACTION):
+    """(active int32 [k], n_active int32 [1]): ascending rows with zero == 0, on the device (one block)."""
     k = check_vector("zero mask", zero, dtype=np.uint8)
     cp = cupy()
     active = cp.empty(k, dtype=cp.int32)
     n_active = cp.empty(1, dtype=cp.int32)
-    kernel("compact_active")((1,), (COMPACT_THREADS,), (zero, np.int32(k), active, n_active))
+    kernel(launch.name())((1,), (launch.threads,), (zero, np.int32(k), active, n_active))
     return active, n_active
 
 
@@ -158,7 +189,7 @@ def _gate_up_outputs(k: int, zeroed: bool):
     return alloc(k, dtype=cp.float32), alloc(k, dtype=cp.float32)
 
 
-def gate_up_mask(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, zero=None):
+def gate_up_mask(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, zero=None, *, launch: Launch):
     """(h1, h3) [k]: warp per row over all rows; ``zero`` (uint8 mask) skips rows, None = dense."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
@@ -167,14 +198,14 @@ def gate_up_mask(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, zero=N
     if zero is not None:
         check_vector("zero mask", zero, k, np.uint8)
     h1, h3 = _gate_up_outputs(k, zeroed=False)
-    kernel(f"gate_up_mask_{w_gate.dtype_name}")(
-        _warp_grid(k), (THREADS,),
+    kernel(launch.name(w_gate.dtype_name))(
+        _warp_grid(k, launch.threads), (launch.threads,),
         (x, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k),
          _NULL if zero is None else zero, *_act_args(act), h1, h3))
     return h1, h3
 
 
-def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active, n_active):
+def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active, n_active, *, launch: Launch):
     """(h1, h3) [k]: warps only over the compacted active rows (count read on the device)."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
@@ -183,23 +214,16 @@ def gate_up_list(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, active
     check_vector("active", active, k, np.int32)
     check_vector("n_active", n_active, 1, np.int32)
     h1, h3 = _gate_up_outputs(k, zeroed=True)
-    kernel(f"gate_up_list_{w_gate.dtype_name}")(
-        _warp_grid(k), (THREADS,),
+    kernel(launch.name(w_gate.dtype_name))(
+        _warp_grid(k, launch.threads), (launch.threads,),
         (x, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), active, n_active, *_act_args(act), h1, h3))
     return h1, h3
 
 
-def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int,
-                  kind: str = "fused"):
-    """(counts, zero, h1, h3): predict + gate + up in one launch, warp per row.
-
-    ``kind``: ``fused`` (gate_up_fused); ``batched`` (gate_up_batched: the same with 8 weight
-    chunks per lane loaded before they are added); ``persistent`` (gate_up_persistent: a grid
-    that fits on the device at once, ``device.resident_blocks``, each warp striding over the
-    rows, batched loads).
-    """
-    if kind not in GATE_UP_PREDICTING:
-        raise SparseInferError(f"unknown fused gate_up kind {kind!r}; expected one of {', '.join(GATE_UP_PREDICTING)}")
+def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, activation, alpha_milli: int, *,
+                  launch: Launch):
+    """(counts, zero, h1, h3): predict + gate + up in one launch, warp per row (a persistent
+    launch: a grid that fits on the device at once, each warp striding over the rows)."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
     k = _check_signs(w_signs, x_signs, d)
@@ -211,10 +235,9 @@ def gate_up_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix,
     counts = cp.empty(k, dtype=cp.int32)
     zero = cp.empty(k, dtype=cp.uint8)
     h1, h3 = _gate_up_outputs(k, zeroed=False)
-    name = f"gate_up_{kind}_{w_gate.dtype_name}"
-    threads = GATE_UP_BATCHED_THREADS if kind in GATE_UP_SMALL_BLOCKS else THREADS
+    name, threads = launch.name(w_gate.dtype_name), launch.threads
     grid = _warp_grid(k, threads)
-    if kind == "persistent":
+    if launch.persistent:
         grid = (min(grid[0], device.resident_blocks(name, threads)),)
     kernel(name)(
         grid, (threads,),
@@ -231,7 +254,8 @@ def _check_down(h3, w_down_t: DeviceMatrix) -> tuple[int, int]:
     return w_down_t.rows, w_down_t.cols
 
 
-def _down_grid_x(d: int, dtype, tile: int = DOWN_THREADS) -> int:
+def _down_grid_x(d: int, dtype, tile: int) -> int:
+    """Column tiles of ``tile`` threads, V columns each."""
     return -(-d // (tile * vector_width(dtype)))
 
 
@@ -243,19 +267,19 @@ def _chunked_down(h3, w_down_t: DeviceMatrix) -> tuple:
     return k, d, n_chunks, cp.empty((n_chunks, d), dtype=cp.float32), cp.empty(d, dtype=cp.float32)
 
 
-def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False, batched: bool = False, narrow: bool = False):
+def down_chunks(h3, w_down_t: DeviceMatrix, dense: bool = False, *, launch: Launch,
+                chunk_sum: Launch = CHUNK_SUM):
     """out [d] in the contract's order: sub-chunk sums, per-chunk partials, then chunks ascending.
-    ``batched``: down_chunks_batched, each thread loading 8 rows' weights before adding them.
-    ``narrow``: down_chunks_narrow, the batched kernel on column tiles of DOWN_NARROW_THREADS
-    threads (more, smaller blocks per chunk; the same order per column)."""
+    A block of ``launch`` is a column tile of ``launch.threads / DOWN_SUB_CHUNKS`` threads times
+    the sub-chunks of one chunk; then ``chunk_sum`` adds the chunks' partials in order, a thread
+    per column. ``dense``: every row, not only those with h3 != 0."""
     k, d, n_chunks, partial, out = _chunked_down(h3, w_down_t)
-    dt = w_down_t.dtype_name
-    name = f"down_chunks_narrow_{dt}" if narrow else f"down_chunks_batched_{dt}" if batched else f"down_chunks_{dt}"
-    tile = DOWN_NARROW_THREADS if narrow else DOWN_THREADS
-    kernel(name)(
-        (_down_grid_x(d, w_down_t.dtype, tile), n_chunks), (tile * DOWN_SUB_CHUNKS,),
+    tile = launch.threads // DOWN_SUB_CHUNKS
+    kernel(launch.name(w_down_t.dtype_name))(
+        (_down_grid_x(d, w_down_t.dtype, tile), n_chunks), (launch.threads,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(bool(dense)), partial))
-    kernel("down_reduce_chunks")((-(-d // THREADS),), (THREADS,), (partial, np.int32(n_chunks), np.int32(d), out))
+    kernel(chunk_sum.name())((-(-d // chunk_sum.threads),), (chunk_sum.threads,),
+                             (partial, np.int32(n_chunks), np.int32(d), out))
     return out
 
 
@@ -274,24 +298,26 @@ def _counters(kind: str, n: int):
     return _COUNTERS[key]
 
 
-def down_chunks_serial(h3, w_down_t: DeviceMatrix):
+def down_chunks_serial(h3, w_down_t: DeviceMatrix, *, launch: Launch):
     """down_chunks in one launch: the last block of each column tile adds the chunks' partials."""
     k, d, n_chunks, partial, out = _chunked_down(h3, w_down_t)
-    n_tiles = _down_grid_x(d, w_down_t.dtype)
-    kernel(f"down_chunks_serial_{w_down_t.dtype_name}")(
-        (n_tiles, n_chunks), (DOWN_THREADS * DOWN_SUB_CHUNKS,),
+    n_tiles = _down_grid_x(d, w_down_t.dtype, launch.threads // DOWN_SUB_CHUNKS)
+    kernel(launch.name(w_down_t.dtype_name))(
+        (n_tiles, n_chunks), (launch.threads,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), partial, _counters("tile_done", n_tiles),
          out))
     return out
 
 
-def down_atomic(h3, w_down_t: DeviceMatrix, rows_per_block: int = ATOMIC_ROWS_PER_BLOCK):
-    """out [d], order free: split-K over groups of rows, one atomicAdd per column per block."""
+def down_atomic(h3, w_down_t: DeviceMatrix, *, launch: Launch):
+    """out [d], order free: split-K over groups of ``launch.rows_per_block`` rows, a block a column
+    tile of ``launch.threads`` threads, one atomicAdd per column per block."""
     k, d = _check_down(h3, w_down_t)
     cp = cupy()
     out = cp.zeros(d, dtype=cp.float32)
-    kernel(f"down_atomic_{w_down_t.dtype_name}")(
-        (_down_grid_x(d, w_down_t.dtype), -(-k // rows_per_block)), (DOWN_THREADS,),
+    rows_per_block = launch.rows_per_block
+    kernel(launch.name(w_down_t.dtype_name))(
+        (_down_grid_x(d, w_down_t.dtype, launch.threads), -(-k // rows_per_block)), (launch.threads,),
         (h3, w_down_t.data, np.int64(w_down_t.ld), np.int32(k), np.int32(d), np.int32(rows_per_block), out))
     return out
 
@@ -305,14 +331,8 @@ def fused_parts(k: int) -> tuple[int, int]:
     return n_chunks, n_chunks * DOWN_SUB_CHUNKS
 
 
-def fused_scratch_bytes(d: int, k: int) -> int:
-    """Bytes of mlp_fused's per-part sums q [parts, d] float32, written and read back: its traffic
-    beyond the chunked down projection's (whose chunk partials it also writes and reads)."""
-    return 2 * fused_parts(k)[1] * d * 4
-
-
 def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down_t: DeviceMatrix, activation,
-              alpha_milli: int):
+              alpha_milli: int, *, launch: Launch):
     """(h1, h3, zero, out): the whole sparse MLP in one persistent launch (mlp_fused). The three
     weight matrices share one row stride: row-major matrices, or views into the neuron-major
     records (``layout.record_views``). A grid of the blocks resident at once strides over the
@@ -336,9 +356,9 @@ def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_d
     q = cp.empty((n_parts, d), dtype=cp.float32)
     partial = cp.empty((n_chunks, d), dtype=cp.float32)
     out = cp.empty(d, dtype=cp.float32)
-    name = f"mlp_fused_{w_gate.dtype_name}"
+    name, threads = launch.name(w_gate.dtype_name), launch.threads
     kernel(name)(
-        (min(n_parts, device.resident_blocks(name, FUSED_THREADS)),), (FUSED_THREADS,),
+        (min(n_parts, device.resident_blocks(name, threads)) if launch.persistent else n_parts,), (threads,),
         (x, x_signs, w_signs, np.int64(w_signs.shape[1]), w_gate.data, w_up.data, w_down_t.data, np.int64(w_gate.ld),
          np.int32(d), np.int32(k), np.int32(alpha_milli), *_act_args(act), counts, zero, h1, h3, q, partial,
          _counters("mlp_fused", n_chunks + 1), out))
@@ -347,13 +367,14 @@ def mlp_fused(x, x_signs, w_signs, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_d
 
 # --- the strong dense baseline (dense.cu) ----------------------------------------------
 
-def dense_gemv_mlp(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down: DeviceMatrix, activation):
+def dense_gemv_mlp(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down: DeviceMatrix, activation, *,
+                   gate_up: Launch, rows: Launch):
     """(h1, h3 [k], out [d]): the dense MLP as two bandwidth-tuned GEMVs, the benchmark's strong
     dense baseline beside cuBLAS. ``w_down`` in the Hugging Face layout [d, k] (not W_down^T):
     dense_gate_up (warp per neuron, gate and up chunks in flight together), then dense_rows
     (warp per output row). h1 and h3 are in the contract's order; ``out`` is not (one warp
     sum per row of W_down instead of the chunked partials), so it is checked against
-    rigorous_error_bound."""
+    rigorous_error_bound. ``gate_up`` and ``rows``: the two kernels' launches."""
     d = check_vector("x", x)
     check_pair(w_gate, w_up, d)
     act = Activation.parse(activation)
@@ -364,10 +385,11 @@ def dense_gemv_mlp(x, w_gate: DeviceMatrix, w_up: DeviceMatrix, w_down: DeviceMa
                                f"{w_gate.dtype_name}")
     cp = cupy()
     h1, h3 = _gate_up_outputs(k, zeroed=False)
-    kernel(f"dense_gate_up_{w_gate.dtype_name}")(
-        _warp_grid(k), (THREADS,),
+    kernel(gate_up.name(w_gate.dtype_name))(
+        _warp_grid(k, gate_up.threads), (gate_up.threads,),
         (x, w_gate.data, w_up.data, np.int64(w_gate.ld), np.int32(d), np.int32(k), *_act_args(act), h1, h3))
     out = cp.empty(d, dtype=cp.float32)
-    kernel(f"dense_rows_{w_down.dtype_name}")(
-        _warp_grid(d), (THREADS,), (w_down.data, np.int64(w_down.ld), h3, np.int32(d), np.int32(k), out))
+    kernel(rows.name(w_down.dtype_name))(
+        _warp_grid(d, rows.threads), (rows.threads,),
+        (w_down.data, np.int64(w_down.ld), h3, np.int32(d), np.int32(k), out))
     return h1, h3, out

@@ -1,25 +1,42 @@
-"""The kernel versions, by family, each with a one-line description.
+"""The kernel versions, by family: one record per version, the one that ``SparseMLP``, the
+benchmarks and the verifier (``verify.py``) read.
 
-Tests and benchmarks iterate over these dictionaries, so a new version is one kernel in
-``cuda/`` plus one entry here. Every ``run`` of a family has the same signature:
+A record holds everything about its version: a one-line description; the CUDA functions it
+launches and how (``launches``, :class:`ops.Launch`: function, threads per block, rows per
+warp, persistent grid; the source file is ``Launch.source``); the NumPy reference of what it
+must write (``reference``; ``deterministic``: bit for bit, else within the rigorous error
+bound); the bytes it touches (``touched(d, k, dtype, rows)``, one of ``traffic.py``'s
+functions). A new version is one kernel in ``cuda/`` plus one record here. Per family:
 
-* ``pack_signs``: run(matrix: DeviceMatrix) -> words [rows, ceil(cols/32)]
-* ``predict``:    run(w_signs, x_signs, d, alpha_milli) -> (counts, zero, active | None, n_active | None)
-* ``gate_up``:    run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero | None)
-* ``down``:       run(h3, w_down_t: DeviceMatrix) -> out
-* ``mlp_fused``:  run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero, out): the whole MLP in one launch
+* ``pack_signs``: run(matrix: DeviceMatrix) -> words [rows, ceil(cols/32)];
+  reference(a) -> the same words of a host matrix
+* ``predict``:    run(w_signs, x_signs, d, alpha_milli) -> (counts, zero, active | None, n_active | None);
+  reference(w_signs, x_signs, d, alpha_milli) -> the predicted-zero mask, bool [k]
+* ``gate_up``:    run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero | None);
+  reference(x, w_gate, w_up, activation, predicted_zero) -> (h1, h3). ``predict``: the predict
+  version it runs first and reads (its mask or list); "" when it predicts itself or not at all
+* ``down``:       run(h3, w_down_t: DeviceMatrix) -> out; reference(h3, w_down_t) -> out
+* ``mlp_fused``:  run(mlp: SparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero, out): the whole MLP in one
+  launch; reference(x, w_gate, w_up, w_down, activation, alpha) -> (out, trace)
 * ``mlp``:        a gate_up version and a down version run in sequence, or an mlp_fused version
-  (``SparseMLP``), on the weights in row-major or neuron-major layout (``layout.py``)
+  (``SparseMLP``), on the weights in row-major or neuron-major layout (``layout.py``): :class:`Pipeline`
 * ``baseline``:   run(x, w_gate, w_up, w_down [d, k], activation) -> (h1, h3, out): the strong dense
-  baseline (not a sparse version; ``deterministic`` False: out is checked against the rigorous bound)
+  baseline (not a sparse version; ``deterministic`` False: out is checked against the rigorous bound);
+  reference(x, w_gate, w_up, w_down, activation) -> out
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Callable
 
-from . import ops
+from sparseinfer.reference import mlp_dense, mlp_sparse
+from sparseinfer.reference.order_contract import DOWN_SUB_CHUNKS, down_projection
+from sparseinfer.reference.signs import pack_signs
+
+from . import ops, traffic
+from .expected import dense_h1_h3, expected_h1_h3, predicted_zero
+from .ops import Launch
+from .sources import DOWN_NARROW_THREADS, DOWN_THREADS, FUSED_THREADS, GATE_UP_BATCHED_THREADS, PREDICT_ROWS_PER_WARP
 
 
 @dataclass(frozen=True)
@@ -28,110 +45,176 @@ class Version:
     name: str
     description: str
     deterministic: bool          # bit-exact against the reference (else: rigorous error bound)
-    run: Callable
+    launches: tuple              # ops.Launch of each kernel it launches itself, in order
+    launcher: Callable           # the family's: launcher(version, *run's arguments)
+    reference: Callable          # NumPy: what it must write (the family's signature, above)
+    touched: Callable            # bytes touched: touched(d, k, dtype, rows) (traffic.py)
+    predict: str = ""            # gate_up: the predict version it runs first and reads
+
+    def run(self, *args):
+        """Launch this version (the family's signature, above)."""
+        return self.launcher(self, *args)
 
 
-def _family(family: str, *entries) -> dict:
-    return {name: Version(family, name, desc, det, run) for name, desc, det, run in entries}
+def _family(*versions: Version) -> dict:
+    return {v.name: v for v in versions}
 
 
-def _predict_mask(w_signs, x_signs, d, alpha_milli, vector_loads=False, multi_row=False):
-    return (*ops.predict(w_signs, x_signs, d, alpha_milli, vector_loads, multi_row), None, None)
+# --- launchers: one per way a family's versions launch, each given the version's record ----------
+
+def _pack(v, matrix):
+    return ops.pack_signs(matrix, v.launches[0])
 
 
-def _predict_v2(w_signs, x_signs, d, alpha_milli):
-    counts, zero = ops.predict(w_signs, x_signs, d, alpha_milli)
-    return (counts, zero, *ops.compact_active(zero))
+def _predict_mask(v, w_signs, x_signs, d, alpha_milli):
+    return (*ops.predict(w_signs, x_signs, d, alpha_milli, launch=v.launches[0]), None, None)
 
 
-def _gate_up_mask(mlp, x, x_signs, alpha_milli):
-    _, zero = ops.predict(mlp.w_signs, x_signs, mlp.d, alpha_milli)
-    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, zero), zero)
+def _predict_list(v, w_signs, x_signs, d, alpha_milli):
+    counts, zero = ops.predict(w_signs, x_signs, d, alpha_milli, launch=v.launches[0])
+    return (counts, zero, *ops.compact_active(zero, v.launches[1]))
 
 
-def _gate_up_list(mlp, x, x_signs, alpha_milli):
-    _, zero = ops.predict(mlp.w_signs, x_signs, mlp.d, alpha_milli)
-    active, n_active = ops.compact_active(zero)
-    return (*ops.gate_up_list(x, mlp.w_gate, mlp.w_up, mlp.activation, active, n_active), zero)
+def _gate_up_masked(v, mlp, x, x_signs, alpha_milli):
+    zero = PREDICT[v.predict].run(mlp.w_signs, x_signs, mlp.d, alpha_milli)[1]
+    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, zero, launch=v.launches[0]), zero)
 
 
-def _gate_up_fused(mlp, x, x_signs, alpha_milli, kind="fused"):
+def _gate_up_listed(v, mlp, x, x_signs, alpha_milli):
+    _, zero, active, n_active = PREDICT[v.predict].run(mlp.w_signs, x_signs, mlp.d, alpha_milli)
+    return (*ops.gate_up_list(x, mlp.w_gate, mlp.w_up, mlp.activation, active, n_active, launch=v.launches[0]),
+            zero)
+
+
+def _gate_up_predicting(v, mlp, x, x_signs, alpha_milli):
     _, zero, h1, h3 = ops.gate_up_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation, alpha_milli,
-                                        kind=kind)
+                                        launch=v.launches[0])
     return h1, h3, zero
 
 
-def _gate_up_dense(mlp, x, x_signs, alpha_milli):
-    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None), None)
+def _gate_up_dense(v, mlp, x, x_signs, alpha_milli):
+    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None, launch=v.launches[0]), None)
 
+
+def _down_chunked(v, h3, w_down_t):
+    return ops.down_chunks(h3, w_down_t, launch=v.launches[0], chunk_sum=v.launches[1])
+
+
+def _down_chunked_dense(v, h3, w_down_t):
+    return ops.down_chunks(h3, w_down_t, dense=True, launch=v.launches[0], chunk_sum=v.launches[1])
+
+
+def _down_serial(v, h3, w_down_t):
+    return ops.down_chunks_serial(h3, w_down_t, launch=v.launches[0])
+
+
+def _down_atomic(v, h3, w_down_t):
+    return ops.down_atomic(h3, w_down_t, launch=v.launches[0])
+
+
+def _mlp_fused(v, mlp, x, x_signs, alpha_milli):
+    return ops.mlp_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.w_down_t, mlp.activation, alpha_milli,
+                         launch=v.launches[0])
+
+
+def _dense_gemv(v, x, w_gate, w_up, w_down, activation):
+    return ops.dense_gemv_mlp(x, w_gate, w_up, w_down, activation, gate_up=v.launches[0], rows=v.launches[1])
+
+
+# --- the records ----------------------------------------------------------------------------
 
 PACK_SIGNS = _family(
-    "pack_signs",
-    ("v1", "warp per 32-element word, __ballot_sync packs the 32 sign bits", True, ops.pack_signs),
+    Version("pack_signs", "v1", "warp per 32-element word, __ballot_sync packs the 32 sign bits", True,
+            (ops.SIGN_PACKING,), _pack, pack_signs, traffic.pack_x),
 )
+
+
+def _predict(name, description, launches, launcher=_predict_mask, touched=traffic.predict):
+    return Version("predict", name, description, True, launches, launcher, predicted_zero, touched)
+
 
 PREDICT = _family(
-    "predict",
-    ("v1", "warp per row: XOR + __popc + butterfly sum, eq. 2 in thousandths; counts and zero mask", True,
-     _predict_mask),
-    ("v2", "v1, then one block compacts the active rows into an ascending list (ballot prefix)", True, _predict_v2),
-    ("v3", "v1 reading the sign words 16 bytes per lane where aligned (as the fused gate+up does)", True,
-     functools.partial(_predict_mask, vector_loads=True)),
-    ("v4", "4 rows per warp (8 lanes each), every 16-byte quad of sign words a lane reads loaded before any is "
-           "counted (13B: one round trip per row)", True, functools.partial(_predict_mask, multi_row=True)),
+    _predict("v1", "warp per row: XOR + __popc + butterfly sum, eq. 2 in thousandths; counts and zero mask",
+             (Launch("predict_rows"),)),
+    _predict("v2", "v1, then one block compacts the active rows into an ascending list (ballot prefix)",
+             (Launch("predict_rows"), ops.COMPACTION), _predict_list, traffic.predict_compacted),
+    _predict("v3", "v1 reading the sign words 16 bytes per lane where aligned (as the fused gate+up does)",
+             (Launch("predict_rows_vec"),)),
+    _predict("v4", "4 rows per warp (8 lanes each), every 16-byte quad of sign words a lane reads loaded before "
+                   "any is counted (13B: one round trip per row)",
+             (Launch("predict_rows_multi", rows_per_warp=PREDICT_ROWS_PER_WARP),)),
 )
+
+
+def _gate_up(name, description, launch, launcher, touched, reference=expected_h1_h3, predict=""):
+    return Version("gate_up", name, description, True, (launch,), launcher, reference, touched, predict)
+
 
 GATE_UP = _family(
-    "gate_up",
-    ("v1_mask", "predict, then warp per row over all k rows; predicted-zero rows write 0, h1 == 0 skips up (+AS)",
-     True, _gate_up_mask),
-    ("v2_list", "predict + compaction, then warps only over the ascending active list (+AS)", True, _gate_up_list),
-    ("v3_fused", "predict + gate + up in one launch, warp per row (+AS)", True, _gate_up_fused),
-    ("v4_persistent", "v3 on a grid resident at once, warps striding over rows; 8 weight chunks per lane "
-                      "loaded before they are added (+AS)", True, functools.partial(_gate_up_fused, kind="persistent")),
-    ("v5_batched", "v3 (warp per row) with v4's loads: 8 weight chunks per lane in flight before they are added "
-                   "(+AS)", True, functools.partial(_gate_up_fused, kind="batched")),
-    ("v6_paired", "v5 with the gate and up rows read together: 6 chunks of each per lane in flight, one series "
-                  "of round trips for both (reads the up row of every predicted-active row; +AS in the result)",
-     True, functools.partial(_gate_up_fused, kind="paired")),
-    ("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)", True,
-     _gate_up_dense),
+    _gate_up("v1_mask", "predict, then warp per row over all k rows; predicted-zero rows write 0, h1 == 0 skips up "
+                        "(+AS)", Launch("gate_up_mask_{dtype}"), _gate_up_masked, traffic.gate_up_masked,
+             predict="v1"),
+    _gate_up("v2_list", "predict + compaction, then warps only over the ascending active list (+AS)",
+             Launch("gate_up_list_{dtype}"), _gate_up_listed, traffic.gate_up_listed, predict="v2"),
+    _gate_up("v3_fused", "predict + gate + up in one launch, warp per row (+AS)",
+             Launch("gate_up_fused_{dtype}"), _gate_up_predicting, traffic.gate_up_predicting),
+    _gate_up("v4_persistent", "v3 on a grid resident at once, warps striding over rows; 8 weight chunks per lane "
+                              "loaded before they are added (+AS)",
+             Launch("gate_up_persistent_{dtype}", persistent=True), _gate_up_predicting, traffic.gate_up_predicting),
+    _gate_up("v5_batched", "v3 (warp per row) with v4's loads: 8 weight chunks per lane in flight before they are "
+                           "added (+AS)",
+             Launch("gate_up_batched_{dtype}", threads=GATE_UP_BATCHED_THREADS), _gate_up_predicting,
+             traffic.gate_up_predicting),
+    _gate_up("v6_paired", "v5 with the gate and up rows read together: 6 chunks of each per lane in flight, one "
+                          "series of round trips for both (reads the up row of every predicted-active row; +AS in "
+                          "the result)",
+             Launch("gate_up_paired_{dtype}", threads=GATE_UP_BATCHED_THREADS), _gate_up_predicting,
+             traffic.gate_up_paired),
+    _gate_up("dense", "same warp-per-row structure, every gate and up row (the kernel-quality baseline)",
+             Launch("gate_up_mask_{dtype}"), _gate_up_dense, traffic.gate_up_dense, reference=dense_h1_h3),
 )
+
+# A block of the chunked down projections: a column tile times the DOWN_SUB_CHUNKS sub-chunks of a chunk.
+_CHUNKS = Launch("down_chunks_{dtype}", threads=DOWN_THREADS * DOWN_SUB_CHUNKS)
+
+
+def _down(name, description, launches, launcher=_down_chunked, touched=traffic.down_chunked, deterministic=True):
+    return Version("down", name, description, deterministic, launches, launcher, down_projection, touched)
+
 
 DOWN = _family(
-    "down",
-    ("v1_chunks", "deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
-                  "in order", True, lambda h3, wt: ops.down_chunks(h3, wt)),
-    ("v4_batched", "v1 with each thread loading 8 rows' weights before it adds them (more loads in flight)",
-     True, lambda h3, wt: ops.down_chunks(h3, wt, batched=True)),
-    ("v5_narrow", "v4 on column tiles of 64 threads instead of 128: twice the blocks per chunk, 256 threads each "
-                  "(more blocks in flight; the same order per column)", True,
-     lambda h3, wt: ops.down_chunks(h3, wt, narrow=True)),
-    ("v3_serial", "v1 in one launch: the last block of each column tile (threadfence + counter) adds the "
-                  "chunks' partials in order", True, lambda h3, wt: ops.down_chunks_serial(h3, wt)),
-    ("v2_atomic", "order free (paper): split-K over row groups skipping h3 == 0, one atomicAdd per column per block",
-     False, lambda h3, wt: ops.down_atomic(h3, wt)),
-    ("dense", "v1's structure reading every row (the kernel-quality baseline)", True,
-     lambda h3, wt: ops.down_chunks(h3, wt, dense=True)),
+    _down("v1_chunks", "deterministic: per chunk of rows an ascending list of h3 != 0 rows, partials, chunks added "
+                       "in order", (_CHUNKS, ops.CHUNK_SUM)),
+    _down("v4_batched", "v1 with each thread loading 8 rows' weights before it adds them (more loads in flight)",
+          (Launch("down_chunks_batched_{dtype}", threads=DOWN_THREADS * DOWN_SUB_CHUNKS), ops.CHUNK_SUM)),
+    _down("v5_narrow", "v4 on column tiles of 64 threads instead of 128: twice the blocks per chunk, 256 threads "
+                       "each (more blocks in flight; the same order per column)",
+          (Launch("down_chunks_narrow_{dtype}", threads=DOWN_NARROW_THREADS * DOWN_SUB_CHUNKS), ops.CHUNK_SUM)),
+    _down("v3_serial", "v1 in one launch: the last block of each column tile (threadfence + counter) adds the "
+                       "chunks' partials in order",
+          (Launch("down_chunks_serial_{dtype}", threads=DOWN_THREADS * DOWN_SUB_CHUNKS),), _down_serial),
+    _down("v2_atomic", "order free (paper): split-K over row groups skipping h3 == 0, one atomicAdd per column per "
+                       "block", (Launch("down_atomic_{dtype}", threads=DOWN_THREADS, rows_per_block=64),),
+          _down_atomic, traffic.down_atomic, deterministic=False),
+    _down("dense", "v1's structure reading every row (the kernel-quality baseline)", (_CHUNKS, ops.CHUNK_SUM),
+          _down_chunked_dense, traffic.down_chunked_dense),
 )
 
-
-def _mlp_fused(mlp, x, x_signs, alpha_milli):
-    return ops.mlp_fused(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.w_down_t, mlp.activation, alpha_milli)
-
-
 MLP_FUSED = _family(
-    "mlp_fused",
-    ("v1", "persistent blocks over the down projection's sub-chunks: warp per neuron predicts, reads gate and up "
-           "together (v6), then the block adds the W_down^T rows of its h3 != 0 neurons; the last part of a chunk "
-           "and the last chunk add the partials in order (+AS)", True, _mlp_fused),
+    Version("mlp_fused", "v1", "persistent blocks over the down projection's sub-chunks: warp per neuron predicts, "
+                               "reads gate and up together (v6), then the block adds the W_down^T rows of its "
+                               "h3 != 0 neurons; the last part of a chunk and the last chunk add the partials in "
+                               "order (+AS)", True,
+            (Launch("mlp_fused_{dtype}", threads=FUSED_THREADS, persistent=True),), _mlp_fused, mlp_sparse,
+            traffic.mlp_fused),
 )
 
 BASELINE = _family(
-    "baseline",
-    ("dense-gemv", "strong dense fp16 MLP: two bandwidth-tuned GEMVs (warp per neuron with gate and up chunks in "
-                   "flight together; warp per row of W_down [d, k], 8 chunks per lane in flight), no partials",
-     False, ops.dense_gemv_mlp),
+    Version("baseline", "dense-gemv", "strong dense fp16 MLP: two bandwidth-tuned GEMVs (warp per neuron with gate "
+                                      "and up chunks in flight together; warp per row of W_down [d, k], 8 chunks "
+                                      "per lane in flight), no partials", False,
+            (Launch("dense_gate_up_{dtype}"), Launch("dense_rows_{dtype}")), _dense_gemv, mlp_dense,
+            traffic.strong_dense),
 )
 
 FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN, "mlp_fused": MLP_FUSED,
@@ -142,8 +225,8 @@ LAYOUTS = ("row-major", "neuron-major")
 @dataclass(frozen=True)
 class Pipeline:
     """``gate_up`` then ``down``; or, with ``fused``, that mlp_fused version alone, ``gate_up`` and
-    ``down`` then naming the separate versions that read the same rows (its bytes and trace).
-    ``layout``: the weights it reads (one of LAYOUTS)."""
+    ``down`` then naming the separate versions that read the same rows. ``layout``: the weights
+    it reads (one of LAYOUTS)."""
     name: str
     gate_up: str
     down: str
@@ -160,6 +243,18 @@ class Pipeline:
     @property
     def sparse(self) -> bool:
         return self.gate_up != "dense"
+
+    def touched(self, d: int, k: int, dtype: str, rows: dict) -> int:
+        """Bytes the pipeline touches (as a version's ``touched``): x's sign words packed (pack_signs
+        v1, as ``SparseMLP`` does), then its mlp_fused version, or its gate_up version, after the
+        predict version that one reads, and its down version."""
+        total = PACK_SIGNS["v1"].touched(d, k, dtype, rows)
+        if self.fused:
+            return total + MLP_FUSED[self.fused].touched(d, k, dtype, rows)
+        gate_up = GATE_UP[self.gate_up]
+        if gate_up.predict:
+            total += PREDICT[gate_up.predict].touched(d, k, dtype, rows)
+        return total + gate_up.touched(d, k, dtype, rows) + DOWN[self.down].touched(d, k, dtype, rows)
 
 
 PIPELINES = {p.name: p for p in (

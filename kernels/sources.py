@@ -25,8 +25,6 @@ DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_S
 GATE_UP_BATCHED_THREADS = 64
 # The gate+up kernels that predict as they go (gate_up.cu's GATE_UP_PREDICTING), by kind.
 GATE_UP_PREDICTING = ("fused", "persistent", "batched", "paired")
-# ... and those of them launched in blocks of GATE_UP_BATCHED_THREADS.
-GATE_UP_SMALL_BLOCKS = ("batched", "paired")
 # down_chunks_narrow (down v5): threads per column tile (x DOWN_SUB_CHUNKS per block); v1-v4 take DOWN_THREADS.
 DOWN_NARROW_THREADS = 64
 # predict_rows_multi (predict v4): rows per warp, each on WARP_SIZE / PREDICT_ROWS_PER_WARP lanes.
@@ -70,6 +68,16 @@ KERNELS = {
 HOT_KERNELS = frozenset(
     name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu") for name in KERNELS[src]
 ) | {"pack_signs_fp32"}
+
+
+def source_of(function: str) -> str:
+    """The source in KERNELS that defines ``function`` (``{dtype}``: a dtype name, as in
+    ``ops.Launch``)."""
+    for src, names in KERNELS.items():
+        if any(function.format(dtype=suffix) in names for suffix in SIGN_SUFFIXES):
+            return src
+    raise KeyError(f"no kernel source defines {function!r}")
+
 
 _INCLUDE = re.compile(r'^\s*#include\s+"([\w.]+)"\s*$', re.MULTILINE)
 

@@ -108,7 +108,7 @@ class SparseMLP:
     def _trace(self, x, alpha_milli, h1, zero) -> MLPTrace:
         if zero is None:
             raise SparseInferError(f"pipeline {self.pipeline.name} is dense; a trace needs a sparse pipeline")
-        h1_all, _ = ops.gate_up_mask(x, self.w_gate, self.w_up, self.activation, None)   # the full gate
+        h1_all = GATE_UP["dense"].run(self, x, None, alpha_milli)[0]                     # the full gate
         predicted_zero = zero.get().astype(bool)
         computed_up = ~predicted_zero & (h1.get() != 0)
         # without exact zeros, the rows whose gate is negative (reference.mlp.mlp_sparse): h1's

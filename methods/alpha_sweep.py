@@ -2,7 +2,7 @@
 
 A *runner* is anything with ``shape`` (a ModelShape), ``dense_logits()`` -> [tokens, vocab]
 and ``sparse(schedule)`` -> (logits [tokens, vocab], traces_by_token [tokens][layers] of
-MLPTrace) over one fixed set of prompts; ``sim.model_runner.ReferenceRunner`` is one over a
+MLPTrace) over one fixed set of prompts; ``model_runner.ReferenceRunner`` is one over a
 loaded checkpoint. Latency is simulated for the runner's own shape from the *measured*
 per-layer sparsity of each α.
 """
@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from sparseinfer.reference.alpha import AlphaSchedule, decimal_to_milli, parse_layer_range
 from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.sim import latency as lat
+from sparseinfer.sim.hardware import HardwareSpec
+from sparseinfer.sim.sparsity_model import LayerSparsity
 
-from . import latency as lat
-from .hardware import HardwareSpec
+from .compare import dense_latency, evaluate_method
+from .pareto import mark_pareto
 from .predictor_stats import per_layer_stats, summary
 from .quality import quality
-from .sparsity_model import LayerSparsity
+from .registry import make_method
 
 MAX_SWEEP_POINTS = 101
 PAPER_ALPHA_LAYERS = 20   # Sec. V-B: α > 1 applied to the first 20 layers only
@@ -70,17 +73,6 @@ def measured_layers(stats) -> list[LayerSparsity]:
     return [LayerSparsity(s.predicted_sparsity, max(s.predicted_sparsity, s.union_sparsity)) for s in stats]
 
 
-def pareto_front(rows: list[dict], x: str = "latency_ms", y: str = "mean_kl") -> list[int]:
-    """Indices of rows no other row beats on both ``x`` and ``y`` (lower is better)."""
-    front = []
-    for i, r in enumerate(rows):
-        dominated = any((o[x] <= r[x] and o[y] <= r[y]) and (o[x] < r[x] or o[y] < r[y])
-                        for j, o in enumerate(rows) if j != i)
-        if not dominated:
-            front.append(i)
-    return front
-
-
 def run_sweep(runner, alphas_milli: list[int], layers: tuple[int, int], hw: HardwareSpec,
               context_tokens: int = lat.DEFAULT_CONTEXT_TOKENS, progress=None) -> dict:
     """One row per α: simulated latency and speedup, measured sparsity, quality vs dense."""
@@ -101,21 +93,16 @@ def run_sweep(runner, alphas_milli: list[int], layers: tuple[int, int], hw: Hard
                      "recall": mean["recall"], **quality(dense, logits)})
         if progress:
             progress(i + 1, len(alphas_milli), rows[-1])
-    front = pareto_front(rows)
-    for i, r in enumerate(rows):
-        r["pareto"] = i in front
+    mark_pareto(rows)
     return {"model": m.name, "hardware": hw.name, "layers": f"{layers[0]}-{layers[1]}",
             "dense_latency_ms": base.total_us / 1000, "method": lat.FIG4_METHOD, "rows": rows}
 
 
 def run_method_sweep(runner, method, calibration, targets: list[float], hw: HardwareSpec,
                      context_tokens: int = lat.DEFAULT_CONTEXT_TOKENS, progress=None) -> dict:
-    """The sweep for any ``sim.methods`` method: one row per target sparsity (the method is
+    """The sweep for any ``registry`` method: one row per target sparsity (the method is
     prepared for each on ``calibration``), latency simulated from its measured rows and
-    channels (``sim.method_compare``), quality against the dense run."""
-    from .method_compare import dense_latency, evaluate_method
-    from .methods import make_method
-
+    channels (``compare.evaluate_method``), quality against the dense run."""
     m = runner.shape
     dense_method = make_method("dense")
     dense_method.prepare(runner.weights, calibration, 0.0)
@@ -130,8 +117,6 @@ def run_method_sweep(runner, method, calibration, targets: list[float], hw: Hard
                      "mean_kl": r["mean_kl"], "max_abs_logit_delta": r["max_abs_logit_delta"]})
         if progress:
             progress(i + 1, len(targets), rows[-1])
-    front = pareto_front(rows)
-    for i, r in enumerate(rows):
-        r["pareto"] = i in front
+    mark_pareto(rows)
     return {"model": m.name, "hardware": hw.name, "method": method.name, "dense_latency_ms": dense_us / 1000,
             "params": method.describe()["params"], "rows": rows}

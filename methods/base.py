@@ -77,6 +77,13 @@ def smallest_rows(values: np.ndarray, sparsity: float) -> np.ndarray:
     return out
 
 
+def magnitude_threshold(values: np.ndarray, sparsity: float) -> float:
+    """t such that a fraction ``sparsity`` of |values| is <= t (the calibration quantile)."""
+    if sparsity <= 0:
+        return -1.0                    # keep everything, zeros included
+    return float(np.quantile(np.abs(np.asarray(values, dtype=np.float64)).ravel(), sparsity))
+
+
 def reference_zero(act: Activation, z: np.ndarray, sparsity: float) -> np.ndarray:
     """The set a skip decision is scored against: true zeros of act(z) for relu / fatrelu,
     the ``floor(sparsity * k)`` rows of smallest |act(z)| per token for SiLU."""
@@ -228,6 +235,12 @@ def _parse_bool(text) -> bool:
     if t in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{text!r} is not a boolean (true/false)")
+
+
+def parse_auto_or_float(text):
+    """A threshold parameter: ``auto`` (calibrated to the target) or a number."""
+    t = str(text).strip().lower()
+    return "auto" if t == "auto" else float(t)
 
 
 class Method:

@@ -38,8 +38,8 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import (BYTES_PER_WORD, negative_product_counts, pack_signs, words_per_row,
                                          zero_rows_from_counts)
 
-from .method_base import LayerInput, Method, MethodCost, Plan, parse_bool, smallest_rows
-from .method_basic import sign_words_per_layer
+from .base import LayerInput, Method, MethodCost, Plan, parse_bool, smallest_rows
+from .sign_predictor import sign_words_per_layer
 
 
 def one_sided_hamming(masks: np.ndarray, centroids: np.ndarray) -> np.ndarray:

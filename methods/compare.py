@@ -19,7 +19,7 @@ evaluation prompts (``ReferenceRunner.run_method``) and reports:
 * predictor ops, bytes read per token and resident memory (all layers of the checkpoint's
   own shape, also when ``sim_model`` simulates latency at another shape);
 * quality against dense on the same positions: mean KL(p_dense || p_method) of the
-  next-token distributions and top-1 agreement (``sim/quality.py``);
+  next-token distributions and top-1 agreement (``quality.py``);
 * the simulated per-token latency on ``hw`` (``sim/latency.py``'s roofline ops, with
   each method's measured per-layer rows / channels and its predictor) and the speed-up
   over the dense model in the same simulation; Pareto-optimal rows (latency, KL) among the
@@ -27,7 +27,7 @@ evaluation prompts (``ReferenceRunner.run_method``) and reports:
   another shape (e.g. ProSparse-13B) from the measured per-layer fractions, an
   extrapolation reported as ``latency_model``.
 
-Calibration prompts and evaluation prompts never overlap (``check_disjoint``).
+Calibration prompts and evaluation prompts never overlap (``calibration.check_disjoint``).
 """
 from __future__ import annotations
 
@@ -40,85 +40,23 @@ import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import write_whole
+from sparseinfer.sim import latency as lat
+from sparseinfer.sim.sparsity_model import LayerSparsity
 
-from . import latency as lat
-from .alpha_sweep import pareto_front
-from .method_base import MethodCost
-from .methods import APPROXIMATE_METHODS, COMPARE_DEFAULT_PARAMS, make_method
+from .base import MethodCost
+from .pareto import pareto_front
 from .predictor_stats import per_layer_stats, summary
 from .quality import quality
-from .sparsity_model import LayerSparsity
+from .registry import APPROXIMATE_METHODS, COMPARE_DEFAULT_PARAMS, make_method
 
 FP16 = lat.FP16
 FP32 = lat.FP32
-
-# Built-in calibration prompts: none of them is an evaluation prompt (model_runner.DEFAULT_PROMPTS).
-CALIBRATION_PROMPTS = (
-    "A train leaves the station at nine in the morning and travels at sixty miles per hour toward the coast.",
-    "The mitochondria is the powerhouse of the cell, turning nutrients into usable chemical energy.",
-    "import numpy as np\nx = np.arange(10)\nprint(x.sum(), x.mean())",
-    "She opened the old wooden door and found a room full of maps, compasses and dusty letters.",
-    "Question: If a shirt costs 20 dollars and is on sale for 25 percent off, what is the sale price?",
-    "The committee will meet on Thursday to review the budget, the schedule and the hiring plan.",
-    "Water boils at one hundred degrees Celsius at sea level, but at lower temperatures on mountains.",
-    "for (int i = 0; i < n; ++i) { sum += a[i] * b[i]; } return sum;",
-)
 
 ROW_KEYS = ("method", "target_sparsity", "sparsity", "channels_dropped", "bytes_skipped", "precision", "recall",
             "predictor_ops_per_token", "predictor_unit", "predictor_bytes_per_token", "predictor_memory_bytes",
             "mean_kl", "top1_agreement", "max_abs_logit_delta", "latency_ms", "speedup", "pareto", "axis",
             "exact_for_relu", "bound", "quantile_threshold", "approximate", "paper", "params", "layer_sparsity",
             "extra")
-
-
-MIN_CONTAINED_CHARS = 40     # a calibration prompt this long found inside an evaluation text is an overlap
-
-
-def _normal(text: str) -> str:
-    return " ".join(str(text).split())
-
-
-def check_disjoint(calibration_prompts, evaluation_prompts, what: str = "evaluation prompts") -> None:
-    """One-line error if a calibration prompt overlaps an evaluation text (``what`` names
-    them): equal up to whitespace, an evaluation text inside a calibration prompt, or a
-    calibration prompt of at least ``MIN_CONTAINED_CHARS`` characters inside an evaluation text."""
-    cal = [c for c in (_normal(p) for p in calibration_prompts) if c]
-    exact = set(cal)
-    long_cal = [c for c in cal if len(c) >= MIN_CONTAINED_CHARS]
-    shared = []
-    for text in evaluation_prompts:
-        e = _normal(text)
-        if e and (e in exact or any(e in c for c in cal) or any(c in e for c in long_cal)):
-            shared.append(e)
-    if shared:
-        raise SparseInferError(f"calibration and {what} overlap ({len(shared)} shared, e.g. "
-                               f"{shared[0][:40]!r}); give a disjoint --calibration file")
-
-
-def calibration_prompts(calibration_file=None, max_prompts: int = 64) -> tuple[list[str], str]:
-    """(prompts, source): those of ``calibration_file`` (text or JSONL) or the built-in ones."""
-    from .model_runner import read_prompts
-
-    if int(max_prompts) < 1:
-        raise SparseInferError(f"--max-calibration-prompts must be >= 1, got {max_prompts}")
-    if calibration_file:
-        if not Path(calibration_file).is_file():
-            raise SparseInferError(f"no such calibration file: {calibration_file}")
-        return read_prompts(calibration_file, max_prompts), str(calibration_file)
-    return list(CALIBRATION_PROMPTS[:max_prompts]), "built-in (sim/method_compare.CALIBRATION_PROMPTS)"
-
-
-def load_calibration(checkpoint, calibration_file, max_calibration_prompts, evaluation_prompts, progress=None,
-                     what: str = "evaluation prompts"):
-    """Calibration prompts (file or built-in), checked disjoint from ``evaluation_prompts``,
-    and each layer's MLP inputs on them (``methods.collect_calibration``)."""
-    from .methods import collect_calibration
-    from .model_runner import encode_prompts
-
-    prompts, source = calibration_prompts(calibration_file, max_calibration_prompts)
-    check_disjoint(prompts, evaluation_prompts, what)
-    return collect_calibration(checkpoint.weights, encode_prompts(checkpoint, prompts, "calibration prompts"), source,
-                               progress=progress)
 
 
 def method_layer_ops(m, cost: MethodCost, gate_rows: float, up_rows: float, down_rows: float, x_cols: float,

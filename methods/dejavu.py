@@ -25,7 +25,7 @@ import numpy as np
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import replacing
 
-from .method_base import LayerInput, Method, MethodCost, Plan
+from .base import LayerInput, Method, MethodCost, Plan, parse_auto_or_float
 
 FP16_BYTES = 2
 _F32 = np.float32
@@ -127,11 +127,6 @@ def default_rank(d: int) -> int:
     return int(min(1024, max(16, d // 5)))
 
 
-def _threshold_param(text):
-    t = str(text).strip().lower()
-    return "auto" if t == "auto" else float(t)
-
-
 def _rank_param(text):
     r = int(text)
     if r < 1:
@@ -146,7 +141,7 @@ class DejaVu(Method):
     paper = "Liu et al.: Deja Vu, Contextual Sparsity for Efficient LLMs (ICML 2023); PowerInfer (2023)"
     needs_calibration = True
     PARAMS = {"rank": (_rank_param, None, "rank r (default d/5, 16..1024)"),
-              "threshold": (_threshold_param, "auto", "'auto' (calibrated to the target) or a logit threshold"),
+              "threshold": (parse_auto_or_float, "auto", "'auto' (calibrated to the target) or a logit threshold"),
               "epochs": (int, 200, "training epochs"),
               "lr": (float, 1e-2, "Adam learning rate"),
               "seed": (int, 0, "random seed"),

@@ -1,7 +1,7 @@
 """Run a loaded checkpoint on prompts with the NumPy reference Llama.
 
-The caller loads the checkpoint (``tools/dse_commands.py`` with
-``model_export.checkpoint.load_checkpoint``) and passes it in, so that ``sim/`` stays
+The caller loads the checkpoint (``evaluation/traced_runs.py`` with
+``model_export.loaders.load_checkpoint``) and passes it in, so that ``methods/`` stays
 below ``model_export/``.
 
 The dense model first decodes a greedy continuation of every prompt; every sparse run is
@@ -25,9 +25,11 @@ DEFAULT_PROMPTS = (
     "Once upon a time, in a small village by the sea,",
 )
 PROMPT_FIELDS = ("question", "prompt", "text")
+DEFAULT_MAX_PROMPTS = len(DEFAULT_PROMPTS)     # prompts read at most, unless told
+DEFAULT_DECODE_STEPS = 8                       # decode steps traced per prompt, unless told
 
 
-def read_prompts(path=None, max_prompts: int = 4) -> list[str]:
+def read_prompts(path=None, max_prompts: int = DEFAULT_MAX_PROMPTS) -> list[str]:
     """Prompts from a text file (one per line) or JSONL ('question'/'prompt'/'text')."""
     if int(max_prompts) < 1:
         raise SparseInferError(f"--max-prompts must be >= 1, got {max_prompts}")
@@ -76,16 +78,16 @@ class ReferenceRunner:
 
     ``checkpoint``: anything with ``weights`` (``reference.llama.LlamaWeights``), ``shape``,
     ``tokenizer`` (``encode(text).ids``, or None), ``bos_token_id`` and ``source``, such as
-    ``model_export.checkpoint.load_checkpoint``'s result.
+    ``model_export.loaders.load_checkpoint``'s result.
     """
 
-    def __init__(self, checkpoint, prompts: list[str], max_new_tokens: int = 8, progress=None):
+    def __init__(self, checkpoint, prompts: list[str], max_new_tokens: int = DEFAULT_DECODE_STEPS, progress=None):
         from sparseinfer.reference.llama import LlamaReference
 
         if int(max_new_tokens) < 1:
             raise SparseInferError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
         self._model_class = LlamaReference
-        self.checkpoint = checkpoint      # its tokenizer encodes calibration prompts too (sim.methods)
+        self.checkpoint = checkpoint      # its tokenizer encodes calibration prompts too (calibration.py)
         self.weights = checkpoint.weights
         self.shape = checkpoint.shape
         self.prompt_ids = encode_prompts(checkpoint, prompts)
@@ -124,9 +126,9 @@ class ReferenceRunner:
         return self._run(True, str(schedule))
 
     def run_method(self, method, target: float = 0.0):
-        """Teacher-forced decode with a prepared ``sim.methods`` method (``Method.prepare``
+        """Teacher-forced decode with a prepared ``registry`` method (``Method.prepare``
         done): (logits [tokens, vocab], traces_by_token [tokens][layers] of MethodTrace)."""
-        from .methods import MethodReference
+        from .registry import MethodReference
 
         return self._run(True, model=MethodReference(self.weights, method, target),
                          label=f"{method.name}, sparsity {target:g}")

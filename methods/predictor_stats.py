@@ -13,8 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
-
-from .traffic import dense_mlp_bytes
+from sparseinfer.sim.ops import dense_mlp_bytes
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """Registry of activation-sparsity methods and the reference model that runs any of them.
 
-Methods (``METHODS``; each class names its paper in its docstring and ``paper``):
+Methods (``METHODS``; each class names its paper in its docstring and ``paper``; one module
+of this package per method):
 
 ====================  ========  ==================================================================
 name                  axis      source
@@ -21,7 +22,7 @@ Parameters: ``make_method(name, {"key": "value"})``; on the command line
 ``--param NAME.KEY=VALUE`` (``parse_param_options``).
 
 ``MethodReference`` is ``reference.llama.LlamaReference`` whose decode MLPs run a method
-(``method_base.run_mlp``); prefill stays dense, as in the paper.
+(``base.run_mlp``); prefill stays dense, as in the paper.
 """
 from __future__ import annotations
 
@@ -31,15 +32,20 @@ from sparseinfer.reference.dtypes import dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaReference
 
-from .method_base import Calibration, LayerInput, Method, run_mlp
-from .method_basic import Dense, Oracle, RandomRows, SparseInfer
-from .method_cluster import Cluster, ClusterOracle
-from .method_dejavu import DejaVu
-from .method_threshold import Cats, Teal
-from .method_wisparse import WiSparse
+from .base import LayerInput, Method, run_mlp
+from .baselines import Dense, Oracle
+from .cats import Cats
+from .cluster import Cluster, ClusterOracle
+from .dejavu import DejaVu
+from .random_rows import RandomRows
+from .sign_predictor import SparseInfer
+from .teal import Teal
+from .wisparse import WiSparse
 
 METHODS = {cls.name: cls for cls in (Dense, SparseInfer, Oracle, RandomRows, DejaVu, Teal, Cats, WiSparse, Cluster,
                                      ClusterOracle)}
+DEFAULT_METHOD = "sparseinfer"       # the sign predictor: what runs unless --method names another
+DEFAULT_METHOD_SPARSITY = "0.9"      # a method's target sparsity unless told
 COMPARE_DEFAULT = ("sparseinfer", "oracle", "random", "dejavu", "teal", "cats", "wisparse", "cluster",
                    "cluster-oracle")
 # compare-methods aims every method at each target: the sign predictor's α is calibrated per
@@ -113,20 +119,3 @@ class MethodReference(LlamaReference):
         plan = self.method.select(inp)
         return run_mlp(plan, inp, self.target, self.method.name, self.method.axis, self.cost, self.weight_dtype,
                        want_trace)
-
-
-def collect_calibration(weights, prompt_ids: list[np.ndarray], source: str = "", max_tokens: int = 4096,
-                        progress=None) -> Calibration:
-    """Each layer's MLP inputs over the calibration prompts' dense prefill (at most
-    ``max_tokens`` tokens, taken evenly)."""
-    model = LlamaReference(weights)
-    per_layer: list[list[np.ndarray]] = [[] for _ in range(weights.shape.num_layers)]
-    for n, ids in enumerate(prompt_ids, 1):
-        if progress:
-            progress(f"calibration prefill {n}/{len(prompt_ids)} ({len(ids)} tokens)")
-        model.prefill(ids, mlp_hook=lambda i, x: per_layer[i].append(np.array(x, dtype=np.float32)))
-    xs = [np.concatenate(p, axis=0) for p in per_layer]
-    if xs[0].shape[0] > max_tokens:
-        keep = np.linspace(0, xs[0].shape[0] - 1, max_tokens).round().astype(int)
-        xs = [x[keep] for x in xs]
-    return Calibration(weights, xs, source, len(prompt_ids))

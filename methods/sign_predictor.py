@@ -1,19 +1,12 @@
-"""The baseline methods: dense, the SparseInfer sign predictor, the oracle and random rows.
+"""The SparseInfer sign predictor with α.
 
-* ``dense``: nothing skipped (the reference every quality figure is measured against).
-* ``sparseinfer`` — Shin, Yang, Yi, "SparseInfer: Training-free Prediction of Activation
-  Sparsity for Fast LLM Inference" (2024), eq. 2: row i skipped when α·N_pos < N_neg,
-  counted by XOR + popcount of sign words (``reference/signs.py``). ``alpha`` is a schedule
-  (``1.03@0-19,1.00``) or ``auto``: per layer, the α (in thousandths) whose predicted
-  sparsity on the calibration tokens is closest to the target (this project's extension;
-  the paper sets α by hand). On a SiLU model the predictor skips rows whose gate it
-  predicts negative; SiLU is not zero there, so this is an approximation and needs
-  ``approximate=true`` (``--approximate``).
-* ``oracle``: the skip set is the reference set itself, read from the true gate — on a
-  ReLU model the exact zeros (target ignored: skipping a non-zero row is never free), on
-  a SiLU model the ``floor(s·k)`` rows of smallest |h1|. An unrealisable upper bound.
-* ``random``: ``floor(s·k)`` rows drawn uniformly per token (the paper's control, Tables
-  II/III "random 90 %"), seeded.
+Shin, Yang, Yi, "SparseInfer: Training-free Prediction of Activation Sparsity for Fast LLM
+Inference" (2024), eq. 2: row i skipped when α·N_pos < N_neg, counted by XOR + popcount of
+sign words (``reference/signs.py``). ``alpha`` is a schedule (``1.03@0-19,1.00``) or
+``auto``: per layer, the α (in thousandths) whose predicted sparsity on the calibration
+tokens is closest to the target (this project's extension; the paper sets α by hand). On a
+SiLU model the predictor skips rows whose gate it predicts negative; SiLU is not zero
+there, so this is an approximation and needs ``approximate=true`` (``--approximate``).
 """
 from __future__ import annotations
 
@@ -24,7 +17,7 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import (BYTES_PER_WORD, negative_product_counts, pack_signs, words_per_row,
                                          zero_rows_from_counts)
 
-from .method_base import LayerInput, Method, MethodCost, Plan, parse_bool, smallest_rows
+from .base import LayerInput, Method, MethodCost, Plan, parse_bool
 
 MAX_AUTO_ALPHA_MILLI = 100_000
 
@@ -34,17 +27,6 @@ def _alpha_param(text):
     if t == "auto":
         return "auto"
     return AlphaSchedule.parse(text)
-
-
-class Dense(Method):
-    """Every row computed (the reference)."""
-
-    name = "dense"
-    paper = "dense baseline (llama.cpp in the SparseInfer paper, Table I)"
-    exact_for_relu = True
-
-    def select(self, inp: LayerInput) -> Plan:
-        return Plan()
 
 
 def sign_words_per_layer(weights) -> list[np.ndarray]:
@@ -110,36 +92,3 @@ class SparseInfer(Method):
         if getattr(self, "alpha_milli", None):
             out["params"]["alpha_per_layer"] = [m / 1000 for m in self.alpha_milli]
         return out
-
-
-class Oracle(Method):
-    """The true zero set (ReLU) or the smallest-|h1| rows (SiLU): an upper bound."""
-
-    name = "oracle"
-    paper = "upper bound (the skip set of the paper's Fig. 3 ground truth)"
-    exact_for_relu = True
-    bound = True
-
-    def select(self, inp: LayerInput) -> Plan:
-        h1 = inp.act(inp.z)
-        if inp.act.sparse_capable:
-            return Plan(skip_rows=h1 == 0)
-        return Plan(skip_rows=smallest_rows(np.abs(h1), self.target))
-
-
-class RandomRows(Method):
-    """floor(s·k) rows dropped uniformly at random per token (SparseInfer paper's control)."""
-
-    name = "random"
-    paper = "Shin, Yang, Yi: SparseInfer (2024), Tables II/III random-sparsity control"
-    PARAMS = {"seed": (int, 0, "random seed")}
-
-    def prepare(self, weights, calibration, target):
-        super().prepare(weights, calibration, target)
-        self._rng = np.random.default_rng(self.params["seed"])
-
-    def select(self, inp: LayerInput) -> Plan:
-        k = inp.gate.shape[0]
-        skip = np.zeros(k, dtype=bool)
-        skip[self._rng.choice(k, int(np.floor(self.target * k + 1e-9)), replace=False)] = True
-        return Plan(skip_rows=skip)

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .method_base import LayerInput, Method, MethodCost, Plan
+from .base import LayerInput, Method, MethodCost, Plan
 
 _F32 = np.float32
 EXPONENTS = (0.0, 0.5, 1.0)

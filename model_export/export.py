@@ -53,6 +53,7 @@ from sparseinfer.reference.llama import LlamaWeights, rope_tables
 from . import mlp_functions as mf
 from .onnx_builder import (BOOL, FLOAT, FLOAT16, INT32, INT64, MS_DOMAIN, ExternalData, GraphBuilder, make_model,
                            register_onnxruntime_schemas)
+from .op_library import DOMAIN, OP_TYPE
 
 EXTERNAL_DATA_BYTES = 1 << 30     # fp32 weights above this go to a side file (protobuf's 2 GiB limit)
 
@@ -81,7 +82,7 @@ FP16_MAX = float(np.finfo(np.float16).max)
 
 def check_fp16_range(weights: LlamaWeights) -> None:
     """Every finite weight fits float16 (|w| <= 65504); else a one-line error naming the tensor."""
-    from .checkpoint import named_tensors
+    from .loaders.names import named_tensors
 
     for name, a in named_tensors(weights).items():
         a = np.asarray(a)
@@ -332,7 +333,7 @@ class LlamaExporter:
                                 mf.pack_sign_words64(self._cast(lw.gate), groups=self.o.target == "cpu"))]
         if self.o.target == "cuda":            # the function body's predictor on the CUDA provider
             inputs.append(g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(self._cast(lw.gate))))
-        outs = g.make_node(mf.OP_TYPE, inputs, sc, n_out=4 if self.o.debug else 1, domain=mf.DOMAIN,
+        outs = g.make_node(OP_TYPE, inputs, sc, n_out=4 if self.o.debug else 1, domain=DOMAIN,
                            alpha_milli=self.alpha_milli[i], activation=self.act.kind,
                            threshold=float(self.act.threshold))
         if self.o.debug:
@@ -366,7 +367,7 @@ class LlamaExporter:
         g.outputs += debug_outputs
         functions = [mf.sparse_mlp_function(s.d, s.k, self.act, self.o.target, self.o.debug, self.onnx_dtype)] \
             if self.o.sparse else []
-        domains = ([mf.DOMAIN] if self.o.sparse else []) + ([] if self.o.portable else [MS_DOMAIN])
+        domains = ([DOMAIN] if self.o.sparse else []) + ([] if self.o.portable else [MS_DOMAIN])
         model = make_model(g.make_graph("sparseinfer_llama"), functions, domains)
         meta = {"sparseinfer.sparse": str(self.o.sparse), "sparseinfer.target": self.o.target,
                 "sparseinfer.alpha_milli": ",".join(map(str, self.alpha_milli)),

@@ -14,7 +14,7 @@ from pathlib import Path
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import write_json
 
-from .checkpoint import first_id
+from .loaders.config import first_id
 
 
 def genai_ops_library():
@@ -35,8 +35,8 @@ def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", 
     """Load (a path) or take (a loaded checkpoint) and export it with the folder's other files,
     all moved into place together. ``progress``: called once per layer exported. Returns the
     model's path."""
-    from .checkpoint import load_checkpoint
     from .export import ExportOptions, export_onnx
+    from .loaders import load_checkpoint
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
     opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable, dtype=dtype,
@@ -80,7 +80,7 @@ def tokenizer_for(model_path, tokenizer_path=None, vocab_size: int | None = None
     is refused, naming both sizes: one that lacks the BOS / EOS ids, or, where
     generation_config.json names none, one with fewer tokens than the model (a model's
     vocabulary may be padded past its tokenizer's, so a smaller one is not wrong in itself)."""
-    from .checkpoint import TOKEN_ID_FIELDS, read_generation_config
+    from .loaders.config import TOKEN_ID_FIELDS, read_generation_config
     from .tokenizer import load_tokenizer_json
 
     path = Path(tokenizer_path) if tokenizer_path else Path(model_path).with_name("tokenizer.json")

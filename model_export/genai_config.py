@@ -16,7 +16,7 @@ from pathlib import Path
 
 from sparseinfer.reference.files import copy_whole, write_json
 
-from .checkpoint import first_id
+from .loaders.config import first_id
 
 GENAI_CONFIG = "genai_config.json"
 

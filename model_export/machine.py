@@ -1,4 +1,5 @@
-"""What a benchmark result records about the machine it ran on."""
+"""What a measured result (``bench-decode``, ``eval``, the benchmarks) records about the machine it
+ran on: date, CPU, Python, onnxruntime and, with the cuda provider, the GPUs."""
 from __future__ import annotations
 
 import os

@@ -50,9 +50,7 @@ from sparseinfer.reference.activations import GELU_TANH_K1, GELU_TANH_K2, INV_SQ
 from sparseinfer.reference.errors import SparseInferError
 
 from .onnx_builder import BOOL, FLOAT, OPSET, GraphBuilder
-
-DOMAIN = "ai.sparseinfer"
-OP_TYPE = "SparseMLP"
+from .op_library import DOMAIN, OP_TYPE
 DEBUG_OUTPUTS = ("predicted_zero", "computed", "actual_zero")
 WORD_BITS = 64
 TARGETS = ("cpu", "cuda")

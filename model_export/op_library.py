@@ -1,4 +1,5 @@
-"""Builds, caches and finds the native sparse-MLP op library (``native/sparse_mlp_op.cc``).
+"""Builds, caches and finds the native sparse-MLP op library (``native/``: ``sparse_mlp_op.cc``
+registers the op, ``OP_SOURCES`` are its files).
 
 One shared library per flavour, loadable by any onnxruntime host with
 ``SessionOptions.register_custom_ops_library(path)``:
@@ -17,11 +18,16 @@ temporary name and renamed into place, so a cache entry is whole or absent.
 
 onnxruntime's C API headers are in no PyPI wheel. They are looked for in
 ``ORT_INCLUDE_DIR``, then a system install, then the cache, and otherwise fetched once from
-Debian's ``libonnxruntime-dev`` (suite trixie, C API 21) with ``apt-get download`` under a
-private apt state (its own sources list naming this machine's Debian mirror, its own lists
-and cache) and unpacked with ``dpkg-deb -x``, touching nothing of the system's. The library
-asks the host for C API version 18 (``kApiVersion`` in the op source), so onnxruntime >= 1.18
-loads it.
+Debian's ``libonnxruntime-dev`` (suite trixie, C API 21) into the cache. Nothing is installed:
+``apt-get`` runs only ``update`` and ``download``, under a private apt state (its own sources
+list naming this machine's Debian mirror, its own lists and cache, no lock taken), and the
+downloaded package is unpacked with ``dpkg-deb -x`` into a temporary folder, from which the
+headers are copied; the system's packages, package lists and apt state are left as they
+were. Where that fetch cannot run (no apt-get or dpkg-deb, no network, no Debian mirror), the
+error names the commands that fetch onnxruntime's own release archive by hand (``curl`` and
+``tar``, into a folder of the user's) and the ``ORT_INCLUDE_DIR`` to set then
+(``headers_by_hand``). The library asks the host for C API version 18 (``kApiVersion`` in the
+op source), so onnxruntime >= 1.18 loads it.
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import hashlib
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -42,20 +49,31 @@ from sparseinfer.reference.errors import SparseInferError
 
 NATIVE_DIR = Path(__file__).parent / "native"
 KERNELS_CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
-DOMAIN = "ai.sparseinfer"
-OP_TYPE = "SparseMLP"
-OP_SOURCE = "sparse_mlp_op.cc"
+DOMAIN = "ai.sparseinfer"          # the custom op's domain and name: the graph's nodes and functions (mlp_functions,
+OP_TYPE = "SparseMLP"              # export) and, as -D defines, the library that registers it (DEFINES)
+# The op's files under native/: the translation units of every flavour, what they share, the
+# CPU kernel's headers, and the cuda flavour's: its op kernel (g++) and the launcher (nvcc).
+OP_SOURCES = ("sparse_mlp_op.cc", "op_checks.cc", "op_kernel_cpu.cc", "op_cpu_features.cc")
+OP_HEADERS = ("op_common.h",)
 CPU_HEADERS = ("sparse_mlp_cpu.h",)
+CUDA_OP_SOURCE = "op_kernel_cuda.cc"
 CUDA_SOURCES = ("sparse_mlp_cuda.cu", "sparse_mlp_cuda.h")
+# The gate activations, one text for the CPU kernel and the CUDA kernels (sparse_mlp_cpu.h
+# includes it from the package's kernels/cuda).
+ACTIVATION_HEADER = "activation.h"
 ORT_HEADER = "onnxruntime_c_api.h"
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 DEBIAN_SUITE = "trixie"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 CACHE_ENV = "SPARSEINFER_OPS_CACHE"
 INCLUDE_ENV = "ORT_INCLUDE_DIR"
+# onnxruntime's own release archives (headers and library), for fetching the headers by hand
+ORT_RELEASES = "https://github.com/microsoft/onnxruntime/releases/download"
+ORT_RELEASE_ARCH = {"x86_64": "x64", "amd64": "x64", "aarch64": "aarch64", "arm64": "aarch64"}
 
 DEFINES = (*(o for o in COMPILE_OPTIONS if o.startswith("-D")),
-           f"-DSPARSEINFER_MAX_ALPHA_MILLI={MAX_ALPHA_MILLI}")       # the op checks alpha_milli against it
+           f"-DSPARSEINFER_MAX_ALPHA_MILLI={MAX_ALPHA_MILLI}",       # the op checks alpha_milli against it
+           f'-DSPARSEINFER_OP_DOMAIN="{DOMAIN}"', f'-DSPARSEINFER_OP_TYPE="{OP_TYPE}"')
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
              "-fvisibility=hidden", "-Wall", "-Wextra")
 # nvcc: the NVRTC options of the kernels (no FMA, no flush-to-zero, IEEE division and sqrt)
@@ -111,12 +129,37 @@ def _debian_mirror() -> str:
     return DEFAULT_MIRROR
 
 
+def headers_by_hand(folder: Path) -> str:
+    """The shell commands that put onnxruntime's C API headers under ``folder`` (onnxruntime's
+    own release archive for this machine and the installed onnxruntime's version, from GitHub;
+    nothing installed) and the ``ORT_INCLUDE_DIR`` to set then: one line to paste into a shell."""
+    import onnxruntime
+
+    version = onnxruntime.__version__.split("+")[0]
+    machine = platform.machine().lower()
+    name = f"onnxruntime-linux-{ORT_RELEASE_ARCH.get(machine, machine)}-{version}"
+    where = shlex.quote(str(folder))
+    return (f"to get them by hand: mkdir -p {where} && curl -fsSL {ORT_RELEASES}/v{version}/{name}.tgz "
+            f"| tar -xz -C {where} && export {INCLUDE_ENV}={shlex.quote(str(folder / name / 'include'))}")
+
+
+def fetch_headers(dest: Path) -> Path:
+    """onnxruntime's C API headers fetched from Debian into ``dest`` (``_fetch_debian_headers``);
+    where that cannot run, an error that says nothing was installed and names the commands
+    that get them by hand (``headers_by_hand``, beside ``dest``)."""
+    try:
+        return _fetch_debian_headers(dest)
+    except SparseInferError as e:
+        raise SparseInferError(f"{e}; nothing was installed; {headers_by_hand(dest.parent)}") from None
+
+
 def _fetch_debian_headers(dest: Path) -> Path:
-    """Download libonnxruntime-dev from Debian trixie under a private apt state and unpack it."""
+    """Download libonnxruntime-dev from Debian trixie under a private apt state (``apt-get update``
+    and ``apt-get download`` only: no package is installed) and unpack it with ``dpkg-deb -x``."""
     for tool in ("apt-get", "dpkg-deb"):
         if shutil.which(tool) is None:
-            raise SparseInferError(f"onnxruntime's C API headers not found and no {tool} to fetch them; "
-                                   f"set {INCLUDE_ENV} to a folder holding {ORT_HEADER}")
+            raise SparseInferError(f"onnxruntime's C API headers ({ORT_HEADER}) not found, and no {tool} to fetch "
+                                   f"them from Debian's {DEBIAN_PACKAGE}")
     keyring = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
     signed = f"[signed-by={keyring}] " if keyring.is_file() else ""
     with tempfile.TemporaryDirectory(prefix="sparseinfer-apt-") as tmp:
@@ -166,7 +209,7 @@ def ort_include_dir(fetch: bool = True) -> Path:
         raise SparseInferError(f"onnxruntime's C API headers not found; set {INCLUDE_ENV} or run "
                                f"'sparseinfer build-ops'")
     cached.parent.mkdir(parents=True, exist_ok=True)
-    return _fetch_debian_headers(cached)
+    return fetch_headers(cached)
 
 
 # --- compilers ---------------------------------------------------------------------------
@@ -245,7 +288,14 @@ def _source_bytes(names, folder: Path = NATIVE_DIR) -> list:
 
 
 def _kernel_sources() -> list:
-    return [p.name.encode() + p.read_bytes() for p in sorted(KERNELS_CUDA_DIR.glob("*.cu*"))]
+    return [p.name.encode() + p.read_bytes()
+            for p in sorted([*KERNELS_CUDA_DIR.glob("*.cu*"), KERNELS_CUDA_DIR / ACTIVATION_HEADER])]
+
+
+def _cpu_sources() -> list:
+    """The bytes every flavour's C++ is built from."""
+    return [*_source_bytes((*OP_SOURCES, *OP_HEADERS, *CPU_HEADERS)),
+            *_source_bytes((ACTIVATION_HEADER,), KERNELS_CUDA_DIR)]
 
 
 def _publish(tmp: Path, dest: Path) -> Path:
@@ -254,20 +304,28 @@ def _publish(tmp: Path, dest: Path) -> Path:
     return dest
 
 
+def _cxx_flags(include: Path, *defines) -> list:
+    return [*CXX_FLAGS, *DEFINES, *defines, f"-I{include}", f"-I{NATIVE_DIR}"]
+
+
+def cpu_compile_command(gxx, include: Path, out, defines=()) -> list:
+    """g++ on the op's sources into the CPU library (the build's call; a test adds ``defines``)."""
+    return [gxx, *_cxx_flags(include, *defines), "-shared", *(NATIVE_DIR / name for name in OP_SOURCES), "-o", out]
+
+
 def _build_cpu(include: Path) -> Path:
     gxx = shutil.which("g++")
     if gxx is None:
         raise SparseInferError(NO_GXX)
-    flags = [*CXX_FLAGS, *DEFINES, f"-I{include}", f"-I{NATIVE_DIR}"]
-    key = _key([*_source_bytes((OP_SOURCE, *CPU_HEADERS)), *flags, _version(gxx), _cpu_features(),
-                (include / ORT_HEADER).read_bytes()])
+    flags = _cxx_flags(include)
+    key = _key([*_cpu_sources(), *flags, _version(gxx), _cpu_features(), (include / ORT_HEADER).read_bytes()])
     dest = cache_root() / key / "libsparseinfer_ops.so"
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         out = Path(tmp) / dest.name
-        _run([gxx, *flags, "-shared", NATIVE_DIR / OP_SOURCE, "-o", out], "building the CPU op library (g++)")
+        _run(cpu_compile_command(gxx, include, out), "building the CPU op library (g++)")
         return _publish(out, dest)
 
 
@@ -281,8 +339,8 @@ def _build_cuda(include: Path) -> Path:
     nvcc, gxx = find_nvcc(), shutil.which("g++")
     cudart = _cudart_static(nvcc)
     nv_flags = launcher_compile_command(nvcc, "launch.o")
-    cc_flags = [*CXX_FLAGS, *DEFINES, "-DSPARSEINFER_WITH_CUDA", f"-I{include}", f"-I{NATIVE_DIR}"]
-    key = _key([*_source_bytes((OP_SOURCE, *CPU_HEADERS, *CUDA_SOURCES)), *_kernel_sources(), *nv_flags[1:],
+    cc_flags = _cxx_flags(include, "-DSPARSEINFER_WITH_CUDA")
+    key = _key([*_cpu_sources(), *_source_bytes((CUDA_OP_SOURCE, *CUDA_SOURCES)), *_kernel_sources(), *nv_flags[1:],
                 *cc_flags, _version(gxx), _version(str(nvcc)), _cpu_features(), (include / ORT_HEADER).read_bytes(),
                 cudart.stat().st_size])
     dest = cache_root() / key / "libsparseinfer_ops_cuda.so"
@@ -292,10 +350,9 @@ def _build_cuda(include: Path) -> Path:
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         t = Path(tmp)
         _run(launcher_compile_command(nvcc, t / "launch.o"), "building the CUDA launcher (nvcc)")
-        _run([gxx, *cc_flags, "-c", NATIVE_DIR / OP_SOURCE, "-o", t / "op.o"], "building the CUDA op library (g++)")
         out = t / dest.name
-        _run([gxx, "-shared", t / "op.o", t / "launch.o", cudart, "-lpthread", "-ldl", "-lrt", "-o", out],
-             "linking the CUDA op library")
+        _run([gxx, *cc_flags, "-shared", *(NATIVE_DIR / name for name in (*OP_SOURCES, CUDA_OP_SOURCE)),
+              t / "launch.o", cudart, "-lpthread", "-ldl", "-lrt", "-o", out], "building the CUDA op library (g++)")
         return _publish(out, dest)
 
 

@@ -55,13 +55,14 @@ from pathlib import Path
 import numpy as np
 
 from sparseinfer.reference.activations import Activation
-from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES, dtype_name, parse_dtype
+from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import commit, staging_folder, write_json
 from sparseinfer.reference.llama import LayerWeights, LlamaReference, LlamaWeights
 from sparseinfer.reference.shapes import BUILTIN_MODELS, ModelShape
 
-from .checkpoint import named_tensors
+from .loaders.config import hf_config
+from .loaders.names import hf_tensors
 from .tokenizer import BYTE_SPECIAL_TOKENS, byte_level_tokenizer
 
 BYTE_VOCAB = 256 + len(BYTE_SPECIAL_TOKENS)
@@ -87,6 +88,7 @@ FEATURE_EMBED = 4.0       # total size of a token's features in its embedding (t
 FEATURE_GATE = 1.5        # size of a row's feature in its W_gate row, relative to the N(0, 1/d) noise
 BRANCH_SCALE = 0.3        # attention / MLP outputs relative to the residual stream
 NORM_JITTER = 0.05        # RMSNorm weights are 1 + NORM_JITTER * N(0, 1)
+DEFAULT_TARGET_SPARSITY = 0.9   # fraction of MLP rows zero at decode time, unless told
 MAX_LAYERS = 40           # --layers range 1..MAX_LAYERS: ProSparse-Llama2-13B's depth, the deepest built-in shape
 
 CALIBRATION_TEXT = (
@@ -217,7 +219,7 @@ def calibration_ids() -> np.ndarray:
     return np.array([BOS_ID] + list(CALIBRATION_TEXT.encode()), dtype=np.int64)
 
 
-def make_weights(shape: ModelShape, target_sparsity: float = 0.9, seed: int = 0) -> LlamaWeights:
+def make_weights(shape: ModelShape, target_sparsity: float = DEFAULT_TARGET_SPARSITY, seed: int = 0) -> LlamaWeights:
     """Random float32 weights whose decode-time MLP sparsity is ``target_sparsity``."""
     if not 0.0 <= target_sparsity < 1.0:
         raise SparseInferError(f"--target-sparsity must be in [0, 1), got {target_sparsity}")
@@ -233,35 +235,17 @@ def make_weights(shape: ModelShape, target_sparsity: float = 0.9, seed: int = 0)
     return weights
 
 
-def hf_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) -> dict:
-    act = Activation.parse(shape.hidden_act)
-    cfg = {
-        "_name_or_path": f"{shape.name}-{shape.num_layers}l",      # the name the tools show (synthetic-tiny-2l)
-        "architectures": ["SparseLlamaForCausalLM" if act.kind == "fatrelu" else "LlamaForCausalLM"],
-        "model_type": "sparsellama" if act.kind == "fatrelu" else "llama",
-        "hidden_act": act.hf_name, "hidden_size": shape.d, "intermediate_size": shape.k,
-        "num_hidden_layers": shape.num_layers, "num_attention_heads": shape.num_heads,
-        "num_key_value_heads": shape.num_kv_heads, "vocab_size": shape.vocab_size,
-        "max_position_embeddings": shape.max_position_embeddings, "rope_theta": shape.rope_theta,
-        "rms_norm_eps": shape.rms_norm_eps, "tie_word_embeddings": shape.tie_word_embeddings,
-        "bos_token_id": BOS_ID, "eos_token_id": EOS_ID,
-        "torch_dtype": parse_dtype(dtype).name,
-        "sparseinfer_synthetic": {"shape": shape.name, "target_sparsity": target_sparsity, "seed": seed},
-    }
-    if act.kind == "fatrelu":
-        cfg["hidden_act_param"] = float(f"{act.threshold:.7g}")   # 0.01, not its float32 neighbour
-    return cfg
+def synthetic_config(shape: ModelShape, dtype: str, target_sparsity: float, seed: int) -> dict:
+    """The checkpoint's ``config.json``: ``loaders.config.hf_config``, the byte-level tokenizer's
+    special tokens, the name the tools show and how the weights were made."""
+    return {"_name_or_path": f"{shape.name}-{shape.num_layers}l",      # the name the tools show (synthetic-tiny-2l)
+            **hf_config(shape, dtype, BOS_ID, EOS_ID),
+            "sparseinfer_synthetic": {"shape": shape.name, "target_sparsity": target_sparsity, "seed": seed}}
 
 
-def hf_tensors(weights: LlamaWeights, dtype) -> dict[str, np.ndarray]:
-    """The Hugging Face tensor dict of ``weights`` cast to ``dtype``."""
-    dt = parse_dtype(dtype) if isinstance(dtype, str) else np.dtype(dtype)
-    return {n: np.ascontiguousarray(a.astype(dt, copy=False)) for n, a in named_tensors(weights).items()}
-
-
-def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_sparsity: float = 0.9,
-                    seed: int = 0, dtype: str = "fp32", kv_heads: int | None = None,
-                    hidden_act: str | None = None, tie_embeddings: bool = False) -> Path:
+def make_checkpoint(shape_name: str, out_dir, layers: int | None = None,
+                    target_sparsity: float = DEFAULT_TARGET_SPARSITY, seed: int = 0, dtype: str = "fp32",
+                    kv_heads: int | None = None, hidden_act: str | None = None, tie_embeddings: bool = False) -> Path:
     """Write a synthetic checkpoint directory; returns its path."""
     from safetensors.numpy import save_file
 
@@ -273,10 +257,10 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None, target_
     with staging_folder(out, "checkpoint", target=out) as stage:    # written whole, moved in together, config last
         save_file(hf_tensors(weights, dtype), str(stage / "model.safetensors"), metadata={"format": "pt"})
         byte_level_tokenizer().save(str(stage / "tokenizer.json"))
-        write_json(stage / "config.json", hf_config(shape, dtype, target_sparsity, seed))
+        write_json(stage / "config.json", synthetic_config(shape, dtype, target_sparsity, seed))
         commit(stage, out, ["model.safetensors", "tokenizer.json", "config.json"])
     return out
 
 
-__all__ = ["SYNTHETIC_SHAPES", "TINY", "MAX_LAYERS", "make_checkpoint", "make_weights", "hf_tensors", "hf_config",
+__all__ = ["SYNTHETIC_SHAPES", "TINY", "MAX_LAYERS", "make_checkpoint", "make_weights", "synthetic_config",
            "synthetic_shape", "calibration_ids", "common_direction", "dtype_name"]

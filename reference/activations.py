@@ -12,10 +12,10 @@
 The last three are never exactly zero (``sparse_capable`` is False): the sign predictor
 runs on them only as an approximation (``approximate``: a row predicted negative is taken
 as zero). Their float32 evaluation is defined here step by step, with every product and sum
-rounded separately (no FMA, no division) and no library ``exp``/``erf``: the kernels
-(``kernels/cuda/common.cuh``: ``activate``), the op library's CPU kernel
-(``model_export/native/sparse_mlp_cpu.h``) and this module compute the same algorithm
-and get the same bits, so they are inside the bit-exact contract like relu. The ONNX
+rounded separately (no FMA, no division) and no library ``exp``/``erf``: the CUDA kernels
+and the op library's CPU kernel compute it from one C/C++ text, ``kernels/cuda/activation.h``
+(``activate``), which gets this module's bits (tests/test_activation_header.py), so they are
+inside the bit-exact contract like relu. The ONNX
 function bodies use onnxruntime's ``Sigmoid`` and ``Erf`` instead and are held to
 ``Activation.error_bound``.
 
@@ -52,7 +52,7 @@ import numpy as np
 
 from .errors import SparseInferError
 
-KINDS = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")   # kernels' ACT_* codes are the indices
+KINDS = ("relu", "fatrelu", "silu", "gelu", "gelu_tanh")   # activation.h's ACT_* codes are the indices
 EXACT_ZERO_KINDS = ("relu", "fatrelu")
 APPROXIMATE_KINDS = tuple(k for k in KINDS if k not in EXACT_ZERO_KINDS)   # sparse only as an approximation
 # Hugging Face ``hidden_act`` names of a kind, beside the kind's own name; the first is the
@@ -188,7 +188,7 @@ class Activation:
 
     @property
     def code(self) -> int:
-        """The kernels' ACT_* value (kernels/cuda/common.cuh, the op library's enum)."""
+        """The kernels' and the op library's ACT_* value (kernels/cuda/activation.h)."""
         return KINDS.index(self.kind)
 
     @property

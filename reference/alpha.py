@@ -19,6 +19,7 @@ from decimal import Decimal, InvalidOperation
 from .errors import SparseInferError
 
 DEFAULT_ALPHA_MILLI = 1000  # α = 1.00, paper eq. 2 without scaling
+DEFAULT_ALPHA = f"{DEFAULT_ALPHA_MILLI / 1000:.2f}"   # the same α as a schedule's text: "1.00"
 MAX_ALPHA_MILLI = 10**9     # α = 1,000,000: alpha_milli * d < 2^63 for d < 2^31, and an int32 in the kernels
 
 

@@ -166,6 +166,22 @@ def calibrated_hardware(hw: HardwareSpec, report: dict) -> HardwareSpec:
     return hw.with_efficiency(**report["efficiency"])
 
 
+def calibrated_decode_latency(m, hw: HardwareSpec, results: dict | None = None, versions=None, **latency) -> dict:
+    """``latency.decode_latency`` of every method on ``hw``; with ``results`` (``read_results``)
+    on ``hw`` calibrated to them first (``calibrate`` of ``versions``), the report under
+    ``calibration``."""
+    from .latency import METHODS, decode_latency
+
+    calibration = None
+    if results is not None:
+        calibration = calibrate(hw, results, versions)
+        hw = calibrated_hardware(hw, calibration)
+    data = decode_latency(m, hw, methods=METHODS, **latency)
+    if calibration:
+        data["calibration"] = calibration
+    return data
+
+
 def synthesise_results(hw: HardwareSpec, rows: list[dict], device: str = "synthetic") -> dict:
     """A results document whose latencies are exactly the model's at ``hw``'s constants.
 

@@ -23,6 +23,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 HARDWARE_DIR = Path(__file__).with_name("hardware")
+DEFAULT_HARDWARE = "jetson-orin-agx"     # the paper's platform (Fig. 4)
 
 
 @dataclass(frozen=True)

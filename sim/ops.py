@@ -82,6 +82,11 @@ def sparseinfer_predictor_bytes(m: ModelShape) -> int:
     return sparseinfer_predictor_ops(m) * SIGN_WORD_BYTES * m.num_layers
 
 
+def dense_mlp_bytes(d: int, k: int, weight_dtype: str) -> int:
+    """The dense MLP block's weight bytes: W_gate, W_up and W_down (3·d·k elements)."""
+    return 3 * k * d * dtypes.itemsize(weight_dtype)
+
+
 def ops_per_layer(m: ModelShape, sparsity, rank: int = paper.TABLE1_POWERINFER_RANK) -> list[dict]:
     """Rows of Table I for any model: method, prediction ops, MLP block ops."""
     sparse = sparse_mlp_ops(m, sparsity)
@@ -127,6 +132,22 @@ def table1(m: ModelShape, sparsity=paper.TABLE1_SPARSITY, rank: int = paper.TABL
         "predictor_memory_mib": mem,
         "predictor_memory_ratio": mem["PowerInfer"] / mem["SparseInfer"],
     }
+
+
+def op_counts(m: ModelShape, sparsity, rank: int = paper.TABLE1_POWERINFER_RANK) -> dict:
+    """Operation counts of one MLP block and of a whole token, per method (the shape of
+    ``sparseinfer ops --json``)."""
+    return {"model": m.name, "d": m.d, "k": m.k, "num_layers": m.num_layers,
+            "sparsity": float(as_fraction(sparsity)), "rank": rank,
+            "per_layer": [{k: number(v) for k, v in r.items()} for r in ops_per_layer(m, sparsity, rank)],
+            "per_token": [{k: number(v) for k, v in r.items()} for r in ops_per_token(m, sparsity, rank)]}
+
+
+def predictor_memory(m: ModelShape, rank: int = paper.TABLE1_POWERINFER_RANK) -> dict:
+    """A whole model's predictor memory per method and their ratio (``sparseinfer memory --json``)."""
+    mem = predictor_memory_mib(m, rank)
+    return {"model": m.name, "num_layers": m.num_layers, "rank": rank, "predictor_memory_mib": mem,
+            "ratio": mem["PowerInfer"] / mem["SparseInfer"]}
 
 
 # ---- decode-step counts outside the MLP block (used by the latency model) ----

@@ -5,9 +5,7 @@ from statistics import NormalDist
 
 import numpy as np
 
-from sparseinfer.reference.dtypes import BFLOAT16
-
-WEIGHT_DTYPES = (np.float32, np.float16, BFLOAT16)
+from sparseinfer.reference.dtypes import WEIGHT_DTYPES  # noqa: F401  (the weight types the tests cover: the product's)
 
 
 def assert_bits_equal(actual, expected, what: str = "", context: str = "") -> None:
@@ -48,8 +46,8 @@ def write_gguf_shape(writer, s) -> None:
 def gguf_tensors(weights):
     """(GGUF tensor name, array) of a synthetic model's fp32 weights, Q and K rope-permuted as
     llama.cpp stores them: what the GGUF test files write."""
-    from sparseinfer.model_export.gguf_loader import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, rope_permute
-    from sparseinfer.model_export.synthetic import hf_tensors
+    from sparseinfer.model_export.loaders.gguf_file import GGUF_GLOBAL_NAMES, GGUF_LAYER_NAMES, rope_permute
+    from sparseinfer.model_export.loaders.names import hf_tensors
 
     s = weights.shape
     for hf, arr in hf_tensors(weights, "fp32").items():

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NATIVE = ROOT / "model_export" / "native"
 LAUNCHER = NATIVE / "sparse_mlp_cuda.cu"
 HEADER = NATIVE / "sparse_mlp_cuda.h"
-KERNEL_FILES = (*SOURCES, "common.cuh", "cpu_emulation.h")
+KERNEL_FILES = (*SOURCES, "common.cuh", "activation.h", "cpu_emulation.h")
 
 # Every kernel a call of the launcher runs (spills in these fail the gate).
 LAUNCHED_KERNELS = ("pack_signs_fp32", "gate_up_batched_fp32", "down_chunks_batched_fp32", "down_reduce_chunks",

@@ -16,7 +16,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from sparseinfer.model_export.checkpoint import check_config, load_checkpoint
+from sparseinfer.model_export.loaders import load_checkpoint
+from sparseinfer.model_export.loaders.config import check_config
 from sparseinfer.model_export.mlp_functions import apply_activation
 from sparseinfer.model_export.onnx_builder import FLOAT, IR_VERSION, OPSET, GraphBuilder
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
@@ -30,8 +31,7 @@ from sparseinfer.reference.shapes import activation_from_config
 from helpers import ACTIVATION_MAX_SLOPE
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ROOT / "kernels" / "cuda" / "common.cuh"
-CPU_KERNEL = ROOT / "model_export" / "native" / "sparse_mlp_cpu.h"
+ACTIVATION_HEADER = ROOT / "kernels" / "cuda" / "activation.h"      # the kernels' and the op library's
 
 
 def _exact(kind: str, z: np.ndarray) -> np.ndarray:
@@ -112,19 +112,18 @@ def test_the_onnx_body_activation_is_within_error_bound(kind):
 
 
 def test_kind_codes_and_constants_are_the_kernels():
-    """The CUDA defines, the op library's enum and names, and the polynomial coefficients in
-    both C++ copies are reference/activations.py's."""
-    common, cpu = COMMON.read_text(), CPU_KERNEL.read_text()
-    defines = dict(re.findall(r"#define ACT_(\w+) (\d+)", common))
-    assert {name.lower(): int(code) for name, code in defines.items()} == {k: i for i, k in enumerate(KINDS)}
+    """The codes are KINDS' indices, and the polynomial coefficients of the kernels' and the op
+    library's one C/C++ text (kernels/cuda/activation.h; its codes and values compiled:
+    tests/test_activation_header.py) are reference/activations.py's."""
     assert [Activation(k).code for k in KINDS] == list(range(len(KINDS)))
-    names = re.search(r"kActivationNames\[\] = \{([^}]*)\}", cpu).group(1)
-    assert re.findall(r'"(\w+)"', names) == list(KINDS)
-    for text in (common, cpu):
-        for name, key in (("erf_a", "A"), ("erfc_b", "B"), ("erfc_c", "C")):
-            body = re.search(name + r"\[\d+\] = \{([^}]*)\}", text).group(1)
-            values = np.float32([float(v.strip().rstrip("f")) for v in body.split(",")])
-            assert np.array_equal(values, np.float32(ERF_CONSTANTS[key])), (name, text[:40])
+    text = ACTIVATION_HEADER.read_text()
+    enum = re.search(r"enum ActivationKind \{([^}]*)\}", text).group(1)
+    codes = dict(re.findall(r"ACT_(\w+) = (\d+)", enum))
+    assert {name.lower(): int(code) for name, code in codes.items()} == {k: i for i, k in enumerate(KINDS)}
+    for name, key in (("erf_a", "A"), ("erfc_b", "B"), ("erfc_c", "C")):
+        body = re.search(name + r"\[\d+\] = \{([^}]*)\}", text).group(1)
+        values = np.float32([float(v.strip().rstrip("f")) for v in body.split(",")])
+        assert np.array_equal(values, np.float32(ERF_CONSTANTS[key])), name
 
 
 def test_hugging_face_names_and_the_loaders(tmp_path):

@@ -24,8 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_input_files import CONFIG_FIELDS, no_partial_files, odd_values, one_line_error, run, strict_json
 
-from sparseinfer.model_export.checkpoint import SAFETENSORS_ITEMSIZE
 from sparseinfer.model_export.export_folder import export_checkpoint
+from sparseinfer.model_export.loaders.safetensors_header import SAFETENSORS_ITEMSIZE
 from sparseinfer.model_export.synthetic import make_checkpoint
 from sparseinfer.sim.hardware import builtin_hardware, tomllib
 

@@ -447,7 +447,7 @@ def test_bench_decode_repeats_0_and_tokens_1_are_refused():
 
 def test_bench_decode_json_has_no_nan(tmp_path, checkpoint, monkeypatch):
     """A run whose timings are not finite (here: planted) still prints and writes valid JSON."""
-    from sparseinfer.model_export.decode import Generation
+    from sparseinfer.model_export.generation import Generation
 
     monkeypatch.setattr(Generation, "decode_tokens_per_s", property(lambda self: float("nan")))
     monkeypatch.setattr(os, "sync", lambda: None)            # the machine's other writes are not this test's

@@ -286,8 +286,8 @@ def test_onnx_function_bodies_on_the_edges(act, t):
 
 EDGE_MUTANTS = [
     # fatrelu strict: z = T dropped
-    ("common.cuh", "if (act_kind == ACT_FATRELU) return z >= threshold ? z : 0.0f;",
-     "if (act_kind == ACT_FATRELU) return z > threshold ? z : 0.0f;"),
+    ("activation.h", "if (kind == ACT_FATRELU) return z >= threshold ? z : 0.0f;",
+     "if (kind == ACT_FATRELU) return z > threshold ? z : 0.0f;"),
     # the sign packer reading -0.0 as negative
     ("signs.cu", "__device__ __forceinline__ bool is_negative(float v) { return v < 0.0f; }",
      "__device__ __forceinline__ bool is_negative(float v) { return v < 0.0f || (v == 0.0f && 1.0f / v < 0.0f); }"),

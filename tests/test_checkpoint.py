@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.model_export.checkpoint import load_checkpoint
+from sparseinfer.model_export.loaders import load_checkpoint
+from sparseinfer.model_export.loaders.names import hf_tensors
 from sparseinfer.model_export.synthetic import (MAX_LAYERS, N_FEATURES, SYNTHETIC_SHAPES, common_direction,
-                                                features_per_token, hf_tensors, make_checkpoint, make_weights,
-                                                synthetic_shape)
+                                                features_per_token, make_checkpoint, make_weights, synthetic_shape)
 from sparseinfer.model_export.tokenizer import byte_level_tokenizer
 from sparseinfer.reference.dtypes import BFLOAT16
 from sparseinfer.reference.errors import SparseInferError

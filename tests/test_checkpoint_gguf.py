@@ -6,9 +6,9 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from sparseinfer.model_export.checkpoint import load_checkpoint
 from helpers import gguf_tensors, write_gguf_shape
-from sparseinfer.model_export.gguf_loader import rope_permute
+from sparseinfer.model_export.loaders import load_checkpoint
+from sparseinfer.model_export.loaders.gguf_file import rope_permute
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaReference

@@ -4,6 +4,7 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from sparseinfer.model_export.op_library import OP_TYPE
 from sparseinfer.tools.cli import cli
 
 
@@ -64,7 +65,7 @@ def test_tour_runs_every_part_and_writes_its_files(tmp_path):
     r = CliRunner().invoke(cli, ["tour", "--out", str(tmp_path), "--max-new-tokens", "4"])
     assert r.exit_code == 0, r.output
     assert "2,211,840" in r.stdout and "1.79x" in r.stdout and "token agreement" in r.stdout
-    from sparseinfer.benchmarks.harness import bench_targets
+    from sparseinfer.kernels.verify import bench_targets
     from sparseinfer.kernels import emulator, gpu_unavailable_reason
     if gpu_unavailable_reason() is None or emulator.unavailable_reason() is None:    # the kernels' step ran
         kernel_rows = [line for line in r.stdout.splitlines() if line.split()[-1:] in (["yes"], ["NO"])]
@@ -102,17 +103,17 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
         assert summary["runs"] == 2 and list(summary["by_provider"]) == ["CPUExecutionProvider"]
         assert 0 < summary["node_us_per_run"] <= summary["us_per_run"]
         assert (tmp_path / "profiles").is_dir() and str(tmp_path / "profiles" / kind) in summary["profile_file"]
-    assert "NonZero" not in ops["dense"] and "SparseMLP" not in ops["dense"]
+    assert "NonZero" not in ops["dense"] and OP_TYPE not in ops["dense"]
     if result["sparse"]["mlp_kernels"] == "native":
-        assert "SparseMLP" in ops["sparse"] and "SparseMLP" not in ops["sparse-function"]
+        assert OP_TYPE in ops["sparse"] and OP_TYPE not in ops["sparse-function"]
 
 
 def test_bench_decode_keeps_the_timed_rounds_when_the_profiles_fail(tmp_path, monkeypatch):
-    from sparseinfer.tools import export_commands
+    from sparseinfer.benchmarks import decode_bench
 
     def cut_short(*a, **k):
         raise KeyboardInterrupt        # as the device's time limit would end it
-    monkeypatch.setattr(export_commands, "_profile_decodes", cut_short)
+    monkeypatch.setattr(decode_bench, "profile_decodes", cut_short)
     out = tmp_path / "bench.json"
     r = CliRunner().invoke(cli, ["bench-decode", "--shape", "tiny", "--layers", "1", "--tokens", "3", "--repeats", "1",
                                  "--profile-tokens", "3", "--work-dir", str(tmp_path), "--out", str(out), "--json"])
@@ -122,7 +123,7 @@ def test_bench_decode_keeps_the_timed_rounds_when_the_profiles_fail(tmp_path, mo
 
 
 def test_machine_description_names_the_gpus_nvidia_smi_lists(tmp_path, monkeypatch):
-    from sparseinfer.benchmarks.machine import gpu_names, machine_description
+    from sparseinfer.model_export.machine import gpu_names, machine_description
 
     smi = tmp_path / "nvidia-smi"
     smi.write_text("#!/bin/sh\necho 'NVIDIA H100 80GB HBM3, 580.159.04, 81559 MiB'\n")

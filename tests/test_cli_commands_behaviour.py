@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.model_export.decode import Generation
+from sparseinfer.model_export.generation import Generation
 from sparseinfer.model_export.export_folder import export_checkpoint
 from sparseinfer.model_export.synthetic import make_checkpoint
 from sparseinfer.model_export.tokenizer import byte_level_tokenizer
@@ -111,8 +111,8 @@ def test_a_stream_holds_a_partial_utf8_character_until_it_is_complete():
 
 
 def _scripted(monkeypatch, runs):
-    """``decode.generate`` replaced: the n-th call 'generates' ``runs[n]`` = (tokens, logits)."""
-    from sparseinfer.model_export import decode
+    """``generation.generate`` replaced: the n-th call 'generates' ``runs[n]`` = (tokens, logits)."""
+    from sparseinfer.model_export import generation
 
     calls = iter(runs)
 
@@ -123,7 +123,7 @@ def _scripted(monkeypatch, runs):
                 on_token(t)
         return Generation(list(prompt_ids), tokens=list(tokens), logits=list(logits), prefill_s=0.01,
                           decode_s=0.01)
-    monkeypatch.setattr(decode, "generate", fake)
+    monkeypatch.setattr(generation, "generate", fake)
 
 
 def _raw(text: str) -> list[str]:

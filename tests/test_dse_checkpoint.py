@@ -4,8 +4,8 @@ import json
 import pytest
 from click.testing import CliRunner
 
+from sparseinfer.methods.model_runner import DEFAULT_PROMPTS, read_prompts
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.sim.model_runner import DEFAULT_PROMPTS, read_prompts
 from sparseinfer.tools.cli import cli
 
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -4,11 +4,11 @@ import math
 import numpy as np
 import pytest
 
+from sparseinfer.methods import predictor_stats as ps
+from sparseinfer.methods import quality as q
 from sparseinfer.reference import mlp_sparse
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.mlp import MLPTrace
-from sparseinfer.sim import predictor_stats as ps
-from sparseinfer.sim import quality as q
 
 from helpers import mlp_weights
 

@@ -2,10 +2,11 @@
 import numpy as np
 import pytest
 
+from sparseinfer.methods import alpha_sweep as sw
+from sparseinfer.methods.pareto import mark_pareto, pareto_front
 from sparseinfer.reference import AlphaSchedule, mlp_dense, mlp_sparse
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.shapes import ModelShape
-from sparseinfer.sim import alpha_sweep as sw
 from sparseinfer.sim.hardware import load_hardware
 
 from helpers import mlp_weights
@@ -44,7 +45,12 @@ def test_layers_and_schedule():
 def test_pareto_front():
     rows = [{"latency_ms": 1.0, "mean_kl": 0.5}, {"latency_ms": 2.0, "mean_kl": 0.1},
             {"latency_ms": 2.5, "mean_kl": 0.3}, {"latency_ms": 3.0, "mean_kl": 0.0}]
-    assert sw.pareto_front(rows) == [0, 1, 3]
+    assert pareto_front(rows) == [0, 1, 3]
+    assert pareto_front(rows, "mean_kl", "latency_ms") == [0, 1, 3]
+    mark_pareto(rows)
+    assert [r["pareto"] for r in rows] == [True, True, False, True]
+    ties = [{"latency_ms": 1.0, "loss": 0.2}, {"latency_ms": 1.0, "loss": 0.2}, {"latency_ms": 1.0, "loss": 0.3}]
+    assert pareto_front(ties, "latency_ms", "loss") == [0, 1]          # equal rows do not dominate each other
 
 
 class ToyRunner:

@@ -11,7 +11,8 @@ from helpers import write_eval_data
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
 from sparseinfer.evaluation import backend, data, exports, runner, taskgen  # noqa: E402
-from sparseinfer.evaluation.backend import SparseInferLM, parse_model_args, stop_cut  # noqa: E402
+from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
+from sparseinfer.evaluation.decoder_lm import parse_model_args, stop_cut  # noqa: E402
 from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
 from sparseinfer.tools.cli import cli  # noqa: E402
@@ -81,7 +82,7 @@ def test_shipped_task_configs_are_lm_evals_own(tmp_path):
 
 
 def test_random_rows_dropped(fixtures):
-    from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.model_export.loaders import load_checkpoint
 
     w = load_checkpoint(fixtures["ck"]).weights
     out = exports.drop_random_rows(w, 0.9, seed=1)

@@ -1,4 +1,4 @@
-"""eval --method (any sim.methods method on the NumPy reference model through lm-eval), the
+"""eval --method (any methods.registry method on the NumPy reference model through lm-eval), the
 per-token random control, and the accuracy columns of compare-methods / sweep --tasks, on a
 tiny synthetic checkpoint and tiny data fixtures (never ../shared/data)."""
 import json
@@ -14,12 +14,12 @@ lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip inst
 from sparseinfer.evaluation import exports  # noqa: E402
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
 from sparseinfer.evaluation.method_backend import MethodLM, request_seed  # noqa: E402
-from sparseinfer.model_export.checkpoint import load_checkpoint  # noqa: E402
+from sparseinfer.methods.calibration import load_calibration  # noqa: E402
+from sparseinfer.methods.registry import MethodReference, make_method  # noqa: E402
 from sparseinfer.model_export.export_folder import prompt_ids  # noqa: E402
+from sparseinfer.model_export.loaders import load_checkpoint  # noqa: E402
 from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
-from sparseinfer.sim.method_compare import load_calibration  # noqa: E402
-from sparseinfer.sim.methods import MethodReference, make_method  # noqa: E402
 from sparseinfer.tools.cli import cli  # noqa: E402
 
 GSM8K = [
@@ -82,7 +82,7 @@ def test_methods_change_the_tokens(fx):
 
 
 def test_per_token_random_draws_a_fresh_mask_of_exactly_floor_s_k_rows(fx, monkeypatch):
-    from sparseinfer.sim.method_basic import RandomRows
+    from sparseinfer.methods.random_rows import RandomRows
 
     masks = []
     select = RandomRows.select
@@ -289,10 +289,26 @@ def test_run_time_estimate_is_the_latency_model_times_the_tokens():
     assert random["seconds_fp32"] == pytest.approx(10 * 64 * estimate.parameters(m) * 4 / 20e9)
 
 
+def test_method_rows_cache_key_reads_every_method_module(monkeypatch):
+    """A method row's lm-eval cache key hashes the sources of every method module (and the
+    reference model's and the method backend's, its requests' ``decoder_lm`` too), so that
+    changed method code never resumes from old answers."""
+    from pathlib import Path
+
+    from sparseinfer.evaluation import runner
+
+    read, real = [], Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda self: read.append(self.name) or real(self))
+    key = runner.method_sources_hash()
+    assert len(key) == 16 and key == runner.method_sources_hash()
+    assert {"base.py", "registry.py", "sign_predictor.py", "baselines.py", "random_rows.py", "dejavu.py", "teal.py",
+            "cats.py", "cluster.py", "wisparse.py", "llama.py", "method_backend.py", "decoder_lm.py"} <= set(read)
+
+
 def test_overlap_rule():
     """Equal up to whitespace, an evaluation text inside a calibration prompt, or a calibration
     prompt of at least MIN_CONTAINED_CHARS inside an evaluation text; a short phrase is not."""
-    from sparseinfer.sim.method_compare import MIN_CONTAINED_CHARS, check_disjoint
+    from sparseinfer.methods.calibration import MIN_CONTAINED_CHARS, check_disjoint
 
     doc = "Tom has 3 boxes of 12 pencils and gives away 5. How many pencils are left?"
     check_disjoint(["How many pencils", "Something else entirely."], [doc])            # short phrase: allowed

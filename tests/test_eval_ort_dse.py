@@ -10,10 +10,10 @@ from click.testing import CliRunner
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
 
 from sparseinfer.evaluation.ort_runner import OrtRunner  # noqa: E402
-from sparseinfer.model_export.checkpoint import load_checkpoint  # noqa: E402
+from sparseinfer.methods.model_runner import ReferenceRunner  # noqa: E402
+from sparseinfer.methods.predictor_stats import per_layer_stats  # noqa: E402
+from sparseinfer.model_export.loaders import load_checkpoint  # noqa: E402
 from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
-from sparseinfer.sim.model_runner import ReferenceRunner  # noqa: E402
-from sparseinfer.sim.predictor_stats import per_layer_stats  # noqa: E402
 from sparseinfer.tools.cli import cli  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):"]

@@ -21,9 +21,11 @@ import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.model_export.decode import OnnxDecoder, generate, make_session
+from sparseinfer.model_export.decode import OnnxDecoder
 from sparseinfer.model_export.export import ExportOptions, export_onnx
-from sparseinfer.model_export.mlp_functions import DOMAIN, OP_TYPE
+from sparseinfer.model_export.generation import generate
+from sparseinfer.model_export.op_library import DOMAIN, OP_TYPE
+from sparseinfer.model_export.session import make_session
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import mlp_sparse, pack_signs, predict_zero_rows
 from sparseinfer.reference.activations import (APPROXIMATE_KINDS, LIBRARY_ERROR_UNITS, OWN_ERROR_UNITS, U,

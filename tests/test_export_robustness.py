@@ -21,9 +21,9 @@ from test_bad_input_files import _signal_a_slow_export, digest, no_partial_files
 from sparseinfer.evaluation import export_sources, exports
 from sparseinfer.model_export import export as export_module
 from sparseinfer.model_export import export_folder, genai_config, synthetic
-from sparseinfer.model_export.checkpoint import load_checkpoint
 from sparseinfer.model_export.decode import OnnxDecoder
 from sparseinfer.model_export.export import ExportOptions, export_onnx
+from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import files
 from sparseinfer.reference.errors import SparseInferError
@@ -60,8 +60,8 @@ def _copied_package(tmp_path) -> Callable[[str], Path | None]:
 def test_the_exporter_sources_are_found_from_the_imports():
     found = export_sources.exporter_files()
     for name in ("model_export/export.py", "model_export/export_folder.py", "model_export/onnx_builder.py",
-                 "model_export/checkpoint.py", "reference/activations.py", "reference/alpha.py",
-                 "reference/llama.py", "reference/files.py", "evaluation/exports.py",
+                 "model_export/loaders/hf_folder.py", "model_export/loaders/gguf_file.py", "reference/activations.py",
+                 "reference/alpha.py", "reference/llama.py", "reference/files.py", "evaluation/exports.py",
                  "model_export/native/sparse_mlp_op.cc"):
         assert name in found, name
     assert "tools/cli.py" not in found and "evaluation/runner.py" not in found      # not the whole package
@@ -336,13 +336,19 @@ def test_sigterm_is_held_back_while_files_are_moved_into_place(tmp_path):
             caught.append("sent")
             os.kill(os.getpid(), signal.SIGTERM)                     # between the two renames
 
-    with files.terminate_as_interrupt():
-        try:
-            with pytest.MonkeyPatch.context() as mp:
-                mp.setattr(files.os, "replace", replace)
-                files.commit(stage, tmp_path, ["a", "b"])
-        except files.Terminated:
-            caught.append("raised after the commit")
+    # SIGTERM's default action, as in a fresh `sparseinfer` process (a library loaded by an
+    # earlier test in this process, Ray for one, may have installed its own handler).
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with files.terminate_as_interrupt():
+            try:
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(files.os, "replace", replace)
+                    files.commit(stage, tmp_path, ["a", "b"])
+            except files.Terminated:
+                caught.append("raised after the commit")
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert caught == ["sent", "raised after the commit"]
     assert (tmp_path / "a").read_text() == "a" and (tmp_path / "b").read_text() == "b"
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL

@@ -1,4 +1,4 @@
-"""benchmarks/genai_builder.py without its side environment: the HF folder it writes for the
+"""benchmarks/genai_builder/ without its side environment: the HF folder it writes for the
 builder, the rounds and the result's schema on stub runners, argument errors, and a real
 (tiny, synthetic) run of both genai and OnnxDecoder runners on our own export. Building
 with onnxruntime-genai's model builder needs torch and transformers, which this project
@@ -16,8 +16,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.benchmarks import genai_builder as gb
-from sparseinfer.model_export.checkpoint import load_checkpoint
+from sparseinfer.benchmarks.genai_builder import build as gb_build
+from sparseinfer.benchmarks.genai_builder import convert as gb_convert
+from sparseinfer.benchmarks.genai_builder import facts as gb_facts
+from sparseinfer.benchmarks.genai_builder import report as gb_report
+from sparseinfer.benchmarks.genai_builder import rounds as gb_rounds
+from sparseinfer.benchmarks.genai_builder import runners as gb_runners
+from sparseinfer.benchmarks.genai_builder.cli import cli as gb_cli
+from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.synthetic import make_checkpoint
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.tools.cli import cli as main_cli
@@ -40,7 +46,7 @@ def export_dir(checkpoint, tmp_path_factory):
 
 
 def test_hf_folder_round_trips_the_weights(checkpoint, tmp_path):
-    r = CliRunner().invoke(gb.cli, ["convert", str(checkpoint), "--out", str(tmp_path / "hf")])
+    r = CliRunner().invoke(gb_cli, ["convert", str(checkpoint), "--out", str(tmp_path / "hf")])
     assert r.exit_code == 0, r.output
     names = {p.name for p in (tmp_path / "hf").iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
@@ -55,7 +61,7 @@ def test_hf_folder_round_trips_the_weights(checkpoint, tmp_path):
 
 
 def test_the_builder_command_is_fp32_on_the_cpu(tmp_path):
-    cmd = gb.builder_command("/py", tmp_path / "hf", tmp_path / "out")
+    cmd = gb_build.builder_command("/py", tmp_path / "hf", tmp_path / "out")
     assert cmd[:3] == ["/py", "-m", "onnxruntime_genai.models.builder"]
     assert cmd[cmd.index("-p") + 1] == "fp32" and cmd[cmd.index("-e") + 1] == "cpu"
 
@@ -63,7 +69,7 @@ def test_the_builder_command_is_fp32_on_the_cpu(tmp_path):
 def _stub(rate: float, tokens=(5, 6, 7, 8)):
     """A runner whose decode takes (n - 1) / rate seconds."""
     def run(prompt, n):
-        return gb.Run(list(tokens[:n]), 0.01, (n - 1) / rate)
+        return gb_runners.Run(list(tokens[:n]), 0.01, (n - 1) / rate)
     return run
 
 
@@ -78,42 +84,42 @@ def test_rounds_alternate_and_the_summary_has_medians_and_ratios():
             return inner(prompt, n)
         return run
 
-    runners = {gb.OURS_GENAI: tracking("a", 30.0), gb.BUILDER_GENAI: tracking("b", 20.0)}
-    measured = gb.run_rounds(runners, PROMPT, 4, rounds=3, warmup=1)
+    runners = {gb_runners.OURS_GENAI: tracking("a", 30.0), gb_runners.BUILDER_GENAI: tracking("b", 20.0)}
+    measured = gb_rounds.run_rounds(runners, PROMPT, 4, rounds=3, warmup=1)
     assert calls == ["b", "a", "a", "b", "b", "a", "a", "b"]        # warm-up (-1: reversed), then 0, 1, 2
     assert [r["round"] for r in measured["rounds"]] == ["warmup0", 0, 1, 2]
-    s = gb.summarize_rounds(measured["rounds"], list(runners))
-    assert s["tokens_per_s"][gb.OURS_GENAI]["median"] == pytest.approx(30.0)
-    assert s["tokens_per_s"][gb.BUILDER_GENAI]["per_round"] == pytest.approx([20.0] * 3)
-    ratio = s["ratio_to_" + gb.BUILDER_GENAI][gb.OURS_GENAI]
+    s = gb_rounds.summarize_rounds(measured["rounds"], list(runners))
+    assert s["tokens_per_s"][gb_runners.OURS_GENAI]["median"] == pytest.approx(30.0)
+    assert s["tokens_per_s"][gb_runners.BUILDER_GENAI]["per_round"] == pytest.approx([20.0] * 3)
+    ratio = s["ratio_to_" + gb_runners.BUILDER_GENAI][gb_runners.OURS_GENAI]
     assert ratio["of_medians"] == pytest.approx(1.5) and ratio["per_round"] == pytest.approx([1.5] * 3)
 
 
 def test_a_runner_that_stops_early_is_an_error():
-    runners = {gb.OURS_GENAI: _stub(30.0, tokens=(1, 2)), gb.BUILDER_GENAI: _stub(20.0)}
+    runners = {gb_runners.OURS_GENAI: _stub(30.0, tokens=(1, 2)), gb_runners.BUILDER_GENAI: _stub(20.0)}
     with pytest.raises(SparseInferError, match="stopped after 2 of 4 new tokens"):
-        gb.run_rounds(runners, PROMPT, 4, rounds=1)
+        gb_rounds.run_rounds(runners, PROMPT, 4, rounds=1)
     with pytest.raises(SparseInferError, match="new tokens"):
-        gb.run_rounds(runners, PROMPT, 1, rounds=1)
+        gb_rounds.run_rounds(runners, PROMPT, 1, rounds=1)
 
 
 def test_the_result_schema_on_stub_runners(export_dir, tmp_path, monkeypatch):
     """benchmark() end to end with stub runners: what the results file holds."""
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    monkeypatch.setattr(gb, "GenaiRunner", lambda folder, threads, profile=None:
+    monkeypatch.setattr(gb_report, "GenaiRunner", lambda folder, threads, profile=None:
                         _stub(25.0 if str(folder) == str(export_dir) else 20.0, tokens=tuple(range(8))))
-    monkeypatch.setattr(gb, "DecoderRunner", lambda path, threads, max_length: _stub(26.0, tokens=tuple(range(8))))
+    monkeypatch.setattr(gb_report, "DecoderRunner", lambda path, threads, max_length: _stub(26.0, tokens=tuple(range(8))))
     builder = tmp_path / "builder"                            # any genai folder: a copy of ours
     shutil.copytree(export_dir, builder)
-    result = gb.benchmark(export_dir, builder, prompt_ids=PROMPT, new_tokens=8, rounds=5,
+    result = gb_report.benchmark(export_dir, builder, prompt_ids=PROMPT, new_tokens=8, rounds=5,
                           commands=["setup"], notes=["a note"])
     assert {"benchmark", "machine", "settings", "models", "tokens_per_s", "ratio_to_builder_genai", "target",
             "same_tokens", "rounds", "commands", "notes"} <= set(result)
     assert {"date", "cpu", "onnxruntime", "onnxruntime_genai"} <= set(result["machine"])
     assert result["settings"]["prompt_tokens"] == len(PROMPT) and result["settings"]["decode_steps_timed"] == 7
     assert len([r for r in result["rounds"] if isinstance(r["round"], int)]) == 5
-    assert result["tokens_per_s"][gb.OURS_GENAI]["median"] == pytest.approx(25.0)
-    assert result["tokens_per_s"][gb.OURS_DECODER]["median"] == pytest.approx(26.0)
+    assert result["tokens_per_s"][gb_runners.OURS_GENAI]["median"] == pytest.approx(25.0)
+    assert result["tokens_per_s"][gb_runners.OURS_DECODER]["median"] == pytest.approx(26.0)
     assert result["target"] == {"ours_over_builder_at_least": 1.0, "ratio": pytest.approx(1.25), "met": True}
     assert all(result["same_tokens"].values())
     ours = result["models"]["ours"]
@@ -130,7 +136,7 @@ def test_a_real_run_on_our_export_twice(export_dir, tmp_path):
     setup = tmp_path / "setup.sh"
     setup.write_text("# comment\n\nsparseinfer export X --out Y --dense\n")
     out = tmp_path / "r.json"
-    r = CliRunner().invoke(gb.cli, ["run", "--ours", str(export_dir), "--builder", str(export_dir), "--out", str(out),
+    r = CliRunner().invoke(gb_cli, ["run", "--ours", str(export_dir), "--builder", str(export_dir), "--out", str(out),
                                     "--prompt", "The quick", "--new-tokens", "6", "--rounds", "1", "--threads", "1",
                                     "--commands-file", str(setup), "--profile-dir", str(tmp_path / "prof")])
     assert r.exit_code == 0, r.output
@@ -149,13 +155,13 @@ def test_a_real_run_on_our_export_twice(export_dir, tmp_path):
     (["build", ".", "--out", "o"], "Missing option '--python'"),
 ])
 def test_argument_errors_exit_2(args, message):
-    r = CliRunner().invoke(gb.cli, args)
+    r = CliRunner().invoke(gb_cli, args)
     assert r.exit_code == 2 and message in r.output
 
 
 def test_a_folder_without_genai_config_is_a_one_line_error(tmp_path):
     (tmp_path / "a").mkdir()
-    r = CliRunner().invoke(gb.cli, ["run", "--ours", str(tmp_path / "a"), "--builder", str(tmp_path / "a"),
+    r = CliRunner().invoke(gb_cli, ["run", "--ours", str(tmp_path / "a"), "--builder", str(tmp_path / "a"),
                                     "--out", str(tmp_path / "r.json")])
     assert r.exit_code == 1 and "no genai_config.json" in r.output and "Traceback" not in r.output
 
@@ -168,7 +174,7 @@ def test_the_module_runs_as_python_dash_m():
 
 @pytest.mark.skipif(not os.environ.get("GENAI_BUILDER_PYTHON"),
                     reason="needs the side environment: GENAI_BUILDER_PYTHON=an interpreter with onnxruntime-genai, "
-                           "torch and transformers (benchmarks/genai_builder.py)")
+                           "torch and transformers (benchmarks/genai_builder/)")
 def test_the_builder_builds_a_folder_genai_decodes_like_ours(tmp_path):
     """convert, build, and both models' greedy tokens under genai's Generator. Head size 64: the
     builder's GroupQueryAttention on the CPU needs a multiple of 16 (the tiny shape's 50 fails
@@ -176,8 +182,8 @@ def test_the_builder_builds_a_folder_genai_decodes_like_ours(tmp_path):
     import dataclasses
 
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    from sparseinfer.model_export.checkpoint import Checkpoint
     from sparseinfer.model_export.export_folder import export_checkpoint
+    from sparseinfer.model_export.loaders import Checkpoint
     from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
     from sparseinfer.model_export.tokenizer import byte_level_tokenizer
 
@@ -185,10 +191,10 @@ def test_the_builder_builds_a_folder_genai_decodes_like_ours(tmp_path):
                                 hidden_size=256, num_heads=4, num_kv_heads=2)
     ck = Checkpoint(weights=make_weights(shape, seed=1), tokenizer=byte_level_tokenizer(), source="synthetic",
                     stored_dtype="fp32", bos_token_id=256, eos_token_id=257)
-    hf, built = gb.write_hf_folder(ck, tmp_path / "hf"), tmp_path / "builder"
+    hf, built = gb_convert.write_hf_folder(ck, tmp_path / "hf"), tmp_path / "builder"
     ours = export_checkpoint(ck, tmp_path / "ours" / "model.onnx", sparse=False).parent
-    r = CliRunner().invoke(gb.cli, ["build", str(hf), "--out", str(built), "--python",
+    r = CliRunner().invoke(gb_cli, ["build", str(hf), "--out", str(built), "--python",
                                     os.environ["GENAI_BUILDER_PYTHON"], "--cache-dir", str(tmp_path / "cache")])
     assert r.exit_code == 0, r.output
-    assert gb.model_facts(built)["nodes"] > 0
-    assert gb.GenaiRunner(built, 1)(PROMPT, 8).tokens == gb.GenaiRunner(ours, 1)(PROMPT, 8).tokens
+    assert gb_facts.model_facts(built)["nodes"] > 0
+    assert gb_runners.GenaiRunner(built, 1)(PROMPT, 8).tokens == gb_runners.GenaiRunner(ours, 1)(PROMPT, 8).tokens

@@ -7,8 +7,9 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.model_export.decode import OnnxDecoder, generate
+from sparseinfer.model_export.decode import OnnxDecoder
 from sparseinfer.model_export.export import ExportOptions, export_onnx
+from sparseinfer.model_export.generation import generate
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.tools.cli import cli
 
@@ -94,7 +95,7 @@ def test_several_end_tokens_each_end_a_generation_here_and_in_genai(tmp_path, ch
     of either, in our decoder, through `generate` and under genai's Generator."""
     import shutil
 
-    from sparseinfer.model_export.checkpoint import load_checkpoint
+    from sparseinfer.model_export.loaders import load_checkpoint
 
     ck = tmp_path / "ck"
     shutil.copytree(checkpoint, ck)

@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sparseinfer.model_export.checkpoint import load_checkpoint
 from helpers import gguf_tensors, write_gguf_shape
-from sparseinfer.model_export.gguf_loader import _tokenizer_fields
+from sparseinfer.model_export.loaders import load_checkpoint
+from sparseinfer.model_export.loaders.gguf_file import _tokenizer_fields
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.model_export.tokenizer import (
     _byte_alphabet, _split_pre_tokenizer, BPE_PRE_TOKENIZERS, load_tokenizer_json)

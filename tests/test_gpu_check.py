@@ -171,7 +171,7 @@ def test_pytest_stages_select_tests_that_exist():
 
 
 def gc_bench_targets():
-    from sparseinfer.benchmarks.harness import bench_targets
+    from sparseinfer.kernels.verify import bench_targets
     return bench_targets()
 
 

@@ -2,7 +2,7 @@
 the ProSparse-7B/13B shapes, fp16 weights, sparsities 0.90 and 0.92.
 
 Shapes, sparsities and versions come from ``kernels.shapes`` and the registry (through
-``benchmarks.harness.bench_targets``); inputs, verification, byte counts and the cuBLAS
+``kernels.verify.bench_targets``); inputs, verification, byte counts and the cuBLAS
 baseline from ``benchmarks.harness.BenchCase``, the same code as ``sparseinfer bench``.
 pytest-benchmark times the launch plus a device synchronisation (host clock, L2 flushed
 in ``setup``); ``extra_info`` holds the harness's CUDA-event row: µs, spread, bytes,
@@ -18,9 +18,10 @@ import functools
 
 import pytest
 
-from sparseinfer.benchmarks.harness import BenchCase, bench_targets
+from sparseinfer.benchmarks.harness import BenchCase
 from sparseinfer.kernels import FAMILIES, PIPELINES
 from sparseinfer.kernels.shapes import BENCH_SHAPES, BENCH_SPARSITIES
+from sparseinfer.kernels.verify import bench_targets
 
 ROUNDS = 30
 WARMUP_ROUNDS = 5

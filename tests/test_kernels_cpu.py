@@ -12,11 +12,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from kernel_cases import cases
-from sparseinfer.kernels import DOWN, FAMILIES, GATE_UP, PIPELINES, SparseMLP, ops
+from sparseinfer.kernels import DOWN, FAMILIES, GATE_UP, PIPELINES, PREDICT, SparseMLP, device, ops
 from sparseinfer.kernels.device import DeviceMatrix
 from sparseinfer.kernels.shapes import BENCH_SHAPES, TEST_SHAPES, make_layer
 from sparseinfer.kernels.sources import KERNELS
-from sparseinfer.reference.dtypes import BFLOAT16
+from sparseinfer.reference.dtypes import BFLOAT16, SIGN_PACK_DTYPE_NAMES
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.shapes import BUILTIN_MODELS
 from sparseinfer.reference.signs import pack_signs, predict_zero_rows
@@ -61,29 +61,30 @@ def _weights(d=33, k=40, dtype=np.float16):
 def test_wrappers_check_arguments_before_touching_the_gpu():
     wg, wu, _ = (_host_matrix(w) for w in _weights())
     x = np.zeros(33, np.float32)
+    mask, rows = GATE_UP["v1_mask"].launches[0], PREDICT["v1"].launches[0]
     with pytest.raises(SparseInferError, match="x has dtype float64; expected float32"):
-        ops.gate_up_mask(x.astype(np.float64), wg, wu, "relu")
+        ops.gate_up_mask(x.astype(np.float64), wg, wu, "relu", launch=mask)
     with pytest.raises(SparseInferError, match=r"w_gate has shape \(40, 33\); expected 32 columns"):
-        ops.gate_up_mask(x[:32], wg, wu, "relu")
+        ops.gate_up_mask(x[:32], wg, wu, "relu", launch=mask)
     with pytest.raises(SparseInferError, match="w_up .* does not match w_gate"):
-        ops.gate_up_mask(x, wg, _host_matrix(_weights(k=41)[1]), "relu")
+        ops.gate_up_mask(x, wg, _host_matrix(_weights(k=41)[1]), "relu", launch=mask)
     with pytest.raises(SparseInferError, match="unknown activation 'swish'"):
-        ops.gate_up_mask(x, wg, wu, "swish")
+        ops.gate_up_mask(x, wg, wu, "swish", launch=mask)
     with pytest.raises(SparseInferError, match=r"zero mask has shape \(39,\); expected \[40\]"):
-        ops.gate_up_mask(x, wg, wu, "relu", np.zeros(39, np.uint8))
+        ops.gate_up_mask(x, wg, wu, "relu", np.zeros(39, np.uint8), launch=mask)
     with pytest.raises(SparseInferError, match="alpha_milli must be an integer"):
-        ops.predict(np.zeros((40, 2), np.uint32), np.zeros(2, np.uint32), 33, 1.03)
+        ops.predict(np.zeros((40, 2), np.uint32), np.zeros(2, np.uint32), 33, 1.03, launch=rows)
     with pytest.raises(SparseInferError, match=r"w_signs .* expected uint32 \[k, 2\] for d = 33"):
-        ops.predict(np.zeros((40, 3), np.uint32), np.zeros(2, np.uint32), 33, 1030)
+        ops.predict(np.zeros((40, 3), np.uint32), np.zeros(2, np.uint32), 33, 1030, launch=rows)
     with pytest.raises(SparseInferError, match=r"h3 has shape \(33,\); expected \[40\]"):
-        ops.down_chunks(x, wg)
+        ops.down_chunks(x, wg, launch=DOWN["v1_chunks"].launches[0])
     with pytest.raises(SparseInferError, match="must be a DeviceMatrix"):
-        ops.down_atomic(np.zeros(40, np.float32), np.zeros((40, 33), np.float16))
+        ops.down_atomic(np.zeros(40, np.float32), np.zeros((40, 33), np.float16), launch=DOWN["v2_atomic"].launches[0])
     # strided views pass the shape checks but the kernels index densely
     with pytest.raises(SparseInferError, match=r"x is a strided view \(strides \(8,\)\)"):
-        ops.gate_up_mask(np.zeros(66, np.float32)[::2], wg, wu, "relu")
+        ops.gate_up_mask(np.zeros(66, np.float32)[::2], wg, wu, "relu", launch=mask)
     with pytest.raises(SparseInferError, match="w_signs is a strided view"):
-        ops.predict(np.zeros((80, 2), np.uint32)[::2], np.zeros(2, np.uint32), 33, 1030)
+        ops.predict(np.zeros((80, 2), np.uint32)[::2], np.zeros(2, np.uint32), 33, 1030, launch=rows)
 
 
 @pytest.mark.parametrize("mutate,match", [
@@ -111,16 +112,42 @@ def test_registry_entries_are_described_and_consistent():
         assert versions, family
         for name, v in versions.items():
             assert v.family == family and v.name == name and len(v.description) > 20 and callable(v.run)
+            assert callable(v.reference) and callable(v.touched) and v.launches, name
+            # each launch names a compiled function (its source) and whole warps
+            assert all(launch.source in KERNELS and launch.threads % 32 == 0 for launch in v.launches), name
     for p in PIPELINES.values():
         assert p.gate_up in GATE_UP and p.down in DOWN
     assert {p.name for p in PIPELINES.values() if not p.deterministic} == {"sparse-atomic"}
-    kernel_text = open(ops.__file__).read()
-    for names in KERNELS.values():      # every compiled kernel is launched by a wrapper
-        for name in names:
-            stem = name.rsplit("_", 1)[0] if name.endswith(("fp32", "fp16", "bf16", "int8")) else name
-            predicting = stem.startswith("gate_up_") and stem[len("gate_up_"):] in ops.GATE_UP_PREDICTING
-            assert f'"{stem}' in kernel_text or f'f"{stem}_' in kernel_text or (
-                predicting and 'f"gate_up_{kind}_' in kernel_text), name
+    assert {(v.name, v.predict) for v in GATE_UP.values() if v.predict} == {("v1_mask", "v1"), ("v2_list", "v2")}
+    launched = {launch.name(suffix) for versions in FAMILIES.values() for v in versions.values()
+                for launch in v.launches for suffix in SIGN_PACK_DTYPE_NAMES}
+    for names in KERNELS.values():      # every compiled kernel is launched by a version
+        assert set(names) <= launched, names
+
+
+def test_each_version_launches_what_its_record_says(monkeypatch):
+    """A version's run launches its record's functions with its block sizes, in order (a gate_up
+    version first the predict version it reads), and nothing else."""
+    launched = []
+    monkeypatch.setattr(ops, "cupy", lambda: np)             # outputs in host memory, no backend
+    monkeypatch.setattr(ops, "kernel", lambda name: lambda grid, block, args: launched.append((name, block[0])))
+    monkeypatch.setattr(ops, "_COUNTERS", {})
+    monkeypatch.setattr(device, "resident_blocks", lambda name, threads: 2)
+    d, k = 33, 40
+    wg, wu, wd = _weights(d, k)
+    x = np.ones(d, np.float32)
+    x_signs = pack_signs(x)
+    mlp = types.SimpleNamespace(d=d, k=k, activation="relu", w_signs=pack_signs(wg), w_gate=_host_matrix(wg),
+                                w_up=_host_matrix(wu), w_down_t=_host_matrix(np.ascontiguousarray(wd.T)))
+    inputs = {"pack_signs": (mlp.w_gate,), "predict": (mlp.w_signs, x_signs, d, 1000),
+              "gate_up": (mlp, x, x_signs, 1000), "down": (np.ones(k, np.float32), mlp.w_down_t),
+              "mlp_fused": (mlp, x, x_signs, 1000), "baseline": (x, mlp.w_gate, mlp.w_up, _host_matrix(wd), "relu")}
+    for family, versions in FAMILIES.items():
+        for v in versions.values():
+            launched.clear()
+            v.run(*inputs[family])
+            want = (PREDICT[v.predict].launches if v.predict else ()) + v.launches
+            assert launched == [(launch.name("fp16"), launch.threads) for launch in want], (family, v.name)
 
 
 def test_bench_shapes_come_from_the_model_table():

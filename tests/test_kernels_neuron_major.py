@@ -13,14 +13,13 @@ import pytest
 
 from kernel_cases import assert_same, build_case, emu, mutated  # noqa: F401 (emu: a fixture)
 from sparseinfer.benchmarks import harness
-from sparseinfer.kernels import MLP_FUSED, PIPELINES, SparseMLP, layout, ops
+from sparseinfer.kernels import DOWN, GATE_UP, MLP_FUSED, PACK_SIGNS, PIPELINES, SparseMLP, layout, ops, traffic, verify
 from sparseinfer.kernels.device import DeviceMatrix, padded_rows
 from sparseinfer.kernels.registry import LAYOUTS
 from sparseinfer.kernels.shapes import BenchShape
 from sparseinfer.reference import mlp_sparse, order_contract as oc
 from sparseinfer.reference.dtypes import BFLOAT16
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.sim import traffic
 
 pytestmark = pytest.mark.emulated
 
@@ -31,7 +30,7 @@ def test_new_pipelines_are_registered_and_benchmarked():
     assert all(PIPELINES[p].deterministic for p in NEW_PIPELINES) and "v1" in MLP_FUSED
     assert {PIPELINES[p].layout for p in PIPELINES} == set(LAYOUTS)
     assert all(PIPELINES[p].fused in ("", *MLP_FUSED) for p in PIPELINES)
-    assert {("mlp", p) for p in NEW_PIPELINES} <= set(harness.bench_targets())
+    assert {("mlp", p) for p in NEW_PIPELINES} <= set(verify.bench_targets())
 
 
 @pytest.mark.parametrize("d,k,dtype", [(33, 5, np.float32), (97, 600, np.float16), (300, 129, BFLOAT16)])
@@ -149,23 +148,24 @@ def test_fused_checks_its_arguments(emu):
     x = emu.asarray(case.x)
     xs = ops.pack_x_signs(x)
     nm = mlp.in_layout("neuron-major")
+    launch = MLP_FUSED["v1"].launches[0]
     with pytest.raises(SparseInferError, match=r"w_down_t \(97, 33\) fp16 \(row stride 120\) does not match w_gate "
                                                r"\(97, 33\) fp16 \(row stride 40\)"):
-        ops.mlp_fused(x, xs, mlp.w_signs, mlp.w_gate, mlp.w_up, nm.w_down_t, "relu", 1000)
+        ops.mlp_fused(x, xs, mlp.w_signs, mlp.w_gate, mlp.w_up, nm.w_down_t, "relu", 1000, launch=launch)
     with pytest.raises(SparseInferError, match=r"w_down_t has shape \(97, 16\); expected 33 columns"):
         ops.mlp_fused(x, xs, mlp.w_signs, mlp.w_gate, mlp.w_up,
-                      DeviceMatrix.from_host("w", np.ones((97, 16), np.float16)), "relu", 1000)
+                      DeviceMatrix.from_host("w", np.ones((97, 16), np.float16)), "relu", 1000, launch=launch)
     with pytest.raises(SparseInferError, match="w_signs has 96 rows but w_gate has 97"):
-        ops.mlp_fused(x, xs, mlp.w_signs[:96], mlp.w_gate, mlp.w_up, mlp.w_down_t, "relu", 1000)
+        ops.mlp_fused(x, xs, mlp.w_signs[:96], mlp.w_gate, mlp.w_up, mlp.w_down_t, "relu", 1000, launch=launch)
 
 
 def test_fused_bytes_add_the_per_part_sums(emu):
     d, k = 5120, 13824
     assert ops.fused_parts(k) == (27, 108)
-    assert ops.fused_scratch_bytes(d, k) == 2 * 108 * d * 4
+    assert traffic.fused_scratch(d, k) == 2 * 108 * d * 4
     case = harness.BenchCase(BenchShape("prosparse-llama2-13b", 97, 600), 0.9, None, log=lambda s: None)
     rows = case.trace.rows
-    split = traffic.mlp_bytes("v6_paired", "v5_narrow", 97, 600, "fp16", rows)
+    split = sum(v.touched(97, 600, "fp16", rows) for v in (PACK_SIGNS["v1"], GATE_UP["v6_paired"], DOWN["v5_narrow"]))
     assert case.pipeline_bytes(PIPELINES["sparse-neuron-major"]) == split
     assert case.pipeline_bytes(PIPELINES["fused-neuron-major"]) == split + 2 * 8 * 97 * 4
     assert oc.DOWN_ROW_CHUNK // oc.DOWN_SUB_CHUNKS == 128         # PART_ROWS of fused.cu

@@ -1,4 +1,4 @@
-"""sim.traffic byte counts and the kernel commands' CPU behaviour."""
+"""The bytes each kernel version's record says it touches, and the kernel commands' CPU behaviour."""
 from __future__ import annotations
 
 import json
@@ -8,34 +8,38 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.kernels import FAMILIES, PIPELINES
-from sparseinfer.sim import traffic
+from sparseinfer.kernels import DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
+from sparseinfer.sim.ops import dense_mlp_bytes
 from sparseinfer.tools.cli import cli
 
 
 def test_gate_up_bytes_count_only_the_rows_read():
-    d, k = 5120, 13824
-    sparse = traffic.gate_up_bytes("v1_mask", d, k, "fp16", 1106, 1000)
+    d, k, rows = 5120, 13824, {"gate": 1106, "up": 1000, "down": 1000}
+    sparse = GATE_UP["v1_mask"].touched(d, k, "fp16", rows)
     assert sparse == (1106 + 1000) * d * 2 + d * 4 + 2 * k * 4 + k
-    dense = traffic.gate_up_bytes("dense", d, k, "fp16", 1106, 1000)
+    dense = GATE_UP["dense"].touched(d, k, "fp16", rows)
     assert dense == 2 * k * d * 2 + d * 4 + 2 * k * 4
-    fused = traffic.gate_up_bytes("v3_fused", d, k, "fp16", 1106, 1000)
+    fused = GATE_UP["v3_fused"].touched(d, k, "fp16", rows)
     assert fused - sparse == k * 160 * 4 + 160 * 4 + k * 5 - k   # sign words in, counts out, no mask read
+    assert GATE_UP["v2_list"].touched(d, k, "fp16", rows) - sparse == 1106 * 4 + 4 - k   # the list, not the mask
+    assert PREDICT["v2"].touched(d, k, "fp16", rows) - PREDICT["v1"].touched(d, k, "fp16", rows) == k * 5 + 4
 
 
 def test_down_and_mlp_bytes():
-    d, k = 4096, 11008
-    v1 = traffic.down_bytes("v1_chunks", d, k, "bf16", 900)
+    d, k, rows = 4096, 11008, {"gate": 1000, "up": 900, "down": 900}
+    v1 = DOWN["v1_chunks"].touched(d, k, "bf16", rows)
     assert v1 == 900 * d * 2 + k * 4 + 2 * 22 * d * 4 + d * 4        # 22 chunks of 512 rows
-    assert traffic.down_bytes("dense", d, k, "bf16", 900) - v1 == (k - 900) * d * 2
-    assert traffic.down_bytes("v2_atomic", d, k, "fp32", 900) == 900 * d * 4 + k * 4 + d * 4
-    rows = {"gate": 1000, "up": 900, "down": 900}
+    assert DOWN["dense"].touched(d, k, "bf16", rows) - v1 == (k - 900) * d * 2
+    assert DOWN["v2_atomic"].touched(d, k, "fp32", rows) == 900 * d * 4 + k * 4 + d * 4
     for p in PIPELINES.values():
-        total = traffic.mlp_bytes(p.gate_up, p.down, d, k, "fp16", rows)
-        assert total > traffic.down_bytes(p.down, d, k, "fp16", 900)
-    assert traffic.dense_mlp_bytes(d, k, "fp16") == 3 * d * k * 2
-    with pytest.raises(ValueError, match="unknown gate_up version"):
-        traffic.gate_up_bytes("v9", d, k, "fp16", 1, 1)
+        total = p.touched(d, k, "fp16", rows)
+        assert total > DOWN[p.down].touched(d, k, "fp16", rows)
+    # a pipeline: x packed, the predict version its gate_up reads, gate_up, down
+    mask = PIPELINES["sparse-mask"]
+    assert mask.touched(d, k, "fp16", rows) == sum(v.touched(d, k, "fp16", rows) for v in (
+        PACK_SIGNS["v1"], PREDICT["v1"], GATE_UP[mask.gate_up], DOWN[mask.down]))
+    assert PACK_SIGNS["v1"].touched(d, k, "fp16", rows) == d * 4 + 128 * 4
+    assert dense_mlp_bytes(d, k, "fp16") == 3 * d * k * 2
 
 
 def test_kernels_command_lists_every_version():
@@ -95,8 +99,8 @@ def test_bench_rejects_bad_sparsity():
 def test_verify_kernels_on_the_emulator_checks_every_version(monkeypatch, order):
     """Threads run first-to-last or last-to-first between barriers: a race left by a missing
     barrier shows up in one order or the other."""
-    from sparseinfer.benchmarks.harness import bench_targets
     from sparseinfer.kernels import emulator
+    from sparseinfer.kernels.verify import bench_targets
 
     monkeypatch.setenv(emulator.ORDER_ENV, order)
     res = CliRunner().invoke(cli, ["verify-kernels", "--backend", "emulated", "--d", "97", "--k", "600", "--json"])
@@ -109,9 +113,9 @@ def test_verify_kernels_on_the_emulator_checks_every_version(monkeypatch, order)
 
 @pytest.mark.emulated
 def test_verify_kernels_exits_1_on_a_mismatch(monkeypatch):
-    from sparseinfer.benchmarks import harness
+    from sparseinfer.kernels import verify
 
-    monkeypatch.setattr(harness, "same_bits", lambda got, want: False)      # every bit-exact check fails
+    monkeypatch.setattr(verify, "same_bits", lambda got, want: False)       # every bit-exact check fails
     res = CliRunner().invoke(cli, ["verify-kernels", "--backend", "emulated", "--d", "33", "--k", "97"])
     assert res.exit_code == 1
     verdicts = {tuple(line.split()[:2]): line.split()[-1] for line in res.stdout.splitlines()[2:]}

@@ -15,7 +15,8 @@ import pytest
 
 from kernel_cases import assert_same, build_case, emu, mutated  # noqa: F401 (emu: a fixture)
 from sparseinfer.benchmarks import harness
-from sparseinfer.kernels import BASELINE, DOWN, GATE_UP, PIPELINES, PREDICT, SparseMLP, emulator, ops, sources
+from sparseinfer.kernels import (BASELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, emulator, ops,
+                                 sources, verify)
 from sparseinfer.kernels.baseline_check import dense_mlp_verified, gate_up_within_bound
 from sparseinfer.kernels.device import DeviceMatrix
 from sparseinfer.kernels.expected import expected_h1_h3, within_down_bound
@@ -24,7 +25,6 @@ from sparseinfer.reference import mlp_sparse, order_contract as oc
 from sparseinfer.reference.dtypes import BFLOAT16
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.signs import pack_signs
-from sparseinfer.sim import traffic
 
 pytestmark = pytest.mark.emulated
 
@@ -37,18 +37,21 @@ def test_new_versions_are_in_the_registry_the_bench_and_the_traffic_model():
     assert all(GATE_UP[v].deterministic for v in NEW_SPARSE["gate_up"])
     assert all(DOWN[v].deterministic for v in NEW_SPARSE["down"]) and PIPELINES["sparse-paired"].deterministic
     assert not BASELINE["dense-gemv"].deterministic          # checked against the bound, not bit for bit
-    targets = harness.bench_targets()
+    targets = verify.bench_targets()
     for family, versions in NEW_SPARSE.items():
         assert all((family, v) in targets for v in versions)
     assert ("baseline", "dense-gemv") in targets
     d, k, rows = 5120, 13824, {"gate": 1100, "up": 1000, "down": 1000}
+
+    def touched(version):
+        return version.touched(d, k, "fp16", rows)
     # v6 reads the up row of every predicted-active row (1100), v5 only where h1 != 0 (1000)
-    assert (traffic.gate_up_bytes("v6_paired", d, k, "fp16", 1100, 1000)
-            - traffic.gate_up_bytes("v5_batched", d, k, "fp16", 1100, 1000)) == 100 * d * 2
-    assert traffic.down_bytes("v5_narrow", d, k, "fp16", 1000) == traffic.down_bytes("v4_batched", d, k, "fp16", 1000)
-    assert traffic.predict_bytes("v4", d, k) == traffic.predict_bytes("v1", d, k)
-    assert traffic.mlp_bytes("v6_paired", "v5_narrow", d, k, "fp16", rows) > 0
-    assert traffic.strong_dense_bytes(d, k, "fp16") == 3 * k * d * 2 + 2 * d * 4 + 3 * k * 4
+    assert touched(GATE_UP["v6_paired"]) - touched(GATE_UP["v5_batched"]) == 100 * d * 2
+    assert touched(DOWN["v5_narrow"]) == touched(DOWN["v4_batched"])
+    assert touched(PREDICT["v4"]) == touched(PREDICT["v1"])
+    assert touched(PIPELINES["sparse-paired"]) == touched(PACK_SIGNS["v1"]) + touched(GATE_UP["v6_paired"]) + touched(
+        DOWN["v5_narrow"])
+    assert touched(BASELINE["dense-gemv"]) == 3 * k * d * 2 + 2 * d * 4 + 3 * k * 4
 
 
 # --- predict v4 ----------------------------------------------------------------------------
@@ -186,18 +189,18 @@ def test_dense_gemv_checks_its_arguments(emu):
     g = DeviceMatrix.from_host("g", np.ones((8, 16), np.float16))
     x = emu.asarray(np.ones(16, np.float32))
     with pytest.raises(SparseInferError, match=r"w_down has shape \(8, 16\); expected 8 columns"):
-        ops.dense_gemv_mlp(x, g, g, g, "relu")                        # W_down^T given for W_down
+        BASELINE["dense-gemv"].run(x, g, g, g, "relu")                # W_down^T given for W_down
     short = DeviceMatrix.from_host("w", np.ones((4, 8), np.float16))
     with pytest.raises(SparseInferError, match=r"w_down has shape \(4, 8\) fp16; expected \[d, k\] = \(16, 8\)"):
-        ops.dense_gemv_mlp(x, g, g, short, "relu")
+        BASELINE["dense-gemv"].run(x, g, g, short, "relu")
     with pytest.raises(SparseInferError, match="unknown activation 'swish'"):
-        ops.dense_gemv_mlp(x, g, g, DeviceMatrix.from_host("w", np.ones((16, 8), np.float16)), "swish")
+        BASELINE["dense-gemv"].run(x, g, g, DeviceMatrix.from_host("w", np.ones((16, 8), np.float16)), "swish")
 
 
 def test_bench_case_has_the_strong_dense_row_and_the_best_dense_ratio(emu):
     shape = BenchShape("prosparse-llama2-13b", 97, 600)
-    rows = harness.verify_case(shape, 0.9, log=lambda s: None)
-    assert {(r["kernel"], r["version"]) for r in rows} == set(harness.bench_targets())
+    rows = verify.verify_case(shape, 0.9, log=lambda s: None)
+    assert {(r["kernel"], r["version"]) for r in rows} == set(verify.bench_targets())
     assert all(r["verified"] for r in rows), [r for r in rows if not r["verified"]]
 
 

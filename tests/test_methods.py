@@ -4,6 +4,15 @@ import math
 import numpy as np
 import pytest
 
+from sparseinfer.methods.base import (Calibration, LayerInput, Plan, check_sparsity, magnitude_threshold,
+                                     parse_sparsities, run_mlp, smallest_rows)
+from sparseinfer.methods.cluster import (binarise, capacity_assign, cluster_masks, clustering_precision,
+                                         one_sided_hamming)
+from sparseinfer.methods.compare import method_latency
+from sparseinfer.methods.dejavu import load_predictors, train_predictor
+from sparseinfer.methods.registry import METHODS, make_method, parse_method_list, parse_param_options
+from sparseinfer.methods.sign_predictor import calibrated_alpha_milli
+from sparseinfer.methods.wisparse import evolve_allocation, split
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LayerWeights, LlamaWeights
 from sparseinfer.reference.mlp import mlp_sparse
@@ -11,16 +20,6 @@ from sparseinfer.reference.shapes import ModelShape
 from sparseinfer.reference.signs import pack_signs
 from sparseinfer.sim import latency as lat
 from sparseinfer.sim.hardware import load_hardware
-from sparseinfer.sim.method_base import (Calibration, LayerInput, Plan, check_sparsity, parse_sparsities, run_mlp,
-                                         smallest_rows)
-from sparseinfer.sim.method_basic import calibrated_alpha_milli
-from sparseinfer.sim.method_cluster import (binarise, capacity_assign, cluster_masks, clustering_precision,
-                                            one_sided_hamming)
-from sparseinfer.sim.method_compare import method_latency
-from sparseinfer.sim.method_dejavu import load_predictors, train_predictor
-from sparseinfer.sim.method_threshold import magnitude_threshold
-from sparseinfer.sim.method_wisparse import evolve_allocation, split
-from sparseinfer.sim.methods import METHODS, make_method, parse_method_list, parse_param_options
 from sparseinfer.sim.sparsity_model import LayerSparsity
 
 F32 = np.float32

@@ -15,11 +15,13 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from sparseinfer.model_export import op_library
-from sparseinfer.model_export.decode import OnnxDecoder, generate, make_session, resolve_mlp_kernels
+from sparseinfer.model_export.decode import OnnxDecoder
 from sparseinfer.model_export.export import ExportOptions, export_onnx
-from sparseinfer.model_export.mlp_functions import (DEBUG_OUTPUTS, DOMAIN, OP_TYPE, pack_sign_words64,
-                                                    sparse_mlp_function)
+from sparseinfer.model_export.generation import generate
+from sparseinfer.model_export.mlp_functions import DEBUG_OUTPUTS, pack_sign_words64, sparse_mlp_function
 from sparseinfer.model_export.onnx_builder import IR_VERSION, OPSET
+from sparseinfer.model_export.op_library import DOMAIN, OP_TYPE
+from sparseinfer.model_export.session import make_session, resolve_mlp_kernels
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
 from sparseinfer.reference import mlp_dense, mlp_sparse
 from sparseinfer.reference.activations import APPROXIMATE_KINDS, Activation
@@ -445,9 +447,8 @@ def test_a_library_built_for_a_cpu_feature_this_cpu_lacks_refuses_to_register_in
         pytest.skip(f"this CPU has every extension the test could require: {', '.join(RARE_CPU_FEATURES)}")
     include = op_library.ort_include_dir()
     out = tmp_path / "libsparseinfer_ops.so"
-    subprocess.run(["g++", *op_library.CXX_FLAGS, *op_library.DEFINES, f'-DSPARSEINFER_REQUIRE_CPU_FEATURE="{absent}"',
-                    f"-I{include}", f"-I{op_library.NATIVE_DIR}", "-shared",
-                    str(op_library.NATIVE_DIR / op_library.OP_SOURCE), "-o", str(out)], check=True)
+    subprocess.run([str(c) for c in op_library.cpu_compile_command(
+        "g++", include, out, defines=(f'-DSPARSEINFER_REQUIRE_CPU_FEATURE="{absent}"',))], check=True)
     opts = ort.SessionOptions()
     with pytest.raises(Exception, match=f"built for a CPU with {absent}, which this CPU lacks; rebuild it"):
         opts.register_custom_ops_library(str(out))

@@ -16,8 +16,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 import pytest
 
-from sparseinfer.model_export.mlp_functions import (DOMAIN, GROUP_WORDS, MAX_GROUPS, OP_TYPE, WORD_BITS,
-                                                    pack_sign_words64, sparse_mlp_function, words_per_row64)
+from sparseinfer.model_export.mlp_functions import (GROUP_WORDS, MAX_GROUPS, WORD_BITS, pack_sign_words64,
+                                                    sparse_mlp_function, words_per_row64)
+from sparseinfer.model_export.op_library import DOMAIN, OP_TYPE
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.model_export.onnx_builder import IR_VERSION, OPSET

@@ -57,7 +57,7 @@ ALPHAS = {"1.00": "1.00", "1.02 first 20 layers": "1.02@0-19,1.00", "1.03 first 
 
 
 def test_fig4_as_quoted_is_what_fig4_prints():
-    text = section("Latency model and design-space exploration (`sim/`)")
+    text = section("Latency model and design-space exploration (`sim/`, `methods/`)")
     rows = {(r["model"], r["alpha"], r["vs"]): r for r in run_json("fig4")}
     pair = r"([\d.]+) / ([\d.]+) \(([+-][\d.]+) %\)"
     quoted = re.findall(rf"^\| (13B|7B), ([^|]+?) \| {pair} \| {pair} \|", text, re.M)
@@ -71,7 +71,7 @@ def test_fig4_as_quoted_is_what_fig4_prints():
 
 
 def test_h200_paragraph_is_what_latency_calibrate_prints():
-    text = " ".join(section("Latency model and design-space exploration (`sim/`)").split())
+    text = " ".join(section("Latency model and design-space exploration (`sim/`, `methods/`)").split())
     data = run_json("latency", "--hw", "h200", "--calibrate", str(ROOT / "benchmarks" / "results" / "h200.json"))
     quoted = re.search(r"dense ([\d.]+), sparse ([\d.]+), launch ([\d.]+) µs\. The fit is within (\d+) % on every "
                        r"cuBLAS row and (\d+) % on the gate\+up rows; the down rows run (\d+)–(\d+) % slower", text)

@@ -77,11 +77,11 @@ def cli():
 
 
 def _register():
-    from . import (dse_commands, eval_commands, export_commands, kernel_commands, method_commands, sim_commands,
-                   tour_commands)
+    from . import (decode_commands, dse_commands, eval_commands, export_commands, kernel_commands, latency_commands,
+                   method_commands, sim_commands, tour_commands)
 
-    for module in (sim_commands, kernel_commands, export_commands, dse_commands, tour_commands, eval_commands,
-                   method_commands):
+    for module in (sim_commands, latency_commands, kernel_commands, export_commands, decode_commands, dse_commands,
+                   tour_commands, eval_commands, method_commands):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -3,17 +3,16 @@ from __future__ import annotations
 
 import click
 
-from .export_commands import DTYPE_HELP, THREADS
+from . import options
 from .output import echo_err, echo_json, format_table
 
 
 @click.command("eval", short_help="Accuracy dense and sparse through lm-eval.")
 @click.argument("checkpoint", type=click.Path())
-@click.option("--tasks", default="gsm8k,bbh", show_default=True,
-              help="Comma-separated: gsm8k (8-shot CoT, strict match), bbh (27 subtasks, 3-shot CoT, exact match, "
-                   "macro average) or one BBH subtask as bbh_<name>.")
+@options.tasks("Comma-separated: gsm8k (8-shot CoT, strict match), bbh (27 subtasks, 3-shot CoT, exact match, "
+               "macro average) or one BBH subtask as bbh_<name>.", default="gsm8k,bbh")
 @click.option("--alpha", "alphas", multiple=True,
-              help="A sparse row at this α schedule, e.g. 1.00 or '1.03@0-19,1.00'; repeat for more rows. "
+              help="A sparse row at this " + options.ALPHA_SCHEDULE + "; repeat for more rows. "
                    "The dense row is always evaluated.")
 @click.option("--random", "random_sparsity", type=float, default=None,
               help="Add a fixed-mask random row: a fraction S of each layer's MLP rows dropped at random, the same "
@@ -28,30 +27,22 @@ from .output import echo_err, echo_json, format_table
 @click.option("--sparsity", "sparsities", multiple=True, metavar="S[,S...]",
               help="Target sparsity in [0, 1) of each --method given without @S; a comma list makes a row per "
                    "value. Repeatable.")
-@click.option("--param", "params", multiple=True, metavar="METHOD.KEY=VALUE",
-              help="A --method's parameter, repeatable, e.g. dejavu.rank=64, random.seed=1, "
-                   "sparseinfer.alpha='1.03@0-19,1.00'.")
-@click.option("--approximate", is_flag=True,
-              help="Allow the sign predictor (--method sparseinfer, cluster) on a SiLU model, where a "
-                   "predicted-negative gate is treated as zero: an approximation.")
-@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False), default=None,
-              help="Calibration prompts of the --method rows (text, one per line, or JSONL; default: built-in). "
-                   "Refused if one overlaps a document of the evaluated tasks.")
-@click.option("--max-calibration-prompts", type=click.IntRange(1), default=64, show_default=True,
-              help="Use at most this many calibration prompts.")
-@click.option("--limit", type=click.IntRange(1), default=None,
-              help="Samples per task, >= 1 (lm-eval --limit; per BBH subtask).")
-@click.option("--provider", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
-              help="The exports' weights and activations: " + DTYPE_HELP.split(": ", 1)[1] + " The --method rows "
-                   "stay float32 (NumPy reference).")
-@THREADS
-@click.option("--data-dir", type=click.Path(), default=None,
-              help="Holds gsm8k/test.jsonl and bbh/bbh/<task>.json (default: $SPARSEINFER_DATA_DIR).")
+@options.param("A --method's parameter, repeatable, e.g. dejavu.rank=64, random.seed=1, "
+               "sparseinfer.alpha='1.03@0-19,1.00'.", metavar="METHOD.KEY=VALUE")
+@options.approximate("Allow the sign predictor (--method sparseinfer, cluster) on a SiLU model, where a "
+                     "predicted-negative gate is treated as zero: an approximation.")
+@options.calibration("Calibration prompts of the --method rows (text, one per line, or JSONL; default: built-in). "
+                     "Refused if one overlaps a document of the evaluated tasks.")
+@options.MAX_CALIBRATION_PROMPTS
+@options.limit("Samples per task, >= 1 (lm-eval --limit; per BBH subtask).")
+@options.provider()
+@options.dtype("The exports' weights and activations: " + options.DTYPE_HELP + " The --method rows stay float32 "
+               "(NumPy reference).")
+@options.threads()
+@options.data_dir("Holds " + options.DATA_DIR_HELP)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/eval", show_default=True,
               help="Exports (cached), lm-eval's cache (resume), per-sample JSONL, results and eval.json.")
-@click.option("--max-gen-toks", type=click.IntRange(1), default=None,
-              help="Cap every generation at N >= 1 tokens (default: the tasks' own, GSM8K 256, BBH 1024).")
+@options.max_gen_toks("Cap every generation at N >= 1 tokens (default: the tasks' own, GSM8K 256, BBH 1024).")
 @click.option("--ray", "ray_address", metavar="ADDRESS|auto|local", default=None,
               help="Run each row's requests on Ray workers, one model session per worker (a GPU each with "
                    "--provider cuda): 'auto' joins the running cluster, 'local' starts one here, or HOST:PORT. "
@@ -61,7 +52,7 @@ from .output import echo_err, echo_json, format_table
               help="Number of Ray workers (default: one per GPU with cuda, else one per --threads CPUs of the "
                    "cluster; --threads defaults to 1 under --ray).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.JSON
 def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, params, approximate, calibration_file,
              max_calibration_prompts, limit, provider, dtype, threads, data_dir, out_dir, max_gen_toks, ray_address,
              ray_workers, quiet, as_json):
@@ -79,57 +70,25 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, pa
     \b
         sparseinfer eval ck/ --alpha 1.00 --alpha '1.03@0-19,1.00' --method random --sparsity 0.9
     """
-    try:
-        from sparseinfer.evaluation.runner import notes, run_eval, table
-    except ImportError as e:
-        raise click.ClickException(f"sparseinfer eval needs lm-eval ({e.name} missing): "
-                                   f"pip install 'sparseinfer[eval]'") from None
+    from sparseinfer.evaluation.traced_runs import lm_eval_runner
+    from sparseinfer.methods.registry import parse_param_options
 
-    from sparseinfer.sim.methods import parse_param_options
-
-    result = run_eval(checkpoint, tasks, alphas=alphas, random=random_sparsity, limit=limit, provider=provider,
-                      data_dir=data_dir, out=out_dir, max_gen_toks=max_gen_toks, threads=threads,
-                      progress=not quiet and not as_json, log=echo_err, ray=ray_address, ray_workers=ray_workers,
-                      methods=methods, sparsities=sparsities, params=parse_param_options(params),
-                      approximate=approximate, calibration_file=calibration_file,
-                      max_calibration_prompts=max_calibration_prompts, dtype=dtype)
+    runner = lm_eval_runner("sparseinfer eval")
+    result = runner.run_eval(checkpoint, tasks, alphas=alphas, random=random_sparsity, limit=limit, provider=provider,
+                             data_dir=data_dir, out=out_dir, max_gen_toks=max_gen_toks, threads=threads,
+                             progress=not quiet and not as_json, log=echo_err, ray=ray_address,
+                             ray_workers=ray_workers, methods=methods, sparsities=sparsities,
+                             params=parse_param_options(params), approximate=approximate,
+                             calibration_file=calibration_file, max_calibration_prompts=max_calibration_prompts,
+                             dtype=dtype)
     if as_json:
         echo_json(result)
         return
-    click.echo(format_table(*table(result)))
-    for line in notes(result):
+    click.echo(format_table(*runner.table(result)))
+    for line in runner.notes(result):
         click.echo(line)
     click.echo(f"results: {out_dir}/eval.json, per-sample JSONL under {out_dir}/<row>/")
 
 
 COMMANDS = (eval_cmd,)
 
-
-def eval_runner():
-    """``sparseinfer.evaluation.runner``, or a one-line error naming the missing extra."""
-    try:
-        from sparseinfer.evaluation import runner
-    except ImportError as e:
-        raise click.ClickException(f"--tasks needs lm-eval ({e.name} missing): pip install 'sparseinfer[eval]'") from None
-    return runner
-
-
-def task_options(default_out: str):
-    """--tasks, --limit, --data-dir, --max-gen-toks, --eval-out: accuracy through ``sparseinfer eval``
-    for a design-space tool's rows."""
-    def decorate(f):
-        f = click.option("--eval-out", type=click.Path(file_okay=False), default=default_out, show_default=True,
-                         help="With --tasks: where the evaluation keeps its exports, lm-eval's cache (an interrupted "
-                              "run resumes), per-sample JSONL and eval.json.")(f)
-        f = click.option("--max-gen-toks", type=click.IntRange(1), default=None,
-                         help="With --tasks: cap every generation at N tokens (default: the tasks' own).")(f)
-        f = click.option("--data-dir", type=click.Path(), default=None,
-                         help="With --tasks: holds gsm8k/test.jsonl and bbh/bbh/<task>.json "
-                              "(default: $SPARSEINFER_DATA_DIR).")(f)
-        f = click.option("--limit", type=click.IntRange(1), default=None,
-                         help="With --tasks: samples per task, >= 1 (per BBH subtask).")(f)
-        return click.option("--tasks", default=None,
-                            help="Also measure accuracy through `sparseinfer eval` (lm-eval on local data): "
-                                 "gsm8k, bbh or bbh_<subtask>, comma-separated; each row gets its score per task "
-                                 "and the difference to the dense row in points.")(f)
-    return decorate

@@ -4,9 +4,9 @@ from __future__ import annotations
 import click
 
 from sparseinfer.kernels.registry import FAMILIES, PIPELINES
-from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SHAPES, BENCH_SPARSITIES, LOOP_LAYERS
-from sparseinfer.reference.files import make_folder, write_json
+from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SPARSITIES, LOOP_LAYERS
 
+from . import options
 from .output import echo_err, echo_json, format_table
 
 
@@ -34,8 +34,7 @@ def _parse_sparsities(text: str) -> tuple:
 @click.option("--loop-layers", default=LOOP_LAYERS, show_default=True, type=click.IntRange(0, 256),
               help="Decode loop: this many copies of the last model's layer at the highest sparsity, "
                    "eager and as one CUDA graph (0: skip).")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
-              help="Also draw the last model at the highest sparsity as a PNG (see bench-plot).")
+@options.plot("Also draw the last model at the highest sparsity as a PNG (see bench-plot).")
 def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_file):
     """Time every kernel version and MLP pipeline on the GPU (needs CuPy and a CUDA device).
 
@@ -49,28 +48,10 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
     Prints tables (progress on stderr); `sparseinfer kernels` lists the versions.
     Without a GPU: one line `error: ...`, exit 2.
     """
-    from sparseinfer.benchmarks.harness import run
-    from sparseinfer.kernels import device
+    from sparseinfer.benchmarks.kernel_bench import bench_kernels
 
-    sparsities = _parse_sparsities(sparsity)
-    if plot_file:                          # a bad plot path fails now, not after the whole run
-        from sparseinfer.sim.plots import check_png_path
-        check_png_path(plot_file)
-    try:
-        device.cupy()
-    except device.GpuUnavailable as e:     # one line, exit 2
-        raise device.GpuUnavailable(f"sparseinfer bench needs a CUDA GPU: {e}") from None
-    shapes = [s for s in BENCH_SHAPES if not models or s.model in models]
-
-    def save(result):                      # after every case too: a run cut short keeps its rows
-        if json_path:
-            write_json(json_path, result)
-        if results_dir:
-            name = "".join(c if c.isalnum() else "-" for c in result["device"].lower()).strip("-")
-            write_json(make_folder(results_dir) / f"{name}.json", result)
-
-    result = run(shapes, sparsities, repeats=repeats, loop_layers=loop_layers, log=echo_err, save=save)
-    save(result)
+    result = bench_kernels(models, _parse_sparsities(sparsity), repeats, loop_layers, json_path, results_dir,
+                           plot_file, log=echo_err)
     source = result.get("peak_source", "")
     click.echo(f"{result['device']}, CUDA {result['cuda_version']}, peak {result['peak_bandwidth_gb_per_s']} GB/s"
                f"{f' ({source})' if source.startswith(('datasheet', 'unknown')) else ''}, "
@@ -109,8 +90,7 @@ def bench(models, sparsity, repeats, json_path, results_dir, loop_layers, plot_f
               help="Draw how the figures move with sparsity instead (results at two sparsities or more, e.g. "
                    "`bench --sparsity 0.8,0.9,0.95`): each pipeline's speed-up over cuBLAS and over the faster "
                    "dense row, its % of peak, and each predictor in empty launches, targets dashed.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print the PNG's path and what it draws (model, sparsity or sparsities) as JSON.")
+@options.json_flag("Print the PNG's path and what it draws (model, sparsity or sparsities) as JSON.")
 def bench_plot(results, out, model, sparsity, vs_sparsity, as_json):
     """Draw a `sparseinfer bench` results file (benchmarks/results/<device>.json) as one PNG.
 
@@ -142,7 +122,7 @@ def bench_plot(results, out, model, sparsity, vs_sparsity, as_json):
 @click.command(short_help="List the kernel versions and MLP pipelines.")
 @click.option("--compile", "do_compile", is_flag=True,
               help="Also compile every source with NVRTC + ptxas (no GPU needed) and report registers and spills.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.JSON
 def kernels(do_compile, as_json):
     """List the kernel versions and MLP pipelines (with --compile: registers and spills per arch).
 
@@ -194,7 +174,7 @@ def kernels(do_compile, as_json):
 @click.option("--sparsity", type=click.FloatRange(0.0, 1.0, max_open=True), default=BENCH_SPARSITIES[0],
               show_default=True, help="Fraction of gate rows built to be predicted zero.")
 @click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of the random test inputs.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.JSON
 def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
     """Run every kernel version and MLP pipeline once and check it against the reference.
 
@@ -206,41 +186,15 @@ def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
     it takes about half a minute on 2 cores, at --d 1100 --k 1031 seconds.
     Exit code 1 when a version does not verify.
     """
-    use, rows = verification(backend, model, d, k, sparsity, seed, log=echo_err)
+    from sparseinfer.kernels.verify import verify_on_backend
+
+    use, rows = verify_on_backend(backend, model, d, k, sparsity, seed, log=echo_err)
     if as_json:
         echo_json({"backend": use, "rows": rows})
     else:
         click.echo(verification_table(rows))
     if not all(r["verified"] for r in rows):
         raise SystemExit(1)
-
-
-def verification(backend: str, model: str, d: int | None, k: int | None, sparsity: float, seed: int,
-                 log=echo_err) -> tuple[str, list[dict]]:
-    """verify-kernels' work: (the backend used, one row per version and pipeline).
-
-    ``log`` gets a header and a progress line per version (``tour`` passes a no-op and
-    prints only the table)."""
-    import contextlib
-
-    from sparseinfer.benchmarks.harness import verify_case
-    from sparseinfer.kernels import device, emulator
-    from sparseinfer.kernels.shapes import BenchShape
-
-    use = backend
-    if backend != "emulated":
-        reason = device.gpu_unavailable_reason()
-        if backend == "gpu" and reason:
-            raise device.GpuUnavailable(f"--backend gpu needs a CUDA GPU: {reason}")
-        use = "gpu" if reason is None else "emulated"
-    ref = next(s for s in BENCH_SHAPES if s.model == model)
-    shape = BenchShape(model, d or ref.d, k or ref.k)
-    log(f"backend {use}: {model} activation, d {shape.d}, k {shape.k}, sparsity {sparsity}")
-    with emulator.installed() if use == "emulated" else contextlib.nullcontext():
-        rows = verify_case(shape, sparsity, seed, log=log)
-    for r in rows:
-        r["backend"] = use
-    return use, rows
 
 
 def verification_table(rows: list[dict]) -> str:

@@ -1,16 +1,10 @@
 """``sparseinfer compare-methods``: every activation-sparsity method side by side."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import click
 
-from sparseinfer.reference.errors import SparseInferError
-
-from .dse_commands import MAX_PROMPTS, _hardware, hw_options
-from .eval_commands import eval_runner, task_options
+from . import options
 from .output import echo_err, echo_json, format_table
-from .sim_commands import MODEL_HELP
 
 PARAM_HELP = ("Method parameter METHOD.KEY=VALUE, repeatable: sparseinfer.alpha=1.00|auto|'1.03@0-19,1.00', "
               "dejavu.rank=64, dejavu.threshold=0, dejavu.save=FILE.npz, dejavu.load=FILE.npz, cats.threshold=0, "
@@ -67,19 +61,6 @@ def _achieved(row: dict) -> str:
     return f"{row['method']} at {row['target_sparsity']:g} ({row['sparsity']:.3f}{parts})"
 
 
-def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximate, calibration_file,
-                 max_calibration_prompts, tasks, limit, data_dir, max_gen_toks, eval_out) -> None:
-    """The accuracy columns of every row (``sparseinfer eval`` with a method row per method
-    and target, on the same calibration prompts) and ``result['accuracy']``."""
-    runner = eval_runner()
-    ev = runner.run_eval(checkpoint, tasks, methods=[f"{n}@{s:g}" for s in targets for n in names],
-                         params=by_method, approximate=approximate, calibration_file=calibration_file,
-                         max_calibration_prompts=max_calibration_prompts, limit=limit, data_dir=data_dir,
-                         out=eval_out, max_gen_toks=max_gen_toks, progress=False, log=echo_err)
-    runner.merge_accuracy(result, ev, lambda r: (r["method"], r["sparsity"]) if r["kind"] == "method" else None,
-                          lambda r: (r["method"], r["target_sparsity"]), eval_out)
-
-
 @click.command("compare-methods", short_help="Every activation-sparsity method side by side.")
 @click.argument("checkpoint", type=click.Path())
 @click.option("--methods", "methods_text", default=None,
@@ -87,32 +68,24 @@ def add_accuracy(result: dict, checkpoint, names, targets, by_method, approximat
                    "wisparse, cluster, cluster-oracle.")
 @click.option("--sparsity", "sparsity_text", default="0.5,0.7,0.9", show_default=True,
               help="Target sparsities in [0, 1), comma-separated.")
-@click.option("--param", "params", multiple=True, help=PARAM_HELP)
-@click.option("--approximate", is_flag=True,
-              help="Allow the sign predictor (sparseinfer, cluster) on a SiLU model, where a predicted-negative gate "
-                   "is treated as zero: an approximation, reported as such.")
-@click.option("--calibration", "calibration_file", type=click.Path(dir_okay=False),
-              help="Calibration prompts (text, one per line, or JSONL); default: built-in prompts. Must not "
-                   "share a prompt with --prompts.")
-@click.option("--max-calibration-prompts", default=64, show_default=True, type=click.IntRange(1),
-              help="Use at most this many calibration prompts.")
-@click.option("--prompts", "prompts_file", type=click.Path(dir_okay=False),
-              help="Evaluation prompts (text or JSONL); default: the built-in ones.")
-@MAX_PROMPTS
-@click.option("--max-new-tokens", default=8, show_default=True, type=click.IntRange(1),
-              help="Decode steps scored per prompt.")
-@hw_options
+@options.param(PARAM_HELP)
+@options.approximate("Allow the sign predictor (sparseinfer, cluster) on a SiLU model, where a predicted-negative "
+                     "gate is treated as zero: an approximation, reported as such.")
+@options.calibration("Calibration prompts (text, one per line, or JSONL); default: built-in prompts. Must not "
+                     "share a prompt with --prompts.")
+@options.MAX_CALIBRATION_PROMPTS
+@options.prompts("Evaluation prompts (text or JSONL); default: the built-in ones.")
+@options.MAX_PROMPTS
+@options.decode_steps("Decode steps scored per prompt.")
+@options.HW
 @click.option("--sim-model", default=None,
-              help="Simulate latency at this model shape (" + MODEL_HELP.rstrip(".") + ") from the measured "
+              help="Simulate latency at this model shape (" + options.MODEL_HELP.rstrip(".") + ") from the measured "
                    "per-layer fractions (default: the checkpoint's own shape).")
-@task_options("out/compare-eval")
-@click.option("--plot", "plot_file", type=click.Path(dir_okay=False),
-              help="Write the quality / speed-up PNG here (with --tasks, accuracy / speed-up beside it).")
+@options.tasks_group("out/compare-eval")
+@options.plot("Write the quality / speed-up PNG here (with --tasks, accuracy / speed-up beside it).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), help="Also write the JSON result here.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
-def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approximate, calibration_file,
-                        max_calibration_prompts, prompts_file, max_prompts, max_new_tokens, hw, hw_file, sim_model,
-                        tasks, limit, data_dir, max_gen_toks, eval_out, plot_file, out_file, as_json):
+@options.JSON
+def compare_methods_cmd(checkpoint, as_json, **settings):
     """Every activation-sparsity method on CHECKPOINT at each target sparsity.
 
     Per method and target: achieved sparsity, bytes skipped, precision / recall of the
@@ -131,51 +104,9 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
         sparseinfer compare-methods ck/ --methods teal,random --sparsity 0.9 --tasks gsm8k,bbh --limit 20 \\
             --data-dir DATA
     """
-    from sparseinfer.reference.shapes import load_model
-    from sparseinfer.sim.method_base import parse_sparsities
-    from sparseinfer.reference.files import write_json
-    from sparseinfer.sim.method_compare import compare_methods, load_calibration, plot_pareto
-    from sparseinfer.sim.methods import COMPARE_DEFAULT, make_method, parse_method_list, parse_param_options
-    from sparseinfer.sim.model_runner import read_prompts
+    from sparseinfer.evaluation.design_space import compare_methods_run
 
-    # every argument is checked before the (slow) checkpoint load
-    names = parse_method_list(methods_text) if methods_text else list(COMPARE_DEFAULT)
-    targets = parse_sparsities(sparsity_text)
-    by_method = parse_param_options(params)
-    for name in by_method:
-        if name not in names:
-            raise SparseInferError(f"--param names {name}, which is not in --methods")
-    for name in names:                       # parameter names and values, checked before the load
-        make_method(name, by_method.get(name), approximate)
-    if calibration_file and not Path(calibration_file).is_file():
-        raise SparseInferError(f"no such calibration file: {calibration_file}")
-    for path, what in ((plot_file, "plot"), (out_file, "output")):
-        if path and not Path(path).parent.is_dir():
-            raise SparseInferError(f"no such directory for the {what}: {Path(path).parent}")
-    if plot_file and Path(plot_file).suffix.lower() != ".png":
-        raise SparseInferError(f"plot file must end in .png, got {Path(plot_file).name}")
-    spec = _hardware(hw, hw_file)
-    sim_shape = load_model(sim_model) if sim_model else None
-    evaluation = read_prompts(prompts_file, max_prompts)
-    if tasks:
-        eval_runner().check_task_arguments(tasks, data_dir, limit, calibration_file, max_calibration_prompts)
-
-    from sparseinfer.model_export.checkpoint import load_checkpoint
-    from sparseinfer.sim.model_runner import ReferenceRunner
-
-    ck = load_checkpoint(checkpoint)
-    calibration = load_calibration(ck, calibration_file, max_calibration_prompts, evaluation, echo_err)
-    runner = ReferenceRunner(ck, evaluation, max_new_tokens, echo_err)
-    result = compare_methods(runner, calibration, names, targets, spec, by_method, approximate,
-                             sim_model=sim_shape, progress=None if as_json else _progress)
-    result["checkpoint"] = str(checkpoint)
-    if tasks:
-        add_accuracy(result, checkpoint, names, targets, by_method, approximate, calibration_file,
-                     max_calibration_prompts, tasks, limit, data_dir, max_gen_toks, eval_out)
-    if out_file:
-        write_json(out_file, result)
-    if plot_file:
-        plot_pareto(result, plot_file)
+    result = compare_methods_run(checkpoint, log=echo_err, progress=None if as_json else _progress, **settings)
     if as_json:
         echo_json(result)
         return
@@ -199,7 +130,7 @@ def compare_methods_cmd(checkpoint, methods_text, sparsity_text, params, approxi
             click.echo(f"{r['method']} at {r['target_sparsity']:g}: clustering precision calibration "
                        f"{e['calibration_clustering_precision']:.3f}, online {e['online_clustering_precision']:.3f} "
                        f"(coverage {e['calibration_clustering_coverage']:.3f} / {e['online_clustering_coverage']:.3f})")
-    for path in (out_file, plot_file):
+    for path in (settings["out_file"], settings["plot_file"]):
         if path:
             click.echo(f"wrote {path}")
 

@@ -7,17 +7,14 @@ from sparseinfer.reference.shapes import BUILTIN_MODELS, load_model
 from sparseinfer.sim import ops as op_counts
 from sparseinfer.sim import paper
 
+from . import options
 from .output import echo_json, format_table, rel_diff, sci
-
-MODEL_HELP = "Built-in model name (see `sparseinfer models`) or a Hugging Face config.json / checkpoint directory."
 
 
 @click.command(short_help="Reproduce the paper's Table I (ProSparse-Llama2-13B).")
-@click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
-              help="Fraction of MLP rows skipped, in [0, 1). Table I implies 0.92.")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
-              help=f"Rank r of PowerInfer's DejaVu predictor (d->r->k), 1..{op_counts.MAX_RANK}.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.rows_skipped(" Table I implies 0.92.")
+@options.rank(" (d->r->k)")
+@options.JSON
 def table1(sparsity, rank, as_json):
     """Reproduce the paper's Table I for ProSparse-Llama2-13B.
 
@@ -50,21 +47,14 @@ def table1(sparsity, rank, as_json):
 
 
 @click.command(short_help="Operation counts of one MLP block and of a token.")
-@click.option("--model", "model_name", required=True, help=MODEL_HELP)
-@click.option("--sparsity", default=str(paper.TABLE1_SPARSITY), show_default=True,
-              help="Fraction of MLP rows skipped, in [0, 1).")
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
-              help=f"Rank r of PowerInfer's DejaVu predictor, 1..{op_counts.MAX_RANK}.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.model(required=True)
+@options.rows_skipped()
+@options.rank()
+@options.JSON
 def ops(model_name, sparsity, rank, as_json):
     """Operation counts of one MLP block and of a whole token (all layers), per method."""
     model = load_model(model_name)
-    per_layer = op_counts.ops_per_layer(model, sparsity, rank)
-    per_token = op_counts.ops_per_token(model, sparsity, rank)
-    data = {"model": model.name, "d": model.d, "k": model.k, "num_layers": model.num_layers,
-            "sparsity": float(op_counts.as_fraction(sparsity)), "rank": rank,
-            "per_layer": [{k: op_counts.number(v) for k, v in r.items()} for r in per_layer],
-            "per_token": [{k: op_counts.number(v) for k, v in r.items()} for r in per_token]}
+    data = op_counts.op_counts(model, sparsity, rank)
     if as_json:
         echo_json(data)
         return
@@ -76,26 +66,24 @@ def ops(model_name, sparsity, rank, as_json):
 
 
 @click.command(short_help="Predictor memory of a whole model, per method.")
-@click.option("--model", "model_name", required=True, help=MODEL_HELP)
-@click.option("--rank", default=paper.TABLE1_POWERINFER_RANK, show_default=True, type=click.IntRange(1, op_counts.MAX_RANK),
-              help=f"Rank r of PowerInfer's DejaVu predictor, 1..{op_counts.MAX_RANK}.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.model(required=True)
+@options.rank()
+@options.JSON
 def memory(model_name, rank, as_json):
     """Predictor memory of a whole model: PowerInfer's FP16 DejaVu weights vs packed sign words."""
     model = load_model(model_name)
-    mem = op_counts.predictor_memory_mib(model, rank)
-    data = {"model": model.name, "num_layers": model.num_layers, "rank": rank, "predictor_memory_mib": mem,
-            "ratio": mem["PowerInfer"] / mem["SparseInfer"]}
+    data = op_counts.predictor_memory(model, rank)
     if as_json:
         echo_json(data)
         return
     click.echo(f"{model.name}: {model.num_layers} layers, PowerInfer rank {rank}")
+    mem = data["predictor_memory_mib"]
     click.echo(format_table(["predictor", "MiB"], [[m, f"{v:.1f}"] for m, v in mem.items()]
                             + [["ratio", f"{data['ratio']:.2f}x"]]))
 
 
 @click.command(short_help="List the built-in model shapes.")
-@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
+@options.JSON
 def models(as_json):
     """List the built-in model shapes."""
     if as_json:

@@ -14,9 +14,12 @@ import click
 
 from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SPARSITIES
 
-from .dse_commands import fig4, predictor_stats
-from .export_commands import compare_cmd, make_checkpoint_cmd
-from .kernel_commands import verification, verification_table
+from . import options
+from .decode_commands import compare_cmd
+from .dse_commands import predictor_stats
+from .export_commands import make_checkpoint_cmd
+from .kernel_commands import verification_table
+from .latency_commands import fig4
 from .output import echo_json, keeping_json
 from .sim_commands import table1
 
@@ -53,9 +56,8 @@ class _Steps:
 @click.command(short_help="The main job: Table I, Fig. 4, a model dense vs sparse.")
 @click.option("--out", "out_dir", default="out", show_default=True, type=click.Path(file_okay=False),
               help="Folder for the synthetic checkpoint, the ONNX exports and the plots.")
-@click.option("--max-new-tokens", default=24, show_default=True, type=click.IntRange(1), help="Decode steps of the dense/sparse comparison.")
-@click.option("--json", "as_json", is_flag=True,
-              help="Print one JSON document instead: each step's result (the --json of table1, fig4, "
+@options.max_new_tokens(24, "Decode steps of the dense/sparse comparison.")
+@options.json_flag("Print one JSON document instead: each step's result (the --json of table1, fig4, "
                    "verify-kernels, make-checkpoint, compare, predictor-stats) and the files written.")
 @click.pass_context
 def tour(ctx, out_dir, max_new_tokens, as_json):
@@ -79,6 +81,7 @@ def tour(ctx, out_dir, max_new_tokens, as_json):
               plot_file=str(out / "fig4.png"))
     steps.title("CUDA kernels vs the reference (GPU, or the CPU emulation of the same sources)")
     from sparseinfer.kernels import emulator, gpu_unavailable_reason
+    from sparseinfer.kernels.verify import verify_on_backend
 
     no_gpu, no_emulator = gpu_unavailable_reason(), emulator.unavailable_reason()
     if no_gpu and no_emulator:
@@ -87,7 +90,7 @@ def tour(ctx, out_dir, max_new_tokens, as_json):
             click.echo(f"skipped: {no_gpu}; {no_emulator}")
     else:
         d, k = TOUR_KERNEL_SHAPE
-        use, rows = verification("auto", BENCH_MODELS[0], d, k, BENCH_SPARSITIES[0], seed=0, log=lambda line: None)
+        use, rows = verify_on_backend("auto", BENCH_MODELS[0], d, k, BENCH_SPARSITIES[0], seed=0, log=lambda line: None)
         steps.result["kernels"] = {"backend": use, "rows": rows}
         if not as_json:
             click.echo(verification_table(rows))      # the table only: verify-kernels' progress lines would repeat it

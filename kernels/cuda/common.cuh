@@ -12,17 +12,15 @@
 // come from the Python contract as -D defines.
 #pragma once
 
+// The gate activations (activate) and their ACT_* codes, shared with the op library's CPU kernel.
+#include "activation.h"
+
 typedef unsigned int u32;
 typedef unsigned short u16;
 typedef long long i64;
 typedef unsigned long long u64;
 
 #define FULL_MASK 0xffffffffu
-#define ACT_RELU 0              // reference/activations.py KINDS, in order
-#define ACT_FATRELU 1
-#define ACT_SILU 2
-#define ACT_GELU 3
-#define ACT_GELU_TANH 4
 
 // 16-bit weights travel as raw bits: the widening to float32 is exact and header-free.
 struct half_bits { u16 b; };
@@ -223,94 +221,6 @@ __device__ __forceinline__ void warp_dot_pair_batched(const T* __restrict__ row_
     c = n_vec + ((lane - n_vec % WARP_SIZE) + WARP_SIZE) % WARP_SIZE;    // as in warp_dot_row_batched
     z_a = warp_sum_butterfly(scalar_chunks_add(acc_a, row_a, x, d, c, n_chunks));
     z_b = warp_sum_butterfly(scalar_chunks_add(acc_b, row_b, x, d, c, n_chunks));
-}
-
-// --- activations: reference/activations.py step by step, every operation rounded (no FMA,
-// no library exp / erf: libdevice's contract into FMA and flush in ex2.approx.ftz), so the
-// bits are the reference's ---
-
-template <int N>
-__device__ __forceinline__ float act_horner(const float (&c)[N], float x) {
-    float acc = c[N - 1];
-#pragma unroll
-    for (int i = N - 2; i >= 0; --i) acc = __fadd_rn(__fmul_rn(acc, x), c[i]);
-    return acc;
-}
-
-// e^x for x <= 0 (exp_nonpositive): n = round(x log2 e), Cody-Waite r, Taylor degree 7, 2^n.
-__device__ __forceinline__ float act_exp_nonpositive(float x) {
-    if (x < -104.0f) return 0.0f;
-    const float taylor[8] = {1.0f, 1.0f, 0.5f, 0.166666672f, 0.0416666679f, 0.00833333377f, 0.00138888892f,
-                             0.000198412701f};
-    const float n = __fadd_rn(__fadd_rn(__fmul_rn(x, 1.44269502f), 12582912.0f), -12582912.0f);
-    const float r = __fadd_rn(__fadd_rn(x, -__fmul_rn(n, 0.693145752f)), -__fmul_rn(n, 1.42860677e-06f));
-    const float p = act_horner(taylor, r);
-    const int ni = (int)n;                                 // in [-150, 0]
-    if (ni < -100)                                         // 2^n subnormal: p 2^(n + 50) 2^-50
-        return __fmul_rn(__fmul_rn(p, __uint_as_float((unsigned)(ni + 50 + 127) << 23)), 8.8817841970012523e-16f);
-    return __fmul_rn(p, __uint_as_float((unsigned)(ni + 127) << 23));
-}
-
-// 1 / w for w in [0.5, 2.6] (recip): a linear guess, 5 Newton steps; no division (a
-// correctly rounded one is a sequence of FMAs in SASS).
-__device__ __forceinline__ float act_recip(float w) {
-    float r = __fadd_rn(1.41176474f, -__fmul_rn(0.470588237f, w));
-#pragma unroll
-    for (int i = 0; i < 5; ++i) r = __fadd_rn(r, __fmul_rn(r, __fadd_rn(1.0f, -__fmul_rn(w, r))));
-    return r;
-}
-
-// z * sigmoid(y) (z_sigmoid): no argument of exp is positive.
-__device__ __forceinline__ float act_z_sigmoid(float z, float y) {
-    const bool pos = y >= 0.0f;
-    const float e = act_exp_nonpositive(pos ? -y : y);
-    const float r = act_recip(__fadd_rn(1.0f, e));
-    return pos ? __fmul_rn(z, r) : __fmul_rn(__fmul_rn(z, e), r);
-}
-
-// 1 + erf(z / sqrt 2) (gelu_q): Taylor below v = 0.75, else erfc(v) = e^(-z^2 / 2) F(v).
-__device__ __forceinline__ float act_gelu_q(float z) {
-    const float a = fabsf(z);
-    const float v = __fmul_rn(a, 0.707106769f);
-    const bool neg = z < 0.0f;
-    if (v < 0.75f) {
-        const float erf_a[10] = {1.12837923f, -0.376126379f, 0.112837918f, -0.0268661715f, 0.00522397785f,
-                                 -0.000854832702f, 0.000120553326f, -1.49256502e-05f, 1.64621144e-06f,
-                                 -1.63658441e-07f};
-        const float e = __fmul_rn(v, act_horner(erf_a, __fmul_rn(v, v)));
-        return neg ? __fadd_rn(1.0f, -e) : __fadd_rn(1.0f, e);
-    }
-    if (!(v < 10.1f)) return neg ? 0.0f : 2.0f;
-    float f;
-    if (v < 2.5f) {
-        const float erfc_b[11] = {0.302261204f, -0.146030247f, 0.0649620891f, -0.026977513f, 0.0105612651f,
-                                  -0.00392907206f, 0.00139501656f, -0.000466224708f, 0.000152627908f,
-                                  -5.98844708e-05f, 1.84624841e-05f};
-        f = act_horner(erfc_b, __fadd_rn(v, -1.625f));
-    } else {
-        const float erfc_c[9] = {0.564191163f, -6.97239957e-05f, -0.280794591f, -0.0131913386f, 0.500216901f,
-                                 -0.236754f, -0.924873114f, 1.55624056f, -0.79137522f};
-        const float s = __fmul_rn(act_recip(__fmul_rn(v, 0.25f)), 0.25f);     // 1 / v
-        f = __fmul_rn(act_horner(erfc_c, s), s);
-    }
-    const float c = __fmul_rn(a, 4097.0f);                // Dekker: a = hi + lo, hi of 12 bits
-    const float hi = __fadd_rn(c, -__fadd_rn(c, -a));
-    const float lo = __fadd_rn(a, -hi);
-    const float g = __fmul_rn(act_exp_nonpositive(__fmul_rn(-0.5f, __fmul_rn(hi, hi))),
-                              act_exp_nonpositive(__fmul_rn(-0.5f, __fmul_rn(lo, __fadd_rn(a, hi)))));
-    const float erfc = __fmul_rn(g, f);
-    return neg ? erfc : __fadd_rn(2.0f, -erfc);
-}
-
-// reference/activations.py: relu z > 0 ? z : +0; fatrelu z >= thr ? z : +0; silu, gelu,
-// gelu_tanh as above (never exactly zero but by underflow).
-__device__ __forceinline__ float activate(float z, int act_kind, float threshold) {
-    if (act_kind == ACT_RELU) return z > 0.0f ? z : 0.0f;
-    if (act_kind == ACT_FATRELU) return z >= threshold ? z : 0.0f;
-    if (act_kind == ACT_SILU) return act_z_sigmoid(z, z);
-    if (act_kind == ACT_GELU_TANH)
-        return act_z_sigmoid(z, __fmul_rn(z, __fadd_rn(1.59576917f, __fmul_rn(0.0713548139f, __fmul_rn(z, z)))));
-    return __fmul_rn(__fmul_rn(0.5f, z), act_gelu_q(z));
 }
 
 __device__ __forceinline__ i64 global_warp_id() { return ((i64)blockIdx.x * blockDim.x + threadIdx.x) / WARP_SIZE; }

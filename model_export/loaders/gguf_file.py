@@ -5,7 +5,8 @@ dequantize (Q8_0, Q4_0, Q4_K, Q6_K, ...) are loaded as float32 (F16 stays float1
 converter permutes the rows of Q and K for its rotary layout; they are permuted back to the
 Hugging Face layout that the rest of the toolkit uses. The tokenizer inside the file (its
 ``tokenizer.*`` metadata) becomes a ``tokenizers`` tokenizer of the kind the file names
-(``model_export.tokenizer.gguf_tokenizer``).
+(``model_export.tokenizer.gguf_tokenizer``). The metadata's model keys become a Hugging Face
+config (``gguf_config``), checked as a folder's is (``config.check_config``).
 
 GGUF has no activation key for Llama; ``{arch}.hidden_act`` (and
 ``{arch}.hidden_act_param``), written by this toolkit, are honoured, else SiLU.
@@ -18,8 +19,11 @@ import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .checkpoint import (EMBEDDING, LAYER_TENSORS, Checkpoint, assemble, check_config, check_no_extra_tensors,
-                         tensor_names, token_ids)
+from ..tokenizer import gguf_tokenizer
+from .config import check_config, token_ids
+from .names import EMBEDDING, FINAL_NORM, LAYER_TENSORS, LM_HEAD, layer_tensor, tensor_names
+from .tensors import check_no_extra_tensors
+from .weights import Checkpoint, assemble
 
 # Hugging Face name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
 GGUF_LAYER_NAMES = {
@@ -29,8 +33,7 @@ GGUF_LAYER_NAMES = {
     "mlp.gate_proj.weight": "ffn_gate.weight", "mlp.up_proj.weight": "ffn_up.weight",
     "mlp.down_proj.weight": "ffn_down.weight",
 }
-GGUF_GLOBAL_NAMES = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
-                     "lm_head.weight": "output.weight"}
+GGUF_GLOBAL_NAMES = {EMBEDDING: "token_embd.weight", FINAL_NORM: "output_norm.weight", LM_HEAD: "output.weight"}
 assert set(GGUF_LAYER_NAMES) == set(LAYER_TENSORS.values())
 
 
@@ -145,11 +148,10 @@ def load_gguf_checkpoint(path) -> Checkpoint:
     embedding = by_name.get(GGUF_GLOBAL_NAMES[EMBEDDING])
     rows = int(embedding.shape[-1]) if embedding is not None and len(embedding.shape) else None    # fastest axis first
     ids = token_ids(cfg, shape.vocab_size, str(p), rows)
-    from .tokenizer import gguf_tokenizer
     tokenizer = gguf_tokenizer(_tokenizer_fields(reader), str(p))     # before the weights: fails fast
     to_gguf = dict(GGUF_GLOBAL_NAMES)
     for i in range(shape.num_layers):
-        to_gguf.update({f"model.layers.{i}.{hf}": f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
+        to_gguf.update({layer_tensor(i, hf): f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
 
     def get(hf_name):
         t = by_name.get(to_gguf.get(hf_name, hf_name))

@@ -35,6 +35,9 @@
 #include <string>
 #include <vector>
 
+// The gate activations, one text with the CUDA kernels (the package's kernels/cuda).
+#include "../../kernels/cuda/activation.h"
+
 #if !defined(WARP_SIZE) || !defined(VECTOR_BYTES) || !defined(DOWN_ROW_CHUNK) || !defined(DOWN_SUB_CHUNKS)
 #error "the order contract's constants come from reference/order_contract.py as -D defines (model_export/op_library.py)"
 #endif
@@ -48,106 +51,20 @@ constexpr int kCacheLine = 64;
 static_assert(kLanes == 32, "the butterfly below is 16, 8, 4, 2, 1");
 static_assert(DOWN_ROW_CHUNK % DOWN_SUB_CHUNKS == 0, "sub-chunks split a chunk evenly");
 
-// reference/activations.py KINDS, in order (the CUDA kernels' ACT_* codes). silu, gelu and
-// gelu_tanh have no exact zeros: their sparse exports are approximate (--approximate).
-enum Activation { kRelu = 0, kFatRelu = 1, kSilu = 2, kGelu = 3, kGeluTanh = 4 };
-constexpr const char* kActivationNames[] = {"relu", "fatrelu", "silu", "gelu", "gelu_tanh"};
-inline bool exact_zeros(Activation a) { return a == kRelu || a == kFatRelu; }
-
 struct MlpParams {
     int d = 0, k = 0;
     int64_t sign_stride = 0;   // uint64 words per row of w_signs
     int alpha_milli = 1000;
-    Activation act = kRelu;
+    ActivationKind act = ACT_RELU;
     float threshold = 0.0f;    // fatrelu
 };
 
-// SiLU and GELU: reference/activations.py's float32 algorithm step by step (each operation
-// rounded: the library is built with -ffp-contract=off, no fast math; no std::exp / erf),
-// so h1 has the reference's bits and kernels/cuda/common.cuh's.
-template <int N>
-inline float act_horner(const float (&c)[N], float x) {
-    float acc = c[N - 1];
-    for (int i = N - 2; i >= 0; --i) acc = acc * x + c[i];
-    return acc;
-}
-
-inline float pow2(int n) {                         // 2^n, n in [-126, 127]
-    const uint32_t bits = uint32_t(n + 127) << 23;
-    float f;
-    std::memcpy(&f, &bits, 4);
-    return f;
-}
-
-// e^x for x <= 0: n = round(x log2 e), Cody-Waite r, Taylor degree 7, 2^n.
-inline float exp_nonpositive(float x) {
-    if (x < -104.0f) return 0.0f;
-    static constexpr float taylor[8] = {1.0f, 1.0f, 0.5f, 0.166666672f, 0.0416666679f, 0.00833333377f,
-                                        0.00138888892f, 0.000198412701f};
-    const float n = (x * 1.44269502f + 12582912.0f) - 12582912.0f;
-    const float r = (x - n * 0.693145752f) - n * 1.42860677e-06f;
-    const float p = act_horner(taylor, r);
-    const int ni = int(n);                         // in [-150, 0]
-    if (ni < -100) return (p * pow2(ni + 50)) * 8.8817841970012523e-16f;    // 2^n subnormal: 2^(n + 50) 2^-50
-    return p * pow2(ni);
-}
-
-// 1 / w for w in [0.5, 2.6]: a linear guess, 5 Newton steps (no division: the CUDA kernels' way).
-inline float recip(float w) {
-    float r = 1.41176474f - 0.470588237f * w;
-    for (int i = 0; i < 5; ++i) r = r + r * (1.0f - w * r);
-    return r;
-}
-
-// z * sigmoid(y): no argument of exp is positive.
-inline float z_sigmoid(float z, float y) {
-    const bool pos = y >= 0.0f;
-    const float e = exp_nonpositive(pos ? -y : y);
-    const float r = recip(1.0f + e);
-    return pos ? z * r : (z * e) * r;
-}
-
-// 1 + erf(z / sqrt 2): Taylor below v = 0.75, else erfc(v) = e^(-z^2 / 2) F(v).
-inline float gelu_q(float z) {
-    static constexpr float erf_a[10] = {1.12837923f, -0.376126379f, 0.112837918f, -0.0268661715f,
-                                        0.00522397785f, -0.000854832702f, 0.000120553326f, -1.49256502e-05f,
-                                        1.64621144e-06f, -1.63658441e-07f};
-    static constexpr float erfc_b[11] = {0.302261204f, -0.146030247f, 0.0649620891f, -0.026977513f,
-                                         0.0105612651f, -0.00392907206f, 0.00139501656f, -0.000466224708f,
-                                         0.000152627908f, -5.98844708e-05f, 1.84624841e-05f};
-    static constexpr float erfc_c[9] = {0.564191163f, -6.97239957e-05f, -0.280794591f, -0.0131913386f,
-                                        0.500216901f, -0.236754f, -0.924873114f, 1.55624056f, -0.79137522f};
-    const float a = std::fabs(z);
-    const float v = a * 0.707106769f;
-    const bool neg = z < 0.0f;
-    if (v < 0.75f) {
-        const float e = v * act_horner(erf_a, v * v);
-        return neg ? 1.0f - e : 1.0f + e;
-    }
-    if (!(v < 10.1f)) return neg ? 0.0f : 2.0f;
-    const float s = recip(v * 0.25f) * 0.25f;     // 1 / v
-    const float f = v < 2.5f ? act_horner(erfc_b, v - 1.625f) : act_horner(erfc_c, s) * s;
-    const float c = a * 4097.0f;                   // Dekker: a = hi + lo, hi of 12 bits
-    const float hi = c - (c - a);
-    const float lo = a - hi;
-    const float erfc = (exp_nonpositive(-0.5f * (hi * hi)) * exp_nonpositive(-0.5f * (lo * (a + hi)))) * f;
-    return neg ? erfc : 2.0f - erfc;
-}
-
-inline float activate(const MlpParams& p, float z) {
-    switch (p.act) {
-        case kRelu: return z > 0.0f ? z : 0.0f;
-        case kFatRelu: return z >= p.threshold ? z : 0.0f;
-        case kSilu: return z_sigmoid(z, z);
-        case kGeluTanh: return z_sigmoid(z, z * (1.59576917f + 0.0713548139f * (z * z)));
-        case kGelu: break;
-    }
-    return (0.5f * z) * gelu_q(z);
-}
+// h1 of a gate value z: activation.h's algorithm, the reference's bits and the CUDA kernels'.
+inline float activate(const MlpParams& p, float z) { return ::activate(z, p.act, p.threshold); }
 
 // The debug output actual_zero: h1 == 0, or without exact zeros a negative gate.
 inline bool actually_zero(const MlpParams& p, float z) {
-    return exact_zeros(p.act) ? activate(p, z) == 0.0f : z < 0.0f;
+    return act_exact_zeros(p.act) ? activate(p, z) == 0.0f : z < 0.0f;
 }
 
 inline void prefetch_span(const void* p, size_t bytes) {

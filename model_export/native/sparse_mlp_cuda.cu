@@ -40,11 +40,6 @@ enum { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration
 #include "gate_up.cu"
 #include "down.cu"
 
-static_assert(SPARSEINFER_ACT_RELU == ACT_RELU && SPARSEINFER_ACT_FATRELU == ACT_FATRELU &&
-                  SPARSEINFER_ACT_SILU == ACT_SILU && SPARSEINFER_ACT_GELU == ACT_GELU &&
-                  SPARSEINFER_ACT_GELU_TANH == ACT_GELU_TANH,
-              "the launcher's activation codes are the kernels'");
-
 namespace {
 
 const int kThreads = 256;                  // kernels/ops.py THREADS: 8 warps per warp-per-row block
@@ -179,11 +174,11 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
     // ops.pack_x_signs
     SI_LAUNCH(pack_signs_fp32, grid_of(ceil_div(n_words, kWarpsPerBlock)), grid_of(kThreads), stream,
               a.x, x_signs, 1, a.d, d);
-    // ops.gate_up_fused(kind="batched"): warp per row, GATE_UP_BATCHED_THREADS per block
+    // gate_up v5_batched (kernels/registry.py): warp per row, GATE_UP_BATCHED_THREADS per block
     SI_LAUNCH(K::gate_up_batched, grid_of(ceil_div(k, GATE_UP_BATCHED_THREADS / WARP_SIZE)),
               grid_of(GATE_UP_BATCHED_THREADS), stream, a.x, x_signs, a.w_signs, a.sign_stride, w_gate, w_up, d,
               a.d, a.k, a.alpha_milli, a.activation, a.threshold, counts, zero, h1, h3);
-    // ops.down_chunks(batched=True): (column tiles, chunks) blocks, then the chunks in order
+    // down v4_batched (kernels/registry.py): (column tiles, chunks) blocks, then the chunks in order
     SI_LAUNCH(K::down_batched, grid_of(ceil_div(d, DOWN_THREADS * K::V), n_chunks),
               grid_of(DOWN_THREADS * DOWN_SUB_CHUNKS), stream, h3, w_down_t, d, a.k, a.d, 0, partial);
     SI_LAUNCH(down_reduce_chunks, grid_of(ceil_div(d, kThreads)), grid_of(kThreads), stream, partial, n_chunks, a.d,
@@ -196,7 +191,7 @@ int decode(const SparseMlpCudaArgs& a, cudaStream_t stream) {
         float* h1_all = section<float>(a.scratch, l.h1_all);
         SI_LAUNCH(K::gate_up_mask, grid_of(ceil_div(k, kWarpsPerBlock)), grid_of(kThreads), stream, a.x, w_gate,
                   w_up, d, a.d, a.k, no_mask, a.activation, a.threshold, h1_all, section<float>(a.scratch, l.h3_all));
-        const int negative = a.activation != SPARSEINFER_ACT_RELU && a.activation != SPARSEINFER_ACT_FATRELU;
+        const int negative = !act_exact_zeros(a.activation);
         SI_LAUNCH(sparseinfer_zero_rows, grid_of(ceil_div(k, kThreads)), grid_of(kThreads), stream, h1_all, a.k,
                   negative, a.actual_zero);
     }
@@ -233,7 +228,7 @@ bool valid(const SparseMlpCudaArgs* a) {
     if (!a || !a->x || !a->w_gate || !a->w_up || !a->w_down_t || !a->out || !a->scratch) return false;
     if (a->n_tokens < 1 || a->d < 1 || a->k < 1) return false;
     if (ceil_div(a->k, DOWN_ROW_CHUNK) > kMaxGridY) return false;
-    if (a->activation < SPARSEINFER_ACT_RELU || a->activation > SPARSEINFER_ACT_GELU_TANH) return false;
+    if (a->activation < 0 || a->activation >= ACT_KIND_COUNT) return false;
     if (a->weight_dtype != SPARSEINFER_WEIGHTS_FP32 && a->weight_dtype != SPARSEINFER_WEIGHTS_FP16) return false;
     if (reinterpret_cast<uintptr_t>(a->scratch) % 16 != 0) return false;
     if (a->n_tokens == 1) {

@@ -16,11 +16,6 @@
 extern "C" {
 #endif
 
-#define SPARSEINFER_ACT_RELU 0        // kernels/cuda/common.cuh ACT_* (static_asserts in sparse_mlp_cuda.cu)
-#define SPARSEINFER_ACT_FATRELU 1
-#define SPARSEINFER_ACT_SILU 2        // silu and the gelus: predicted-negative rows taken as zero
-#define SPARSEINFER_ACT_GELU 3
-#define SPARSEINFER_ACT_GELU_TANH 4
 #define SPARSEINFER_WEIGHTS_FP32 0
 #define SPARSEINFER_WEIGHTS_FP16 1
 
@@ -33,7 +28,8 @@ typedef struct {
     int64_t sign_stride;       // uint32 words per row of w_signs, >= ceil(d / 32); words past ceil(d / 32) unread
     int n_tokens, d, k;
     int alpha_milli;           // eq. 2: row predicted zero when 1000 * N_neg > alpha_milli * (d - N_neg)
-    int activation;            // SPARSEINFER_ACT_*
+    int activation;            // an ACT_* code of kernels/cuda/activation.h (silu and the gelus:
+                               // predicted-negative rows taken as zero)
     float threshold;           // fatrelu: h1 = z if z >= threshold else +0.0
     float* out;                // [n_tokens, d]
     uint8_t* predicted_zero;   // [k] or NULL (n_tokens == 1 only): 1 where the predictor skips the row

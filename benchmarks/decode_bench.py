@@ -1,0 +1,157 @@
+"""Dense vs sparse decode tokens/s of the same checkpoint on onnxruntime, measured in the
+same run (``sparseinfer bench-decode``).
+
+Both exports are written first and flushed to disk, then both are loaded and decode the
+same greedy continuation length after the same prompt: one warm-up each, then ``repeats``
+rounds that alternate dense and sparse, so that a drift of the machine's state hits all
+alike. Reported: the median tokens/s of each and the median of the per-round sparse/dense
+ratios (the speed-up). Optionally each model is then decoded once more with onnxruntime's
+profiler on (``profile_decodes``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sparseinfer.model_export.machine import machine_description
+from sparseinfer.reference.errors import SparseInferError
+from sparseinfer.reference.files import make_folder, write_json
+
+SHORT_PROMPT = "The quick brown fox"
+
+
+def kernels_label(decoder) -> str:
+    """What ran the MLPs: 'dense' for a dense export (no SparseMLP node), else the sparse
+    export's native kernels or function bodies."""
+    return decoder.mlp_kernels if decoder.sparse else "dense"
+
+
+@contextlib.contextmanager
+def _no_bar(description: str, total: int):
+    yield lambda: None
+
+
+def timed_rows(result: dict) -> dict:
+    """A result's row per timed model (dense, sparse, …), in the order they ran."""
+    return {kind: row for kind, row in result.items() if isinstance(row, dict) and "tokens_per_s_median" in row}
+
+
+def profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work) -> dict:
+    """Each model decoded once more, ``tokens`` tokens, in a session with onnxruntime's profiler
+    on; the decode steps' profile summarised (ort_profile), the prefill left out."""
+    import gc
+
+    from sparseinfer.model_export.decode import OnnxDecoder
+    from sparseinfer.model_export.generation import generate
+    from sparseinfer.model_export.ort_profile import summarize
+
+    out = {"decode_tokens": tokens}
+    for kind, path in paths.items():
+        decoder = OnnxDecoder(path, provider, mlp_kernels=kernels_of[kind], threads=threads,
+                              profile=str(work / "profiles" / kind))
+        generate(decoder, prompt, tokens)
+        out[kind] = summarize(decoder.end_profiling(), skip_runs=1)
+        del decoder
+        gc.collect()
+    return out
+
+
+def synthetic_checkpoint(work: Path, shape_name: str, layers: int, target_sparsity: float) -> Path:
+    """The synthetic checkpoint of these settings under ``work``, made once."""
+    from sparseinfer.model_export.synthetic import make_checkpoint
+
+    checkpoint = work / f"synthetic-{shape_name}-{layers}l-s{target_sparsity}"
+    if not (checkpoint / "config.json").is_file():
+        make_checkpoint(shape_name, checkpoint, layers=layers, target_sparsity=target_sparsity)
+    return checkpoint
+
+
+def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
+                 tokens, repeats, prompt_tokens, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir,
+                 out_json=None, export=None, bar=_no_bar) -> dict:
+    """The benchmark's result (also written to ``out_json``, first after the timed rounds,
+    again with the profiles). ``checkpoint`` None: a synthetic one (``shape_name``, ``layers``,
+    ``target_sparsity``) under ``work_dir``. ``export``: ``model_export.export_folder.export_checkpoint``
+    or a function that takes the same arguments (one that shows progress); ``bar(description,
+    total)``: a context manager giving the function to call after each decode."""
+    from sparseinfer.model_export.decode import OnnxDecoder
+    from sparseinfer.model_export.export_folder import export_checkpoint, prompt_ids
+    from sparseinfer.model_export.generation import generate
+    from sparseinfer.model_export.loaders import load_checkpoint
+
+    export = export or export_checkpoint
+    if cuda_graph and (provider != "cuda" or portable):
+        raise SparseInferError("--cuda-graph needs --provider cuda and the fused export form (not --portable)")
+    work = Path(work_dir)
+    if checkpoint is None:
+        checkpoint = synthetic_checkpoint(work, shape_name, layers, target_sparsity)
+    ck = load_checkpoint(checkpoint)
+    prompt = prompt_ids(ck.tokenizer, ck.bos_token_id, SHORT_PROMPT) if ck.tokenizer else [0, 1, 2, 3]
+    if prompt_tokens:
+        if prompt_tokens + tokens > ck.shape.max_position_embeddings:
+            raise SparseInferError(f"Invalid value for --prompt-tokens: {prompt_tokens} prompt tokens and {tokens} "
+                                   f"generated exceed the model's context of {ck.shape.max_position_embeddings}")
+        prompt = [prompt[i % len(prompt)] for i in range(prompt_tokens)]
+    kinds = ("dense", "sparse")
+    form = "-portable" if portable else ""
+    form += "" if dtype == "float32" else f"-{dtype}"
+    paths = {kind: export(ck, work / f"{kind}-{target}{form}" / "model.onnx", sparse=kind == "sparse",
+                          alpha=alpha, target=target, portable=portable, dtype=dtype)
+             for kind in kinds}
+    if with_portable and not portable:
+        paths["dense-portable"] = export(ck, work / f"dense-{target}-portable" / "model.onnx", sparse=False,
+                                         target=target, portable=True)
+    os.sync()  # no write-back of the fresh exports competes with the timed decodes
+    decoders = {kind: OnnxDecoder(paths[kind], provider, threads, mlp_kernels) for kind in paths}
+    if decoders["sparse"].mlp_kernels == "native":
+        paths["sparse-function"] = paths["sparse"]
+        decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
+    if cuda_graph:                       # the same exports, decode steps replayed as CUDA graphs
+        for kind in kinds:
+            paths[f"{kind}-graph"] = paths[kind]
+            decoders[f"{kind}-graph"] = OnnxDecoder(paths[kind], provider, threads, mlp_kernels, cuda_graph=True)
+    runs, prefills, last = {kind: [] for kind in decoders}, {kind: [] for kind in decoders}, {}
+    with bar(f"decode {'/'.join(decoders)} alternately", len(decoders) * (repeats + 1)) as advance:
+        for r in range(repeats + 1):
+            for kind, decoder in decoders.items():
+                last[kind] = generate(decoder, prompt, tokens)
+                if r:  # round 0 is the warm-up
+                    runs[kind].append(last[kind].decode_tokens_per_s)
+                    prefills[kind].append(last[kind].prefill_s * 1e3)
+                advance()
+    rows = {kind: {"tokens_per_s_median": float(np.median(runs[kind])), "tokens_per_s_runs": runs[kind],
+                   "prefill_ms_median": float(np.median(prefills[kind])),
+                   "mlp_kernels": kernels_label(decoders[kind]),
+                   "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*")),
+                   **({"rows_of_last_run": last[kind].kernel_rows} if last[kind].kernel_rows else {})}
+            for kind in decoders}
+    ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in decoders if kind != "dense"}
+    kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
+    decoders.clear()                       # free the timed sessions before the profiled ones
+    result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
+              "target": target, "dtype": dtype, "provider": provider, "threads": threads, "decode_tokens": tokens,
+              "prompt_tokens": len(prompt),
+              "repeats": repeats, "portable": portable, **rows,
+              "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
+              **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
+                 if "sparse-function" in ratios else {}),
+              **({"speedup_dense_over_dense_portable": float(np.median([1 / r for r in ratios["dense-portable"]]))}
+                 if "dense-portable" in ratios else {}),
+              "machine": machine_description(provider), "complete": not profile_tokens}
+
+    def save():
+        if out_json:
+            make_folder(Path(out_json).parent)
+            write_json(out_json, result)
+
+    save()                                 # the timed rounds are kept even if the profiles are cut short
+    profiles = profile_decodes({k: v for k, v in paths.items() if not k.endswith("-graph")}, kernels_of,
+                               provider, threads, prompt, profile_tokens, work) \
+        if profile_tokens else None
+    if profiles:
+        result.update(profile=profiles, complete=True)
+        save()
+    return result

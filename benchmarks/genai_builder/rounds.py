@@ -1,0 +1,133 @@
+"""Timing rounds: every runner once per round, in alternating order, with the load other
+processes put on the machine meanwhile; and their summary (medians, ratios)."""
+from __future__ import annotations
+
+import os
+import statistics
+import time
+from typing import Callable
+
+from sparseinfer.reference.errors import SparseInferError
+
+from .runners import BUILDER_GENAI, Run
+
+QUIET_CORES = 0.25           # a round is "quiet" when other processes used less than this many cores in every run
+
+
+def _load1() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
+def _machine_busy_s() -> float | None:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat), None off Linux."""
+    try:
+        fields = open("/proc/stat").readline().split()[1:]
+    except OSError:
+        return None
+    ticks = [int(x) for x in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)          # idle + iowait
+    return (sum(ticks[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
+class OtherLoad:
+    """CPU cores' worth of work done by other processes over an interval: the machine's busy
+    time less this process's own, divided by the wall time (0: nothing else ran)."""
+
+    def __enter__(self):
+        self.busy, self.own, self.t0 = _machine_busy_s(), _own_cpu_s(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        busy = _machine_busy_s()
+        self.cores = (None if busy is None or self.busy is None or wall <= 0 else
+                      round(max(busy - self.busy - (_own_cpu_s() - self.own), 0.0) / wall, 2))
+        return False
+
+
+def wait_quiet(max_wait_s: float, below_cores: float = 0.3, window_s: float = 1.0) -> dict:
+    """Wait up to ``max_wait_s`` for a ``window_s`` in which other processes use less than
+    ``below_cores`` cores; nothing is paused or signalled. Returns what was seen."""
+    t0 = time.perf_counter()
+    seen = None
+    while True:
+        with OtherLoad() as load:
+            time.sleep(window_s)
+        seen = load.cores
+        if seen is None or seen < below_cores or time.perf_counter() - t0 >= max_wait_s:
+            return {"waited_s": round(time.perf_counter() - t0, 1), "other_cores_before": seen}
+
+
+def run_rounds(runners: dict[str, Callable[[list[int], int], Run]], prompt_ids: list[int], new_tokens: int,
+               rounds: int, warmup: int = 1, log=lambda s: None, quiet_wait_s: float = 0.0) -> dict:
+    """Warm-up rounds, then ``rounds`` rounds in alternating order (forward, reversed, ...).
+
+    Every run must produce exactly ``new_tokens`` tokens (a stop token earlier is an error:
+    the runners would not be timed on the same work). Each run records ``other_cores``, the
+    cores other processes kept busy meanwhile; with ``quiet_wait_s`` each round first waits
+    up to that long for the machine to be quiet (``wait_quiet``)."""
+    if rounds < 1 or new_tokens < 2:
+        raise SparseInferError(f"rounds ({rounds}) must be >= 1 and new tokens ({new_tokens}) >= 2")
+    names = list(runners)
+    first_tokens: dict[str, list[int]] = {}
+    rows = []
+    for r in range(-warmup, rounds):
+        order = names if r % 2 == 0 else names[::-1]
+        row = {"round": r if r >= 0 else f"warmup{r + warmup}", "order": order}
+        if quiet_wait_s > 0:
+            row.update(wait_quiet(quiet_wait_s))
+        row["load1_before"] = _load1()
+        for name in order:
+            with OtherLoad() as load:
+                got = runners[name](prompt_ids, new_tokens)
+            if len(got.tokens) != new_tokens:
+                raise SparseInferError(f"{name} stopped after {len(got.tokens)} of {new_tokens} new tokens "
+                                       f"(a stop token): pick another prompt or fewer new tokens")
+            first_tokens.setdefault(name, got.tokens)
+            row[name] = {"decode_tokens_per_s": round(got.decode_tokens_per_s, 3),
+                         "decode_s": round(got.decode_s, 4), "prefill_s": round(got.prefill_s, 4),
+                         "other_cores": load.cores}
+        row["load1_after"] = _load1()
+        log(f"round {row['round']}: " + ", ".join(f"{n} {row[n]['decode_tokens_per_s']:.2f} tok/s "
+                                                  f"(others {row[n]['other_cores']} cores)" for n in names)
+            + f"; load {row['load1_before']} -> {row['load1_after']}")
+        rows.append(row)
+    return {"rounds": rows, "tokens": first_tokens}
+
+
+def summarize_rounds(rounds: list[dict], names: list[str], reference: str = BUILDER_GENAI) -> dict:
+    """Medians (and min / max) per runner over the timed rounds; each runner's ratio to ``reference``
+    as the ratio of the medians and per round."""
+    timed = [r for r in rounds if isinstance(r["round"], int)]
+    if not timed:
+        raise SparseInferError("no timed rounds")
+    out = {"tokens_per_s": {}, "ratio_to_" + reference: {}}
+    for name in names:
+        per = [r[name]["decode_tokens_per_s"] for r in timed]
+        out["tokens_per_s"][name] = {"median": round(statistics.median(per), 3), "min": min(per), "max": max(per),
+                                     "per_round": per}
+    if reference in names:
+        ref = out["tokens_per_s"][reference]["median"]
+        for name in names:
+            if name == reference:
+                continue
+            per = [round(r[name]["decode_tokens_per_s"] / r[reference]["decode_tokens_per_s"], 4) for r in timed]
+            out["ratio_to_" + reference][name] = {"of_medians": round(out["tokens_per_s"][name]["median"] / ref, 4),
+                                                  "per_round": per, "median_per_round": round(statistics.median(per), 4)}
+    return out
+
+
+def quiet_summary(rounds: list[dict], names: list[str]) -> dict:
+    """``summarize_rounds`` of the timed rounds in which every run saw other processes use
+    fewer than ``QUIET_CORES`` cores, and how many there were."""
+    quiet = [r for r in rounds if isinstance(r["round"], int) and
+             all(r[n]["other_cores"] is not None and r[n]["other_cores"] < QUIET_CORES for n in names)]
+    return {"other_cores_below": QUIET_CORES, "count": len(quiet), **(summarize_rounds(quiet, names) if quiet else {})}

@@ -1,0 +1,192 @@
+"""Commands that decode exports on onnxruntime: generate, compare, bench-decode."""
+from __future__ import annotations
+
+import functools
+
+import click
+
+from sparseinfer.model_export.ort_profile import one_line
+
+from . import options
+from .output import echo_err, echo_json, format_table
+from .progress import export_checkpoint, progress_bar
+from .token_text import TextStream, display_text
+
+
+@click.command("generate", short_help="Decode text from an ONNX export.")
+@click.argument("model", type=click.Path())
+@options.PROMPT
+@click.option("--tokenizer", "tokenizer_path", type=click.Path(), default=None,
+              help="tokenizer.json (default: the one beside MODEL); refused if its vocabulary is too small for the "
+                   "model's ids.")
+@options.SAMPLING
+@options.json_flag("Print machine-readable JSON instead of streaming.")
+def generate_cmd(model, prompt, tokenizer_path, max_new_tokens, temperature, top_p, seed, provider, threads,
+                 mlp_kernels, as_json):
+    """Decode text from an exported MODEL (its folder or its .onnx file), streaming tokens.
+
+    Control characters and bytes that are not UTF-8 (U+FFFD) print escaped (\\x1b,
+    \\ufffd); --json holds the text as decoded. Then prints prefill time, decode
+    tokens/s and the rows skipped: with native MLP kernels, the fraction of rows predicted
+    zero and of up/down rows computed (counted by the kernels); for exports with --debug,
+    the measured decode sparsity and the predictor's precision / recall.
+    """
+    from sparseinfer.benchmarks.decode_bench import kernels_label
+    from sparseinfer.model_export.decode import OnnxDecoder
+    from sparseinfer.model_export.export_folder import export_model, prompt_ids, tokenizer_for
+    from sparseinfer.model_export.generation import generate
+
+    model = export_model(model)
+    decoder = OnnxDecoder(model, provider, threads, mlp_kernels)
+    # token ids inside the model's vocabulary, or one line naming the file and field
+    tok, bos, eos = tokenizer_for(model, tokenizer_path, decoder.vocab_size)
+    ids = prompt_ids(tok, bos, prompt)
+    text = TextStream(tok, ids)
+
+    def stream(t):                       # the prompt, then each token: stdout stays empty if nothing runs
+        if len(text.ids) == len(ids):
+            click.echo(display_text(prompt, keep_lines=True), nl=False)
+        click.echo(display_text(text.push(t), keep_lines=True), nl=False)
+    gen = generate(decoder, ids, max_new_tokens, temperature, top_p, seed, on_token=None if as_json else stream,
+                   stop_id=eos)
+    stats = {**gen.stats(), "mlp_kernels": kernels_label(decoder)}
+    if as_json:
+        echo_json({"text": tok.decode(gen.tokens), "tokens": gen.tokens, **stats})
+        return
+    click.echo(display_text(text.end(), keep_lines=True))
+    echo_err(_stats_line(stats))
+
+
+def _stats_line(st: dict) -> str:
+    line = (f"{st['new_tokens']} tokens, prefill {st['prefill_s'] * 1e3:.1f} ms, "
+            f"decode {st['decode_tokens_per_s']:.2f} tokens/s ({st['mlp_kernels']} MLP kernels)")
+    if "actual_sparsity" in st:
+        line += (f", sparsity actual {st['actual_sparsity']:.3f} predicted {st['predicted_sparsity']:.3f}, "
+                 f"predictor precision {st['precision']:.3f} recall {st['recall']:.3f}")
+    elif "predicted_sparsity" in st:
+        line += (f", rows predicted zero {st['predicted_sparsity']:.3f}, up/down rows computed "
+                 f"{st['rows_computed']:.3f} (actual sparsity and precision / recall: export with --debug)")
+    return line
+
+
+@click.command("compare", short_help="Decode a checkpoint dense and sparse side by side.")
+@click.argument("checkpoint", type=click.Path())
+@options.PROMPT
+@options.alpha(options.SPARSE_EXPORT_ALPHA_HELP)
+@options.TARGET
+@options.work_dir("Where the two exports go (default: a temporary directory).")
+@options.PORTABLE
+@options.SAMPLING
+@options.JSON
+def compare_cmd(checkpoint, prompt, as_json, **settings):
+    """Export CHECKPOINT (HF directory or .gguf) dense and sparse, and decode both side by side.
+
+    Takes the checkpoint, not an export (generate decodes an export). Reports the first
+    position where the tokens diverge, token agreement (the share of positions where both
+    chose the same token), the max |Δlogit| while both saw the same tokens, tokens/s of
+    each, and the sparse run's decode sparsity and predictor precision / recall (its
+    export carries debug outputs, which adds one full gate product per layer to its time).
+    The texts print with control characters and U+FFFD escaped (not in --json).
+    """
+    from sparseinfer.evaluation.side_by_side import compare_dense_sparse
+
+    result, texts = compare_dense_sparse(checkpoint, prompt, export=functools.partial(export_checkpoint, quiet=as_json),
+                                         **settings)
+    if as_json:
+        echo_json(result)
+        return
+    for kind, text in texts.items():
+        click.echo(f"{kind:6s} '{display_text(text)}'")
+    click.echo(_agreement_line(result))
+    click.echo(format_table(["metric", "value"], [
+        ["first divergence", "none" if result["first_divergence"] is None else result["first_divergence"]],
+        ["max |Δlogit| (same inputs)", f"{result['max_abs_logit_diff']:.3g}"],
+        ["dense tokens/s", f"{result['dense_tokens_per_s']:.2f}"],
+        ["sparse tokens/s (debug export)", f"{result['sparse_tokens_per_s']:.2f}"]]))
+    click.echo(_stats_line(result["sparse_stats"]))
+
+
+def _agreement_line(r: dict) -> str:
+    """compare's token agreement as a sentence: what it counts, and where and why the runs part."""
+    n, first = r["tokens_compared"], r["first_divergence"]
+    line = f"token agreement {r['token_agreement']:.3f}: dense and sparse chose the same token at "
+    if first is None:
+        return line + f"all {n} positions"
+    line += f"{r['tokens_agreeing']} of {n} positions; they part at token {first} (from 0)"
+    if r["dense_logit_gap_at_divergence"] is not None:
+        line += (f", where the dense logits of the two choices are {r['dense_logit_gap_at_divergence']:.3g} apart "
+                 f"(max |Δlogit| up to there {r['max_abs_logit_diff']:.3g})")
+    return line + ", and from there each continues its own text, so later positions agree only by chance"
+
+
+@click.command("bench-decode", short_help="Dense vs sparse decode tokens/s on onnxruntime.")
+@click.option("--checkpoint", type=click.Path(), default=None,
+              help="Checkpoint directory; default: make a synthetic one (--shape, --layers, --target-sparsity).")
+@options.shape("prosparse-7b", "Synthetic layer shape when no --checkpoint is given.")
+@options.layers(default=4)
+@options.target_sparsity()
+@options.alpha(options.SPARSE_EXPORT_ALPHA_HELP)
+@options.TARGET
+@options.provider()
+@options.threads()
+@options.mlp_kernels(options.MLP_KERNELS_HELP + " With native kernels the sparse export is also timed on its "
+                     "function bodies (row 'sparse-function').")
+@click.option("--tokens", type=click.IntRange(2), default=32, show_default=True,
+              help="Tokens generated per run, >= 2 (the first comes from the prefill, the rest are decode steps).")
+@click.option("--repeats", type=click.IntRange(1), default=3, show_default=True,
+              help="Runs per model, >= 1 (median reported).")
+@click.option("--prompt-tokens", type=click.IntRange(1, 1 << 20), default=None,
+              help="Prompt length in tokens (the short prompt's ids repeated), to time the prefill too: the dense "
+                   "export's MatMuls against the sparse export's op, which runs prefill densely (default: a short "
+                   "prompt, 'The quick brown fox').")
+@click.option("--profile-tokens", type=click.IntRange(0, 4096), default=0, show_default=True,
+              help="After the timed rounds, decode this many tokens per model in a new session with "
+                   "onnxruntime's profiler on: time per token by execution provider and the top ops "
+                   "(the JSON's 'profile'; traces in the work dir). 0: no profile.")
+@options.PORTABLE
+@click.option("--cuda-graph", is_flag=True,
+              help="Also time the dense and sparse exports with each decode step replayed as a CUDA graph (rows "
+                   "'dense-graph', 'sparse-graph'; --provider cuda, fused exports): the steps' inputs and outputs "
+                   "are bound once, with fixed shapes.")
+@options.dtype()
+@click.option("--with-portable", is_flag=True,
+              help="Also time the dense export in the portable form (row 'dense-portable', in the same alternated "
+                   "rounds; 'speedup_dense_over_dense_portable' in the JSON).")
+@options.work_dir("Where the checkpoint and the exports are written.", default="out/bench-decode")
+@click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
+              help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
+@options.JSON
+def bench_decode_cmd(checkpoint, as_json, **settings):
+    """Dense vs sparse decode tokens/s of the same checkpoint, measured in the same run.
+
+    Both exports are written first and flushed to disk, then both are loaded and decode
+    the same greedy continuation length after the same prompt: one warm-up each, then
+    --repeats rounds that alternate dense and sparse, so that a drift of the machine's
+    state hits all alike. Reported: the median tokens/s of each and the median of the
+    per-round sparse/dense ratios (the speed-up).
+    """
+    from sparseinfer.benchmarks.decode_bench import bench_decode, timed_rows
+
+    result = bench_decode(checkpoint, export=functools.partial(export_checkpoint, quiet=as_json), bar=progress_bar,
+                          **settings)
+    if as_json:
+        echo_json(result)
+        return
+    rows = timed_rows(result)
+    click.echo(format_table(["model", "MLP kernels", "tokens/s (median)", "runs",
+                             f"prefill ms ({result['prompt_tokens']} tokens)"], [
+        [k, v["mlp_kernels"], f"{v['tokens_per_s_median']:.2f}", " ".join(f"{x:.2f}" for x in v["tokens_per_s_runs"]),
+         f"{v['prefill_ms_median']:.1f}"] for k, v in rows.items()]))
+    if "speedup_function_bodies" in result:
+        click.echo(f"sparse (function bodies) / dense: {result['speedup_function_bodies']:.2f}x")
+    if "speedup_dense_over_dense_portable" in result:
+        click.echo(f"dense (fused) / dense (portable): {result['speedup_dense_over_dense_portable']:.2f}x")
+    for kind, summary in result.get("profile", {}).items():
+        if kind != "decode_tokens":
+            click.echo(f"profile {kind}: {one_line(summary)}")
+    where = ", ".join(result["machine"].get("gpu") or []) or result["machine"]["cpu"]
+    click.echo(f"sparse / dense: {result['speedup']:.2f}x ({result['shape']['name']}, {result['shape']['num_layers']} "
+               f"layers, {result['provider']} provider, {where}, {result['machine']['date']})")
+
+
+COMMANDS = (generate_cmd, compare_cmd, bench_decode_cmd)
