@@ -114,3 +114,12 @@ def computed_rows_agree(got, trace, x, w_gate, act) -> bool:
     from sparseinfer.reference.order_contract import warp_dot_rows
     z = warp_dot_rows(np.asarray(w_gate)[diff], x)
     return bool((trace.computed_gate[diff] & (np.abs(act(z)) <= act.error_bound(z))).all())
+
+
+def eval_fixtures(root, gsm8k, bbh_sizes: dict, question: str = "{task} question {i}?") -> dict:
+    """The evaluation tests' inputs under ``root``: a tiny 2-layer checkpoint at 0.9 sparsity
+    and the task files (``write_eval_data``)."""
+    from sparseinfer.model_export.synthetic import make_checkpoint
+
+    ck = make_checkpoint("tiny", root / "ck", layers=2, target_sparsity=0.9)
+    return {"ck": ck, "data": write_eval_data(root / "data", gsm8k, bbh_sizes, question), "root": root}

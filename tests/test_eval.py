@@ -6,14 +6,13 @@ import math
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import write_eval_data
+from helpers import eval_fixtures, write_eval_data
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
 from sparseinfer.evaluation import backend, data, exports, runner, taskgen  # noqa: E402
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
 from sparseinfer.evaluation.decoder_lm import parse_model_args, stop_cut  # noqa: E402
-from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
 from sparseinfer.tools.cli import cli  # noqa: E402
 
@@ -31,9 +30,7 @@ def write_data(root):
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
-    ck = make_checkpoint("tiny", root / "ck", layers=2, target_sparsity=0.9)
-    return {"ck": ck, "data": write_data(root / "data"), "root": root}
+    return eval_fixtures(tmp_path_factory.mktemp("eval"), GSM8K, BBH_SIZES)
 
 
 def run(*args):

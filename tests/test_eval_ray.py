@@ -5,14 +5,13 @@ import sys
 
 import pytest
 from click.testing import CliRunner
-from helpers import write_eval_data
+from helpers import eval_fixtures
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
 from sparseinfer.evaluation import ray_shards  # noqa: E402
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
 from sparseinfer.evaluation.exports import Row  # noqa: E402
-from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
 from sparseinfer.tools.cli import cli  # noqa: E402
 
@@ -22,17 +21,12 @@ GSM8K = [("Janet has 16 eggs and sells 9 at $2. How much does she make?", "9 * 2
          ("Tom reads 12 pages a day for 5 days. How many pages?", "12 * 5 = 60\n#### 60")]
 
 
-def write_data(root):
-    from sparseinfer.evaluation.data import BBH_TASKS
-
-    return write_eval_data(root, GSM8K, {task: 3 for task in BBH_TASKS}, "{task} question {i}: is it {i}?")
-
-
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval_ray")
-    ck = make_checkpoint("tiny", root / "ck", layers=2, target_sparsity=0.9)
-    return {"ck": ck, "data": write_data(root / "data"), "root": root}
+    from sparseinfer.evaluation.data import BBH_TASKS
+
+    return eval_fixtures(tmp_path_factory.mktemp("eval_ray"), GSM8K, {task: 3 for task in BBH_TASKS},
+                         "{task} question {i}: is it {i}?")
 
 
 def run(*args):
