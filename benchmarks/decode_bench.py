@@ -69,26 +69,52 @@ def synthetic_checkpoint(work: Path, shape_name: str, layers: int, target_sparsi
     return checkpoint
 
 
+def quantized_bench_conflicts(quantize, portable, dtype, target, provider, mlp_kernels, with_portable,
+                              accuracy_level=0) -> str | None:
+    """Why a bench of ``quantize`` exports cannot run with these settings (None if it can)."""
+    from sparseinfer.model_export.export import quantize_conflicts
+
+    if not quantize:
+        return quantize_conflicts(quantize, accuracy_level=accuracy_level)
+    if mlp_kernels == "function":
+        return "--quantize needs the op library's kernels: its block-quantized nodes carry no function body"
+    if provider != "cpu":
+        return "--quantize runs on the cpu provider: the op library's CUDA kernel takes no block formats yet"
+    if with_portable:
+        return "--with-portable times a portable float32 export, which --quantize cannot be (drop one)"
+    return quantize_conflicts(quantize, portable, dtype, target, accuracy_level)
+
+
 def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
                  tokens, repeats, prompt_tokens, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir,
-                 out_json=None, export=None, bar=_no_bar) -> dict:
+                 out_json=None, export=None, bar=_no_bar, quantize=None, accuracy_level=0) -> dict:
     """The benchmark's result (also written to ``out_json``, first after the timed rounds,
     again with the profiles). ``checkpoint`` None: a synthetic one (``shape_name``, ``layers``,
     ``target_sparsity``) under ``work_dir``. ``export``: ``model_export.export_folder.export_checkpoint``
     or a function that takes the same arguments (one that shows progress); ``bar(description,
-    total)``: a context manager giving the function to call after each decode."""
+    total)``: a context manager giving the function to call after each decode. ``quantize``: a
+    block format, both exports in it (the dense one the honest quantized baseline), each read
+    from the checkpoint one layer at a time, ``accuracy_level`` their MatMulNBits nodes'."""
     from sparseinfer.model_export.decode import OnnxDecoder
     from sparseinfer.model_export.export_folder import export_checkpoint, prompt_ids
     from sparseinfer.model_export.generation import generate
-    from sparseinfer.model_export.loaders import load_checkpoint
+    from sparseinfer.model_export.loaders import load_checkpoint, open_checkpoint
 
     export = export or export_checkpoint
     if cuda_graph and (provider != "cuda" or portable):
         raise SparseInferError("--cuda-graph needs --provider cuda and the fused export form (not --portable)")
+    why = quantized_bench_conflicts(quantize, portable, dtype, target, provider, mlp_kernels, with_portable,
+                                    accuracy_level)
+    if why:
+        raise SparseInferError(why)
     work = Path(work_dir)
     if checkpoint is None:
         checkpoint = synthetic_checkpoint(work, shape_name, layers, target_sparsity)
-    ck = load_checkpoint(checkpoint)
+    if quantize:        # each export reads it one layer at a time; here only its tokenizer, tokens and shape
+        with open_checkpoint(checkpoint) as ck:
+            source = checkpoint
+    else:
+        ck = source = load_checkpoint(checkpoint)
     prompt = prompt_ids(ck.tokenizer, ck.bos_token_id, SHORT_PROMPT) if ck.tokenizer else [0, 1, 2, 3]
     if prompt_tokens:
         if prompt_tokens + tokens > ck.shape.max_position_embeddings:
@@ -98,15 +124,18 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
     kinds = ("dense", "sparse")
     form = "-portable" if portable else ""
     form += "" if dtype == "float32" else f"-{dtype}"
-    paths = {kind: export(ck, work / f"{kind}-{target}{form}" / "model.onnx", sparse=kind == "sparse",
-                          alpha=alpha, target=target, portable=portable, dtype=dtype)
+    form += f"-{quantize}" if quantize else ""
+    form += f"-level{accuracy_level}" if accuracy_level else ""
+    paths = {kind: export(source, work / f"{kind}-{target}{form}" / "model.onnx", sparse=kind == "sparse",
+                          alpha=alpha, target=target, portable=portable, dtype=dtype,
+                          **({"quantize": quantize, "accuracy_level": accuracy_level} if quantize else {}))
              for kind in kinds}
     if with_portable and not portable:
-        paths["dense-portable"] = export(ck, work / f"dense-{target}-portable" / "model.onnx", sparse=False,
+        paths["dense-portable"] = export(source, work / f"dense-{target}-portable" / "model.onnx", sparse=False,
                                          target=target, portable=True)
     os.sync()  # no write-back of the fresh exports competes with the timed decodes
     decoders = {kind: OnnxDecoder(paths[kind], provider, threads, mlp_kernels) for kind in paths}
-    if decoders["sparse"].mlp_kernels == "native":
+    if decoders["sparse"].mlp_kernels == "native" and not quantize:     # a quantized export has no bodies
         paths["sparse-function"] = paths["sparse"]
         decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
     if cuda_graph:                       # the same exports, decode steps replayed as CUDA graphs
@@ -132,8 +161,9 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
     kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
     decoders.clear()                       # free the timed sessions before the profiled ones
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
-              "target": target, "dtype": dtype, "provider": provider, "threads": threads, "decode_tokens": tokens,
-              "prompt_tokens": len(prompt),
+              "target": target, "dtype": dtype, "quantize": quantize,
+              "accuracy_level": accuracy_level if quantize else None, "provider": provider, "threads": threads,
+              "decode_tokens": tokens, "prompt_tokens": len(prompt),
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}

@@ -44,6 +44,8 @@ SANITIZER_EXIT = 97                  # compute-sanitizer's exit code when it rep
 
 _CLI = ("{py}", "-m", "sparseinfer.tools.cli")
 _PYTEST = ("{py}", "-m", "pytest", "-q", "-p", "no:cacheprovider")
+# The kernels' property tests, every version on float and on block-quantized weights.
+_PROPERTY_TESTS = ("tests/test_kernels_gpu.py", "tests/test_kernels_quant.py")
 # tail shapes for the sanitizers: d 97 (no 16-byte chunk whole), d 300 (sign words
 # alternately aligned), k 600 / 1031 across the down projection's 512-row chunks
 _SANITIZE_SHAPES = ((97, 600), (300, 1031))
@@ -89,16 +91,18 @@ class Stage:
 
 STAGES = {s.name: s for s in (
     Stage("preflight", "device, driver, CUDA / CuPy / NVRTC versions, every kernel compiled, every version "
-                       "verified once at d 1100, k 1031",
+                       "verified once at d 1100, k 1031 (the block-quantized ones at d 1120: whole blocks)",
           (("{py}", "-m", "sparseinfer.benchmarks.gpu_check", "preflight"), _verify(1100, 1031)),
           estimate_s=20, min_start_s=20, stops_run=True),
-    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py) and the "
-                   "constructed boundary cases (tests/test_boundaries.py: gates at the threshold and at +-0.0, "
-                   f"signed zeros in x), in {XDIST_WORKERS} processes where pytest-xdist is installed",
-          ((*_PYTEST, "-m", "gpu", XDIST, "tests/test_kernels_gpu.py", "tests/test_boundaries.py"),), estimate_s=40,
+    Stage("tests", "the Hypothesis property tests on the GPU backend (tests/test_kernels_gpu.py, and on block-"
+                   "quantized weights tests/test_kernels_quant.py) and the constructed boundary cases "
+                   "(tests/test_boundaries.py: gates at the threshold and at +-0.0, signed zeros in x), in "
+                   f"{XDIST_WORKERS} processes where pytest-xdist is installed",
+          ((*_PYTEST, "-m", "gpu", XDIST, *_PROPERTY_TESTS, "tests/test_boundaries.py"),), estimate_s=40,
           min_start_s=40),
-    Stage("bench", "sparseinfer bench: every version and pipeline (the neuron-major and fused ones included), 7B/13B, "
-                   "sparsity 0.90/0.92, then the 8-layer decode loop eager and as a CUDA graph ({out}/<device>.json)",
+    Stage("bench", "sparseinfer bench: every version and pipeline (the neuron-major, fused and block-quantized ones "
+                   "included), 7B/13B, sparsity 0.90/0.92, then the 8-layer decode loop eager and as a CUDA graph "
+                   "({out}/<device>.json)",
           ((*_CLI, "bench", "--json", "{out}/bench.json", "--results-dir", "{out}"),), estimate_s=60, min_start_s=60),
     Stage("sweep", "sparseinfer bench at the 13B shape, sparsity 0.80/0.90/0.95, no decode loop, then how each "
                    "pipeline's speed-ups, % of peak and the predictor move with sparsity ({out}/sweep-13b.json, "
@@ -114,7 +118,7 @@ STAGES = {s.name: s for s in (
     Stage("sanitize", "compute-sanitizer memcheck on the GPU property tests (3 Hypothesis examples each) and on "
                       "verify-kernels at tail shapes, CuPy's pool off (one allocation per buffer); racecheck and "
                       "synccheck on verify-kernels",
-          (_sanitizer("memcheck", (*_PYTEST, "-m", "gpu", "tests/test_kernels_gpu.py"), "--leak-check", "no"),)
+          (_sanitizer("memcheck", (*_PYTEST, "-m", "gpu", *_PROPERTY_TESTS), "--leak-check", "no"),)
           + tuple(_sanitizer("memcheck", _verify(d, k), "--leak-check", "no") for d, k in _SANITIZE_SHAPES)
           + (_sanitizer("racecheck", _verify(*_SANITIZE_SHAPES[1]), "--racecheck-report", "hazard"),
              _sanitizer("synccheck", _verify(*_SANITIZE_SHAPES[1]))),
@@ -123,10 +127,10 @@ STAGES = {s.name: s for s in (
           ((*_PYTEST, "-m", "gpu", "tests/test_kernels_bench.py", "-k", "13b and 0.92", "--benchmark-enable",
             "--benchmark-json", "{out}/pytest-bench.json"),), estimate_s=25, min_start_s=25),
     Stage("profile", "Nsight Compute on the hot kernels at the 13B shape, sparsity 0.92, the fused MLP kernel "
-                     "included ({out}/profile.txt)",
+                     "and the Q4_0 kernels included ({out}/profile.txt)",
           (("ncu", "--section", "SpeedOfLight", "--section", "MemoryWorkloadAnalysis", "--section", "Occupancy",
             "--section", "LaunchStats", "--section", "WarpStateStats",
-            "-k", "regex:^(predict_rows|gate_up_.*fp16|down_.*fp16|dense_.*fp16|mlp_fused_fp16)",
+            "-k", "regex:^(predict_rows|gate_up_.*(fp16|q4_0)|down_.*(fp16|q4_0)|dense_.*fp16|mlp_fused_fp16)",
             "--log-file", "{out}/profile.txt", *_CLI, "verify-kernels", "--backend", "gpu",
             "--model", "prosparse-llama2-13b", "--sparsity", "0.92"),),
           estimate_s=50, min_start_s=50),

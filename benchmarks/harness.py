@@ -2,7 +2,8 @@
 
 For each model in ``BENCH_SHAPES`` and sparsity in ``BENCH_SPARSITIES`` (fp16 weights,
 inputs built by ``make_layer`` so that exactly that fraction of gate rows is predicted
-zero), each row says whether the version's output was verified against the reference
+zero; the block-quantized versions and pipelines on that layer quantized, its ``dtype`` the
+format), each row says whether the version's output was verified against the reference
 at that shape (``kernels.verify``: bits, or the rigorous bound for the atomic version), its
 time, the bytes it touches (its record's ``touched``), GB/s, % of peak, and its speedup over
 cuBLAS dense fp16 GEMVs (CuPy matmul) for the same step, timed in the same run.
@@ -59,10 +60,15 @@ class DenseBaseline:
         return self.wd @ self.gate_up()
 
 
+def weights_of(kernel: str, version: str) -> str:
+    """The weights a row's version reads: its block format, or the benchmark's float dtype."""
+    return TARGET_FAMILIES[kernel][version].weights or BENCH_DTYPE
+
+
 def _row(kernel, version, shape, sparsity, verified, timing, n_bytes, peak, dense_us):
     gb_per_s = n_bytes / (timing.median_us * 1e-6) / 1e9
     return {"kernel": kernel, "version": version, "model": shape.model, "d": shape.d, "k": shape.k,
-            "dtype": BENCH_DTYPE, "sparsity": sparsity, "verified": bool(verified),
+            "dtype": weights_of(kernel, version), "sparsity": sparsity, "verified": bool(verified),
             "latency_us": round(timing.median_us, 3), "latency_us_spread": round(timing.spread_us, 3),
             "bytes": int(n_bytes), "gb_per_s": round(gb_per_s, 1),
             "pct_peak": round(100.0 * gb_per_s / peak, 1) if peak else 0.0,
@@ -70,7 +76,8 @@ def _row(kernel, version, shape, sparsity, verified, timing, n_bytes, peak, dens
 
 
 STRONG_DENSE = "dense-gemv"      # the baseline row the headline ratio is also read against
-# The cuBLAS step each family's rows are compared with (a key of BenchCase.dense_us); others: the whole MLP.
+# The cuBLAS step each family's rows are compared with (a key of BenchCase.dense_us), by the step its
+# versions do (a quantized family's too: gate_up_q4_0 is gate_up); others: the whole MLP.
 DENSE_STEP = {"gate_up": "gate_up", "down": "down"}
 
 
@@ -95,11 +102,6 @@ class BenchCase(Case):
                              "down": timer(dense.down).median_us}
             log(f"  cuBLAS dense fp16: {self.dense_us}")
 
-    def touched(self, kernel: str, version: str) -> int:
-        """Bytes ``version`` of ``kernel`` (or a pipeline) touches at this shape, from its record:
-        the rows this case's trace reads (a dense version reads every row whatever they are)."""
-        return TARGET_FAMILIES[kernel][version].touched(self.shape.d, self.shape.k, BENCH_DTYPE, self.trace.rows)
-
     def pipeline_bytes(self, pipe) -> int:
         """Bytes a pipeline touches at this shape."""
         return self.touched("mlp", pipe.name)
@@ -107,8 +109,9 @@ class BenchCase(Case):
     def measurement(self, kernel: str, version: str) -> Measurement:
         """Run ``version`` of ``kernel`` once, verified against the reference at this shape."""
         c = self.check(kernel, version)
+        step = getattr(TARGET_FAMILIES[kernel][version], "step", kernel)      # a pipeline: its kernel, "mlp..."
         return Measurement(c.kernel, c.version, c.fn, c.verified, self.touched(kernel, version),
-                           DENSE_STEP.get(kernel, "mlp"))
+                           DENSE_STEP.get(step, "mlp"))
 
     def row(self, m: Measurement, timing, peak: float) -> dict:
         return _row(m.kernel, m.version, self.shape, self.sparsity, m.verified, timing, m.n_bytes, peak,
@@ -132,7 +135,7 @@ def bench_case(shape, sparsity: float, timer: Timer, peak: float, seed: int = 0,
         except Exception as e:           # CuPy's and the driver's own exception types
             error = _error_text(e)
             out.append({"kernel": kernel, "version": version, "model": shape.model, "d": shape.d, "k": shape.k,
-                        "dtype": BENCH_DTYPE, "sparsity": sparsity, "verified": False, "error": error})
+                        "dtype": weights_of(kernel, version), "sparsity": sparsity, "verified": False, "error": error})
             log(f"  {kernel} {version}: FAILED {error}")
             continue
         out.append(case.row(m, t, peak))

@@ -2,7 +2,7 @@
 pipeline at one (model, sparsity), with the targets drawn in.
 
 Left: % of the device's peak bandwidth of every kernel row (pack_signs, predict, gate_up,
-down), coloured by family, the 70 % target dashed. A row or pipeline that failed
+down, and their block-quantized families), coloured by family, the 70 % target dashed. A row or pipeline that failed
 verification is drawn hatched in red, never dropped. Right: speed-up over cuBLAS dense fp16 of each MLP pipeline, one
 layer (L2 flushed), and, where the results hold the decode loop, the same pipelines run
 back to back over its layers, eager and as a CUDA graph; the 5x target dashed.
@@ -11,12 +11,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from sparseinfer.kernels.verify import PIPELINE_TARGETS
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.sim.plots import plt, save_png
 
 PEAK_TARGET_PCT = 70.0
 MLP_TARGET_SPEEDUP = 5.0
 _FAMILY_COLOURS = {"pack_signs": "tab:gray", "predict": "tab:purple", "gate_up": "tab:blue", "down": "tab:green"}
+
+
+def _step(row: dict) -> str:
+    """A kernel row's family less its block format (gate_up_q4_0, dtype q4_0: gate_up), for its colour."""
+    return row["kernel"].removesuffix(f"_{row.get('dtype', '')}")
 
 
 def pick(result: dict, model: str | None, sparsity: float | None) -> tuple[str, float, list]:
@@ -38,15 +44,15 @@ def pick(result: dict, model: str | None, sparsity: float | None) -> tuple[str, 
 
 def plot_bench(result: dict, path, model: str | None = None, sparsity: float | None = None) -> Path:
     model, sparsity, rows = pick(result, model, sparsity)
-    kernels = [r for r in rows if r["kernel"] != "mlp"]
-    pipelines = [r for r in rows if r["kernel"] == "mlp"]
+    kernels = [r for r in rows if r["kernel"] not in PIPELINE_TARGETS]
+    pipelines = [r for r in rows if r["kernel"] in PIPELINE_TARGETS]
     loop = result.get("decode_loop")
     loop = loop if loop and loop.get("rows") and loop["model"] == model and loop["sparsity"] == sparsity else None
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(14, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     xs = range(len(kernels))
     bars = left.bar(xs, [r.get("pct_peak", 0.0) for r in kernels],
-                    color=[_FAMILY_COLOURS.get(r["kernel"], "k") for r in kernels])
+                    color=[_FAMILY_COLOURS.get(_step(r), "k") for r in kernels])
     for bar, r in zip(bars, kernels):
         if not r["verified"]:
             bar.set_hatch("//")

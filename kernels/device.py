@@ -3,7 +3,8 @@
 Importing ``sparseinfer.kernels`` never imports CuPy; :func:`cupy` does, on first use,
 whichever wheel provides it (cupy-cuda12x, cupy-cuda13x). CuPy has no bfloat16, so
 16-bit weights live on the device as their raw uint16 bits (the kernels widen them
-exactly); :class:`DeviceMatrix` remembers the real dtype.
+exactly); :class:`DeviceMatrix` remembers the real dtype. Block-quantized weights live on the
+device as their GGUF bytes (:class:`DeviceBlocks`).
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sparseinfer.reference.block_quant import BlockFormat, block_format, check_blocks
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPES, check_dtype, check_no_nan, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.order_contract import vector_width
@@ -192,3 +194,38 @@ class DeviceMatrix:
             flat[:used] = data[:used]
             data = flat.reshape(self.rows, self.ld)
         return np.ascontiguousarray(data[:, :self.cols]).view(self.dtype)
+
+
+@dataclass
+class DeviceBlocks:
+    """A [rows, cols] matrix of block-quantized weights (``reference.block_quant``) on the device:
+    ``data`` uint8 [rows, ld], each row its cols / 32 blocks of format ``fmt`` as a GGUF file holds
+    them, ``ld`` = the row's bytes (every block 2-byte aligned: the kernels read its fields with
+    1- and 2-byte loads, so no padding is needed)."""
+
+    data: object
+    fmt: BlockFormat
+    rows: int
+    cols: int
+    ld: int
+
+    @property
+    def shape(self) -> tuple:
+        return (self.rows, self.cols)
+
+    @property
+    def dtype_name(self) -> str:
+        return self.fmt.name
+
+    @classmethod
+    def from_host(cls, name: str, blocks, fmt, cols: int, xp=None) -> "DeviceBlocks":
+        """Check (``block_quant.check_blocks``: shape, finite scales and mins) and upload; ``xp=numpy``
+        keeps it on the host."""
+        fmt = block_format(fmt)
+        check_blocks(blocks, fmt, name, cols)
+        host = np.ascontiguousarray(blocks)
+        xp = cupy() if xp is None else xp
+        return cls(xp.asarray(host), fmt, host.shape[0], cols, host.shape[1])
+
+    def to_host(self) -> np.ndarray:
+        return np.asarray(self.data.get() if hasattr(self.data, "get") else self.data)

@@ -23,6 +23,17 @@ functions). A new version is one kernel in ``cuda/`` plus one record here. Per f
 * ``baseline``:   run(x, w_gate, w_up, w_down [d, k], activation) -> (h1, h3, out): the strong dense
   baseline (not a sparse version; ``deterministic`` False: out is checked against the rigorous bound);
   reference(x, w_gate, w_up, w_down, activation) -> out
+
+Block-quantized weights (``cuda/quant.cu``; Q8_0, Q4_0, Q4_1, ``reference.block_quant``): per
+format FMT, families ``pack_signs_FMT``, ``gate_up_FMT`` and ``down_FMT`` whose records'
+``weights`` name the format (their ``touched`` takes it as the dtype: whole blocks read), with
+``reference.quant_mlp.QuantizedMLPWeights`` ``weights`` in place of float matrices:
+
+* ``pack_signs_FMT``: run(blocks: DeviceBlocks) -> words [rows, cols/32]; reference(blocks, fmt, cols)
+* ``gate_up_FMT``:    run(mlp: QuantSparseMLP, x, x_signs, alpha_milli) -> (h1, h3, zero | None);
+  reference(x, weights, activation, predicted_zero) -> (h1, h3)
+* ``down_FMT``:       run(h3, w_down_t: DeviceBlocks) -> out; reference(h3, weights) -> out
+* ``QUANT_PIPELINES``: :class:`Pipeline` records with ``weights`` (``QuantSparseMLP``)
 """
 from __future__ import annotations
 
@@ -30,11 +41,13 @@ from dataclasses import dataclass
 from typing import Callable
 
 from sparseinfer.reference import mlp_dense, mlp_sparse
+from sparseinfer.reference.block_quant import FORMATS
 from sparseinfer.reference.order_contract import DOWN_SUB_CHUNKS, down_projection
 from sparseinfer.reference.signs import pack_signs
 
-from . import ops, traffic
-from .expected import dense_h1_h3, expected_h1_h3, predicted_zero
+from . import ops, quant_ops, traffic
+from .expected import (dense_h1_h3, dense_quant_h1_h3, expected_h1_h3, predicted_zero, quant_down, quant_h1_h3,
+                       quant_signs)
 from .ops import Launch
 from .sources import DOWN_NARROW_THREADS, DOWN_THREADS, FUSED_THREADS, GATE_UP_BATCHED_THREADS, PREDICT_ROWS_PER_WARP
 
@@ -50,10 +63,16 @@ class Version:
     reference: Callable          # NumPy: what it must write (the family's signature, above)
     touched: Callable            # bytes touched: touched(d, k, dtype, rows) (traffic.py)
     predict: str = ""            # gate_up: the predict version it runs first and reads
+    weights: str = ""            # the block format it reads ("": float weights of any dtype)
 
     def run(self, *args):
         """Launch this version (the family's signature, above)."""
         return self.launcher(self, *args)
+
+    @property
+    def step(self) -> str:
+        """The MLP step it does: its family, less a block format's suffix (gate_up_q4_0: gate_up)."""
+        return self.family.removesuffix(f"_{self.weights}") if self.weights else self.family
 
 
 def _family(*versions: Version) -> dict:
@@ -217,8 +236,80 @@ BASELINE = _family(
             traffic.strong_dense),
 )
 
+
+# --- block-quantized weights (quant.cu): the same versions for every format ------------------
+
+def _quant_pack(v, blocks):
+    return quant_ops.pack_signs(blocks, v.launches[0])
+
+
+def _quant_gate_up_masked(v, mlp, x, x_signs, alpha_milli):
+    zero = PREDICT[v.predict].run(mlp.w_signs, x_signs, mlp.d, alpha_milli)[1]
+    return (*quant_ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, zero, launch=v.launches[0]), zero)
+
+
+def _quant_gate_up_paired(v, mlp, x, x_signs, alpha_milli):
+    _, zero, h1, h3 = quant_ops.gate_up_paired(x, x_signs, mlp.w_signs, mlp.w_gate, mlp.w_up, mlp.activation,
+                                               alpha_milli, launch=v.launches[0])
+    return h1, h3, zero
+
+
+def _quant_gate_up_dense(v, mlp, x, x_signs, alpha_milli):
+    return (*quant_ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None, launch=v.launches[0]), None)
+
+
+def _quant_down(v, h3, w_down_t):
+    return quant_ops.down_chunks(h3, w_down_t, launch=v.launches[0], chunk_sum=v.launches[1])
+
+
+def _quant_down_dense(v, h3, w_down_t):
+    return quant_ops.down_chunks(h3, w_down_t, dense=True, launch=v.launches[0], chunk_sum=v.launches[1])
+
+
+_QUANT_MASK = Launch("gate_up_quant_mask_{dtype}")
+_QUANT_CHUNKS = Launch("down_quant_chunks_{dtype}", threads=DOWN_THREADS * DOWN_SUB_CHUNKS)
+
+
+def _quant_families(fmt: str) -> tuple[dict, dict, dict]:
+    """(pack_signs_FMT, gate_up_FMT, down_FMT): the block-quantized versions on format ``fmt``."""
+    def version(step, name, description, launches, launcher, reference, touched, predict=""):
+        return Version(f"{step}_{fmt}", name, description, True, launches, launcher, reference, touched, predict,
+                       weights=fmt)
+
+    lane = f"lane l dequantizes element l of each {fmt} block (V = 1)"
+    pack = _family(version("pack_signs", "v1", f"warp per block: {lane}, __ballot_sync packs the signs of the "
+                                               "dequantized weights (load time)",
+                           (Launch("pack_signs_quant_{dtype}"),), _quant_pack, quant_signs, traffic.pack_rows))
+    gate_up = _family(
+        version("gate_up", "v1_mask", f"predict, then warp per row over all k rows, {lane}, 8 blocks in flight; "
+                                      "predicted-zero rows write 0, h1 == 0 skips up (+AS)",
+                (_QUANT_MASK,), _quant_gate_up_masked, quant_h1_h3, traffic.gate_up_masked, predict="v1"),
+        version("gate_up", "v2_paired", f"predict + gate + up in one launch, warp per row, {lane}; the gate and up "
+                                        "rows read together, 6 blocks of each in flight (+AS in the result)",
+                (Launch("gate_up_quant_paired_{dtype}", threads=GATE_UP_BATCHED_THREADS),), _quant_gate_up_paired,
+                quant_h1_h3, traffic.gate_up_paired),
+        version("gate_up", "dense", "v1_mask's kernel on every gate and up row (the kernel-quality baseline)",
+                (_QUANT_MASK,), _quant_gate_up_dense, dense_quant_h1_h3, traffic.gate_up_dense))
+    down = _family(
+        version("down", "v1_chunks", f"deterministic, down v1's chunks on {fmt} rows of W_down^T: a thread a "
+                                     "quarter of a block's columns, 4 rows' blocks in flight, h3 == 0 rows skipped",
+                (_QUANT_CHUNKS, ops.CHUNK_SUM), _quant_down, quant_down, traffic.down_chunked),
+        version("down", "dense", "v1_chunks reading every row (the kernel-quality baseline)",
+                (_QUANT_CHUNKS, ops.CHUNK_SUM), _quant_down_dense, quant_down, traffic.down_chunked_dense))
+    return pack, gate_up, down
+
+
+_QUANT = {fmt: _quant_families(fmt) for fmt in FORMATS}
+PACK_SIGNS_QUANT = {fmt: pack for fmt, (pack, _, _) in _QUANT.items()}        # by format: its family
+GATE_UP_QUANT = {fmt: gate_up for fmt, (_, gate_up, _) in _QUANT.items()}
+DOWN_QUANT = {fmt: down for fmt, (_, _, down) in _QUANT.items()}
+
+# The quantized families by name (pack_signs_q8_0, gate_up_q8_0, down_q8_0, pack_signs_q4_0, ...).
+QUANT_FAMILIES = {f"{step}_{fmt}": family for fmt, families in _QUANT.items()
+                  for step, family in zip(("pack_signs", "gate_up", "down"), families)}
+
 FAMILIES = {"pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN, "mlp_fused": MLP_FUSED,
-            "baseline": BASELINE}
+            "baseline": BASELINE, **QUANT_FAMILIES}
 LAYOUTS = ("row-major", "neuron-major")
 
 
@@ -226,35 +317,47 @@ LAYOUTS = ("row-major", "neuron-major")
 class Pipeline:
     """``gate_up`` then ``down``; or, with ``fused``, that mlp_fused version alone, ``gate_up`` and
     ``down`` then naming the separate versions that read the same rows. ``layout``: the weights
-    it reads (one of LAYOUTS)."""
+    it reads (one of LAYOUTS). ``weights``: a block format (QUANT_PIPELINES: the versions of
+    gate_up_FMT and down_FMT, run by ``QuantSparseMLP``); "" for float weights (``SparseMLP``)."""
     name: str
     gate_up: str
     down: str
     description: str
     layout: str = "row-major"
     fused: str = ""
+    weights: str = ""
+
+    def gate_up_version(self) -> Version:
+        return (GATE_UP_QUANT[self.weights] if self.weights else GATE_UP)[self.gate_up]
+
+    def down_version(self, down_format: str = "") -> Version:
+        """Its down version, on W_down^T in ``down_format`` (default: the pipeline's own weights; a
+        quantized layer may keep W_down^T in another format, such as Q8_0 beside Q4_0 gate and up)."""
+        fmt = down_format or self.weights
+        return (DOWN_QUANT[fmt] if fmt else DOWN)[self.down]
 
     @property
     def deterministic(self) -> bool:
         if self.fused:
             return MLP_FUSED[self.fused].deterministic
-        return GATE_UP[self.gate_up].deterministic and DOWN[self.down].deterministic
+        return self.gate_up_version().deterministic and self.down_version().deterministic
 
     @property
     def sparse(self) -> bool:
         return self.gate_up != "dense"
 
     def touched(self, d: int, k: int, dtype: str, rows: dict) -> int:
-        """Bytes the pipeline touches (as a version's ``touched``): x's sign words packed (pack_signs
+        """Bytes the pipeline touches (as a version's ``touched``; ``dtype``: the block format for a
+        quantized pipeline, W_down^T counted in that format too): x's sign words packed (pack_signs
         v1, as ``SparseMLP`` does), then its mlp_fused version, or its gate_up version, after the
         predict version that one reads, and its down version."""
         total = PACK_SIGNS["v1"].touched(d, k, dtype, rows)
         if self.fused:
             return total + MLP_FUSED[self.fused].touched(d, k, dtype, rows)
-        gate_up = GATE_UP[self.gate_up]
+        gate_up = self.gate_up_version()
         if gate_up.predict:
             total += PREDICT[gate_up.predict].touched(d, k, dtype, rows)
-        return total + gate_up.touched(d, k, dtype, rows) + DOWN[self.down].touched(d, k, dtype, rows)
+        return total + gate_up.touched(d, k, dtype, rows) + self.down_version().touched(d, k, dtype, rows)
 
 
 PIPELINES = {p.name: p for p in (
@@ -277,3 +380,10 @@ PIPELINES = {p.name: p for p in (
     Pipeline("dense", "dense", "dense", "every row in the same kernels (separates sparsity from kernel quality)"),
 )}
 DEFAULT_PIPELINE = "sparse-batched"
+
+# The pipelines on block-quantized weights (QuantSparseMLP), per format: sparse and its dense twin.
+QUANT_PIPELINES = {p.name: p for fmt in FORMATS for p in (
+    Pipeline(f"sparse-{fmt}", "v2_paired", "v1_chunks", f"{fmt} weights: fused predict+gate+up with gate and up "
+             "blocks in flight together, deterministic chunked down on block rows", weights=fmt),
+    Pipeline(f"dense-{fmt}", "dense", "dense", f"{fmt} weights: every row in the same kernels (separates sparsity "
+             "from kernel quality)", weights=fmt))}

@@ -11,13 +11,16 @@ import re
 from importlib import resources
 
 from sparseinfer.reference import order_contract as oc
+from sparseinfer.reference.block_quant import FORMATS
 from sparseinfer.reference.dtypes import SIGN_PACK_DTYPE_NAMES as SIGN_SUFFIXES
 from sparseinfer.reference.dtypes import WEIGHT_DTYPE_NAMES as WEIGHT_SUFFIXES
 
 # The files of cuda/ the kernels are built from: one module per .cu (its kernels in KERNELS), and
-# down_rows.cuh, the row lists and sums the down and fused kernels share (common.cuh, included
+# down_rows.cuh, the row lists the down, fused and quant kernels share (common.cuh, included
 # by all, and cpu_emulation.h are named where they are used).
-SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu", "down_rows.cuh")
+SOURCES = ("signs.cu", "predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu", "quant.cu", "down_rows.cuh")
+# The block formats of quant.cu's kernels, as their names' suffixes (q8_0, q4_0, q4_1).
+QUANT_SUFFIXES = tuple(FORMATS)
 DOWN_THREADS = 128    # threads per column tile of the down projection (x DOWN_SUB_CHUNKS per block in v1)
 # Threads per block of gate_up_batched: 2 warps, so that a block holding one long-lived
 # active row keeps one other warp slot idle, not seven (at sparsity 0.92 about half of the
@@ -64,9 +67,14 @@ KERNELS = {
     "dense.cu": tuple(f"dense_{v}_{s}" for v in ("gate_up", "rows") for s in WEIGHT_SUFFIXES),
     # predict + gate + up + down in one persistent launch
     "fused.cu": tuple(f"mlp_fused_{s}" for s in WEIGHT_SUFFIXES),
+    # block-quantized weights: W_gate's sign words (load time), gate + up (masked or dense, and
+    # predicting as it goes), the chunked down projection
+    "quant.cu": tuple(f"{kernel}_{s}" for kernel in ("pack_signs_quant", "gate_up_quant_mask", "gate_up_quant_paired",
+                                                     "down_quant_chunks") for s in QUANT_SUFFIXES),
 }
 HOT_KERNELS = frozenset(
-    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu") for name in KERNELS[src]
+    name for src in ("predict.cu", "gate_up.cu", "down.cu", "dense.cu", "fused.cu", "quant.cu") for name in KERNELS[src]
+    if not name.startswith("pack_signs_quant")
 ) | {"pack_signs_fp32"}
 
 
@@ -74,7 +82,7 @@ def source_of(function: str) -> str:
     """The source in KERNELS that defines ``function`` (``{dtype}``: a dtype name, as in
     ``ops.Launch``)."""
     for src, names in KERNELS.items():
-        if any(function.format(dtype=suffix) in names for suffix in SIGN_SUFFIXES):
+        if any(function.format(dtype=suffix) in names for suffix in (*SIGN_SUFFIXES, *QUANT_SUFFIXES)):
             return src
     raise KeyError(f"no kernel source defines {function!r}")
 

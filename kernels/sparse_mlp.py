@@ -21,18 +21,14 @@ from sparseinfer.reference.signs import alpha_to_milli
 
 from . import layout, ops
 from .device import DeviceMatrix, cupy
-from .registry import DEFAULT_PIPELINE, DOWN, GATE_UP, MLP_FUSED, PIPELINES
-
-
-def _pipeline(name: str):
-    if name not in PIPELINES:
-        raise SparseInferError(f"unknown pipeline {name!r}; expected one of {', '.join(PIPELINES)}")
-    return PIPELINES[name]
+from .registry import DEFAULT_PIPELINE, FAMILIES, MLP_FUSED, PIPELINES
 
 
 class SparseMLP:
+    down_format = ""                # the block format of W_down^T ("": float, the layer's dtype)
+
     def __init__(self, w_gate, w_up, w_down, activation, pipeline: str = DEFAULT_PIPELINE, approximate: bool = False):
-        self.pipeline = _pipeline(pipeline)
+        self.pipeline = self._pipeline(pipeline)
         self.activation = ops.sparse_activation(activation, approximate)
         w_gate, w_up, w_down = (np.asarray(w) for w in (w_gate, w_up, w_down))
         if w_gate.ndim != 2:
@@ -50,10 +46,16 @@ class SparseMLP:
         self.w_signs = ops.pack_signs(self.w_gate)
         self._layouts = {}              # layout -> this layer on it; shared by with_pipeline's copies
 
+    def _pipeline(self, name: str):
+        """The record of pipeline ``name`` among those that run this layer's weights."""
+        if name not in PIPELINES:
+            raise SparseInferError(f"unknown pipeline {name!r}; expected one of {', '.join(PIPELINES)}")
+        return PIPELINES[name]
+
     def with_pipeline(self, pipeline: str) -> "SparseMLP":
         """The same layer run by another pipeline, sharing this one's device weights (no copy)."""
         other = copy.copy(self)
-        other.pipeline = _pipeline(pipeline)
+        other.pipeline = self._pipeline(pipeline)
         return other
 
     def clone(self) -> "SparseMLP":
@@ -93,8 +95,8 @@ class SparseMLP:
         x_signs = ops.pack_x_signs(x)
         if pipe.fused:
             return MLP_FUSED[pipe.fused].run(mlp, x, x_signs, alpha_milli)
-        h1, h3, zero = GATE_UP[pipe.gate_up].run(mlp, x, x_signs, alpha_milli)
-        out = DOWN[pipe.down].run(h3, mlp.w_down_t)
+        h1, h3, zero = pipe.gate_up_version().run(mlp, x, x_signs, alpha_milli)
+        out = pipe.down_version(self.down_format).run(h3, mlp.w_down_t)
         return h1, h3, zero, out
 
     def __call__(self, x, alpha=1.0, trace: bool = False, check: bool = True):
@@ -108,13 +110,18 @@ class SparseMLP:
     def _trace(self, x, alpha_milli, h1, zero) -> MLPTrace:
         if zero is None:
             raise SparseInferError(f"pipeline {self.pipeline.name} is dense; a trace needs a sparse pipeline")
-        h1_all = GATE_UP["dense"].run(self, x, None, alpha_milli)[0]                     # the full gate
+        dense = FAMILIES[self.pipeline.gate_up_version().family]["dense"]
+        h1_all = dense.run(self, x, None, alpha_milli)[0]                                # the full gate
         predicted_zero = zero.get().astype(bool)
         computed_up = ~predicted_zero & (h1.get() != 0)
         # without exact zeros, the rows whose gate is negative (reference.mlp.mlp_sparse): h1's
         # sign bit, since a warp sum from +0.0 is never -0.0 and these activations keep the sign
         h1_all = h1_all.get()
         actual_zero = h1_all == 0 if self.activation.sparse_capable else np.signbit(h1_all)
-        return MLPTrace(mode="predicted+actual", d=self.d, k=self.k, weight_dtype=self.weight_dtype,
-                        alpha_milli=alpha_milli, predicted_zero=predicted_zero, actual_zero=actual_zero,
-                        computed_gate=~predicted_zero, computed_up=computed_up, computed_down=computed_up.copy())
+        return self._make_trace(mode="predicted+actual", d=self.d, k=self.k, weight_dtype=self.weight_dtype,
+                                alpha_milli=alpha_milli, predicted_zero=predicted_zero, actual_zero=actual_zero,
+                                computed_gate=~predicted_zero, computed_up=computed_up,
+                                computed_down=computed_up.copy())
+
+    def _make_trace(self, **fields) -> MLPTrace:
+        return MLPTrace(**fields)

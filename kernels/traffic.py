@@ -4,12 +4,14 @@ names its function (``touched``); the benchmarks divide by time for GB/s and % o
 
 Every function takes ``(d, k, dtype, rows)``, ``rows`` = {"gate": …, "up": …, "down": …} the
 rows a sparse step reads (``MLPTrace.rows``); a dense version reads all k whatever ``rows``
-says. Counted: every weight byte read (only the rows a version reads), sign words, x,
-masks / lists, and the float32 vectors written and read back. L2 reuse is not modelled (x
-and x's sign words are counted once per kernel).
+says. ``dtype`` is a float dtype's name, or a block format's (q8_0, q4_0, q4_1), whose row of d
+weights is d / 32 whole blocks (:func:`row_bytes`). Counted: every weight byte read (only the
+rows a version reads), sign words, x, masks / lists, and the float32 vectors written and read
+back. L2 reuse is not modelled (x and x's sign words are counted once per kernel).
 """
 from __future__ import annotations
 
+from sparseinfer.reference.block_quant import FORMATS
 from sparseinfer.reference.dtypes import itemsize
 from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK
 from sparseinfer.reference.signs import BYTES_PER_WORD, words_per_row
@@ -22,11 +24,21 @@ INDEX = 4
 MASK = 1
 
 
+def row_bytes(d: int, dtype: str) -> int:
+    """Bytes of one weight row of d elements: d x the element size, or a block format's d / 32 blocks."""
+    return FORMATS[dtype].row_bytes(d) if dtype in FORMATS else d * itemsize(dtype)
+
+
 # --- sign packing and the predictor --------------------------------------------------------
 
 def pack_x(d: int, k: int, dtype: str, rows: dict) -> int:
     """x read, its sign words written (the per-token packing)."""
     return d * F32 + words_per_row(d) * WORD
+
+
+def pack_rows(d: int, k: int, dtype: str, rows: dict) -> int:
+    """Every weight row read, its sign words written (W_gate's packing, at load time)."""
+    return k * row_bytes(d, dtype) + k * words_per_row(d) * WORD
 
 
 def predict(d: int, k: int, dtype: str, rows: dict) -> int:
@@ -44,7 +56,7 @@ def predict_compacted(d: int, k: int, dtype: str, rows: dict) -> int:
 
 def _gate_up(d: int, k: int, dtype: str, weight_rows: int) -> int:
     """Weights of the rows read, x, h1 and h3 written."""
-    return weight_rows * d * itemsize(dtype) + d * F32 + 2 * k * F32
+    return weight_rows * row_bytes(d, dtype) + d * F32 + 2 * k * F32
 
 
 def gate_up_masked(d: int, k: int, dtype: str, rows: dict) -> int:
@@ -78,7 +90,7 @@ def gate_up_dense(d: int, k: int, dtype: str, rows: dict) -> int:
 def _down_chunked(d: int, k: int, dtype: str, weight_rows: int) -> int:
     """Rows of W_down^T read, h3, the chunks' partial sums written and read back, out written."""
     n_chunks = -(-k // DOWN_ROW_CHUNK)
-    return weight_rows * d * itemsize(dtype) + k * F32 + 2 * n_chunks * d * F32 + d * F32
+    return weight_rows * row_bytes(d, dtype) + k * F32 + 2 * n_chunks * d * F32 + d * F32
 
 
 def down_chunked(d: int, k: int, dtype: str, rows: dict) -> int:
@@ -91,7 +103,7 @@ def down_chunked_dense(d: int, k: int, dtype: str, rows: dict) -> int:
 
 def down_atomic(d: int, k: int, dtype: str, rows: dict) -> int:
     """Rows of W_down^T read, h3, the output (no partials)."""
-    return rows["down"] * d * itemsize(dtype) + k * F32 + d * F32
+    return rows["down"] * row_bytes(d, dtype) + k * F32 + d * F32
 
 
 # --- whole MLPs in one version ----------------------------------------------------------------
@@ -111,4 +123,4 @@ def mlp_fused(d: int, k: int, dtype: str, rows: dict) -> int:
 def strong_dense(d: int, k: int, dtype: str, rows: dict) -> int:
     """The strong dense baseline: the three matrices, x read, h1 and h3 written, h3 read back
     by the down GEMV, out written."""
-    return 3 * k * d * itemsize(dtype) + d * F32 + 3 * k * F32 + d * F32
+    return 3 * k * row_bytes(d, dtype) + d * F32 + 3 * k * F32 + d * F32

@@ -5,8 +5,9 @@ reference: ``sparseinfer verify-kernels``, and the ``verified`` column of ``spar
 built so that exactly that fraction of gate rows is predicted zero), the reference results
 and the device copies. :meth:`Case.check` runs one version and compares what it wrote with
 its record's ``reference`` (``registry.py``): bit for bit, or, for a version that is not
-``deterministic``, within the rigorous error bound. It runs on whichever backend ``cupy()``
-gives (a GPU, or the CPU emulation of the kernels).
+``deterministic``, within the rigorous error bound. The versions and pipelines on block-quantized
+weights run on the same layer padded to whole blocks and quantized (``verify_quant.py``). It runs
+on whichever backend ``cupy()`` gives (a GPU, or the CPU emulation of the kernels).
 """
 from __future__ import annotations
 
@@ -24,15 +25,19 @@ from . import ops
 from .baseline_check import dense_mlp_verified
 from .device import DeviceMatrix, cupy
 from .expected import same_bits, within_down_bound
-from .registry import BASELINE, DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
+from .registry import (BASELINE, DEFAULT_PIPELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, QUANT_FAMILIES,
+                       QUANT_PIPELINES)
 from .shapes import BENCH_DTYPE, make_layer
 from .sparse_mlp import SparseMLP
+from .verify_quant import QuantCase
 
 ALPHA = 1.0
 
-# What each row checks (and the benchmark times), by kernel family; ``mlp``: the pipelines.
+# What each row checks (and the benchmark times), by kernel family; ``mlp``: the pipelines; then the
+# families on block-quantized weights (``pack_signs_q4_0``, ...) and their pipelines (``mlp_quant``).
 TARGET_FAMILIES = {"mlp": PIPELINES, "pack_signs": PACK_SIGNS, "predict": PREDICT, "gate_up": GATE_UP, "down": DOWN,
-                   "baseline": BASELINE}
+                   "baseline": BASELINE, **QUANT_FAMILIES, "mlp_quant": QUANT_PIPELINES}
+PIPELINE_TARGETS = ("mlp", "mlp_quant")       # the rows that are whole MLP pipelines (several launches each)
 
 
 def bench_targets():
@@ -69,6 +74,7 @@ class Case:
         self.alpha_milli = alpha_to_milli(ALPHA)
         log(f"{shape.model} sparsity {sparsity}: predicted {self.trace.predicted_sparsity:.4f}, rows {self.trace.rows}")
         self.mlps = {}
+        self.quants = {}                   # block format -> its QuantCase, built when first checked
         self.mlp = self._mlp(DEFAULT_PIPELINE)
         self.x = self.mlp.to_device_x(layer.x)
         self.x_signs = ops.pack_x_signs(self.x)
@@ -97,6 +103,21 @@ class Case:
                 self.mlps[pipeline] = SparseMLP(layer.w_gate, layer.w_up, layer.w_down, self.act, pipeline=pipeline)
         return self.mlps[pipeline]
 
+    def quant(self, fmt: str) -> QuantCase:
+        """The layer padded to whole blocks and quantized to ``fmt``, with its references (built once)."""
+        if fmt not in self.quants:
+            self.quants[fmt] = QuantCase(self.layer, self.act, self.alpha_milli, fmt)
+        return self.quants[fmt]
+
+    def touched(self, kernel: str, version: str) -> int:
+        """Bytes ``version`` of ``kernel`` (or a pipeline) touches at this shape, from its record:
+        the rows this case's trace reads (a dense version reads every row whatever they are); a
+        quantized one's at its padded d, its format's blocks, its own trace's rows."""
+        target = TARGET_FAMILIES[kernel][version]
+        if target.weights:
+            return self.quant(target.weights).touched(target)
+        return target.touched(self.shape.d, self.shape.k, BENCH_DTYPE, self.trace.rows)
+
     def pipeline_verified(self, pipe, got) -> bool:
         """A pipeline's output (host) against the reference: bits, or the atomic bound."""
         if not pipe.sparse:
@@ -115,7 +136,11 @@ class Case:
             pipe, mlp = PIPELINES[version], self._mlp(version)
             verified = self.pipeline_verified(pipe, mlp.steps(x, am)[3].get())
             return Check(kernel, version, lambda: mlp.steps(x, am), verified)
+        if kernel == "mlp_quant":
+            return Check(kernel, version, *self.quant(QUANT_PIPELINES[version].weights).check_pipeline(version))
         v = TARGET_FAMILIES[kernel][version]
+        if v.weights:
+            return Check(kernel, version, *self.quant(v.weights).check(v))
         if kernel == "pack_signs":        # the per-token packing of x, as a 1-row matrix
             x_row = DeviceMatrix(x, np.dtype(np.float32), 1, shape.d, shape.d)
             verified = np.array_equal(v.run(x_row).get()[0], self._want(v, layer.x))

@@ -16,7 +16,7 @@ import numpy as np
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .export_check import check_export, has_sparse_mlp_op, read_model_proto
+from .export_check import check_export, needs_op_library, read_model_proto
 from .op_library import counters
 from .session import make_session, onnxruntime_errors, resolve_mlp_kernels
 
@@ -45,7 +45,9 @@ class OnnxDecoder:
         self.path = path
         model = read_model_proto(path)
         info = check_export(model, path)
-        self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, has_sparse_mlp_op(model), provider)
+        required = (f"{path}: its {info.quantize} block-quantized nodes need the op library (they carry no function "
+                    f"body)") if info.quantize else None
+        self.mlp_kernels, self.library = resolve_mlp_kernels(mlp_kernels, needs_op_library(model), provider, required)
         del model
         self.session = make_session(path, provider, threads, profile, self.library, cuda_graph)
         self.provider = provider
@@ -53,7 +55,7 @@ class OnnxDecoder:
         self.io_binding = provider == "cuda" if io_binding is None else bool(io_binding)
         self.num_layers, self.kv_heads, self.head_dim = info.num_layers, info.kv_heads, info.head_dim
         self.max_positions, self.vocab_size = info.max_positions, info.vocab_size
-        self.sparse, self.shared_kv = info.sparse, info.shared_kv
+        self.sparse, self.shared_kv, self.quantize = info.sparse, info.shared_kv, info.quantize
         if self.shared_kv:
             if io_binding is False:
                 raise SparseInferError(f"{path}: its KV cache is one buffer shared by past and present, which "

@@ -35,6 +35,11 @@ on the native op library where a host registers it, else on its function body.
 ``debug.{i}.predicted_zero`` and ``debug.{i}.actual_zero`` [k] bool and ``debug.{i}.rows``
 (the rows computed in the up/down steps); in prefill they are empty. ``actual_zero`` needs
 the full gate product, so debug exports do extra work.
+
+Quantized exports (``ExportOptions(quantize="q8_0" | "q4_0" | "q4_1")``, fused form, float32
+activations): every linear layer on GGUF blocks, read from the checkpoint one layer at a time
+(``quant_weights``), as onnxruntime's MatMulNBits or the op library's BlockMatMul and SparseMLP
+on blocks (``quant_graph``); those nodes carry no function body.
 """
 from __future__ import annotations
 
@@ -47,13 +52,19 @@ import onnx
 
 from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.alpha import AlphaSchedule
+from sparseinfer.reference.block_quant import block_format
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaWeights, rope_tables
 
 from . import mlp_functions as mf
+from . import quant_graph as qg
+from .export_check import needs_op_library
+from .gguf_blocks import DEFAULT_DOWN_POLICY
 from .onnx_builder import (BOOL, FLOAT, FLOAT16, INT32, INT64, MS_DOMAIN, ExternalData, GraphBuilder, make_model,
                            register_onnxruntime_schemas)
 from .op_library import DOMAIN, OP_TYPE
+from .quant_linear import ACCURACY_LEVELS
+from .quant_weights import QuantizedModel
 
 EXTERNAL_DATA_BYTES = 1 << 30     # fp32 weights above this go to a side file (protobuf's 2 GiB limit)
 
@@ -68,6 +79,26 @@ class ExportOptions:
     max_length: int | None = None     # longest sequence (shared KV buffer, rotary caches); default: the model's
     dtype: str = "float32"            # weights and activations: float32 or float16 (fused form only)
     approximate: bool = False         # sparse SiLU / GELU: rows the sign predictor skips are taken as zero
+    quantize: str | None = None       # q8_0, q4_0, q4_1: every linear layer on blocks (quant_weights, quant_graph)
+    down_policy: str = DEFAULT_DOWN_POLICY    # a GGUF's ffn_down re-blocked along d: in q8_0, or 'same' format
+    accuracy_level: int = 0           # MatMulNBits' (0: float32 activations, exact; 4: int8 activations, q8_0 too)
+
+
+def quantize_conflicts(quantize, portable: bool = False, dtype: str = "float32", target: str = "cpu",
+                       accuracy_level: int = 0) -> str | None:
+    """Why ``quantize`` cannot go with the other settings (None if it can): the block ops are
+    onnxruntime's MatMulNBits and the op library's CPU kernels, in float32."""
+    if not quantize:
+        return "--accuracy-level applies to --quantize exports (their MatMulNBits nodes)" if accuracy_level else None
+    if portable:
+        return ("--quantize needs the fused form: MatMulNBits and the op library's block ops are not standard ONNX "
+                "ops (drop --portable)")
+    if dtype != "float32":
+        return "--quantize computes in float32 (weights in blocks, activations float32; drop --dtype float16)"
+    if target != "cpu":
+        return ("--quantize runs on the op library's CPU kernel: its CUDA kernel takes no block formats yet "
+                "(drop --target cuda)")
+    return None
 
 
 def export_form(options: ExportOptions) -> dict[str, str]:
@@ -117,9 +148,23 @@ def pad_head_rows(w: np.ndarray, heads: int, head_dim: int, padded: int) -> np.n
 
 
 class LlamaExporter:
-    def __init__(self, weights: LlamaWeights, options: ExportOptions, progress=None,
+    def __init__(self, weights: LlamaWeights | QuantizedModel, options: ExportOptions, progress=None,
                  external: ExternalData | None = None):
+        """``weights``: a ``QuantizedModel`` for a quantized export (``options.quantize``)."""
         self.w, self.s, self.o = weights, weights.shape, options
+        self.quant = options.quantize is not None
+        if self.quant:
+            block_format(options.quantize)
+            why = quantize_conflicts(options.quantize, options.portable, options.dtype, options.target)
+            if why:
+                raise SparseInferError(why)
+            if options.accuracy_level not in ACCURACY_LEVELS:
+                raise SparseInferError(f"accuracy level {options.accuracy_level!r} is not one of "
+                                       f"{', '.join(map(str, ACCURACY_LEVELS))} (MatMulNBits')")
+            if not isinstance(weights, QuantizedModel) or (weights.fmt.name, weights.sparse) != \
+                    (block_format(options.quantize).name, options.sparse):
+                raise SparseInferError(f"a {options.quantize} {'sparse' if options.sparse else 'dense'} export takes "
+                                       f"a QuantizedModel (quant_weights) of that format and mode")
         self.act = Activation.parse(self.s.hidden_act)
         self.progress = progress or (lambda: None)
         if options.target not in mf.TARGETS:
@@ -141,7 +186,7 @@ class LlamaExporter:
                 raise SparseInferError("--dtype float16 needs the fused form (GroupQueryAttention); drop --portable")
             check_fp16_range(weights)
         self.np_dtype, self.onnx_dtype = DTYPES[options.dtype]
-        self.tied = weights.lm_head is weights.embed
+        self.tied = weights.tied if self.quant else weights.lm_head is weights.embed
         self.kv_head_dim = self.s.head_dim if options.portable else gqa_head_dim(self.s.head_dim)
         self.g = GraphBuilder(external=external)
 
@@ -227,23 +272,44 @@ class LlamaExporter:
         total = g.make_reshape(g.make_shape(self.mask, f"{sc}/total_seq_len", 1, 2), [], f"{sc}/total_seq_len")
         return seqlens_k, g.make_cast(total, INT32, f"{sc}/total_seq_len")
 
-    def _attention_gqa(self, i, x, lengths, caches):
-        g, s, lw = self.g, self.s, self.w.layers[i]
+    def _attention_gqa(self, i, lw, x, lengths, caches):
+        g, s = self.g, self.s
         sc, pre = f"/model/layers.{i}/attn", f"model.layers.{i}.self_attn"
         hd, hdp = s.head_dim, self.kv_head_dim
-
-        def pad(w, heads):
-            return pad_head_rows(self._cast(w), heads, hd, hdp)
-
-        qkv_t = np.concatenate([pad(lw.q, s.num_heads), pad(lw.k, s.num_kv_heads), pad(lw.v, s.num_kv_heads)]).T
-        qkv = g.make_matmul(x, g.initializer(f"{pre}.qkv_proj.weight_t", qkv_t), f"{sc}/qkv_proj")
+        qkv = self._qkv_quant(lw, x, sc, pre) if self.quant else [self._qkv(lw, x, sc, pre)]
         past_k, past_v = self.past[i]
         ctx = g.make_group_query_attention(
             qkv, past_k, past_v, *lengths, *caches, f"{sc}", num_heads=s.num_heads, kv_num_heads=s.num_kv_heads,
             scale=1.0 / np.sqrt(hd), outputs=[f"{sc}/GroupQueryAttention/output_0", f"present.{i}.key",
                                               f"present.{i}.value"])[0]
+        if self.quant:
+            if hdp != hd:              # the padded columns out, so that o_proj keeps its own blocks
+                ctx = g.make_gather(ctx, g.const(qg.attention_columns(s.num_heads, hd, hdp)), f"{sc}/o_proj",
+                                    axis=-1)
+            return qg.linear(g, ctx, lw.o, f"{sc}/o_proj", f"{pre}.o_proj.weight", self.o.accuracy_level)
         o_t = pad_head_rows(self._cast(lw.o).T, s.num_heads, hd, hdp)                         # [h hdp, d]
         return g.make_matmul(ctx, g.initializer(f"{pre}.o_proj.weight_t", o_t), f"{sc}/o_proj")
+
+    def _qkv(self, lw, x, sc, pre) -> str:
+        """The packed QKV projection [b, s, (h + 2 kvh) hdp] as one MatMul."""
+        s, hd, hdp = self.s, self.s.head_dim, self.kv_head_dim
+
+        def pad(w, heads):
+            return pad_head_rows(self._cast(w), heads, hd, hdp)
+
+        qkv_t = np.concatenate([pad(lw.q, s.num_heads), pad(lw.k, s.num_kv_heads), pad(lw.v, s.num_kv_heads)]).T
+        return self.g.make_matmul(x, self.g.initializer(f"{pre}.qkv_proj.weight_t", qkv_t), f"{sc}/qkv_proj")
+
+    def _qkv_quant(self, lw, x, sc, pre) -> list[str]:
+        """The QKV projection on blocks: one packed linear layer where Q, K and V share a format
+        (their rows of blocks concatenated, the padding rows zero bytes), else three (q, k, v)."""
+        g, s, hd, hdp, level = self.g, self.s, self.s.head_dim, self.kv_head_dim, self.o.accuracy_level
+        parts = {"q": (lw.q, s.num_heads), "k": (lw.k, s.num_kv_heads), "v": (lw.v, s.num_kv_heads)}
+        padded = {n: tb._replace(blocks=pad_head_rows(tb.blocks, heads, hd, hdp)) for n, (tb, heads) in parts.items()}
+        if len({tb.fmt for tb in padded.values()}) == 1:
+            packed = padded["q"]._replace(blocks=np.concatenate([tb.blocks for tb in padded.values()]))
+            return [qg.linear(g, x, packed, f"{sc}/qkv_proj", f"{pre}.qkv_proj.weight", level)]
+        return [qg.linear(g, x, tb, f"{sc}/{n}_proj", f"{pre}.{n}_proj.weight", level) for n, tb in padded.items()]
 
     def _layers_fused(self, h):
         """Decoder layers with GroupQueryAttention and (Skip)SimplifiedLayerNormalization; the
@@ -257,23 +323,26 @@ class LlamaExporter:
         sin = np.pad(sin, ((0, 0), (0, half_pad)), constant_values=0.0)
         caches = (g.initializer("model.rotary_emb.cos_cache", self._cast(cos)),
                   g.initializer("model.rotary_emb.sin_cache", self._cast(sin)))
-        xn = g.make_simplified_layer_norm(h, g.initializer("model.layers.0.input_layernorm.weight",
-                                                           self._cast(w.layers[0].input_norm)), eps,
-                                          "/model/layers.0/input_layernorm")
-        for i, lw in enumerate(w.layers):
+        mlp = None
+        for i in range(s.num_layers):
+            lw = self._layer(i)                  # read once (a quantized model reads it from the checkpoint now)
             lsc = f"/model/layers.{i}"
-            attn = self._attention_gqa(i, xn, lengths, caches)
+            norm = g.initializer(f"model.layers.{i}.input_layernorm.weight", self._cast(lw.input_norm))
+            if mlp is None:
+                xn = g.make_simplified_layer_norm(h, norm, eps, f"{lsc}/input_layernorm")
+            else:                                # the previous layer's MLP output joins the residual here
+                xn, h = g.make_skip_simplified_layer_norm(mlp, h, norm, eps, f"{lsc}/input_layernorm")
+            attn = self._attention_gqa(i, lw, xn, lengths, caches)
             x, h = g.make_skip_simplified_layer_norm(
                 attn, h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight", self._cast(lw.post_norm)),
                 eps, f"{lsc}/post_attention_layernorm")
-            mlp = self._mlp(i, x)
-            if i + 1 < len(w.layers):
-                xn, h = g.make_skip_simplified_layer_norm(
-                    mlp, h, g.initializer(f"model.layers.{i + 1}.input_layernorm.weight",
-                                          self._cast(w.layers[i + 1].input_norm)), eps, f"/model/layers.{i + 1}/input_layernorm")
+            mlp = self._mlp(i, lw, x)
             self.progress()
         return g.make_skip_simplified_layer_norm(mlp, h, g.initializer("model.norm.weight", self._cast(w.final_norm)), eps,
                                                  f"{sc}/norm", with_sum=False)[0]
+
+    def _layer(self, i):
+        return self.w.layer(i) if self.quant else self.w.layers[i]
 
     def _layers_portable(self, h):
         """Decoder layers of standard ops (today's portable form); returns the final-normed hidden."""
@@ -288,17 +357,22 @@ class LlamaExporter:
             h = g.make_add(h, self._attention(i, xn, bias, cos, sin), f"{lsc}/attn_residual")
             x = g.make_rms_norm(h, g.initializer(f"model.layers.{i}.post_attention_layernorm.weight",
                                                  self._cast(lw.post_norm)), eps, f"{lsc}/post_attention_layernorm")
-            h = g.make_add(h, self._mlp(i, x), f"{lsc}/mlp_residual")
+            h = g.make_add(h, self._mlp(i, lw, x), f"{lsc}/mlp_residual")
             self.progress()
         return g.make_rms_norm(h, g.initializer("model.norm.weight", self._cast(w.final_norm)), eps, "/model/norm")
 
-    def _mlp(self, i, x):
+    def _mlp(self, i, lw, x):
         """The layer's MLP (sparse op or dense MatMuls) on its normed input x; debug output of x."""
         g, lsc = self.g, f"/model/layers.{i}"
         if self.o.debug:
             g.nodes.append(onnx.helper.make_node("Identity", [x], [f"debug.{i}.mlp_input"], name=f"{lsc}/debug.mlp_input"))
             g.add_output(f"debug.{i}.mlp_input", self.onnx_dtype, ["batch_size", "sequence_length", self.s.d])
-        return self._mlp_sparse(i, x) if self.o.sparse else self._mlp_dense_t(g, i, x, f"{lsc}/mlp")
+        if self.quant and not self.o.sparse and not lw.down_transposed:
+            return qg.dense_mlp_nbits(g, x, lw, self.act, f"{lsc}/mlp", f"model.layers.{i}.mlp", self.o.accuracy_level)
+        if self.quant:
+            inputs, attrs = qg.sparse_mlp_inputs(g, x, lw, f"model.layers.{i}.mlp", dense=not self.o.sparse)
+            return self._sparse_mlp_node(i, inputs, attrs)
+        return self._mlp_sparse(i, lw, x) if self.o.sparse else self._mlp_dense_t(g, i, lw, x, f"{lsc}/mlp")
 
     def _lm_head(self, hn, embed):
         """logits [b, s, vocab]. Untied: MatMul on the head's transposed copy. Tied: Gemm with
@@ -307,23 +381,25 @@ class LlamaExporter:
         transposed copy (about 15-24 ms a token both, noisy), and a Transpose node would be
         constant-folded by onnxruntime into a second copy in memory."""
         g, s, sc = self.g, self.s, "/lm_head"
+        if self.quant:
+            return qg.linear(g, hn, self.w.lm_head(), sc, "lm_head.weight", self.o.accuracy_level)
         if not self.tied:
             return g.make_matmul(hn, g.initializer("lm_head.weight_t", self._cast(self.w.lm_head).T), sc)
         rows = g.make_gemm(g.make_reshape(hn, [-1, s.d], sc), embed, sc, trans_b=1)
         out_shape = g.make_concat([g.make_shape(self.ids, sc), g.const([s.vocab_size])], 0, sc)
         return g.op("Reshape", [rows, out_shape], sc)
 
-    def _mlp_dense_t(self, b: GraphBuilder, i, x, sc):
+    def _mlp_dense_t(self, b: GraphBuilder, i, lw, x, sc):
         """Dense MLP on transposed-free weights (dense export): x [.., d] @ W^T."""
-        lw, pre = self.w.layers[i], f"model.layers.{i}.mlp"
+        pre = f"model.layers.{i}.mlp"
         gate = b.make_matmul(x, b.initializer(f"{pre}.gate_proj.weight_t", self._cast(lw.gate).T), f"{sc}/gate_proj")
         up = b.make_matmul(x, b.initializer(f"{pre}.up_proj.weight_t", self._cast(lw.up).T), f"{sc}/up_proj")
         h3 = b.make_mul(mf.apply_activation(b, gate, self.act, f"{sc}/act", self.np_dtype), up, f"{sc}/act")
         return b.make_matmul(h3, b.initializer(f"{pre}.down_proj.weight_t", self._cast(lw.down).T), f"{sc}/down_proj")
 
-    def _mlp_sparse(self, i, x):
+    def _mlp_sparse(self, i, lw, x):
         """One ``SparseMLP`` node (``mlp_functions``): sparse for one token, dense for more."""
-        g, lw = self.g, self.w.layers[i]
+        g = self.g
         sc, pre = f"/model/layers.{i}/mlp", f"model.layers.{i}.mlp"
         x32 = x if self.onnx_dtype == FLOAT else g.make_cast(x, FLOAT, sc)       # the op takes x in float32
         inputs = [x32, g.initializer(f"{pre}.gate_proj.weight", self._cast(lw.gate)),
@@ -333,17 +409,25 @@ class LlamaExporter:
                                 mf.pack_sign_words64(self._cast(lw.gate), groups=self.o.target == "cpu"))]
         if self.o.target == "cuda":            # the function body's predictor on the CUDA provider
             inputs.append(g.initializer(f"{pre}.gate_proj.signs_int8_t", mf.int8_signs_t(self._cast(lw.gate))))
-        outs = g.make_node(OP_TYPE, inputs, sc, n_out=4 if self.o.debug else 1, domain=DOMAIN,
+        out = self._sparse_mlp_node(i, inputs, {})
+        return out if self.onnx_dtype == FLOAT else g.make_cast(out, self.onnx_dtype, sc)
+
+    def _sparse_mlp_node(self, i, inputs, attrs) -> str:
+        """The layer's SparseMLP node on ``inputs`` (with ``attrs`` besides α and the activation)
+        and, in a sparse debug export, its debug outputs; returns its output."""
+        g, sc = self.g, f"/model/layers.{i}/mlp"
+        debug = self.o.debug and self.o.sparse
+        outs = g.make_node(OP_TYPE, inputs, sc, n_out=4 if debug else 1, domain=DOMAIN,
                            alpha_milli=self.alpha_milli[i], activation=self.act.kind,
-                           threshold=float(self.act.threshold))
-        if self.o.debug:
+                           threshold=float(self.act.threshold), **attrs)
+        if debug:
             rows = g.make_nonzero_flat(outs[2], f"{sc}/debug")
             for name, src, kind, shape in (("predicted_zero", outs[1], BOOL, ["k_or_0"]),
                                            ("actual_zero", outs[3], BOOL, ["k_or_0"]),
                                            ("rows", rows, INT64, ["rows_computed"])):
                 g.nodes.append(onnx.helper.make_node("Identity", [src], [f"debug.{i}.{name}"], name=f"{sc}/debug.{name}"))
                 g.add_output(f"debug.{i}.{name}", kind, shape)
-        return outs[0] if self.onnx_dtype == FLOAT else g.make_cast(outs[0], self.onnx_dtype, sc)
+        return outs[0]
 
     # -- whole model ----------------------------------------------------------------------
     def build(self) -> onnx.ModelProto:
@@ -366,8 +450,9 @@ class LlamaExporter:
             g.add_output(name, kind, shape)
         g.outputs += debug_outputs
         functions = [mf.sparse_mlp_function(s.d, s.k, self.act, self.o.target, self.o.debug, self.onnx_dtype)] \
-            if self.o.sparse else []
-        domains = ([DOMAIN] if self.o.sparse else []) + ([] if self.o.portable else [MS_DOMAIN])
+            if self.o.sparse and not self.quant else []           # block-quantized nodes have no body
+        library = any(node.domain == DOMAIN for node in g.nodes)
+        domains = ([DOMAIN] if library else []) + ([] if self.o.portable else [MS_DOMAIN])
         model = make_model(g.make_graph("sparseinfer_llama"), functions, domains)
         meta = {"sparseinfer.sparse": str(self.o.sparse), "sparseinfer.target": self.o.target,
                 "sparseinfer.alpha_milli": ",".join(map(str, self.alpha_milli)),
@@ -378,19 +463,25 @@ class LlamaExporter:
                 "sparseinfer.activation": str(self.act), **export_form(self.o),
                 "sparseinfer.approximate": str(self.o.sparse and not self.act.sparse_capable),
                 "sparseinfer.max_length": str(self.max_length),
-                "sparseinfer.tied_embeddings": str(self.tied)}
+                "sparseinfer.tied_embeddings": str(self.tied),
+                **({"sparseinfer.quantize": block_format(self.o.quantize).name,
+                    "sparseinfer.accuracy_level": str(self.o.accuracy_level)} if self.quant else {})}
         onnx.helper.set_model_props(model, meta)
         return model
 
 
-def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = ExportOptions(), progress=None,
+def export_onnx(weights, out_path, options: ExportOptions = ExportOptions(), progress=None,
                 check: bool = True, token_ids: dict | None = None, ops_library: Path | None = None,
-                companions: dict | None = None) -> Path:
+                companions: dict | None = None, note=None) -> Path:
     """Build, save and check the model, with ``genai_config.json`` beside it (``token_ids``:
-    bos / eos / pad ids for it; ``ops_library``: the op library it names for sparse exports,
-    copied beside it) and ``companions``, {file name: write(path)} of the other files that
-    belong to the export (its tokenizer's); returns the model's path. Above 1 GiB of fp32
+    bos / eos / pad ids for it; ``ops_library``: the op library it names when the graph holds
+    its nodes, copied beside it) and ``companions``, {file name: write(path)} of the other files
+    that belong to the export (its tokenizer's); returns the model's path. Above 1 GiB of fp32
     weights the initializers are streamed into ``<name>.data`` beside it while the graph is built.
+
+    ``weights``: ``LlamaWeights``, or for a quantized export (``options.quantize``) also a
+    ``loaders.OpenCheckpoint``, read one layer at a time (``quant_weights``); ``note(line)`` is
+    told what the quantization converted, once the export is written.
 
     Written whole: every file goes to a staging folder inside the output folder (the .data
     under its final name, which the model names), the model is checked there, and only then
@@ -401,16 +492,24 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
     from sparseinfer.reference.files import check_replaceable, commit, staging_folder
 
     from .genai_config import GENAI_CONFIG, write_genai_config
+    from .loaders.weights import OpenCheckpoint
 
     out = Path(out_path)
     data_name = out.name + ".data"
-    library = ops_library if options.sparse else None
     companions = dict(companions or {})
-    beside = [Path(library).name] if library else []
-    beside += [*companions, GENAI_CONFIG]
+    beside = [*companions, GENAI_CONFIG]
     check_replaceable(out, "model")
-    for name in [data_name, *beside]:
+    for name in [data_name, *beside, *([Path(ops_library).name] if ops_library else [])]:
         check_replaceable(out.with_name(name))
+    if options.quantize:
+        why = quantize_conflicts(options.quantize, options.portable, options.dtype, options.target)
+        if why:
+            raise SparseInferError(why)
+        if isinstance(weights, LlamaWeights):
+            weights = QuantizedModel.of_weights(weights, options.quantize, options.sparse, options.accuracy_level)
+        elif isinstance(weights, OpenCheckpoint):
+            weights = QuantizedModel(weights, options.quantize, options.sparse, options.down_policy,
+                                     options.accuracy_level)
     big = 4 * weights.num_elements() > EXTERNAL_DATA_BYTES
     with staging_folder(out.parent, out.name) as stage:
         staged = stage / out.name
@@ -420,8 +519,13 @@ def export_onnx(weights: LlamaWeights, out_path, options: ExportOptions = Export
         if check:
             register_onnxruntime_schemas()
             onnx.checker.check_model(str(staged), full_check=True)
+        library = ops_library if needs_op_library(model) else None
+        beside += [Path(library).name] if library else []
         write_genai_config(staged, {p.key: p.value for p in model.metadata_props}, weights.shape, token_ids, library)
         for name, write in companions.items():
             write(stage / name)
         commit(stage, out.parent, [data_name, *beside, out.name])     # the model last: it names the data
+    for line in weights.summary() if note and options.quantize else []:
+        note(line)
     return out
+

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
+from sparseinfer.reference.block_quant import FORMATS
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.shapes import MAX_POSITIONS
 
 from .op_library import DOMAIN, OP_TYPE
+from .quant_graph import DENSE
 
 def read_model_proto(path):
     """The model's graph and metadata, external weights left on disk (one-line errors)."""
@@ -38,6 +40,7 @@ class ExportInfo:
     shared_kv: bool
     max_length: int
     alpha_milli: tuple[int, ...] | None = None      # a sparse export's α per layer, in thousandths
+    quantize: str | None = None                     # a quantized export's block format (q8_0, q4_0, q4_1)
 
 
 _SIZES = {"num_layers": "sparseinfer.num_layers", "kv_heads": "sparseinfer.num_kv_heads",
@@ -82,6 +85,9 @@ def check_export(model, path) -> ExportInfo:
         return text
 
     sizes = {field: whole(key) for field, key in _SIZES.items()}
+    quantize = meta.get("sparseinfer.quantize") or None
+    if quantize is not None:
+        one_of("sparseinfer.quantize", tuple(FORMATS), None)
     if sizes["max_positions"] > MAX_POSITIONS:             # a KV buffer is allocated at this length
         fail(f"metadata sparseinfer.max_position_embeddings {sizes['max_positions']} exceeds {MAX_POSITIONS}")
     sparse = one_of("sparseinfer.sparse", ("True", "False"), None) == "True"
@@ -127,11 +133,17 @@ def check_export(model, path) -> ExportInfo:
     logits = _dims(outputs["logits"])
     if len(logits) != 3 or not fits(logits[2], sizes["vocab_size"]):
         fail(f"logits have dimensions {logits}, but metadata sparseinfer.vocab_size is {sizes['vocab_size']}")
-    nodes = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
-    if not sparse:
+    all_nodes = [node for node in model.graph.node if node.domain == DOMAIN and node.op_type == OP_TYPE]
+    nodes = [node for node in all_nodes if not any(a.name == DENSE and a.i for a in node.attribute)]
+    if not sparse:                     # a quantized dense MLP may be the op's, always dense (dense=1)
         if nodes:
             fail(f"metadata calls it dense, but the graph holds {len(nodes)} {OP_TYPE} nodes")
-        return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length)
+        if all_nodes and quantize is None:
+            fail(f"metadata calls it dense and unquantized, but the graph holds {len(all_nodes)} {OP_TYPE} nodes")
+        return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length, quantize=quantize)
+    if len(all_nodes) != len(nodes):
+        fail(f"metadata calls it sparse, but the graph holds {len(all_nodes) - len(nodes)} {OP_TYPE} nodes with "
+             f"dense=1")
     if len(nodes) != n:
         fail(f"a sparse export of {n} layers should hold {n} {OP_TYPE} nodes, the graph holds {len(nodes)}")
     alphas = meta.get("sparseinfer.alpha_milli", "").split(",")
@@ -143,7 +155,7 @@ def check_export(model, path) -> ExportInfo:
         if got != int(alpha):
             fail(f"node {node.name} has alpha_milli {got}, but the metadata records {alpha}")
     return ExportInfo(**sizes, sparse=sparse, shared_kv=shared, max_length=max_length,
-                      alpha_milli=tuple(int(a) for a in alphas))
+                      alpha_milli=tuple(int(a) for a in alphas), quantize=quantize)
 
 
 def export_info(path) -> ExportInfo:
@@ -151,6 +163,7 @@ def export_info(path) -> ExportInfo:
     return check_export(read_model_proto(path), path)
 
 
-def has_sparse_mlp_op(model) -> bool:
-    """True when the graph holds the op library's SparseMLP nodes."""
-    return any(n.domain == DOMAIN and n.op_type == OP_TYPE for n in model.graph.node)
+def needs_op_library(model) -> bool:
+    """True when the graph holds the op library's nodes (SparseMLP, BlockMatMul): a host runs them
+    with the library registered, or, a SparseMLP on float weights only, on its function body."""
+    return any(n.domain == DOMAIN for n in model.graph.node)

@@ -31,18 +31,36 @@ def genai_ops_library():
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha="1.00", target="cpu", debug=False, portable=False,
-                      progress=None, dtype="float32", approximate=False) -> Path:
-    """Load (a path) or take (a loaded checkpoint) and export it with the folder's other files,
-    all moved into place together. ``progress``: called once per layer exported. Returns the
-    model's path."""
-    from .export import ExportOptions, export_onnx
-    from .loaders import load_checkpoint
+                      progress=None, dtype="float32", approximate=False, quantize=None, accuracy_level=0,
+                      note=None) -> Path:
+    """Load (a path) or take (a loaded ``Checkpoint``, or an ``OpenCheckpoint``) and export it with
+    the folder's other files, all moved into place together. ``progress``: called once per layer
+    exported. ``quantize``: a block format (a path is then read one layer at a time, never whole
+    in float32), ``accuracy_level`` its MatMulNBits nodes'; ``note(line)``: told what the
+    quantization converted. Returns the model's path."""
+    from .export import ExportOptions, export_onnx, quantize_conflicts
+    from .loaders import OpenCheckpoint, load_checkpoint, open_checkpoint
 
-    ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
     opts = ExportOptions(sparse=sparse, alpha=alpha, target=target, debug=debug, portable=portable, dtype=dtype,
-                         approximate=approximate)
-    return export_onnx(ck.weights, out, opts, progress=progress, token_ids=special_token_ids(ck),
-                       ops_library=genai_ops_library() if sparse else None, companions=tokenizer_files(ck))
+                         approximate=approximate, quantize=quantize, accuracy_level=accuracy_level)
+    why = quantize_conflicts(quantize, portable, dtype, target, accuracy_level)
+    if why:                                    # before the checkpoint is read
+        raise SparseInferError(why)
+    def export(ck):
+        if isinstance(ck, OpenCheckpoint) or not quantize:
+            weights = ck if isinstance(ck, OpenCheckpoint) else ck.weights
+        else:                                  # a loaded checkpoint, named as itself in what is noted
+            weights = OpenCheckpoint.of(ck)
+        library = genai_ops_library() if sparse or quantize else None
+        return export_onnx(weights, out, opts, progress=progress, token_ids=special_token_ids(ck),
+                           ops_library=library, companions=tokenizer_files(ck), note=note)
+
+    if hasattr(checkpoint, "tokenizer"):       # a Checkpoint or an OpenCheckpoint
+        return export(checkpoint)
+    if quantize:
+        with open_checkpoint(checkpoint) as ck:
+            return export(ck)
+    return export(load_checkpoint(checkpoint))
 
 
 def special_token_ids(ck) -> dict:

@@ -224,11 +224,12 @@ class GraphBuilder:
 
     def make_group_query_attention(self, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, scope, *,
                                    num_heads, kv_num_heads, scale, outputs):
-        """Packed QKV [b, s, (h + 2 kvh) hd] -> attention [b, s, h hd], rotary (rotate_half,
-        non-interleaved) inside; ``outputs``: (attention, present key, present value) names."""
-        return self.make_node("GroupQueryAttention", [qkv, "", "", past_k, past_v, seqlens_k, total_len, cos, sin],
-                              scope, domain=MS_DOMAIN, outputs=outputs, num_heads=num_heads,
-                              kv_num_heads=kv_num_heads, scale=float(scale), do_rotary=1, rotary_interleaved=0)
+        """``qkv``: [packed QKV [b, s, (h + 2 kvh) hd]] or [Q, K, V] -> attention [b, s, h hd], rotary
+        (rotate_half, non-interleaved) inside; ``outputs``: (attention, present key, present value) names."""
+        inputs = [*(*qkv, "", "")[:3], past_k, past_v, seqlens_k, total_len, cos, sin]   # key, value: '' if packed
+        return self.make_node("GroupQueryAttention", inputs, scope, domain=MS_DOMAIN, outputs=outputs,
+                              num_heads=num_heads, kv_num_heads=kv_num_heads, scale=float(scale), do_rotary=1,
+                              rotary_interleaved=0)
 
     def make_nonzero_flat(self, mask, scope):
         """Indices [n] int64 of the True entries of a 1-D mask."""

@@ -49,13 +49,14 @@ from sparseinfer.reference.errors import SparseInferError
 
 NATIVE_DIR = Path(__file__).parent / "native"
 KERNELS_CUDA_DIR = Path(__file__).resolve().parent.parent / "kernels" / "cuda"
-DOMAIN = "ai.sparseinfer"          # the custom op's domain and name: the graph's nodes and functions (mlp_functions,
-OP_TYPE = "SparseMLP"              # export) and, as -D defines, the library that registers it (DEFINES)
+DOMAIN = "ai.sparseinfer"          # the custom ops' domain and names: the graph's nodes and functions (mlp_functions,
+OP_TYPE = "SparseMLP"              # export) and, as -D defines, the library that registers them (DEFINES)
+BLOCK_MATMUL_TYPE = "BlockMatMul"  # y = x W^T on block-quantized W (formats MatMulNBits cannot hold exactly)
 # The op's files under native/: the translation units of every flavour, what they share, the
 # CPU kernel's headers, and the cuda flavour's: its op kernel (g++) and the launcher (nvcc).
-OP_SOURCES = ("sparse_mlp_op.cc", "op_checks.cc", "op_kernel_cpu.cc", "op_cpu_features.cc")
+OP_SOURCES = ("sparse_mlp_op.cc", "op_checks.cc", "op_kernel_cpu.cc", "op_block_matmul.cc", "op_cpu_features.cc")
 OP_HEADERS = ("op_common.h",)
-CPU_HEADERS = ("sparse_mlp_cpu.h",)
+CPU_HEADERS = ("sparse_mlp_cpu.h", "block_quant_cpu.h")
 CUDA_OP_SOURCE = "op_kernel_cuda.cc"
 CUDA_SOURCES = ("sparse_mlp_cuda.cu", "sparse_mlp_cuda.h")
 # The gate activations, one text for the CPU kernel and the CUDA kernels (sparse_mlp_cpu.h
@@ -73,7 +74,8 @@ ORT_RELEASE_ARCH = {"x86_64": "x64", "amd64": "x64", "aarch64": "aarch64", "arm6
 
 DEFINES = (*(o for o in COMPILE_OPTIONS if o.startswith("-D")),
            f"-DSPARSEINFER_MAX_ALPHA_MILLI={MAX_ALPHA_MILLI}",       # the op checks alpha_milli against it
-           f'-DSPARSEINFER_OP_DOMAIN="{DOMAIN}"', f'-DSPARSEINFER_OP_TYPE="{OP_TYPE}"')
+           f'-DSPARSEINFER_OP_DOMAIN="{DOMAIN}"', f'-DSPARSEINFER_OP_TYPE="{OP_TYPE}"',
+           f'-DSPARSEINFER_BLOCK_MATMUL_TYPE="{BLOCK_MATMUL_TYPE}"')
 CXX_FLAGS = ("-std=c++17", "-O3", "-march=native", "-ffp-contract=off", "-fno-fast-math", "-fPIC",
              "-fvisibility=hidden", "-Wall", "-Wextra")
 # nvcc: the NVRTC options of the kernels (no FMA, no flush-to-zero, IEEE division and sqrt)

@@ -79,19 +79,26 @@ def onnxruntime_errors(path):
         raise SparseInferError(f"{path}: onnxruntime failed: {line}") from None
 
 
-def resolve_mlp_kernels(requested: str, has_op: bool, provider: str) -> tuple[str, Path | None]:
-    """('native', library path) or ('function', None) for a model; ``has_op``: it holds SparseMLP
-    nodes. Explicit requests that cannot be met are errors; 'auto' falls back to the bodies."""
+def resolve_mlp_kernels(requested: str, has_op: bool, provider: str, required: str | None = None
+                        ) -> tuple[str, Path | None]:
+    """('native', library path) or ('function', None) for a model; ``has_op``: it holds the op
+    library's nodes. Explicit requests that cannot be met are errors; 'auto' falls back to the
+    bodies, except where the nodes have none (``required``: why the library is needed, e.g. a
+    quantized export), where it is the library or an error naming why it cannot be had."""
     from . import op_library
 
     if requested not in MLP_KERNELS:
         raise SparseInferError(f"unknown MLP kernels {requested!r}; expected {', '.join(MLP_KERNELS)}")
+    if has_op and required and requested == "function":
+        raise SparseInferError(f"{required}; --mlp-kernels function cannot run it (use native or auto)")
     if requested == "function" or not has_op:
         return "function", None            # a dense (or older) export has no SparseMLP node to override
     try:
         library = op_library.cpu_library() if provider == "cpu" else op_library.cuda_library()
-    except SparseInferError:
+    except SparseInferError as e:
         if requested == "native":
             raise
+        if required:
+            raise SparseInferError(f"{required}, which cannot be had here: {e}") from None
         return "function", None
     return "native", library

@@ -247,20 +247,26 @@ def make_checkpoint(shape_name: str, out_dir, layers: int | None = None,
                     target_sparsity: float = DEFAULT_TARGET_SPARSITY, seed: int = 0, dtype: str = "fp32",
                     kv_heads: int | None = None, hidden_act: str | None = None, tie_embeddings: bool = False) -> Path:
     """Write a synthetic checkpoint directory; returns its path."""
-    from safetensors.numpy import save_file
-
     if dtype not in WEIGHT_DTYPE_NAMES:
         raise SparseInferError(f"unknown dtype {dtype!r}; expected one of {', '.join(WEIGHT_DTYPE_NAMES)}")
     shape = synthetic_shape(shape_name, layers, kv_heads, hidden_act, tie_embeddings)
-    weights = make_weights(shape, target_sparsity, seed)
+    return write_checkpoint(make_weights(shape, target_sparsity, seed), out_dir, dtype, target_sparsity, seed)
+
+
+def write_checkpoint(weights: LlamaWeights, out_dir, dtype: str = "fp32",
+                     target_sparsity: float = DEFAULT_TARGET_SPARSITY, seed: int = 0) -> Path:
+    """A synthetic model's weights (``make_weights`` of any shape) as a checkpoint directory with
+    the byte-level tokenizer; returns its path."""
+    from safetensors.numpy import save_file
+
     out = Path(out_dir)
     with staging_folder(out, "checkpoint", target=out) as stage:    # written whole, moved in together, config last
         save_file(hf_tensors(weights, dtype), str(stage / "model.safetensors"), metadata={"format": "pt"})
         byte_level_tokenizer().save(str(stage / "tokenizer.json"))
-        write_json(stage / "config.json", synthetic_config(shape, dtype, target_sparsity, seed))
+        write_json(stage / "config.json", synthetic_config(weights.shape, dtype, target_sparsity, seed))
         commit(stage, out, ["model.safetensors", "tokenizer.json", "config.json"])
     return out
 
 
 __all__ = ["SYNTHETIC_SHAPES", "TINY", "MAX_LAYERS", "make_checkpoint", "make_weights", "synthetic_config",
-           "synthetic_shape", "calibration_ids", "common_direction", "dtype_name"]
+           "synthetic_shape", "calibration_ids", "common_direction", "dtype_name", "write_checkpoint"]

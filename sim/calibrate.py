@@ -10,7 +10,7 @@ benchmarks) of the form::
 
 A row of a version that failed on the device holds ``error`` and ``verified: false`` and no
 timings; it is skipped like an unverified one. Each verified row is one kernel family's launch that moved ``bytes`` (rows of whole
-MLP pipelines, ``kernel == "mlp"``, run several kernels and are left out of the fit); the latency model predicts
+MLP pipelines, ``kernel`` ``mlp`` or ``mlp_quant``, run several kernels and are left out of the fit); the latency model predicts
 ``kernel_launch_us + bytes / (fraction · peak)`` with the dense fraction for kernels that
 stream whole matrices (dense GEMV, predictors) and the sparse fraction for row-gathering
 kernels. A linear least-squares fit over the rows gives both fractions, and the launch time
@@ -37,7 +37,7 @@ ROW_FIELDS = {"kernel": str, "version": str, "model": str, "d": int, "k": int, "
 TOP_FIELDS = {"device": str, "cuda_version": str, "date": str, "peak_bandwidth_gb_per_s": (int, float), "rows": list}
 DENSE_KERNEL_WORDS = ("dense", "predict", "pack", "cublas")   # kernels/registry.py families and versions
 BASELINE_FAMILIES = ("gate_up", "down")             # rows whose dense_baseline_us is cuBLAS doing that step
-PIPELINE_KERNELS = ("mlp",)                         # whole-MLP pipeline rows: several launches each
+PIPELINE_KERNELS = ("mlp", "mlp_quant")             # whole-MLP pipeline rows (float, block-quantized): several launches
 
 
 def _check_fields(where: str, obj, spec: dict) -> None:

@@ -10,9 +10,12 @@ import numpy as np
 import pytest
 from hypothesis import strategies as st
 
-from sparseinfer.kernels.expected import expected_h1_h3
+from sparseinfer.kernels.expected import expected_h1_h3, quant_h1_h3
 from sparseinfer.kernels.shapes import TEST_SHAPES, make_layer
+from sparseinfer.reference.block_quant import FORMATS, Q8_0
 from sparseinfer.reference.dtypes import WEIGHT_DTYPES, dtype_name
+from sparseinfer.reference.order_contract import DOWN_ROW_CHUNK
+from sparseinfer.reference.quant_mlp import QuantizedMLPWeights
 from sparseinfer.reference.signs import negative_product_counts, pack_signs, zero_rows_from_counts
 
 FEATURES = ("neg_zero", "subnormal", "ties", "x_all_negative", "x_all_positive")
@@ -107,6 +110,77 @@ def cases(draw, shapes=TEST_SHAPES, dtypes=WEIGHT_DTYPES):
         features.discard("x_all_positive")
     sparsity = draw(st.sampled_from([0.5, 0.9, 0.92]))
     return build_case(d, k, dtype, alpha_milli, seed, activation, features, sparsity)
+
+
+# (d, k) of the block-quantized kernels' cases: d whole blocks (32 and 96 included: one and three
+# blocks, so lanes add one or three products before the butterfly; 320: 10 sign words, every
+# other row's 16-byte aligned), k odd, not a multiple of a block's warps, and across the down
+# projection's chunks.
+QUANT_SHAPES = ((32, 37), (64, 97), (96, 600), (256, DOWN_ROW_CHUNK + 1), (320, 129), (1024, 65))
+
+
+@dataclass
+class QuantCase:
+    """A float case (``build_case``) quantized: W_gate and W_up in ``fmt``, W_down^T in ``down_fmt``."""
+    base: Case
+    weights: QuantizedMLPWeights
+
+    def __str__(self):
+        return f"{self.base} fmt={self.fmt} down_fmt={self.down_fmt}"
+
+    @property
+    def fmt(self) -> str:
+        return self.weights.fmt.name
+
+    @property
+    def down_fmt(self) -> str:
+        return self.weights.down_fmt.name
+
+    @property
+    def x(self):
+        return self.base.x
+
+    @property
+    def activation(self):
+        return self.base.activation
+
+    @property
+    def alpha_milli(self) -> int:
+        return self.base.alpha_milli
+
+    @property
+    def w_signs(self):
+        return pack_signs(self.weights.dequantized()[0])
+
+    @property
+    def predicted_zero(self):
+        return zero_rows_from_counts(negative_product_counts(self.w_signs, pack_signs(self.x), self.base.d),
+                                     self.base.d, self.alpha_milli)
+
+    def h1_h3(self, sparse: bool = True):
+        return quant_h1_h3(self.x, self.weights, self.activation, self.predicted_zero if sparse else None)
+
+    def assert_nontrivial(self):
+        z = self.predicted_zero
+        _, h3 = self.h1_h3()
+        assert z.any() and (~z).any(), f"trivial case (skipped {int(z.sum())} of {self.base.k}): {self}"
+        assert (h3 != 0).any(), f"trivial case (every h3 is zero): {self}"
+
+
+def build_quant_case(d, k, dtype, alpha_milli, seed, activation, features, fmt, down_fmt=None,
+                     sparsity=0.9) -> QuantCase:
+    base = build_case(d, k, dtype, alpha_milli, seed, activation, features, sparsity)
+    return QuantCase(base, QuantizedMLPWeights.quantize(base.w_gate, base.w_up, base.w_down, fmt, down_fmt))
+
+
+@st.composite
+def quant_cases(draw, shapes=QUANT_SHAPES):
+    """A float case drawn as ``cases`` does, on a whole-block shape, quantized to a format, with
+    W_down^T in that format or in Q8_0 (the exporter's choice for 4-bit files)."""
+    base = draw(cases(shapes=shapes))
+    fmt = draw(st.sampled_from(list(FORMATS)))
+    down_fmt = draw(st.sampled_from([fmt, Q8_0.name]))
+    return QuantCase(base, QuantizedMLPWeights.quantize(base.w_gate, base.w_up, base.w_down, fmt, down_fmt))
 
 
 def mismatch_report(got, want, what: str, case) -> str:

@@ -57,9 +57,13 @@ def test_harness_rows_on_the_emulated_kernels(stand_in_device):
         assert r["latency_us"] == 10.0 * (4 + i) and (r["d"], r["k"], r["sparsity"]) == (97, 600, 0.9)
         assert r["gb_per_s"] == round(r["bytes"] / (r["latency_us"] * 1e-6) / 1e9, 1) and r["bytes"] > 0
         assert r["pct_peak"] == round(100 * (r["bytes"] / (r["latency_us"] * 1e-6) / 1e9) / PEAK, 1)
-        baseline = {"gate_up": "gate_up", "down": "down"}.get(r["kernel"], "mlp")
+        # the quantized families' rows (gate_up_q4_0, ...) against cuBLAS doing the same step
+        baseline = {"gate_up": "gate_up", "down": "down"}.get(r["kernel"].removesuffix(f"_{r['dtype']}"), "mlp")
         assert r["dense_baseline_us"] == dense[baseline]
         assert r["speedup_vs_dense"] == round(dense[baseline] / r["latency_us"], 3)
+    quantized = {r["dtype"] for r in rows if r["kernel"].startswith(("gate_up_", "down_", "pack_signs_", "mlp_quant"))}
+    assert quantized == {"q8_0", "q4_0", "q4_1"} and {r["dtype"] for r in rows if r["kernel"] == "mlp"} == {"fp16"}
+    assert next(r for r in rows if r["kernel"] == "gate_up_q4_0")["dense_baseline_us"] == dense["gate_up"]
 
 
 @pytest.mark.emulated

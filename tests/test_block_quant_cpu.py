@@ -218,43 +218,43 @@ def test_dot_tokens_are_the_reference(shim, fmt, blocks, n, n_tokens, seed):
 
 
 @st.composite
-def column_range(draw, blocks: int):
-    b0 = draw(st.integers(0, blocks - 1))
-    return 32 * b0, 32 * draw(st.integers(b0 + 1, blocks))
-
-
-@given(fmt=formats, blocks=st.integers(1, 6), k=st.integers(1, 1300), density=st.floats(0.0, 1.0), seed=seeds,
-       data=st.data())
-def test_down_columns_are_the_reference(shim, fmt, blocks, k, density, seed, data):
+def down_case(draw, fmt, max_blocks: int, k: int):
+    """(rng, d, j0, j1, W_down^T blocks [k, d]): a width, a whole-block column range and the rows."""
+    seed, blocks = draw(seeds), draw(st.integers(1, max_blocks))
     rng = np.random.default_rng(seed)
+    b0 = draw(st.integers(0, blocks - 1))
     d = 32 * blocks
-    j0, j1 = data.draw(column_range(blocks))
-    wt, h3 = random_blocks(rng, fmt, k, d), sparse_h3(rng, k, density)
+    return rng, d, 32 * b0, 32 * draw(st.integers(b0 + 1, blocks)), random_blocks(rng, fmt, k, d)
+
+
+def assert_down_columns(out, want, j0, j1, what: str):
+    """Columns [j0, j1) of out (..., d) are want's bit for bit, and nothing else was written."""
+    assert_bits_equal(out[..., j0:j1], want[..., j0:j1], what, f"cols=[{j0}, {j1})")
+    assert np.isnan(np.delete(out, np.s_[j0:j1], axis=-1)).all(), "columns outside [j0, j1) were written"
+
+
+@given(fmt=formats, k=st.integers(1, 1300), density=st.floats(0.0, 1.0), data=st.data())
+def test_down_columns_are_the_reference(shim, fmt, k, density, data):
+    rng, d, j0, j1, wt = data.draw(down_case(fmt, 6, k))
+    h3 = sparse_h3(rng, k, density)
     rows = np.flatnonzero(h3).astype(np.int32)
     out = np.full(d, np.nan, F32)
     call(shim, "bq_down_columns", fmt, wt, d, rows, np.ascontiguousarray(h3[rows]), rows.size, j0, j1, out)
     want = oc.down_projection(h3, bq.dequantize(wt, fmt, d))
-    assert_bits_equal(out[j0:j1], want[j0:j1], f"{fmt.name} down_columns_q", f"k={k} cols=[{j0}, {j1}) seed={seed}")
-    assert np.isnan(np.delete(out, np.s_[j0:j1])).all(), "columns outside [j0, j1) were written"
+    assert_down_columns(out, want, j0, j1, f"{fmt.name} down_columns_q, k={k}")
 
 
-@given(fmt=formats, blocks=st.integers(1, 4), k=st.integers(1, 1100), n_tokens=st.integers(1, 20), seed=seeds,
-       data=st.data())
-def test_down_columns_tokens_are_the_reference(shim, fmt, blocks, k, n_tokens, seed, data):
-    rng = np.random.default_rng(seed)
-    d = 32 * blocks
-    j0, j1 = data.draw(column_range(blocks))
+@given(fmt=formats, k=st.integers(1, 1100), n_tokens=st.integers(1, 20), data=st.data())
+def test_down_columns_tokens_are_the_reference(shim, fmt, k, n_tokens, data):
+    rng, d, j0, j1, wt = data.draw(down_case(fmt, 4, k))
     densities = data.draw(st.lists(st.sampled_from([0.0, 0.002, 0.1, 0.6, 1.0]), min_size=n_tokens,
                                    max_size=n_tokens))
-    wt = random_blocks(rng, fmt, k, d)
     h3 = np.stack([sparse_h3(rng, k, p) for p in densities])
     out = np.full((n_tokens, d), np.nan, F32)
     call(shim, "bq_down_columns_tokens", fmt, wt, d, k, h3, n_tokens, j0, j1, out)
     deq = bq.dequantize(wt, fmt, d)
     want = np.stack([oc.down_projection(h3[t], deq) for t in range(n_tokens)])
-    assert_bits_equal(out[:, j0:j1], want[:, j0:j1], f"{fmt.name} down_columns_tokens_q",
-                      f"k={k} tokens={n_tokens} cols=[{j0}, {j1}) seed={seed}")
-    assert np.isnan(np.delete(out, np.s_[j0:j1], axis=1)).all(), "columns outside [j0, j1) were written"
+    assert_down_columns(out, want, j0, j1, f"{fmt.name} down_columns_tokens_q, k={k} tokens={n_tokens}")
 
 
 def test_the_narrow_builds_take_the_narrow_paths():

@@ -49,6 +49,8 @@ SAME_IN = {      # flag: the commands where it is one option, declared once
     "--max-gen-toks": ("sweep", "compare-methods"),
     "--rank": ("ops", "memory", "latency"),
     "--dtype": ("export", "bench-decode"),
+    "--quantize": ("export", "bench-decode"),
+    "--accuracy-level": ("export", "bench-decode"),
 }
 
 

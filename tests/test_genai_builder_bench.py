@@ -1,16 +1,19 @@
 """benchmarks/genai_builder/ without its side environment: the HF folder it writes for the
-builder, the rounds and the result's schema on stub runners, argument errors, and a real
+builder (and a ReLU-family checkpoint's SiLU twin), the builder's command lines, the rounds,
+the result's schema and the peer's entry on stub runners, argument errors, and a real
 (tiny, synthetic) run of both genai and OnnxDecoder runners on our own export. Building
 with onnxruntime-genai's model builder needs torch and transformers, which this project
 does not install: that test runs only where GENAI_BUILDER_PYTHON names an interpreter that
 has them, and says so when skipped."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from click.testing import CliRunner
 from sparseinfer.benchmarks.genai_builder import build as gb_build
 from sparseinfer.benchmarks.genai_builder import convert as gb_convert
 from sparseinfer.benchmarks.genai_builder import facts as gb_facts
+from sparseinfer.benchmarks.genai_builder import peer as gb_peer
 from sparseinfer.benchmarks.genai_builder import report as gb_report
 from sparseinfer.benchmarks.genai_builder import rounds as gb_rounds
 from sparseinfer.benchmarks.genai_builder import runners as gb_runners
@@ -64,6 +68,46 @@ def test_the_builder_command_is_fp32_on_the_cpu(tmp_path):
     cmd = gb_build.builder_command("/py", tmp_path / "hf", tmp_path / "out")
     assert cmd[:3] == ["/py", "-m", "onnxruntime_genai.models.builder"]
     assert cmd[cmd.index("-p") + 1] == "fp32" and cmd[cmd.index("-e") + 1] == "cpu"
+
+
+def test_the_silu_twin_has_the_same_weights_and_hidden_act_silu(tmp_path):
+    """convert --as-silu on a FATReLU checkpoint (which the builder cannot take as it is)."""
+    relu = make_checkpoint("tiny", tmp_path / "relu", layers=2)
+    r = CliRunner().invoke(gb_cli, ["convert", str(relu), "--out", str(tmp_path / "plain")])
+    assert r.exit_code == 1 and "fatrelu" in r.output and "silu and relu only" in r.output and "--as-silu" in r.output
+    r = CliRunner().invoke(gb_cli, ["convert", str(relu), "--out", str(tmp_path / "hf"), "--as-silu"])
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (cfg["hidden_act"], cfg["architectures"], cfg["model_type"]) == ("silu", ["LlamaForCausalLM"], "llama")
+    assert "hidden_act_param" not in cfg
+    a, b = load_checkpoint(relu), load_checkpoint(tmp_path / "hf")
+    assert a.shape.hidden_act.startswith("fatrelu") and b.shape.hidden_act == "silu"
+    assert dataclasses.replace(a.shape, hidden_act="silu", name="", source="") == \
+        dataclasses.replace(b.shape, name="", source="")
+    np.testing.assert_array_equal(a.weights.embed, b.weights.embed)
+    np.testing.assert_array_equal(a.weights.lm_head, b.weights.lm_head)
+    for la, lb in zip(a.weights.layers, b.weights.layers, strict=True):
+        for f in ("q", "k", "v", "o", "gate", "up", "down", "input_norm", "post_norm"):
+            np.testing.assert_array_equal(getattr(la, f).astype(np.float32), getattr(lb, f))
+    assert (a.bos_token_id, a.eos_token_id) == (b.bos_token_id, b.eos_token_id)
+
+
+def test_a_relu_checkpoint_needs_no_twin(tmp_path):
+    """The builder's Llama has ReLU: a ReLU checkpoint is written as it is."""
+    relu = make_checkpoint("tiny", tmp_path / "relu", layers=1, hidden_act="relu")
+    r = CliRunner().invoke(gb_cli, ["convert", str(relu), "--out", str(tmp_path / "hf")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "relu"
+
+
+def test_the_int4_builder_command_names_its_quantization(tmp_path):
+    cmd = gb_build.builder_command("/py", tmp_path / "hf", tmp_path / "out", tmp_path / "c", precision="int4")
+    assert cmd[cmd.index("-p") + 1] == "int4" and cmd[cmd.index("-e") + 1] == "cpu"
+    assert cmd[cmd.index("-c") + 1] == str(tmp_path / "c")
+    assert cmd[cmd.index("--extra_options") + 1:] == ["accuracy_level=4", "block_size=32"]
+    assert "--extra_options" not in gb_build.builder_command("/py", "hf", "out")
+    with pytest.raises(SparseInferError, match="precision 'int8'"):
+        gb_build.builder_command("/py", "hf", "out", precision="int8")
 
 
 def _stub(rate: float, tokens=(5, 6, 7, 8)):
@@ -147,12 +191,72 @@ def test_a_real_run_on_our_export_twice(export_dir, tmp_path):
     assert result["profile"]["ours"]["runs"] >= 1 and result["profile"]["ours"]["top_nodes"]
 
 
+def test_the_peer_is_timed_in_alternating_rounds_beside_ours(export_dir, tmp_path):
+    """peer_rounds on stub runners: our folder and the peer's, alternating, the peer's entry."""
+    peer = tmp_path / "peer"                                  # any genai folder of the same shape
+    shutil.copytree(export_dir, peer)
+    calls = []
+
+    def runner(folder, threads):
+        rate = 25.0 if folder == export_dir else 20.0
+        inner = _stub(rate, tokens=tuple(range(8)) if folder == export_dir else tuple(range(8, 16)))
+
+        def run(prompt, n):
+            calls.append((folder.name, threads, list(prompt), n))
+            return inner(prompt, n)
+        return run
+
+    result = gb_peer.peer_rounds(export_dir, peer, PROMPT, new_tokens=8, rounds=4, warmup=1, threads=3, runner=runner)
+    assert [c[0] for c in calls] == ["peer", "ours", "ours", "peer", "peer", "ours", "ours", "peer", "peer", "ours"]
+    assert all(c[1:] == (3, PROMPT, 8) for c in calls)
+    assert result["name"] == "genai-int4" and result["folder"] == str(peer)
+    assert result["tokens_per_s_median"] == pytest.approx(20.0)
+    assert result["ours_tokens_per_s_median"] == pytest.approx(25.0)
+    assert result["speedup"] == pytest.approx(1.25) and result["speedup_per_round"] == pytest.approx([1.25] * 4)
+    assert [r["round"] for r in result["rounds"]] == ["warmup0", 0, 1, 2, 3]
+    assert result["settings"]["decode_steps_timed"] == 7 and result["shape"]["num_hidden_layers"] == 2
+    assert all(v > 0 for v in result["model_bytes"].values())
+    json.dumps(result)
+
+
+def test_the_int4_peer_of_a_fatrelu_checkpoint_is_built_from_its_silu_twin_once(tmp_path, monkeypatch):
+    """build_int4_peer with the builder stubbed: the twin's folder, the int4 command, then no rebuild."""
+    built = []
+
+    def fake_builder(python, hf_dir, out, cache_dir=None, log=print, precision="fp32"):
+        built.append((python, json.loads((Path(hf_dir) / "config.json").read_text())["hidden_act"], precision))
+        Path(out).mkdir(parents=True)
+        (Path(out) / "genai_config.json").write_text("{}")
+        return Path(out)
+
+    monkeypatch.setattr(gb_peer, "run_builder", fake_builder)
+    relu = make_checkpoint("tiny", tmp_path / "relu", layers=1)
+    said = []
+    out = gb_peer.build_int4_peer(relu, tmp_path / "peer", "/py", log=said.append)
+    assert out == tmp_path / "peer" and built == [("/py", "silu", "int4")]
+    assert (tmp_path / "peer-hf" / "model.safetensors").is_file()
+    assert len(said) == 1 and "SiLU twin" in said[0] and "fatrelu" in said[0]
+    assert gb_peer.build_int4_peer(relu, tmp_path / "peer", "/py", log=said.append) == out and len(built) == 1
+
+
+def test_a_peer_of_another_shape_is_refused(export_dir, tmp_path):
+    peer = tmp_path / "peer"
+    shutil.copytree(export_dir, peer)
+    cfg = json.loads((peer / "genai_config.json").read_text())
+    cfg["model"]["decoder"]["hidden_size"] += 32
+    (peer / "genai_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SparseInferError, match=r"hidden_size 232 in its genai_config.json, 200 in .*our model's shape"):
+        gb_peer.peer_rounds(export_dir, peer, PROMPT, new_tokens=4, rounds=1,
+                            runner=lambda folder, threads: pytest.fail("no runner before the shapes agree"))
+
+
 @pytest.mark.parametrize("args,message", [
     (["run", "--ours", "/nonexistent", "--builder", ".", "--out", "x.json"], "does not exist"),
     (["run", "--ours", ".", "--builder", ".", "--out", "x.json", "--new-tokens", "1"], "x>=2"),
     (["run", "--ours", ".", "--builder", ".", "--out", "x.json", "--threads", "0"], "x>=1"),
     (["run", "--ours", ".", "--builder", ".", "--out", "x.json", "--rounds", "0"], "x>=1"),
     (["build", ".", "--out", "o"], "Missing option '--python'"),
+    (["build", ".", "--out", "o", "--python", sys.executable, "--precision", "int3"], "'int3' is not one of"),
 ])
 def test_argument_errors_exit_2(args, message):
     r = CliRunner().invoke(gb_cli, args)
@@ -172,25 +276,33 @@ def test_the_module_runs_as_python_dash_m():
     assert proc.returncode == 0 and "convert" in proc.stdout and "build" in proc.stdout and "run" in proc.stdout
 
 
-@pytest.mark.skipif(not os.environ.get("GENAI_BUILDER_PYTHON"),
-                    reason="needs the side environment: GENAI_BUILDER_PYTHON=an interpreter with onnxruntime-genai, "
-                           "torch and transformers (benchmarks/genai_builder/)")
-def test_the_builder_builds_a_folder_genai_decodes_like_ours(tmp_path):
-    """convert, build, and both models' greedy tokens under genai's Generator. Head size 64: the
-    builder's GroupQueryAttention on the CPU needs a multiple of 16 (the tiny shape's 50 fails
-    at run time; our export pads it to 64)."""
-    import dataclasses
+needs_side_env = pytest.mark.skipif(
+    not os.environ.get("GENAI_BUILDER_PYTHON"),
+    reason="needs the side environment: GENAI_BUILDER_PYTHON=an interpreter with onnxruntime-genai, torch and "
+           "transformers (benchmarks/genai_builder/)")
 
-    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
-    from sparseinfer.model_export.export_folder import export_checkpoint
+
+def _builder_sized_checkpoint(hidden_act: str):
+    """A tiny synthetic checkpoint with head size 64 (see below), loaded."""
     from sparseinfer.model_export.loaders import Checkpoint
     from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
     from sparseinfer.model_export.tokenizer import byte_level_tokenizer
 
-    shape = dataclasses.replace(synthetic_shape("tiny", layers=2, hidden_act="silu", tie_embeddings=True),
+    shape = dataclasses.replace(synthetic_shape("tiny", layers=2, hidden_act=hidden_act, tie_embeddings=True),
                                 hidden_size=256, num_heads=4, num_kv_heads=2)
-    ck = Checkpoint(weights=make_weights(shape, seed=1), tokenizer=byte_level_tokenizer(), source="synthetic",
-                    stored_dtype="fp32", bos_token_id=256, eos_token_id=257)
+    return Checkpoint(weights=make_weights(shape, seed=1), tokenizer=byte_level_tokenizer(), source="synthetic",
+                      stored_dtype="fp32", bos_token_id=256, eos_token_id=257)
+
+
+@needs_side_env
+def test_the_builder_builds_a_folder_genai_decodes_like_ours(tmp_path):
+    """convert, build, and both models' greedy tokens under genai's Generator. Head size 64: the
+    builder's GroupQueryAttention on the CPU needs a multiple of 16 (the tiny shape's 50 fails
+    at run time; our export pads it to 64)."""
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from sparseinfer.model_export.export_folder import export_checkpoint
+
+    ck = _builder_sized_checkpoint("silu")
     hf, built = gb_convert.write_hf_folder(ck, tmp_path / "hf"), tmp_path / "builder"
     ours = export_checkpoint(ck, tmp_path / "ours" / "model.onnx", sparse=False).parent
     r = CliRunner().invoke(gb_cli, ["build", str(hf), "--out", str(built), "--python",
@@ -198,3 +310,29 @@ def test_the_builder_builds_a_folder_genai_decodes_like_ours(tmp_path):
     assert r.exit_code == 0, r.output
     assert gb_facts.model_facts(built)["nodes"] > 0
     assert gb_runners.GenaiRunner(built, 1)(PROMPT, 8).tokens == gb_runners.GenaiRunner(ours, 1)(PROMPT, 8).tokens
+
+
+@needs_side_env
+def test_the_builders_int4_model_of_a_silu_twin_runs_as_our_peer(tmp_path):
+    """A FATReLU checkpoint: its SiLU twin built in int4 (MatMulNBits, 4 bits, blocks of 32,
+    accuracy level 4) and timed beside our sparse export on genai's Generator."""
+    import onnx
+
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed")
+    from sparseinfer.model_export.export_folder import export_checkpoint
+
+    ck = _builder_sized_checkpoint("fatrelu:0.01")
+    hf, built = gb_convert.write_hf_folder(ck, tmp_path / "hf", as_silu=True), tmp_path / "builder"
+    ours = export_checkpoint(ck, tmp_path / "ours" / "model.onnx", sparse=True).parent
+    r = CliRunner().invoke(gb_cli, ["build", str(hf), "--out", str(built), "--python",
+                                    os.environ["GENAI_BUILDER_PYTHON"], "--cache-dir", str(tmp_path / "cache"),
+                                    "--precision", "int4"])
+    assert r.exit_code == 0, r.output
+    proto = onnx.load(str(gb_facts.model_file(built)), load_external_data=False)
+    nbits = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+             for n in proto.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nbits) >= 2 * 5                                  # q, k, v (fused or not), o, gate, up, down a layer
+    assert all((a["bits"], a["block_size"], a["accuracy_level"]) == (4, 32, 4) for a in nbits)
+    result = gb_peer.peer_rounds(ours, built, PROMPT, new_tokens=6, rounds=1, warmup=0, threads=1)
+    assert result["tokens_per_s_median"] > 0 and result["ours_tokens_per_s_median"] > 0
+    assert result["model_bytes"][gb_peer.PEER_GENAI] < result["model_bytes"][gb_runners.OURS_GENAI]

@@ -238,7 +238,8 @@ def test_the_property_tests_run_in_parallel_only_where_xdist_is_installed(monkey
         (argv,) = gc.STAGES["tests"].argv(Path("/tmp/OUT"))
         assert gc.XDIST not in argv
         assert (argv[argv.index("gpu") + 1:argv.index("gpu") + 3] == ["-n", str(gc.XDIST_WORKERS)]) == present
-        assert argv[-2:] == ["tests/test_kernels_gpu.py", "tests/test_boundaries.py"] and ("-n" in argv) == present
+        assert argv[-3:] == ["tests/test_kernels_gpu.py", "tests/test_kernels_quant.py", "tests/test_boundaries.py"]
+        assert ("-n" in argv) == present
 
 
 def test_ort_smoke_runs_on_the_cpu_provider_and_fails_in_one_line_without_cuda(monkeypatch):

@@ -19,7 +19,7 @@ import functools
 import pytest
 
 from sparseinfer.benchmarks.harness import BenchCase
-from sparseinfer.kernels import FAMILIES, PIPELINES
+from sparseinfer.kernels import FAMILIES, PIPELINES, QUANT_PIPELINES
 from sparseinfer.kernels.shapes import BENCH_SHAPES, BENCH_SPARSITIES
 from sparseinfer.kernels.verify import bench_targets
 
@@ -45,7 +45,8 @@ def _case(shape, sparsity) -> BenchCase:
 
 def test_bench_params_cover_every_version_shape_and_sparsity():    # runs on CPU too
     # every version has a row of its own, except the fused MLP kernel's, timed as the pipelines that run it
-    want = {(f, v) for f, family in FAMILIES.items() if f != "mlp_fused" for v in family} | {("mlp", p) for p in PIPELINES}
+    want = ({(f, v) for f, family in FAMILIES.items() if f != "mlp_fused" for v in family} | {("mlp", p) for p in PIPELINES}
+            | {("mlp_quant", p) for p in QUANT_PIPELINES})
     assert set(bench_targets()) == want and len(bench_targets()) == len(want)
     assert set(FAMILIES["mlp_fused"]) == {p.fused for p in PIPELINES.values() if p.fused}
     got = {(p.values[0].model, p.values[1], p.values[2], p.values[3]) for p in PARAMS}

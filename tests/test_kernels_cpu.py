@@ -12,10 +12,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from kernel_cases import cases
-from sparseinfer.kernels import DOWN, FAMILIES, GATE_UP, PIPELINES, PREDICT, SparseMLP, device, ops
-from sparseinfer.kernels.device import DeviceMatrix
+from sparseinfer.kernels import (DOWN, DOWN_QUANT, FAMILIES, GATE_UP, GATE_UP_QUANT, PIPELINES, PREDICT,
+                                 QUANT_PIPELINES, SparseMLP, device, ops)
+from sparseinfer.kernels.device import DeviceBlocks, DeviceMatrix
 from sparseinfer.kernels.shapes import BENCH_SHAPES, TEST_SHAPES, make_layer
 from sparseinfer.kernels.sources import KERNELS
+from sparseinfer.reference.block_quant import FORMATS, quantize
 from sparseinfer.reference.dtypes import BFLOAT16, SIGN_PACK_DTYPE_NAMES
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.shapes import BUILTIN_MODELS
@@ -116,11 +118,19 @@ def test_registry_entries_are_described_and_consistent():
             # each launch names a compiled function (its source) and whole warps
             assert all(launch.source in KERNELS and launch.threads % 32 == 0 for launch in v.launches), name
     for p in PIPELINES.values():
-        assert p.gate_up in GATE_UP and p.down in DOWN
+        assert p.gate_up in GATE_UP and p.down in DOWN and not p.weights
+    for p in QUANT_PIPELINES.values():
+        assert p.gate_up in GATE_UP_QUANT[p.weights] and p.down in DOWN_QUANT[p.weights] and p.deterministic
     assert {p.name for p in PIPELINES.values() if not p.deterministic} == {"sparse-atomic"}
     assert {(v.name, v.predict) for v in GATE_UP.values() if v.predict} == {("v1_mask", "v1"), ("v2_list", "v2")}
+    # the versions on block-quantized weights: one record per format, named for it
+    for fmt in FORMATS:
+        for step in ("pack_signs", "gate_up", "down"):
+            assert all(v.weights == fmt and v.step == step for v in FAMILIES[f"{step}_{fmt}"].values())
+    assert all(not v.weights and v.step == v.family for f in ("pack_signs", "predict", "gate_up", "down", "mlp_fused",
+                                                               "baseline") for v in FAMILIES[f].values())
     launched = {launch.name(suffix) for versions in FAMILIES.values() for v in versions.values()
-                for launch in v.launches for suffix in SIGN_PACK_DTYPE_NAMES}
+                for launch in v.launches for suffix in (*SIGN_PACK_DTYPE_NAMES, *FORMATS)}
     for names in KERNELS.values():      # every compiled kernel is launched by a version
         assert set(names) <= launched, names
 
@@ -142,12 +152,22 @@ def test_each_version_launches_what_its_record_says(monkeypatch):
     inputs = {"pack_signs": (mlp.w_gate,), "predict": (mlp.w_signs, x_signs, d, 1000),
               "gate_up": (mlp, x, x_signs, 1000), "down": (np.ones(k, np.float32), mlp.w_down_t),
               "mlp_fused": (mlp, x, x_signs, 1000), "baseline": (x, mlp.w_gate, mlp.w_up, _host_matrix(wd), "relu")}
+    dq, xq = 64, np.ones(64, np.float32)                 # block rows: d whole blocks
+    for fmt in FORMATS:
+        def blocks(w, fmt=fmt):
+            return DeviceBlocks.from_host("w", quantize(w, fmt), fmt, dq, xp=np)
+        qwg, qwu, qwd = _weights(dq, k)
+        q = types.SimpleNamespace(d=dq, k=k, activation="relu", w_signs=pack_signs(qwg), w_gate=blocks(qwg),
+                                  w_up=blocks(qwu), w_down_t=blocks(np.ascontiguousarray(qwd.T)))
+        inputs |= {f"pack_signs_{fmt}": (q.w_gate,), f"gate_up_{fmt}": (q, xq, pack_signs(xq), 1000),
+                   f"down_{fmt}": (np.ones(k, np.float32), q.w_down_t)}
+    assert set(inputs) == set(FAMILIES)
     for family, versions in FAMILIES.items():
         for v in versions.values():
             launched.clear()
             v.run(*inputs[family])
             want = (PREDICT[v.predict].launches if v.predict else ()) + v.launches
-            assert launched == [(launch.name("fp16"), launch.threads) for launch in want], (family, v.name)
+            assert launched == [(launch.name(v.weights or "fp16"), launch.threads) for launch in want], (family, v.name)
 
 
 def test_bench_shapes_come_from_the_model_table():

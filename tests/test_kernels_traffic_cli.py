@@ -8,7 +8,8 @@ import sys
 import pytest
 from click.testing import CliRunner
 
-from sparseinfer.kernels import DOWN, FAMILIES, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT
+from sparseinfer.kernels import (DOWN, DOWN_QUANT, FAMILIES, GATE_UP, GATE_UP_QUANT, PACK_SIGNS, PACK_SIGNS_QUANT,
+                                 PIPELINES, PREDICT, QUANT_PIPELINES)
 from sparseinfer.sim.ops import dense_mlp_bytes
 from sparseinfer.tools.cli import cli
 
@@ -42,13 +43,37 @@ def test_down_and_mlp_bytes():
     assert dense_mlp_bytes(d, k, "fp16") == 3 * d * k * 2
 
 
+def test_quantized_versions_count_the_blocks_they_read():
+    d, k, rows = 4096, 11008, {"gate": 1100, "up": 1000, "down": 1000}
+    n_chunks = 22
+    for fmt, block_bytes in (("q8_0", 34), ("q4_0", 18), ("q4_1", 20)):
+        row = d // 32 * block_bytes
+        gate_up, down = GATE_UP_QUANT[fmt], DOWN_QUANT[fmt]
+        # the paired kernel reads the up row of every predicted-active row (1100), v1_mask only where h1 != 0
+        assert gate_up["v2_paired"].touched(d, k, fmt, rows) == 2 * 1100 * row + d * 4 + 2 * k * 4 + (
+            PREDICT["v1"].touched(d, k, fmt, rows))
+        assert gate_up["v1_mask"].touched(d, k, fmt, rows) == (1100 + 1000) * row + d * 4 + 2 * k * 4 + k
+        assert gate_up["dense"].touched(d, k, fmt, rows) == 2 * k * row + d * 4 + 2 * k * 4
+        assert down["v1_chunks"].touched(d, k, fmt, rows) == 1000 * row + k * 4 + 2 * n_chunks * d * 4 + d * 4
+        assert down["dense"].touched(d, k, fmt, rows) - down["v1_chunks"].touched(d, k, fmt, rows) == (k - 1000) * row
+        assert PACK_SIGNS_QUANT[fmt]["v1"].touched(d, k, fmt, rows) == k * row + k * 128 * 4
+        sparse = QUANT_PIPELINES[f"sparse-{fmt}"]
+        assert sparse.touched(d, k, fmt, rows) == sum(v.touched(d, k, fmt, rows) for v in (
+            PACK_SIGNS["v1"], gate_up["v2_paired"], down["v1_chunks"]))
+    # Q4_0 rows are 18 / 64 of fp16 rows' bytes
+    assert GATE_UP_QUANT["q4_0"]["dense"].touched(d, k, "q4_0", rows) - d * 4 - 2 * k * 4 == \
+        (GATE_UP["dense"].touched(d, k, "fp16", rows) - d * 4 - 2 * k * 4) * 18 // 64
+
+
 def test_kernels_command_lists_every_version():
     res = CliRunner().invoke(cli, ["kernels", "--json"])
     assert res.exit_code == 0, res.output
     data = json.loads(res.output)
     assert {(v["family"], v["name"]) for v in data["versions"]} == \
         {(f, n) for f, vs in FAMILIES.items() for n in vs}
-    assert [p["name"] for p in data["pipelines"]] == list(PIPELINES)
+    assert [p["name"] for p in data["pipelines"]] == [*PIPELINES, *QUANT_PIPELINES]
+    assert {p["name"]: p["weights"] for p in data["pipelines"] if p["weights"]} == \
+        {name: p.weights for name, p in QUANT_PIPELINES.items()}
     by_name = {p["name"]: p for p in data["pipelines"]}
     assert (by_name["fused-neuron-major"]["mlp_fused"], by_name["fused-neuron-major"]["layout"]) == ("v1", "neuron-major")
     assert (by_name["sparse-batched"]["mlp_fused"], by_name["sparse-batched"]["layout"]) == (None, "row-major")

@@ -45,10 +45,12 @@ def test_calibration_recovers_known_constants_and_reports_each_row():
 
 
 def test_pipeline_rows_are_left_out_of_the_fit():
-    results = cal.synthesise_results(TRUE, ROWS + [dict(ROWS[2], kernel="mlp", version="sparse-fused")])
-    results["rows"][-1]["latency_us"] *= 3           # several launches: would spoil the fit
+    results = cal.synthesise_results(TRUE, ROWS + [dict(ROWS[2], kernel="mlp", version="sparse-fused"),
+                                                   dict(ROWS[2], kernel="mlp_quant", version="sparse-q4_0")])
+    for row in results["rows"][-2:]:
+        row["latency_us"] *= 3                       # several launches: would spoil the fit
     report = cal.calibrate(ORIN, results)
-    assert report["skipped_pipelines"] == ["mlp sparse-fused"]
+    assert report["skipped_pipelines"] == ["mlp sparse-fused", "mlp_quant sparse-q4_0"]
     assert report["max_abs_rel_error"] < 1e-9 and len(report["rows"]) == len(ROWS)
 
 

@@ -36,13 +36,14 @@ PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]
 GAMMA_K = 552 * 2.0 ** -24          # the tiny shape's longest dot product (see test_export_onnx)
 
 
-def _mlp_model(w_gate, w_up, w_down_t, signs, alpha_milli, act: Activation, outputs=1, function=False):
-    """One SparseMLP node over initializers; ``function``: carry the export's body too."""
+def _mlp_model(w_gate, w_up, w_down_t, signs, alpha_milli, act: Activation, outputs=1, function=False, **attrs):
+    """One SparseMLP node over initializers; ``function``: carry the export's body too;
+    ``attrs``: more node attributes (weight_format, down_format, dense)."""
     names = ["out", *DEBUG_OUTPUTS][:outputs]
     k, d = w_gate.shape
     node = helper.make_node(OP_TYPE, ["x", "w_gate", "w_up", "w_down_t", "w_signs"], names, domain=DOMAIN,
                             name="layer/SparseMLP", alpha_milli=alpha_milli, activation=act.kind,
-                            threshold=float(act.threshold))
+                            threshold=float(act.threshold), **attrs)
     inits = [numpy_helper.from_array(a, n) for a, n in
              ((w_gate, "w_gate"), (w_up, "w_up"), (w_down_t, "w_down_t"), (signs, "w_signs"))]
     kinds = [TensorProto.FLOAT] + [TensorProto.BOOL] * 3

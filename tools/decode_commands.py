@@ -149,6 +149,8 @@ def _agreement_line(r: dict) -> str:
                    "'dense-graph', 'sparse-graph'; --provider cuda, fused exports): the steps' inputs and outputs "
                    "are bound once, with fixed shapes.")
 @options.dtype()
+@options.QUANTIZE
+@options.ACCURACY_LEVEL
 @click.option("--with-portable", is_flag=True,
               help="Also time the dense export in the portable form (row 'dense-portable', in the same alternated "
                    "rounds; 'speedup_dense_over_dense_portable' in the JSON).")
@@ -164,6 +166,9 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     --repeats rounds that alternate dense and sparse, so that a drift of the machine's
     state hits all alike. Reported: the median tokens/s of each and the median of the
     per-round sparse/dense ratios (the speed-up).
+
+    --quantize FORMAT times sparse against dense in that block format (both exports
+    quantized, the dense one with MatMulNBits where it holds the format).
     """
     from sparseinfer.benchmarks.decode_bench import bench_decode, timed_rows
 
@@ -185,8 +190,10 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
         if kind != "decode_tokens":
             click.echo(f"profile {kind}: {one_line(summary)}")
     where = ", ".join(result["machine"].get("gpu") or []) or result["machine"]["cpu"]
-    click.echo(f"sparse / dense: {result['speedup']:.2f}x ({result['shape']['name']}, {result['shape']['num_layers']} "
-               f"layers, {result['provider']} provider, {where}, {result['machine']['date']})")
+    weights = f", weights in {result['quantize']}" if result.get("quantize") else ""
+    click.echo(f"sparse / dense: {result['speedup']:.2f}x{weights} ({result['shape']['name']}, "
+               f"{result['shape']['num_layers']} layers, {result['provider']} provider, {where}, "
+               f"{result['machine']['date']})")
 
 
 COMMANDS = (generate_cmd, compare_cmd, bench_decode_cmd)

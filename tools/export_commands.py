@@ -58,21 +58,29 @@ def make_checkpoint_cmd(shape_name, layers, target_sparsity, dtype, kv_heads, hi
 @options.dtype()
 @options.approximate("Sparse export of a model without exact zeros (SiLU): the rows the sign predictor calls "
                      "negative are taken as zero, an approximation (measure its quality: compare-methods, eval).")
+@options.QUANTIZE
+@options.ACCURACY_LEVEL
 @options.json_flag("Print the model's path and form as JSON on stdout instead of the line on stderr.")
-def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, approximate, as_json):
+def export_cmd(checkpoint, out, alpha, dense, target, debug, portable, dtype, approximate, quantize, accuracy_level,
+               as_json):
     """Export CHECKPOINT (HF directory or .gguf) to one ONNX model for prefill + decode.
 
     Decode steps use the sparse MLP: one SparseMLP node per layer (domain ai.sparseinfer),
     run by the op library where a host registers it, else by its function body of standard
     ops; prefill stays dense. Beside the model: genai_config.json, the tokenizer files and,
     for sparse exports, the op library. The graph passes onnx.checker.check_model(full_check=True).
+
+    --quantize q8_0|q4_0|q4_1 puts every linear layer on GGUF blocks (sparse or, with --dense,
+    the quantized dense baseline); such exports run only with the op library.
     """
     path = export_checkpoint(checkpoint, out, sparse=not dense, alpha=alpha, target=target, debug=debug,
-                             portable=portable, dtype=dtype, approximate=approximate, quiet=as_json)
+                             portable=portable, dtype=dtype, approximate=approximate, quiet=as_json, quantize=quantize,
+                             accuracy_level=accuracy_level)
     if as_json:
         echo_json({"path": str(path), "checkpoint": str(checkpoint), "sparse": not dense,
                    "alpha": None if dense else alpha, "target": None if dense else target,
-                   "approximate": approximate, "portable": portable, "debug": debug, "dtype": dtype})
+                   "approximate": approximate, "portable": portable, "debug": debug, "dtype": dtype,
+                   "quantize": quantize, "accuracy_level": accuracy_level if quantize else None})
 
 
 @click.command("build-ops", short_help="Build the native sparse-MLP op library.")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from sparseinfer.kernels.registry import FAMILIES, PIPELINES
+from sparseinfer.kernels.registry import FAMILIES, PIPELINES, QUANT_PIPELINES
 from sparseinfer.kernels.shapes import BENCH_MODELS, BENCH_SPARSITIES, LOOP_LAYERS
 
 from . import options
@@ -126,7 +126,8 @@ def bench_plot(results, out, model, sparsity, vs_sparsity, as_json):
 def kernels(do_compile, as_json):
     """List the kernel versions and MLP pipelines (with --compile: registers and spills per arch).
 
-    Every version has a one-line description; "bit-exact" ones match the reference's
+    The families named with a block format (gate_up_q4_0, ...) and the pipelines whose kernels
+    say so run on block-quantized weights (Q8_0, Q4_0, Q4_1). Every version has a one-line description; "bit-exact" ones match the reference's
     order contract bit for bit, "bound" ones are checked against its rigorous error
     bound. --compile needs no GPU: NVRTC and ptxas from the pip packages
     nvidia-cuda-nvrtc-cu12 / nvidia-cuda-nvcc-cu12 (sm_80, sm_87, sm_90).
@@ -134,7 +135,8 @@ def kernels(do_compile, as_json):
     data = {"versions": [{"family": v.family, "name": v.name, "deterministic": v.deterministic,
                           "description": v.description} for fam in FAMILIES.values() for v in fam.values()],
             "pipelines": [{"name": p.name, "gate_up": p.gate_up, "down": p.down, "mlp_fused": p.fused or None,
-                           "layout": p.layout, "description": p.description} for p in PIPELINES.values()]}
+                           "layout": p.layout, "weights": p.weights or None, "description": p.description}
+                          for p in (*PIPELINES.values(), *QUANT_PIPELINES.values())]}
     if do_compile:
         from sparseinfer.kernels import compile_check as cc
         try:
@@ -154,7 +156,8 @@ def kernels(do_compile, as_json):
     click.echo("")
     # a fused pipeline runs its mlp_fused version alone (gate_up / down name the rows it reads)
     click.echo(format_table(["pipeline", "kernels", "layout", "description"],
-                            [[p["name"], f"mlp_fused {p['mlp_fused']}" if p["mlp_fused"] else f"{p['gate_up']} + {p['down']}",
+                            [[p["name"], f"mlp_fused {p['mlp_fused']}" if p["mlp_fused"] else
+                              f"{p['gate_up']} + {p['down']}" + (f" ({p['weights']})" if p["weights"] else ""),
                               p["layout"], p["description"]] for p in data["pipelines"]]))
     if do_compile:
         click.echo("")
@@ -183,7 +186,9 @@ def verify_kernels(backend, model, d, k, sparsity, seed, as_json):
     bit, the atomic ones stay inside its rigorous error bound. With --backend emulated no
     GPU is needed: the CUDA sources run on the CPU, one fiber per CUDA thread, which checks
     the kernels' logic but not their speed or the GPU's memory model; at the 7B/13B shapes
-    it takes about half a minute on 2 cores, at --d 1100 --k 1031 seconds.
+    it takes a minute or two on 2 cores, at --d 1100 --k 1031 seconds. The versions and
+    pipelines on block-quantized weights (Q8_0, Q4_0, Q4_1) run on the layer zero-padded to
+    whole blocks of 32 and quantized.
     Exit code 1 when a version does not verify.
     """
     from sparseinfer.kernels.verify import verify_on_backend

@@ -18,6 +18,7 @@ from sparseinfer.methods.registry import DEFAULT_METHOD, DEFAULT_METHOD_SPARSITY
 from sparseinfer.model_export.session import MLP_KERNELS, MLP_KERNELS_HELP, PROVIDERS
 from sparseinfer.model_export.synthetic import DEFAULT_TARGET_SPARSITY, MAX_LAYERS, SYNTHETIC_SHAPES
 from sparseinfer.reference.alpha import DEFAULT_ALPHA, MAX_ALPHA_MILLI
+from sparseinfer.reference.block_quant import FORMATS as BLOCK_FORMATS
 from sparseinfer.sim import latency as lat
 from sparseinfer.sim import paper
 from sparseinfer.sim.hardware import DEFAULT_HARDWARE
@@ -107,9 +108,26 @@ PORTABLE_HELP = ("Standard ONNX ops only (attention, rotary and RMSNorm composed
                  "runtimes without onnxruntime's com.microsoft contrib ops. Default: GroupQueryAttention and "
                  "(Skip)SimplifiedLayerNormalization with one in-place KV buffer (onnxruntime-genai's form).")
 
+QUANTIZE_HELP = ("Every linear layer on GGUF blocks: q8_0, q4_0 or q4_1 (activations stay float32). A Hugging Face "
+                 "checkpoint is quantized at export, one layer at a time; a GGUF keeps its Q8_0 / Q4_0 / Q4_1 blocks "
+                 "byte for byte and converts other types (K-quants, floats) to this format, with a note, and its "
+                 "ffn_down is re-blocked along d in q8_0. Attention and the LM head run as onnxruntime's "
+                 "MatMulNBits where it holds the format and runs it fast (see --accuracy-level), else as the op "
+                 "library's BlockMatMul; sparse MLPs as the op's SparseMLP on blocks; dense ones as MatMulNBits, "
+                 "else as the op's dense SparseMLP. The op library's nodes have no function body: the fused "
+                 "form, float32, the cpu target and native MLP kernels only; d a multiple of 32.")
+
 TARGET = click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                       help=TARGET_HELP)
 PORTABLE = click.option("--portable", is_flag=True, help=PORTABLE_HELP)
+QUANTIZE = click.option("--quantize", type=click.Choice(list(BLOCK_FORMATS)), default=None, help=QUANTIZE_HELP)
+ACCURACY_LEVEL = click.option(
+    "--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
+    help="With --quantize: the accuracy level of onnxruntime's MatMulNBits nodes, 0..4. 0: float32 activations on "
+         "the exact weights (the reference's arithmetic but for the order of sums); 4: activations quantized per "
+         "block to int8 (llama.cpp's q8 dot products, onnxruntime-genai's int4 default): faster, not exact. q8_0 "
+         "layers run as MatMulNBits only at 4 (onnxruntime's 8-bit kernel for float32 activations is about 40x "
+         "slower), else in the op library's BlockMatMul; q4_1 layers always in BlockMatMul.")
 
 
 def dtype(help: str = "Weights and activations: " + DTYPE_HELP):

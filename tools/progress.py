@@ -25,18 +25,31 @@ def progress_bar(description: str, total: int):
 
 
 def export_checkpoint(checkpoint, out, sparse=True, alpha=DEFAULT_ALPHA, target="cpu", debug=False, quiet=False,
-                      portable=False, dtype="float32", approximate=False):
+                      portable=False, dtype="float32", approximate=False, quantize=None, accuracy_level=0):
     """model_export.export_folder.export_checkpoint with a progress bar and, unless ``quiet``,
-    a line on stderr."""
+    a line on stderr; what a quantized export converted is noted on stderr in any case. A
+    quantized export of a path reads the checkpoint one layer at a time."""
+    from sparseinfer.model_export.export import quantize_conflicts
     from sparseinfer.model_export.export_folder import export_checkpoint as export
-    from sparseinfer.model_export.loaders import load_checkpoint
+    from sparseinfer.model_export.loaders import load_checkpoint, open_checkpoint
+    from sparseinfer.reference.errors import SparseInferError
 
     check_replaceable(out, "model")                # before loading: a device or FIFO is refused at once
-    ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
-    with progress_bar(f"export {'sparse' if sparse else 'dense'}", ck.shape.num_layers) as advance:
-        path = export(ck, out, sparse, alpha, target, debug, portable, progress=advance, dtype=dtype,
-                      approximate=approximate)
+    why = quantize_conflicts(quantize, portable, dtype, target, accuracy_level)
+    if why:
+        raise SparseInferError(why)
+    with contextlib.ExitStack() as stack:
+        if hasattr(checkpoint, "tokenizer"):
+            ck = checkpoint
+        else:
+            ck = stack.enter_context(open_checkpoint(checkpoint)) if quantize else load_checkpoint(checkpoint)
+        with progress_bar(f"export {'sparse' if sparse else 'dense'}", ck.shape.num_layers) as advance:
+            path = export(ck, out, sparse, alpha, target, debug, portable, progress=advance, dtype=dtype,
+                          approximate=approximate, quantize=quantize, accuracy_level=accuracy_level,
+                          note=lambda line: echo_err(f"note: {line}"))
     if not quiet:
         echo_err(f"wrote {path} ({'sparse, target ' + target + ', alpha ' + alpha if sparse else 'dense'}"
-                 f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''}, {dtype})")
+                 f"{', portable' if portable else ', fused attention'}{', debug outputs' if debug else ''}, {dtype}"
+                 f"{', weights in ' + quantize if quantize else ''}"
+                 f"{', accuracy level ' + str(accuracy_level) if accuracy_level else ''})")
     return path

@@ -7,10 +7,14 @@ Three steps, each a subcommand (``cli``), each printing what it did:
   (a GGUF file too, quantized ones dequantized to float32) written as the Hugging Face Llama
   folder the builder reads: ``config.json``, ``model.safetensors`` (float32, tied embeddings
   once), and the tokenizer's files. Both models are then built from the same float32 weights.
+  ``--as-silu`` writes a ReLU-family checkpoint's SiLU twin (same weights, ``hidden_act``
+  silu), which the builder's Llama accepts: for a dense model's speed the activation does not
+  matter.
 * ``build HF_DIR --out DIR --python PY`` (``build``): runs the builder (``PY -m
   onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e cpu``) with an interpreter that
   has torch and transformers (a side virtual environment: they are no dependency of this
-  project).
+  project). ``--precision int4``: the builder's int4 model (round to nearest, blocks of 32,
+  accuracy level 4; see ``build``).
 * ``run --ours DIR --builder DIR --out RESULT.json`` (``report``): decodes both folders with
   onnxruntime-genai's Generator (the same runner for both) and ours also with
   :class:`~sparseinfer.model_export.decode.OnnxDecoder` (``runners``), greedy, same prompt,
@@ -25,6 +29,10 @@ Three steps, each a subcommand (``cli``), each printing what it did:
   this run's own command line is appended) and, with ``--profile-dir``, onnxruntime's
   profile of each model's decode under genai (``model_export.ort_profile``: time per token,
   top ops and top nodes).
+
+``peer.peer_rounds`` times a peer (the builder's int4 model of the same shape) beside one of
+our exports in the same rounds and returns the peer's entry for ``bench-decode --peer
+genai-int4``: its median tokens/s, ours, and ours / peer.
 
 Other processes on the machine disturb the numbers. Nothing here pauses them; each run
 records ``other_cores``, the cores they kept busy meanwhile (/proc/stat less this

@@ -11,7 +11,7 @@ import click
 
 from sparseinfer.reference.errors import SparseInferError
 
-from .build import run_builder
+from .build import PRECISIONS, run_builder
 from .convert import write_hf_folder
 from .report import DEFAULT_PROMPT, TARGET_RATIO, benchmark, read_commands
 
@@ -51,10 +51,13 @@ def cli():
 @cli.command()
 @click.argument("checkpoint", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The Hugging Face folder to write.")
-def convert(checkpoint, out):
+@click.option("--as-silu", is_flag=True,
+              help="Write the checkpoint's SiLU twin (same weights, hidden_act silu): the builder has no FATReLU, "
+                   "and a dense model's speed does not depend on its activation.")
+def convert(checkpoint, out, as_silu):
     """Write CHECKPOINT (HF folder or GGUF file) as a float32 Hugging Face Llama folder."""
     try:
-        path = write_hf_folder(checkpoint, out)
+        path = write_hf_folder(checkpoint, out, as_silu=as_silu)
     except SparseInferError as e:
         _fail(e)
     click.echo(f"wrote {path}: " + ", ".join(sorted(p.name for p in path.iterdir())))
@@ -66,10 +69,12 @@ def convert(checkpoint, out):
 @click.option("--python", "python", required=True, type=click.Path(exists=True, dir_okay=False),
               help="An interpreter with onnxruntime-genai, torch and transformers (a side environment).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="The builder's -c cache folder.")
-def build(hf_dir, out, python, cache_dir):
-    """Run onnxruntime-genai's model builder on HF_DIR: fp32, CPU provider."""
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
+              help="The builder's weight precision; int4: round to nearest, blocks of 32, accuracy level 4.")
+def build(hf_dir, out, python, cache_dir, precision):
+    """Run onnxruntime-genai's model builder on HF_DIR for the CPU provider."""
     try:
-        run_builder(python, hf_dir, out, cache_dir, log=click.echo)
+        run_builder(python, hf_dir, out, cache_dir, log=click.echo, precision=precision)
     except SparseInferError as e:
         _fail(e)
 

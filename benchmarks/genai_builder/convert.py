@@ -1,6 +1,18 @@
-"""``convert``: a checkpoint as the Hugging Face Llama folder the model builder reads."""
+"""``convert``: a checkpoint as the Hugging Face Llama folder the model builder reads, or its
+SiLU twin.
+
+The builder's Llama takes SiLU and ReLU (``BUILDER_ACTIVATIONS``; onnxruntime-genai 0.18) but
+has no FATReLU (ProSparse's activation, our synthetic checkpoints'), so such a checkpoint is
+compared through its SiLU twin (``as_silu``): the same weights, the same shape, ``hidden_act``
+silu. For the dense model's speed the activation does not matter:
+a dense MLP reads every weight and computes every row whatever the activation is, and the
+activation itself is one elementwise op over ``intermediate_size`` values a token, next to
+three matrix products of ``hidden_size * intermediate_size`` weights each. The twin's tokens
+differ from the original's; only its speed stands in for it.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -11,23 +23,37 @@ from sparseinfer.model_export.loaders.names import hf_tensors
 from sparseinfer.reference.errors import SparseInferError
 
 
+BUILDER_ACTIVATIONS = ("silu", "relu")          # the activations the builder's Llama has
+
+
 def builder_config(ck) -> dict:
     """The ``config.json`` of a loaded checkpoint for the builder: ``loaders.config.hf_config``
     (LlamaForCausalLM, float32) and the fields the builder's Llama reads besides."""
     s = ck.shape
-    if s.hidden_act != "silu":
-        raise SparseInferError(f"{ck.source}: activation {s.hidden_act}; the builder's Llama is SiLU only")
+    if s.hidden_act not in BUILDER_ACTIVATIONS:
+        raise SparseInferError(f"{ck.source}: activation {s.hidden_act}; the builder's Llama has "
+                               f"{' and '.join(BUILDER_ACTIVATIONS)} only (convert --as-silu writes the "
+                               f"checkpoint's SiLU twin)")
     return {**hf_config(s, "fp32", ck.bos_token_id, ck.eos_token_id), "head_dim": s.head_dim, "rope_scaling": None,
             "attention_bias": False, "mlp_bias": False}
 
 
-def write_hf_folder(checkpoint, out) -> Path:
-    """``checkpoint`` (a path, or a loaded ``Checkpoint``) as a Hugging Face Llama folder."""
+def silu_twin(ck):
+    """The loaded checkpoint ``ck`` with ``hidden_act`` silu: the same arrays (not copied)."""
+    weights = dataclasses.replace(ck.weights, shape=dataclasses.replace(ck.shape, hidden_act="silu"))
+    return dataclasses.replace(ck, weights=weights)
+
+
+def write_hf_folder(checkpoint, out, as_silu: bool = False) -> Path:
+    """``checkpoint`` (a path, or a loaded ``Checkpoint``) as a Hugging Face Llama folder; with
+    ``as_silu``, its SiLU twin (``silu_twin``)."""
     from safetensors.numpy import save_file
 
     from sparseinfer.model_export.loaders import load_checkpoint
 
     ck = load_checkpoint(checkpoint) if not hasattr(checkpoint, "weights") else checkpoint
+    if as_silu:
+        ck = silu_twin(ck)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(builder_config(ck), indent=2) + "\n")

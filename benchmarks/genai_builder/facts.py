@@ -1,5 +1,6 @@
-"""What a genai model folder holds: the decoder model its ``genai_config.json`` names, and
-that model's node and op counts, initializers and file sizes."""
+"""What a genai model folder holds: the decoder model its ``genai_config.json`` names, the
+model's shape as that file gives it, and the model's node and op counts, initializers and file
+sizes."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,17 @@ def model_file(folder) -> Path:
     if not path.is_file():
         raise SparseInferError(f"{cfg_path} names {name}, which is not in {folder}")
     return path
+
+
+SHAPE_FIELDS = ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "num_hidden_layers")
+
+
+def decoder_shape(folder) -> dict:
+    """The model's shape in a genai folder's ``genai_config.json`` (``SHAPE_FIELDS``; the
+    vocabulary's size is the model's, the others the decoder's); a field missing is None."""
+    model_file(folder)                                   # a genai folder, or a one-line error
+    cfg = json.loads((Path(folder) / GENAI_CONFIG).read_text())["model"]
+    return {key: cfg.get(key, cfg["decoder"].get(key)) for key in SHAPE_FIELDS}
 
 
 def model_facts(folder) -> dict:

@@ -9,19 +9,22 @@
   ``tokenizer.json`` when present;
 * a ``.gguf`` file (``gguf_file``).
 
-Both return a ``Checkpoint`` (``weights``). What they share sits below them, each in one
-module: the tensor names (``names``), the config's checks, special tokens and writer
-(``config``), the per-tensor checks (``tensors``) and the assembly of the model
-(``weights``). Every problem is a one-line ``SparseInferError``: missing file, unsupported
-architecture, a tensor missing or shaped differently from what the config implies.
+Both return a ``Checkpoint`` (``weights``); ``open_checkpoint(path)`` gives an
+``OpenCheckpoint`` instead, whose tensors are read one at a time (quantized exports). What
+they share sits below them, each in one module: the tensor names (``names``), the config's
+checks, special tokens and writer (``config``), the per-tensor checks (``tensors``) and the
+assembly of the model (``weights``). Every problem is a one-line ``SparseInferError``:
+missing file, unsupported architecture, a tensor missing or shaped differently from what the
+config implies.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
-from .gguf_file import load_gguf_checkpoint
-from .hf_folder import load_hf_checkpoint
-from .weights import Checkpoint
+from .gguf_file import load_gguf_checkpoint, open_gguf_checkpoint
+from .hf_folder import load_hf_checkpoint, open_hf_checkpoint
+from .weights import Checkpoint, OpenCheckpoint
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -32,4 +35,13 @@ def load_checkpoint(path) -> Checkpoint:
     return load_hf_checkpoint(p)
 
 
-__all__ = ["Checkpoint", "load_checkpoint"]
+@contextlib.contextmanager
+def open_checkpoint(path):
+    """A Hugging Face checkpoint directory or a ``.gguf`` file as an ``OpenCheckpoint``: checked
+    as ``load_checkpoint`` checks it, its tensors read one at a time while it is open."""
+    p = Path(path)
+    with (open_gguf_checkpoint(p) if p.suffix.lower() == ".gguf" else open_hf_checkpoint(p)) as ck:
+        yield ck
+
+
+__all__ = ["Checkpoint", "OpenCheckpoint", "load_checkpoint", "open_checkpoint"]

@@ -13,6 +13,7 @@ GGUF has no activation key for Llama; ``{arch}.hidden_act`` (and
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,7 @@ from ..tokenizer import gguf_tokenizer
 from .config import check_config, token_ids
 from .names import EMBEDDING, FINAL_NORM, LAYER_TENSORS, LM_HEAD, layer_tensor, tensor_names
 from .tensors import check_no_extra_tensors
-from .weights import Checkpoint, assemble
+from .weights import Checkpoint, OpenCheckpoint, assemble
 
 # Hugging Face name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
 GGUF_LAYER_NAMES = {
@@ -137,7 +138,21 @@ def open_gguf(p: Path):
         raise SparseInferError(f"cannot read GGUF {p}: {str(e).splitlines()[0]}") from None
 
 
-def load_gguf_checkpoint(path) -> Checkpoint:
+def rope_heads(hf_name: str, shape) -> int | None:
+    """The heads whose rows llama.cpp's converter permuted in tensor ``hf_name`` (Q: the attention
+    heads, K: the key/value heads), None for every other tensor."""
+    if hf_name.endswith("q_proj.weight"):
+        return shape.num_heads
+    if hf_name.endswith("k_proj.weight"):
+        return shape.num_kv_heads
+    return None
+
+
+@contextlib.contextmanager
+def open_gguf_checkpoint(path):
+    """The file as an ``OpenCheckpoint`` (metadata, tokenizer and tensor names checked; tensors
+    dequantized when asked, Q and K rows back in the Hugging Face order; ``gguf_tensor`` gives
+    the file's own tensors)."""
     p = Path(path)
     if not p.is_file():
         raise SparseInferError(f"no such checkpoint: {p}")
@@ -153,19 +168,26 @@ def load_gguf_checkpoint(path) -> Checkpoint:
     for i in range(shape.num_layers):
         to_gguf.update({layer_tensor(i, hf): f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
 
+    def gguf_tensor(hf_name):
+        return by_name.get(to_gguf.get(hf_name, hf_name))
+
     def get(hf_name):
-        t = by_name.get(to_gguf.get(hf_name, hf_name))
+        t = gguf_tensor(hf_name)
         if t is None:
             return None
         a = _tensor_array(t)
-        if hf_name.endswith("q_proj.weight"):
-            a = rope_unpermute(a, shape.num_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            a = rope_unpermute(a, shape.num_kv_heads)
-        return a
+        heads = rope_heads(hf_name, shape)
+        return a if heads is None else rope_unpermute(a, heads)
 
     check_no_extra_tensors([to_gguf.get(n, n) for n in tensor_names(shape)], by_name, str(p),
                            tied=shape.tie_word_embeddings)
-    weights = assemble(shape, get, str(p))
-    types = sorted({t.tensor_type.name for t in reader.tensors})
-    return Checkpoint(weights=weights, tokenizer=tokenizer, source=str(p), stored_dtype="/".join(types), **ids)
+    types = {t.tensor_type.name for t in reader.tensors}
+    yield OpenCheckpoint(shape, tokenizer, str(p), get, **ids, gguf_tensor=gguf_tensor, stored_dtypes=types)
+
+
+def load_gguf_checkpoint(path) -> Checkpoint:
+    with open_gguf_checkpoint(path) as ck:
+        weights = assemble(ck.shape, ck.get, ck.source)
+    return Checkpoint(weights=weights, tokenizer=ck.tokenizer, source=ck.source,
+                      stored_dtype="/".join(sorted(ck.stored_dtypes)), bos_token_id=ck.bos_token_id,
+                      eos_token_id=ck.eos_token_id)

@@ -21,7 +21,7 @@ from .config import check_config, token_ids
 from .names import EMBEDDING, tensor_names
 from .safetensors_header import check_data_tiled, check_safetensors_header
 from .tensors import check_no_extra_tensors, check_tensors_present
-from .weights import Checkpoint, assemble
+from .weights import Checkpoint, OpenCheckpoint, assemble
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -95,7 +95,10 @@ def _safetensors_reader(files: list[Path], expected: list[str], source: str, tie
         yield get, dtypes, shapes
 
 
-def load_hf_checkpoint(path) -> Checkpoint:
+@contextlib.contextmanager
+def open_hf_checkpoint(path):
+    """The checkpoint as an ``OpenCheckpoint`` (config, headers, tensor names, special tokens and
+    tokenizer checked; tensors read when asked) while the files are open."""
     root = Path(path)
     if not root.exists():
         raise SparseInferError(f"no such checkpoint: {root}")
@@ -108,6 +111,13 @@ def load_hf_checkpoint(path) -> Checkpoint:
                              tied=shape.tie_word_embeddings) as (get, dtypes, shapes):
         embedding = shapes[EMBEDDING]
         ids = token_ids(cfg, shape.vocab_size, config_name, embedding[0] if embedding else None)
-        weights = assemble(shape, get, str(root))
-    tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
-    return Checkpoint(weights=weights, tokenizer=tok, source=str(root), stored_dtype="/".join(sorted(dtypes)), **ids)
+        tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None
+        yield OpenCheckpoint(shape, tok, str(root), get, **ids, stored_dtypes=dtypes)
+
+
+def load_hf_checkpoint(path) -> Checkpoint:
+    with open_hf_checkpoint(path) as ck:
+        weights = assemble(ck.shape, ck.get, ck.source)
+    return Checkpoint(weights=weights, tokenizer=ck.tokenizer, source=ck.source,
+                      stored_dtype="/".join(sorted(ck.stored_dtypes)), bos_token_id=ck.bos_token_id,
+                      eos_token_id=ck.eos_token_id)

@@ -14,16 +14,18 @@ from sparseinfer.reference.errors import SparseInferError
 _EXPONENT_BITS = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}     # all ones: Inf or NaN
 
 
-def check_tensor(name: str, array: np.ndarray, expected: tuple[int, ...], source: str) -> None:
+def check_tensor(name: str, array: np.ndarray, expected: tuple[int, ...], source: str, finite: bool = True) -> None:
     """The config's shape, a float type (an integer type is data mislabelled in its header, whose
     values would become weights of ~1e9), and every value finite (a NaN or Inf weight would decode
-    garbage)."""
+    garbage; ``finite=False``: left to the caller)."""
     if tuple(array.shape) != tuple(expected):
         raise SparseInferError(f"{source}: tensor {name} has shape {tuple(array.shape)}, "
                                f"but the config implies {tuple(expected)}")
     if array.dtype not in WEIGHT_DTYPES:
         raise SparseInferError(f"{source}: tensor {name} is stored as {dtype_name(array.dtype)}; weights must be "
                                f"float32, float16 or bfloat16")
+    if not finite:
+        return
     bits = _EXPONENT_BITS.get(array.dtype)
     bad = (array.view(np.uint16) & bits) == bits if bits is not None else ~np.isfinite(array)
     if bad.any():

@@ -12,8 +12,8 @@
 //   then the butterfly 16, 8, 4, 2, 1 (sparse_mlp_cpu.h's finish_row). d is a multiple of 32.
 //   So a block is dequantized straight into SIMD registers that hold consecutive lanes, and
 //   added to the lanes' accumulators vertically: no transposes.
-// * Down projection on W_down^T blocks along d: exactly sparse_mlp_cpu.h's down_columns /
-//   down_columns_tokens (chunks, sub-chunks, rows ascending, h3 == 0 skipped), each row's
+// * Down projection on W_down^T blocks along d: sparse_mlp_cpu.h's walks (down_walk /
+//   down_walk_tokens: chunks, sub-chunks, rows ascending, h3 == 0 skipped), each row's
 //   weights dequantized block by block. Column ranges are whole blocks (multiples of 32).
 //
 // SIMD through GCC vector extensions, as wide as the target allows (AVX-512 16 floats, AVX2 8,
@@ -100,6 +100,7 @@ inline VecI nibbles(const uint8_t* codes, int lane0) {
 }
 
 struct Q8_0 {
+    static constexpr const char* kName = "q8_0";   // reference/block_quant.py's name
     static constexpr int kBytes = 34;
     static inline BlockLanes dequantize(const uint8_t* b) {
         const float d = half_at(b);
@@ -127,6 +128,7 @@ inline __m512 q4_codes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1
 #endif
 
 struct Q4_0 {
+    static constexpr const char* kName = "q4_0";   // reference/block_quant.py's name
     static constexpr int kBytes = 18;
     static inline BlockLanes dequantize(const uint8_t* b) {
         const float d = half_at(b);
@@ -142,6 +144,7 @@ struct Q4_0 {
 };
 
 struct Q4_1 {
+    static constexpr const char* kName = "q4_1";   // reference/block_quant.py's name
     static constexpr int kBytes = 20;
     static inline BlockLanes dequantize(const uint8_t* b) {
         const float d = half_at(b), m = half_at(b + 2);
@@ -157,6 +160,28 @@ struct Q4_1 {
 #endif
     }
 };
+
+// A node's weight format: float weights (fp32 / fp16), or one of the block formats.
+enum WeightFormat { FORMAT_FLOAT, FORMAT_Q8_0, FORMAT_Q4_0, FORMAT_Q4_1 };
+constexpr WeightFormat kBlockFormats[] = {FORMAT_Q8_0, FORMAT_Q4_0, FORMAT_Q4_1};
+
+// fn(F{}) for a block format's struct (F::kName, F::kBytes, F::dequantize); f is not FORMAT_FLOAT.
+template <typename Fn>
+inline decltype(auto) with_block_format(WeightFormat f, Fn&& fn) {
+    switch (f) {
+        case FORMAT_Q4_0: return fn(Q4_0{});
+        case FORMAT_Q4_1: return fn(Q4_1{});
+        default: return fn(Q8_0{});
+    }
+}
+
+inline const char* format_name(WeightFormat f) {
+    return with_block_format(f, [](auto q) { return decltype(q)::kName; });
+}
+
+inline int block_bytes(WeightFormat f) {
+    return with_block_format(f, [](auto q) { return decltype(q)::kBytes; });
+}
 
 // Bytes of one row of d weights (d a multiple of 32).
 template <typename F>
@@ -211,6 +236,29 @@ inline void dot_q2(const uint8_t* row_a, const uint8_t* row_b, const float* x, i
     dot_q_rows<F, 2>(rows, x, d, z, ahead_a ? ahead : nullptr);
 }
 
+constexpr int kQuantSideBySide = 4;      // rows read at once by dot_q_listed
+
+// z[r] = W[row r] . x for r in [r0, r1) of a list of n_rows rows, row r being rows[r] (or r
+// itself where rows is null): kQuantSideBySide rows side by side, the next ones prefetched
+// meanwhile, the last few one at a time.
+template <typename F>
+inline void dot_q_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
+                         float* z) {
+    const int64_t stride = row_bytes_q<F>(d);
+    auto row = [&](int r) { return w + int64_t(rows ? rows[r] : r) * stride; };
+    constexpr int kRows = kQuantSideBySide;
+    int r = r0;
+    for (; r + kRows <= r1; r += kRows) {
+        const uint8_t *now[kRows], *ahead[kRows];
+        for (int a = 0; a < kRows; ++a) {
+            now[a] = row(r + a);
+            ahead[a] = row(std::min(r + kRows + a, n_rows - 1));
+        }
+        dot_q_rows<F, kRows>(now, x, d, z + r, ahead);
+    }
+    for (; r < r1; ++r) z[r] = dot_q<F>(row(r), x, d, r + 1 < n_rows ? row(r + 1) : nullptr);
+}
+
 // Prefill: kTokens tokens' dot products with one row, as dot_row_tokens: xi[j * kTokens + t] =
 // x_t[j]; lane l's sums of all the tokens are one TokenVec, each block dequantized once and its
 // lane l weight times x[32 t + l] of every token added vertically. xs[t] null: padding, no z[t].
@@ -257,108 +305,43 @@ inline void add_rows_q(float* __restrict q, const uint8_t* const* src, const flo
     }
 }
 
-inline void add_in_place(float* __restrict acc, const float* __restrict terms, size_t n) {
-    for (size_t j = 0; j < n; ++j) acc[j] = acc[j] + terms[j];
-}
-
 // out[j0:j1] = the contract's down projection over the listed rows of W_down^T (ascending,
 // h3[r] != 0 the value of rows[r]); j0 and j1 multiples of 32. down_columns's walk exactly.
 template <typename F>
 inline void down_columns_q(const uint8_t* __restrict wt, int d, const int32_t* rows, const float* h3, int n, int j0,
                            int j1, float* __restrict out) {
-    const int m = j1 - j0, blocks = m / kBlock;
+    const int blocks = (j1 - j0) / kBlock;
     const int64_t stride = row_bytes_q<F>(d), first = int64_t(j0 / kBlock) * F::kBytes;
-    const size_t span = size_t(blocks) * F::kBytes;
-    auto src = [&](int r) { return wt + int64_t(rows[r]) * stride + first; };
-    std::vector<float> buf(3 * size_t(m));
-    float* __restrict total = buf.data();
-    float* __restrict part = total + m;
-    float* __restrict q = part + m;
-    std::fill(total, total + m, 0.0f);
-    int r = 0;
-    while (r < n) {
-        const int chunk = rows[r] / (kSubRows * kSubs);
-        std::fill(part, part + m, 0.0f);
-        for (int s = 0; s < kSubs; ++s) {
-            const int end = chunk * kSubs + s + 1;            // first sub-chunk past this one
-            std::fill(q, q + m, 0.0f);
-            while (r < n && rows[r] / kSubRows < end) {
-                int step = 1;
-                if (r + 3 < n && rows[r + 3] / kSubRows < end) step = 4;
-                else if (r + 1 < n && rows[r + 1] / kSubRows < end) step = 2;
-                for (int a = r + step; a < std::min(n, r + 2 * step); ++a) prefetch_span(src(a), span);
-                const uint8_t* s4[4] = {src(r), step > 1 ? src(r + 1) : nullptr, step > 2 ? src(r + 2) : nullptr,
-                                        step > 3 ? src(r + 3) : nullptr};
-                if (step == 4) add_rows_q<F, 4>(q, s4, h3 + r, blocks);
-                else if (step == 2) add_rows_q<F, 2>(q, s4, h3 + r, blocks);
-                else add_rows_q<F, 1>(q, s4, h3 + r, blocks);
-                r += step;
-            }
-            add_in_place(part, q, m);
-        }
-        add_in_place(total, part, m);
-    }
-    std::memcpy(out + j0, total, m * sizeof(float));
+    down_walk(rows, h3, n, j1 - j0, out + j0, [&](int r) { return wt + int64_t(rows[r]) * stride + first; },
+              size_t(blocks) * F::kBytes, [&](float* q, const uint8_t* const* src, const float* h, auto step) {
+                  add_rows_q<F, decltype(step)::value>(q, src, h, blocks);
+              });
 }
 
 // down_columns_q for `n_tokens` tokens at once (prefill): h3 [n_tokens, k], out [n_tokens, d];
 // down_columns_tokens's walk exactly. Each row's blocks in [j0, j1) are dequantized once, for
-// all the tokens whose h3 of that row is nonzero; rows no token uses are not read.
+// all the tokens whose h3 of that row is nonzero.
 template <typename F>
 inline void down_columns_tokens_q(const uint8_t* __restrict wt, int d, int k, const float* __restrict h3,
                                   int n_tokens, int j0, int j1, float* __restrict out) {
     const int m = j1 - j0, blocks = m / kBlock;
     const int64_t stride = row_bytes_q<F>(d), first = int64_t(j0 / kBlock) * F::kBytes;
-    const size_t span = size_t(m) * n_tokens;
-    std::vector<float> buf(3 * span);
-    float* __restrict total = buf.data();
-    float* __restrict part = total + span;
-    float* __restrict q = part + span;
-    std::fill(total, total + span, 0.0f);
-    std::vector<uint8_t> live(n_tokens);
-    std::vector<int> users(n_tokens);
-    std::vector<float> h(n_tokens);
-    constexpr int kChunkRows = kSubRows * kSubs;
-    for (int c0 = 0; c0 < k; c0 += kChunkRows) {
-        const int c1 = std::min(k, c0 + kChunkRows);
-        bool any = false;
-        for (int t = 0; t < n_tokens; ++t) {
-            const float* ht = h3 + size_t(t) * k;
-            live[t] = std::any_of(ht + c0, ht + c1, [](float v) { return v != 0.0f; });
-            any = any || live[t];
-        }
-        if (!any) continue;
-        std::fill(part, part + span, 0.0f);
-        for (int s = 0; s < kSubs; ++s) {
-            std::fill(q, q + span, 0.0f);
-            for (int i = c0 + s * kSubRows; i < std::min(c1, c0 + (s + 1) * kSubRows); ++i) {
-                int n_users = 0;
-                for (int t = 0; t < n_tokens; ++t) {
-                    const float ht = h3[size_t(t) * k + i];
-                    if (ht != 0.0f) users[n_users] = t, h[n_users++] = ht;
-                }
-                if (!n_users) continue;
-                const uint8_t* src = wt + int64_t(i) * stride + first;
-                if (i + 1 < k) prefetch_span(src + stride, size_t(blocks) * F::kBytes);
-                for (int b = 0; b < blocks; ++b) {
-                    const BlockLanes w = F::dequantize(src + int64_t(b) * F::kBytes);
-                    for (int u = 0; u < n_users; ++u) {
-                        float* qb = q + size_t(users[u]) * m + b * kBlock;
-                        for (int v = 0; v < kBlockVecs; ++v) {
-                            const VecF prod = h[u] * w.w[v];
-                            const VecF sum = load_vec<VecF>(qb + v * kVecFloats) + prod;
-                            std::memcpy(qb + v * kVecFloats, &sum, sizeof sum);
-                        }
-                    }
+    down_walk_tokens(k, h3, n_tokens, m, out + j0, d, [&](int i, const int* users, const float* h, int n_users,
+                                                          float* q) {
+        const uint8_t* src = wt + int64_t(i) * stride + first;
+        if (i + 1 < k) prefetch_span(src + stride, size_t(blocks) * F::kBytes);
+        for (int b = 0; b < blocks; ++b) {
+            const BlockLanes w = F::dequantize(src + int64_t(b) * F::kBytes);
+            for (int u = 0; u < n_users; ++u) {
+                float* qb = q + size_t(users[u]) * m + b * kBlock;
+                for (int v = 0; v < kBlockVecs; ++v) {
+                    const VecF prod = h[u] * w.w[v];
+                    const VecF sum = load_vec<VecF>(qb + v * kVecFloats) + prod;
+                    std::memcpy(qb + v * kVecFloats, &sum, sizeof sum);
                 }
             }
-            for (int t = 0; t < n_tokens; ++t)
-                if (live[t]) add_in_place(part + size_t(t) * m, q + size_t(t) * m, m);
         }
-        for (int t = 0; t < n_tokens; ++t)
-            if (live[t]) add_in_place(total + size_t(t) * m, part + size_t(t) * m, m);
-    }
-    for (int t = 0; t < n_tokens; ++t) std::memcpy(out + int64_t(t) * d + j0, total + size_t(t) * m, m * sizeof(float));
+    });
 }
 
 }  // namespace sparseinfer

@@ -1,6 +1,7 @@
-// The op's CPU kernel: sparse_mlp_cpu.h's functions on onnxruntime's intra-op thread pool, one
-// token as the sparse decode step, several tokens densely (prefill), and the counts of what the
-// decode steps skipped.
+// The op's CPU kernel: sparse_mlp_cpu.h's functions (float weights) or block_quant_cpu.h's
+// (block-quantized weights) on onnxruntime's intra-op thread pool, one token as the sparse
+// decode step, several tokens (or a dense node) densely, and the counts of what the decode
+// steps skipped.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -18,140 +19,206 @@ namespace {
 // decode steps (one per layer and token), rows seen, rows predicted zero, rows computed (+AS).
 std::atomic<int64_t> g_counters[4];
 
-// onnxruntime's intra-op pool: fn(i) for i in [0, total), split into at most `batches`
-// contiguous batches (0: one per thread).
-template <typename F>
-void parallel_for(OrtKernelContext* ctx, size_t total, size_t batches, F&& fn) {
-    if (total == 0) return;
-    struct Call {
-        F* fn;
-        std::exception_ptr error;
-    } call{&fn, nullptr};
-    auto trampoline = [](void* user, size_t i) {
-        auto* c = static_cast<Call*>(user);
-        try {
-            (*c->fn)(i);
-        } catch (...) {
-            c->error = std::current_exception();
-        }
-    };
-    check(g_api->KernelContext_ParallelFor(ctx, trampoline, total, batches, &call));
-    if (call.error) std::rethrow_exception(call.error);
-}
-
-constexpr int kRowsPerTask = 32;
-
-// Rows [0, n) in tasks of kRowsPerTask: fn(r0, r1).
-template <typename F>
-void for_row_blocks(OrtKernelContext* ctx, int n, F&& fn) {
-    parallel_for(ctx, (n + kRowsPerTask - 1) / kRowsPerTask, 0, [&](size_t b) {
-        const int r0 = int(b) * kRowsPerTask;
-        fn(r0, std::min(n, r0 + kRowsPerTask));
-    });
-}
-
-// The down projection of one token over its listed rows, column blocks as tasks.
+// A layer's three matrices and what the kernel does with a row of them, for float weights W
+// [k, d] (float or half). BlockRows below is the same for block-quantized rows.
 template <typename W>
-void down(OrtKernelContext* ctx, const MlpParams& p, const W* wt, const std::vector<int32_t>& rows,
-          const std::vector<float>& h3, float* out) {
-    const int block = down_block(p.d, 2);
-    const int tasks = (p.d + block - 1) / block;
-    parallel_for(ctx, tasks, tasks, [&](size_t b) {
-        const int j0 = int(b) * block;
-        down_columns(wt, p.d, rows.data(), h3.data(), int(rows.size()), j0, std::min(p.d, j0 + block), out);
-    });
-}
+struct FloatRows {
+    const W *gate, *up, *down_t;
+    int d;
+    static constexpr int kColumnStep = kCacheLine / sizeof(float);   // down tasks: whole cache lines
 
-// One call's view of the node: the kernel's attributes with the inputs' sizes, and typed pointers.
-template <typename W>
-struct Layer {
-    MlpParams p;
-    const float* x;
-    const W *w_gate, *w_up, *w_down_t;
-    Layer(const Kernel& kernel, const Inputs& in)
-        : p(kernel.p), x(static_cast<const float*>(in.x.data)), w_gate(static_cast<const W*>(in.gate.data)),
-          w_up(static_cast<const W*>(in.up.data)), w_down_t(static_cast<const W*>(in.down_t.data)) {
-        p.k = int(in.gate.shape[0]);
-        p.d = int(in.gate.shape[1]);
-        p.sign_stride = in.signs.shape[1];
+    // z[r] = w[rows[r]] . x for r in [r0, r1) of the n listed rows
+    void dots(const W* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z) const {
+        dot_listed_rows(w, d, rows, n, x, r0, r1, z);
+    }
+    float dot_row(const W* w, int i, const float* x) const { return dot<W>(w + int64_t(i) * d, x, d, nullptr); }
+    // kTokens tokens' dot products with row i (xi interleaved, xs[t] null for padding)
+    void dots_tokens(const W* w, int i, const float* xi, const float* const* xs, float* z) const {
+        dot_row_tokens<W>(w + int64_t(i) * d, xi, xs, d, z);
+    }
+    void down(const int32_t* rows, const float* h3, int n, int j0, int j1, float* out) const {
+        down_columns(down_t, d, rows, h3, n, j0, j1, out);
+    }
+    void down_tokens(int k, const float* h3, int n_tokens, int j0, int j1, float* out) const {
+        down_columns_tokens(down_t, d, k, h3, n_tokens, j0, j1, out);
     }
 };
 
-template <typename W>
-void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, float* out, uint8_t* predicted,
-                    uint8_t* computed, uint8_t* actual) {
-    const Layer<W> layer(kernel, in);
-    const MlpParams& p = layer.p;
-    const float* x = layer.x;
-    const W *w_gate = layer.w_gate, *w_up = layer.w_up, *w_down_t = layer.w_down_t;
-    const auto* signs = static_cast<const uint64_t*>(in.signs.data);
+// W_gate and W_up in block format F, W_down^T in `down_format`: uint8 rows of d / 32 blocks.
+template <typename F>
+struct BlockRows {
+    const uint8_t *gate, *up, *down_t;
+    int d;
+    WeightFormat down_format;
+    static constexpr int kColumnStep = kBlock;                         // down tasks: whole blocks
 
-    std::vector<uint64_t> x_words((p.d + 63) / 64);
-    const int64_t nan_at = pack_signs(x, p.d, x_words.data(), int64_t(x_words.size()));
-    if (nan_at >= 0) throw OpError(kernel.node + ": x contains NaN at index " + std::to_string(nan_at));
-
-    std::vector<uint8_t> zero(p.k);
-    for_row_blocks(ctx, p.k, [&](int r0, int r1) { predict_rows(p, signs, x_words.data(), r0, r1, zero.data()); });
-    std::vector<int32_t> active;
-    active.reserve(p.k);
-    for (int i = 0; i < p.k; ++i)
-        if (!zero[i]) active.push_back(i);
-
-    std::vector<float> z(active.size());
-    for_row_blocks(ctx, int(active.size()), [&](int r0, int r1) {
-        dot_listed_rows(w_gate, p.d, active.data(), int(active.size()), x, r0, r1, z.data());
-    });
-    std::vector<int32_t> rows;                 // +AS: rows whose h1 is non-zero compute up and down
-    std::vector<float> h1;
-    rows.reserve(active.size());
-    h1.reserve(active.size());
-    for (size_t r = 0; r < active.size(); ++r) {
-        const float h = activate(p, z[r]);
-        if (h != 0.0f) {
-            rows.push_back(active[r]);
-            h1.push_back(h);
-        }
+    void dots(const uint8_t* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z) const {
+        dot_q_listed<F>(w, d, rows, n, x, r0, r1, z);
     }
-    std::vector<float> up(rows.size());
-    for_row_blocks(ctx, int(rows.size()), [&](int r0, int r1) {
-        dot_listed_rows(w_up, p.d, rows.data(), int(rows.size()), x, r0, r1, up.data());
+    float dot_row(const uint8_t* w, int i, const float* x) const { return dot_q<F>(w + i * row_bytes_q<F>(d), x, d); }
+    void dots_tokens(const uint8_t* w, int i, const float* xi, const float* const* xs, float* z) const {
+        dot_q_tokens<F>(w + i * row_bytes_q<F>(d), xi, xs, d, z);
+    }
+    void down(const int32_t* rows, const float* h3, int n, int j0, int j1, float* out) const {
+        with_block_format(down_format, [&](auto f) {
+            down_columns_q<decltype(f)>(down_t, d, rows, h3, n, j0, j1, out);
+        });
+    }
+    void down_tokens(int k, const float* h3, int n_tokens, int j0, int j1, float* out) const {
+        with_block_format(down_format, [&](auto f) {
+            down_columns_tokens_q<decltype(f)>(down_t, d, k, h3, n_tokens, j0, j1, out);
+        });
+    }
+};
+
+// fn(rows) for the node's weights: FloatRows<float>, FloatRows<half> or BlockRows<F>.
+template <typename Fn>
+void with_rows(const Kernel& kernel, const Inputs& in, Fn&& fn) {
+    const int d = int(in.d);
+    if (kernel.weights != FORMAT_FLOAT) {
+        with_block_format(kernel.weights, [&](auto f) {
+            fn(BlockRows<decltype(f)>{static_cast<const uint8_t*>(in.gate.data), static_cast<const uint8_t*>(in.up.data),
+                                      static_cast<const uint8_t*>(in.down_t.data), d, kernel.down});
+        });
+    } else if (in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
+        fn(FloatRows<half>{static_cast<const half*>(in.gate.data), static_cast<const half*>(in.up.data),
+                           static_cast<const half*>(in.down_t.data), d});
+    } else {
+        fn(FloatRows<float>{static_cast<const float*>(in.gate.data), static_cast<const float*>(in.up.data),
+                            static_cast<const float*>(in.down_t.data), d});
+    }
+}
+
+MlpParams params(const Kernel& kernel, const Inputs& in) {
+    MlpParams p = kernel.p;
+    p.k = int(in.k);
+    p.d = int(in.d);
+    p.sign_stride = in.signs.shape[1];
+    return p;
+}
+
+// The down projection of one token over its listed rows, column blocks as tasks.
+template <typename Rows>
+void down(OrtKernelContext* ctx, const MlpParams& p, const Rows& m, const std::vector<int32_t>& rows,
+          const std::vector<float>& h3, float* out) {
+    const int block = down_block(p.d, 2, Rows::kColumnStep);
+    const int tasks = (p.d + block - 1) / block;
+    parallel_for(ctx, tasks, tasks, [&](size_t b) {
+        const int j0 = int(b) * block;
+        m.down(rows.data(), h3.data(), int(rows.size()), j0, std::min(p.d, j0 + block), out);
     });
+}
+
+// What one token's row phase found, per row of the layer.
+struct RowPhase {
+    std::vector<uint8_t> zero;      // predicted zero (all 0 without the predictor)
+    std::vector<uint8_t> computed;  // up was computed
+    std::vector<float> h3;          // h1 * up; 0 where not computed
+    explicit RowPhase(int k) : zero(k), computed(k), h3(k) {}
+};
+
+constexpr int kDecodeRowsPerTask = 256;
+
+// The row phase of one token for rows [r0, r1) (at most kDecodeRowsPerTask), one task: the
+// predictor (with `signs`, else every row kept), the gate rows kept, then the up rows: those
+// whose h1 != 0 (+AS), or every kept row with `every_up` (the dense MLP reads every row).
+template <typename Rows>
+void row_phase(const MlpParams& p, const Rows& m, const float* x, const uint64_t* signs, const uint64_t* x_words,
+               bool every_up, int r0, int r1, RowPhase& out) {
+    if (signs) predict_rows(p, signs, x_words, r0, r1, out.zero.data());
+    int32_t kept[kDecodeRowsPerTask], live[kDecodeRowsPerTask];
+    float z[kDecodeRowsPerTask], h1[kDecodeRowsPerTask], up[kDecodeRowsPerTask];
+    int n_kept = 0, n_live = 0;
+    for (int i = r0; i < r1; ++i)
+        if (!out.zero[i]) kept[n_kept++] = i;
+    m.dots(m.gate, kept, n_kept, x, 0, n_kept, z);
+    for (int r = 0; r < n_kept; ++r) {
+        const float h = activate(p, z[r]);
+        if (h != 0.0f || every_up) live[n_live] = kept[r], h1[n_live++] = h;
+    }
+    m.dots(m.up, live, n_live, x, 0, n_live, up);
+    for (int r = 0; r < n_live; ++r) {
+        out.computed[live[r]] = 1;
+        out.h3[live[r]] = h1[r] != 0.0f ? h1[r] * up[r] : 0.0f;
+    }
+}
+
+template <typename Rows>
+void all_row_phases(OrtKernelContext* ctx, const MlpParams& p, const Rows& m, const float* x, const uint64_t* signs,
+                    const uint64_t* x_words, bool every_up, RowPhase& out) {
+    const int tasks = (p.k + kDecodeRowsPerTask - 1) / kDecodeRowsPerTask;
+    parallel_for(ctx, tasks, 0, [&](size_t b) {
+        const int r0 = int(b) * kDecodeRowsPerTask;
+        row_phase(p, m, x, signs, x_words, every_up, r0, std::min(p.k, r0 + kDecodeRowsPerTask), out);
+    });
+}
+
+// x's sign words; an OpError naming the node where x holds a NaN.
+std::vector<uint64_t> sign_words_of_x(const Kernel& kernel, const MlpParams& p, const float* x) {
+    std::vector<uint64_t> words((p.d + 63) / 64);
+    const int64_t nan_at = pack_signs(x, p.d, words.data(), int64_t(words.size()));
+    if (nan_at >= 0) throw OpError(kernel.node + ": x contains NaN at index " + std::to_string(nan_at));
+    return words;
+}
+
+// One token, sparse: the sign predictor, the gate rows it keeps, the up rows whose h1 != 0
+// (+AS), the down rows whose h3 != 0. Two parallel phases: the rows (each task its own rows'
+// predictor, gate and up), then the down projection's columns.
+template <typename Rows>
+void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& m, const Outputs& o) {
+    const MlpParams p = params(kernel, in);
+    const auto* x = static_cast<const float*>(in.x.data);
+    const std::vector<uint64_t> x_words = sign_words_of_x(kernel, p, x);
+    RowPhase rows(p.k);
+    all_row_phases(ctx, p, m, x, static_cast<const uint64_t*>(in.signs.data), x_words.data(), false, rows);
     std::vector<int32_t> down_rows;            // the contract skips rows whose h3 is exactly zero
     std::vector<float> h3;
-    for (size_t r = 0; r < rows.size(); ++r) {
-        const float h = h1[r] * up[r];
-        if (h != 0.0f) {
-            down_rows.push_back(rows[r]);
-            h3.push_back(h);
+    int64_t skipped = 0, computed = 0;
+    for (int i = 0; i < p.k; ++i) {
+        skipped += rows.zero[i];
+        computed += rows.computed[i];
+        if (rows.h3[i] != 0.0f) {
+            down_rows.push_back(i);
+            h3.push_back(rows.h3[i]);
         }
     }
-    down(ctx, p, w_down_t, down_rows, h3, out);
+    down(ctx, p, m, down_rows, h3, o.out);
 
     g_counters[0] += 1;
     g_counters[1] += p.k;
-    g_counters[2] += p.k - int64_t(active.size());
-    g_counters[3] += int64_t(rows.size());
-    if (predicted) std::memcpy(predicted, zero.data(), zero.size());
-    if (computed) {
-        std::memset(computed, 0, p.k);
-        for (int32_t i : rows) computed[i] = 1;
-    }
-    if (actual) {
+    g_counters[2] += skipped;
+    g_counters[3] += computed;
+    if (o.predicted_zero) std::memcpy(o.predicted_zero, rows.zero.data(), p.k);
+    if (o.computed) std::memcpy(o.computed, rows.computed.data(), p.k);
+    if (o.actual_zero) {
         for_row_blocks(ctx, p.k, [&](int r0, int r1) {
-            for (int i = r0; i < r1; ++i) actual[i] = actually_zero(p, dot<W>(w_gate + int64_t(i) * p.d, x, p.d, nullptr));
+            for (int i = r0; i < r1; ++i) o.actual_zero[i] = actually_zero(p, m.dot_row(m.gate, i, x));
         });
     }
 }
 
-// Several tokens: every row, token by token in the contract's order (a row is read once
+// One token, dense (a dense node): every row of W_gate, W_up and W_down^T is read, in the
+// decode's two phases; rows whose h3 is zero add +-0.0 in the down projection, which leaves
+// every sum's bits as the contract's skipping does.
+template <typename Rows>
+void compute_dense_token(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& m, float* out) {
+    const MlpParams p = params(kernel, in);
+    const auto* x = static_cast<const float*>(in.x.data);
+    sign_words_of_x(kernel, p, x);              // the NaN check
+    RowPhase rows(p.k);
+    all_row_phases(ctx, p, m, x, nullptr, nullptr, true, rows);
+    std::vector<int32_t> every(p.k);
+    for (int i = 0; i < p.k; ++i) every[i] = i;
+    down(ctx, p, m, every, rows.h3, out);
+}
+
+// Every token densely: every row, token by token in the contract's order (a row is read once
 // for all tokens while it is in cache).
-template <typename W>
-void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, float* out) {
-    const Layer<W> layer(kernel, in);
-    const MlpParams& p = layer.p;
+template <typename Rows>
+void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& m, float* out) {
+    const MlpParams p = params(kernel, in);
     const int n = int(in.tokens);
-    const float* x = layer.x;
-    const W *w_gate = layer.w_gate, *w_up = layer.w_up, *w_down_t = layer.w_down_t;
+    const auto* x = static_cast<const float*>(in.x.data);
     for (int64_t j = 0; j < int64_t(n) * p.d; ++j)
         if (x[j] != x[j])
             throw OpError(kernel.node + ": x contains NaN at token " + std::to_string(j / p.d) + ", index " +
@@ -168,8 +235,8 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
             const float* group = xi.data() + size_t(g0 / kTokens) * p.d * kTokens;
             for (int i = r0; i < r1; ++i) {
                 float z[kTokens], zu[kTokens];
-                dot_row_tokens<W>(w_gate + int64_t(i) * p.d, group, xs, p.d, z);
-                dot_row_tokens<W>(w_up + int64_t(i) * p.d, group, xs, p.d, zu);
+                m.dots_tokens(m.gate, i, group, xs, z);
+                m.dots_tokens(m.up, i, group, xs, zu);
                 for (int t = 0; t < kTokens && g0 + t < n; ++t) {
                     const float h = activate(p, z[t]);
                     h3[size_t(g0 + t) * p.k + i] = h != 0.0f ? h * zu[t] : 0.0f;
@@ -178,12 +245,12 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
         }
     });
     // the down projection in the same groups of tokens x column blocks: W_down^T read once per group
-    const int block = down_block(p.d, 2);
+    const int block = down_block(p.d, 2, Rows::kColumnStep);
     const int blocks = (p.d + block - 1) / block, groups = (n + kTokens - 1) / kTokens;
     parallel_for(ctx, size_t(blocks) * groups, 0, [&](size_t b) {
         const int j0 = int(b % blocks) * block, t0 = int(b / blocks) * kTokens;
-        down_columns_tokens(w_down_t, p.d, p.k, h3.data() + size_t(t0) * p.k, std::min(kTokens, n - t0), j0,
-                            std::min(p.d, j0 + block), out + int64_t(t0) * p.d);
+        m.down_tokens(p.k, h3.data() + size_t(t0) * p.k, std::min(kTokens, n - t0), j0, std::min(p.d, j0 + block),
+                      out + int64_t(t0) * p.d);
     });
 }
 
@@ -192,14 +259,14 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
 OrtStatus* ORT_API_CALL compute_cpu(void* op_kernel, OrtKernelContext* ctx) {
     const auto& kernel = *static_cast<Kernel*>(op_kernel);
     try {
-        const Inputs in = read_inputs(ctx, kernel.node);
-        const Outputs o = outputs(ctx, in);
-        const bool fp16 = in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
-        if (in.tokens == 1)
-            fp16 ? compute_decode<half>(ctx, kernel, in, o.out, o.predicted_zero, o.computed, o.actual_zero)
-                 : compute_decode<float>(ctx, kernel, in, o.out, o.predicted_zero, o.computed, o.actual_zero);
-        else if (in.tokens > 1)
-            fp16 ? compute_dense<half>(ctx, kernel, in, o.out) : compute_dense<float>(ctx, kernel, in, o.out);
+        const Inputs in = read_inputs(ctx, kernel);
+        const Outputs o = outputs(ctx, in, kernel);
+        if (in.tokens == 0) return nullptr;
+        with_rows(kernel, in, [&](const auto& m) {
+            if (in.tokens > 1) compute_dense(ctx, kernel, in, m, o.out);
+            else if (kernel.dense) compute_dense_token(ctx, kernel, in, m, o.out);
+            else compute_decode(ctx, kernel, in, m, o);
+        });
         return nullptr;
     } catch (const OpError& e) {
         return status_of(e, ORT_INVALID_ARGUMENT);

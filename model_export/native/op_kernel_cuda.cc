@@ -1,6 +1,7 @@
 // The op's CUDA-provider kernel (built into the library's cuda flavour only): the node's inputs
-// checked as on the CPU, the launcher's arguments (sparse_mlp_cuda.h) filled in, scratch from
-// the provider's allocator, and kernels/cuda's kernels enqueued on its compute stream.
+// checked as on the CPU (float weights only: a block-quantized or dense node is refused with a
+// message), the launcher's arguments (sparse_mlp_cuda.h) filled in, scratch from the
+// provider's allocator, and kernels/cuda's kernels enqueued on its compute stream.
 #include <string>
 
 #include "op_common.h"
@@ -14,8 +15,14 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
     OrtAllocator* alloc = nullptr;
     void* scratch = nullptr;
     try {
-        const Inputs in = read_inputs(ctx, kernel.node);
-        const int64_t k = in.gate.shape[0], d = in.gate.shape[1];
+        if (kernel.weights != FORMAT_FLOAT)
+            throw OpError(kernel.node + ": " + format_name(kernel.weights) + " block-quantized weights run on the CPU "
+                          "provider only; this node was placed on the CUDA provider");
+        if (kernel.dense)
+            throw OpError(kernel.node + ": dense = 1 runs on the CPU provider only; this node was placed on the CUDA "
+                          "provider");
+        const Inputs in = read_inputs(ctx, kernel);
+        const int64_t k = in.k, d = in.d;
         SparseMlpCudaArgs a{};
         a.x = static_cast<const float*>(in.x.data);
         a.w_gate = in.gate.data;
@@ -31,7 +38,7 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         a.alpha_milli = kernel.p.alpha_milli;
         a.activation = kernel.p.act;           // activation.h's codes, the kernels' too
         a.threshold = kernel.p.threshold;
-        const Outputs o = outputs(ctx, in);
+        const Outputs o = outputs(ctx, in, kernel);
         a.out = o.out;
         a.predicted_zero = o.predicted_zero;
         a.computed = o.computed;

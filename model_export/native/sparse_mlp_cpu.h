@@ -33,6 +33,7 @@
 #endif
 #include <cstring>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 // The gate activations, one text with the CUDA kernels (the package's kernels/cuda).
@@ -298,11 +299,21 @@ inline void dot_listed_rows(const W* w, int d, const int32_t* rows, int n_rows, 
     }
 }
 
-// out[j0:j1] = the contract's down projection over the listed rows (ascending, h3 != 0).
-template <typename W>
-inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, const float* h3, int n, int j0,
-                         int j1, float* __restrict out) {
-    const int m = j1 - j0;
+inline void add_in_place(float* __restrict acc, const float* __restrict terms, size_t n) {
+    for (size_t j = 0; j < n; ++j) acc[j] = acc[j] + terms[j];
+}
+
+// The contract's walk of the down projection over the listed rows of W_down^T (ascending,
+// h3 != 0), for one token, into out[0:m] (m columns of a task): per chunk a partial from
+// +0.0, per sub-chunk q from +0.0 adding the sub-chunk's rows in order, sub-chunks added in
+// order into the partial, chunks in order into out. What a row adds is the weights' business:
+// `row(r)` points at listed row r's first column of the task (its `bytes` bytes are prefetched
+// ahead), and `add(q, src, h, step)` adds the `step` rows src[0 ..] times h[0 ..] to q[0:m],
+// column by column in that order (step: a std::integral_constant 4, 2 or 1, as many memory
+// streams; all the rows of one sub-chunk).
+template <typename RowAt, typename AddRows>
+inline void down_walk(const int32_t* rows, const float* h3, int n, int m, float* __restrict out, RowAt&& row,
+                      size_t bytes, AddRows&& add) {
     std::vector<float> buf(3 * size_t(m));
     float* __restrict total = buf.data();
     float* __restrict part = total + m;
@@ -316,65 +327,33 @@ inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, con
             const int end = chunk * kSubs + s + 1;            // first sub-chunk past this one
             std::fill(q, q + m, 0.0f);
             while (r < n && rows[r] / kSubRows < end) {
-                if (r + 3 < n && rows[r + 3] / kSubRows < end) {
-                    // four rows at a time (four memory streams), the same roundings in the same order
-                    if (r + 7 < n)
-                        for (int a = 4; a < 8; ++a) prefetch_span(wt + int64_t(rows[r + a]) * d + j0, m * sizeof(W));
-                    const float h0 = h3[r], h1 = h3[r + 1], h2 = h3[r + 2], h3r = h3[r + 3];
-                    const W* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
-                    const W* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
-                    const W* __restrict s2 = wt + int64_t(rows[r + 2]) * d + j0;
-                    const W* __restrict s3 = wt + int64_t(rows[r + 3]) * d + j0;
-                    for (int j = 0; j < m; ++j) {
-                        const float p0 = h0 * float(s0[j]), p1 = h1 * float(s1[j]), p2 = h2 * float(s2[j]),
-                                    p3 = h3r * float(s3[j]);
-                        const float a = q[j] + p0;
-                        const float b = a + p1;
-                        const float c = b + p2;
-                        q[j] = c + p3;
-                    }
-                    r += 4;
-                } else if (r + 1 < n && rows[r + 1] / kSubRows < end) {
-                    // two rows at a time: the same roundings in the same order, half the passes over q
-                    if (r + 2 < n) prefetch_span(wt + int64_t(rows[r + 2]) * d + j0, m * sizeof(W));
-                    if (r + 3 < n) prefetch_span(wt + int64_t(rows[r + 3]) * d + j0, m * sizeof(W));
-                    const float h0 = h3[r], h1 = h3[r + 1];
-                    const W* __restrict s0 = wt + int64_t(rows[r]) * d + j0;
-                    const W* __restrict s1 = wt + int64_t(rows[r + 1]) * d + j0;
-                    for (int j = 0; j < m; ++j) {
-                        const float p0 = h0 * float(s0[j]);
-                        const float a = q[j] + p0;
-                        const float p1 = h1 * float(s1[j]);
-                        q[j] = a + p1;
-                    }
-                    r += 2;
-                } else {
-                    if (r + 1 < n) prefetch_span(wt + int64_t(rows[r + 1]) * d + j0, m * sizeof(W));
-                    const float h = h3[r];
-                    const W* __restrict src = wt + int64_t(rows[r]) * d + j0;
-                    for (int j = 0; j < m; ++j) {
-                        const float p0 = h * float(src[j]);
-                        q[j] = q[j] + p0;
-                    }
-                    r += 1;
-                }
+                int step = 1;
+                if (r + 3 < n && rows[r + 3] / kSubRows < end) step = 4;
+                else if (r + 1 < n && rows[r + 1] / kSubRows < end) step = 2;
+                for (int a = r + step; a < std::min(n, r + 2 * step); ++a) prefetch_span(row(a), bytes);
+                decltype(row(0)) src[4];
+                for (int a = 0; a < step; ++a) src[a] = row(r + a);
+                if (step == 4) add(q, src, h3 + r, std::integral_constant<int, 4>{});
+                else if (step == 2) add(q, src, h3 + r, std::integral_constant<int, 2>{});
+                else add(q, src, h3 + r, std::integral_constant<int, 1>{});
+                r += step;
             }
-            for (int j = 0; j < m; ++j) part[j] = part[j] + q[j];
+            add_in_place(part, q, m);
         }
-        for (int j = 0; j < m; ++j) total[j] = total[j] + part[j];
+        add_in_place(total, part, m);
     }
-    std::memcpy(out + j0, total, m * sizeof(float));
+    std::memcpy(out, total, m * sizeof(float));
 }
 
-// down_columns for `n_tokens` tokens at once (prefill): h3 is [n_tokens, k], out [n_tokens, d].
-// Every row of W_down^T in [j0, j1) is read once for all the tokens while it is in cache, and
-// each token's sums take exactly down_columns's roundings in its order: a row adds to a
-// token's sums only where its h3 != 0 for that token, and a chunk counts for a token only where
-// one of its rows does (then all of the chunk's sub-chunks are added, as down_columns does).
-template <typename W>
-inline void down_columns_tokens(const W* __restrict wt, int d, int k, const float* __restrict h3, int n_tokens,
-                                int j0, int j1, float* __restrict out) {
-    const int m = j1 - j0;
+// down_walk for `n_tokens` tokens at once (prefill): h3 [n_tokens, k]; token t's m columns go
+// to out + t * out_stride. Every row is visited once for all the tokens whose h3 of it is
+// nonzero (its users), and each token's sums take exactly down_walk's roundings in its order: a
+// chunk counts for a token only where one of its rows does (then all of the chunk's sub-chunks
+// are added, as down_walk does). `add_row(i, users, h, n_users, q)` adds h[u] times row i to
+// token users[u]'s q + users[u] * m, column by column in order; rows no token uses are skipped.
+template <typename AddRow>
+inline void down_walk_tokens(int k, const float* __restrict h3, int n_tokens, int m, float* __restrict out,
+                             int64_t out_stride, AddRow&& add_row) {
     const size_t span = size_t(m) * n_tokens;
     std::vector<float> buf(3 * span);
     float* __restrict total = buf.data();
@@ -382,13 +361,15 @@ inline void down_columns_tokens(const W* __restrict wt, int d, int k, const floa
     float* __restrict q = part + span;
     std::fill(total, total + span, 0.0f);
     std::vector<uint8_t> live(n_tokens);
+    std::vector<int> users(n_tokens);
+    std::vector<float> h(n_tokens);
     constexpr int kChunkRows = kSubRows * kSubs;
     for (int c0 = 0; c0 < k; c0 += kChunkRows) {
         const int c1 = std::min(k, c0 + kChunkRows);
         bool any = false;
         for (int t = 0; t < n_tokens; ++t) {
-            const float* h = h3 + size_t(t) * k;
-            live[t] = std::any_of(h + c0, h + c1, [](float v) { return v != 0.0f; });
+            const float* ht = h3 + size_t(t) * k;
+            live[t] = std::any_of(ht + c0, ht + c1, [](float v) { return v != 0.0f; });
             any = any || live[t];
         }
         if (!any) continue;
@@ -396,37 +377,78 @@ inline void down_columns_tokens(const W* __restrict wt, int d, int k, const floa
         for (int s = 0; s < kSubs; ++s) {
             std::fill(q, q + span, 0.0f);
             for (int i = c0 + s * kSubRows; i < std::min(c1, c0 + (s + 1) * kSubRows); ++i) {
-                const W* __restrict src = wt + int64_t(i) * d + j0;
-                if (i + 1 < k) prefetch_span(src + d, m * sizeof(W));
+                int n_users = 0;
                 for (int t = 0; t < n_tokens; ++t) {
-                    const float h = h3[size_t(t) * k + i];
-                    if (h == 0.0f) continue;
-                    float* __restrict qt = q + size_t(t) * m;
-                    for (int j = 0; j < m; ++j) {
-                        const float p0 = h * float(src[j]);
-                        qt[j] = qt[j] + p0;
-                    }
+                    const float ht = h3[size_t(t) * k + i];
+                    if (ht != 0.0f) users[n_users] = t, h[n_users++] = ht;
                 }
+                if (n_users) add_row(i, users.data(), h.data(), n_users, q);
             }
             for (int t = 0; t < n_tokens; ++t)
-                if (live[t])
-                    for (size_t j = size_t(t) * m; j < size_t(t + 1) * m; ++j) part[j] = part[j] + q[j];
+                if (live[t]) add_in_place(part + size_t(t) * m, q + size_t(t) * m, m);
         }
         for (int t = 0; t < n_tokens; ++t)
-            if (live[t])
-                for (size_t j = size_t(t) * m; j < size_t(t + 1) * m; ++j) total[j] = total[j] + part[j];
+            if (live[t]) add_in_place(total + size_t(t) * m, part + size_t(t) * m, m);
     }
-    for (int t = 0; t < n_tokens; ++t) std::memcpy(out + int64_t(t) * d + j0, total + size_t(t) * m, m * sizeof(float));
+    for (int t = 0; t < n_tokens; ++t) std::memcpy(out + t * out_stride, total + size_t(t) * m, m * sizeof(float));
 }
 
-// Columns per down task: whole cache lines, about `target` columns, and at least
+// q[0:m] = (((q + h[0] * src[0]) + h[1] * src[1]) + ...) for kRows rows, per column in that order.
+template <typename W, int kRows>
+inline void add_rows(float* __restrict q, const W* const* src, const float* h, int m) {
+    const W* __restrict s0 = src[0];
+    const W* __restrict s1 = src[kRows > 1 ? 1 : 0];
+    const W* __restrict s2 = src[kRows > 2 ? 2 : 0];
+    const W* __restrict s3 = src[kRows > 3 ? 3 : 0];
+    static_assert(kRows == 1 || kRows == 2 || kRows == 4, "down_walk's steps");
+    for (int j = 0; j < m; ++j) {
+        float a = q[j] + h[0] * float(s0[j]);
+        if (kRows > 1) a = a + h[1] * float(s1[j]);
+        if (kRows > 2) a = a + h[2] * float(s2[j]);
+        if (kRows > 3) a = a + h[3] * float(s3[j]);
+        q[j] = a;
+    }
+}
+
+// out[j0:j1] = the contract's down projection over the listed rows (ascending, h3 != 0).
+template <typename W>
+inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, const float* h3, int n, int j0,
+                         int j1, float* __restrict out) {
+    const int m = j1 - j0;
+    down_walk(rows, h3, n, m, out + j0, [&](int r) { return wt + int64_t(rows[r]) * d + j0; }, m * sizeof(W),
+              [&](float* q, const W* const* src, const float* h, auto step) {
+                  add_rows<W, decltype(step)::value>(q, src, h, m);
+              });
+}
+
+// down_columns for `n_tokens` tokens at once (prefill): h3 is [n_tokens, k], out [n_tokens, d];
+// every row of W_down^T in [j0, j1) is read once for all its users while it is in cache.
+template <typename W>
+inline void down_columns_tokens(const W* __restrict wt, int d, int k, const float* __restrict h3, int n_tokens,
+                                int j0, int j1, float* __restrict out) {
+    const int m = j1 - j0;
+    down_walk_tokens(k, h3, n_tokens, m, out + j0, d, [&](int i, const int* users, const float* h, int n_users,
+                                                          float* q) {
+        const W* __restrict src = wt + int64_t(i) * d + j0;
+        if (i + 1 < k) prefetch_span(src + d, m * sizeof(W));
+        for (int u = 0; u < n_users; ++u) {
+            float* __restrict qt = q + size_t(users[u]) * m;
+            for (int j = 0; j < m; ++j) {
+                const float p0 = h[u] * float(src[j]);
+                qt[j] = qt[j] + p0;
+            }
+        }
+    });
+}
+
+// Columns per down task: a whole number of `step` columns (a cache line of float32 by default;
+// a block where the weights are block-quantized), about `target` columns, and at least
 // `min_tasks` tasks when d allows (so every thread of the pool has work).
-inline int down_block(int d, int min_tasks, int target = 1024) {
-    const int line = kCacheLine / sizeof(float);
+inline int down_block(int d, int min_tasks, int step = kCacheLine / sizeof(float), int target = 1024) {
     int tasks = std::max(min_tasks, (d + target - 1) / target);
     int block = (d + tasks - 1) / tasks;
-    block = (block + line - 1) / line * line;
-    return std::max(block, line);
+    block = (block + step - 1) / step * step;
+    return std::max(block, step);
 }
 
 }  // namespace sparseinfer

@@ -1,30 +1,43 @@
-// The sparse-MLP op library for onnxruntime: one `SparseMLP` node per layer, domain
-// `ai.sparseinfer`, loadable by any host with SessionOptions.register_custom_ops_library.
+// The sparse-MLP op library for onnxruntime, domain `ai.sparseinfer`, loadable by any host
+// with SessionOptions.register_custom_ops_library. Two ops:
 //
-//   inputs : x [..., d] float; W_gate, W_up, W_down^T [k, d] float or float16 (initializers,
-//            read in place; fp16 widened exactly, float32 accumulation); W_gate's sign words [k, >= ceil(d/64)] uint64; optionally W_gate's
-//            +-1 int8 signs [d, k] (read only by the exports' function bodies, ignored here)
+// SparseMLP, one node per layer:
+//   inputs : x [..., d] float; W_gate, W_up, W_down^T: [k, d] float or float16 (initializers,
+//            read in place; fp16 widened exactly, float32 accumulation), or with weight_format
+//            uint8 rows of GGUF blocks [k, d / 32 * block bytes] (blocks along d; dequantized
+//            to float32 as reference/block_quant.py does); W_gate's sign words [k, >= ceil(d/64)]
+//            uint64; optionally W_gate's +-1 int8 signs [d, k] (read only by the exports'
+//            function bodies, ignored here)
 //   attrs  : alpha_milli (eq. 2's alpha in thousandths), activation (a name of ACT_NAMES in
-//            kernels/cuda/activation.h: relu, fatrelu, silu, gelu, gelu_tanh), threshold (fatrelu)
+//            kernels/cuda/activation.h: relu, fatrelu, silu, gelu, gelu_tanh), threshold
+//            (fatrelu); weight_format ("" or absent: float weights; q8_0, q4_0, q4_1),
+//            down_format (W_down^T's block format; "" or absent: weight_format's), dense (1:
+//            the dense MLP even for one token)
 //   outputs: out (x's shape); optionally predicted_zero, computed (up and down were
 //            computed: the +AS rows) and actual_zero (the full gate product is zero), bool
-//            [k] for one token and [0] for several
-//
+//            [k] for one sparse token and [0] for several or a dense node
 // One token is the sparse decode step; several tokens (prefill) run every row, densely,
-// in the same order. Results follow reference/order_contract.py bit for bit. Errors
-// (bad shapes, NaN in x) come back to the host as onnxruntime statuses naming the node.
+// in the same order. Results follow reference/order_contract.py bit for bit (block formats:
+// its V = 1 row order, reference/quant_mlp.py). Errors (bad shapes, widths, NaN in x) come
+// back to the host as onnxruntime statuses naming the node.
 //
-// The CPU kernel is sparse_mlp_cpu.h on onnxruntime's intra-op thread pool; with
-// SPARSEINFER_WITH_CUDA the library also registers the op for the CUDA provider, running
-// kernels/cuda's sources through sparse_mlp_cuda.h on the provider's compute stream.
+// BlockMatMul (op_block_matmul.cc): y [..., n] = x [..., d] . W^T, W uint8 [n, d / 32 * block
+// bytes] in attribute weight_format, each element one V = 1 row dot product.
 //
-// The library's files: this one (the op's schema and its registration, the exported C
-// functions), op_common.h (what they share), op_checks.cc (a node's attributes and inputs),
-// op_kernel_cpu.cc and op_kernel_cuda.cc (the two providers' kernels), op_cpu_features.cc (the
-// build's CPU extensions against the running CPU).
+// The CPU kernels are sparse_mlp_cpu.h and block_quant_cpu.h on onnxruntime's intra-op thread
+// pool; with SPARSEINFER_WITH_CUDA the library also registers SparseMLP for the CUDA provider
+// (float weights), running kernels/cuda's sources through sparse_mlp_cuda.h on the provider's
+// compute stream.
+//
+// The library's files: this one (the ops' schemas and their registration, the exported C
+// functions), op_common.h (what they share), op_checks.cc (a SparseMLP node's attributes and
+// inputs), op_kernel_cpu.cc and op_kernel_cuda.cc (its two providers' kernels),
+// op_block_matmul.cc (BlockMatMul), op_cpu_features.cc (the build's CPU extensions against the
+// running CPU).
 #include <cstdio>
 #include <cstring>
 #include <string>
+#include <vector>
 
 #include "op_common.h"
 
@@ -42,47 +55,67 @@ static_assert(ORT_API_VERSION >= kApiVersion, "onnxruntime headers older than th
 
 // --- the op definitions ------------------------------------------------------------------
 
-OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp*, const OrtApi*, const OrtKernelInfo* info, void** out) {
+// One op as onnxruntime sees it: inputs (UNDEFINED: any type, checked by the kernel) of which
+// the first `required` must be present, outputs of which the first is required, its kernel.
+struct OpSpec {
+    const char* name;
+    std::vector<ONNXTensorElementDataType> inputs, outputs;
+    size_t required;
+    void* (*create)(const OrtKernelInfo*);          // throws OpError
+    void (*release)(void*);
+    OrtStatusPtr(ORT_API_CALL* compute)(void*, OrtKernelContext*);
+    const char* provider;
+};
+
+// onnxruntime's op record with its spec beside it: the callbacks find the spec from the record.
+struct OpDef : OrtCustomOp {
+    const OpSpec* spec;
+};
+
+const OpSpec& spec_of(const OrtCustomOp* op) { return *static_cast<const OpDef*>(op)->spec; }
+
+// A kernel with the spec that made it (KernelComputeV2 and KernelDestroy see only the kernel).
+struct Bound {
+    const OpSpec* spec;
+    void* kernel;
+};
+
+OrtStatus* ORT_API_CALL create_kernel(const OrtCustomOp* op, const OrtApi*, const OrtKernelInfo* info, void** out) {
     try {
-        *out = make_kernel(info);
+        *out = new Bound{&spec_of(op), spec_of(op).create(info)};
         return nullptr;
     } catch (const std::exception& e) {
         return status_of(e, ORT_INVALID_ARGUMENT);
     }
 }
 
-// Weights are float32 or float16 (declared as any type, checked in read_inputs); x is float32.
-ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp*, size_t i) {
-    switch (i) {
-        case kX: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
-        case kSigns: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64;
-        case kSignsInt8: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-        default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
-    }
+OrtStatus* ORT_API_CALL compute(void* bound, OrtKernelContext* ctx) {
+    const auto* b = static_cast<const Bound*>(bound);
+    return b->spec->compute(b->kernel, ctx);
 }
 
-ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp*, size_t i) {
-    return i == kOut ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL;
+void ORT_API_CALL destroy(void* bound) {
+    auto* b = static_cast<Bound*>(bound);
+    b->spec->release(b->kernel);
+    delete b;
 }
 
-const char* ORT_API_CALL cpu_provider(const OrtCustomOp*) { return "CPUExecutionProvider"; }
-const char* ORT_API_CALL cuda_provider(const OrtCustomOp*) { return "CUDAExecutionProvider"; }
-
-OrtCustomOp make_op(const char* provider, OrtStatusPtr(ORT_API_CALL* compute)(void*, OrtKernelContext*)) {
-    OrtCustomOp op;
-    std::memset(&op, 0, sizeof(op));
+OpDef make_op(const OpSpec* spec) {
+    OpDef op;
+    std::memset(static_cast<OrtCustomOp*>(&op), 0, sizeof(OrtCustomOp));
+    op.spec = spec;
     op.version = kApiVersion;
-    op.GetName = [](const OrtCustomOp*) { return kOpName; };
-    op.GetExecutionProviderType = provider ? cuda_provider : cpu_provider;
-    op.GetInputTypeCount = [](const OrtCustomOp*) { return kInputs; };
-    op.GetInputType = input_type;
-    op.GetOutputTypeCount = [](const OrtCustomOp*) { return kOutputs; };
-    op.GetOutputType = output_type;
-    op.GetInputCharacteristic = [](const OrtCustomOp*, size_t i) {
-        return i < kRequiredInputs ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+    op.GetName = [](const OrtCustomOp* o) { return spec_of(o).name; };
+    op.GetExecutionProviderType = [](const OrtCustomOp* o) { return spec_of(o).provider; };
+    op.GetInputTypeCount = [](const OrtCustomOp* o) { return spec_of(o).inputs.size(); };
+    op.GetInputType = [](const OrtCustomOp* o, size_t i) { return spec_of(o).inputs[i]; };
+    op.GetOutputTypeCount = [](const OrtCustomOp* o) { return spec_of(o).outputs.size(); };
+    op.GetOutputType = [](const OrtCustomOp* o, size_t i) { return spec_of(o).outputs[i]; };
+    op.GetInputCharacteristic = [](const OrtCustomOp* o, size_t i) {
+        return i < spec_of(o).required ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
     };
     op.GetOutputCharacteristic = [](const OrtCustomOp*, size_t i) {
-        return i == kOut ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+        return i == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
     };
     op.GetInputMemoryType = [](const OrtCustomOp*, size_t) { return OrtMemTypeDefault; };
     op.GetVariadicInputMinArity = [](const OrtCustomOp*) { return 1; };
@@ -91,15 +124,33 @@ OrtCustomOp make_op(const char* provider, OrtStatusPtr(ORT_API_CALL* compute)(vo
     op.GetVariadicOutputHomogeneity = [](const OrtCustomOp*) { return 1; };
     op.CreateKernelV2 = create_kernel;
     op.KernelComputeV2 = compute;
-    op.KernelDestroy = [](void* k) { delete static_cast<Kernel*>(k); };
+    op.KernelDestroy = destroy;
     op.GetStartVersion = [](const OrtCustomOp*) { return 1; };
     op.GetEndVersion = [](const OrtCustomOp*) { return 2147483647; };
     return op;
 }
 
-OrtCustomOp g_cpu_op = make_op(nullptr, compute_cpu);
+constexpr auto kFloat = ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT, kBool = ONNX_TENSOR_ELEMENT_DATA_TYPE_BOOL,
+               kAnyType = ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+constexpr const char* kCpu = "CPUExecutionProvider";
+
+void* create_mlp(const OrtKernelInfo* info) { return make_kernel(info); }
+void release_mlp(void* kernel) { delete static_cast<Kernel*>(kernel); }
+
+// SparseMLP: x float32; the weights float32, float16 or uint8 blocks (checked in read_inputs).
+const std::vector<ONNXTensorElementDataType> kMlpInputs = {
+    kFloat, kAnyType, kAnyType, kAnyType, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT64, ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8};
+const std::vector<ONNXTensorElementDataType> kMlpOutputs = {kFloat, kBool, kBool, kBool};
+const OpSpec g_mlp_cpu{kOpName, kMlpInputs, kMlpOutputs, kRequiredInputs, create_mlp, release_mlp, compute_cpu, kCpu};
+// BlockMatMul: x float32, W uint8 blocks (checked by the kernel).
+const OpSpec g_block_matmul{kBlockMatMulName, {kFloat, kAnyType}, {kFloat}, 2, make_block_matmul_kernel,
+                            release_block_matmul_kernel, compute_block_matmul_cpu, kCpu};
+OpDef g_cpu_op = make_op(&g_mlp_cpu);
+OpDef g_block_matmul_op = make_op(&g_block_matmul);
 #ifdef SPARSEINFER_WITH_CUDA
-OrtCustomOp g_cuda_op = make_op("cuda", compute_cuda);
+const OpSpec g_mlp_cuda{kOpName, kMlpInputs, kMlpOutputs, kRequiredInputs, create_mlp, release_mlp, compute_cuda,
+                        "CUDAExecutionProvider"};
+OpDef g_cuda_op = make_op(&g_mlp_cuda);
 #endif
 
 }  // namespace
@@ -124,6 +175,7 @@ SPARSEINFER_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* 
     OrtCustomOpDomain* domain = nullptr;
     if (OrtStatus* s = api->CreateCustomOpDomain(kDomain, &domain)) return s;
     if (OrtStatus* s = api->CustomOpDomain_Add(domain, &g_cpu_op)) return s;
+    if (OrtStatus* s = api->CustomOpDomain_Add(domain, &g_block_matmul_op)) return s;
 #ifdef SPARSEINFER_WITH_CUDA
     if (OrtStatus* s = api->CustomOpDomain_Add(domain, &g_cuda_op)) return s;
 #endif
