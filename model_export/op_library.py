@@ -1,5 +1,6 @@
-"""Builds, caches and finds the native sparse-MLP op library (``native/``: ``sparse_mlp_op.cc``
-registers the op, ``OP_SOURCES`` are its files).
+"""Builds, caches and finds the native op library (``native/``: ``sparse_mlp_op.cc`` registers
+its ops, ``SparseMLP`` on float or block-quantized weights and ``BlockMatMul``; ``OP_SOURCES``
+are its files).
 
 One shared library per flavour, loadable by any onnxruntime host with
 ``SessionOptions.register_custom_ops_library(path)``:
