@@ -21,7 +21,9 @@
   ``ort_runner`` on onnxruntime exports with debug outputs), their accuracy columns from
   ``runner``.
 * ``side_by_side``: a checkpoint exported dense and sparse and decoded side by side
-  (``compare``).
+  (``compare``, ``--quantize`` too).
+* ``quant_quality``: what a block format costs (dense quantized vs float32) and what the sparse
+  MLP costs in it (sparse vs dense quantized), teacher-forced over a fixed text (``quant-quality``).
 
 lm-eval is an optional extra (``pip install 'sparseinfer[eval]'``), and so is Ray
 (``pip install 'sparseinfer[ray]'``). Nothing here imports lm-eval at module level except

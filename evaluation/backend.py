@@ -7,7 +7,8 @@
 task folder first; lm-eval has no plugin discovery). ``model`` is an export (a folder
 holding ``model.onnx`` and its ``tokenizer.json``, or the ``.onnx`` itself) or a checkpoint
 (Hugging Face folder or ``.gguf``), which is exported once for the row that ``alpha`` /
-``random`` name (dense without either) and cached under ``cache_dir``.
+``random`` name (dense without either), block-quantized with ``quantize=q8_0|q4_0|q4_1``, and
+cached under ``cache_dir``.
 
 * ``generate_until``: greedy; stops at EOS, at the first of the request's ``until``
   strings (cut from the text, as lm-eval's other backends do) or after ``max_gen_toks``
@@ -36,7 +37,8 @@ from sparseinfer.reference.alpha import AlphaSchedule
 from sparseinfer.reference.errors import SparseInferError
 
 from .decoder_lm import DEFAULT_MAX_GEN_TOKS, DEFAULT_MAX_LENGTH, DecoderLM, as_bool
-from .exports import Row, check_dtype_name, ensure_export, export_root, is_checkpoint, make_rows
+from .exports import (Row, check_dtype_name, check_quantize_name, ensure_export, export_root, is_checkpoint,
+                      make_rows)
 
 log = logging.getLogger("sparseinfer.evaluation")
 
@@ -47,13 +49,15 @@ class SparseInferLM(DecoderLM):
 
     def __init__(self, model, alpha=None, random=None, seed=0, provider="cpu", target=None, threads=None,
                  mlp_kernels="auto", max_length=None, max_gen_toks=DEFAULT_MAX_GEN_TOKS, cache_dir=None,
-                 dtype="float32", progress=True, batch_size=None, max_batch_size=None, device=None, **unknown):
+                 dtype="float32", quantize=None, progress=True, batch_size=None, max_batch_size=None, device=None,
+                 **unknown):
         super().__init__()
         if unknown:
             raise SparseInferError(f"unknown model_args for sparseinfer: {', '.join(sorted(unknown))}; expected "
                                    f"model, alpha, random, seed, provider, target, threads, mlp_kernels, "
-                                   f"max_length, max_gen_toks, cache_dir, dtype, progress (or method=NAME,sparsity=S: any "
-                                   f"methods.registry method on the NumPy reference model)")
+                                   f"max_length, max_gen_toks, cache_dir, dtype, quantize, progress (or "
+                                   f"method=NAME,sparsity=S: any methods.registry method on the NumPy reference "
+                                   f"model)")
         from sparseinfer.model_export.decode import OnnxDecoder
         from sparseinfer.model_export.export_check import export_info
         from sparseinfer.model_export.export_folder import export_model, tokenizer_for
@@ -67,7 +71,7 @@ class SparseInferLM(DecoderLM):
         source = Path(model)
         if is_checkpoint(source):
             alphas = [alpha] if alpha else []
-            row = make_rows(alphas, random, int(seed))[-1]
+            row = make_rows(alphas, random, int(seed), quantize=quantize)[-1]
             root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "sparseinfer" / "eval-exports"
             path = ensure_export(source, row, export_root(root, source), target or self.provider,
                                  log=log.info, dtype=check_dtype_name(dtype))
@@ -80,13 +84,18 @@ class SparseInferLM(DecoderLM):
             if random is not None:
                 raise SparseInferError("random=S needs a checkpoint (model=CHECKPOINT), not an export")
             info = export_info(path)
+            if quantize not in (None, "") and check_quantize_name(quantize) != info.quantize:
+                made = f"in {info.quantize}" if info.quantize else "unquantized"
+                raise SparseInferError(f"{path} was exported {made}, not quantize={quantize}; pass the checkpoint "
+                                       f"to re-export")
             baked = list(info.alpha_milli) if info.sparse else None
             if alpha is not None:
                 want = AlphaSchedule.parse(alpha).per_layer_milli(len(baked) if baked else 1)
                 if baked is None or want != baked:
                     raise SparseInferError(f"{path} was exported {'dense' if baked is None else 'with alpha ' + str(baked)}"
                                            f", not alpha {alpha}; pass the checkpoint to re-export")
-            row = Row("dense") if baked is None else Row("sparse", alpha=alpha or ",".join(map(str, baked)))
+            row = (Row("dense", quantize=info.quantize) if baked is None
+                   else Row("sparse", alpha=alpha or ",".join(map(str, baked)), quantize=info.quantize))
         self.row, self.path = row, path
         self.tokenizer, self.bos, self.eos = tokenizer_for(path)
         self.max_length = min(int(max_length or DEFAULT_MAX_LENGTH), info.max_length)

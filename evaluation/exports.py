@@ -6,13 +6,16 @@ rows (gate and up rows, down columns) set to zero in the weights, then a dense e
 the same rows are dropped at every position, prefill included — or ``method``: any
 ``methods.registry`` method at a target sparsity, which no export carries; those rows decode on
 the NumPy reference model (``method_backend``) and have no export. ``method`` ``random``
-is the paper's own control: a fresh random row mask per token at each decode step.
+is the paper's own control: a fresh random row mask per token at each decode step. An export
+row may be block-quantized (``quantize``: q8_0, q4_0, q4_1; ``export --quantize``): its label,
+folder and key then name the format; a float32 row's are what they were before formats existed.
 
 An export lives in ``<root>/<slug>/model.onnx`` with ``key.json`` beside it: the
 checkpoint's files (path, size, mtime), the row, the target and a hash of the sources an
 export depends on (``export_sources``: every module the exporter imports, found from the
 code). ``key.json`` is written last, so an interrupted export is redone; any change of key
-re-exports.
+re-exports. What a quantized export converted (its ``note`` lines) is kept beside it in
+``notes.json`` and told again when the cached export is reused.
 """
 from __future__ import annotations
 
@@ -39,29 +42,34 @@ class Row:
     method: str | None = None         # method: a methods.registry name
     sparsity: float | None = None     # method: its target sparsity
     params: tuple = ()                # method: sorted (key, value) pairs of its parameters
+    quantize: str | None = None       # dense | sparse | random: the export's block format (None: float weights)
 
     @property
     def label(self) -> str:
         if self.kind == "sparse":
-            return f"α {self.alpha}"
-        if self.kind == "random":
-            return f"random {self.random:.2f} fixed mask"
-        if self.kind == "method":
+            base = f"α {self.alpha}"
+        elif self.kind == "random":
+            base = f"random {self.random:.2f} fixed mask"
+        elif self.kind == "method":
             extra = ["per token"] if self.method == "random" else []
             extra += [f"{k}={v}" for k, v in self.params]
-            return f"{self.method}@{self.sparsity:g}" + (f" ({', '.join(extra)})" if extra else "")
-        return "dense"
+            base = f"{self.method}@{self.sparsity:g}" + (f" ({', '.join(extra)})" if extra else "")
+        else:
+            base = "dense"
+        return f"{base} {self.quantize}" if self.quantize else base
 
     @property
     def slug(self) -> str:
         if self.kind == "sparse":
-            return "alpha-" + self.alpha.replace(",", "_").replace("@", "at")
-        if self.kind == "random":
-            return f"random-{self.random:g}-seed{self.seed}"
-        if self.kind == "method":
+            base = "alpha-" + self.alpha.replace(",", "_").replace("@", "at")
+        elif self.kind == "random":
+            base = f"random-{self.random:g}-seed{self.seed}"
+        elif self.kind == "method":
             tail = hashlib.sha256(repr(self.params).encode()).hexdigest()[:8] if self.params else ""
-            return f"method-{self.method}-{self.sparsity:g}" + (f"-{tail}" if tail else "")
-        return "dense"
+            base = f"method-{self.method}-{self.sparsity:g}" + (f"-{tail}" if tail else "")
+        else:
+            base = "dense"
+        return f"{base}-{self.quantize}" if self.quantize else base
 
     @property
     def engine(self) -> str:
@@ -72,6 +80,8 @@ class Row:
                "label": self.label}
         if self.kind == "method":
             out.update(method=self.method, sparsity=self.sparsity, params=dict(self.params), engine=self.engine)
+        if self.quantize:                     # (float rows as before: their keys and caches stay valid)
+            out["quantize"] = self.quantize
         return out
 
 
@@ -130,20 +140,29 @@ def parse_method_rows(methods=(), sparsities=(), params: dict | None = None, app
 
 
 def make_rows(alphas=(), random: float | None = None, seed: int = 0, num_layers: int | None = None,
-              methods=()) -> list[Row]:
+              methods=(), quantize: str | None = None) -> list[Row]:
     """dense first, then each α in order, then the fixed-mask random control, then the
-    ``method`` rows; bad values are one-line errors."""
-    rows = [Row("dense")]
+    ``method`` rows; bad values are one-line errors. ``quantize``: the block format of the
+    export rows (the ``method`` rows have no export)."""
+    quantize = check_quantize_name(quantize)
+    rows = [Row("dense", quantize=quantize)]
     for spec in alphas:
-        row = Row("sparse", alpha=parse_alpha(spec, num_layers))
+        row = Row("sparse", alpha=parse_alpha(spec, num_layers), quantize=quantize)
         if row not in rows:
             rows.append(row)
     if random is not None:
         if not 0.0 < float(random) < 1.0:
             raise SparseInferError(f"--random {random}: expected a sparsity between 0 and 1 (e.g. 0.9)")
-        rows.append(Row("random", random=float(random), seed=seed))
+        rows.append(Row("random", random=float(random), seed=seed, quantize=quantize))
     rows.extend(r for r in methods if r not in rows)
     return rows
+
+
+def check_quantize_name(quantize) -> str | None:
+    """None, or a block format's name (q8_0, q4_0, q4_1; any case), or a one-line error."""
+    from sparseinfer.reference.block_quant import block_format
+
+    return None if quantize in (None, "") else block_format(quantize).name
 
 
 def drop_random_rows(weights, fraction: float, seed: int = 0):
@@ -203,39 +222,62 @@ def is_checkpoint(path) -> bool:
 
 
 def ensure_export(checkpoint, row: Row, root, target: str = "cpu", loaded=None,
-                  log=None, debug: bool = False, dtype: str = "float32") -> Path:
+                  log=None, debug: bool = False, dtype: str = "float32", approximate: bool = False,
+                  note=None) -> Path:
     """The row's model.onnx under ``root``, exported now unless a matching one is cached.
     ``loaded``: a callable returning the loaded checkpoint (so it is read at most once);
     ``debug``: an export with the per-layer debug outputs (masks; part of the key);
-    ``dtype``: float32, or float16 weights and activations (its own folder and key)."""
+    ``dtype``: float32, or float16 weights and activations (its own folder and key);
+    ``approximate``: a sparse export of a model without exact zeros (SiLU; part of the key);
+    ``note(line)``: told what a quantized export converted (again when it comes from the cache).
+
+    A quantized row reads the checkpoint itself, one layer at a time, so that a GGUF keeps its
+    blocks (a loaded checkpoint holds them dequantized); a quantized ``random`` row quantizes
+    its edited float32 weights."""
     from sparseinfer.model_export.export_folder import export_checkpoint
 
     out = Path(root) / (row.slug + ("" if dtype == "float32" else f"-{dtype}"))
     key = export_key(checkpoint, row, target, dtype)
     if debug:
         key["debug"] = True
-    key_file = out / "key.json"
-    model = out / "model.onnx"
+    if approximate:
+        key["approximate"] = True
+    key_file, notes_file, model = out / "key.json", out / "notes.json", out / "model.onnx"
     if model.is_file() and key_file.is_file():
         try:
             if json.loads(key_file.read_text()) == key:
+                for line in json.loads(notes_file.read_text()) if notes_file.is_file() else []:
+                    if note:
+                        note(line)
                 return model
         except json.JSONDecodeError:
             pass
-    if key_file.exists():
-        key_file.unlink()
-    ck = loaded() if loaded else None
-    if ck is None:
-        from sparseinfer.model_export.loaders import load_checkpoint
-        ck = load_checkpoint(checkpoint)
-    if row.kind == "sparse":
-        AlphaSchedule.parse(row.alpha).check_layers(ck.shape.num_layers)
+    for stale in (key_file, notes_file):
+        if stale.exists():
+            stale.unlink()
+    streamed = row.quantize is not None and row.kind != "random"
+    ck = None
+    if not streamed:
+        ck = loaded() if loaded else None
+        if ck is None:
+            from sparseinfer.model_export.loaders import load_checkpoint
+            ck = load_checkpoint(checkpoint)
+        if row.kind == "sparse":
+            AlphaSchedule.parse(row.alpha).check_layers(ck.shape.num_layers)
     if log:
         log(f"exporting {row.label} -> {model}")
-    source = ck
+    source = checkpoint if streamed else ck
     if row.kind == "random":
         source = dataclasses.replace(ck, weights=drop_random_rows(ck.weights, row.random, row.seed))
+    notes = []
+
+    def told(line):
+        notes.append(line)
+        if note:
+            note(line)
     export_checkpoint(source, model, sparse=row.kind == "sparse", alpha=row.alpha or "1.00", target=target,
-                      debug=debug, dtype=dtype)
+                      debug=debug, dtype=dtype, approximate=approximate, quantize=row.quantize, note=told)
+    if notes:
+        write_json(notes_file, notes, indent=1)
     write_json(key_file, key, indent=1)
     return model

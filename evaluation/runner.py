@@ -15,6 +15,10 @@ and must not overlap the documents of the evaluated tasks (all of them, not only
 
 With ``ray`` (``--ray``), each export row's requests run on Ray workers (``ray_shards``).
 lm-eval, its cache and its sample logging stay here, so the files are the same.
+
+With ``quantize`` (``--quantize q8_0|q4_0|q4_1``) the export rows are exported block-quantized:
+labels, folders and cache keys name the format (``exports.Row``), so they sit beside the
+float32 rows, whose keys are unchanged.
 """
 from __future__ import annotations
 
@@ -31,8 +35,8 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.files import make_folder, write_json
 
 from .data import BBH_TASKS, check_data, task_documents
-from .exports import (check_dtype_name, checkpoint_identity, ensure_export, export_key, export_root, make_rows,
-                      parse_method_rows)
+from .exports import (check_dtype_name, check_quantize_name, checkpoint_identity, ensure_export, export_key,
+                      export_root, make_rows, parse_method_rows)
 from .taskgen import BBH_GROUP, GSM8K_TASK, TASKS_DIR, bbh_task
 
 GSM8K_METRIC = "exact_match,strict-match"          # the headline GSM8K score (lm-eval's first filter)
@@ -161,13 +165,16 @@ def row_cache_key(checkpoint, row, target: str, calibration=None, dtype: str = "
 def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cpu", data_dir=None, out="out/eval",
              max_gen_toks=None, threads=None, mlp_kernels="auto", target=None, seed=0, progress=True, verbose=False,
              log=print, ray=None, ray_workers=None, methods=(), sparsities=(), params=None, approximate=False,
-             calibration_file=None, max_calibration_prompts=DEFAULT_CALIBRATION_PROMPTS, dtype="float32") -> dict:
+             calibration_file=None, max_calibration_prompts=DEFAULT_CALIBRATION_PROMPTS, dtype="float32",
+             quantize=None) -> dict:
     """Evaluate dense, each α, the random control and each method row (see the module's
     docstring). ``ray``: a Ray address ('auto', 'local', HOST:PORT) to run each export row's
     requests on Ray workers (``ray_shards``; ``ray_workers`` of them) instead of in this
     process. ``methods`` / ``sparsities`` / ``params`` / ``approximate``: the method rows
     (``exports.parse_method_rows``); ``calibration_file``: their calibration prompts; ``dtype``:
-    the exports' float32, or float16 (weights and activations; the method rows stay float32)."""
+    the exports' float32, or float16 (weights and activations; the method rows stay float32);
+    ``quantize``: the exports' block format (q8_0, q4_0, q4_1; the CPU provider, float32
+    activations; the method rows stay float32)."""
     from sparseinfer.methods.calibration import calibration_prompts, check_disjoint
     from sparseinfer.model_export.loaders import load_checkpoint
 
@@ -175,6 +182,9 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
 
     names = parse_tasks(tasks)
     dtype = check_dtype_name(dtype)
+    quantize = check_quantize_name(quantize)
+    if quantize:
+        check_quantize_settings(quantize, provider, dtype, target)
     method_rows = parse_method_rows(methods, sparsities, params, approximate)
     prompts, source = calibration_prompts(calibration_file, max_calibration_prompts) if method_rows else ([], None)
     if method_rows and ray is not None:
@@ -197,12 +207,16 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
             loaded["ck"] = load_checkpoint(checkpoint)
         return loaded["ck"]
 
-    rows = make_rows(alphas, random, seed, ck().shape.num_layers, methods=method_rows)
+    rows = make_rows(alphas, random, seed, ck().shape.num_layers, methods=method_rows, quantize=quantize)
+    if quantize:                                       # whole blocks, before any export
+        from sparseinfer.model_export.quant_weights import check_quantizable
+        check_quantizable(ck().shape, ck().source)
     quiet_lm_eval(verbose)
     out = Path(out)
     exports = export_root(out / "exports", checkpoint)
     target = target or provider
-    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, log=log, dtype=dtype)
+    paths = {row: ensure_export(checkpoint, row, exports, target, loaded=ck, log=log, dtype=dtype,
+                                note=lambda line: log(f"note: {line}"))
              for row in rows if row.kind != "method"}
     calibration = None
     if method_rows:
@@ -217,7 +231,8 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     calibration_key = None if calibration is None else {
         **calibration.describe(), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
     result = {"checkpoint": str(checkpoint), "tasks": names, "limit": limit, "provider": provider,
-              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "ray": ray, "dtype": dtype, "rows": []}
+              "data_dir": str(data_root), "max_gen_toks": max_gen_toks, "ray": ray, "dtype": dtype,
+              "quantize": quantize, "rows": []}
     if calibration is not None:
         result["calibration"] = calibration.describe()
     gen = {"max_gen_toks": max_gen_toks} if max_gen_toks else {}
@@ -237,7 +252,8 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
         else:
             lm = SparseInferLM(model=str(checkpoint), alpha=row.alpha, random=row.random, seed=row.seed,
                                provider=provider, target=target, threads=threads, mlp_kernels=mlp_kernels,
-                               cache_dir=str(out / "exports"), dtype=dtype, progress=progress, **gen)
+                               cache_dir=str(out / "exports"), dtype=dtype, quantize=quantize, progress=progress,
+                               **gen)
         if row.kind != "method" and lm.path != paths[row]:
             lm_path = lm.path
             raise SparseInferError(f"internal: export {lm_path} is not {paths[row]}")
@@ -256,6 +272,18 @@ def run_eval(checkpoint, tasks, alphas=(), random=None, limit=None, provider="cp
     result["machine"] = machine_description(provider)
     write_json(make_folder(out) / "eval.json", result)
     return result
+
+
+def check_quantize_settings(quantize: str, provider: str, dtype: str, target: str | None) -> None:
+    """A quantized evaluation's provider, dtype and target, or a one-line error saying why not."""
+    from sparseinfer.model_export.export import quantize_conflicts
+
+    if provider != "cpu":
+        raise SparseInferError(f"--quantize {quantize} runs on the cpu provider: the op library's CUDA kernel takes "
+                               f"no block formats yet (drop --provider {provider})")
+    why = quantize_conflicts(quantize, dtype=dtype, target=target or provider)
+    if why:
+        raise SparseInferError(why)
 
 
 def finish(result: dict) -> None:
@@ -300,6 +328,10 @@ def notes(result: dict) -> list[str]:
         out.append(f"generations capped at {result['max_gen_toks']} tokens (the tasks' own: GSM8K 256, BBH 1024)")
     if result.get("dtype", "float32") != "float32":
         out.append(f"exports in {result['dtype']} (weights and activations; the SparseMLP op accumulates in float32)")
+    if result.get("quantize"):
+        out.append(f"exports block-quantized to {result['quantize']} (every linear layer; activations float32)"
+                   + ("; the method@S rows stay float32" if any(r["kind"] == "method" for r in result["rows"])
+                      else ""))
     out.append("decode sparsity: MLP rows not computed in decode steps, counted by the CPU kernel of the op library "
                "(— where it did not run: dense rows, function bodies, the CUDA kernel, or every answer from the "
                "cache); prefill is dense in every row")

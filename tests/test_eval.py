@@ -256,6 +256,10 @@ def test_eval_command_resumes_after_interruption(fixtures, tmp_path, monkeypatch
     (["--alpha", "1.03@0-19,1.00"], "names layer 19, but the model has 2 layers"),
     (["--random", "1.5"], "--random 1.5"),
     (["--limit", "0"], "'--limit': 0 is not in the range x>=1"),
+    (["--quantize", "q4_0", "--dtype", "float16"], "--quantize computes in float32"),
+    (["--quantize", "q4_0", "--provider", "cuda"], "--quantize q4_0 runs on the cpu provider"),
+    (["--quantize", "q4_0"], "hidden size d = 200 is not a multiple of 32"),
+    (["--quantize", "q5_1"], "Invalid value for '--quantize'"),
 ])
 def test_errors_are_one_line_exit_2(fixtures, tmp_path, extra, message):
     args = ["eval", str(fixtures["ck"]), "--data-dir", str(fixtures["data"]), "--out", str(tmp_path), *extra]
@@ -312,3 +316,43 @@ def test_eval_in_float16_exports_each_row_in_its_own_folder(fixtures, tmp_path):
     r = run(*args)                                   # float32 beside it: its own exports, not the float16 ones
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["rows"][1]["export"].endswith("alpha-1.00/model.onnx")
+
+
+def test_eval_quantized_rows_have_their_own_labels_folders_and_cache_keys(fixtures, tmp_path):
+    """--quantize: the export rows in the block format, labelled, exported and cached apart from
+    the float32 rows, whose keys stay what they were (their caches remain valid)."""
+    from dataclasses import replace
+
+    from sparseinfer.model_export.export_check import export_info
+    from sparseinfer.model_export.synthetic import make_weights, synthetic_shape, write_checkpoint
+
+    shape = replace(synthetic_shape("tiny", layers=2), hidden_size=256, intermediate_size=576)    # whole blocks
+    ck = write_checkpoint(make_weights(shape, 0.9), tmp_path / "ck")
+    r = run("eval", str(ck), "--tasks", "bbh_navigate", "--alpha", "1.00", "--limit", "1", "--max-gen-toks", "4",
+            "--data-dir", str(fixtures["data"]), "--quiet", "--json", "--out", str(tmp_path / "out"),
+            "--quantize", "q4_0")
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert result["quantize"] == "q4_0"
+    assert [row["label"] for row in result["rows"]] == ["dense q4_0", "α 1.00 q4_0"]
+    paths = [row["export"] for row in result["rows"]]
+    assert paths[0].endswith("/dense-q4_0/model.onnx") and paths[1].endswith("/alpha-1.00-q4_0/model.onnx")
+    assert [export_info(p).quantize for p in paths] == ["q4_0", "q4_0"]
+    assert result["rows"][1]["stats"]["generations"] == 1 and 0 < result["rows"][1]["stats"]["decode_sparsity"] < 1
+    assert any("block-quantized to q4_0" in line for line in runner.notes(result))
+    # the float32 rows' keys as they were before formats existed; a quantized row's differ
+    assert exports.export_key(ck, exports.Row("dense"), "cpu")["row"] == {
+        "kind": "dense", "alpha": None, "random": None, "seed": 0, "label": "dense"}
+    rows = exports.make_rows(["1.00"], 0.5, methods=[exports.method_row("teal", 0.5)])
+    quantized = exports.make_rows(["1.00"], 0.5, methods=[exports.method_row("teal", 0.5)], quantize="Q4_0")
+    for row, q in zip(rows[:3], quantized[:3]):
+        assert q.quantize == "q4_0" and q.label == f"{row.label} q4_0" and q.slug == f"{row.slug}-q4_0"
+        assert runner.row_cache_key(ck, q, "cpu") != runner.row_cache_key(ck, row, "cpu")
+    assert quantized[3] == rows[3] and quantized[3].quantize is None         # a method row has no export
+    # an export given as the model: its format is read from it, and another one asked for is refused
+    lm = SparseInferLM(model=paths[0], progress=False)
+    assert lm.row == exports.Row("dense", quantize="q4_0")
+    with pytest.raises(SparseInferError, match="was exported in q4_0, not quantize=q8_0"):
+        SparseInferLM(model=paths[0], quantize="q8_0")
+    with pytest.raises(SparseInferError, match="unknown block format 'q5_0'"):
+        exports.make_rows(quantize="q5_0")

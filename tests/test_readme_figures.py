@@ -124,3 +124,21 @@ def test_every_command_prints_json_as_the_readme_says():
         option = next((p for p in command.params if "--json" in p.opts), None)
         assert option is not None, name
         assert option.is_flag == (name != "bench"), name
+
+
+QUALITY_FILES = {"SmolLM2": "smollm2-135m", "synthetic ReLU": "prosparse-7b-1l"}
+
+
+def test_quantization_quality_table_is_the_results_files():
+    """The quant-quality table: each row's positions, top-1 agreement (4 decimals) and mean KL
+    (2 significant digits) are those of its results file."""
+    rows = re.findall(r"^\| (SmolLM2|synthetic ReLU)[^|]*\| (q\d_\d) \| (dense|sparse) [^|]*\| (\d+) \| ([\d.]+) \| "
+                      r"([\d.e+-]+) \|$", README, re.M)
+    assert len(rows) == 8
+    for model, fmt, kind, positions, top1, kl in rows:
+        path = ROOT / "benchmarks" / "results" / f"quant-quality-{QUALITY_FILES[model]}-{fmt}-2026-12-06-cpu2.json"
+        data = json.loads(path.read_text())
+        pair = data["pairs"]["dense_quantized_vs_fp32" if kind == "dense" else "sparse_quantized_vs_dense_quantized"]
+        assert data["quantize"] == fmt and int(positions) == pair["positions"] == data["positions"], path
+        assert top1 == f"{pair['top1_agreement']:.4f}", (path, kind)
+        assert math.isclose(float(kl), pair["mean_kl"], rel_tol=0.02, abs_tol=0.0), (path, kind)

@@ -1,10 +1,11 @@
-"""Commands that decode exports on onnxruntime: generate, compare, bench-decode."""
+"""Commands that decode exports on onnxruntime: generate, compare, quant-quality, bench-decode."""
 from __future__ import annotations
 
 import functools
 
 import click
 
+from sparseinfer.evaluation.quant_quality import DEFAULT_WORK_DIR as QUALITY_WORK_DIR
 from sparseinfer.model_export.ort_profile import one_line
 
 from . import options
@@ -76,6 +77,7 @@ def _stats_line(st: dict) -> str:
 @options.TARGET
 @options.work_dir("Where the two exports go (default: a temporary directory).")
 @options.PORTABLE
+@options.QUANTIZE
 @options.SAMPLING
 @options.JSON
 def compare_cmd(checkpoint, prompt, as_json, **settings):
@@ -87,6 +89,9 @@ def compare_cmd(checkpoint, prompt, as_json, **settings):
     each, and the sparse run's decode sparsity and predictor precision / recall (its
     export carries debug outputs, which adds one full gate product per layer to its time).
     The texts print with control characters and U+FFFD escaped (not in --json).
+
+    --quantize FORMAT exports both in that block format: the quantized dense baseline against
+    the quantized sparse model (their quality against float32: quant-quality).
     """
     from sparseinfer.evaluation.side_by_side import compare_dense_sparse
 
@@ -95,8 +100,9 @@ def compare_cmd(checkpoint, prompt, as_json, **settings):
     if as_json:
         echo_json(result)
         return
+    fmt = f" {result['quantize']}" if result["quantize"] else ""
     for kind, text in texts.items():
-        click.echo(f"{kind:6s} '{display_text(text)}'")
+        click.echo(f"{kind + fmt:{6 + len(fmt)}s} '{display_text(text)}'")
     click.echo(_agreement_line(result))
     click.echo(format_table(["metric", "value"], [
         ["first divergence", "none" if result["first_divergence"] is None else result["first_divergence"]],
@@ -117,6 +123,50 @@ def _agreement_line(r: dict) -> str:
         line += (f", where the dense logits of the two choices are {r['dense_logit_gap_at_divergence']:.3g} apart "
                  f"(max |Δlogit| up to there {r['max_abs_logit_diff']:.3g})")
     return line + ", and from there each continues its own text, so later positions agree only by chance"
+
+
+@click.command("quant-quality", short_help="Top-1 agreement and KL of quantized exports vs fp32.")
+@click.argument("checkpoint", type=click.Path())
+@options.quantize("Required: the block format of the two quantized exports, q8_0, q4_0 or q4_1, as `export "
+                  "--quantize` (a GGUF keeps its own Q8_0 / Q4_0 / Q4_1 blocks whatever this says, and converts the "
+                  "rest).")
+@click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="UTF-8 text to decode teacher-forced (default: a built-in paragraph of plain English).")
+@click.option("--max-tokens", type=click.IntRange(2), default=None,
+              help="Use only the text's first N tokens, >= 2 (default: all of it).")
+@options.alpha(options.SPARSE_EXPORT_ALPHA_HELP)
+@options.threads()
+@options.work_dir("Where the three exports are made once and cached.", default=QUALITY_WORK_DIR)
+@options.JSON
+def quant_quality_cmd(checkpoint, quantize, text_file, max_tokens, alpha, threads, work_dir, as_json):
+    """Quality of CHECKPOINT (HF directory or .gguf) quantized, dense and sparse, on the CPU.
+
+    Exports it dense in float32, dense in the block format and sparse in the block format
+    (cached under --work-dir), decodes the same text through each teacher-forced (the first
+    token as the prefill, each later one as a one-token decode step, so the sparse MLP skips
+    rows) and compares the next-token distributions at every position: top-1 agreement, mean
+    KL(p_reference || p_test) in nats and max |Δlogit|, for dense-quantized vs fp32 (what the
+    format costs) and sparse-quantized vs dense-quantized (what sparsity costs on top), and
+    sparse-quantized vs fp32. A SiLU / GELU model's sparse export is approximate (rows
+    predicted negative taken as zero), and the output says so. Example:
+
+    \b
+        sparseinfer quant-quality SmolLM2-135M-Instruct.Q4_1.gguf --quantize q4_1 --json
+    """
+    from sparseinfer.evaluation.quant_quality import quantization_quality, read_text, summary_lines, table
+
+    if quantize is None:           # (click's own message for a missing choice runs over several lines)
+        raise click.UsageError("Missing option '--quantize': q8_0, q4_0 or q4_1.")
+    text = read_text(text_file) if text_file else None
+    result = quantization_quality(checkpoint, quantize, text, text_source=text_file, alpha=alpha, work_dir=work_dir,
+                                  threads=threads, max_tokens=max_tokens, log=None if as_json else echo_err,
+                                  note=lambda line: echo_err(f"note: {line}"))
+    if as_json:
+        echo_json(result)
+        return
+    click.echo(format_table(*table(result)))
+    for line in summary_lines(result):
+        click.echo(line)
 
 
 @click.command("bench-decode", short_help="Dense vs sparse decode tokens/s on onnxruntime.")
@@ -196,4 +246,4 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
                f"{result['machine']['date']})")
 
 
-COMMANDS = (generate_cmd, compare_cmd, bench_decode_cmd)
+COMMANDS = (generate_cmd, compare_cmd, quant_quality_cmd, bench_decode_cmd)

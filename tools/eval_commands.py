@@ -38,6 +38,9 @@ from .output import echo_err, echo_json, format_table
 @options.provider()
 @options.dtype("The exports' weights and activations: " + options.DTYPE_HELP + " The --method rows stay float32 "
                "(NumPy reference).")
+@options.quantize("Export rows with every linear layer on GGUF blocks: q8_0, q4_0 or q4_1, as `export --quantize` "
+                  "(cpu provider, float32 activations). Their labels, export folders and cache keys name the format, "
+                  "beside the float32 rows'. The --method rows stay float32 (NumPy reference).")
 @options.threads()
 @options.data_dir("Holds " + options.DATA_DIR_HELP)
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="out/eval", show_default=True,
@@ -54,8 +57,8 @@ from .output import echo_err, echo_json, format_table
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @options.JSON
 def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, params, approximate, calibration_file,
-             max_calibration_prompts, limit, provider, dtype, threads, data_dir, out_dir, max_gen_toks, ray_address,
-             ray_workers, quiet, as_json):
+             max_calibration_prompts, limit, provider, dtype, quantize, threads, data_dir, out_dir, max_gen_toks,
+             ray_address, ray_workers, quiet, as_json):
     """Accuracy of CHECKPOINT (HF directory or .gguf) dense and sparse, through lm-eval.
 
     Evaluates the dense export, one sparse export per --alpha, with --random a fixed-mask
@@ -80,7 +83,7 @@ def eval_cmd(checkpoint, tasks, alphas, random_sparsity, methods, sparsities, pa
                              ray_workers=ray_workers, methods=methods, sparsities=sparsities,
                              params=parse_param_options(params), approximate=approximate,
                              calibration_file=calibration_file, max_calibration_prompts=max_calibration_prompts,
-                             dtype=dtype)
+                             dtype=dtype, quantize=quantize)
     if as_json:
         echo_json(result)
         return

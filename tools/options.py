@@ -120,7 +120,14 @@ QUANTIZE_HELP = ("Every linear layer on GGUF blocks: q8_0, q4_0 or q4_1 (activat
 TARGET = click.option("--target", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
                       help=TARGET_HELP)
 PORTABLE = click.option("--portable", is_flag=True, help=PORTABLE_HELP)
-QUANTIZE = click.option("--quantize", type=click.Choice(list(BLOCK_FORMATS)), default=None, help=QUANTIZE_HELP)
+
+
+def quantize(help: str = QUANTIZE_HELP):
+    """--quantize: a block format (q8_0, q4_0, q4_1) of an export's linear layers."""
+    return click.option("--quantize", type=click.Choice(list(BLOCK_FORMATS)), default=None, help=help)
+
+
+QUANTIZE = quantize()
 ACCURACY_LEVEL = click.option(
     "--accuracy-level", type=click.IntRange(0, 4), default=0, show_default=True,
     help="With --quantize: the accuracy level of onnxruntime's MatMulNBits nodes, 0..4. 0: float32 activations on "
