@@ -36,7 +36,8 @@ def _no_bar(description: str, total: int):
 
 def timed_rows(result: dict) -> dict:
     """A result's row per timed model (dense, sparse, …), in the order they ran."""
-    return {kind: row for kind, row in result.items() if isinstance(row, dict) and "tokens_per_s_median" in row}
+    return {kind: row for kind, row in result.items()
+            if kind != "peer" and isinstance(row, dict) and "tokens_per_s_median" in row}
 
 
 def profile_decodes(paths, kernels_of, provider, threads, prompt, tokens, work) -> dict:
@@ -85,9 +86,52 @@ def quantized_bench_conflicts(quantize, portable, dtype, target, provider, mlp_k
     return quantize_conflicts(quantize, portable, dtype, target, accuracy_level)
 
 
+def peer_conflicts(peer, peer_model, builder_python, provider) -> str | None:
+    """Why ``--peer`` cannot run with these settings (None if it can)."""
+    from .genai_builder.facts import GENAI_CONFIG
+    from .genai_builder.peer import PEER_NAME
+
+    if not peer:
+        return "--peer-model and --builder-python belong to --peer" if peer_model or builder_python else None
+    if peer != PEER_NAME:
+        return f"--peer {peer}: unknown peer; the one known is {PEER_NAME}"
+    if provider != "cpu":
+        return f"--peer {peer} runs onnxruntime-genai on the CPU: drop --provider {provider}"
+    if peer_model:
+        if not (Path(peer_model) / GENAI_CONFIG).is_file():
+            return f"--peer-model {peer_model}: no {GENAI_CONFIG} there (the builder's int4 folder)"
+    elif not builder_python:
+        return (f"--peer {peer} needs the builder's int4 model: --peer-model DIR (built before), or --builder-python "
+                f"PY (an interpreter with torch, transformers and onnxruntime-genai) to build it")
+    return None
+
+
+def build_peer(checkpoint, work: Path, python) -> Path:
+    """The builder's int4 model of ``checkpoint`` under ``work`` (built once)."""
+    from .genai_builder.peer import build_int4_peer
+
+    return build_int4_peer(checkpoint, work / "genai-int4", python, log=lambda line: None)
+
+
+def peer_result(ours, peer_folder, prompt, tokens, repeats, threads, runner=None) -> dict:
+    """Our sparse export and the peer under onnxruntime-genai's Generator in alternating rounds:
+    ``name``, ``tokens_per_s_median``, ``speedup`` (our sparse / the peer, of the medians), ours
+    under the same runner, the per-round ratios and the rounds. ``threads`` None: one per core
+    (genai's Generator takes a number)."""
+    from .genai_builder import runners
+    from .genai_builder.peer import peer_rounds
+
+    got = peer_rounds(ours, peer_folder, prompt, new_tokens=tokens, rounds=repeats,
+                      threads=threads or os.cpu_count() or 1, runner=runner or runners.GenaiRunner)
+    keep = ("name", "folder", "runner", "tokens_per_s_median", "ours_tokens_per_s_median", "speedup",
+            "speedup_per_round", "speedup_median_per_round", "quiet_rounds", "model_bytes", "settings")
+    return {key: got[key] for key in keep}
+
+
 def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, target, provider, threads, mlp_kernels,
                  tokens, repeats, prompt_tokens, profile_tokens, portable, dtype, with_portable, cuda_graph, work_dir,
-                 out_json=None, export=None, bar=_no_bar, quantize=None, accuracy_level=0) -> dict:
+                 out_json=None, export=None, bar=_no_bar, quantize=None, accuracy_level=0, peer=None,
+                 peer_model=None, builder_python=None, peer_runner=None) -> dict:
     """The benchmark's result (also written to ``out_json``, first after the timed rounds,
     again with the profiles). ``checkpoint`` None: a synthetic one (``shape_name``, ``layers``,
     ``target_sparsity``) under ``work_dir``. ``export``: ``model_export.export_folder.export_checkpoint``
@@ -104,7 +148,7 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
     if cuda_graph and (provider != "cuda" or portable):
         raise SparseInferError("--cuda-graph needs --provider cuda and the fused export form (not --portable)")
     why = quantized_bench_conflicts(quantize, portable, dtype, target, provider, mlp_kernels, with_portable,
-                                    accuracy_level)
+                                    accuracy_level) or peer_conflicts(peer, peer_model, builder_python, provider)
     if why:
         raise SparseInferError(why)
     work = Path(work_dir)
@@ -177,6 +221,9 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
             make_folder(Path(out_json).parent)
             write_json(out_json, result)
 
+    if peer:
+        result["peer"] = peer_result(paths["sparse"].parent, peer_model or build_peer(source, work, builder_python),
+                                     prompt, tokens, repeats, threads, peer_runner)
     save()                                 # the timed rounds are kept even if the profiles are cut short
     profiles = profile_decodes({k: v for k, v in paths.items() if not k.endswith("-graph")}, kernels_of,
                                provider, threads, prompt, profile_tokens, work) \

@@ -1,5 +1,6 @@
 """The sparseinfer CLI through click's runner: outputs and one-line errors with exit code 2."""
 import json
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -148,3 +149,37 @@ def test_bench_decode_times_a_long_prompt_s_prefill_and_refuses_one_past_the_con
     assert all(result[k]["prefill_ms_median"] > 0 for k in ("dense", "sparse"))
     r = CliRunner().invoke(cli, [*args, "--prompt-tokens", "1000000"])
     assert r.exit_code == 2 and "exceed the model's context" in r.output
+
+
+def test_bench_decode_times_the_genai_int4_peer_beside_our_sparse_export(tmp_path, monkeypatch):
+    """--peer genai-int4 with a peer folder of the same shape, on stub genai runners whose speeds
+    are known: the JSON's peer entry holds the peer's median and our sparse / peer ratio."""
+    from sparseinfer.benchmarks.genai_builder import runners
+    from sparseinfer.benchmarks.genai_builder.runners import Run
+    from sparseinfer.model_export.export_folder import export_checkpoint
+    from sparseinfer.model_export.synthetic import make_checkpoint
+
+    ck = make_checkpoint("tiny", tmp_path / "ck", layers=2, target_sparsity=0.9)
+    peer_folder = export_checkpoint(ck, tmp_path / "peer" / "model.onnx", sparse=False).parent
+    speeds = {"sparse-cpu": 30.0, "peer": 12.0}               # tokens/s of each stub, by folder name
+
+    def stub(folder, threads):
+        def run(prompt_ids, new_tokens):
+            return Run(tokens=list(range(new_tokens)), prefill_s=0.01,
+                       decode_s=(new_tokens - 1) / speeds[Path(folder).name])
+        return run
+
+    monkeypatch.setattr(runners, "GenaiRunner", stub)
+    out = tmp_path / "bench.json"
+    r = CliRunner().invoke(cli, ["bench-decode", "--checkpoint", str(ck), "--tokens", "4", "--repeats", "2",
+                                 "--peer", "genai-int4", "--peer-model", str(peer_folder),
+                                 "--work-dir", str(tmp_path / "w"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    peer = json.loads(out.read_text())["peer"]
+    assert peer["name"] == "genai-int4" and peer["folder"] == str(peer_folder)
+    assert peer["tokens_per_s_median"] == pytest.approx(12.0)
+    assert peer["ours_tokens_per_s_median"] == pytest.approx(30.0) and peer["speedup"] == pytest.approx(2.5)
+    assert "sparse / genai-int4: 2.50x" in r.output
+    bad = CliRunner().invoke(cli, ["bench-decode", "--checkpoint", str(ck), "--peer", "genai-int4",
+                                   "--peer-model", str(tmp_path), "--work-dir", str(tmp_path / "w")])
+    assert bad.exit_code == 2 and "no genai_config.json there" in bad.output

@@ -204,6 +204,16 @@ def quant_quality_cmd(checkpoint, quantize, text_file, max_tokens, alpha, thread
 @click.option("--with-portable", is_flag=True,
               help="Also time the dense export in the portable form (row 'dense-portable', in the same alternated "
                    "rounds; 'speedup_dense_over_dense_portable' in the JSON).")
+@click.option("--peer", type=click.Choice(["genai-int4"]), default=None,
+              help="Also time onnxruntime-genai's model builder's int4 model of the same weights (a SiLU twin "
+                   "where the builder lacks the activation) against our sparse export, both under genai's "
+                   "Generator in alternating rounds ('peer' in the JSON).")
+@click.option("--peer-model", type=click.Path(file_okay=False), default=None,
+              help="The builder's int4 folder, built before (python -m sparseinfer.benchmarks.genai_builder build "
+                   "--precision int4).")
+@click.option("--builder-python", type=click.Path(dir_okay=False), default=None,
+              help="An interpreter with torch, transformers and onnxruntime-genai, to build the peer under "
+                   "--work-dir when --peer-model is not given.")
 @options.work_dir("Where the checkpoint and the exports are written.", default="out/bench-decode")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,
               help="Write the results as JSON here (e.g. benchmarks/results/cpu-decode.json).")
@@ -241,6 +251,10 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
             click.echo(f"profile {kind}: {one_line(summary)}")
     where = ", ".join(result["machine"].get("gpu") or []) or result["machine"]["cpu"]
     weights = f", weights in {result['quantize']}" if result.get("quantize") else ""
+    if "peer" in result:
+        peer = result["peer"]
+        click.echo(f"sparse / {peer['name']}: {peer['speedup']:.2f}x ({peer['ours_tokens_per_s_median']:.2f} vs "
+                   f"{peer['tokens_per_s_median']:.2f} tokens/s under onnxruntime-genai's Generator)")
     click.echo(f"sparse / dense: {result['speedup']:.2f}x{weights} ({result['shape']['name']}, "
                f"{result['shape']['num_layers']} layers, {result['provider']} provider, {where}, "
                f"{result['machine']['date']})")
