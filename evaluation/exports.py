@@ -44,32 +44,31 @@ class Row:
     params: tuple = ()                # method: sorted (key, value) pairs of its parameters
     quantize: str | None = None       # dense | sparse | random: the export's block format (None: float weights)
 
+    def _named(self, by_kind: dict, sep: str) -> str:
+        """``by_kind[kind]()`` ("dense" for a kind not in it), then the block format after ``sep``."""
+        base = by_kind.get(self.kind, lambda: "dense")()
+        return f"{base}{sep}{self.quantize}" if self.quantize else base
+
     @property
     def label(self) -> str:
-        if self.kind == "sparse":
-            base = f"α {self.alpha}"
-        elif self.kind == "random":
-            base = f"random {self.random:.2f} fixed mask"
-        elif self.kind == "method":
-            extra = ["per token"] if self.method == "random" else []
-            extra += [f"{k}={v}" for k, v in self.params]
-            base = f"{self.method}@{self.sparsity:g}" + (f" ({', '.join(extra)})" if extra else "")
-        else:
-            base = "dense"
-        return f"{base} {self.quantize}" if self.quantize else base
+        return self._named({"sparse": lambda: f"α {self.alpha}",
+                            "random": lambda: f"random {self.random:.2f} fixed mask",
+                            "method": self._method_label}, " ")
+
+    def _method_label(self) -> str:
+        extra = ["per token"] if self.method == "random" else []
+        extra += [f"{k}={v}" for k, v in self.params]
+        return f"{self.method}@{self.sparsity:g}" + (f" ({', '.join(extra)})" if extra else "")
 
     @property
     def slug(self) -> str:
-        if self.kind == "sparse":
-            base = "alpha-" + self.alpha.replace(",", "_").replace("@", "at")
-        elif self.kind == "random":
-            base = f"random-{self.random:g}-seed{self.seed}"
-        elif self.kind == "method":
-            tail = hashlib.sha256(repr(self.params).encode()).hexdigest()[:8] if self.params else ""
-            base = f"method-{self.method}-{self.sparsity:g}" + (f"-{tail}" if tail else "")
-        else:
-            base = "dense"
-        return f"{base}-{self.quantize}" if self.quantize else base
+        return self._named({"sparse": lambda: "alpha-" + self.alpha.replace(",", "_").replace("@", "at"),
+                            "random": lambda: f"random-{self.random:g}-seed{self.seed}",
+                            "method": self._method_slug}, "-")
+
+    def _method_slug(self) -> str:
+        tail = hashlib.sha256(repr(self.params).encode()).hexdigest()[:8] if self.params else ""
+        return f"method-{self.method}-{self.sparsity:g}" + (f"-{tail}" if tail else "")
 
     @property
     def engine(self) -> str:

@@ -144,7 +144,21 @@ def padded_rows(a: np.ndarray) -> np.ndarray:
 
 
 @dataclass
-class DeviceMatrix:
+class DeviceRows:
+    """Rows of a [rows, cols] matrix on the device: row i of ``data`` starts at element i * ``ld``."""
+
+    data: object
+    rows: int
+    cols: int
+    ld: int
+
+    @property
+    def shape(self) -> tuple:
+        return (self.rows, self.cols)
+
+
+@dataclass
+class DeviceMatrix(DeviceRows):
     """A [rows, cols] matrix of dtype ``dtype`` stored row-major with row stride ``ld``.
 
     ``data`` is [rows, ld] of the storage dtype (raw uint16 bits for fp16/bf16). ``ld``
@@ -154,15 +168,7 @@ class DeviceMatrix:
     element on: the kernels get that pointer and the stride ``ld``.
     """
 
-    data: object
     dtype: np.dtype
-    rows: int
-    cols: int
-    ld: int
-
-    @property
-    def shape(self) -> tuple:
-        return (self.rows, self.cols)
 
     @property
     def dtype_name(self) -> str:
@@ -184,7 +190,7 @@ class DeviceMatrix:
         rows, cols = a.shape
         host = padded_rows(a)
         xp = cupy() if xp is None else xp
-        return cls(xp.asarray(host), a.dtype, rows, cols, host.shape[1])
+        return cls(xp.asarray(host), rows, cols, host.shape[1], dtype=a.dtype)
 
     def to_host(self) -> np.ndarray:
         data = self.data.get() if hasattr(self.data, "get") else np.asarray(self.data)
@@ -197,21 +203,13 @@ class DeviceMatrix:
 
 
 @dataclass
-class DeviceBlocks:
+class DeviceBlocks(DeviceRows):
     """A [rows, cols] matrix of block-quantized weights (``reference.block_quant``) on the device:
     ``data`` uint8 [rows, ld], each row its cols / 32 blocks of format ``fmt`` as a GGUF file holds
     them, ``ld`` = the row's bytes (every block 2-byte aligned: the kernels read its fields with
     1- and 2-byte loads, so no padding is needed)."""
 
-    data: object
     fmt: BlockFormat
-    rows: int
-    cols: int
-    ld: int
-
-    @property
-    def shape(self) -> tuple:
-        return (self.rows, self.cols)
 
     @property
     def dtype_name(self) -> str:
@@ -225,7 +223,7 @@ class DeviceBlocks:
         check_blocks(blocks, fmt, name, cols)
         host = np.ascontiguousarray(blocks)
         xp = cupy() if xp is None else xp
-        return cls(xp.asarray(host), fmt, host.shape[0], cols, host.shape[1])
+        return cls(xp.asarray(host), host.shape[0], cols, host.shape[1], fmt=fmt)
 
     def to_host(self) -> np.ndarray:
         return np.asarray(self.data.get() if hasattr(self.data, "get") else self.data)

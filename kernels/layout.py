@@ -41,4 +41,4 @@ def record_views(records, dtype, d: int) -> tuple[DeviceMatrix, DeviceMatrix, De
     r starts at record i's row r, the row stride is 3 x ld."""
     k, n, ld = records.shape
     flat = records.reshape(-1)
-    return tuple(DeviceMatrix(flat[r * ld:], np.dtype(dtype), k, d, n * ld) for r in range(n))
+    return tuple(DeviceMatrix(flat[r * ld:], k, d, n * ld, dtype=np.dtype(dtype)) for r in range(n))

@@ -111,16 +111,23 @@ def _gate_up_predicting(v, mlp, x, x_signs, alpha_milli):
     return h1, h3, zero
 
 
-def _gate_up_dense(v, mlp, x, x_signs, alpha_milli):
-    return (*ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None, launch=v.launches[0]), None)
+def _dense_gate_up(kernel_ops):
+    """The dense gate/up launcher of ``kernel_ops`` (``ops`` or ``quant_ops``): every row, no prediction."""
+    def launch_dense(v, mlp, x, x_signs, alpha_milli):
+        return (*kernel_ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None, launch=v.launches[0]), None)
+    return launch_dense
 
 
-def _down_chunked(v, h3, w_down_t):
-    return ops.down_chunks(h3, w_down_t, launch=v.launches[0], chunk_sum=v.launches[1])
+def _chunked_down(kernel_ops, dense: bool = False):
+    """The chunked down launcher of ``kernel_ops`` (``ops`` or ``quant_ops``); ``dense`` skips no row."""
+    def launch_chunks(v, h3, w_down_t):
+        return kernel_ops.down_chunks(h3, w_down_t, dense=dense, launch=v.launches[0], chunk_sum=v.launches[1])
+    return launch_chunks
 
 
-def _down_chunked_dense(v, h3, w_down_t):
-    return ops.down_chunks(h3, w_down_t, dense=True, launch=v.launches[0], chunk_sum=v.launches[1])
+_gate_up_dense = _dense_gate_up(ops)
+_down_chunked = _chunked_down(ops)
+_down_chunked_dense = _chunked_down(ops, dense=True)
 
 
 def _down_serial(v, h3, w_down_t):
@@ -254,16 +261,9 @@ def _quant_gate_up_paired(v, mlp, x, x_signs, alpha_milli):
     return h1, h3, zero
 
 
-def _quant_gate_up_dense(v, mlp, x, x_signs, alpha_milli):
-    return (*quant_ops.gate_up_mask(x, mlp.w_gate, mlp.w_up, mlp.activation, None, launch=v.launches[0]), None)
-
-
-def _quant_down(v, h3, w_down_t):
-    return quant_ops.down_chunks(h3, w_down_t, launch=v.launches[0], chunk_sum=v.launches[1])
-
-
-def _quant_down_dense(v, h3, w_down_t):
-    return quant_ops.down_chunks(h3, w_down_t, dense=True, launch=v.launches[0], chunk_sum=v.launches[1])
+_quant_gate_up_dense = _dense_gate_up(quant_ops)
+_quant_down = _chunked_down(quant_ops)
+_quant_down_dense = _chunked_down(quant_ops, dense=True)
 
 
 _QUANT_MASK = Launch("gate_up_quant_mask_{dtype}")

@@ -142,7 +142,7 @@ class Case:
         if v.weights:
             return Check(kernel, version, *self.quant(v.weights).check(v))
         if kernel == "pack_signs":        # the per-token packing of x, as a 1-row matrix
-            x_row = DeviceMatrix(x, np.dtype(np.float32), 1, shape.d, shape.d)
+            x_row = DeviceMatrix(x, 1, shape.d, shape.d, dtype=np.dtype(np.float32))
             verified = np.array_equal(v.run(x_row).get()[0], self._want(v, layer.x))
             return Check(kernel, version, lambda: v.run(x_row), verified)
         if kernel == "predict":

@@ -43,6 +43,24 @@ def write_gguf_shape(writer, s) -> None:
     writer.add_context_length(s.max_position_embeddings)
 
 
+def write_gguf_llama_vocab(writer, vocab) -> None:
+    """A llama (SentencePiece) tokenizer of ``vocab`` in a GGUF: scores falling with the id,
+    <s> = 1 and </s> = 2."""
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(vocab)
+    writer.add_token_scores([-float(i) for i in range(len(vocab))])
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+
+
+def finish_gguf(writer) -> None:
+    """Write a GGUF writer's header, keys and tensors to its file and close it."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def gguf_tensors(weights):
     """(GGUF tensor name, array) of a synthetic model's fp32 weights, Q and K rope-permuted as
     llama.cpp stores them: what the GGUF test files write."""
@@ -123,3 +141,55 @@ def eval_fixtures(root, gsm8k, bbh_sizes: dict, question: str = "{task} question
 
     ck = make_checkpoint("tiny", root / "ck", layers=2, target_sparsity=0.9)
     return {"ck": ck, "data": write_eval_data(root / "data", gsm8k, bbh_sizes, question), "root": root}
+
+
+def greedy_steps(decoder, reference, prompt, decode_steps: int):
+    """Prefill ``prompt`` then ``decode_steps`` greedy steps (the reference's choice) in an
+    ONNX decoder and the reference: [(got, want, debug outputs, reference step or None)]."""
+    got, _ = decoder.step(prompt)
+    want = reference.prefill(prompt)
+    steps = [(got, want, {}, None)]
+    tok = int(np.argmax(want[-1]))
+    for _ in range(decode_steps):
+        got, debug = decoder.step([tok])
+        r = reference.decode(tok, trace=True)
+        steps.append((got, r.logits[None], debug, r))
+        tok = int(np.argmax(r.logits))
+    return steps
+
+
+def run_cli(*args):
+    """``sparseinfer ARGS...`` in process (click's runner); each argument as a string."""
+    from click.testing import CliRunner
+
+    from sparseinfer.tools.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def one_line_error(r, needle: str) -> None:
+    """The house rule for bad input: exit code 2 and one ``error: ...`` line naming ``needle``."""
+    assert r.exit_code == 2, r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+
+
+def genai_greedy(og, model, prompt, new_tokens: int) -> list[int]:
+    """onnxruntime-genai's (module ``og``) Generator on ``model``: greedy tokens after
+    ``prompt``, up to ``new_tokens`` of them."""
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(prompt) + new_tokens, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt)
+    tokens = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        tokens.append(int(generator.get_next_tokens()[0]))
+    return tokens
+
+
+def tiny_sparse_checkpoint(tmp_path_factory) -> str:
+    """A 2-layer tiny synthetic checkpoint whose MLPs are about 85% sparse (for a module fixture)."""
+    from sparseinfer.model_export.synthetic import make_checkpoint
+
+    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ck"), layers=2, target_sparsity=0.85, seed=3))

@@ -231,3 +231,22 @@ def emu():
         pytest.skip(emulator.unavailable_reason())
     with emulator.installed() as xp:
         yield xp
+
+
+# Every kernel test runs once per backend: ``gpu`` (marker ``gpu``, skipped by conftest where there
+# is no device) and ``emulated`` (marker ``emulated``: the kernels built for the CPU).
+BACKENDS = [pytest.param("gpu", marks=pytest.mark.gpu), pytest.param("emulated", marks=pytest.mark.emulated)]
+
+
+@contextlib.contextmanager
+def on_backend(name: str):
+    """The kernels on ``name`` (one of BACKENDS) while inside; yields ``name``."""
+    from sparseinfer.kernels import emulator
+
+    with emulator.installed() if name == "emulated" else contextlib.nullcontext():
+        yield name
+
+
+def to_host(a) -> np.ndarray:
+    """A device (CuPy) or host array as a NumPy array."""
+    return a.get() if hasattr(a, "get") else np.asarray(a)

@@ -16,13 +16,12 @@ fatrelu's ``z >= T``, the sign of every zero), and every sign packer on x's sign
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
-from kernel_cases import assert_same
+from kernel_cases import BACKENDS, assert_same, on_backend, to_host
 from sparseinfer.kernels import BASELINE, DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP, emulator, ops
 from sparseinfer.kernels.device import DeviceMatrix, cupy
 from sparseinfer.kernels.expected import expected_h1_h3, within_down_bound
@@ -171,16 +170,11 @@ def test_sign_packers_read_signed_zeros_as_positive():
 
 # --- every kernel version, emulated (and on a GPU) ---------------------------------------------
 
-@pytest.fixture(scope="module", params=[pytest.param("gpu", marks=pytest.mark.gpu),
-                                        pytest.param("emulated", marks=pytest.mark.emulated)])
+@pytest.fixture(scope="module", params=BACKENDS)
 def backend(request):
     """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
-    with emulator.installed() if request.param == "emulated" else contextlib.nullcontext():
-        yield request.param
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+    with on_backend(request.param) as name:
+        yield name
 
 
 def _cases():
@@ -194,23 +188,23 @@ def test_every_kernel_version_on_the_edges(backend, d, k, dtype, act, t):
     cp = cupy()
     x = cp.asarray(case.x)
     x_signs = ops.pack_x_signs(x)
-    assert_same(_host(x_signs), pack_signs(case.x), "pack_x_signs", case)
+    assert_same(to_host(x_signs), pack_signs(case.x), "pack_x_signs", case)
     for version, v in PACK_SIGNS.items():
-        assert_same(_host(v.run(DeviceMatrix.from_host("w", case.w_gate))), pack_signs(case.w_gate),
+        assert_same(to_host(v.run(DeviceMatrix.from_host("w", case.w_gate))), pack_signs(case.w_gate),
                     f"pack_signs {version}", case)
     w_signs = cp.asarray(pack_signs(case.w_gate))
     for version, v in PREDICT.items():
         counts, zero, _, _ = v.run(w_signs, x_signs, d, ALPHA_MILLI)
-        assert_same(_host(counts), case.counts, f"predict {version} counts", case)
-        assert_same(_host(zero).astype(bool), case.predicted_zero, f"predict {version} zero", case)
+        assert_same(to_host(counts), case.counts, f"predict {version} counts", case)
+        assert_same(to_host(zero).astype(bool), case.predicted_zero, f"predict {version} zero", case)
 
     mlp = SparseMLP(case.w_gate, case.w_up, case.w_down, act)
     for version, v in GATE_UP.items():
         h1, h3, _ = v.run(mlp, x, x_signs, ALPHA_MILLI)
         want_h1, want_h3 = case.h1_h3(sparse=version != "dense")
-        assert_same(_host(h1), want_h1, f"gate_up {version} h1", case)
-        assert_same(_host(h3), want_h3, f"gate_up {version} h3", case)
-    h1, h3, _ = (_host(a) for a in BASELINE["dense-gemv"].run(
+        assert_same(to_host(h1), want_h1, f"gate_up {version} h1", case)
+        assert_same(to_host(h3), want_h3, f"gate_up {version} h3", case)
+    h1, h3, _ = (to_host(a) for a in BASELINE["dense-gemv"].run(
         x, mlp.w_gate, mlp.w_up, DeviceMatrix.from_host("w_down", case.w_down), act))
     want_h1, want_h3 = case.h1_h3(sparse=False)
     assert_same(h1, want_h1, "dense-gemv h1", case)
@@ -221,7 +215,7 @@ def test_every_kernel_version_on_the_edges(backend, d, k, dtype, act, t):
     for h3 in (want_h3, np.where(np.arange(k) % 2, np.float32(-0.0), np.float32(0.0))):
         want = oc.down_projection(h3, w_down_t)
         for version, v in DOWN.items():
-            got = _host(v.run(cp.asarray(h3), mlp.w_down_t))
+            got = to_host(v.run(cp.asarray(h3), mlp.w_down_t))
             if v.deterministic or not h3.any():
                 assert_same(got, want, f"down {version}", case)          # all-zero h3: out is +0.0, not -0.0
             else:
@@ -230,7 +224,7 @@ def test_every_kernel_version_on_the_edges(backend, d, k, dtype, act, t):
     want_sparse, trace = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, act, ALPHA_MILLI / 1000)
     want_dense = mlp_dense(case.x, case.w_gate, case.w_up, case.w_down, act)
     for name, pipe in PIPELINES.items():
-        got = _host(mlp.with_pipeline(name)(case.x, ALPHA_MILLI / 1000))
+        got = to_host(mlp.with_pipeline(name)(case.x, ALPHA_MILLI / 1000))
         want = want_sparse if pipe.sparse else want_dense
         if pipe.deterministic:
             assert_same(got, want, f"pipeline {name}", case)
@@ -306,8 +300,8 @@ def test_the_edge_cases_reject_mutants(src, old, new):
     want, _ = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, case.activation, 1.0)
     with emulator.installed():
         mlp = SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation, pipeline="sparse-fused")
-        assert_same(_host(mlp(case.x)), want, "unmutated", case)
+        assert_same(to_host(mlp(case.x)), want, "unmutated", case)
         with mutated(src, old, new):
-            got = _host(SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation,
+            got = to_host(SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation,
                                   pipeline="sparse-fused")(case.x))
         assert not np.array_equal(got.view(np.uint32), want.view(np.uint32)), "the mutant passed the edge case"

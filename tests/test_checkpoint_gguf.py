@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import gguf_tensors, write_gguf_shape
+from helpers import finish_gguf, gguf_tensors, write_gguf_llama_vocab, write_gguf_shape
 from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.loaders.gguf_file import rope_permute
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
@@ -27,11 +27,7 @@ def _write(path, weights, qtype=None, arch="llama", extra=lambda writer: None):
     w.add_string(f"{arch}.hidden_act", "fatrelu")
     w.add_float32(f"{arch}.hidden_act_param", 0.01)
     vocab = VOCAB + [f"<0x{b:02X}>" for b in range(s.vocab_size - len(VOCAB))]
-    w.add_tokenizer_model("llama")
-    w.add_token_list(vocab)
-    w.add_token_scores([-float(i) for i in range(len(vocab))])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    write_gguf_llama_vocab(w, vocab)
     for hf, name, arr in gguf_tensors(weights):
         if qtype is not None and arr.ndim == 2 and "mlp" in hf:
             w.add_tensor(name, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
@@ -39,10 +35,7 @@ def _write(path, weights, qtype=None, arch="llama", extra=lambda writer: None):
             w.add_tensor(name, arr.astype(np.float16))
         else:
             w.add_tensor(name, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
 
 
 def test_gguf_round_trip_f32_f16(tmp_path):

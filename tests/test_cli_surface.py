@@ -12,23 +12,14 @@ from pathlib import Path
 
 import click
 import pytest
-from click.testing import CliRunner
 
 from sparseinfer.tools.cli import cli
+
+from helpers import one_line_error, run_cli as run
 
 ROOT = Path(__file__).parents[1]
 H200_RESULTS = ROOT / "benchmarks" / "results" / "h200.json"       # a `bench` results file
 CLI = [sys.executable, "-m", "sparseinfer.tools.cli"]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, needle: str) -> None:
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
 # --- counts -----------------------------------------------------------------------------------

@@ -2,24 +2,18 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
 from sparseinfer.methods.model_runner import DEFAULT_PROMPTS, read_prompts
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.tools.cli import cli
+
+from helpers import run_cli as run, tiny_sparse_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from sparseinfer.model_export.synthetic import make_checkpoint
-
-    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ck"), layers=2, target_sparsity=0.85, seed=3))
-
-
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
+    return tiny_sparse_checkpoint(tmp_path_factory)
 
 
 def test_predictor_stats_on_a_checkpoint(checkpoint, tmp_path):

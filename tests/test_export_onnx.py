@@ -34,7 +34,7 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.llama import LlamaReference
 from sparseinfer.tools.cli import cli
 
-from helpers import computed_rows_agree
+from helpers import computed_rows_agree, greedy_steps
 
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107, 32, 98, 114, 111, 119, 110]
 GAMMA_K = 552 * 2.0 ** -24
@@ -59,16 +59,7 @@ def _run_both(weights, opts, tmp_path, reference, mlp_kernels="auto", provider="
     """Prefill + DECODE_STEPS greedy steps in ONNX and the reference on the same tokens."""
     decoder = OnnxDecoder(export_onnx(weights, tmp_path / "m.onnx", opts), provider, mlp_kernels=mlp_kernels)
     assert decoder.mlp_kernels == ("native" if mlp_kernels == "native" else "function")
-    onnx_logits, _ = decoder.step(PROMPT)
-    ref_logits = reference.prefill(PROMPT)
-    steps = [(onnx_logits, ref_logits, None, None)]
-    tok = int(np.argmax(ref_logits[-1]))
-    for _ in range(DECODE_STEPS):
-        o, debug = decoder.step([tok])
-        r = reference.decode(tok, trace=True)
-        steps.append((o, r.logits[None], debug, r))
-        tok = int(np.argmax(r.logits))
-    return steps
+    return greedy_steps(decoder, reference, PROMPT, DECODE_STEPS)
 
 
 @pytest.mark.parametrize("portable", FORMS)

@@ -22,7 +22,8 @@ import pytest
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from helpers import gguf_tensors, write_gguf_shape
+from helpers import (finish_gguf, genai_greedy, gguf_tensors, greedy_steps, write_gguf_llama_vocab,
+                     write_gguf_shape)
 from sparseinfer.model_export.decode import OnnxDecoder
 from sparseinfer.model_export.export import ExportOptions, export_onnx
 from sparseinfer.model_export.export_check import check_export, export_info
@@ -78,16 +79,7 @@ def _decode_both(path, reference, debug=False):
     """Prefill + DECODE_STEPS greedy steps in the export (native op library) and the reference."""
     decoder = OnnxDecoder(path, "cpu")
     assert decoder.mlp_kernels == "native" or not decoder.sparse
-    got, _ = decoder.step(PROMPT)
-    want = reference.prefill(PROMPT)
-    steps = [(got, want, {}, None)]
-    tok = int(np.argmax(want[-1]))
-    for _ in range(DECODE_STEPS):
-        got, dbg = decoder.step([tok])
-        r = reference.decode(tok, trace=True)
-        steps.append((got, r.logits[None], dbg, r))
-        tok = int(np.argmax(r.logits))
-    return steps
+    return greedy_steps(decoder, reference, PROMPT, DECODE_STEPS)
 
 
 # --- the graph -------------------------------------------------------------------------------
@@ -279,11 +271,7 @@ def _write_gguf(path, w, main, overrides=None):
     writer.add_string("llama.hidden_act", "fatrelu")
     writer.add_float32("llama.hidden_act_param", 0.01)
     vocab = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(s.vocab_size - 3)]
-    writer.add_tokenizer_model("llama")
-    writer.add_token_list(vocab)
-    writer.add_token_scores([-float(i) for i in range(len(vocab))])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    write_gguf_llama_vocab(writer, vocab)
     stored = {}
     for _, name, arr in gguf_tensors(w):
         qtype = next((t for suffix, t in (overrides or {}).items() if name.endswith(suffix)), main)
@@ -292,10 +280,7 @@ def _write_gguf(path, w, main, overrides=None):
             writer.add_tensor(name, stored[name], raw_dtype=qtype)
         else:
             writer.add_tensor(name, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    finish_gguf(writer)
     return stored
 
 
@@ -459,13 +444,6 @@ def test_genai_decodes_a_quantized_export_like_our_decoder(tmp_path, checkpoint)
     out = tmp_path / "e" / "model.onnx"
     assert run("export", checkpoint, "--out", out, "--quantize", "q4_1").exit_code == 0
     model = og.Model(str(out.parent))
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + 8, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT)
-    theirs = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        theirs.append(int(generator.get_next_tokens()[0]))
+    theirs = genai_greedy(og, model, PROMPT, 8)
     assert len(theirs) == 8 and len(set(theirs)) > 1
     assert theirs == generate(OnnxDecoder(out), PROMPT, len(theirs)).tokens

@@ -13,6 +13,8 @@ from sparseinfer.model_export.generation import generate
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.tools.cli import cli
 
+from helpers import genai_greedy
+
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]
 NEW_TOKENS = 12
 
@@ -35,15 +37,7 @@ def test_genai_config_describes_the_export(tmp_path, portable, shared, head_size
 
 def _genai_greedy(og, model) -> list[int]:
     """onnxruntime-genai's Generator: greedy tokens after PROMPT, up to NEW_TOKENS."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(max_length=len(PROMPT) + NEW_TOKENS, do_sample=False)
-    generator = og.Generator(model, params)
-    generator.append_tokens(PROMPT)
-    tokens = []
-    while not generator.is_done():
-        generator.generate_next_token()
-        tokens.append(int(generator.get_next_tokens()[0]))
-    return tokens
+    return genai_greedy(og, model, PROMPT, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")

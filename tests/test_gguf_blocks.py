@@ -15,6 +15,8 @@ from sparseinfer.reference import block_quant as bq
 from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.quant_mlp import reblock_down
 
+from helpers import finish_gguf
+
 gguf = pytest.importorskip("gguf")
 Q = gguf.GGMLQuantizationType
 KEPT = [bq.Q8_0, bq.Q4_0, bq.Q4_1]
@@ -30,10 +32,7 @@ def write_gguf(path, tensors):
             w.add_tensor(name, array)
         else:
             w.add_tensor(name, array, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    finish_gguf(w)
     return {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
 
 

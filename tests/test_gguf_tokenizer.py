@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from helpers import gguf_tensors, write_gguf_shape
+from helpers import finish_gguf, gguf_tensors, write_gguf_shape
 from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.loaders.gguf_file import _tokenizer_fields
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
@@ -70,20 +70,13 @@ def _metadata(w, kind, tokens, types=None, scores=None, merges=None, pre=None, a
             add(value)
 
 
-def _finish(w):
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-
-
 def tokenizer_from_gguf(path, **meta):
     """Write a GGUF holding only tokenizer metadata, read it back, build its tokenizer."""
     from sparseinfer.model_export.tokenizer import gguf_tokenizer
 
     w = gguf.GGUFWriter(str(path), "llama")
     _metadata(w, **meta)
-    _finish(w)
+    finish_gguf(w)
     return gguf_tokenizer(_tokenizer_fields(gguf.GGUFReader(str(path))), str(path))
 
 
@@ -113,7 +106,7 @@ def write_model(path, meta=None):
         _metadata(w, **meta)
     for _, name, arr in gguf_tensors(weights):
         w.add_tensor(name, arr)
-    _finish(w)
+    finish_gguf(w)
     return weights
 
 

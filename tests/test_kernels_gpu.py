@@ -12,17 +12,16 @@ kernels' logic in CI; only the GPU run checks them on the hardware.
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel_cases import assert_same, build_case, cases
+from kernel_cases import BACKENDS, assert_same, build_case, cases, on_backend, to_host
 from sparseinfer.kernels import DOWN, GATE_UP, PACK_SIGNS, PIPELINES, PREDICT, SparseMLP
 from sparseinfer.kernels.device import DeviceMatrix, cupy
-from sparseinfer.kernels import emulator, ops
+from sparseinfer.kernels import ops
 from sparseinfer.kernels.expected import expected_h1_h3, within_down_bound
 from sparseinfer.kernels.graph import MLPGraph
 from sparseinfer.reference import mlp_dense, mlp_sparse, order_contract as oc
@@ -32,20 +31,15 @@ from sparseinfer.reference.signs import pack_signs
 
 
 
-@pytest.fixture(scope="module", autouse=True, params=[pytest.param("gpu", marks=pytest.mark.gpu),
-                                                      pytest.param("emulated", marks=pytest.mark.emulated)])
+@pytest.fixture(scope="module", autouse=True, params=BACKENDS)
 def backend(request):
     """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
-    with emulator.installed() if request.param == "emulated" else contextlib.nullcontext():
-        yield request.param
+    with on_backend(request.param) as name:
+        yield name
 
 
 def _mlp(case, pipeline="sparse-fused"):
     return SparseMLP(case.w_gate, case.w_up, case.w_down, case.activation, pipeline=pipeline)
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
 
 
 @pytest.mark.parametrize("version", list(PACK_SIGNS))
@@ -58,9 +52,9 @@ def test_pack_signs_matches_reference(version, case, sign_dtype):
     want = pack_signs(w)
     assert want.any() and (want != 0xFFFFFFFF).any(), f"trivial sign words: {case}"
     got = PACK_SIGNS[version].run(DeviceMatrix.from_host("w", w))
-    assert_same(_host(got), want, f"pack_signs {version} {np.dtype(sign_dtype)}", case)
+    assert_same(to_host(got), want, f"pack_signs {version} {np.dtype(sign_dtype)}", case)
     x_words = ops.pack_x_signs(cupy().asarray(case.x))
-    assert_same(_host(x_words), pack_signs(case.x), "pack_x_signs", case)
+    assert_same(to_host(x_words), pack_signs(case.x), "pack_x_signs", case)
 
 
 @pytest.mark.parametrize("version", list(PREDICT))
@@ -71,13 +65,13 @@ def test_predict_matches_reference(version, case):
     w_signs = cp.asarray(pack_signs(case.w_gate))
     x_signs = cp.asarray(pack_signs(case.x))
     counts, zero, active, n_active = PREDICT[version].run(w_signs, x_signs, case.d, case.alpha_milli)
-    assert_same(_host(counts), case.counts, f"predict {version} counts", case)
-    assert_same(_host(zero).astype(bool), case.predicted_zero, f"predict {version} zero mask", case)
+    assert_same(to_host(counts), case.counts, f"predict {version} counts", case)
+    assert_same(to_host(zero).astype(bool), case.predicted_zero, f"predict {version} zero mask", case)
     if active is not None:
         want = np.flatnonzero(~case.predicted_zero).astype(np.int32)
-        n = int(_host(n_active)[0])
+        n = int(to_host(n_active)[0])
         assert n == want.size, f"n_active {n} != {want.size} ({case})"
-        assert_same(_host(active)[:n], want, f"predict {version} active list", case)
+        assert_same(to_host(active)[:n], want, f"predict {version} active list", case)
 
 
 @pytest.mark.parametrize("version", list(GATE_UP))
@@ -89,10 +83,10 @@ def test_gate_up_matches_reference_bit_for_bit(version, case):
     x = cp.asarray(case.x)
     h1, h3, zero = GATE_UP[version].run(mlp, x, ops.pack_x_signs(x), case.alpha_milli)
     want_h1, want_h3 = case.h1_h3(sparse=version != "dense")
-    assert_same(_host(h1), want_h1, f"gate_up {version} h1", case)
-    assert_same(_host(h3), want_h3, f"gate_up {version} h3", case)
+    assert_same(to_host(h1), want_h1, f"gate_up {version} h1", case)
+    assert_same(to_host(h3), want_h3, f"gate_up {version} h3", case)
     if zero is not None:
-        assert_same(_host(zero).astype(bool), case.predicted_zero, f"gate_up {version} zero mask", case)
+        assert_same(to_host(zero).astype(bool), case.predicted_zero, f"gate_up {version} zero mask", case)
 
 
 @pytest.mark.parametrize("version", list(DOWN))
@@ -101,7 +95,7 @@ def test_down_matches_reference(version, case):
     case.assert_nontrivial()
     _, h3 = case.h1_h3()
     w_down_t = np.ascontiguousarray(case.w_down.T)
-    got = _host(DOWN[version].run(cupy().asarray(h3), DeviceMatrix.from_host("w_down_t", w_down_t)))
+    got = to_host(DOWN[version].run(cupy().asarray(h3), DeviceMatrix.from_host("w_down_t", w_down_t)))
     if DOWN[version].deterministic:
         assert_same(got, oc.down_projection(h3, w_down_t), f"down {version}", case)
     else:
@@ -118,7 +112,7 @@ def test_sparse_mlp_matches_reference(pipeline, case):
     mlp = _mlp(case, pipeline)
     alpha = case.alpha_milli / 1000
     if not PIPELINES[pipeline].sparse:
-        assert_same(_host(mlp(case.x, alpha)), mlp_dense(case.x, case.w_gate, case.w_up, case.w_down, case.activation),
+        assert_same(to_host(mlp(case.x, alpha)), mlp_dense(case.x, case.w_gate, case.w_up, case.w_down, case.activation),
                     f"SparseMLP {pipeline}", case)
         return
     want, want_trace = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, case.activation, alpha)
@@ -127,10 +121,10 @@ def test_sparse_mlp_matches_reference(pipeline, case):
         assert_same(getattr(trace, field), getattr(want_trace, field), f"trace {field}", case)
     assert trace.summary() == want_trace.summary()
     if PIPELINES[pipeline].deterministic:
-        assert_same(_host(got), want, f"SparseMLP {pipeline}", case)
+        assert_same(to_host(got), want, f"SparseMLP {pipeline}", case)
     else:
         _, h3 = case.h1_h3()
-        assert within_down_bound(_host(got), h3, case.w_down.T).all(), f"SparseMLP {pipeline} out of bound ({case})"
+        assert within_down_bound(to_host(got), h3, case.w_down.T).all(), f"SparseMLP {pipeline} out of bound ({case})"
 
 
 @pytest.mark.parametrize("pipeline", [p for p in PIPELINES if PIPELINES[p].deterministic])
@@ -138,7 +132,7 @@ def test_deterministic_pipelines_repeat_bit_for_bit(pipeline):
     case = build_case(5120, 1031, np.float16, 1000, 7, "fatrelu:0.01", ())
     case.assert_nontrivial()
     mlp = _mlp(case, pipeline)
-    runs = [_host(mlp(case.x)) for _ in range(5)]
+    runs = [to_host(mlp(case.x)) for _ in range(5)]
     assert np.abs(runs[0]).max() > 0
     for r in runs[1:]:
         assert_same(r, runs[0], f"{pipeline} repeated run", case)
@@ -160,9 +154,9 @@ def test_with_pipeline_shares_the_weights_and_runs_its_own_pipeline():
         other = fused.with_pipeline(name)
         assert other.pipeline is PIPELINES[name] and fused.pipeline is PIPELINES["sparse-fused"]
         assert other.w_gate is fused.w_gate and other.w_down_t is fused.w_down_t and other.w_signs is fused.w_signs
-        got = _host(other(case.x))
+        got = to_host(other(case.x))
         if PIPELINES[name].deterministic:
-            assert_same(got, _host(_mlp(case, name)(case.x)), f"with_pipeline({name})", case)
+            assert_same(got, to_host(_mlp(case, name)(case.x)), f"with_pipeline({name})", case)
         else:                # atomicAdd order differs between runs on a GPU
             assert within_down_bound(got, case.h1_h3()[1], case.w_down.T).all(), f"with_pipeline({name}) ({case})"
     with pytest.raises(SparseInferError, match="unknown pipeline 'nope'"):
@@ -179,11 +173,11 @@ def test_batched_loads_cover_whole_batches_a_remainder_and_a_scalar_tail(dtype):
     x = cupy().asarray(case.x)
     h1, h3, zero = GATE_UP["v4_persistent"].run(mlp, x, ops.pack_x_signs(x), case.alpha_milli)
     want_h1, want_h3 = case.h1_h3()
-    assert_same(_host(zero).astype(bool), case.predicted_zero, "v4_persistent zero mask", case)
-    assert_same(_host(h1), want_h1, "v4_persistent h1", case)
-    assert_same(_host(h3), want_h3, "v4_persistent h3", case)
+    assert_same(to_host(zero).astype(bool), case.predicted_zero, "v4_persistent zero mask", case)
+    assert_same(to_host(h1), want_h1, "v4_persistent h1", case)
+    assert_same(to_host(h3), want_h3, "v4_persistent h3", case)
     want = mlp_sparse(case.x, case.w_gate, case.w_up, case.w_down, case.activation, 1.0)[0]
-    assert_same(_host(mlp(case.x)), want, "sparse-persistent out", case)
+    assert_same(to_host(mlp(case.x)), want, "sparse-persistent out", case)
 
 
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
@@ -204,11 +198,11 @@ def test_graph_replays_every_pipeline_on_new_inputs(pipeline):
     rng = np.random.default_rng(5)
     for round_ in range(2):
         xs = [c.x if round_ == 0 else (c.x * rng.choice([-1.0, 1.0], c.d)).astype(np.float32) for c in layer_cases]
-        outs = [_host(o).copy() for o in graph(xs)]
+        outs = [to_host(o).copy() for o in graph(xs)]
         for i, (m, c, x, got) in enumerate(zip(mlps, layer_cases, xs, outs)):
             what = f"graph {pipeline} round {round_} layer {i}"
             if PIPELINES[pipeline].deterministic:
-                want = _host(m(x, alpha))
+                want = to_host(m(x, alpha))
                 assert np.abs(want).max() > 0
                 assert_same(got, want, what, c)
             else:
@@ -218,7 +212,7 @@ def test_graph_replays_every_pipeline_on_new_inputs(pipeline):
     # layers 0 and 2 hold the same weights: the same inputs give the same outputs
     if PIPELINES[pipeline].deterministic:
         graph([cases_[0].x, cases_[1].x, cases_[0].x])
-        assert_same(_host(graph.outs[2]), _host(graph.outs[0]), f"graph {pipeline} clone", cases_[0])
+        assert_same(to_host(graph.outs[2]), to_host(graph.outs[0]), f"graph {pipeline} clone", cases_[0])
     with pytest.raises(SparseInferError, match="MLPGraph of 3 layers got 2 inputs"):
         graph(xs[:2])
     with pytest.raises(SparseInferError, match="x has shape"):
@@ -246,12 +240,12 @@ def test_misaligned_vectors_take_the_scalar_path_and_give_the_same_bits(pipeline
     want = mlp(case.x)
     got = mlp(x)
     if PIPELINES[pipeline].deterministic:
-        assert_same(_host(got), _host(want), f"{pipeline} on a misaligned x", case)
+        assert_same(to_host(got), to_host(want), f"{pipeline} on a misaligned x", case)
     else:
-        assert within_down_bound(_host(got), case.h1_h3()[1], case.w_down.T).all(), f"{pipeline} ({case})"
+        assert within_down_bound(to_host(got), case.h1_h3()[1], case.w_down.T).all(), f"{pipeline} ({case})"
     h3 = case.h1_h3()[1]
     for version in DOWN:
         if not DOWN[version].deterministic:
             continue
-        want = _host(DOWN[version].run(cp.asarray(h3), mlp.w_down_t))
-        assert_same(_host(DOWN[version].run(shifted(h3), mlp.w_down_t)), want, f"down {version} misaligned h3", case)
+        want = to_host(DOWN[version].run(cp.asarray(h3), mlp.w_down_t))
+        assert_same(to_host(DOWN[version].run(shifted(h3), mlp.w_down_t)), want, f"down {version} misaligned h3", case)

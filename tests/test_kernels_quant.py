@@ -10,15 +10,14 @@ CPU, skipped where g++ is missing).
 """
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 import pytest
 from hypothesis import given
 
-from kernel_cases import QUANT_SHAPES, assert_same, build_quant_case, mutated, quant_cases
+from kernel_cases import (BACKENDS, QUANT_SHAPES, assert_same, build_quant_case, mutated, on_backend, quant_cases,
+                          to_host)
 from sparseinfer.kernels import (DOWN_QUANT, FAMILIES, GATE_UP_QUANT, PACK_SIGNS_QUANT, QUANT_PIPELINES,
-                                 DeviceBlocks, DeviceMatrix, QuantSparseMLP, emulator, ops, quant_ops)
+                                 DeviceBlocks, DeviceMatrix, QuantSparseMLP, ops, quant_ops)
 from sparseinfer.kernels.device import cupy
 from sparseinfer.reference import order_contract as oc
 from sparseinfer.reference.block_quant import FORMATS
@@ -27,16 +26,11 @@ from sparseinfer.reference.quant_mlp import QuantizedMLPWeights, mlp_dense_quant
 from sparseinfer.reference.signs import pack_signs
 
 
-@pytest.fixture(scope="module", autouse=True, params=[pytest.param("gpu", marks=pytest.mark.gpu),
-                                                      pytest.param("emulated", marks=pytest.mark.emulated)])
+@pytest.fixture(scope="module", autouse=True, params=BACKENDS)
 def backend(request):
     """gpu: skipped by conftest where there is no device; emulated: the kernels on the CPU."""
-    with emulator.installed() if request.param == "emulated" else contextlib.nullcontext():
-        yield request.param
-
-
-def _host(a):
-    return a.get() if hasattr(a, "get") else np.asarray(a)
+    with on_backend(request.param) as name:
+        yield name
 
 
 def _blocks(name, blocks, fmt, d):
@@ -50,7 +44,7 @@ def test_sign_words_of_blocks_match_the_dequantized_weights(case):
         want = pack_signs(case.weights.dequantized()[0 if name == "w_gate" else 2])
         assert want.any() and (want != 0xFFFFFFFF).any(), f"trivial sign words: {case}"
         got = PACK_SIGNS_QUANT[fmt]["v1"].run(_blocks(name, blocks, fmt, case.base.d))
-        assert_same(_host(got), want, f"pack_signs_{fmt} v1 {name}", case)
+        assert_same(to_host(got), want, f"pack_signs_{fmt} v1 {name}", case)
 
 
 @pytest.mark.parametrize("version", list(GATE_UP_QUANT["q4_0"]))
@@ -58,14 +52,14 @@ def test_sign_words_of_blocks_match_the_dequantized_weights(case):
 def test_gate_up_versions_match_the_reference_bit_for_bit(version, case):
     case.assert_nontrivial()
     mlp = QuantSparseMLP(case.weights, case.activation)
-    assert_same(_host(mlp.w_signs), case.w_signs, "QuantSparseMLP sign words", case)
+    assert_same(to_host(mlp.w_signs), case.w_signs, "QuantSparseMLP sign words", case)
     x = cupy().asarray(case.x)
     h1, h3, zero = GATE_UP_QUANT[case.fmt][version].run(mlp, x, ops.pack_x_signs(x), case.alpha_milli)
     want_h1, want_h3 = case.h1_h3(sparse=version != "dense")
-    assert_same(_host(h1), want_h1, f"gate_up_{case.fmt} {version} h1", case)
-    assert_same(_host(h3), want_h3, f"gate_up_{case.fmt} {version} h3", case)
+    assert_same(to_host(h1), want_h1, f"gate_up_{case.fmt} {version} h1", case)
+    assert_same(to_host(h3), want_h3, f"gate_up_{case.fmt} {version} h3", case)
     if zero is not None:
-        assert_same(_host(zero).astype(bool), case.predicted_zero, f"gate_up_{case.fmt} {version} zero mask", case)
+        assert_same(to_host(zero).astype(bool), case.predicted_zero, f"gate_up_{case.fmt} {version} zero mask", case)
 
 
 @pytest.mark.parametrize("version", list(DOWN_QUANT["q4_0"]))
@@ -78,7 +72,7 @@ def test_down_versions_match_the_reference_bit_for_bit(version, case):
                                                  _blocks("w_down_t", case.weights.down_t, case.down_fmt, case.base.d))
     want = oc.down_projection(h3, w_down_t)
     assert np.abs(want).max() > 0
-    assert_same(_host(got), want, f"down_{case.down_fmt} {version}", case)
+    assert_same(to_host(got), want, f"down_{case.down_fmt} {version}", case)
 
 
 @pytest.mark.parametrize("kind", ["sparse", "dense"])
@@ -88,7 +82,7 @@ def test_quant_mlp_matches_the_reference(kind, case):
     mlp = QuantSparseMLP(case.weights, case.activation, pipeline=f"{kind}-{case.fmt}")
     alpha = case.alpha_milli / 1000
     if kind == "dense":
-        assert_same(_host(mlp(case.x, alpha)), mlp_dense_quant(case.x, case.weights, case.activation),
+        assert_same(to_host(mlp(case.x, alpha)), mlp_dense_quant(case.x, case.weights, case.activation),
                     f"dense-{case.fmt}", case)
         return
     want, want_trace = mlp_sparse_quant(case.x, case.weights, case.activation, alpha)
@@ -96,7 +90,7 @@ def test_quant_mlp_matches_the_reference(kind, case):
     for field in ("predicted_zero", "actual_zero", "computed_gate", "computed_up", "computed_down"):
         assert_same(getattr(trace, field), getattr(want_trace, field), f"trace {field}", case)
     assert trace.summary() == want_trace.summary()
-    assert_same(_host(got), want, f"sparse-{case.fmt}", case)
+    assert_same(to_host(got), want, f"sparse-{case.fmt}", case)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -108,10 +102,10 @@ def test_every_format_at_every_shape(fmt, d, k):
     case = build_quant_case(d, k, np.float16, 1000, d + k, "fatrelu:0.01", (), fmt, down_fmt)
     case.assert_nontrivial()
     mlp = QuantSparseMLP(case.weights, case.activation)
-    assert_same(_host(mlp(case.x)), mlp_sparse_quant(case.x, case.weights, case.activation)[0], f"sparse-{fmt}", case)
+    assert_same(to_host(mlp(case.x)), mlp_sparse_quant(case.x, case.weights, case.activation)[0], f"sparse-{fmt}", case)
     dense = mlp.with_pipeline(f"dense-{fmt}")
     assert dense.w_gate is mlp.w_gate
-    assert_same(_host(dense(case.x)), mlp_dense_quant(case.x, case.weights, case.activation), f"dense-{fmt}", case)
+    assert_same(to_host(dense(case.x)), mlp_dense_quant(case.x, case.weights, case.activation), f"dense-{fmt}", case)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))
@@ -128,7 +122,7 @@ def test_a_misaligned_x_gives_the_same_bits(fmt):
     assert address % 16 == 4
     for pipeline in (f"sparse-{fmt}", f"dense-{fmt}"):
         mlp = QuantSparseMLP(case.weights, case.activation, pipeline=pipeline)
-        assert_same(_host(mlp(x)), _host(mlp(case.x)), f"{pipeline} on a misaligned x", case)
+        assert_same(to_host(mlp(x)), to_host(mlp(case.x)), f"{pipeline} on a misaligned x", case)
 
 
 # Changes to quant.cu that the bit-exact comparisons above must catch (the emulator builds the
@@ -150,9 +144,9 @@ def test_a_changed_kernel_fails_the_comparison(mutation, backend):
     case = build_quant_case(256, 513, np.float32, 1000, 9, "relu", ("subnormal",), fmt)
     case.assert_nontrivial()
     want = mlp_sparse_quant(case.x, case.weights, case.activation)[0]
-    assert_same(_host(QuantSparseMLP(case.weights, case.activation)(case.x)), want, "unchanged", case)
+    assert_same(to_host(QuantSparseMLP(case.weights, case.activation)(case.x)), want, "unchanged", case)
     with mutated("quant.cu", old, new):
-        got = _host(QuantSparseMLP(case.weights, case.activation)(case.x))
+        got = to_host(QuantSparseMLP(case.weights, case.activation)(case.x))
     assert not np.array_equal(got.view(np.uint32), want.view(np.uint32)), f"{mutation} went unnoticed"
 
 

@@ -2,9 +2,8 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from sparseinfer.tools.cli import cli
+from helpers import run_cli as run, tiny_sparse_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = ["--max-prompts", "2", "--max-new-tokens", "3", "--max-calibration-prompts", "4"]
@@ -19,13 +18,7 @@ ROW_SCHEMA = {"method": str, "target_sparsity": float, "sparsity": float, "bytes
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    from sparseinfer.model_export.synthetic import make_checkpoint
-
-    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ck"), layers=2, target_sparsity=0.85, seed=3))
-
-
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
+    return tiny_sparse_checkpoint(tmp_path_factory)
 
 
 def test_compare_methods_json_schema_plot_and_file(checkpoint, tmp_path):

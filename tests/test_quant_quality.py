@@ -20,7 +20,6 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from sparseinfer.evaluation import quant_quality as qq
 from sparseinfer.model_export.decode import OnnxDecoder
@@ -28,22 +27,13 @@ from sparseinfer.model_export.loaders import open_checkpoint
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape, write_checkpoint
 from sparseinfer.reference import block_quant as bq
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.tools.cli import cli
+
+from helpers import one_line_error, run_cli as run
 
 # d 256 (whole blocks of 32), k 576
 QSHAPE = replace(synthetic_shape("tiny", layers=2), hidden_size=256, intermediate_size=576)
 TIE_A, TIE_B = 10, 11
 TEXT = "The keeper lit the lamp before the sun went down."
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, needle: str) -> None:
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
 
 
 def known_weights():

@@ -24,7 +24,7 @@ from ..tokenizer import gguf_tokenizer
 from .config import check_config, token_ids
 from .names import EMBEDDING, FINAL_NORM, LAYER_TENSORS, LM_HEAD, layer_tensor, tensor_names
 from .tensors import check_no_extra_tensors
-from .weights import Checkpoint, OpenCheckpoint, assemble
+from .weights import Checkpoint, OpenCheckpoint, load_whole
 
 # Hugging Face name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
 GGUF_LAYER_NAMES = {
@@ -186,8 +186,4 @@ def open_gguf_checkpoint(path):
 
 
 def load_gguf_checkpoint(path) -> Checkpoint:
-    with open_gguf_checkpoint(path) as ck:
-        weights = assemble(ck.shape, ck.get, ck.source)
-    return Checkpoint(weights=weights, tokenizer=ck.tokenizer, source=ck.source,
-                      stored_dtype="/".join(sorted(ck.stored_dtypes)), bos_token_id=ck.bos_token_id,
-                      eos_token_id=ck.eos_token_id)
+    return load_whole(open_gguf_checkpoint(path))

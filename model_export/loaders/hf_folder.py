@@ -21,7 +21,7 @@ from .config import check_config, token_ids
 from .names import EMBEDDING, tensor_names
 from .safetensors_header import check_data_tiled, check_safetensors_header
 from .tensors import check_no_extra_tensors, check_tensors_present
-from .weights import Checkpoint, OpenCheckpoint, assemble
+from .weights import Checkpoint, OpenCheckpoint, load_whole
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -116,8 +116,4 @@ def open_hf_checkpoint(path):
 
 
 def load_hf_checkpoint(path) -> Checkpoint:
-    with open_hf_checkpoint(path) as ck:
-        weights = assemble(ck.shape, ck.get, ck.source)
-    return Checkpoint(weights=weights, tokenizer=ck.tokenizer, source=ck.source,
-                      stored_dtype="/".join(sorted(ck.stored_dtypes)), bos_token_id=ck.bos_token_id,
-                      eos_token_id=ck.eos_token_id)
+    return load_whole(open_hf_checkpoint(path))

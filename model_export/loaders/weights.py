@@ -93,3 +93,13 @@ def assemble(shape: ModelShape, get, source: str) -> LlamaWeights:
     else:
         lm_head = fetch(LM_HEAD, (v, d))
     return LlamaWeights(shape=shape, embed=embed, layers=layers, final_norm=final_norm, lm_head=lm_head)
+
+
+def load_whole(opened) -> Checkpoint:
+    """Every tensor of a checkpoint read and checked: ``opened`` is a loader's context manager
+    that gives an ``OpenCheckpoint`` (``open_hf_checkpoint(path)``, ``open_gguf_checkpoint(path)``)."""
+    with opened as ck:
+        weights = assemble(ck.shape, ck.get, ck.source)
+    return Checkpoint(weights=weights, tokenizer=ck.tokenizer, source=ck.source,
+                      stored_dtype="/".join(sorted(ck.stored_dtypes)), bos_token_id=ck.bos_token_id,
+                      eos_token_id=ck.eos_token_id)
