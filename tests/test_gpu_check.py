@@ -2,6 +2,7 @@
 time budget, failures, what its commands call, and what it brings back."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -309,7 +310,7 @@ def test_subnormal_probe_passes_on_kernels_that_keep_subnormals_and_names_a_flus
         def flushing(m):                                         # what -ftz=true did on the H200
             data = m.data.copy()
             data[np.abs(data) < np.finfo(np.float32).tiny] = 0.0
-            return real(type(m)(data, m.dtype, m.rows, m.cols, m.ld))
+            return real(dataclasses.replace(m, data=data))
 
         monkeypatch.setattr(ops, "pack_signs", flushing)
         with pytest.raises(SparseInferError, match=r"flush subnormals: sign word 0x8, the reference's 0x19"):
