@@ -142,7 +142,8 @@ STAGES = {s.name: s for s in (
                        "sources), paths and C API version in the log",
           ((*_CLI, "build-ops", "--cuda", "--json"),), estimate_s=60, min_start_s=60, stops_run=True),
     Stage("ort-tests", "the ort_cuda tests: dense and sparse exports on the CUDA provider, IOBinding, masks bit for bit, "
-                       "the op library's CUDA kernel against the reference's masks, eval's rows and the design-space "
+                       "the op library's CUDA kernel against the reference's masks (and bit for bit on Q8_0 / Q4_0 / Q4_1 "
+                          "nodes), eval's rows and the design-space "
                        "runner's masks on the CUDA provider against the CPU's and the reference's",
           ((*_PYTEST, "-m", "ort_cuda"),), estimate_s=45, min_start_s=30),
     Stage("ort-bench", "bench-decode --provider cuda --target cuda --cuda-graph (sparse on the op library's CUDA "

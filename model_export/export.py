@@ -96,8 +96,8 @@ def quantize_conflicts(quantize, portable: bool = False, dtype: str = "float32",
     if dtype != "float32":
         return "--quantize computes in float32 (weights in blocks, activations float32; drop --dtype float16)"
     if target != "cpu":
-        return ("--quantize runs on the op library's CPU kernel: its CUDA kernel takes no block formats yet "
-                "(drop --target cuda)")
+        return ("--target shapes the MLP's function body, and a --quantize export carries none (its SparseMLP "
+                "nodes need the op library, whose CPU and CUDA kernels both take blocks): drop --target cuda")
     return None
 
 

@@ -15,7 +15,6 @@
 """
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import re
@@ -107,38 +106,14 @@ def build_layer(d, k, n_tokens, seed, weights, pad, activation, alpha_milli, dty
                  alpha_milli)
 
 
-@dataclass
-class Result:
-    rc: int
-    out: np.ndarray
-    predicted_zero: np.ndarray | None
-    computed: np.ndarray | None
-    actual_zero: np.ndarray | None
-
-
 def run(layer: Layer, masks: bool = True, stride: int | None = None, scratch_buf: np.ndarray | None = None,
-        **override) -> Result:
+        **override) -> nc.Result:
     """One call; ``override`` replaces fields of the arguments (a NULL pointer, a bad value)."""
-    lib = nc.emulated_library()
-    n, d, k = layer.x.shape[0], layer.d, layer.k
-    act = Activation.parse(layer.activation)
-    out = nc.poisoned((n, d), np.float32)
-    pz = nc.poisoned(k, np.uint8) if masks else None
-    computed = nc.poisoned(k, np.uint8) if masks else None
-    actual = nc.poisoned(k, np.uint8) if masks else None
-    scratch = scratch_buf if scratch_buf is not None else \
-        nc.poisoned(lib.sparseinfer_cuda_scratch_bytes(n, d, k), np.uint8)
-    fields = dict(x=nc.ptr(layer.x), w_gate=nc.ptr(layer.w_gate), w_up=nc.ptr(layer.w_up),
-                  w_down_t=nc.ptr(layer.w_down_t), w_signs=nc.ptr(layer.w_signs),
-                  sign_stride=layer.w_signs.shape[1] if stride is None else stride, n_tokens=n, d=d, k=k,
-                  alpha_milli=layer.alpha_milli, activation=act.code,
-                  threshold=act.threshold, out=nc.ptr(out), predicted_zero=nc.ptr(pz), computed=nc.ptr(computed),
-                  scratch=nc.ptr(scratch), actual_zero=nc.ptr(actual),
-                  weight_dtype=1 if layer.w_gate.dtype == np.float16 else 0)
-    fields.update(override)
-    args = nc.SparseMlpCudaArgs(**fields)
-    rc = lib.sparseinfer_cuda_sparse_mlp(ctypes.byref(args), None)
-    return Result(rc, out, pz, computed, actual)
+    if stride is not None:
+        override["sign_stride"] = stride
+    return nc.call(layer.x, layer.w_gate, layer.w_up, layer.w_down_t, layer.w_signs, layer.d, layer.k,
+                   layer.activation, layer.alpha_milli, "fp16" if layer.w_gate.dtype == np.float16 else "fp32",
+                   masks=masks, scratch_buf=scratch_buf, override=override)
 
 
 def expected_decode(layer: Layer):
@@ -150,7 +125,7 @@ def expected_decode(layer: Layer):
 
 def check_decode(layer: Layer, masks: bool = True, **kw):
     got = run(layer, masks=masks, **kw)
-    assert got.rc == 0, f"{nc.emulated_library().sparseinfer_cuda_error_string(got.rc).decode()} ({layer})"
+    assert got.rc == 0, f"{nc.error_text(got.rc)} ({layer})"
     want, trace = expected_decode(layer)
     assert trace.alpha_milli == layer.alpha_milli
     assert_bits_equal(got.out[0], want, "out", str(layer))
@@ -165,7 +140,7 @@ def check_decode(layer: Layer, masks: bool = True, **kw):
 
 def check_prefill(layer: Layer, **kw):
     got = run(layer, **kw)
-    assert got.rc == 0, f"{nc.emulated_library().sparseinfer_cuda_error_string(got.rc).decode()} ({layer})"
+    assert got.rc == 0, f"{nc.error_text(got.rc)} ({layer})"
     for t in range(layer.x.shape[0]):
         want = mlp_dense(layer.x[t], layer.w_gate, layer.w_up, layer.w_down, layer.activation,
                          w_down_t=layer.w_down_t)
@@ -285,7 +260,9 @@ def test_scratch_size_and_invalid_arguments(lib):
     assert lib.sparseinfer_cuda_scratch_bytes(1, 0, 5) == 0
     layer = build_layer(33, 97, 1, 5, "predictor", 0, "relu", 1000)
     bad = [dict(stride=layer.n_words - 1), dict(scratch=None), dict(x=None), dict(out=None), dict(activation=5), dict(activation=-1),
-           dict(d=0), dict(k=0), dict(n_tokens=0), dict(alpha_milli=0), dict(w_signs=None)]
+           dict(d=0), dict(k=0), dict(n_tokens=0), dict(alpha_milli=0), dict(w_signs=None), dict(dense=2),
+           dict(dense=-1), dict(weight_dtype=5), dict(weight_dtype=-1), dict(down_dtype=nc.WEIGHTS["fp16"]),
+           dict(down_dtype=nc.WEIGHTS["q8_0"])]
     for case in bad:
         got = run(layer, **case)
         assert got.rc == INVALID_VALUE, case
@@ -293,6 +270,19 @@ def test_scratch_size_and_invalid_arguments(lib):
     assert lib.sparseinfer_cuda_error_string(INVALID_VALUE).decode() == "invalid argument"
     # a prefill reads no sign words
     check_prefill(build_layer(33, 97, 2, 5, "predictor", 0, "relu", 1000), w_signs=None)
+
+
+@pytest.mark.emulated
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_a_dense_call_runs_one_token_through_the_dense_pipeline(lib, dtype):
+    """dense = 1 (a dense node): one token gives mlp_dense's bits, reads no sign words and
+    leaves the masks unwritten; the same layer's sparse call skips nonzero rows too and gives
+    other bits."""
+    layer = build_layer(300, 1100, 1, 31, "gaussian", 0, "relu", 1000, dtype)
+    dense = check_prefill(layer, dense=1, w_signs=None)
+    sparse, trace = check_decode(layer)
+    assert (trace.predicted_zero & ~trace.actual_zero).any()
+    assert (dense.out.view(np.uint32) != sparse.out.view(np.uint32)).any()
 
 
 # --- compile gate ------------------------------------------------------------------------

@@ -195,21 +195,38 @@ def test_results_do_not_depend_on_the_thread_count():
 
 
 @pytest.mark.ort_cuda
-def test_a_quantized_node_on_the_cuda_provider_is_a_one_line_error():
-    """Until the CUDA block kernels are in the op, a block-quantized node placed on the CUDA
-    provider is refused naming the node; the CPU provider runs the same model."""
+@pytest.mark.parametrize("fmt,down", [("q8_0", None), ("q4_0", "q8_0"), ("q4_1", "same")])
+def test_a_quantized_node_on_the_cuda_provider_is_the_reference_bit_for_bit(fmt, down):
+    """The library's CUDA kernel on blocks (quant.cu through sparse_mlp_cuda.cu): one token's
+    output and masks are mlp_sparse_quant's, several tokens and a dense node's token are
+    mlp_dense_quant's, as on the CPU provider."""
     reason = op_library.cuda_unavailable_reason()
     if reason:
         pytest.skip(f"CUDA op library skipped: {reason}")
-    weights, x = quantized_layer(np.random.default_rng(1), 64, 40, "q4_0", None)
-    model = quant_model(weights, 1000, Activation.parse("relu"))
-    opts = ort.SessionOptions()
-    opts.register_custom_ops_library(str(op_library.build(cuda=True).cuda))
-    session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
-    one_line_error(lambda: session.run(None, {"x": x[None]}), NODE,
-                   "q4_0 block-quantized weights run on the CPU provider only")
-    assert_bits_equal(_session(model).run(None, {"x": x[None]})[0][0],
-                      mlp_sparse_quant(x, weights, "relu")[0], "the CPU provider")
+    rng = np.random.default_rng(1)
+    weights, x = quantized_layer(rng, 320, 1100, fmt, down)
+    xs = np.stack([x, rng.standard_normal(320).astype(F32), rng.standard_normal(320).astype(F32)])
+
+    def cuda_session(model):
+        opts = ort.SessionOptions()
+        opts.register_custom_ops_library(str(op_library.build(cuda=True).cuda))
+        session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CUDAExecutionProvider"])
+        assert session.get_providers()[0] == "CUDAExecutionProvider"
+        return session
+
+    act = Activation.parse("relu")
+    sparse = cuda_session(quant_model(weights, 1000, act, outputs=4, down=down))
+    out, predicted, computed, actual = sparse.run(None, {"x": x[None]})
+    want, trace = mlp_sparse_quant(x, weights, act)
+    assert trace.predicted_zero.any() and (~trace.predicted_zero).any()
+    assert_bits_equal(out[0], want, f"{fmt} CUDA sparse")
+    assert np.array_equal(predicted, trace.predicted_zero) and np.array_equal(computed, trace.computed_up)
+    assert np.array_equal(actual, trace.actual_zero)
+    (many, *_) = sparse.run(None, {"x": xs[None]})
+    (one_dense,) = cuda_session(quant_model(weights, 1000, act, down=down, dense=1)).run(None, {"x": x[None]})
+    for t in range(xs.shape[0]):
+        assert_bits_equal(many[0, t], mlp_dense_quant(xs[t], weights, act), f"{fmt} CUDA prefill token {t}")
+    assert_bits_equal(one_dense[0], mlp_dense_quant(x, weights, act), f"{fmt} CUDA dense = 1")
 
 
 # --- BlockMatMul -----------------------------------------------------------------------------

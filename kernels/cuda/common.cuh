@@ -259,3 +259,33 @@ __device__ __forceinline__ int row_negative_count(const u32* __restrict__ w_row,
 __device__ __forceinline__ bool predicted_zero(int n_neg, int d, int alpha_milli) {
     return 1000LL * n_neg > (i64)alpha_milli * (i64)(d - n_neg);
 }
+
+// --- rows of the kernels that predict as they go (gate_up.cu v3-v6, quant.cu's paired) ---
+
+// Predict one row (eq. 2, 16-byte sign loads): lane 0 writes counts[row] and zero[row], and for
+// a row predicted zero h1 = h3 = +0 (its weights are never read). True where the row is kept.
+// sign_ld: words per row of w_signs (>= ceil(d/32); words past ceil(d/32) are not read).
+__device__ __forceinline__ bool predict_row_kept(i64 row, const u32* __restrict__ x_signs,
+                                                 const u32* __restrict__ w_signs, i64 sign_ld, int d, int alpha_milli,
+                                                 int* __restrict__ counts, unsigned char* __restrict__ zero,
+                                                 float* __restrict__ h1, float* __restrict__ h3, int lane) {
+    const int n_neg = row_negative_count<true>(w_signs + row * sign_ld, x_signs, d, lane);
+    const bool skip = predicted_zero(n_neg, d, alpha_milli);
+    if (lane == 0) {
+        counts[row] = n_neg;
+        zero[row] = skip ? 1 : 0;
+        if (skip) { h1[row] = 0.0f; h3[row] = 0.0f; }
+    }
+    return !skip;
+}
+
+// A kept row whose gate and up rows were read together (paired kernels): lane 0 writes
+// h1 = act(z_gate) and h3 = fl(h1 * z_up) where h1 != 0, else +0 (+AS in the result).
+__device__ __forceinline__ void store_paired_row(i64 row, float z_gate, float z_up, int act_kind, float threshold,
+                                                 float* __restrict__ h1, float* __restrict__ h3, int lane) {
+    const float a = activate(z_gate, act_kind, threshold);
+    if (lane == 0) {
+        h1[row] = a;
+        h3[row] = a != 0.0f ? __fmul_rn(a, z_up) : 0.0f;
+    }
+}

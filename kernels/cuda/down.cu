@@ -31,11 +31,8 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
 
     const int sub = threadIdx.x / TILE;             // the sub-chunk this thread adds
     const int ct = threadIdx.x % TILE;              // its column slot in the tile
-    int begin = 0, end = 0;                         // sub-chunk's slice of rows_s
-    for (int q = 0; q < (sub + 1) * GROUPS_PER_SUB; ++q) {
-        if (q < sub * GROUPS_PER_SUB) begin += group_count[q];
-        end += group_count[q];
-    }
+    int begin, end;                                 // sub-chunk's slice of rows_s
+    sub_chunk_slice<GROUPS_PER_SUB>(group_count, sub, begin, end);
     const int col0 = (blockIdx.x * TILE + ct) * V;
     const bool has_cols = col0 < d;                 // no early return: barriers follow
     float acc[V];
@@ -51,11 +48,7 @@ __device__ __forceinline__ void down_chunks_impl(const float* __restrict__ h3, c
     }
     __syncthreads();
     if (sub != 0 || !has_cols) return;
-#pragma unroll
-    for (int s = 1; s < DOWN_SUB_CHUNKS; ++s) {
-#pragma unroll
-        for (int v = 0; v < V; ++v) acc[v] = __fadd_rn(acc[v], sub_s[s - 1][ct][v]);
-    }
+    add_sub_chunk_sums<TILE, Elem<T>::V>(sub_s, ct, acc);
     float* out = partial + (i64)chunk * d;
 #pragma unroll
     for (int v = 0; v < V; ++v)

@@ -35,6 +35,29 @@ __device__ __forceinline__ void list_nonzero_rows(const float* h3, int r0, int k
     }
 }
 
+// The slice [begin, end) of the block's row list that sub-chunk `sub` adds: the rows of its
+// GROUPS_PER_SUB 32-row groups (list_nonzero_rows' group_count).
+template <int GROUPS_PER_SUB>
+__device__ __forceinline__ void sub_chunk_slice(const int* group_count, int sub, int& begin, int& end) {
+    begin = 0;
+    end = 0;
+    for (int q = 0; q < (sub + 1) * GROUPS_PER_SUB; ++q) {
+        if (q < sub * GROUPS_PER_SUB) begin += group_count[q];
+        end += group_count[q];
+    }
+}
+
+// Sub-chunk group 0's total for its column slot ct: acc (its own sum) + the other groups'
+// sums left in sub_s[s - 1][ct], s = 1, 2, ... in order.
+template <int TILE, int N>
+__device__ __forceinline__ void add_sub_chunk_sums(const float (*sub_s)[TILE][N], int ct, float* acc) {
+#pragma unroll
+    for (int s = 1; s < DOWN_SUB_CHUNKS; ++s) {
+#pragma unroll
+        for (int v = 0; v < N; ++v) acc[v] = __fadd_rn(acc[v], sub_s[s - 1][ct][v]);
+    }
+}
+
 // Column tile of this thread: [col0, col0 + V) and whether it may use one 16-byte load.
 template <typename T>
 __device__ __forceinline__ bool down_vector_ok(const T* wt, i64 ld, int col0, int d) {

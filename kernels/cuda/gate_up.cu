@@ -55,22 +55,15 @@ __device__ __forceinline__ void gate_up_list_impl(const float* x, const T* w_gat
     gate_up_row((i64)active[w], x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane_id());
 }
 
-// Predict one row (eq. 2, 16-byte sign loads), then gate + up unless it is predicted zero.
-// sign_ld: words per row of w_signs (>= ceil(d/32); words past ceil(d/32) are not read).
+// Predict one row (common.cuh: predict_row_kept), then gate + up unless it is predicted zero.
 template <typename T, int BATCH>
 __device__ __forceinline__ void predict_gate_up_row(i64 row, const float* x, const u32* __restrict__ x_signs,
                                                     const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
                                                     const T* w_up, i64 ld, int d, int alpha_milli, int act_kind,
                                                     float threshold, int* __restrict__ counts,
                                                     unsigned char* __restrict__ zero, float* h1, float* h3, int lane) {
-    const int n_neg = row_negative_count<true>(w_signs + row * sign_ld, x_signs, d, lane);
-    const bool skip = predicted_zero(n_neg, d, alpha_milli);
-    if (lane == 0) { counts[row] = n_neg; zero[row] = skip ? 1 : 0; }
-    if (skip) {
-        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
-        return;
-    }
-    gate_up_row<T, BATCH>(row, x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane);
+    if (predict_row_kept(row, x_signs, w_signs, sign_ld, d, alpha_milli, counts, zero, h1, h3, lane))
+        gate_up_row<T, BATCH>(row, x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane);
 }
 
 // v3: predict + gate + up in one launch (x's sign words packed beforehand), warp per row.
@@ -142,20 +135,10 @@ __device__ __forceinline__ void gate_up_paired_impl(const float* x, const u32* _
     const i64 row = global_warp_id();
     if (row >= k) return;
     const int lane = lane_id();
-    const int n_neg = row_negative_count<true>(w_signs + row * sign_ld, x_signs, d, lane);
-    const bool skip = predicted_zero(n_neg, d, alpha_milli);
-    if (lane == 0) { counts[row] = n_neg; zero[row] = skip ? 1 : 0; }
-    if (skip) {
-        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
-        return;
-    }
+    if (!predict_row_kept(row, x_signs, w_signs, sign_ld, d, alpha_milli, counts, zero, h1, h3, lane)) return;
     float z_gate, z_up;
     warp_dot_pair_batched<T, GATE_UP_PAIR_BATCH>(w_gate + row * ld, w_up + row * ld, x, d, lane, z_gate, z_up);
-    const float a = activate(z_gate, act_kind, threshold);
-    if (lane == 0) {
-        h1[row] = a;
-        h3[row] = a != 0.0f ? __fmul_rn(a, z_up) : 0.0f;
-    }
+    store_paired_row(row, z_gate, z_up, act_kind, threshold, h1, h3, lane);
 }
 
 // The kernels that predict as they go (v3 fused, v4 persistent, v5 batched, v6 paired) share one signature.

@@ -164,20 +164,10 @@ __device__ __forceinline__ void quant_gate_up_paired_impl(const float* x, const 
     const i64 row = global_warp_id();
     if (row >= k) return;
     const int lane = lane_id();
-    const int n_neg = row_negative_count<true>(w_signs + row * sign_ld, x_signs, d, lane);
-    const bool skip = predicted_zero(n_neg, d, alpha_milli);
-    if (lane == 0) { counts[row] = n_neg; zero[row] = skip ? 1 : 0; }
-    if (skip) {
-        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
-        return;
-    }
+    if (!predict_row_kept(row, x_signs, w_signs, sign_ld, d, alpha_milli, counts, zero, h1, h3, lane)) return;
     float z_gate, z_up;
     quant_pair_dot<F, QUANT_PAIR_BATCH>(w_gate + row * ld, w_up + row * ld, x, d / WARP_SIZE, lane, z_gate, z_up);
-    const float a = activate(z_gate, act_kind, threshold);
-    if (lane == 0) {
-        h1[row] = a;
-        h3[row] = a != 0.0f ? __fmul_rn(a, z_up) : 0.0f;
-    }
+    store_paired_row(row, z_gate, z_up, act_kind, threshold, h1, h3, lane);
 }
 
 // --- down projection ---------------------------------------------------------------------
@@ -257,11 +247,8 @@ __device__ __forceinline__ void quant_down_chunks_impl(const float* __restrict__
 
     const int sub = threadIdx.x / DOWN_THREADS;
     const int ct = threadIdx.x % DOWN_THREADS;
-    int begin = 0, end = 0;
-    for (int q = 0; q < (sub + 1) * GROUPS_PER_SUB; ++q) {
-        if (q < sub * GROUPS_PER_SUB) begin += group_count[q];
-        end += group_count[q];
-    }
+    int begin, end;
+    sub_chunk_slice<GROUPS_PER_SUB>(group_count, sub, begin, end);
     const int slot = blockIdx.x * DOWN_THREADS + ct;
     const int blk = slot / PARTS, p = slot % PARTS;
     const bool has_cols = blk < d / WARP_SIZE;      // no early return: a barrier follows
@@ -277,11 +264,7 @@ __device__ __forceinline__ void quant_down_chunks_impl(const float* __restrict__
     }
     __syncthreads();
     if (sub != 0 || !has_cols) return;
-#pragma unroll
-    for (int s = 1; s < DOWN_SUB_CHUNKS; ++s) {
-#pragma unroll
-        for (int v = 0; v < QUANT_DOWN_COLS; ++v) acc[v] = __fadd_rn(acc[v], sub_s[s - 1][ct][v]);
-    }
+    add_sub_chunk_sums<DOWN_THREADS, QUANT_DOWN_COLS>(sub_s, ct, acc);
     float* out = partial + (i64)chunk * d + blk * WARP_SIZE;
 #pragma unroll
     for (int v = 0; v < QUANT_DOWN_COLS; ++v) out[slice_column<F>(p, v)] = acc[v];

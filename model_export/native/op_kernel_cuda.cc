@@ -1,7 +1,7 @@
 // The op's CUDA-provider kernel (built into the library's cuda flavour only): the node's inputs
-// checked as on the CPU (float weights only: a block-quantized or dense node is refused with a
-// message), the launcher's arguments (sparse_mlp_cuda.h) filled in, scratch from the
-// provider's allocator, and kernels/cuda's kernels enqueued on its compute stream.
+// checked as on the CPU (float32/float16 or block-quantized weights, a dense node), the
+// launcher's arguments (sparse_mlp_cuda.h) filled in, scratch from the provider's allocator,
+// and kernels/cuda's kernels enqueued on its compute stream.
 #include <string>
 
 #include "op_common.h"
@@ -9,18 +9,26 @@
 
 namespace sparseinfer::op {
 
+namespace {
+
+// The launcher's SPARSEINFER_WEIGHTS_* code of a block format.
+int launcher_format(WeightFormat f) {
+    switch (f) {
+        case FORMAT_Q8_0: return SPARSEINFER_WEIGHTS_Q8_0;
+        case FORMAT_Q4_0: return SPARSEINFER_WEIGHTS_Q4_0;
+        case FORMAT_Q4_1: return SPARSEINFER_WEIGHTS_Q4_1;
+        default: throw std::logic_error("not a block format");
+    }
+}
+
+}  // namespace
+
 OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
     const auto& kernel = *static_cast<Kernel*>(op_kernel);
     OrtMemoryInfo* mem = nullptr;
     OrtAllocator* alloc = nullptr;
     void* scratch = nullptr;
     try {
-        if (kernel.weights != FORMAT_FLOAT)
-            throw OpError(kernel.node + ": " + format_name(kernel.weights) + " block-quantized weights run on the CPU "
-                          "provider only; this node was placed on the CUDA provider");
-        if (kernel.dense)
-            throw OpError(kernel.node + ": dense = 1 runs on the CPU provider only; this node was placed on the CUDA "
-                          "provider");
         const Inputs in = read_inputs(ctx, kernel);
         const int64_t k = in.k, d = in.d;
         SparseMlpCudaArgs a{};
@@ -28,8 +36,15 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
         a.w_gate = in.gate.data;
         a.w_up = in.up.data;
         a.w_down_t = in.down_t.data;
-        a.weight_dtype = in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? SPARSEINFER_WEIGHTS_FP16
-                                                                               : SPARSEINFER_WEIGHTS_FP32;
+        if (kernel.weights != FORMAT_FLOAT) {
+            a.weight_dtype = launcher_format(kernel.weights);
+            a.down_dtype = launcher_format(kernel.down);
+        } else {
+            a.weight_dtype = in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16 ? SPARSEINFER_WEIGHTS_FP16
+                                                                                   : SPARSEINFER_WEIGHTS_FP32;
+            a.down_dtype = a.weight_dtype;
+        }
+        a.dense = kernel.dense ? 1 : 0;
         a.w_signs = static_cast<const uint32_t*>(in.signs.data);
         a.sign_stride = 2 * in.signs.shape[1];
         a.n_tokens = int(in.tokens);

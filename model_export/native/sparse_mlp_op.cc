@@ -26,8 +26,9 @@
 //
 // The CPU kernels are sparse_mlp_cpu.h and block_quant_cpu.h on onnxruntime's intra-op thread
 // pool; with SPARSEINFER_WITH_CUDA the library also registers SparseMLP for the CUDA provider
-// (float weights), running kernels/cuda's sources through sparse_mlp_cuda.h on the provider's
-// compute stream.
+// (float or block-quantized weights, dense nodes too), running kernels/cuda's sources through
+// sparse_mlp_cuda.h on the provider's compute stream. BlockMatMul has a CPU kernel only
+// (onnxruntime places it on the CPU provider).
 //
 // The library's files: this one (the ops' schemas and their registration, the exported C
 // functions), op_common.h (what they share), op_checks.cc (a SparseMLP node's attributes and
