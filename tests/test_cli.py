@@ -56,6 +56,42 @@ def test_errors_are_one_line_exit_2(args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("args,needles", [
+    (["export", "ck", "--out", "o", "--target", "tpu"], ["'--target'", "'tpu' is not one of 'cpu', 'cuda'"]),
+    (["compare", "ck", "--prompt", "x", "--provider", "tpu"], ["'--provider'", "'cpu', 'cuda'"]),
+    (["latency", "--ops", "nope"], ["'--ops'", "'llama.cpp'", "'SparseInfer+KF+AS'"]),
+    (["quant-quality", "ck"], ["Missing option '--quantize'. Choose from: q8_0, q4_0, q4_1"]),
+    (["export", "--out", "o"], ["Missing argument 'CHECKPOINT'"]),
+    (["table1", "--bogus"], ["No such option '--bogus'"]),
+    (["latency", "--contxt", "3"], ["No such option '--contxt'", "'--context'"]),
+    (["table1", "--rank"], ["Option '--rank' requires an argument"]),
+    (["export", "ck", "--out", "o", "--accuracy-level", "9"], ["'--accuracy-level': 9 is not in the range 0<=x<=4"]),
+])
+def test_click_usage_errors_of_every_command_are_one_line_naming_the_option(args, needles):
+    r = run(*args)
+    assert (r.exit_code, r.stdout) == (2, ""), r.output
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_the_installed_command_prints_a_bad_choice_on_one_line():
+    import subprocess
+    import sys
+
+    p = subprocess.run([sys.executable, "-m", "sparseinfer.tools.cli", "export", "ck", "--out", "o", "--dtype", "x"],
+                       capture_output=True, text=True)
+    assert (p.returncode, p.stdout) == (2, "")
+    assert p.stderr == "error: Invalid value for '--dtype': 'x' is not one of 'float32', 'float16'.\n"
+
+
+def test_sparseinfer_alone_prints_its_help():
+    alone, asked = run(), run("--help")
+    assert (alone.exit_code, alone.stderr) == (0, "") and alone.stdout == asked.stdout
+    assert "Commands:" in alone.stdout and "predictor-stats" in alone.stdout
+
+
 def test_every_command_has_help():
     for name, command in cli.commands.items():
         r = run(name, "--help")

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from helpers import run_cli as run, tiny_sparse_checkpoint
+from helpers import one_line_error, run_cli as run, tiny_sparse_checkpoint
 
 PNG = b"\x89PNG\r\n\x1a\n"
 FAST = ["--max-prompts", "2", "--max-new-tokens", "3", "--max-calibration-prompts", "4"]
@@ -19,6 +19,13 @@ ROW_SCHEMA = {"method": str, "target_sparsity": float, "sparsity": float, "bytes
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return tiny_sparse_checkpoint(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def silu_checkpoint(tmp_path_factory):
+    from sparseinfer.model_export.synthetic import make_checkpoint
+
+    return str(make_checkpoint("tiny", tmp_path_factory.mktemp("silu") / "ck", layers=1, hidden_act="silu"))
 
 
 def test_compare_methods_json_schema_plot_and_file(checkpoint, tmp_path):
@@ -110,3 +117,36 @@ def test_predictor_stats_and_sweep_take_a_method(checkpoint):
     assert r.exit_code == 2 and "one target sparsity" in r.stderr
     r = run("sweep", checkpoint, "--method", "teal", "--calibration", "/nonexistent.txt")
     assert r.exit_code == 2 and "no such calibration file" in r.stderr
+
+
+def test_approximate_predictor_stats_runs_the_sign_predictor_at_alpha(silu_checkpoint):
+    """On a SiLU model --approximate runs the sign predictor as a method; its α is --alpha
+    (a larger α predicts fewer rows negative), unless --param sparseinfer.alpha gives one."""
+    args = ["predictor-stats", silu_checkpoint, "--approximate", "--max-prompts", "1", "--max-new-tokens", "1", "--json"]
+    runs = {}
+    for alpha in ("0.50", "2.00"):
+        r = run(*args, "--alpha", alpha)
+        assert r.exit_code == 0, r.output
+        runs[alpha] = json.loads(r.stdout)
+        assert runs[alpha]["params"]["alpha"] == alpha
+    low, high = (runs[a]["mean"]["predicted_sparsity"] for a in ("0.50", "2.00"))
+    assert low > 0.5 and high < low - 0.3, (low, high)
+    r = run(*args, "--param", "sparseinfer.alpha=0.50")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["mean"]["predicted_sparsity"] == low
+
+
+@pytest.mark.parametrize("command,alpha", [("predictor-stats", "1.02"), ("sweep", "1.00:1.02:0.01")])
+@pytest.mark.parametrize("extra,why", [(["--param", "sparseinfer.alpha=0.50"], "--param sparseinfer.alpha gives α"),
+                                       (["--sparsity", "0.5"], "--sparsity calibrates α per layer"),
+                                       (["--method", "teal"], "--method teal has no α")])
+def test_an_alpha_that_something_else_overrides_is_refused(silu_checkpoint, command, alpha, extra, why):
+    """An explicit --alpha is never silently dropped: where --sparsity, another method or
+    --param sparseinfer.alpha decides α, the command refuses it and names what does."""
+    verb = "used" if command == "predictor-stats" else "swept"
+    one_line_error(run(command, silu_checkpoint, "--alpha", alpha, *extra), f"--alpha is not {verb} here: {why}")
+
+
+def test_approximate_sweep_refuses_an_alpha_range_it_cannot_sweep(silu_checkpoint):
+    one_line_error(run("sweep", silu_checkpoint, "--approximate", "--alpha", "1.00:1.04:0.02"),
+                   "--alpha sweeps the exact sign predictor only; with --approximate")

@@ -25,10 +25,22 @@ class _Interrupted(Exception):
         self.terminated = terminated
 
 
+# click >= 8.2 raises this for the bare group (no command); older clicks print the help and exit 0
+_NO_COMMAND = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: click's run over several (a missing Choice option lists its
+    choices one per line), each line's indent and break read as one space."""
+    return " ".join(message.split())
+
+
 class OneLineErrors(click.Group):
-    """A click group whose usage errors, SparseInferErrors and OS errors (disk full, not a
-    directory, permission) print one line and exit 2; Ctrl-C prints one line and exits 130
-    (SIGTERM: 143); a pipe on stdout closed early ends it quietly with exit 141 (stdio)."""
+    """A click group whose usage errors (a bad or missing value, an unknown option or
+    command, a number out of range: every command's, caught here once), SparseInferErrors
+    and OS errors (disk full, not a directory, permission) print one line and exit 2; Ctrl-C
+    prints one line and exits 130 (SIGTERM: 143); a pipe on stdout closed early ends it
+    quietly with exit 141 (stdio). `sparseinfer` alone prints the help, as --help does."""
 
     def invoke(self, ctx):
         try:
@@ -56,8 +68,11 @@ class OneLineErrors(click.Group):
             sys.exit(130)
         except click.exceptions.Exit as e:
             sys.exit(e.exit_code)
+        except _NO_COMMAND as e:
+            click.echo(e.ctx.get_help())
+            return 0
         except click.ClickException as e:
-            click.echo(f"error: {e.format_message()}", err=True)
+            click.echo(f"error: {_one_line(e.format_message())}", err=True)
             sys.exit(2)
         except (SparseInferError, FileNotFoundError) as e:
             click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)

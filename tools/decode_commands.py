@@ -127,9 +127,9 @@ def _agreement_line(r: dict) -> str:
 
 @click.command("quant-quality", short_help="Top-1 agreement and KL of quantized exports vs fp32.")
 @click.argument("checkpoint", type=click.Path())
-@options.quantize("Required: the block format of the two quantized exports, q8_0, q4_0 or q4_1, as `export "
-                  "--quantize` (a GGUF keeps its own Q8_0 / Q4_0 / Q4_1 blocks whatever this says, and converts the "
-                  "rest).")
+@options.quantize("The block format of the two quantized exports, q8_0, q4_0 or q4_1, as `export --quantize` (a "
+                  "GGUF keeps its own Q8_0 / Q4_0 / Q4_1 blocks whatever this says, and converts the rest).",
+                  required=True)
 @click.option("--text", "text_file", type=click.Path(exists=True, dir_okay=False), default=None,
               help="UTF-8 text to decode teacher-forced (default: a built-in paragraph of plain English).")
 @click.option("--max-tokens", type=click.IntRange(2), default=None,
@@ -155,8 +155,6 @@ def quant_quality_cmd(checkpoint, quantize, text_file, max_tokens, alpha, thread
     """
     from sparseinfer.evaluation.quant_quality import quantization_quality, read_text, summary_lines, table
 
-    if quantize is None:           # (click's own message for a missing choice runs over several lines)
-        raise click.UsageError("Missing option '--quantize': q8_0, q4_0 or q4_1.")
     text = read_text(text_file) if text_file else None
     result = quantization_quality(checkpoint, quantize, text, text_source=text_file, alpha=alpha, work_dir=work_dir,
                                   threads=threads, max_tokens=max_tokens, log=None if as_json else echo_err,

@@ -2,9 +2,49 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
+
+from sparseinfer.methods.registry import DEFAULT_METHOD, check_method_name, parse_param_options
+from sparseinfer.reference.errors import SparseInferError
 
 from . import options
 from .output import echo_err, echo_json, format_table
+
+
+def _approximate_sign_predictor(settings: dict) -> bool:
+    """--approximate on the sign predictor without --sparsity: a run of the default method
+    (``traced_runs.method_from_options``), whose α is its --param sparseinfer.alpha (1.00
+    unless given), not --alpha."""
+    return (settings["approximate"] and settings["sparsity"] is None
+            and check_method_name(settings["method_name"]) == DEFAULT_METHOD)
+
+
+def _alpha_given(option: str) -> bool:
+    return click.get_current_context().get_parameter_source(option) is not ParameterSource.DEFAULT
+
+
+def _alpha_overridden(settings: dict) -> str | None:
+    """What takes the place of an explicit --alpha (None where it applies): --sparsity
+    (α calibrated), another --method, or --param sparseinfer.alpha."""
+    if settings["sparsity"] is not None:
+        return "--sparsity calibrates α per layer"
+    name = check_method_name(settings["method_name"])
+    if name != DEFAULT_METHOD:
+        return f"--method {name} has no α"
+    if "alpha" in parse_param_options(settings["params"]).get(DEFAULT_METHOD, {}):
+        return f"--param {DEFAULT_METHOD}.alpha gives α"
+    return None
+
+
+def _alpha_of_method(settings: dict) -> dict:
+    """predictor-stats' settings with --alpha passed on as the approximate sign predictor's α.
+    An explicit --alpha that something else overrides is refused."""
+    why = _alpha_overridden(settings)
+    if why and _alpha_given("alpha"):
+        raise SparseInferError(f"--alpha is not used here: {why} (drop --alpha)")
+    if why or not _approximate_sign_predictor(settings):
+        return settings
+    return {**settings, "params": (*settings["params"], f"{DEFAULT_METHOD}.alpha={settings['alpha']}")}
 
 
 @click.command(name="predictor-stats", short_help="Per-layer predictor precision / recall (Fig. 3).")
@@ -27,7 +67,7 @@ def predictor_stats(checkpoint, as_json, **settings):
     """
     from sparseinfer.evaluation.design_space import alpha_label, predictor_stats_run
 
-    data = predictor_stats_run(checkpoint, log=echo_err, **settings)
+    data = predictor_stats_run(checkpoint, log=echo_err, **_alpha_of_method(settings))
     if as_json:
         echo_json(data)
         return
@@ -78,6 +118,13 @@ def sweep(checkpoint, as_json, **settings):
     """
     from sparseinfer.evaluation.design_space import is_method_sweep, sweep_run
 
+    why = _alpha_overridden(settings)
+    if why and _alpha_given("alpha_range"):
+        raise SparseInferError(f"--alpha is not swept here: {why} (drop --alpha)")
+    if _alpha_given("alpha_range") and _approximate_sign_predictor(settings):
+        raise SparseInferError("--alpha sweeps the exact sign predictor only; with --approximate, sweep runs "
+                               f"--method {DEFAULT_METHOD} at --sparsity targets (α calibrated per layer) or at one "
+                               f"α given as --param {DEFAULT_METHOD}.alpha=A")
     result = sweep_run(checkpoint, log=echo_err, progress=None if as_json else _progress, **settings)
     if as_json:
         echo_json(result)

@@ -122,9 +122,9 @@ TARGET = click.option("--target", type=click.Choice(["cpu", "cuda"]), default="c
 PORTABLE = click.option("--portable", is_flag=True, help=PORTABLE_HELP)
 
 
-def quantize(help: str = QUANTIZE_HELP):
+def quantize(help: str = QUANTIZE_HELP, required: bool = False):
     """--quantize: a block format (q8_0, q4_0, q4_1) of an export's linear layers."""
-    return click.option("--quantize", type=click.Choice(list(BLOCK_FORMATS)), default=None, help=help)
+    return click.option("--quantize", type=click.Choice(list(BLOCK_FORMATS)), required=required, help=help)
 
 
 QUANTIZE = quantize()
