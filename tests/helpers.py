@@ -167,11 +167,26 @@ def run_cli(*args):
     return CliRunner().invoke(cli, [str(a) for a in args])
 
 
-def one_line_error(r, needle: str) -> None:
-    """The house rule for bad input: exit code 2 and one ``error: ...`` line naming ``needle``."""
-    assert r.exit_code == 2, r.output
+def one_line_error(r, *needles: str, code: int = 2) -> str:
+    """The house rule for bad input: exit ``code`` (2), nothing on stdout and one ``error: ...``
+    line on stderr holding every needle; returns that line."""
+    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
+    assert r.stdout == "", r.stdout
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], r.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def digest(folder) -> dict[str, str]:
+    """Every file under ``folder`` (hidden ones included) and the SHA-256 of its bytes."""
+    import hashlib
+    from pathlib import Path
+
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def genai_greedy(og, model, prompt, new_tokens: int) -> list[int]:

@@ -9,7 +9,6 @@ files are byte for byte intact and still decode, and that nothing partial is lef
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
@@ -20,40 +19,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 from hypothesis import given
 from hypothesis import strategies as st
 
+from helpers import digest, one_line_error, run_cli as run
 from sparseinfer.model_export import export as export_module
 from sparseinfer.model_export.decode import OnnxDecoder
 from sparseinfer.model_export.export import ExportOptions, export_onnx
 from sparseinfer.model_export.synthetic import make_checkpoint, make_weights, synthetic_shape
 from sparseinfer.reference import files
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.tools.cli import cli
 
 PROMPT = [256, 84, 104, 101, 32]
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_line_error(r, *needles, code=2):
-    """Exit ``code``, nothing on stdout, one line 'error: ...' on stderr holding every needle."""
-    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    assert r.stdout == ""
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def digest(folder: Path) -> dict[str, str]:
-    """Every file under ``folder`` (hidden ones included) and the SHA-256 of its bytes."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def no_partial_files(folder: Path) -> None:

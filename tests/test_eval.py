@@ -5,8 +5,7 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from helpers import eval_fixtures, write_eval_data
+from helpers import eval_fixtures, one_line_error, run_cli as run, write_eval_data
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -14,7 +13,6 @@ from sparseinfer.evaluation import backend, data, exports, runner, taskgen  # no
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
 from sparseinfer.evaluation.decoder_lm import parse_model_args, stop_cut  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
-from sparseinfer.tools.cli import cli  # noqa: E402
 
 GSM8K = [  # (question, answer): answers end in '#### N' as in the real file
     ("Janet has 16 eggs and sells 9 at $2. How much does she make?", "She makes 9 * 2 = 18.\n#### 18"),
@@ -31,10 +29,6 @@ def write_data(root):
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
     return eval_fixtures(tmp_path_factory.mktemp("eval"), GSM8K, BBH_SIZES)
-
-
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
 
 
 # -- pieces --------------------------------------------------------------------------------
@@ -263,17 +257,14 @@ def test_eval_command_resumes_after_interruption(fixtures, tmp_path, monkeypatch
 ])
 def test_errors_are_one_line_exit_2(fixtures, tmp_path, extra, message):
     args = ["eval", str(fixtures["ck"]), "--data-dir", str(fixtures["data"]), "--out", str(tmp_path), *extra]
-    r = run(*args)
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    one_line_error(run(*args), message)
 
 
 def test_missing_task_file_is_named(fixtures, tmp_path):
     write_data(tmp_path / "d")
     (tmp_path / "d" / "bbh" / "bbh" / "snarks.json").unlink()
-    r = run("eval", str(fixtures["ck"]), "--tasks", "bbh", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path))
-    assert r.exit_code == 2 and "snarks.json" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    one_line_error(run("eval", fixtures["ck"], "--tasks", "bbh", "--data-dir", tmp_path / "d", "--out", tmp_path),
+                   "snarks.json")
 
 
 @pytest.mark.ort_cuda

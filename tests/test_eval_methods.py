@@ -6,8 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from helpers import write_eval_data
+from helpers import one_line_error, run_cli as run, write_eval_data
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -20,7 +19,6 @@ from sparseinfer.model_export.export_folder import prompt_ids  # noqa: E402
 from sparseinfer.model_export.loaders import load_checkpoint  # noqa: E402
 from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
-from sparseinfer.tools.cli import cli  # noqa: E402
 
 GSM8K = [
     ("Tom has 3 boxes of 12 pencils and gives away 5. How many pencils are left?", "36 - 5 = 31\n#### 31"),
@@ -37,10 +35,6 @@ def fx(tmp_path_factory):
     ck = make_checkpoint("tiny", root / "ck", layers=2, target_sparsity=0.9, seed=5)
     return {"ck": ck, "data": write_eval_data(root / "data", GSM8K, {"navigate": 2}), "root": root,
             "loaded": load_checkpoint(ck)}
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def direct_tokens(ck, name, sparsity, params, prompt, n):
@@ -168,10 +162,7 @@ def test_eval_method_rows_in_the_table(fx, tmp_path):
 ])
 def test_method_errors_are_one_line_exit_2(fx, tmp_path, extra, message):
     base = ["eval", fx["ck"], "--tasks", "gsm8k", "--out", tmp_path]
-    r = run(*base, *(["--data-dir", fx["data"]] if "--data-dir" not in extra else []), *extra)
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    one_line_error(run(*base, *(["--data-dir", fx["data"]] if "--data-dir" not in extra else []), *extra), message)
 
 
 @pytest.mark.parametrize("text", [GSM8K[1][0], "Intro line. " + GSM8K[0][0] + " Answer:", "navigate question 1?"])
@@ -180,14 +171,13 @@ def test_calibration_overlapping_a_task_document_is_refused(fx, tmp_path, text):
     cal.write_text("A sentence about rivers and their deltas, long enough to count.\n" + text + "\n")
     r = run("eval", fx["ck"], "--tasks", "gsm8k,bbh_navigate", "--method", "teal@0.5", "--calibration", cal,
             "--data-dir", fx["data"], "--out", tmp_path / "o")
-    assert r.exit_code == 2, r.output
-    line, = r.stderr.strip().splitlines()
+    line = one_line_error(r)
     assert line.startswith("error: calibration and gsm8k, bbh_navigate documents overlap (1 shared"), line
     assert not (tmp_path / "o").exists()                        # refused before any work
     # the same with compare-methods --tasks, before its comparison runs
-    r = run("compare-methods", fx["ck"], "--methods", "teal", "--sparsity", "0.5", "--calibration", cal,
-            "--tasks", "gsm8k,bbh_navigate", "--data-dir", fx["data"], "--eval-out", tmp_path / "c")
-    assert r.exit_code == 2 and "documents overlap" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    one_line_error(run("compare-methods", fx["ck"], "--methods", "teal", "--sparsity", "0.5", "--calibration", cal,
+                       "--tasks", "gsm8k,bbh_navigate", "--data-dir", fx["data"], "--eval-out", tmp_path / "c"),
+                   "documents overlap")
 
 
 def test_compare_methods_tasks_equal_a_direct_eval(fx, tmp_path):
@@ -247,10 +237,9 @@ def test_sweep_tasks_adds_the_accuracy_column(fx, tmp_path):
 
 
 def test_sweep_and_compare_tasks_errors(fx, tmp_path):
-    r = run("sweep", fx["ck"], "--tasks", "gsm8k", "--data-dir", tmp_path / "none")
-    assert r.exit_code == 2 and "does not exist" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run("compare-methods", fx["ck"], "--methods", "teal", "--tasks", "mmlu", "--data-dir", fx["data"])
-    assert r.exit_code == 2 and "unknown task 'mmlu'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    one_line_error(run("sweep", fx["ck"], "--tasks", "gsm8k", "--data-dir", tmp_path / "none"), "does not exist")
+    one_line_error(run("compare-methods", fx["ck"], "--methods", "teal", "--tasks", "mmlu", "--data-dir", fx["data"]),
+                   "unknown task 'mmlu'")
 
 
 def test_lm_evals_own_command_line_reaches_the_method_backend(fx):

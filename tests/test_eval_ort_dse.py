@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from helpers import one_line_error, run_cli as run
 
 pytest.importorskip("onnxruntime", reason="onnxruntime not installed")
 
@@ -14,7 +14,6 @@ from sparseinfer.methods.model_runner import ReferenceRunner  # noqa: E402
 from sparseinfer.methods.predictor_stats import per_layer_stats  # noqa: E402
 from sparseinfer.model_export.loaders import load_checkpoint  # noqa: E402
 from sparseinfer.model_export.synthetic import make_checkpoint  # noqa: E402
-from sparseinfer.tools.cli import cli  # noqa: E402
 
 PROMPTS = ["The quick brown fox", "def fibonacci(n):"]
 SCHEDULE = "1.02@0,1.00"
@@ -50,10 +49,6 @@ def test_ort_masks_and_stats_equal_the_reference(runners):
     np.testing.assert_allclose(ort_logits, ref_logits, rtol=0, atol=1e-3)
 
 
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
-
-
 def test_predictor_stats_and_sweep_commands_on_ort(ck, tmp_path):
     common = ["--max-prompts", "2", "--max-new-tokens", "4", "--json"]
     ref = run("predictor-stats", str(ck), "--alpha", SCHEDULE, *common)
@@ -81,9 +76,8 @@ def test_predictor_stats_and_sweep_commands_on_ort(ck, tmp_path):
 
 
 def test_provider_refuses_other_methods(ck):
-    r = run("predictor-stats", str(ck), "--method", "teal", "--sparsity", "0.5", "--provider", "cpu")
-    assert r.exit_code == 2 and "--method teal needs the NumPy reference model" in r.stderr
-    assert len(r.stderr.strip().splitlines()) == 1
+    one_line_error(run("predictor-stats", ck, "--method", "teal", "--sparsity", "0.5", "--provider", "cpu"),
+                   "--method teal needs the NumPy reference model")
 
 
 @pytest.mark.ort_cuda

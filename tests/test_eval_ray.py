@@ -4,8 +4,7 @@ import json
 import sys
 
 import pytest
-from click.testing import CliRunner
-from helpers import eval_fixtures
+from helpers import eval_fixtures, one_line_error, run_cli as run
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed (pip install -e '.[eval]')")
 
@@ -13,7 +12,6 @@ from sparseinfer.evaluation import ray_shards  # noqa: E402
 from sparseinfer.evaluation.backend import SparseInferLM  # noqa: E402
 from sparseinfer.evaluation.exports import Row  # noqa: E402
 from sparseinfer.reference.errors import SparseInferError  # noqa: E402
-from sparseinfer.tools.cli import cli  # noqa: E402
 
 GSM8K = [("Janet has 16 eggs and sells 9 at $2. How much does she make?", "9 * 2 = 18.\n#### 18"),
          ("A robe takes 2 bolts of blue and half that of white. How many bolts?", "2 + 1 = 3\n#### 3"),
@@ -29,10 +27,6 @@ def fixtures(tmp_path_factory):
                          "{task} question {i}: is it {i}?")
 
 
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
-
-
 def eval_args(fixtures, out, *extra):
     return ["eval", str(fixtures["ck"]), "--tasks", "gsm8k,bbh_navigate", "--alpha", "1.00", "--limit", "3",
             "--data-dir", str(fixtures["data"]), "--max-gen-toks", "6", "--out", str(out), "--quiet", "--json",
@@ -42,11 +36,8 @@ def eval_args(fixtures, out, *extra):
 # -- without Ray ---------------------------------------------------------------------------
 def test_ray_not_installed_is_one_line_error_naming_the_extra(fixtures, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)             # import ray -> ImportError
-    r = run(*eval_args(fixtures, tmp_path / "out", "--ray", "auto"))
-    assert r.exit_code == 2, r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --ray needs Ray"), r.stderr
-    assert "pip install -e '.[ray]'" in lines[0]
+    line = one_line_error(run(*eval_args(fixtures, tmp_path / "out", "--ray", "auto")), "pip install -e '.[ray]'")
+    assert line.startswith("error: --ray needs Ray"), line
     assert not (tmp_path / "out").exists()                    # refused before any export was made
 
 

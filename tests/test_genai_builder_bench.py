@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from click.testing import CliRunner
+
+from helpers import digest, run_cli
 
 from sparseinfer.benchmarks.genai_builder import build as gb_build
 from sparseinfer.benchmarks.genai_builder import convert as gb_convert
@@ -30,7 +34,6 @@ from sparseinfer.benchmarks.genai_builder.cli import cli as gb_cli
 from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.synthetic import make_checkpoint
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.tools.cli import cli as main_cli
 
 PROMPT = [256, 84, 104, 101, 32, 113, 117, 105, 99, 107]
 
@@ -44,7 +47,7 @@ def checkpoint(tmp_path_factory):
 @pytest.fixture(scope="module")
 def export_dir(checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("gb") / "ours" / "model.onnx"
-    r = CliRunner().invoke(main_cli, ["export", str(checkpoint), "--out", str(out), "--dense"])
+    r = run_cli("export", checkpoint, "--out", out, "--dense")
     assert r.exit_code == 0, r.output
     return out.parent
 
@@ -64,6 +67,15 @@ def test_hf_folder_round_trips_the_weights(checkpoint, tmp_path):
             np.testing.assert_array_equal(getattr(la, f).astype(np.float32), getattr(lb, f))
 
 
+def test_several_eos_ids_are_written_with_the_first_ones_name(checkpoint, tmp_path):
+    """A checkpoint with several EOS ids (as Llama 3's): generation_config keeps them all and
+    tokenizer_config names the first."""
+    ck = dataclasses.replace(load_checkpoint(checkpoint), eos_token_id=(257, 258))
+    out = gb_convert.write_hf_folder(ck, tmp_path / "hf")
+    assert json.loads((out / "generation_config.json").read_text())["eos_token_id"] == [257, 258]
+    assert json.loads((out / "tokenizer_config.json").read_text())["eos_token"] == ck.tokenizer.id_to_token(257)
+
+
 def test_the_builder_command_is_fp32_on_the_cpu(tmp_path):
     cmd = gb_build.builder_command("/py", tmp_path / "hf", tmp_path / "out")
     assert cmd[:3] == ["/py", "-m", "onnxruntime_genai.models.builder"]
@@ -74,7 +86,7 @@ def test_the_silu_twin_has_the_same_weights_and_hidden_act_silu(tmp_path):
     """convert --as-silu on a FATReLU checkpoint (which the builder cannot take as it is)."""
     relu = make_checkpoint("tiny", tmp_path / "relu", layers=2)
     r = CliRunner().invoke(gb_cli, ["convert", str(relu), "--out", str(tmp_path / "plain")])
-    assert r.exit_code == 1 and "fatrelu" in r.output and "silu and relu only" in r.output and "--as-silu" in r.output
+    assert r.exit_code == 2 and "fatrelu" in r.output and "silu and relu only" in r.output and "--as-silu" in r.output
     r = CliRunner().invoke(gb_cli, ["convert", str(relu), "--out", str(tmp_path / "hf"), "--as-silu"])
     assert r.exit_code == 0, r.output
     cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
@@ -98,6 +110,34 @@ def test_a_relu_checkpoint_needs_no_twin(tmp_path):
     r = CliRunner().invoke(gb_cli, ["convert", str(relu), "--out", str(tmp_path / "hf")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["hidden_act"] == "relu"
+
+
+def test_a_convert_that_fails_half_way_leaves_no_folder_and_the_previous_one_as_it_was(checkpoint, tmp_path,
+                                                                                         monkeypatch):
+    """The disk fills while the weights are saved (half a file written): a new folder is not
+    left behind (nor the parent made for it), and a folder converted before keeps its files,
+    byte for byte, with nothing added. The error is one line naming the folder."""
+    previous = gb_convert.write_hf_folder(checkpoint, tmp_path / "previous")
+    before = digest(previous)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(before)
+    other = make_checkpoint("tiny", tmp_path / "other", layers=1, seed=1)      # other weights, other config
+
+    def disk_full(tensors, filename, metadata=None):                         # as safetensors reports it
+        Path(filename).write_bytes(b"\0" * 4096)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", disk_full)
+    for out in (previous, tmp_path / "new" / "hf"):
+        one_line = f"^cannot write {re.escape(str(out))}: No space left on device \\(ENOSPC\\)$"
+        with pytest.raises(SparseInferError, match=one_line):
+            gb_convert.write_hf_folder(other, out, as_silu=True)
+    assert digest(previous) == before and sorted(p.name for p in previous.iterdir()) == sorted(before)
+    assert not (tmp_path / "new").exists()
+    monkeypatch.undo()                               # the same write, on a disk with room, replaces it whole
+    gb_convert.write_hf_folder(other, previous, as_silu=True)
+    after = digest(previous)
+    assert set(after) == set(before)
+    assert after["config.json"] != before["config.json"] and after["model.safetensors"] != before["model.safetensors"]
 
 
 def test_the_int4_builder_command_names_its_quantization(tmp_path):
@@ -267,7 +307,7 @@ def test_a_folder_without_genai_config_is_a_one_line_error(tmp_path):
     (tmp_path / "a").mkdir()
     r = CliRunner().invoke(gb_cli, ["run", "--ours", str(tmp_path / "a"), "--builder", str(tmp_path / "a"),
                                     "--out", str(tmp_path / "r.json")])
-    assert r.exit_code == 1 and "no genai_config.json" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and "no genai_config.json" in r.output and "Traceback" not in r.output
 
 
 def test_the_module_runs_as_python_dash_m():

@@ -40,7 +40,7 @@ def own_command_line(ctx: click.Context) -> str:
 
 def _fail(e: Exception):
     click.echo(f"error: {e}", err=True)
-    sys.exit(1)
+    sys.exit(2)
 
 
 @click.group()
