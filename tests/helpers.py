@@ -179,6 +179,17 @@ def one_line_error(r, *needles: str, code: int = 2) -> str:
     return lines[0]
 
 
+def raises_one_line(fn, *needles: str, error: type = Exception) -> str:
+    """``fn()`` raises ``error`` whose message is one line holding every needle; returns it."""
+    import pytest
+
+    with pytest.raises(error) as e:
+        fn()
+    msg = str(e.value).strip()
+    assert "\n" not in msg and all(n in msg for n in needles), msg
+    return msg
+
+
 def digest(folder) -> dict[str, str]:
     """Every file under ``folder`` (hidden ones included) and the SHA-256 of its bytes."""
     import hashlib

@@ -14,7 +14,7 @@ from sparseinfer.reference.errors import SparseInferError
 from sparseinfer.reference.mlp import MODES, mlp_dense, mlp_sparse
 from sparseinfer.reference.signs import pack_signs
 
-from helpers import WEIGHT_DTYPES, assert_bits_equal, mlp_weights
+from helpers import WEIGHT_DTYPES, assert_bits_equal, mlp_weights, raises_one_line
 
 F32 = np.float32
 FORMATS = list(bq.FORMATS.values())
@@ -202,12 +202,7 @@ def test_q4_nibble_layout_and_header_bytes():
 # --- bad input --------------------------------------------------------------------------------
 
 def _one_line_error(fn, *match):
-    with pytest.raises(SparseInferError) as e:
-        fn()
-    msg = str(e.value)
-    assert "\n" not in msg
-    for m in match:
-        assert m in msg, msg
+    raises_one_line(fn, *match, error=SparseInferError)
 
 
 @pytest.mark.parametrize("fmt, field, value", [

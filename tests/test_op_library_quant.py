@@ -22,7 +22,7 @@ from sparseinfer.reference.activations import Activation
 from sparseinfer.reference.alpha import MAX_ALPHA_MILLI
 from sparseinfer.reference.quant_mlp import QuantizedMLPWeights, mlp_dense_quant, mlp_sparse_quant
 
-from helpers import assert_bits_equal
+from helpers import assert_bits_equal, raises_one_line
 from test_op_library import _mlp_model, _session
 
 pytestmark = pytest.mark.native
@@ -269,35 +269,27 @@ def test_block_matmul_propagates_nan_as_matmul_does():
 
 # --- bad inputs: one line naming the node, and the session goes on ------------------------------
 
-def one_line_error(run, *fragments):
-    with pytest.raises(Exception) as e:
-        run()
-    msg = str(e.value).strip()
-    assert all(f in msg for f in fragments), msg
-    assert "\n" not in msg, msg
-
-
 def test_wrong_byte_widths_are_refused_naming_the_node_and_tensor():
     weights, x = quantized_layer(np.random.default_rng(0), 96, 40, "q4_0", "q8_0")
     act = Activation.parse("relu")
     signs = pack_sign_words64(weights.dequantized()[0], groups=False)
     wrong_down = _mlp_model(weights.gate, weights.up, weights.down_t, signs, 1000, act, weight_format="q4_0")
-    one_line_error(lambda: _session(wrong_down).run(None, {"x": x[None]}), NODE,
+    raises_one_line(lambda: _session(wrong_down).run(None, {"x": x[None]}), NODE,
                    "W_down^T is uint8 [40, 102]; expected uint8 [40, 54]: d = 96 in q4_0 blocks of 18 bytes")
     short_up = _mlp_model(weights.gate, weights.up[:, :-1].copy(), weights.down_t, signs, 1000, act,
                           weight_format="q4_0", down_format="q8_0")
-    one_line_error(lambda: _session(short_up).run(None, {"x": x[None]}), NODE, "W_up is uint8 [40, 53]; expected")
+    raises_one_line(lambda: _session(short_up).run(None, {"x": x[None]}), NODE, "W_up is uint8 [40, 53]; expected")
     as_float = _mlp_model(weights.gate.astype(F32), weights.up, weights.down_t, signs, 1000, act,
                           weight_format="q4_0", down_format="q8_0")
-    one_line_error(lambda: _session(as_float).run(None, {"x": x[None]}), NODE,
+    raises_one_line(lambda: _session(as_float).run(None, {"x": x[None]}), NODE,
                    "W_gate is [40, 54]; expected uint8 [k, 54]")
     blocks_without_format = _mlp_model(weights.gate, weights.up, weights.down_t, signs, 1000, act)
-    one_line_error(lambda: _session(blocks_without_format).run(None, {"x": x[None]}), NODE,
+    raises_one_line(lambda: _session(blocks_without_format).run(None, {"x": x[None]}), NODE,
                    "W_gate must be float32 or float16 (uint8 blocks need the weight_format attribute)")
     session = _session(quant_model(weights, 1000, act, down="q8_0"))
-    one_line_error(lambda: session.run(None, {"x": x[None, :64]}), NODE,
+    raises_one_line(lambda: session.run(None, {"x": x[None, :64]}), NODE,
                    "W_gate is uint8 [40, 54]; expected uint8 [k, 36]: d = 64 in q4_0 blocks")
-    one_line_error(lambda: session.run(None, {"x": np.zeros((1, 100), F32)}), NODE,
+    raises_one_line(lambda: session.run(None, {"x": np.zeros((1, 100), F32)}), NODE,
                    "x has shape [1, 100]; its last axis d must be a positive multiple of 32")
     assert session.run(None, {"x": x[None]})[0].shape == (1, 96)
 
@@ -310,14 +302,14 @@ def test_wrong_byte_widths_are_refused_naming_the_node_and_tensor():
 def test_unknown_formats_are_refused_when_the_session_is_made(attr, value, message):
     weights, _ = quantized_layer(np.random.default_rng(0), 64, 8, "q8_0", None)
     model = quant_model(weights, 1000, Activation.parse("relu"), **{attr: value})
-    one_line_error(lambda: _session(model), NODE, message + (", ".join(bq.FORMATS) if "expected one" in message else ""))
+    raises_one_line(lambda: _session(model), NODE, message + (", ".join(bq.FORMATS) if "expected one" in message else ""))
 
 
 def test_a_down_format_without_a_weight_format_is_refused():
     rng = np.random.default_rng(0)
     w = rng.standard_normal((8, 64), dtype=F32)
     model = _mlp_model(w, w, w, pack_sign_words64(w), 1000, Activation.parse("relu"), down_format="q8_0")
-    one_line_error(lambda: _session(model), NODE, "down_format 'q8_0' needs a weight_format")
+    raises_one_line(lambda: _session(model), NODE, "down_format 'q8_0' needs a weight_format")
 
 
 @pytest.mark.parametrize("tokens", [1, 3])
@@ -327,21 +319,21 @@ def test_nan_in_x_is_refused_naming_the_node(tokens):
     x = np.ones((1, tokens, 64), F32)
     x[0, -1, 5] = np.nan
     where = "index 5" if tokens == 1 else f"token {tokens - 1}, index 5"
-    one_line_error(lambda: session.run(None, {"x": x}), NODE, f"x contains NaN at {where}")
+    raises_one_line(lambda: session.run(None, {"x": x}), NODE, f"x contains NaN at {where}")
     assert session.run(None, {"x": np.ones((1, tokens, 64), F32)})[0].shape == (1, tokens, 64)
 
 
 def test_block_matmul_bad_inputs_name_the_node():
     w = bq.quantize(np.random.default_rng(0).standard_normal((6, 64), dtype=F32), "q8_0")
-    one_line_error(lambda: _session(matmul_model(w, None)), MATMUL_NODE, "needs the weight_format attribute")
-    one_line_error(lambda: _session(matmul_model(w, "q2_k")), MATMUL_NODE,
+    raises_one_line(lambda: _session(matmul_model(w, None)), MATMUL_NODE, "needs the weight_format attribute")
+    raises_one_line(lambda: _session(matmul_model(w, "q2_k")), MATMUL_NODE,
                    "weight_format 'q2_k' is not a supported block format")
     session = _session(matmul_model(w, "q4_0"))                  # q8_0 bytes read as q4_0: the wrong width
-    one_line_error(lambda: session.run(None, {"x": np.ones((1, 64), F32)}), MATMUL_NODE,
+    raises_one_line(lambda: session.run(None, {"x": np.ones((1, 64), F32)}), MATMUL_NODE,
                    "W is uint8 [6, 68]; expected uint8 [n, 36]: d = 64 in q4_0 blocks of 18 bytes")
     session = _session(matmul_model(w, "q8_0"))
-    one_line_error(lambda: session.run(None, {"x": np.ones((1, 48), F32)}), MATMUL_NODE,
+    raises_one_line(lambda: session.run(None, {"x": np.ones((1, 48), F32)}), MATMUL_NODE,
                    "x has shape [1, 48]; its last axis d must be a positive multiple of 32")
-    one_line_error(lambda: session.run(None, {"x": np.ones((1, 96), F32)}), MATMUL_NODE,
+    raises_one_line(lambda: session.run(None, {"x": np.ones((1, 96), F32)}), MATMUL_NODE,
                    "W is uint8 [6, 68]; expected uint8 [n, 102]")
     assert session.run(None, {"x": np.ones((3, 64), F32)})[0].shape == (3, 6)
