@@ -279,6 +279,15 @@ __device__ __forceinline__ bool predict_row_kept(i64 row, const u32* __restrict_
     return !skip;
 }
 
+// Masked kernels (zero != null): a row the mask marks predicted zero gets h1 = h3 = +0 from
+// lane 0, its weights never read. True for such a row.
+__device__ __forceinline__ bool masked_row_zeroed(const unsigned char* __restrict__ zero, i64 row,
+                                                  float* __restrict__ h1, float* __restrict__ h3, int lane) {
+    if (zero == nullptr || !zero[row]) return false;
+    if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
+    return true;
+}
+
 // A kept row whose gate and up rows were read together (paired kernels): lane 0 writes
 // h1 = act(z_gate) and h3 = fl(h1 * z_up) where h1 != 0, else +0 (+AS in the result).
 __device__ __forceinline__ void store_paired_row(i64 row, float z_gate, float z_up, int act_kind, float threshold,

@@ -37,10 +37,7 @@ __device__ __forceinline__ void gate_up_mask_impl(const float* x, const T* w_gat
     const i64 row = global_warp_id();
     if (row >= k) return;
     const int lane = lane_id();
-    if (zero != nullptr && zero[row]) {
-        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
-        return;
-    }
+    if (masked_row_zeroed(zero, row, h1, h3, lane)) return;
     gate_up_row(row, x, w_gate, w_up, ld, d, zero != nullptr, act_kind, threshold, h1, h3, lane);
 }
 
@@ -66,17 +63,18 @@ __device__ __forceinline__ void predict_gate_up_row(i64 row, const float* x, con
         gate_up_row<T, BATCH>(row, x, w_gate, w_up, ld, d, true, act_kind, threshold, h1, h3, lane);
 }
 
-// v3: predict + gate + up in one launch (x's sign words packed beforehand), warp per row.
-template <typename T>
-__device__ __forceinline__ void gate_up_fused_impl(const float* x, const u32* __restrict__ x_signs,
-                                                   const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
-                                                   const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,
-                                                   float threshold, int* __restrict__ counts,
-                                                   unsigned char* __restrict__ zero, float* h1, float* h3) {
+// v3 (BATCH 0) and v5 (BATCH GATE_UP_BATCH, below): predict + gate + up in one launch (x's
+// sign words packed beforehand), every row its own warp.
+template <typename T, int BATCH>
+__device__ __forceinline__ void gate_up_row_per_warp(const float* x, const u32* __restrict__ x_signs,
+                                                     const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
+                                                     const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,
+                                                     float threshold, int* __restrict__ counts,
+                                                     unsigned char* __restrict__ zero, float* h1, float* h3) {
     const i64 row = global_warp_id();
     if (row >= k) return;
-    predict_gate_up_row<T, 0>(row, x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, alpha_milli, act_kind,
-                              threshold, counts, zero, h1, h3, lane_id());
+    predict_gate_up_row<T, BATCH>(row, x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, alpha_milli, act_kind,
+                                  threshold, counts, zero, h1, h3, lane_id());
 }
 
 // v4: v3 on a grid that fits on the device at once, each warp striding over the rows
@@ -102,18 +100,7 @@ __device__ __forceinline__ void gate_up_persistent_impl(const float* x, const u3
 // loads GATE_UP_BATCH chunks of a row before adding them, so an active row of the 13B shape
 // (20 chunks per lane) takes 3 round trips to memory for its gate row instead of 5. Blocks
 // of GATE_UP_BATCHED_THREADS (2 warps), so that the few active rows, not the blocks that
-// hold them, decide how many are in flight.
-template <typename T>
-__device__ __forceinline__ void gate_up_batched_impl(const float* x, const u32* __restrict__ x_signs,
-                                                     const u32* __restrict__ w_signs, i64 sign_ld, const T* w_gate,
-                                                     const T* w_up, i64 ld, int d, int k, int alpha_milli, int act_kind,
-                                                     float threshold, int* __restrict__ counts,
-                                                     unsigned char* __restrict__ zero, float* h1, float* h3) {
-    const i64 row = global_warp_id();
-    if (row >= k) return;
-    predict_gate_up_row<T, GATE_UP_BATCH>(row, x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, alpha_milli,
-                                          act_kind, threshold, counts, zero, h1, h3, lane_id());
-}
+// hold them, decide how many are in flight: gate_up_row_per_warp<T, GATE_UP_BATCH>.
 
 // v6: v5 (warp per row, 2-warp blocks) with the gate and up rows of an active neuron read
 // together: each lane loads GATE_UP_PAIR_BATCH chunks of the gate row AND of the up row
@@ -141,17 +128,18 @@ __device__ __forceinline__ void gate_up_paired_impl(const float* x, const u32* _
     store_paired_row(row, z_gate, z_up, act_kind, threshold, h1, h3, lane);
 }
 
-// The kernels that predict as they go (v3 fused, v4 persistent, v5 batched, v6 paired) share one signature.
+// The kernels that predict as they go (v3 fused, v4 persistent, v5 batched, v6 paired) share one
+// signature; IMPL is the device function each calls with its arguments.
 // BOUNDS: v4 asks for 2 blocks per SM (up to 128 registers): left to its own heuristics,
 // ptxas gives it 64 on sm_87 and spills.
-#define GATE_UP_PREDICTING(KIND, NAME, T, BOUNDS)                                                          \
+#define GATE_UP_PREDICTING(KIND, NAME, T, BOUNDS, IMPL)                                                    \
     extern "C" __global__ void BOUNDS                                                                      \
     gate_up_##KIND##_##NAME(const float* x, const u32* x_signs, const u32* w_signs, i64 sign_ld,           \
                             const T* w_gate, const T* w_up, i64 ld, int d, int k, int alpha_milli,         \
                             int act_kind, float threshold, int* counts, unsigned char* zero, float* h1,    \
                             float* h3) {                                                                   \
-        gate_up_##KIND##_impl<T>(x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, k, alpha_milli,        \
-                                 act_kind, threshold, counts, zero, h1, h3);                               \
+        IMPL(x, x_signs, w_signs, sign_ld, w_gate, w_up, ld, d, k, alpha_milli, act_kind, threshold,       \
+             counts, zero, h1, h3);                                                                        \
     }
 
 #define GATE_UP(NAME, T)                                                                                   \
@@ -165,10 +153,11 @@ __device__ __forceinline__ void gate_up_paired_impl(const float* x, const u32* _
                         const int* n_active, int act_kind, float threshold, float* h1, float* h3) {        \
         gate_up_list_impl<T>(x, w_gate, w_up, ld, d, active, n_active, act_kind, threshold, h1, h3);       \
     }                                                                                                      \
-    GATE_UP_PREDICTING(fused, NAME, T, __launch_bounds__(256))                                             \
-    GATE_UP_PREDICTING(persistent, NAME, T, __launch_bounds__(256, 2))                                     \
-    GATE_UP_PREDICTING(batched, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS))                      \
-    GATE_UP_PREDICTING(paired, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS))
+    GATE_UP_PREDICTING(fused, NAME, T, __launch_bounds__(256), (gate_up_row_per_warp<T, 0>))               \
+    GATE_UP_PREDICTING(persistent, NAME, T, __launch_bounds__(256, 2), gate_up_persistent_impl<T>)         \
+    GATE_UP_PREDICTING(batched, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS),                      \
+                       (gate_up_row_per_warp<T, GATE_UP_BATCH>))                                           \
+    GATE_UP_PREDICTING(paired, NAME, T, __launch_bounds__(GATE_UP_BATCHED_THREADS), gate_up_paired_impl<T>)
 GATE_UP(fp32, float)
 GATE_UP(fp16, half_bits)
 GATE_UP(bf16, bf16_bits)

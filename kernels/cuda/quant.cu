@@ -139,10 +139,7 @@ __device__ __forceinline__ void quant_gate_up_mask_impl(const float* x, const u8
     const i64 row = global_warp_id();
     if (row >= k) return;
     const int lane = lane_id();
-    if (zero != nullptr && zero[row]) {
-        if (lane == 0) { h1[row] = 0.0f; h3[row] = 0.0f; }
-        return;
-    }
+    if (masked_row_zeroed(zero, row, h1, h3, lane)) return;
     const int n_blocks = d / WARP_SIZE;
     const float a = activate(quant_row_dot<F, QUANT_BATCH>(w_gate + row * ld, x, n_blocks, lane), act_kind, threshold);
     float h = 0.0f;
