@@ -1,6 +1,7 @@
 """model_export/native/block_quant_cpu.h bit for bit against the reference, for every block
-format: row dot products (one, two and four rows at once, V = 1), prefill dot products (1 to 35
-tokens, interleaved as the op does), the sparse down projection and its prefill form. The header
+format: row dot products (one, two and four rows at once, V = 1), prefill dot products (tiles of
+rows x tokens, over chunks of blocks and groups of tokens), the sparse down projection and its
+prefill form. The header
 is compiled into a small C shim with the op library's flags and defines, as the machine's own
 build (-march=native) and as AVX2, SSE4.1 and plain SSE2 builds, which must give the same bits
 (so every path is checked on any x86-64 CPU that has it, the SSE ones on all)."""
@@ -76,26 +77,19 @@ API int bq_dot_rows(int fmt, int group, const uint8_t* w, int d, int n, const fl
     });
 }
 
-// z[t * n + i] = row i . x_t for x [n_tokens, d], kTokens tokens at a time interleaved (the op's prefill)
-API int bq_dot_tokens(int fmt, const uint8_t* w, int d, int n, const float* x, int n_tokens, float* z) {
+// z[t * n + i] = row i . x_t for x [n_tokens, d] (the prefill's tiles), rows [0, split) and
+// [split, n) in two calls as the op's tasks make them
+API int bq_dot_tokens(int fmt, const uint8_t* w, int d, int n, int split, const float* x, int n_tokens, float* z) {
     return by_format(fmt, [&](auto f) {
-        using F = decltype(f);
-        std::vector<float> xi(size_t(d) * kTokens);
-        for (int g0 = 0; g0 < n_tokens; g0 += kTokens) {
-            std::fill(xi.begin(), xi.end(), 0.0f);
-            const float* xs[kTokens];
-            for (int t = 0; t < kTokens; ++t) {
-                xs[t] = g0 + t < n_tokens ? x + int64_t(g0 + t) * d : nullptr;
-                if (xs[t])
-                    for (int j = 0; j < d; ++j) xi[size_t(j) * kTokens + t] = xs[t][j];
-            }
-            for (int i = 0; i < n; ++i) {
-                float zz[kTokens];
-                dot_q_tokens<F>(w + i * row_bytes_q<F>(d), xi.data(), xs, d, zz);
-                for (int t = 0; t < kTokens && g0 + t < n_tokens; ++t) z[int64_t(g0 + t) * n + i] = zz[t];
-            }
-        }
+        dot_q_tokens<decltype(f)>(w, d, 0, split, x, n_tokens, z, n);
+        dot_q_tokens<decltype(f)>(w, d, split, n, x, n_tokens, z + split, n);
     });
+}
+
+// the prefill's sizes: rows and tokens a tile, blocks a chunk, tokens a group
+API void bq_prefill_sizes(int* out) {
+    const int sizes[] = {kTileRows, kTileTokens, kChunkBlocks, kTokenGroup};
+    std::memcpy(out, sizes, sizeof sizes);
 }
 
 API int bq_down_columns(int fmt, const uint8_t* wt, int d, const int32_t* rows, const float* h3, int n, int j0,
@@ -206,15 +200,36 @@ def test_dot_rows_are_the_reference(shim, fmt, blocks, n, group, seed):
     assert_bits_equal(z, reference_rows(w, fmt, x), f"{fmt.name} dot_q, {group} rows at once", f"d={d} seed={seed}")
 
 
-@given(fmt=formats, blocks=st.integers(1, 8), n=st.integers(1, 4), n_tokens=st.integers(1, 35), seed=seeds)
-def test_dot_tokens_are_the_reference(shim, fmt, blocks, n, n_tokens, seed):
-    rng = np.random.default_rng(seed)
-    d = 32 * blocks
+def assert_dot_tokens(shim, fmt, rng, d: int, n: int, split: int, n_tokens: int, what: str):
     w, x = random_blocks(rng, fmt, n, d), widely_scaled(rng, (n_tokens, d))
     z = np.full((n_tokens, n), np.nan, F32)
-    call(shim, "bq_dot_tokens", fmt, w, d, n, x, n_tokens, z)
+    call(shim, "bq_dot_tokens", fmt, w, d, n, split, x, n_tokens, z)
     want = np.stack([reference_rows(w, fmt, x[t]) for t in range(n_tokens)])
-    assert_bits_equal(z, want, f"{fmt.name} dot_q_tokens", f"d={d} tokens={n_tokens} seed={seed}")
+    assert_bits_equal(z, want, f"{fmt.name} dot_q_tokens", f"d={d} rows={n} split={split} tokens={n_tokens} {what}")
+
+
+def prefill_sizes(shim) -> tuple[int, int, int, int]:
+    """(rows a tile, tokens a tile, blocks a chunk, tokens a group) of the build."""
+    out = np.zeros(4, np.int32)
+    shim.bq_prefill_sizes(ptr(out))
+    return tuple(int(v) for v in out)
+
+
+@given(fmt=formats, blocks=st.integers(1, 8), n=st.integers(1, 11), n_tokens=st.integers(1, 35), data=st.data(),
+       seed=seeds)
+def test_dot_tokens_are_the_reference(shim, fmt, blocks, n, n_tokens, data, seed):
+    split = data.draw(st.integers(0, n))
+    assert_dot_tokens(shim, fmt, np.random.default_rng(seed), 32 * blocks, n, split, n_tokens, f"seed={seed}")
+
+
+@pytest.mark.parametrize("fmt", bq.FORMATS.values(), ids=lambda f: f.name)
+def test_dot_tokens_across_chunks_and_groups_are_the_reference(shim, fmt):
+    """Sums carried over chunks of blocks (the last one short), tokens past a group (with a tail
+    shorter than a tile), rows past a tile (a short last one), in every build."""
+    tile_rows, tile_tokens, chunk, group = prefill_sizes(shim)
+    assert tile_rows > 1 and tile_tokens >= 1 and chunk > 1 and group > tile_tokens
+    d, n, n_tokens = 32 * (2 * chunk + 3), 2 * tile_rows + 3, group + tile_tokens + 1
+    assert_dot_tokens(shim, fmt, np.random.default_rng(7), d, n, tile_rows + 1, n_tokens, "")
 
 
 @st.composite

@@ -189,8 +189,9 @@ inline int64_t row_bytes_q(int d) {
     return int64_t(d / kBlock) * F::kBytes;
 }
 
-// The 32 lanes' accumulators, one vector per kVecFloats lanes, reduced by the butterfly.
-inline float butterfly_lanes(const VecF* acc) {
+// The 32 lanes' accumulators at acc (lane order: vectors of kVecFloats lanes, or floats), reduced
+// by the butterfly.
+inline float butterfly_lanes(const void* acc) {
     alignas(64) float lanes[kLanes];
     std::memcpy(lanes, acc, sizeof lanes);
     return finish_row<float, false>(lanes, nullptr, nullptr, 0);
@@ -259,30 +260,91 @@ inline void dot_q_listed(const uint8_t* w, int d, const int32_t* rows, int n_row
     for (; r < r1; ++r) z[r] = dot_q<F>(row(r), x, d, r + 1 < n_rows ? row(r + 1) : nullptr);
 }
 
-// Prefill: kTokens tokens' dot products with one row, as dot_row_tokens: xi[j * kTokens + t] =
-// x_t[j]; lane l's sums of all the tokens are one TokenVec, each block dequantized once and its
-// lane l weight times x[32 t + l] of every token added vertically. xs[t] null: padding, no z[t].
-template <typename F>
-inline void dot_q_tokens(const uint8_t* row, const float* __restrict xi, const float* const* xs, int d, float* z) {
-    TokenVec acc[kLanes] = {};
-    const int blocks = d / kBlock;
-    for (int b = 0; b < blocks; ++b) {
-        const BlockLanes w = F::dequantize(row + int64_t(b) * F::kBytes);
-        alignas(64) float lanes[kLanes];
-        std::memcpy(lanes, w.w, sizeof lanes);
-        const float* xb = xi + size_t(b) * kBlock * kTokens;
-        for (int l = 0; l < kLanes; ++l) {
-            TokenVec xv;                               // (no TokenVec return value: wider than some targets' registers)
-            std::memcpy(&xv, xb + size_t(l) * kTokens, sizeof xv);
-            const TokenVec prod = lanes[l] * xv;
-            acc[l] = acc[l] + prod;
+// Prefill: rows' dot products with several tokens' x, each sum in the V = 1 order above (lane l
+// of a row and a token adds fl(w * x) block after block, then the butterfly), so each equals
+// dot_q's bit for bit. A tile of kTileRows rows x kTileTokens tokens keeps its sums in registers,
+// one register's kVecFloats lanes at a time: a weight register serves kTileTokens tokens and an x
+// register kTileRows rows, every product added vertically, no broadcasts or transposes. The
+// tile's rows are dequantized kChunkBlocks blocks at a time into a buffer (in L1) that serves all
+// the tokens, their sums waiting in memory between chunks; tokens go in groups of kTokenGroup,
+// whose x stays in L2 while the rows pass.
+constexpr int kTileRows = 4;
+#if defined(__AVX512F__)
+constexpr int kTileTokens = 4;           // 32 registers: 16 sums, 4 weights, x
+#else
+constexpr int kTileTokens = 2;           // 16 registers: 8 sums, 4 weights, x
+#endif
+constexpr int kChunkBlocks = 32;
+constexpr int kTokenGroup = 64;
+
+// acc[(r * n + t) * 32 + l] += lane l's products of row r and token t over cb blocks, for r <
+// kTileRows, t < kT: weights w[(r * kChunkBlocks + b) * 32 + l], x_t[b * 32 + l] at x + t * d.
+template <int kT>
+inline void add_tile_chunk(const float* __restrict w, int cb, const float* __restrict x, int d,
+                           float* __restrict acc, int n) {
+    for (int v = 0; v < kBlockVecs; ++v) {
+        const int lane0 = v * kVecFloats;
+        VecF a[kTileRows][kT];
+        for (int r = 0; r < kTileRows; ++r)
+            for (int t = 0; t < kT; ++t) a[r][t] = load_vec<VecF>(acc + (size_t(r) * n + t) * kBlock + lane0);
+        for (int b = 0; b < cb; ++b) {
+            VecF wv[kTileRows];
+            for (int r = 0; r < kTileRows; ++r) wv[r] = load_vec<VecF>(w + (r * kChunkBlocks + b) * kBlock + lane0);
+            for (int t = 0; t < kT; ++t) {
+                const VecF xv = load_vec<VecF>(x + size_t(t) * d + b * kBlock + lane0);
+                for (int r = 0; r < kTileRows; ++r) {
+                    const VecF prod = wv[r] * xv;
+                    a[r][t] = a[r][t] + prod;
+                }
+            }
         }
+        for (int r = 0; r < kTileRows; ++r)
+            for (int t = 0; t < kT; ++t) std::memcpy(acc + (size_t(r) * n + t) * kBlock + lane0, &a[r][t], sizeof(VecF));
     }
-    for (int t = 0; t < kTokens; ++t) {
-        if (!xs[t]) continue;
-        alignas(64) float lanes[kLanes];
-        for (int l = 0; l < kLanes; ++l) lanes[l] = acc[l][t];
-        z[t] = finish_row<float, false>(lanes, nullptr, nullptr, 0);
+}
+
+// z[t * z_stride + r] = rows[r] . x_t for r < n_rows (at most kTileRows), t < n (at most
+// kTokenGroup), x_t at x + t * d; `scratch`: kPrefillScratch floats.
+constexpr size_t kPrefillScratch = size_t(kTileRows) * (kChunkBlocks + kTokenGroup) * kBlock;
+template <typename F>
+inline void dot_q_tile(const uint8_t* const* rows, int n_rows, const float* x, int n, int d, float* z,
+                       int64_t z_stride, float* scratch) {
+    float* w = scratch;
+    float* acc = scratch + size_t(kTileRows) * kChunkBlocks * kBlock;
+    std::fill(acc, acc + size_t(kTileRows) * n * kBlock, 0.0f);
+    const int blocks = d / kBlock;
+    for (int c0 = 0; c0 < blocks; c0 += kChunkBlocks) {
+        const int cb = std::min(kChunkBlocks, blocks - c0);
+        for (int r = 0; r < kTileRows; ++r)      // a short tile repeats its last row (sums unused)
+            for (int b = 0; b < cb; ++b) {
+                const BlockLanes lanes = F::dequantize(rows[std::min(r, n_rows - 1)] + int64_t(c0 + b) * F::kBytes);
+                std::memcpy(w + (r * kChunkBlocks + b) * kBlock, lanes.w, sizeof lanes.w);
+            }
+        const float* xc = x + c0 * kBlock;
+        int t = 0;
+        for (; t + kTileTokens <= n; t += kTileTokens)
+            add_tile_chunk<kTileTokens>(w, cb, xc + size_t(t) * d, d, acc + size_t(t) * kBlock, n);
+        for (; t < n; ++t) add_tile_chunk<1>(w, cb, xc + size_t(t) * d, d, acc + size_t(t) * kBlock, n);
+    }
+    for (int r = 0; r < n_rows; ++r)
+        for (int t = 0; t < n; ++t) z[t * z_stride + r] = butterfly_lanes(acc + (size_t(r) * n + t) * kBlock);
+}
+
+// z[t * z_stride + (i - r0)] = W[row i] . x_t for rows i in [r0, r1) of W (rows of d weights in
+// format F at w) and tokens t < n_tokens (x_t at x + t * d): groups of tokens, tiles of rows.
+template <typename F>
+inline void dot_q_tokens(const uint8_t* w, int d, int r0, int r1, const float* x, int64_t n_tokens, float* z,
+                         int64_t z_stride) {
+    std::vector<float> scratch(kPrefillScratch);
+    const int64_t stride = row_bytes_q<F>(d);
+    for (int64_t g0 = 0; g0 < n_tokens; g0 += kTokenGroup) {
+        const int n = int(std::min<int64_t>(kTokenGroup, n_tokens - g0));
+        for (int i = r0; i < r1; i += kTileRows) {
+            const uint8_t* rows[kTileRows];
+            const int n_rows = std::min(kTileRows, r1 - i);
+            for (int r = 0; r < n_rows; ++r) rows[r] = w + (i + r) * stride;
+            dot_q_tile<F>(rows, n_rows, x + g0 * d, n, d, z + g0 * z_stride + (i - r0), z_stride, scratch.data());
+        }
     }
 }
 
@@ -319,26 +381,33 @@ inline void down_columns_q(const uint8_t* __restrict wt, int d, const int32_t* r
 }
 
 // down_columns_q for `n_tokens` tokens at once (prefill): h3 [n_tokens, k], out [n_tokens, d];
-// down_columns_tokens's walk exactly. Each row's blocks in [j0, j1) are dequantized once, for
-// all the tokens whose h3 of that row is nonzero.
+// down_columns_tokens's walk exactly. Each row's blocks in [j0, j1) are dequantized once into a
+// buffer, then added to each of the tokens whose h3 of that row is nonzero, token by token (one
+// token's sums in order: their rows lie m floats apart, often a multiple of 4 KiB, so going
+// token after token within a block would make each load wait on the store before it).
 template <typename F>
 inline void down_columns_tokens_q(const uint8_t* __restrict wt, int d, int k, const float* __restrict h3,
                                   int n_tokens, int j0, int j1, float* __restrict out) {
     const int m = j1 - j0, blocks = m / kBlock;
     const int64_t stride = row_bytes_q<F>(d), first = int64_t(j0 / kBlock) * F::kBytes;
+    std::vector<float> row(m);
     down_walk_tokens(k, h3, n_tokens, m, out + j0, d, [&](int i, const int* users, const float* h, int n_users,
                                                           float* q) {
         const uint8_t* src = wt + int64_t(i) * stride + first;
         if (i + 1 < k) prefetch_span(src + stride, size_t(blocks) * F::kBytes);
+        float* __restrict w = row.data();
         for (int b = 0; b < blocks; ++b) {
-            const BlockLanes w = F::dequantize(src + int64_t(b) * F::kBytes);
-            for (int u = 0; u < n_users; ++u) {
-                float* qb = q + size_t(users[u]) * m + b * kBlock;
-                for (int v = 0; v < kBlockVecs; ++v) {
-                    const VecF prod = h[u] * w.w[v];
-                    const VecF sum = load_vec<VecF>(qb + v * kVecFloats) + prod;
-                    std::memcpy(qb + v * kVecFloats, &sum, sizeof sum);
-                }
+            const BlockLanes lanes = F::dequantize(src + int64_t(b) * F::kBytes);
+            std::memcpy(w + b * kBlock, lanes.w, sizeof lanes.w);
+        }
+        const int columns = m;                  // (m is captured by reference: a copy stays in a register)
+        for (int u = 0; u < n_users; ++u) {
+            float* __restrict qu = q + size_t(users[u]) * columns;
+            const float hu = h[u];
+            for (int j = 0; j < columns; j += kVecFloats) {
+                const VecF prod = hu * load_vec<VecF>(w + j);
+                const VecF sum = load_vec<VecF>(qu + j) + prod;
+                std::memcpy(qu + j, &sum, sizeof sum);
             }
         }
     });

@@ -3,7 +3,8 @@
 // onnxruntime's MatMulNBits cannot hold exactly. Each y element is one row dot product in the
 // V = 1 order of block_quant_cpu.h (reference/order_contract.py's warp_dot_rows on the
 // dequantized W with v_width 1), bit for bit; output rows split over onnxruntime's intra-op
-// pool; several tokens read each row once per kTokens tokens. NaN in x propagates, as in MatMul.
+// pool; several tokens in block_quant_cpu.h's tiles of rows x tokens. NaN in x propagates, as in
+// MatMul.
 #include <string>
 #include <vector>
 
@@ -26,22 +27,7 @@ void block_matmul(OrtKernelContext* ctx, const uint8_t* w, const float* x, int64
         for_row_blocks(ctx, n, [&](int r0, int r1) { dot_q_listed<F>(w, d, nullptr, n, x, r0, r1, y); });
         return;
     }
-    const int64_t groups = (tokens + kTokens - 1) / kTokens;
-    std::vector<float> xi(size_t(groups) * d * kTokens, 0.0f);   // kTokens tokens interleaved, zero padding
-    for (int64_t t = 0; t < tokens; ++t)
-        for (int j = 0; j < d; ++j) xi[(size_t(t / kTokens) * d + j) * kTokens + t % kTokens] = x[t * d + j];
-    const int64_t stride = row_bytes_q<F>(d);
-    for_row_blocks(ctx, n, [&](int r0, int r1) {
-        for (int64_t g = 0; g < groups; ++g) {
-            const float* xs[kTokens];
-            for (int t = 0; t < kTokens; ++t) xs[t] = g * kTokens + t < tokens ? x + (g * kTokens + t) * d : nullptr;
-            for (int i = r0; i < r1; ++i) {
-                float z[kTokens];
-                dot_q_tokens<F>(w + i * stride, xi.data() + size_t(g) * d * kTokens, xs, d, z);
-                for (int t = 0; t < kTokens && xs[t]; ++t) y[(g * kTokens + t) * n + i] = z[t];
-            }
-        }
-    });
+    for_row_blocks(ctx, n, [&](int r0, int r1) { dot_q_tokens<F>(w, d, r0, r1, x, tokens, y + r0, n); });
 }
 
 }  // namespace

@@ -32,9 +32,36 @@ struct FloatRows {
         dot_listed_rows(w, d, rows, n, x, r0, r1, z);
     }
     float dot_row(const W* w, int i, const float* x) const { return dot<W>(w + int64_t(i) * d, x, d, nullptr); }
-    // kTokens tokens' dot products with row i (xi interleaved, xs[t] null for padding)
-    void dots_tokens(const W* w, int i, const float* xi, const float* const* xs, float* z) const {
-        dot_row_tokens<W>(w + int64_t(i) * d, xi, xs, d, z);
+    // The prefill's x [n, d] and its tokens interleaved kTokens at a time (dot_row_tokens; a short
+    // last group padded with zeros, its results dropped).
+    struct TokensX {
+        const float* x;
+        int n;
+        std::vector<float> xi;
+    };
+    TokensX tokens_x(const float* x, int n) const {
+        TokensX tx{x, n, std::vector<float>(size_t((n + kTokens - 1) / kTokens) * d * kTokens, 0.0f)};
+        for (int t = 0; t < n; ++t)
+            for (int j = 0; j < d; ++j) tx.xi[(size_t(t / kTokens) * d + j) * kTokens + t % kTokens] = x[int64_t(t) * d + j];
+        return tx;
+    }
+    // zg[t * (r1 - r0) + i - r0], zu[...] = W_gate[i] . x_t, W_up[i] . x_t for rows [r0, r1), every
+    // token: kTokens tokens at a time, row by row (a row is read once for them while in cache)
+    void gate_up_tokens(const TokensX& tx, int r0, int r1, float* zg, float* zu) const {
+        for (int g0 = 0; g0 < tx.n; g0 += kTokens) {
+            const float* xs[kTokens];
+            for (int t = 0; t < kTokens; ++t) xs[t] = g0 + t < tx.n ? tx.x + int64_t(g0 + t) * d : nullptr;
+            const float* group = tx.xi.data() + size_t(g0 / kTokens) * d * kTokens;
+            for (int i = r0; i < r1; ++i) {
+                float z[kTokens], zz[kTokens];
+                dot_row_tokens<W>(gate + int64_t(i) * d, group, xs, d, z);
+                dot_row_tokens<W>(up + int64_t(i) * d, group, xs, d, zz);
+                for (int t = 0; t < kTokens && g0 + t < tx.n; ++t) {
+                    zg[size_t(g0 + t) * (r1 - r0) + i - r0] = z[t];
+                    zu[size_t(g0 + t) * (r1 - r0) + i - r0] = zz[t];
+                }
+            }
+        }
     }
     void down(const int32_t* rows, const float* h3, int n, int j0, int j1, float* out) const {
         down_columns(down_t, d, rows, h3, n, j0, j1, out);
@@ -56,8 +83,14 @@ struct BlockRows {
         dot_q_listed<F>(w, d, rows, n, x, r0, r1, z);
     }
     float dot_row(const uint8_t* w, int i, const float* x) const { return dot_q<F>(w + i * row_bytes_q<F>(d), x, d); }
-    void dots_tokens(const uint8_t* w, int i, const float* xi, const float* const* xs, float* z) const {
-        dot_q_tokens<F>(w + i * row_bytes_q<F>(d), xi, xs, d, z);
+    struct TokensX {                                                   // x [n, d] as it is
+        const float* x;
+        int n;
+    };
+    TokensX tokens_x(const float* x, int n) const { return {x, n}; }
+    void gate_up_tokens(const TokensX& tx, int r0, int r1, float* zg, float* zu) const {
+        dot_q_tokens<F>(gate, d, r0, r1, tx.x, tx.n, zg, r1 - r0);
+        dot_q_tokens<F>(up, d, r0, r1, tx.x, tx.n, zu, r1 - r0);
     }
     void down(const int32_t* rows, const float* h3, int n, int j0, int j1, float* out) const {
         with_block_format(down_format, [&](auto f) {
@@ -212,8 +245,8 @@ void compute_dense_token(OrtKernelContext* ctx, const Kernel& kernel, const Inpu
     down(ctx, p, m, every, rows.h3, out);
 }
 
-// Every token densely: every row, token by token in the contract's order (a row is read once
-// for all tokens while it is in cache).
+// Every token densely: every row, token by token in the contract's order (each task's rows
+// for all the tokens, as Rows::gate_up_tokens reads them).
 template <typename Rows>
 void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& m, float* out) {
     const MlpParams p = params(kernel, in);
@@ -223,26 +256,17 @@ void compute_dense(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in
         if (x[j] != x[j])
             throw OpError(kernel.node + ": x contains NaN at token " + std::to_string(j / p.d) + ", index " +
                           std::to_string(j % p.d));
-    // x interleaved kTokens tokens at a time (a short last group padded with zeros, results dropped)
-    std::vector<float> xi(size_t((n + kTokens - 1) / kTokens) * p.d * kTokens, 0.0f);
-    for (int t = 0; t < n; ++t)
-        for (int j = 0; j < p.d; ++j) xi[(size_t(t / kTokens) * p.d + j) * kTokens + t % kTokens] = x[int64_t(t) * p.d + j];
+    const auto tokens = m.tokens_x(x, n);
     std::vector<float> h3(size_t(n) * p.k);    // [token, row]
     for_row_blocks(ctx, p.k, [&](int r0, int r1) {
-        for (int g0 = 0; g0 < n; g0 += kTokens) {
-            const float* xs[kTokens];
-            for (int t = 0; t < kTokens; ++t) xs[t] = g0 + t < n ? x + int64_t(g0 + t) * p.d : nullptr;
-            const float* group = xi.data() + size_t(g0 / kTokens) * p.d * kTokens;
+        const int rows = r1 - r0;
+        std::vector<float> z(size_t(n) * rows), zu(size_t(n) * rows);    // [token, row - r0]
+        m.gate_up_tokens(tokens, r0, r1, z.data(), zu.data());
+        for (int t = 0; t < n; ++t)
             for (int i = r0; i < r1; ++i) {
-                float z[kTokens], zu[kTokens];
-                m.dots_tokens(m.gate, i, group, xs, z);
-                m.dots_tokens(m.up, i, group, xs, zu);
-                for (int t = 0; t < kTokens && g0 + t < n; ++t) {
-                    const float h = activate(p, z[t]);
-                    h3[size_t(g0 + t) * p.k + i] = h != 0.0f ? h * zu[t] : 0.0f;
-                }
+                const float h = activate(p, z[size_t(t) * rows + i - r0]);
+                h3[size_t(t) * p.k + i] = h != 0.0f ? h * zu[size_t(t) * rows + i - r0] : 0.0f;
             }
-        }
     });
     // the down projection in the same groups of tokens x column blocks: W_down^T read once per group
     const int block = down_block(p.d, 2, Rows::kColumnStep);
