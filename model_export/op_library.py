@@ -286,19 +286,28 @@ def _key(parts) -> str:
     return h.hexdigest()[:20]
 
 
-def _source_bytes(names, folder: Path = NATIVE_DIR) -> list:
-    return [name.encode() + (folder / name).read_bytes() for name in names]
+def _sources(cuda: bool) -> dict[tuple[str, str], bytes]:
+    """The bytes a flavour is built from, read once, by (folder, name): folder "native"
+    (model_export/native) or "kernels" (kernels/cuda)."""
+    native = (*OP_SOURCES, *OP_HEADERS, *CPU_HEADERS, *((CUDA_OP_SOURCE, *CUDA_SOURCES) if cuda else ()))
+    kernels = sorted({p.name for p in KERNELS_CUDA_DIR.glob("*.cu*")} | {ACTIVATION_HEADER}) if cuda else \
+        [ACTIVATION_HEADER]
+    return {**{("native", n): (NATIVE_DIR / n).read_bytes() for n in native},
+            **{("kernels", n): (KERNELS_CUDA_DIR / n).read_bytes() for n in kernels}}
 
 
-def _kernel_sources() -> list:
-    return [p.name.encode() + p.read_bytes()
-            for p in sorted([*KERNELS_CUDA_DIR.glob("*.cu*"), KERNELS_CUDA_DIR / ACTIVATION_HEADER])]
+def _source_key_parts(sources: dict) -> list:
+    return [f"{folder}/{name}".encode() + data for (folder, name), data in sources.items()]
 
 
-def _cpu_sources() -> list:
-    """The bytes every flavour's C++ is built from."""
-    return [*_source_bytes((*OP_SOURCES, *OP_HEADERS, *CPU_HEADERS)),
-            *_source_bytes((ACTIVATION_HEADER,), KERNELS_CUDA_DIR)]
+def _write_sources(sources: dict, root: Path) -> tuple[Path, Path]:
+    """The sources written under ``root`` (the build compiles these, never the tree, so a source
+    edited during a build cannot end up under another text's key): (native dir, kernels dir)."""
+    dirs = {"native": root / "model_export" / "native", "kernels": root / "kernels" / "cuda"}   # the tree's layout:
+    for (folder, name), data in sources.items():                                            # relative includes hold
+        dirs[folder].mkdir(parents=True, exist_ok=True)
+        (dirs[folder] / name).write_bytes(data)
+    return dirs["native"], dirs["kernels"]
 
 
 def _publish(tmp: Path, dest: Path) -> Path:
@@ -307,55 +316,60 @@ def _publish(tmp: Path, dest: Path) -> Path:
     return dest
 
 
-def _cxx_flags(include: Path, *defines) -> list:
-    return [*CXX_FLAGS, *DEFINES, *defines, f"-I{include}", f"-I{NATIVE_DIR}"]
+def _cxx_flags(include: Path, *defines, native: Path = NATIVE_DIR) -> list:
+    return [*CXX_FLAGS, *DEFINES, *defines, f"-I{include}", f"-I{native}"]
 
 
-def cpu_compile_command(gxx, include: Path, out, defines=()) -> list:
-    """g++ on the op's sources into the CPU library (the build's call; a test adds ``defines``)."""
-    return [gxx, *_cxx_flags(include, *defines), "-shared", *(NATIVE_DIR / name for name in OP_SOURCES), "-o", out]
+def cpu_compile_command(gxx, include: Path, out, defines=(), native: Path = NATIVE_DIR) -> list:
+    """g++ on the op's sources (in ``native``) into the CPU library (the build's call; a test adds
+    ``defines``)."""
+    return [gxx, *_cxx_flags(include, *defines, native=native), "-shared", *(native / name for name in OP_SOURCES),
+            "-o", out]
 
 
 def _build_cpu(include: Path) -> Path:
     gxx = shutil.which("g++")
     if gxx is None:
         raise SparseInferError(NO_GXX)
-    flags = _cxx_flags(include)
-    key = _key([*_cpu_sources(), *flags, _version(gxx), _cpu_features(), (include / ORT_HEADER).read_bytes()])
+    sources = _sources(cuda=False)
+    key = _key([*_source_key_parts(sources), *_cxx_flags(include), _version(gxx), _cpu_features(),
+                (include / ORT_HEADER).read_bytes()])
     dest = cache_root() / key / "libsparseinfer_ops.so"
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        native, _ = _write_sources(sources, Path(tmp) / "src")
         out = Path(tmp) / dest.name
-        _run(cpu_compile_command(gxx, include, out), "building the CPU op library (g++)")
+        _run(cpu_compile_command(gxx, include, out, native=native), "building the CPU op library (g++)")
         return _publish(out, dest)
 
 
-def launcher_compile_command(nvcc, out) -> list:
+def launcher_compile_command(nvcc, out, native: Path = NATIVE_DIR, kernels: Path = KERNELS_CUDA_DIR) -> list:
     """nvcc on the CUDA launcher, to an object (the build's call; the tests' compile gate adds ptxas flags)."""
-    return [nvcc, *NVCC_FLAGS, *DEFINES, f"-I{KERNELS_CUDA_DIR}", f"-I{NATIVE_DIR}", "-c",
-            NATIVE_DIR / CUDA_SOURCES[0], "-o", out]
+    return [nvcc, *NVCC_FLAGS, *DEFINES, f"-I{kernels}", f"-I{native}", "-c", native / CUDA_SOURCES[0], "-o", out]
 
 
 def _build_cuda(include: Path) -> Path:
     nvcc, gxx = find_nvcc(), shutil.which("g++")
     cudart = _cudart_static(nvcc)
-    nv_flags = launcher_compile_command(nvcc, "launch.o")
-    cc_flags = _cxx_flags(include, "-DSPARSEINFER_WITH_CUDA")
-    key = _key([*_cpu_sources(), *_source_bytes((CUDA_OP_SOURCE, *CUDA_SOURCES)), *_kernel_sources(), *nv_flags[1:],
-                *cc_flags, _version(gxx), _version(str(nvcc)), _cpu_features(), (include / ORT_HEADER).read_bytes(),
-                cudart.stat().st_size])
+    sources = _sources(cuda=True)
+    nv_flags = launcher_compile_command(nvcc, "launch.o", Path("native"), Path("kernels"))
+    cc_flags = _cxx_flags(include, "-DSPARSEINFER_WITH_CUDA", native=Path("native"))
+    key = _key([*_source_key_parts(sources), *nv_flags[1:], *cc_flags, _version(gxx), _version(str(nvcc)),
+                _cpu_features(), (include / ORT_HEADER).read_bytes(), cudart.stat().st_size])
     dest = cache_root() / key / "libsparseinfer_ops_cuda.so"
     if dest.is_file():
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         t = Path(tmp)
-        _run(launcher_compile_command(nvcc, t / "launch.o"), "building the CUDA launcher (nvcc)")
+        native, kernels = _write_sources(sources, t / "src")
+        _run(launcher_compile_command(nvcc, t / "launch.o", native, kernels), "building the CUDA launcher (nvcc)")
         out = t / dest.name
-        _run([gxx, *cc_flags, "-shared", *(NATIVE_DIR / name for name in (*OP_SOURCES, CUDA_OP_SOURCE)),
-              t / "launch.o", cudart, "-lpthread", "-ldl", "-lrt", "-o", out], "building the CUDA op library (g++)")
+        _run([gxx, *_cxx_flags(include, "-DSPARSEINFER_WITH_CUDA", native=native), "-shared",
+              *(native / name for name in (*OP_SOURCES, CUDA_OP_SOURCE)), t / "launch.o", cudart, "-lpthread", "-ldl",
+              "-lrt", "-o", out], "building the CUDA op library (g++)")
         return _publish(out, dest)
 
 

@@ -459,3 +459,22 @@ def test_a_library_built_for_a_cpu_feature_this_cpu_lacks_refuses_to_register_in
 def _tiny_layer():
     w_gate, w_up, w_down, _ = _layer(np.random.default_rng(0), 64, 8)
     return w_gate, w_up, np.ascontiguousarray(w_down.T), pack_sign_words64(w_gate)
+
+
+def test_the_build_compiles_the_bytes_its_cache_key_hashed(tmp_path, monkeypatch):
+    """The library is compiled from a snapshot of the sources whose bytes make its cache key, not
+    from the tree: a source that reads otherwise than the tree's (as one edited while a build
+    runs) is what the compiler sees, and nothing is cached under the key."""
+    monkeypatch.setenv(op_library.CACHE_ENV, str(tmp_path))
+    tree = op_library._sources
+
+    def edited(cuda):
+        sources = dict(tree(cuda))
+        header = ("native", "op_common.h")
+        sources[header] = b'#error "compiled from the snapshot"\n' + sources[header]
+        return sources
+
+    monkeypatch.setattr(op_library, "_sources", edited)
+    with pytest.raises(SparseInferError, match="compiled from the snapshot"):
+        op_library._build_cpu(op_library.ort_include_dir())
+    assert not list(tmp_path.rglob("*.so"))
