@@ -106,8 +106,8 @@ MUTANTS = [
                               "(c + u * WARP_SIZE) * V);",
      "if (c + (U - 1 - u) * WARP_SIZE < n_vec) chunk_pair_dot_add<T>(acc_a, acc_b, wa[U - 1 - u], wb[U - 1 - u], x, "
      "(c + (U - 1 - u) * WARP_SIZE) * V);"),
-    # v6: h3 written even where h1 == 0 (+AS broken: h3 = 0 * h2 can be -0)
-    ("gate_up", "gate_up.cu", "h3[row] = a != 0.0f ? __fmul_rn(a, z_up) : 0.0f;", "h3[row] = __fmul_rn(a, z_up);"),
+    # v6 (common.cuh: store_paired_row): h3 written even where h1 == 0 (+AS broken: h3 = 0 * h2 can be -0)
+    ("gate_up", "common.cuh", "h3[row] = a != 0.0f ? __fmul_rn(a, z_up) : 0.0f;", "h3[row] = __fmul_rn(a, z_up);"),
     # v5: column slots laid out with DOWN_THREADS instead of the narrow tile
     ("down", "down.cu", "const int col0 = (blockIdx.x * TILE + ct) * V;",
      "const int col0 = (blockIdx.x * DOWN_THREADS + ct) * V;"),
