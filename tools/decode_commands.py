@@ -210,7 +210,7 @@ def quant_quality_cmd(checkpoint, quantize, text_file, max_tokens, alpha, thread
               help="The builder's int4 folder, built before (python -m sparseinfer.benchmarks.genai_builder build "
                    "--precision int4).")
 @click.option("--builder-python", type=click.Path(dir_okay=False), default=None,
-              help="An interpreter with torch, transformers and onnxruntime-genai, to build the peer under "
+              help="An interpreter with torch, transformers, onnxruntime-genai and onnx_ir, to build the peer under "
                    "--work-dir when --peer-model is not given.")
 @options.work_dir("Where the checkpoint and the exports are written.", default="out/bench-decode")
 @click.option("--out", "out_json", type=click.Path(dir_okay=False), default=None,

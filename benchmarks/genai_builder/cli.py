@@ -67,7 +67,7 @@ def convert(checkpoint, out, as_silu):
 @click.argument("hf_dir", type=click.Path(exists=True, file_okay=False))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="The builder's output folder.")
 @click.option("--python", "python", required=True, type=click.Path(exists=True, dir_okay=False),
-              help="An interpreter with onnxruntime-genai, torch and transformers (a side environment).")
+              help="An interpreter with onnxruntime-genai, onnx_ir, torch and transformers (a side environment).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None, help="The builder's -c cache folder.")
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp32", show_default=True,
               help="The builder's weight precision; int4: round to nearest, blocks of 32, accuracy level 4.")
