@@ -142,3 +142,23 @@ def test_quantization_quality_table_is_the_results_files():
         assert data["quantize"] == fmt and int(positions) == pair["positions"] == data["positions"], path
         assert top1 == f"{pair['top1_agreement']:.4f}", (path, kind)
         assert math.isclose(float(kl), pair["mean_kl"], rel_tol=0.02, abs_tol=0.0), (path, kind)
+
+
+def test_amd_speed_table_is_the_results_files():
+    """The AMD EPYC speed table: each row's tokens/s (2 decimals) and ratio (median of per-round
+    ratios) are those of its bench-decode --json results file."""
+    results = ROOT / "benchmarks" / "results"
+    peer = json.loads((results / "cpu-quant-decode-7b-4l-2026-12-06-epyc2-q4_0-peer.json").read_text())
+    q8 = json.loads((results / "cpu-quant-decode-7b-4l-2026-12-06-epyc2-q8_0.json").read_text())
+    rows = dict(((m[0], m[1]), m[2:]) for m in re.findall(
+        r"^\| (q\d_\d) sparse / (dense q\d_\d|builder int4) [^|]*\| ([\d.]+) \| ([\d.]+) \| \**([\d.]+)\** \|$",
+        README, re.M))
+    assert set(rows) == {("q4_0", "dense q4_0"), ("q4_0", "builder int4"), ("q8_0", "dense q8_0")}
+    for (fmt, base), data in ((("q4_0", "dense q4_0"), peer), (("q8_0", "dense q8_0"), q8)):
+        assert data["quantize"] == fmt and data["machine"]["cpu"] == "AMD EPYC"
+        assert rows[fmt, base] == (f"{data['sparse']['tokens_per_s_median']:.2f}",
+                                   f"{data['dense']['tokens_per_s_median']:.2f}", f"{data['speedup']:.2f}")
+    p = peer["peer"]
+    assert p["name"] == "genai-int4"
+    assert rows["q4_0", "builder int4"] == (f"{p['ours_tokens_per_s_median']:.2f}", f"{p['tokens_per_s_median']:.2f}",
+                                            f"{p['speedup_median_per_round']:.2f}")
