@@ -11,10 +11,14 @@
 //   block is one iteration of the 32 lanes; each lane adds fl(w * x) in order t = 0, 1, ...,
 //   then the butterfly 16, 8, 4, 2, 1 (sparse_mlp_cpu.h's finish_row). d is a multiple of 32.
 //   So a block is dequantized straight into SIMD registers that hold consecutive lanes, and
-//   added to the lanes' accumulators vertically: no transposes.
+//   added to the lanes' accumulators vertically: no transposes. On AVX-512 the fp16 fields of
+//   a run of 16 q4_x blocks are widened together first (BlockFields), so that a block's scale
+//   costs a broadcast load, not a conversion of its own.
 // * Down projection on W_down^T blocks along d: sparse_mlp_cpu.h's walks (down_walk /
 //   down_walk_tokens: chunks, sub-chunks, rows ascending, h3 == 0 skipped), each row's
-//   weights dequantized block by block. Column ranges are whole blocks (multiples of 32).
+//   weights dequantized block by block (scaled_lanes: on AVX-512 a q4_x block's products
+//   h3 * w come out of its table of 16 values times h3, the same roundings). Column ranges are
+//   whole blocks (multiples of 32).
 //
 // SIMD through GCC vector extensions, as wide as the target allows (AVX-512 16 floats, AVX2 8,
 // else 4), codes widened to int32 by the target's one instruction (SSE4.1 and up; else a plain
@@ -64,6 +68,19 @@ inline float half_at(const uint8_t* p) {
 #endif
 }
 
+// Blocks whose fp16 fields are widened together (BlockFields).
+constexpr int kScaleRun = 16;
+
+#if defined(__AVX512F__)
+// n <= kScaleRun fp16 fields at p, p + stride, ... widened exactly into out[0 : kScaleRun] (zeros
+// past n): gathered as bits by scalar loads, then one conversion for them all.
+inline void halves_to_floats(const uint8_t* p, int64_t stride, int n, float* out) {
+    alignas(32) uint16_t bits[kScaleRun] = {};
+    for (int i = 0; i < n; ++i) std::memcpy(&bits[i], p + i * stride, sizeof bits[i]);
+    _mm512_storeu_ps(out, _mm512_maskz_cvtph_ps(0xFFFF, _mm256_load_si256(reinterpret_cast<const __m256i*>(bits))));
+}
+#endif
+
 template <typename V>
 inline V load_vec(const void* p) {
     V v;
@@ -102,8 +119,15 @@ inline VecI nibbles(const uint8_t* codes, int lane0) {
 struct Q8_0 {
     static constexpr const char* kName = "q8_0";   // reference/block_quant.py's name
     static constexpr int kBytes = 34;
+    static constexpr int kFields = 1;               // fp16 fields before the codes: D
+    static constexpr bool kTable = false;           // no table of 16 values (see q4_lookup)
     static inline BlockLanes dequantize(const uint8_t* b) {
-        const float d = half_at(b);
+        const float f[kFields] = {half_at(b)};
+        return lanes(b, f);
+    }
+    // The block's weights from its fields already widened (f[0] = D).
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) {
+        const float d = f[0];
         BlockLanes out;
         for (int v = 0; v < kBlockVecs; ++v)
             out.w[v] = d * __builtin_convertvector(widen_bytes<true>(b + 2 + v * kVecFloats), VecF);
@@ -130,36 +154,96 @@ inline __m512 q4_codes() { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 1
 struct Q4_0 {
     static constexpr const char* kName = "q4_0";   // reference/block_quant.py's name
     static constexpr int kBytes = 18;
+    static constexpr int kFields = 1;               // D
+    static constexpr bool kTable = true;
     static inline BlockLanes dequantize(const uint8_t* b) {
-        const float d = half_at(b);
+        const float f[kFields] = {half_at(b)};
+        return lanes(b, f);
+    }
 #if defined(__AVX512F__)
-        return q4_lookup(b + 2, _mm512_mul_ps(_mm512_set1_ps(d), _mm512_sub_ps(q4_codes(), _mm512_set1_ps(8.0f))));
+    static inline __m512 values(const float* f) {   // value[c] = D * (c - 8), exact
+        return _mm512_mul_ps(_mm512_set1_ps(f[0]), _mm512_sub_ps(q4_codes(), _mm512_set1_ps(8.0f)));
+    }
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) { return q4_lookup(b + 2, values(f)); }
 #else
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) {
         BlockLanes out;
         for (int v = 0; v < kBlockVecs; ++v)
-            out.w[v] = d * __builtin_convertvector(nibbles(b + 2, v * kVecFloats) - 8, VecF);
+            out.w[v] = f[0] * __builtin_convertvector(nibbles(b + 2, v * kVecFloats) - 8, VecF);
         return out;
-#endif
     }
+#endif
 };
 
 struct Q4_1 {
     static constexpr const char* kName = "q4_1";   // reference/block_quant.py's name
     static constexpr int kBytes = 20;
+    static constexpr int kFields = 2;               // D, M
+    static constexpr bool kTable = true;
     static inline BlockLanes dequantize(const uint8_t* b) {
-        const float d = half_at(b), m = half_at(b + 2);
+        const float f[kFields] = {half_at(b), half_at(b + 2)};
+        return lanes(b, f);
+    }
 #if defined(__AVX512F__)
-        return q4_lookup(b + 4, _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(d), q4_codes()), _mm512_set1_ps(m)));
+    static inline __m512 values(const float* f) {   // value[c] = fl(D * c + M)
+        return _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f[0]), q4_codes()), _mm512_set1_ps(f[1]));
+    }
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) { return q4_lookup(b + 4, values(f)); }
 #else
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) {
         BlockLanes out;
         for (int v = 0; v < kBlockVecs; ++v) {
-            const VecF dq = d * __builtin_convertvector(nibbles(b + 4, v * kVecFloats), VecF);
-            out.w[v] = dq + m;
+            const VecF dq = f[0] * __builtin_convertvector(nibbles(b + 4, v * kVecFloats), VecF);
+            out.w[v] = dq + f[1];
         }
         return out;
+    }
 #endif
+};
+
+// fl(h * w) for each of a block's weights w (fields f widened). With a table (q4_x on AVX-512) h
+// multiplies its 16 values first and the lookup picks the products: value[c] is w exactly, so
+// fl(h * value[c]) is the same product, one multiply for the block instead of one a register.
+template <typename F>
+inline BlockLanes scaled_lanes(const uint8_t* b, const float* f, float h) {
+#if defined(__AVX512F__)
+    if constexpr (F::kTable) return q4_lookup(b + 2 * F::kFields, _mm512_mul_ps(_mm512_set1_ps(h), F::values(f)));
+#endif
+    const BlockLanes w = F::lanes(b, f);
+    BlockLanes out;
+    for (int v = 0; v < kBlockVecs; ++v) out.w[v] = h * w.w[v];
+    return out;
+}
+
+// The fp16 fields of a row's blocks, widened: each block's own where it is used, or (kRun) a run
+// of up to kScaleRun blocks' converted together into `f` by load(), so that in the loop a
+// block's scale is a broadcast load. Runs serve q4_x on AVX-512, where the conversion was a
+// measurable part of a block's work; for q8_0, or without AVX-512, they cost more than they save.
+#if defined(__AVX512F__)
+template <typename F, bool kRun = F::kTable>
+#else
+template <typename F, bool kRun = false>
+#endif
+struct BlockFields {
+    void load(const uint8_t*, int, int) {}
+    void of(const uint8_t* block, int, float* out) const {       // the fields of block b0 + j
+        for (int k = 0; k < F::kFields; ++k) out[k] = half_at(block + 2 * k);
     }
 };
+
+#if defined(__AVX512F__)
+template <typename F>
+struct BlockFields<F, true> {
+    alignas(64) float f[F::kFields * kScaleRun];
+    void load(const uint8_t* row, int b0, int n) {
+        for (int k = 0; k < F::kFields; ++k)
+            halves_to_floats(row + int64_t(b0) * F::kBytes + 2 * k, F::kBytes, n, f + k * kScaleRun);
+    }
+    void of(const uint8_t*, int j, float* out) const {
+        for (int k = 0; k < F::kFields; ++k) out[k] = f[k * kScaleRun + j];
+    }
+};
+#endif
 
 // A node's weight format: float weights (fp32 / fp16), or one of the block formats.
 enum WeightFormat { FORMAT_FLOAT, FORMAT_Q8_0, FORMAT_Q4_0, FORMAT_Q4_1 };
@@ -204,15 +288,24 @@ inline void dot_q_rows(const uint8_t* const* rows, const float* __restrict x, in
                        const uint8_t* const* ahead = nullptr) {
     VecF acc[kRows][kBlockVecs] = {};
     const int blocks = d / kBlock;
-    for (int b = 0; b < blocks; ++b) {
-        VecF xv[kBlockVecs];
-        for (int v = 0; v < kBlockVecs; ++v) xv[v] = load_vec<VecF>(x + b * kBlock + v * kVecFloats);
-        for (int r = 0; r < kRows; ++r) {
-            if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
-            const BlockLanes w = F::dequantize(rows[r] + int64_t(b) * F::kBytes);
-            for (int v = 0; v < kBlockVecs; ++v) {
-                const VecF prod = w.w[v] * xv[v];
-                acc[r][v] = acc[r][v] + prod;
+    BlockFields<F> fields[kRows];
+    for (int b0 = 0; b0 < blocks; b0 += kScaleRun) {
+        const int n = std::min(kScaleRun, blocks - b0);
+        for (int r = 0; r < kRows; ++r) fields[r].load(rows[r], b0, n);
+        for (int j = 0; j < n; ++j) {
+            const int b = b0 + j;
+            VecF xv[kBlockVecs];
+            for (int v = 0; v < kBlockVecs; ++v) xv[v] = load_vec<VecF>(x + b * kBlock + v * kVecFloats);
+            for (int r = 0; r < kRows; ++r) {
+                if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
+                const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
+                float fj[F::kFields];
+                fields[r].of(block, j, fj);
+                const BlockLanes w = F::lanes(block, fj);
+                for (int v = 0; v < kBlockVecs; ++v) {
+                    const VecF prod = w.w[v] * xv[v];
+                    acc[r][v] = acc[r][v] + prod;
+                }
             }
         }
     }
@@ -352,18 +445,23 @@ inline void dot_q_tokens(const uint8_t* w, int d, int r0, int r1, const float* x
 // column in that order: down_columns's one-, two- and four-row steps.
 template <typename F, int kRows>
 inline void add_rows_q(float* __restrict q, const uint8_t* const* src, const float* h, int blocks) {
-    for (int b = 0; b < blocks; ++b) {
-        float* qb = q + b * kBlock;
-        VecF a[kBlockVecs];
-        for (int v = 0; v < kBlockVecs; ++v) a[v] = load_vec<VecF>(qb + v * kVecFloats);
-        for (int r = 0; r < kRows; ++r) {
-            const BlockLanes w = F::dequantize(src[r] + int64_t(b) * F::kBytes);
-            for (int v = 0; v < kBlockVecs; ++v) {
-                const VecF prod = h[r] * w.w[v];
-                a[v] = a[v] + prod;
+    BlockFields<F> fields[kRows];
+    for (int b0 = 0; b0 < blocks; b0 += kScaleRun) {
+        const int n = std::min(kScaleRun, blocks - b0);
+        for (int r = 0; r < kRows; ++r) fields[r].load(src[r], b0, n);
+        for (int j = 0; j < n; ++j) {
+            float* qb = q + (b0 + j) * kBlock;
+            VecF a[kBlockVecs];
+            for (int v = 0; v < kBlockVecs; ++v) a[v] = load_vec<VecF>(qb + v * kVecFloats);
+            for (int r = 0; r < kRows; ++r) {
+                const uint8_t* block = src[r] + int64_t(b0 + j) * F::kBytes;
+                float fj[F::kFields];
+                fields[r].of(block, j, fj);
+                const BlockLanes prod = scaled_lanes<F>(block, fj, h[r]);
+                for (int v = 0; v < kBlockVecs; ++v) a[v] = a[v] + prod.w[v];
             }
+            std::memcpy(qb, a, sizeof a);
         }
-        std::memcpy(qb, a, sizeof a);
     }
 }
 
