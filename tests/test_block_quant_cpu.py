@@ -53,7 +53,7 @@ API int bq_dequantize(int fmt, const uint8_t* blocks, int n_blocks, float* out) 
     return by_format(fmt, [&](auto f) {
         using F = decltype(f);
         for (int b = 0; b < n_blocks; ++b) {
-            const BlockLanes w = F::dequantize(blocks + int64_t(b) * F::kBytes);
+            const BlockLanes w = dequantize<F>(blocks + int64_t(b) * F::kBytes);
             std::memcpy(out + int64_t(b) * kBlock, w.w, sizeof w.w);
         }
     });

@@ -116,21 +116,29 @@ inline VecI nibbles(const uint8_t* codes, int lane0) {
     return lane0 < 16 ? (bytes & 15) : (bytes >> 4);
 }
 
+// A block format F: kBytes bytes a block, kFields fp16 fields (D; q4_1: D, M) and then the codes;
+// F::lanes(b, f) is the block's weights from its fields f already widened.
+template <typename F>
+inline const uint8_t* codes_of(const uint8_t* b) {
+    return b + 2 * F::kFields;
+}
+
+// A block's fp16 fields widened, each on its own.
+template <typename F>
+inline void widen_fields(const uint8_t* b, float* f) {
+    for (int k = 0; k < F::kFields; ++k) f[k] = half_at(b + 2 * k);
+}
+
 struct Q8_0 {
     static constexpr const char* kName = "q8_0";   // reference/block_quant.py's name
     static constexpr int kBytes = 34;
     static constexpr int kFields = 1;               // fp16 fields before the codes: D
     static constexpr bool kTable = false;           // no table of 16 values (see q4_lookup)
-    static inline BlockLanes dequantize(const uint8_t* b) {
-        const float f[kFields] = {half_at(b)};
-        return lanes(b, f);
-    }
-    // The block's weights from its fields already widened (f[0] = D).
     static inline BlockLanes lanes(const uint8_t* b, const float* f) {
         const float d = f[0];
         BlockLanes out;
         for (int v = 0; v < kBlockVecs; ++v)
-            out.w[v] = d * __builtin_convertvector(widen_bytes<true>(b + 2 + v * kVecFloats), VecF);
+            out.w[v] = d * __builtin_convertvector(widen_bytes<true>(codes_of<Q8_0>(b) + v * kVecFloats), VecF);
         return out;
     }
 };
@@ -156,20 +164,16 @@ struct Q4_0 {
     static constexpr int kBytes = 18;
     static constexpr int kFields = 1;               // D
     static constexpr bool kTable = true;
-    static inline BlockLanes dequantize(const uint8_t* b) {
-        const float f[kFields] = {half_at(b)};
-        return lanes(b, f);
-    }
 #if defined(__AVX512F__)
     static inline __m512 values(const float* f) {   // value[c] = D * (c - 8), exact
         return _mm512_mul_ps(_mm512_set1_ps(f[0]), _mm512_sub_ps(q4_codes(), _mm512_set1_ps(8.0f)));
     }
-    static inline BlockLanes lanes(const uint8_t* b, const float* f) { return q4_lookup(b + 2, values(f)); }
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) { return q4_lookup(codes_of<Q4_0>(b), values(f)); }
 #else
     static inline BlockLanes lanes(const uint8_t* b, const float* f) {
         BlockLanes out;
         for (int v = 0; v < kBlockVecs; ++v)
-            out.w[v] = f[0] * __builtin_convertvector(nibbles(b + 2, v * kVecFloats) - 8, VecF);
+            out.w[v] = f[0] * __builtin_convertvector(nibbles(codes_of<Q4_0>(b), v * kVecFloats) - 8, VecF);
         return out;
     }
 #endif
@@ -180,20 +184,16 @@ struct Q4_1 {
     static constexpr int kBytes = 20;
     static constexpr int kFields = 2;               // D, M
     static constexpr bool kTable = true;
-    static inline BlockLanes dequantize(const uint8_t* b) {
-        const float f[kFields] = {half_at(b), half_at(b + 2)};
-        return lanes(b, f);
-    }
 #if defined(__AVX512F__)
     static inline __m512 values(const float* f) {   // value[c] = fl(D * c + M)
         return _mm512_add_ps(_mm512_mul_ps(_mm512_set1_ps(f[0]), q4_codes()), _mm512_set1_ps(f[1]));
     }
-    static inline BlockLanes lanes(const uint8_t* b, const float* f) { return q4_lookup(b + 4, values(f)); }
+    static inline BlockLanes lanes(const uint8_t* b, const float* f) { return q4_lookup(codes_of<Q4_1>(b), values(f)); }
 #else
     static inline BlockLanes lanes(const uint8_t* b, const float* f) {
         BlockLanes out;
         for (int v = 0; v < kBlockVecs; ++v) {
-            const VecF dq = f[0] * __builtin_convertvector(nibbles(b + 4, v * kVecFloats), VecF);
+            const VecF dq = f[0] * __builtin_convertvector(nibbles(codes_of<Q4_1>(b), v * kVecFloats), VecF);
             out.w[v] = dq + f[1];
         }
         return out;
@@ -201,13 +201,21 @@ struct Q4_1 {
 #endif
 };
 
+// A block's 32 weights dequantized.
+template <typename F>
+inline BlockLanes dequantize(const uint8_t* b) {
+    float f[F::kFields];
+    widen_fields<F>(b, f);
+    return F::lanes(b, f);
+}
+
 // fl(h * w) for each of a block's weights w (fields f widened). With a table (q4_x on AVX-512) h
 // multiplies its 16 values first and the lookup picks the products: value[c] is w exactly, so
 // fl(h * value[c]) is the same product, one multiply for the block instead of one a register.
 template <typename F>
 inline BlockLanes scaled_lanes(const uint8_t* b, const float* f, float h) {
 #if defined(__AVX512F__)
-    if constexpr (F::kTable) return q4_lookup(b + 2 * F::kFields, _mm512_mul_ps(_mm512_set1_ps(h), F::values(f)));
+    if constexpr (F::kTable) return q4_lookup(codes_of<F>(b), _mm512_mul_ps(_mm512_set1_ps(h), F::values(f)));
 #endif
     const BlockLanes w = F::lanes(b, f);
     BlockLanes out;
@@ -226,9 +234,7 @@ template <typename F, bool kRun = false>
 #endif
 struct BlockFields {
     void load(const uint8_t*, int, int) {}
-    void of(const uint8_t* block, int, float* out) const {       // the fields of block b0 + j
-        for (int k = 0; k < F::kFields; ++k) out[k] = half_at(block + 2 * k);
-    }
+    void of(const uint8_t* block, int, float* out) const { widen_fields<F>(block, out); }   // block b0 + j's
 };
 
 #if defined(__AVX512F__)
@@ -249,7 +255,7 @@ struct BlockFields<F, true> {
 enum WeightFormat { FORMAT_FLOAT, FORMAT_Q8_0, FORMAT_Q4_0, FORMAT_Q4_1 };
 constexpr WeightFormat kBlockFormats[] = {FORMAT_Q8_0, FORMAT_Q4_0, FORMAT_Q4_1};
 
-// fn(F{}) for a block format's struct (F::kName, F::kBytes, F::dequantize); f is not FORMAT_FLOAT.
+// fn(F{}) for a block format's struct (F::kName, F::kBytes, F::lanes); f is not FORMAT_FLOAT.
 template <typename Fn>
 inline decltype(auto) with_block_format(WeightFormat f, Fn&& fn) {
     switch (f) {
@@ -410,7 +416,7 @@ inline void dot_q_tile(const uint8_t* const* rows, int n_rows, const float* x, i
         const int cb = std::min(kChunkBlocks, blocks - c0);
         for (int r = 0; r < kTileRows; ++r)      // a short tile repeats its last row (sums unused)
             for (int b = 0; b < cb; ++b) {
-                const BlockLanes lanes = F::dequantize(rows[std::min(r, n_rows - 1)] + int64_t(c0 + b) * F::kBytes);
+                const BlockLanes lanes = dequantize<F>(rows[std::min(r, n_rows - 1)] + int64_t(c0 + b) * F::kBytes);
                 std::memcpy(w + (r * kChunkBlocks + b) * kBlock, lanes.w, sizeof lanes.w);
             }
         const float* xc = x + c0 * kBlock;
@@ -495,7 +501,7 @@ inline void down_columns_tokens_q(const uint8_t* __restrict wt, int d, int k, co
         if (i + 1 < k) prefetch_span(src + stride, size_t(blocks) * F::kBytes);
         float* __restrict w = row.data();
         for (int b = 0; b < blocks; ++b) {
-            const BlockLanes lanes = F::dequantize(src + int64_t(b) * F::kBytes);
+            const BlockLanes lanes = dequantize<F>(src + int64_t(b) * F::kBytes);
             std::memcpy(w + b * kBlock, lanes.w, sizeof lanes.w);
         }
         const int columns = m;                  // (m is captured by reference: a copy stays in a register)
