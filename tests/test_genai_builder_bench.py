@@ -318,8 +318,8 @@ def test_the_module_runs_as_python_dash_m():
 
 needs_side_env = pytest.mark.skipif(
     not os.environ.get("GENAI_BUILDER_PYTHON"),
-    reason="needs the side environment: GENAI_BUILDER_PYTHON=an interpreter with onnxruntime-genai, torch and "
-           "transformers (benchmarks/genai_builder/)")
+    reason="needs the side environment: GENAI_BUILDER_PYTHON=an interpreter with onnxruntime-genai, onnx_ir, "
+           "torch and transformers (benchmarks/genai_builder/)")
 
 
 def _builder_sized_checkpoint(hidden_act: str):

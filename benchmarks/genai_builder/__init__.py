@@ -12,7 +12,7 @@ Three steps, each a subcommand (``cli``), each printing what it did:
   matter.
 * ``build HF_DIR --out DIR --python PY`` (``build``): runs the builder (``PY -m
   onnxruntime_genai.models.builder -i HF_DIR -o DIR -p fp32 -e cpu``) with an interpreter that
-  has torch and transformers (a side virtual environment: they are no dependency of this
+  has torch, transformers and onnx_ir (a side virtual environment: they are no dependency of this
   project). ``--precision int4``: the builder's int4 model (round to nearest, blocks of 32,
   accuracy level 4; see ``build``).
 * ``run --ours DIR --builder DIR --out RESULT.json`` (``report``): decodes both folders with

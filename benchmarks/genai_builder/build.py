@@ -1,5 +1,5 @@
 """``build``: onnxruntime-genai's model builder on a Hugging Face folder for the CPU provider,
-fp32 or int4, run with an interpreter that has torch and transformers (a side environment).
+fp32 or int4, run with an interpreter that has torch, transformers and onnx_ir (a side environment).
 
 int4 is the builder's weight-only quantization of every MatMul (MatMulNBits): its default
 method, round to nearest in blocks of 32 weights along the input dimension, symmetric (4-bit
