@@ -81,7 +81,7 @@ class ExportOptions:
     approximate: bool = False         # sparse SiLU / GELU: rows the sign predictor skips are taken as zero
     quantize: str | None = None       # q8_0, q4_0, q4_1: every linear layer on blocks (quant_weights, quant_graph)
     down_policy: str = DEFAULT_DOWN_POLICY    # a GGUF's ffn_down re-blocked along d: in q8_0, or 'same' format
-    accuracy_level: int = 0           # MatMulNBits' (0: float32 activations, exact; 4: int8 activations, q8_0 too)
+    accuracy_level: int = 0           # MatMulNBits' and SparseMLP's (0: float32 activations; 4: int8 activations)
 
 
 def quantize_conflicts(quantize, portable: bool = False, dtype: str = "float32", target: str = "cpu",
@@ -370,7 +370,8 @@ class LlamaExporter:
         if self.quant and not self.o.sparse and not lw.down_transposed:
             return qg.dense_mlp_nbits(g, x, lw, self.act, f"{lsc}/mlp", f"model.layers.{i}.mlp", self.o.accuracy_level)
         if self.quant:
-            inputs, attrs = qg.sparse_mlp_inputs(g, x, lw, f"model.layers.{i}.mlp", dense=not self.o.sparse)
+            inputs, attrs = qg.sparse_mlp_inputs(g, x, lw, f"model.layers.{i}.mlp", dense=not self.o.sparse,
+                                                 accuracy_level=self.o.accuracy_level)
             return self._sparse_mlp_node(i, inputs, attrs)
         return self._mlp_sparse(i, lw, x) if self.o.sparse else self._mlp_dense_t(g, i, lw, x, f"{lsc}/mlp")
 

@@ -57,7 +57,7 @@ BLOCK_MATMUL_TYPE = "BlockMatMul"  # y = x W^T on block-quantized W (formats Mat
 # CPU kernel's headers, and the cuda flavour's: its op kernel (g++) and the launcher (nvcc).
 OP_SOURCES = ("sparse_mlp_op.cc", "op_checks.cc", "op_kernel_cpu.cc", "op_block_matmul.cc", "op_cpu_features.cc")
 OP_HEADERS = ("op_common.h",)
-CPU_HEADERS = ("sparse_mlp_cpu.h", "block_quant_cpu.h")
+CPU_HEADERS = ("sparse_mlp_cpu.h", "block_quant_cpu.h", "q8_activation_cpu.h")
 CUDA_OP_SOURCE = "op_kernel_cuda.cc"
 CUDA_SOURCES = ("sparse_mlp_cuda.cu", "sparse_mlp_cuda.h")
 # The gate activations, one text for the CPU kernel and the CUDA kernels (sparse_mlp_cpu.h

@@ -9,8 +9,9 @@ block-quantized weights (``quant_weights``).
   W^T, each output element the V = 1 dot product of the order contract on the dequantized row,
   bit-exact with the reference).
 * A sparse MLP is one ``SparseMLP`` node whose W_gate, W_up and W_down^T are uint8 blocks
-  (attributes ``weight_format`` for W_gate and W_up, ``down_format`` for W_down^T); its sign
-  words are packed from the dequantized W_gate, as the reference packs them.
+  (attributes ``weight_format`` for W_gate and W_up, ``down_format`` for W_down^T; at accuracy
+  level 4 ``accuracy_level`` = 4: the gate and up rows on int8 activations, as MatMulNBits' level
+  4); its sign words are packed from the dequantized W_gate, as the reference packs them.
 * A dense MLP is three MatMulNBits around the activation where they run gate, up and down (W_down
   in blocks along k), else one SparseMLP node with ``dense`` = 1, the dense MLP in the op's
   arithmetic.
@@ -26,11 +27,11 @@ from onnx import numpy_helper
 from .gguf_blocks import TensorBlocks
 from .mlp_functions import apply_activation, pack_sign_words64
 from .op_library import BLOCK_MATMUL_TYPE, DOMAIN
-from .quant_linear import make_matmul_nbits, matmul_nbits_fast
+from .quant_linear import INT8_ACTIVATIONS, make_matmul_nbits, matmul_nbits_fast
 from .quant_weights import QuantLayer, dequantized
 
 # attributes of a SparseMLP node on blocks
-WEIGHT_FORMAT, DOWN_FORMAT, DENSE = "weight_format", "down_format", "dense"
+WEIGHT_FORMAT, DOWN_FORMAT, DENSE, ACCURACY_LEVEL = "weight_format", "down_format", "dense", "accuracy_level"
 
 
 def _make_tensor(g):
@@ -62,16 +63,18 @@ def dense_mlp_nbits(g, x: str, lw: QuantLayer, act, scope: str, pre: str, accura
     return linear(g, h3, lw.down, f"{scope}/down_proj", f"{pre}.down_proj.weight", accuracy_level)
 
 
-def sparse_mlp_inputs(g, x: str, lw: QuantLayer, pre: str, dense: bool) -> tuple[list[str], dict]:
+def sparse_mlp_inputs(g, x: str, lw: QuantLayer, pre: str, dense: bool, accuracy_level: int = 0) -> tuple[list[str], dict]:
     """A SparseMLP node's inputs (x, W_gate, W_up, W_down^T blocks, sign words of the dequantized
-    W_gate) and its block attributes."""
+    W_gate) and its block attributes (at ``accuracy_level`` 4, as MatMulNBits', the gate and up
+    rows on int8 activations: reference/q8_activation.py)."""
     fmt = lw.gate.fmt.name
     inputs = [x, g.initializer(f"{pre}.gate_proj.weight.{fmt}", lw.gate.blocks),
               g.initializer(f"{pre}.up_proj.weight.{fmt}", lw.up.blocks),
               g.initializer(f"{pre}.down_proj.weight_t.{lw.down.fmt.name}", lw.down.blocks),
               g.initializer(f"{pre}.gate_proj.sign_words",
                             pack_sign_words64(dequantized(lw.gate, f"{pre}.gate_proj.weight"), groups=False))]
-    attrs = {WEIGHT_FORMAT: fmt, DOWN_FORMAT: lw.down.fmt.name, **({DENSE: 1} if dense else {})}
+    attrs = {WEIGHT_FORMAT: fmt, DOWN_FORMAT: lw.down.fmt.name, **({DENSE: 1} if dense else {}),
+             **({ACCURACY_LEVEL: accuracy_level} if accuracy_level == INT8_ACTIVATIONS else {})}
     return inputs, attrs
 
 

@@ -223,6 +223,18 @@ def dequantize(blocks, fmt, cols: int, name: str = "weights") -> np.ndarray:
     return values.reshape(np.shape(blocks)[0], cols)
 
 
+def fields_and_codes(blocks, fmt, cols: int, name: str = "weights"):
+    """(D float32 [rows, cols / 32], M likewise or None, codes int32 [rows, cols / 32, 32]): the
+    blocks' widened fp16 fields and the integer codes that multiply D (q4_0: q - 8)."""
+    fmt = block_format(fmt)
+    check_blocks(blocks, fmt, name, cols)
+    flat = _as_blocks(blocks, fmt, name)
+    d, m = _header(flat, fmt)
+    q = _codes(flat, fmt).astype(np.int32) - (8 if fmt is Q4_0 else 0)
+    shape = (np.shape(blocks)[0], cols // BLOCK)
+    return d.reshape(shape), (None if m is None else m.reshape(shape)), q.reshape(*shape, BLOCK)
+
+
 def roundtrip_error_bound(w, fmt, name: str = "weights") -> np.ndarray:
     """float64 [rows, cols]: the module docstring's bound on ``|w - dequantize(quantize(w))|``."""
     fmt = block_format(fmt)

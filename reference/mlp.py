@@ -137,27 +137,40 @@ def transposed_down(w_down, w_down_t=None) -> np.ndarray:
     return w_down_t
 
 
-def _finish(x, w_up, w_down_t, h1, up_rows, v_width):
+def float_row_dots(x, w_gate, w_up, v_width=None):
+    """``dots(which, rows)``: rows (an index array, or None for all) of W_gate (which "gate") or
+    W_up ("up") times x, by ``order_contract.warp_dot_rows`` with V ``v_width``."""
+    weights = {"gate": w_gate, "up": w_up}
+
+    def dots(which, rows=None):
+        w = weights[which]
+        return oc.warp_dot_rows(w if rows is None else w[rows], x, v_width=v_width)
+    return dots
+
+
+def _finish(h1, up_rows, w_down_t, dots):
     """Steps 2-4 given h1 and the rows to compute in step 2."""
     h2 = np.zeros_like(h1)
-    h2[up_rows] = oc.warp_dot_rows(w_up[up_rows], x, v_width=v_width)
+    h2[up_rows] = dots("up", up_rows)
     return oc.down_projection(h1 * h2, w_down_t)
 
 
-def mlp_dense(x, w_gate, w_up, w_down, activation, w_down_t=None, v_width=None) -> np.ndarray:
+def mlp_dense(x, w_gate, w_up, w_down, activation, w_down_t=None, v_width=None, row_dots=None) -> np.ndarray:
     """Dense MLP output [d] float32, every dot product in the order contract (``v_width``: the
-    row dot products' V, see ``order_contract.warp_dot_rows``)."""
+    row dot products' V, see ``order_contract.warp_dot_rows``; ``row_dots``: instead, another
+    arithmetic for them, a function as :func:`float_row_dots` returns)."""
     act = Activation.parse(activation)
     x, d, k = check_mlp_inputs(x, w_gate, w_up, w_down)
     w_down_t = transposed_down(w_down, w_down_t)
-    h1 = act(oc.warp_dot_rows(w_gate, x, v_width=v_width))
+    dots = row_dots or float_row_dots(x, w_gate, w_up, v_width)
+    h1 = act(dots("gate"))
     if not act.sparse_capable:
-        return oc.down_projection(h1 * oc.warp_dot_rows(w_up, x, v_width=v_width), w_down_t)
-    return _finish(x, w_up, w_down_t, h1, np.arange(k), v_width)
+        return oc.down_projection(h1 * dots("up"), w_down_t)
+    return _finish(h1, np.arange(k), w_down_t, dots)
 
 
 def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+actual",
-               w_signs=None, w_down_t=None, approximate: bool = False, v_width=None):
+               w_signs=None, w_down_t=None, approximate: bool = False, v_width=None, row_dots=None):
     """Sparse MLP: returns (output [d] float32, MLPTrace).
 
     ``w_signs`` (``pack_signs(w_gate)``) and ``w_down_t`` (``w_down.T`` contiguous) may be
@@ -165,7 +178,7 @@ def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+a
     time. ``approximate``: allow an activation without exact zeros (SiLU): rows the
     predictor skips are taken as zero, an approximation; the trace's ``actual_zero`` is then
     the rows whose gate pre-activation is negative (what the sign predictor aims at).
-    ``v_width``: the row dot products' V, as in :func:`mlp_dense`.
+    ``v_width``, ``row_dots``: the row dot products' arithmetic, as in :func:`mlp_dense`.
     """
     act = Activation.parse(activation)
     if not act.sparse_capable and not approximate:
@@ -179,7 +192,8 @@ def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+a
 
     # The true h1 for every row: the statistics (actual mask) need it, and for the rows
     # the mode computes it is bit-identical to what a kernel computes for them.
-    z = oc.warp_dot_rows(w_gate, x, v_width=v_width)
+    dots = row_dots or float_row_dots(x, w_gate, w_up, v_width)
+    z = dots("gate")
     h1_true = act(z)
     actual_zero = h1_true == 0 if act.sparse_capable else z < 0
 
@@ -194,7 +208,7 @@ def mlp_sparse(x, w_gate, w_up, w_down, activation, alpha=1.0, mode="predicted+a
     computed_gate = ~predicted_zero
     h1 = np.where(computed_gate, h1_true, np.float32(0))
     computed_up = computed_gate & (h1 != 0) if mode != "predicted" else computed_gate.copy()
-    out = _finish(x, w_up, w_down_t, h1, np.flatnonzero(computed_up), v_width)
+    out = _finish(h1, np.flatnonzero(computed_up), w_down_t, dots)
     trace = MLPTrace(mode=mode, d=d, k=k, weight_dtype=dtype_name(w_gate.dtype), alpha_milli=alpha_milli,
                      predicted_zero=predicted_zero, actual_zero=actual_zero, computed_gate=computed_gate,
                      computed_up=computed_up, computed_down=computed_up.copy())

@@ -62,6 +62,30 @@ Block-quantized weights (Q8_0, Q4_0, Q4_1; ``block_quant.py``, ``quant_mlp.py``)
 * The down projection is unchanged: the chunks and sub-chunks above, per column, on the
   dequantized rows of W_down^T (blocks along d). Sign words are packed from the dequantized
   W_gate. When a kernel dequantizes is free; the values and the order of the products are not.
+
+Block-quantized weights with int8 activations (``q8_activation.py``; onnxruntime's accuracy level 4)
+----------------------------------------------------------------------------------------------------
+The gate and up row dot products may instead run on x quantized per block of 32, as
+llama.cpp's q8 dot products and MatMulNBits at accuracy level 4 do; everything else (the
+predictor on float32 x's signs, activation, product, down projection) is unchanged.
+
+* x is quantized per block b of 32 elements: ``amax`` the largest ``|x_j|`` (exact),
+  ``s_b = fl(amax / 127)``, codes ``q_j = rint(fl(x_j / s_b))`` (nearest, ties to even) clamped
+  to [-127, 127] (the clamp acts only where ``s_b`` is subnormal), all 0 where ``s_b == 0``.
+  x must be finite.
+* A weight block b of a row and x's block b: per group ``g`` of ``Q8_GROUP`` = 4 consecutive
+  elements ``4g .. 4g + 3`` (g = 0 .. 7), the exact integer sum ``n_g`` of code products: q8_0
+  ``sum c q``, q4_0 ``sum (c - 8) q``, q4_1 ``sum c q`` and also ``u_g = sum q``. (|n_g| < 2^16:
+  the conversion to float32 is exact.)
+* ``Q8_LANES`` = 16 float32 accumulators from +0.0; group g of block b goes to lane
+  ``8 (b mod 2) + g``, blocks in order b = 0, 1, ...: q8_0 and q4_0 add ``fl(fl(D s_b) n_g)``,
+  q4_1 adds ``fl(fl(fl(D s_b) n_g) + fl(fl(M s_b) u_g))`` (D, M the block's fp16 fields widened).
+* Then the butterfly over the 16 lanes, offsets ``Q8_BUTTERFLY`` = (8, 4, 2, 1):
+  ``acc[a] = fl(acc[a] + acc[a + offset])`` for a < offset; the result is acc[0].
+  Why: the integer sums are what a SIMD integer dot product (VNNI's vpdpbusd, AVX2's
+  vpmaddubsw + vpmaddwd, CUDA's dp4a) gives per 4 bytes, and an AVX-512 register holds two
+  blocks' 8 groups, an AVX2 register one block's (its even and odd blocks in two registers):
+  every width gives the same bits with no horizontal sum inside the loop.
 """
 from __future__ import annotations
 
@@ -73,6 +97,9 @@ VECTOR_BYTES = 16          # one 128-bit load of weights per lane per iteration
 DOWN_ROW_CHUNK = 512       # rows of W_down^T reduced into one partial sum (one kernel block)
 DOWN_SUB_CHUNKS = 4        # sub-chunks of a chunk summed separately, then added in order
 BLOCK_VECTOR_WIDTH = 1     # V of block-quantized weights: one 32-weight block per iteration
+Q8_GROUP = 4               # int8 activations: elements per exact integer sum
+Q8_LANES = 16              # int8 activations: float32 accumulators (two blocks' groups)
+Q8_BUTTERFLY = (8, 4, 2, 1)
 UNIT_ROUNDOFF_FP32 = 2.0 ** -24
 UNIT_ROUNDOFF_FP64 = 2.0 ** -53
 

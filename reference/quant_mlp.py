@@ -2,9 +2,11 @@
 
 Weights are neuron-major, blocks along d: W_gate, W_up and W_down^T are each [k, d] in
 ``block_quant`` blocks, so skipping neuron i skips row i's bytes in all three. The op's
-arithmetic is the float32 MLP of ``mlp.py`` on the dequantized rows (activations stay
-float32), its row dot products with ``V = order_contract.BLOCK_VECTOR_WIDTH`` (one block per
-iteration of the 32 lanes), with the sign words packed from the dequantized W_gate.
+arithmetic is the float32 MLP of ``mlp.py`` on the dequantized rows, its row dot products with
+``V = order_contract.BLOCK_VECTOR_WIDTH`` (one block per iteration of the 32 lanes), with the
+sign words packed from the dequantized W_gate; or, with ``int8_activations`` (onnxruntime's
+accuracy level 4), the gate and up row dot products on x quantized per block
+(``q8_activation.py``), the rest unchanged.
 
 A GGUF file's ffn_down is [d, k] with its blocks along k (32 neurons share a block), which
 sparsity cannot skip; :func:`reblock_down` turns it into W_down^T blocks along d, by one of
@@ -22,6 +24,7 @@ from .block_quant import Q8_0, BlockFormat, block_format, check_blocks, dequanti
 from .errors import SparseInferError
 from .mlp import MLPTrace, mlp_dense, mlp_sparse
 from .order_contract import BLOCK_VECTOR_WIDTH
+from .q8_activation import q8_row_dots, quantize_activation
 from .signs import BYTES_PER_WORD, pack_signs
 
 DOWN_OPTIONS = ("same", "q8_0")
@@ -80,21 +83,41 @@ class QuantMLPTrace(MLPTrace):
         return b
 
 
-def mlp_dense_quant(x, weights: QuantizedMLPWeights, activation) -> np.ndarray:
-    """Dense MLP output [d] float32 on the dequantized weights, in the order contract."""
+def int8_row_dots(x, weights: QuantizedMLPWeights):
+    """``dots(which, rows)`` (see ``mlp.float_row_dots``) on x quantized per block: the
+    contract's int8-activation row dot products of W_gate's and W_up's blocks."""
+    codes, scales = quantize_activation(np.asarray(x), "x")
+    blocks = {"gate": (weights.gate, "w_gate"), "up": (weights.up, "w_up")}
+
+    def dots(which, rows=None):
+        w, name = blocks[which]
+        return q8_row_dots(w if rows is None else w[rows], weights.fmt, weights.d, codes, scales, name)
+    return dots
+
+
+def _row_dots(x, weights, int8_activations: bool):
+    return int8_row_dots(x, weights) if int8_activations else None
+
+
+def mlp_dense_quant(x, weights: QuantizedMLPWeights, activation, int8_activations: bool = False) -> np.ndarray:
+    """Dense MLP output [d] float32 on the dequantized weights, in the order contract
+    (``int8_activations``: the gate and up rows on x quantized per block)."""
     w_gate, w_up, w_down_t = weights.dequantized()
-    return mlp_dense(x, w_gate, w_up, w_down_t.T, activation, w_down_t=w_down_t, v_width=BLOCK_VECTOR_WIDTH)
+    return mlp_dense(x, w_gate, w_up, w_down_t.T, activation, w_down_t=w_down_t, v_width=BLOCK_VECTOR_WIDTH,
+                     row_dots=_row_dots(x, weights, int8_activations))
 
 
 def mlp_sparse_quant(x, weights: QuantizedMLPWeights, activation, alpha=1.0, mode="predicted+actual",
-                     w_signs=None, approximate: bool = False):
+                     w_signs=None, approximate: bool = False, int8_activations: bool = False):
     """Sparse MLP on the dequantized weights: (output [d] float32, QuantMLPTrace).
-    ``w_signs`` defaults to ``pack_signs`` of the dequantized W_gate."""
+    ``w_signs`` defaults to ``pack_signs`` of the dequantized W_gate; ``int8_activations`` as in
+    :func:`mlp_dense_quant`."""
     w_gate, w_up, w_down_t = weights.dequantized()
     if w_signs is None:
         w_signs = pack_signs(w_gate)
     out, trace = mlp_sparse(x, w_gate, w_up, w_down_t.T, activation, alpha=alpha, mode=mode, w_signs=w_signs,
-                            w_down_t=w_down_t, approximate=approximate, v_width=BLOCK_VECTOR_WIDTH)
+                            w_down_t=w_down_t, approximate=approximate, v_width=BLOCK_VECTOR_WIDTH,
+                            row_dots=_row_dots(x, weights, int8_activations))
     fields = dict(vars(trace), weight_dtype=weights.fmt.name)
     return out, QuantMLPTrace(**fields, down_format=weights.down_fmt.name)
 

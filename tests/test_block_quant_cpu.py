@@ -20,19 +20,21 @@ from hypothesis import strategies as st
 from sparseinfer.model_export import op_library
 from sparseinfer.reference import block_quant as bq
 from sparseinfer.reference import order_contract as oc
+from sparseinfer.reference import q8_activation as q8
 
 from helpers import assert_bits_equal
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason=op_library.NO_GXX)
 
 F32 = np.float32
-# builds: the machine's own SIMD, then narrower paths forced (AVX2: 8 floats a register; SSE4.1:
-# 4; no SSE4.1: 4, codes widened by a plain loop), which must all give the same bits
-FLAVOURS = {"native": (), "avx2": ("-mno-avx512f",), "sse4.1": ("-mno-avx512f", "-mno-avx2"),
-            "sse2": ("-mno-sse4.1",)}
+# builds: the machine's own SIMD, then narrower paths forced (without AVX-512 VNNI: int8 dot products
+# by vpmaddubsw; AVX2: 8 floats a register; SSE4.1: 4; no SSE4.1: 4, codes widened by a plain loop),
+# which must all give the same bits
+FLAVOURS = {"native": (), "no-vnni": ("-mno-avx512vnni",), "avx2": ("-mno-avx512f",),
+            "sse4.1": ("-mno-avx512f", "-mno-avx2"), "sse2": ("-mno-sse4.1",)}
 
 SHIM = r"""
-#include "block_quant_cpu.h"
+#include "q8_activation_cpu.h"
 using namespace sparseinfer;
 #define API extern "C" __attribute__((visibility("default")))
 
@@ -90,6 +92,23 @@ API int bq_dot_tokens(int fmt, const uint8_t* w, int d, int n, int split, const 
 API void bq_prefill_sizes(int* out) {
     const int sizes[] = {kTileRows, kTileTokens, kChunkBlocks, kTokenGroup};
     std::memcpy(out, sizes, sizeof sizes);
+}
+
+// z[i] = row i . x on int8 activations (x quantized by quantize_x), rows `group` at a time (1: the
+// single-row tail of dot_q8_listed, 4: its side-by-side step); codes[d]: the quantized x's codes
+API int bq_q8_dot_rows(int fmt, int group, const uint8_t* w, int d, int n, const float* x, float* z, int8_t* codes) {
+    return by_format(fmt, [&](auto f) {
+        using F = decltype(f);
+        QuantizedX qx;
+        if (quantize_x(x, d, code_offset<F>(), qx) >= 0) return;     // (z stays NaN)
+        std::memcpy(codes, qx.codes.data(), d);
+        if (group == 4) dot_q8_listed<F>(w, d, nullptr, n, qx, 0, n, z);
+        else
+            for (int i = 0; i < n; ++i) {
+                const uint8_t* row = w + i * row_bytes_q<F>(d);
+                dot_q8_rows<F, 1>(&row, qx, d, z + i);
+            }
+    });
 }
 
 API int bq_down_columns(int fmt, const uint8_t* wt, int d, const int32_t* rows, const float* h3, int n, int j0,
@@ -279,3 +298,19 @@ def test_the_narrow_builds_take_the_narrow_paths():
     widths = {name: build_shim(flags).bq_vec_floats() for name, flags in FLAVOURS.items()}
     assert widths["sse4.1"] == widths["sse2"] == 4
     assert widths["native"] in (4, 8, 16) and widths["avx2"] in (4, 8) and widths["avx2"] <= widths["native"]
+
+
+@given(fmt=formats, blocks=st.integers(1, 12), n=st.integers(1, 9), group=st.sampled_from([1, 4]), seed=seeds)
+def test_int8_activation_dot_rows_are_the_reference(shim, fmt, blocks, n, group, seed):
+    """x quantized per block as reference/q8_activation.py does (codes compared exactly), then
+    each row's dot product in its 16-lane order, bit for bit (odd and even block counts)."""
+    rng = np.random.default_rng(seed)
+    d = 32 * blocks
+    w, x = random_blocks(rng, fmt, n, d), widely_scaled(rng, d)
+    x[rng.random(d) < 0.1] = 0                        # some zero blocks' worth, some exact zeros
+    z, codes = np.full(n, np.nan, F32), np.zeros(d, np.int8)
+    call(shim, "bq_q8_dot_rows", fmt, group, w, d, n, x, z, codes)
+    want_codes, scales = q8.quantize_activation(x)
+    assert np.array_equal(codes, want_codes)
+    assert_bits_equal(z, q8.q8_row_dots(w, fmt, d, want_codes, scales), f"{fmt.name} int8 dot, {group} rows at once",
+                      f"d={d} seed={seed}")

@@ -337,3 +337,53 @@ def test_block_matmul_bad_inputs_name_the_node():
     raises_one_line(lambda: session.run(None, {"x": np.ones((1, 96), F32)}), MATMUL_NODE,
                    "W is uint8 [6, 68]; expected uint8 [n, 102]")
     assert session.run(None, {"x": np.ones((3, 64), F32)})[0].shape == (3, 6)
+
+
+# --- int8 activations (accuracy_level 4) ------------------------------------------------------------------------------------
+
+@settings(max_examples=25, deadline=None)
+@given(fmt=formats, down=st.sampled_from([None, "q8_0"]), shape=mlp_shapes(), alpha_milli=st.integers(600, 1400),
+       act=st.sampled_from(["relu", "fatrelu:0.05"]), seed=seeds)
+def test_one_token_at_level_4_is_the_int8_reference_bit_for_bit(fmt, down, shape, alpha_milli, act, seed):
+    d, k = shape
+    weights, x = quantized_layer(np.random.default_rng(seed), d, k, fmt, down)
+    act = Activation.parse(act)
+    counters(reset=True)
+    out, predicted, computed, actual = _session(quant_model(weights, alpha_milli, act, outputs=4, down=down,
+                                                              accuracy_level=4)).run(None, {"x": x[None]})
+    want, trace = mlp_sparse_quant(x, weights, act, alpha=alpha_milli / 1000, int8_activations=True)
+    assert_bits_equal(out[0], want, f"{fmt} sparse, int8 activations", f"d={d} k={k} seed={seed}")
+    assert np.array_equal(predicted, trace.predicted_zero)
+    assert np.array_equal(computed, trace.computed_up)
+    assert np.array_equal(actual, trace.actual_zero)
+    assert counters()["rows_computed"] == trace.rows["up"]
+
+
+@settings(max_examples=10, deadline=None)
+@given(fmt=formats, shape=mlp_shapes(), tokens=st.integers(2, 5), dense_node=st.booleans(),
+       act=st.sampled_from(["relu", "silu"]), seed=seeds)
+def test_prefill_and_dense_nodes_at_level_4_are_the_int8_dense_reference(fmt, shape, tokens, dense_node, act, seed):
+    d, k = shape
+    rng = np.random.default_rng(seed)
+    weights, _ = quantized_layer(rng, d, k, fmt, None)
+    n = 1 if dense_node else tokens
+    xs = rng.standard_normal((1, n, d)).astype(F32)
+    attrs = {"accuracy_level": 4, **({"dense": 1} if dense_node else {})}
+    (out,) = _session(quant_model(weights, 1000, Activation.parse(act), **attrs)).run(None, {"x": xs})
+    for t in range(n):
+        assert_bits_equal(out[0, t], mlp_dense_quant(xs[0, t], weights, act, int8_activations=True),
+                          f"{fmt} dense, int8 activations", f"token {t} seed={seed}")
+
+
+def test_level_4_refuses_an_infinite_x_and_bad_levels():
+    weights, x = quantized_layer(np.random.default_rng(1), 64, 40, "q4_0", None)
+    x[0] = np.inf
+    session = _session(quant_model(weights, 1000, Activation.parse("relu"), accuracy_level=4))
+    raises_one_line(lambda: session.run(None, {"x": x[None]}), "SparseMLP node 'layer/SparseMLP'", "index 0",
+                    "finite")
+    raises_one_line(lambda: _session(quant_model(weights, 1000, Activation.parse("relu"), accuracy_level=2)),
+                    "accuracy_level is 2")
+    w = np.ones((40, 64), F32)
+    raises_one_line(lambda: _session(_mlp_model(w, w, np.ones((40, 64), F32), pack_sign_words64(w), 1000,
+                                                  Activation.parse("relu"), accuracy_level=4)),
+                    "accuracy_level 4", "block weight_format")

@@ -134,7 +134,9 @@ ACCURACY_LEVEL = click.option(
          "the exact weights (the reference's arithmetic but for the order of sums); 4: activations quantized per "
          "block to int8 (llama.cpp's q8 dot products, onnxruntime-genai's int4 default): faster, not exact. q8_0 "
          "layers run as MatMulNBits only at 4 (onnxruntime's 8-bit kernel for float32 activations is about 40x "
-         "slower), else in the op library's BlockMatMul; q4_1 layers always in BlockMatMul.")
+         "slower), else in the op library's BlockMatMul; q4_1 layers always in BlockMatMul. At 4 the SparseMLP "
+         "nodes' gate and up rows also take int8 activations (bit-exact with reference/q8_activation.py; CPU "
+         "provider only).")
 
 
 def dtype(help: str = "Weights and activations: " + DTYPE_HELP):

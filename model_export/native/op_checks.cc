@@ -205,6 +205,16 @@ Kernel* make_kernel(const OrtKernelInfo* info) {
         if (OrtStatus* absent = g_api->KernelInfoGetAttribute_int64(info, "dense", &dense)) g_api->ReleaseStatus(absent);
         if (dense != 0 && dense != 1) throw OpError(kernel->node + ": dense is " + std::to_string(dense) + "; expected 0 or 1");
         kernel->dense = dense == 1;
+        // accuracy_level as MatMulNBits': 0 / 1 float32 activations, 4 int8 (block formats only)
+        int64_t level = 0;
+        if (OrtStatus* absent = g_api->KernelInfoGetAttribute_int64(info, "accuracy_level", &level))
+            g_api->ReleaseStatus(absent);
+        if (level != 0 && level != 1 && level != kInt8Activations)
+            throw OpError(kernel->node + ": accuracy_level is " + std::to_string(level) + "; expected 0 or 1 (float32 "
+                          "activations) or 4 (int8 activations)");
+        if (level == kInt8Activations && kernel->weights == FORMAT_FLOAT)
+            throw OpError(kernel->node + ": accuracy_level 4 (int8 activations) needs a block weight_format");
+        kernel->int8_activations = level == kInt8Activations;
     } catch (...) {
         delete kernel;
         throw;

@@ -15,7 +15,7 @@
 #include <string>
 #include <vector>
 
-#include "block_quant_cpu.h"
+#include "q8_activation_cpu.h"
 
 #if !defined(SPARSEINFER_OP_DOMAIN) || !defined(SPARSEINFER_OP_TYPE) || !defined(SPARSEINFER_BLOCK_MATMUL_TYPE)
 #error "the ops' domain and names come from model_export/op_library.py (DOMAIN, OP_TYPE, BLOCK_MATMUL_TYPE) as -D defines"
@@ -84,11 +84,13 @@ void check_block_weights(const std::string& node, const char* name, const Tensor
 
 // A SparseMLP node's kernel: its attributes, and its name for messages. `weights` is W_gate's
 // and W_up's format, `down` W_down^T's (both FORMAT_FLOAT for float weights); `dense`: run the
-// dense MLP even for one token.
+// dense MLP even for one token; `int8_activations` (accuracy_level 4): the gate and up rows on x
+// quantized per block (q8_activation_cpu.h).
+constexpr int64_t kInt8Activations = 4;
 struct Kernel {
     MlpParams p;
     WeightFormat weights = FORMAT_FLOAT, down = FORMAT_FLOAT;
-    bool dense = false;
+    bool dense = false, int8_activations = false;
     std::string node;
 };
 

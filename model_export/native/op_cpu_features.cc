@@ -19,6 +19,9 @@ __attribute__((target("arch=x86-64"))) const char* missing_cpu_feature() {
 #ifdef __AVX512BW__
     if (!__builtin_cpu_supports("avx512bw")) return "avx512bw";
 #endif
+#ifdef __AVX512VNNI__
+    if (!__builtin_cpu_supports("avx512vnni")) return "avx512vnni";
+#endif
 #ifdef __AVX512VL__
     if (!__builtin_cpu_supports("avx512vl")) return "avx512vl";
 #endif

@@ -6,6 +6,7 @@
 #include <atomic>
 #include <cstring>
 #include <exception>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -32,6 +33,7 @@ struct FloatRows {
         dot_listed_rows(w, d, rows, n, x, r0, r1, z);
     }
     float dot_row(const W* w, int i, const float* x) const { return dot<W>(w + int64_t(i) * d, x, d, nullptr); }
+    FloatRows for_token(const float*) const { return *this; }
     // The prefill's x [n, d] and its tokens interleaved kTokens at a time (dot_row_tokens; a short
     // last group padded with zeros, its results dropped).
     struct TokensX {
@@ -71,24 +73,61 @@ struct FloatRows {
     }
 };
 
-// W_gate and W_up in block format F, W_down^T in `down_format`: uint8 rows of d / 32 blocks.
+// W_gate and W_up in block format F, W_down^T in `down_format`: uint8 rows of d / 32 blocks. With
+// `qx` (int8 activations) the gate and up rows' dot products take x quantized (for_token), the x
+// passed to dots / dot_row being the same token's.
 template <typename F>
 struct BlockRows {
     const uint8_t *gate, *up, *down_t;
     int d;
     WeightFormat down_format;
+    const std::string* node = nullptr;                                 // for messages
+    bool int8_activations = false;
+    std::shared_ptr<const QuantizedX> qx;
     static constexpr int kColumnStep = kBlock;                         // down tasks: whole blocks
 
-    void dots(const uint8_t* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z) const {
-        dot_q_listed<F>(w, d, rows, n, x, r0, r1, z);
+    // This node's rows for one token x: with int8 activations x quantized once here.
+    BlockRows for_token(const float* x) const {
+        BlockRows m = *this;
+        if (int8_activations) m.qx = std::make_shared<const QuantizedX>(quantized(x, 0));
+        return m;
     }
-    float dot_row(const uint8_t* w, int i, const float* x) const { return dot_q<F>(w + i * row_bytes_q<F>(d), x, d); }
-    struct TokensX {                                                   // x [n, d] as it is
+    QuantizedX quantized(const float* x, int64_t token) const {
+        QuantizedX q;
+        const int64_t bad = quantize_x(x, d, code_offset<F>(), q);
+        if (bad >= 0)
+            throw OpError(*node + ": x has " + std::to_string(x[bad]) + " at token " + std::to_string(token) +
+                          ", index " + std::to_string(bad) + "; int8 activations (accuracy_level 4) need a finite x");
+        return q;
+    }
+    void dots(const uint8_t* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z) const {
+        if (qx) dot_q8_listed<F>(w, d, rows, n, *qx, r0, r1, z);
+        else dot_q_listed<F>(w, d, rows, n, x, r0, r1, z);
+    }
+    float dot_row(const uint8_t* w, int i, const float* x) const {
+        const int32_t row = i;
+        float z;
+        dots(w, &row, 1, x, 0, 1, &z);
+        return z;
+    }
+    struct TokensX {                                                   // x [n, d] as it is (and quantized)
         const float* x;
         int n;
+        std::vector<QuantizedX> q;
     };
-    TokensX tokens_x(const float* x, int n) const { return {x, n}; }
+    TokensX tokens_x(const float* x, int n) const {
+        TokensX tx{x, n, {}};
+        for (int t = 0; int8_activations && t < n; ++t) tx.q.push_back(quantized(x + int64_t(t) * d, t));
+        return tx;
+    }
     void gate_up_tokens(const TokensX& tx, int r0, int r1, float* zg, float* zu) const {
+        if (int8_activations) {                                        // token by token; the rows stay in cache
+            for (int t = 0; t < tx.n; ++t) {
+                dot_q8_listed<F>(gate + r0 * row_bytes_q<F>(d), d, nullptr, r1 - r0, tx.q[t], 0, r1 - r0, zg + size_t(t) * (r1 - r0));
+                dot_q8_listed<F>(up + r0 * row_bytes_q<F>(d), d, nullptr, r1 - r0, tx.q[t], 0, r1 - r0, zu + size_t(t) * (r1 - r0));
+            }
+            return;
+        }
         dot_q_tokens<F>(gate, d, r0, r1, tx.x, tx.n, zg, r1 - r0);
         dot_q_tokens<F>(up, d, r0, r1, tx.x, tx.n, zu, r1 - r0);
     }
@@ -111,7 +150,8 @@ void with_rows(const Kernel& kernel, const Inputs& in, Fn&& fn) {
     if (kernel.weights != FORMAT_FLOAT) {
         with_block_format(kernel.weights, [&](auto f) {
             fn(BlockRows<decltype(f)>{static_cast<const uint8_t*>(in.gate.data), static_cast<const uint8_t*>(in.up.data),
-                                      static_cast<const uint8_t*>(in.down_t.data), d, kernel.down});
+                                      static_cast<const uint8_t*>(in.down_t.data), d, kernel.down, &kernel.node,
+                                      kernel.int8_activations, nullptr});
         });
     } else if (in.gate.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16) {
         fn(FloatRows<half>{static_cast<const half*>(in.gate.data), static_cast<const half*>(in.up.data),
@@ -198,10 +238,12 @@ std::vector<uint64_t> sign_words_of_x(const Kernel& kernel, const MlpParams& p, 
 // (+AS), the down rows whose h3 != 0. Two parallel phases: the rows (each task its own rows'
 // predictor, gate and up), then the down projection's columns.
 template <typename Rows>
-void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& m, const Outputs& o) {
+void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& node_rows,
+                    const Outputs& o) {
     const MlpParams p = params(kernel, in);
     const auto* x = static_cast<const float*>(in.x.data);
     const std::vector<uint64_t> x_words = sign_words_of_x(kernel, p, x);
+    const Rows m = node_rows.for_token(x);
     RowPhase rows(p.k);
     all_row_phases(ctx, p, m, x, static_cast<const uint64_t*>(in.signs.data), x_words.data(), false, rows);
     std::vector<int32_t> down_rows;            // the contract skips rows whose h3 is exactly zero
@@ -234,10 +276,12 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
 // decode's two phases; rows whose h3 is zero add +-0.0 in the down projection, which leaves
 // every sum's bits as the contract's skipping does.
 template <typename Rows>
-void compute_dense_token(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& m, float* out) {
+void compute_dense_token(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& node_rows,
+                         float* out) {
     const MlpParams p = params(kernel, in);
     const auto* x = static_cast<const float*>(in.x.data);
     sign_words_of_x(kernel, p, x);              // the NaN check
+    const Rows m = node_rows.for_token(x);
     RowPhase rows(p.k);
     all_row_phases(ctx, p, m, x, nullptr, nullptr, true, rows);
     std::vector<int32_t> every(p.k);

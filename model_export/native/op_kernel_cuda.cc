@@ -29,6 +29,9 @@ OrtStatus* ORT_API_CALL compute_cuda(void* op_kernel, OrtKernelContext* ctx) {
     OrtAllocator* alloc = nullptr;
     void* scratch = nullptr;
     try {
+        if (kernel.int8_activations)
+            throw OpError(kernel.node + ": accuracy_level 4 (int8 activations) runs on the CPU provider only; export "
+                          "with accuracy level 0 for CUDA");
         const Inputs in = read_inputs(ctx, kernel);
         const int64_t k = in.k, d = in.d;
         SparseMlpCudaArgs a{};

@@ -1,0 +1,235 @@
+// Row dot products of block-quantized weights with int8 activations (onnxruntime's accuracy
+// level 4), in reference/order_contract.py's order for them ("Block-quantized weights with int8
+// activations"); every result equals reference/q8_activation.py's bit for bit
+// (tests/test_block_quant_cpu.py):
+//
+// * x is quantized per block of 32 once per token (quantize_x): s = fl(amax / 127), codes
+//   rint(fl(x / s)) ties to even, clamped to [-127, 127], 0 where s == 0.
+// * A weight block and x's block give 8 exact integer sums n_g of 4 code products (q4_0 codes
+//   less 8); lane 8 (b mod 2) + g of 16 float accumulators adds fl(fl(D s) n_g) (q4_1: plus
+//   fl(fl(M s) u_g), u_g the group's sum of x codes), blocks in order; then the butterfly 8, 4,
+//   2, 1.
+//
+// The integer sums come from the target's integer dot instructions, on unsigned weight bytes
+// times signed x codes: AVX-512 VNNI's vpdpbusd (two blocks a 512-bit register, which is the
+// 16 lanes' layout), else AVX-512BW's / AVX2's vpmaddubsw + vpmaddwd (exact: a pair's sum is at
+// most 2 * 128 * 127 < 2^15), else plain loops. q4_x bytes are the nibbles as they are, q4_0's
+// 8 taken off by starting each group's sum at -8 u_g; q8_0's codes go in as |c| times x's codes
+// with c's sign. All integer sums are exact, the float steps element-wise IEEE in the lanes'
+// order (no FMA: -ffp-contract=off), so every build gives the same bits.
+#pragma once
+
+#include "block_quant_cpu.h"
+
+namespace sparseinfer {
+
+constexpr int kQ8Group = 4;                        // elements an integer sum
+constexpr int kQ8Groups = kBlock / kQ8Group;       // sums a block: 8
+constexpr int kQ8Lanes = 2 * kQ8Groups;            // float accumulators: 16
+constexpr int kQ8Max = 127;
+
+// x quantized per block for a format F's rows: codes [d]; per group of 4 (d / 4 entries, a block's
+// 8 in a row) its block's scale s (repeated: two blocks' 16 are one register), u = the sum of its
+// codes as float, and the integer sums' start (-8 u for q4_0, else 0).
+struct QuantizedX {
+    std::vector<int8_t> codes;
+    std::vector<float> scale, u;
+    std::vector<int32_t> start;
+};
+
+// Fills qx for d elements of x (d a multiple of 32) and weights whose codes are offset by
+// `offset` (q4_0: 8); returns the index of the first non-finite x, or -1.
+inline int64_t quantize_x(const float* x, int d, int offset, QuantizedX& qx) {
+    qx.codes.assign(d, 0);
+    qx.scale.assign(d / kQ8Group, 0.0f);
+    qx.u.assign(d / kQ8Group, 0.0f);
+    qx.start.assign(d / kQ8Group, 0);
+    for (int j = 0; j < d; ++j)
+        if (!std::isfinite(x[j])) return j;
+    for (int b = 0; b < d / kBlock; ++b) {
+        const float* xb = x + b * kBlock;
+        float amax = 0.0f;
+        for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
+        const float s = amax / float(kQ8Max);
+        int32_t sums[kQ8Groups] = {};
+        for (int j = 0; j < kBlock && s != 0.0f; ++j) {
+            const float q = std::min(float(kQ8Max), std::max(-float(kQ8Max), std::nearbyint(xb[j] / s)));
+            qx.codes[b * kBlock + j] = int8_t(q);
+            sums[j / kQ8Group] += int32_t(q);
+        }
+        for (int g = 0; g < kQ8Groups; ++g) {
+            qx.scale[b * kQ8Groups + g] = s;
+            qx.u[b * kQ8Groups + g] = float(sums[g]);
+            qx.start[b * kQ8Groups + g] = -offset * sums[g];
+        }
+    }
+    return -1;
+}
+
+template <typename F> constexpr int code_offset() { return std::is_same_v<F, Q4_0> ? 8 : 0; }
+
+// The 16 lanes reduced by the butterfly 8, 4, 2, 1.
+inline float butterfly_q8(float* acc) {
+    for (int off = kQ8Lanes / 2; off >= 1; off /= 2)
+        for (int a = 0; a < off; ++a) acc[a] = acc[a] + acc[a + off];
+    return acc[0];
+}
+
+#if defined(__AVX512BW__)
+// The 16 integer sums of blocks b0 and b1 (b1 null: zeros in lanes 8..15) of a row with x's codes
+// q (two blocks' 64 bytes; past the end for a lone block, zeros) from `start`.
+template <typename F>
+inline __m512i q8_sums(const uint8_t* b0, const uint8_t* b1, __m512i q, __m512i start) {
+    __m512i u;
+    if constexpr (std::is_same_v<F, Q8_0>) {
+        const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_of<F>(b0)));
+        const __m256i c1 = b1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_of<F>(b1))) : _mm256_setzero_si256();
+        const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1);
+        u = _mm512_abs_epi8(c);
+        q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(c), _mm512_setzero_si512(), q);   // q * sign(c)
+    } else {
+        const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_of<F>(b0)));
+        const __m128i c1 = b1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_of<F>(b1))) : _mm_setzero_si128();
+        const __m256i pair = _mm256_inserti128_si256(_mm256_castsi128_si256(c0), c1, 1);
+        const __m256i low = _mm256_and_si256(pair, _mm256_set1_epi8(0x0F));
+        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(pair, 4), _mm256_set1_epi8(0x0F));
+        // [low0 low1 high0 high1] -> [low0 high0 low1 high1]: each block's codes 0..15, 16..31
+        const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        u = _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
+    }
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(start, u, q);
+#else
+    return _mm512_add_epi32(start, _mm512_madd_epi16(_mm512_maddubs_epi16(u, q), _mm512_set1_epi16(1)));
+#endif
+}
+
+// z[r] = rows[r] . x for kRows rows side by side, x quantized (qx); `ahead`: rows to prefetch.
+template <typename F, int kRows>
+inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d, float* z,
+                        const uint8_t* const* ahead = nullptr) {
+    const int blocks = d / kBlock;
+    __m512 acc[kRows];
+    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    const __m512i pair0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    BlockFields<F, true> fields[kRows];
+    for (int b0 = 0; b0 < blocks; b0 += kScaleRun) {
+        const int n = std::min(kScaleRun, blocks - b0);
+        for (int r = 0; r < kRows; ++r) fields[r].load(rows[r], b0, n);
+        for (int j = 0; j < n; j += 2) {
+            const int b = b0 + j;
+            const bool two = j + 1 < n;
+            const __m512i q = two ? _mm512_loadu_si512(qx.codes.data() + b * kBlock)
+                                  : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.codes.data() + b * kBlock)));
+            const __mmask16 lanes = two ? 0xFFFF : 0x00FF;
+            const __m512i start = _mm512_maskz_loadu_epi32(lanes, qx.start.data() + b * kQ8Groups);
+            const __m512 s = _mm512_maskz_loadu_ps(lanes, qx.scale.data() + b * kQ8Groups);
+            const __m512i idx = _mm512_add_epi32(pair0, _mm512_set1_epi32(j));
+            __m512 u;
+            if constexpr (F::kFields == 2) u = _mm512_maskz_loadu_ps(lanes, qx.u.data() + b * kQ8Groups);
+            for (int r = 0; r < kRows; ++r) {
+                const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
+                if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
+                const __m512i sums = q8_sums<F>(block, two ? block + F::kBytes : nullptr, q, start);
+                const __m512 dv = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f));
+                __m512 term = _mm512_mul_ps(_mm512_mul_ps(dv, s), _mm512_cvtepi32_ps(sums));
+                if constexpr (F::kFields == 2) {
+                    const __m512 mv = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f + kScaleRun));
+                    term = _mm512_add_ps(term, _mm512_mul_ps(_mm512_mul_ps(mv, s), u));
+                }
+                acc[r] = _mm512_add_ps(acc[r], term);
+            }
+        }
+    }
+    for (int r = 0; r < kRows; ++r) {
+        alignas(64) float lanes[kQ8Lanes];
+        _mm512_store_ps(lanes, acc[r]);
+        z[r] = butterfly_q8(lanes);
+    }
+}
+#else
+// The 8 integer sums of a block with x's codes q (32) from start[0..7].
+template <typename F>
+inline void q8_block_sums(const uint8_t* block, const int8_t* q, const int32_t* start, int32_t* sums) {
+    const uint8_t* c = codes_of<F>(block);
+#if defined(__AVX2__)
+    __m256i u, qs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q));
+    if constexpr (std::is_same_v<F, Q8_0>) {
+        const __m256i cv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(c));
+        u = _mm256_abs_epi8(cv);
+        qs = _mm256_sign_epi8(qs, cv);      // q * sign(c) (0 where c == 0, whose |c| is 0 too)
+    } else {
+        const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(c));
+        const __m128i low = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(bytes, 4), _mm_set1_epi8(0x0F));
+        u = _mm256_inserti128_si256(_mm256_castsi128_si256(low), high, 1);
+    }
+    const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(u, qs), _mm256_set1_epi16(1));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums),
+                        _mm256_add_epi32(dot, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(start))));
+#else
+    for (int g = 0; g < kQ8Groups; ++g) {
+        int32_t n = start[g];
+        for (int j = g * kQ8Group; j < (g + 1) * kQ8Group; ++j) {
+            const int32_t code = std::is_same_v<F, Q8_0> ? int32_t(int8_t(c[j])) : int32_t(j < 16 ? c[j] & 15 : c[j - 16] >> 4);
+            n += code * q[j];
+        }
+        sums[g] = n;
+    }
+#endif
+}
+
+template <typename F, int kRows>
+inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d, float* z,
+                        const uint8_t* const* ahead = nullptr) {
+    typedef float Vec8 __attribute__((vector_size(32)));
+    typedef int32_t Int8 __attribute__((vector_size(32)));
+    Vec8 acc[kRows][2] = {};                        // lanes 0..7 (even blocks), 8..15 (odd)
+    for (int b = 0; b < d / kBlock; ++b) {
+        const Vec8 s = load_vec<Vec8>(qx.scale.data() + b * kQ8Groups);
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
+            if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
+            float f[F::kFields];
+            widen_fields<F>(block, f);
+            Int8 sums;
+            q8_block_sums<F>(block, qx.codes.data() + b * kBlock, qx.start.data() + b * kQ8Groups,
+                             reinterpret_cast<int32_t*>(&sums));
+            Vec8 term = (f[0] * s) * __builtin_convertvector(sums, Vec8);
+            if constexpr (F::kFields == 2) term = term + (f[1] * s) * load_vec<Vec8>(qx.u.data() + b * kQ8Groups);
+            acc[r][b % 2] = acc[r][b % 2] + term;
+        }
+    }
+    for (int r = 0; r < kRows; ++r) {
+        alignas(32) float lanes[kQ8Lanes];
+        std::memcpy(lanes, acc[r], sizeof lanes);
+        z[r] = butterfly_q8(lanes);
+    }
+}
+#endif
+
+// z[r] = W[row r] . x (quantized) for r in [r0, r1) of a list of n_rows rows (rows[r], or r where
+// rows is null): kQuantSideBySide rows side by side, the next ones prefetched meanwhile.
+template <typename F>
+inline void dot_q8_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const QuantizedX& qx, int r0,
+                          int r1, float* z) {
+    const int64_t stride = row_bytes_q<F>(d);
+    auto row = [&](int r) { return w + int64_t(rows ? rows[r] : r) * stride; };
+    constexpr int kRows = kQuantSideBySide;
+    int r = r0;
+    for (; r + kRows <= r1; r += kRows) {
+        const uint8_t *now[kRows], *ahead[kRows];
+        for (int a = 0; a < kRows; ++a) {
+            now[a] = row(r + a);
+            ahead[a] = row(std::min(r + kRows + a, n_rows - 1));
+        }
+        dot_q8_rows<F, kRows>(now, qx, d, z + r, ahead);
+    }
+    for (; r < r1; ++r) {
+        const uint8_t* now = row(r);
+        const uint8_t* ahead = row(std::min(r + 1, n_rows - 1));
+        dot_q8_rows<F, 1>(&now, qx, d, z + r, &ahead);
+    }
+}
+
+}  // namespace sparseinfer
