@@ -341,9 +341,11 @@ constexpr int kQuantSideBySide = 4;      // rows read at once by dot_q_listed
 // z[r] = W[row r] . x for r in [r0, r1) of a list of n_rows rows, row r being rows[r] (or r
 // itself where rows is null): kQuantSideBySide rows side by side, the next ones prefetched
 // meanwhile, the last few one at a time.
-template <typename F>
-inline void dot_q_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
-                         float* z) {
+// The walk of such a list: group(now, ahead, r) for kQuantSideBySide rows r.. at a time (`ahead`
+// the next ones), then one(row, ahead, r) for the last few (`ahead` the next row, or null).
+template <typename F, typename Group, typename One>
+inline void walk_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, int r0, int r1, Group&& group,
+                        One&& one) {
     const int64_t stride = row_bytes_q<F>(d);
     auto row = [&](int r) { return w + int64_t(rows ? rows[r] : r) * stride; };
     constexpr int kRows = kQuantSideBySide;
@@ -354,9 +356,19 @@ inline void dot_q_listed(const uint8_t* w, int d, const int32_t* rows, int n_row
             now[a] = row(r + a);
             ahead[a] = row(std::min(r + kRows + a, n_rows - 1));
         }
-        dot_q_rows<F, kRows>(now, x, d, z + r, ahead);
+        group(now, ahead, r);
     }
-    for (; r < r1; ++r) z[r] = dot_q<F>(row(r), x, d, r + 1 < n_rows ? row(r + 1) : nullptr);
+    for (; r < r1; ++r) one(row(r), r + 1 < n_rows ? row(r + 1) : nullptr, r);
+}
+
+template <typename F>
+inline void dot_q_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
+                         float* z) {
+    walk_listed<F>(w, d, rows, n_rows, r0, r1,
+                   [&](const uint8_t* const* now, const uint8_t* const* ahead, int r) {
+                       dot_q_rows<F, kQuantSideBySide>(now, x, d, z + r, ahead);
+                   },
+                   [&](const uint8_t* row, const uint8_t* ahead, int r) { z[r] = dot_q<F>(row, x, d, ahead); });
 }
 
 // Prefill: rows' dot products with several tokens' x, each sum in the V = 1 order above (lane l

@@ -213,23 +213,13 @@ inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d,
 template <typename F>
 inline void dot_q8_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const QuantizedX& qx, int r0,
                           int r1, float* z) {
-    const int64_t stride = row_bytes_q<F>(d);
-    auto row = [&](int r) { return w + int64_t(rows ? rows[r] : r) * stride; };
-    constexpr int kRows = kQuantSideBySide;
-    int r = r0;
-    for (; r + kRows <= r1; r += kRows) {
-        const uint8_t *now[kRows], *ahead[kRows];
-        for (int a = 0; a < kRows; ++a) {
-            now[a] = row(r + a);
-            ahead[a] = row(std::min(r + kRows + a, n_rows - 1));
-        }
-        dot_q8_rows<F, kRows>(now, qx, d, z + r, ahead);
-    }
-    for (; r < r1; ++r) {
-        const uint8_t* now = row(r);
-        const uint8_t* ahead = row(std::min(r + 1, n_rows - 1));
-        dot_q8_rows<F, 1>(&now, qx, d, z + r, &ahead);
-    }
+    walk_listed<F>(w, d, rows, n_rows, r0, r1,
+                   [&](const uint8_t* const* now, const uint8_t* const* ahead, int r) {
+                       dot_q8_rows<F, kQuantSideBySide>(now, qx, d, z + r, ahead);
+                   },
+                   [&](const uint8_t* row, const uint8_t* ahead, int r) {
+                       dot_q8_rows<F, 1>(&row, qx, d, z + r, ahead ? &ahead : nullptr);
+                   });
 }
 
 }  // namespace sparseinfer
