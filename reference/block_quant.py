@@ -210,19 +210,6 @@ def check_blocks(blocks, fmt, name: str = "weights", cols: int | None = None) ->
     _check_header(np.asarray(blocks), fmt, name, "a block's scale and min must be finite")
 
 
-def dequantize(blocks, fmt, cols: int, name: str = "weights") -> np.ndarray:
-    """uint8 [rows, cols / 32 * block_bytes] -> float32 [rows, cols] by the module's rule."""
-    fmt = block_format(fmt)
-    check_blocks(blocks, fmt, name, cols)
-    flat = _as_blocks(blocks, fmt, name)
-    d, m = _header(flat, fmt)
-    q = _codes(flat, fmt)
-    if fmt is Q4_0:
-        q = q - _F32(8)
-    values = d * q if m is None else d * q + m
-    return values.reshape(np.shape(blocks)[0], cols)
-
-
 def fields_and_codes(blocks, fmt, cols: int, name: str = "weights"):
     """(D float32 [rows, cols / 32], M likewise or None, codes int32 [rows, cols / 32, 32]): the
     blocks' widened fp16 fields and the integer codes that multiply D (q4_0: q - 8)."""
@@ -233,6 +220,15 @@ def fields_and_codes(blocks, fmt, cols: int, name: str = "weights"):
     q = _codes(flat, fmt).astype(np.int32) - (8 if fmt is Q4_0 else 0)
     shape = (np.shape(blocks)[0], cols // BLOCK)
     return d.reshape(shape), (None if m is None else m.reshape(shape)), q.reshape(*shape, BLOCK)
+
+
+def dequantize(blocks, fmt, cols: int, name: str = "weights") -> np.ndarray:
+    """uint8 [rows, cols / 32 * block_bytes] -> float32 [rows, cols] by the module's rule."""
+    d, m, q = fields_and_codes(blocks, fmt, cols, name)
+    values = d[..., None] * q.astype(_F32)
+    if m is not None:
+        values = values + m[..., None]
+    return values.reshape(np.shape(blocks)[0], cols)
 
 
 def roundtrip_error_bound(w, fmt, name: str = "weights") -> np.ndarray:

@@ -68,19 +68,25 @@ def test_non_finite_x_is_refused_with_its_index():
 @settings(max_examples=40, deadline=None)
 @given(fmt=formats, blocks=st.integers(1, 20), rows=st.integers(1, 6), seed=seeds)
 def test_row_dots_are_the_exact_sum_within_float32_roundings(fmt, blocks, rows, seed):
-    """Against an independent float64 sum of every weight times every dequantized x code: the
-    16-lane float32 order may differ from it only by its roundings (2 or 4 a term, then the sums)."""
+    """Against an independent float64 sum of every weight (D c + M, unrounded) times every
+    dequantized x code: the 16-lane float32 order may differ from it only by its roundings, at
+    most 4 a group's term (q4_1), d / 64 lane additions and the 4 of the butterfly, relative to
+    the sum of the terms' magnitudes (|D c| + |M| a weight: q4_1's two parts are rounded apart),
+    plus an absolute 2^-149 a rounding for results that underflow."""
     rng = np.random.default_rng(seed)
     d = 32 * blocks
     w = rng.standard_normal((rows, d)).astype(F32) * F32(rng.uniform(0.01, 10))
     blocks_ = bq.quantize(w, fmt)
     codes, scales = q8.quantize_activation(scaled_x(rng, d))
     x_deq = codes.astype(np.float64) * np.repeat(scales.astype(np.float64), 32)
-    w_deq = bq.dequantize(blocks_, fmt, d).astype(np.float64)
+    dw, mw, c = (None if a is None else a.astype(np.float64) for a in bq.fields_and_codes(blocks_, fmt, d))
+    scaled = (dw[..., None] * c).reshape(rows, d)
+    lo = 0.0 if mw is None else np.repeat(mw, 32, axis=1)
     got = q8.q8_row_dots(blocks_, fmt, d, codes, scales)
-    terms = np.abs(w_deq * x_deq).sum(axis=1)
-    bound = oc.rigorous_error_bound(terms, 4 * d // 4 + 16) + 1e-45
-    assert np.all(np.abs(got.astype(np.float64) - w_deq @ x_deq) <= bound)
+    magnitude = ((np.abs(scaled) + np.abs(lo)) * np.abs(x_deq)).sum(axis=1)
+    roundings = 4 + d // 64 + 4
+    bound = oc.rigorous_error_bound(magnitude, roundings) + roundings * d * 2.0 ** -149
+    assert np.all(np.abs(got.astype(np.float64) - (scaled + lo) @ x_deq) <= bound)
 
 
 def test_int8_activations_change_the_mlp_a_little_not_nothing():

@@ -23,10 +23,15 @@
 
 namespace sparseinfer {
 
-constexpr int kQ8Group = 4;                        // elements an integer sum
-constexpr int kQ8Groups = kBlock / kQ8Group;       // sums a block: 8
-constexpr int kQ8Lanes = 2 * kQ8Groups;            // float accumulators: 16
+#if !defined(Q8_GROUP) || !defined(Q8_LANES)
+#error "the int8-activation constants come from reference/order_contract.py as -D defines (Q8_GROUP, Q8_LANES)"
+#endif
+constexpr int kQ8Group = Q8_GROUP;                 // elements an integer sum
+constexpr int kQ8Groups = kBlock / kQ8Group;       // sums a block
+constexpr int kQ8Lanes = Q8_LANES;                 // float accumulators
 constexpr int kQ8Max = 127;
+static_assert(kQ8Group == 4, "one integer sum is what vpdpbusd / vpmaddwd give per 4 bytes");
+static_assert(kQ8Lanes == 2 * kQ8Groups, "two blocks' sums a set of lanes (one AVX-512 register)");
 
 // x quantized per block for a format F's rows: codes [d]; per group of 4 (d / 4 entries, a block's
 // 8 in a row) its block's scale s (repeated: two blocks' 16 are one register), u = the sum of its
