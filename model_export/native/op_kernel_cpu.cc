@@ -190,17 +190,19 @@ struct RowPhase {
     explicit RowPhase(int k) : zero(k), computed(k), h3(k) {}
 };
 
-constexpr int kDecodeRowsPerTask = 256;
+constexpr int kDecodeRowsPerTask = 256;        // a dense node's row tasks
+constexpr int kChunkRows = DOWN_ROW_CHUNK;      // a sparse token's tasks: one chunk of the down projection each
+static_assert(kDecodeRowsPerTask <= kChunkRows, "row_phase's buffers hold a chunk");
 
-// The row phase of one token for rows [r0, r1) (at most kDecodeRowsPerTask), one task: the
-// predictor (with `signs`, else every row kept), the gate rows kept, then the up rows: those
-// whose h1 != 0 (+AS), or every kept row with `every_up` (the dense MLP reads every row).
+// The row phase of one token for rows [r0, r1) (at most kChunkRows), one task: the predictor
+// (with `signs`, else every row kept), the gate rows kept, then the up rows: those whose
+// h1 != 0 (+AS), or every kept row with `every_up` (the dense MLP reads every row).
 template <typename Rows>
 void row_phase(const MlpParams& p, const Rows& m, const float* x, const uint64_t* signs, const uint64_t* x_words,
                bool every_up, int r0, int r1, RowPhase& out) {
     if (signs) predict_rows(p, signs, x_words, r0, r1, out.zero.data());
-    int32_t kept[kDecodeRowsPerTask], live[kDecodeRowsPerTask];
-    float z[kDecodeRowsPerTask], h1[kDecodeRowsPerTask], up[kDecodeRowsPerTask];
+    int32_t kept[kChunkRows], live[kChunkRows];
+    float z[kChunkRows], h1[kChunkRows], up[kChunkRows];
     int n_kept = 0, n_live = 0;
     for (int i = r0; i < r1; ++i)
         if (!out.zero[i]) kept[n_kept++] = i;
@@ -235,8 +237,13 @@ std::vector<uint64_t> sign_words_of_x(const Kernel& kernel, const MlpParams& p, 
 }
 
 // One token, sparse: the sign predictor, the gate rows it keeps, the up rows whose h1 != 0
-// (+AS), the down rows whose h3 != 0. Two parallel phases: the rows (each task its own rows'
-// predictor, gate and up), then the down projection's columns.
+// (+AS), the down rows whose h3 != 0. One parallel phase, a task per chunk of the down
+// projection's rows: the chunk's predictor, gate and up rows, then its partial over every
+// column (from +0.0, as the contract's walk starts each chunk), while the rows just read are
+// in cache and with no wait between the phases. The partials are then added in chunk order
+// (chunks with no row skipped), which is the contract's sum bit for bit: the walk adds each
+// chunk's partial to a total that starts at +0.0, and a chunk's partial here is that partial
+// plus +0.0 (the same, but for a -0.0 turned +0.0, which a total that is never -0.0 adds the same).
 template <typename Rows>
 void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& in, const Rows& node_rows,
                     const Outputs& o) {
@@ -244,20 +251,34 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     const auto* x = static_cast<const float*>(in.x.data);
     const std::vector<uint64_t> x_words = sign_words_of_x(kernel, p, x);
     const Rows m = node_rows.for_token(x);
+    const auto* signs = static_cast<const uint64_t*>(in.signs.data);
     RowPhase rows(p.k);
-    all_row_phases(ctx, p, m, x, static_cast<const uint64_t*>(in.signs.data), x_words.data(), false, rows);
-    std::vector<int32_t> down_rows;            // the contract skips rows whose h3 is exactly zero
-    std::vector<float> h3;
+    const int chunks = (p.k + kChunkRows - 1) / kChunkRows;
+    std::vector<float> partials(size_t(chunks) * p.d);
+    std::vector<uint8_t> has_rows(chunks);
+    parallel_for(ctx, chunks, chunks, [&](size_t c) {
+        const int r0 = int(c) * kChunkRows, r1 = std::min(p.k, r0 + kChunkRows);
+        row_phase(p, m, x, signs, x_words.data(), false, r0, r1, rows);
+        int32_t down_rows[kChunkRows];          // the contract skips rows whose h3 is exactly zero
+        float h3[kChunkRows];
+        int n = 0;
+        for (int i = r0; i < r1; ++i)
+            if (rows.h3[i] != 0.0f) down_rows[n] = i, h3[n++] = rows.h3[i];
+        has_rows[c] = n > 0;
+        if (n) m.down(down_rows, h3, n, 0, p.d, partials.data() + size_t(c) * p.d);
+    });
+    const int block = down_block(p.d, 2, Rows::kColumnStep);
+    parallel_for(ctx, (p.d + block - 1) / block, 0, [&](size_t b) {
+        const int j0 = int(b) * block, j1 = std::min(p.d, j0 + block);
+        std::fill(o.out + j0, o.out + j1, 0.0f);
+        for (int c = 0; c < chunks; ++c)
+            if (has_rows[c]) add_in_place(o.out + j0, partials.data() + size_t(c) * p.d + j0, size_t(j1 - j0));
+    });
     int64_t skipped = 0, computed = 0;
     for (int i = 0; i < p.k; ++i) {
         skipped += rows.zero[i];
         computed += rows.computed[i];
-        if (rows.h3[i] != 0.0f) {
-            down_rows.push_back(i);
-            h3.push_back(rows.h3[i]);
-        }
     }
-    down(ctx, p, m, down_rows, h3, o.out);
 
     g_counters[0] += 1;
     g_counters[1] += p.k;
