@@ -254,7 +254,7 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
     const auto* signs = static_cast<const uint64_t*>(in.signs.data);
     RowPhase rows(p.k);
     const int chunks = (p.k + kChunkRows - 1) / kChunkRows;
-    std::vector<float> partials(size_t(chunks) * p.d);
+    const std::unique_ptr<float[]> partials(new float[size_t(chunks) * p.d]);     // written before read
     std::vector<uint8_t> has_rows(chunks);
     parallel_for(ctx, chunks, chunks, [&](size_t c) {
         const int r0 = int(c) * kChunkRows, r1 = std::min(p.k, r0 + kChunkRows);
@@ -265,14 +265,14 @@ void compute_decode(OrtKernelContext* ctx, const Kernel& kernel, const Inputs& i
         for (int i = r0; i < r1; ++i)
             if (rows.h3[i] != 0.0f) down_rows[n] = i, h3[n++] = rows.h3[i];
         has_rows[c] = n > 0;
-        if (n) m.down(down_rows, h3, n, 0, p.d, partials.data() + size_t(c) * p.d);
+        if (n) m.down(down_rows, h3, n, 0, p.d, partials.get() + size_t(c) * p.d);
     });
     const int block = down_block(p.d, 2, Rows::kColumnStep);
     parallel_for(ctx, (p.d + block - 1) / block, 0, [&](size_t b) {
         const int j0 = int(b) * block, j1 = std::min(p.d, j0 + block);
         std::fill(o.out + j0, o.out + j1, 0.0f);
         for (int c = 0; c < chunks; ++c)
-            if (has_rows[c]) add_in_place(o.out + j0, partials.data() + size_t(c) * p.d + j0, size_t(j1 - j0));
+            if (has_rows[c]) add_in_place(o.out + j0, partials.get() + size_t(c) * p.d + j0, size_t(j1 - j0));
     });
     int64_t skipped = 0, computed = 0;
     for (int i = 0; i < p.k; ++i) {

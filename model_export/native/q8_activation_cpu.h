@@ -19,6 +19,8 @@
 // order (no FMA: -ffp-contract=off), so every build gives the same bits.
 #pragma once
 
+#include <cfloat>
+
 #include "block_quant_cpu.h"
 
 namespace sparseinfer {
@@ -42,30 +44,55 @@ struct QuantizedX {
     std::vector<int32_t> start;
 };
 
+// rint(v) ties to even for |v| <= 127 in the default rounding mode, as nearbyint: 1.5 * 2^23
+// added makes the float's last place 1, so the sum is rounded to an integer; taking it off again
+// is exact. Plain float steps that vectorize (no libm call, no rounding-mode instruction).
+inline float round_to_even_small(float v) {
+    constexpr float kShift = 12582912.0f;
+    return (v + kShift) - kShift;
+}
+
 // Fills qx for d elements of x (d a multiple of 32) and weights whose codes are offset by
-// `offset` (q4_0: 8); returns the index of the first non-finite x, or -1.
+// `offset` (q4_0: 8); returns the index of the first non-finite x, or -1. Clamping before the
+// rounding is the contract's rounding then clamping (127 is an integer, rounding monotonic).
 inline int64_t quantize_x(const float* x, int d, int offset, QuantizedX& qx) {
     qx.codes.assign(d, 0);
     qx.scale.assign(d / kQ8Group, 0.0f);
     qx.u.assign(d / kQ8Group, 0.0f);
     qx.start.assign(d / kQ8Group, 0);
-    for (int j = 0; j < d; ++j)
-        if (!std::isfinite(x[j])) return j;
+    constexpr int kHalf = kBlock / 2;
+    int8_t* __restrict codes_out = qx.codes.data();     // (int8 stores may alias the vectors' own pointers)
+    float* __restrict scale = qx.scale.data();
+    float* __restrict u = qx.u.data();
+    int32_t* __restrict start = qx.start.data();
     for (int b = 0; b < d / kBlock; ++b) {
         const float* xb = x + b * kBlock;
-        float amax = 0.0f;
-        for (int j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-        const float s = amax / float(kQ8Max);
-        int32_t sums[kQ8Groups] = {};
-        for (int j = 0; j < kBlock && s != 0.0f; ++j) {
-            const float q = std::min(float(kQ8Max), std::max(-float(kQ8Max), std::nearbyint(xb[j] / s)));
-            qx.codes[b * kBlock + j] = int8_t(q);
-            sums[j / kQ8Group] += int32_t(q);
+        float m[kHalf];                                 // the block's |x| maxima, two elements a lane
+        bool finite = true;
+        for (int l = 0; l < kHalf; ++l) {
+            const float a = std::fabs(xb[l]), c = std::fabs(xb[l + kHalf]);
+            finite = finite & (a <= FLT_MAX) & (c <= FLT_MAX);    // false for an Inf or a NaN
+            m[l] = std::max(a, c);
         }
+        if (!finite)
+            for (int j = 0; j < kBlock; ++j)
+                if (!std::isfinite(xb[j])) return int64_t(b) * kBlock + j;
+        float amax = 0.0f;
+        for (int l = 0; l < kHalf; ++l) amax = std::max(amax, m[l]);
+        const float s = amax / float(kQ8Max);
+        int32_t codes[kBlock] = {};
+        if (s != 0.0f)
+            for (int j = 0; j < kBlock; ++j) {
+                const float v = std::min(float(kQ8Max), std::max(-float(kQ8Max), xb[j] / s));
+                codes[j] = int32_t(round_to_even_small(v));
+            }
+        for (int j = 0; j < kBlock; ++j) codes_out[b * kBlock + j] = int8_t(codes[j]);
         for (int g = 0; g < kQ8Groups; ++g) {
-            qx.scale[b * kQ8Groups + g] = s;
-            qx.u[b * kQ8Groups + g] = float(sums[g]);
-            qx.start[b * kQ8Groups + g] = -offset * sums[g];
+            int32_t sum = 0;
+            for (int e = 0; e < kQ8Group; ++e) sum += codes[g * kQ8Group + e];
+            scale[b * kQ8Groups + g] = s;
+            u[b * kQ8Groups + g] = float(sum);
+            start[b * kQ8Groups + g] = -offset * sum;
         }
     }
     return -1;
