@@ -316,10 +316,12 @@ inline void add_in_place(float* __restrict acc, const float* __restrict terms, s
 // h3 != 0), for one token, into out[0:m] (m columns of a task): per chunk a partial from
 // +0.0, per sub-chunk q from +0.0 adding the sub-chunk's rows in order, sub-chunks added in
 // order into the partial, chunks in order into out. What a row adds is the weights' business:
-// `row(r)` points at listed row r's first column of the task (its `bytes` bytes are prefetched
-// ahead), and `add(q, src, h, step)` adds the `step` rows src[0 ..] times h[0 ..] to q[0:m],
-// column by column in that order (step: a std::integral_constant 4, 2 or 1, as many memory
-// streams; all the rows of one sub-chunk).
+// `row(r)` points at listed row r's first column of the task, and `add(q, src, ahead, h, step)`
+// adds the `step` rows src[0 ..] times h[0 ..] to q[0:m], column by column in that order (step:
+// a std::integral_constant 4, 2 or 1, as many memory streams; all the rows of one sub-chunk),
+// `ahead` being the next step's rows (the last row where the list ends) for it to prefetch
+// while it works. With `bytes` > 0 the walk prefetches those rows' `bytes` bytes itself, all
+// at once before the step.
 template <typename RowAt, typename AddRows>
 inline void down_walk(const int32_t* rows, const float* h3, int n, int m, float* __restrict out, RowAt&& row,
                       size_t bytes, AddRows&& add) {
@@ -339,12 +341,13 @@ inline void down_walk(const int32_t* rows, const float* h3, int n, int m, float*
                 int step = 1;
                 if (r + 3 < n && rows[r + 3] / kSubRows < end) step = 4;
                 else if (r + 1 < n && rows[r + 1] / kSubRows < end) step = 2;
-                for (int a = r + step; a < std::min(n, r + 2 * step); ++a) prefetch_span(row(a), bytes);
-                decltype(row(0)) src[4];
-                for (int a = 0; a < step; ++a) src[a] = row(r + a);
-                if (step == 4) add(q, src, h3 + r, std::integral_constant<int, 4>{});
-                else if (step == 2) add(q, src, h3 + r, std::integral_constant<int, 2>{});
-                else add(q, src, h3 + r, std::integral_constant<int, 1>{});
+                if (bytes)
+                    for (int a = r + step; a < std::min(n, r + 2 * step); ++a) prefetch_span(row(a), bytes);
+                decltype(row(0)) src[4], ahead[4];
+                for (int a = 0; a < step; ++a) src[a] = row(r + a), ahead[a] = row(std::min(n - 1, r + step + a));
+                if (step == 4) add(q, src, ahead, h3 + r, std::integral_constant<int, 4>{});
+                else if (step == 2) add(q, src, ahead, h3 + r, std::integral_constant<int, 2>{});
+                else add(q, src, ahead, h3 + r, std::integral_constant<int, 1>{});
                 r += step;
             }
             add_in_place(part, q, m);
@@ -425,7 +428,7 @@ inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, con
                          int j1, float* __restrict out) {
     const int m = j1 - j0;
     down_walk(rows, h3, n, m, out + j0, [&](int r) { return wt + int64_t(rows[r]) * d + j0; }, m * sizeof(W),
-              [&](float* q, const W* const* src, const float* h, auto step) {
+              [&](float* q, const W* const* src, const W* const*, const float* h, auto step) {
                   add_rows<W, decltype(step)::value>(q, src, h, m);
               });
 }
