@@ -4,7 +4,8 @@ same run (``sparseinfer bench-decode``).
 Both exports are written first and flushed to disk, then both are loaded and decode the
 same greedy continuation length after the same prompt: one warm-up each, then ``repeats``
 rounds that alternate dense and sparse, so that a drift of the machine's state hits all
-alike. Reported: the median tokens/s of each and the median of the per-round sparse/dense
+alike, in an order reversed every other round (``round_order``: running second is itself an
+advantage). Reported: the median tokens/s of each and the median of the per-round sparse/dense
 ratios (the speed-up). Optionally each model is then decoded once more with onnxruntime's
 profiler on (``profile_decodes``).
 """
@@ -144,6 +145,8 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
     from sparseinfer.model_export.generation import generate
     from sparseinfer.model_export.loaders import load_checkpoint, open_checkpoint
 
+    from .genai_builder.rounds import round_order
+
     export = export or export_checkpoint
     if cuda_graph and (provider != "cuda" or portable):
         raise SparseInferError("--cuda-graph needs --provider cuda and the fused export form (not --portable)")
@@ -186,12 +189,15 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
         for kind in kinds:
             paths[f"{kind}-graph"] = paths[kind]
             decoders[f"{kind}-graph"] = OnnxDecoder(paths[kind], provider, threads, mlp_kernels, cuda_graph=True)
-    runs, prefills, last = {kind: [] for kind in decoders}, {kind: [] for kind in decoders}, {}
+    runs, prefills, last, orders = {kind: [] for kind in decoders}, {kind: [] for kind in decoders}, {}, []
     with bar(f"decode {'/'.join(decoders)} alternately", len(decoders) * (repeats + 1)) as advance:
-        for r in range(repeats + 1):
-            for kind, decoder in decoders.items():
-                last[kind] = generate(decoder, prompt, tokens)
-                if r:  # round 0 is the warm-up
+        for r in range(repeats + 1):          # round 0 is the warm-up; then forward, reversed, ...
+            order = round_order(list(decoders), max(r - 1, 0))
+            if r:
+                orders.append(order)
+            for kind in order:
+                last[kind] = generate(decoders[kind], prompt, tokens)
+                if r:
                     runs[kind].append(last[kind].decode_tokens_per_s)
                     prefills[kind].append(last[kind].prefill_s * 1e3)
                 advance()
@@ -210,6 +216,7 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
               "decode_tokens": tokens, "prompt_tokens": len(prompt),
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
+              "order_per_round": orders,
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),
               **({"speedup_dense_over_dense_portable": float(np.median([1 / r for r in ratios["dense-portable"]]))}
