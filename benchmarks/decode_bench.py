@@ -4,14 +4,16 @@ same run (``sparseinfer bench-decode``).
 Both exports are written first and flushed to disk, then both are loaded and decode the
 same greedy continuation length after the same prompt: one warm-up each, then ``repeats``
 rounds that alternate dense and sparse, so that a drift of the machine's state hits all
-alike, in an order reversed every other round (``round_order``: running second is itself an
-advantage). Reported: the median tokens/s of each and the median of the per-round sparse/dense
-ratios (the speed-up). Optionally each model is then decoded once more with onnxruntime's
+alike, in an order reversed every other round (``round_order``); for the second half of the
+rounds the models are loaded anew in the reverse order, with a warm-up again
+(``creation_blocks``: a session created second decoded faster by itself). Reported: the
+median tokens/s of each and the median of the per-round sparse/dense ratios (the speed-up). Optionally each model is then decoded once more with onnxruntime's
 profiler on (``profile_decodes``).
 """
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 from pathlib import Path
 
@@ -145,7 +147,7 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
     from sparseinfer.model_export.generation import generate
     from sparseinfer.model_export.loaders import load_checkpoint, open_checkpoint
 
-    from .genai_builder.rounds import round_order
+    from .genai_builder.rounds import creation_blocks, round_order
 
     export = export or export_checkpoint
     if cuda_graph and (provider != "cuda" or portable):
@@ -181,42 +183,61 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
         paths["dense-portable"] = export(source, work / f"dense-{target}-portable" / "model.onnx", sparse=False,
                                          target=target, portable=True)
     os.sync()  # no write-back of the fresh exports competes with the timed decodes
-    decoders = {kind: OnnxDecoder(paths[kind], provider, threads, mlp_kernels) for kind in paths}
+    specs = {kind: (paths[kind], mlp_kernels, False) for kind in paths}     # kind: (model, MLP kernels, graphs)
+
+    def make(kind):
+        path, kernels, graph = specs[kind]
+        return OnnxDecoder(path, provider, threads, kernels, **({"cuda_graph": True} if graph else {}))
+
+    decoders = {kind: make(kind) for kind in specs}
     if decoders["sparse"].mlp_kernels == "native" and not quantize:     # a quantized export has no bodies
         paths["sparse-function"] = paths["sparse"]
-        decoders["sparse-function"] = OnnxDecoder(paths["sparse"], provider, threads, "function")
+        specs["sparse-function"] = (paths["sparse"], "function", False)
+        decoders["sparse-function"] = make("sparse-function")
     if cuda_graph:                       # the same exports, decode steps replayed as CUDA graphs
         for kind in kinds:
             paths[f"{kind}-graph"] = paths[kind]
-            decoders[f"{kind}-graph"] = OnnxDecoder(paths[kind], provider, threads, mlp_kernels, cuda_graph=True)
-    runs, prefills, last, orders = {kind: [] for kind in decoders}, {kind: [] for kind in decoders}, {}, []
-    with bar(f"decode {'/'.join(decoders)} alternately", len(decoders) * (repeats + 1)) as advance:
-        for r in range(repeats + 1):          # round 0 is the warm-up; then forward, reversed, ...
-            order = round_order(list(decoders), max(r - 1, 0))
-            if r:
-                orders.append(order)
-            for kind in order:
-                last[kind] = generate(decoders[kind], prompt, tokens)
+            specs[f"{kind}-graph"] = (paths[kind], mlp_kernels, True)
+            decoders[f"{kind}-graph"] = make(f"{kind}-graph")
+    names = list(decoders)
+    labels = {kind: kernels_label(decoder) for kind, decoder in decoders.items()}
+    kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
+    blocks = creation_blocks(names, repeats)
+    runs, prefills, last = {kind: [] for kind in names}, {kind: [] for kind in names}, {}
+    orders, created_orders, done = [], [], 0
+    with bar(f"decode {'/'.join(names)} alternately", len(names) * (repeats + len(blocks))) as advance:
+        for b, (created, n) in enumerate(blocks):
+            if b:                              # the same models made anew, in the reverse order
+                decoders.clear()
+                gc.collect()
+                decoders = {kind: make(kind) for kind in created}
+            for r in range(n + 1):             # r == 0: the block's warm-up; then forward, reversed, ...
+                order = round_order(names, done + r - 1) if r else names
                 if r:
-                    runs[kind].append(last[kind].decode_tokens_per_s)
-                    prefills[kind].append(last[kind].prefill_s * 1e3)
-                advance()
+                    orders.append(order)
+                    created_orders.append(created)
+                for kind in order:
+                    last[kind] = generate(decoders[kind], prompt, tokens)
+                    if r:
+                        runs[kind].append(last[kind].decode_tokens_per_s)
+                        prefills[kind].append(last[kind].prefill_s * 1e3)
+                    advance()
+            done += n
+    decoders.clear()                       # free the timed sessions before the profiled ones
     rows = {kind: {"tokens_per_s_median": float(np.median(runs[kind])), "tokens_per_s_runs": runs[kind],
                    "prefill_ms_median": float(np.median(prefills[kind])),
-                   "mlp_kernels": kernels_label(decoders[kind]),
+                   "mlp_kernels": labels[kind],
                    "model_bytes": sum(f.stat().st_size for f in paths[kind].parent.glob("model.onnx*")),
                    **({"rows_of_last_run": last[kind].kernel_rows} if last[kind].kernel_rows else {})}
-            for kind in decoders}
-    ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in decoders if kind != "dense"}
-    kernels_of = {kind: decoder.mlp_kernels for kind, decoder in decoders.items()}
-    decoders.clear()                       # free the timed sessions before the profiled ones
+            for kind in names}
+    ratios = {kind: [s / d for s, d in zip(runs[kind], runs["dense"])] for kind in names if kind != "dense"}
     result = {"benchmark": "decode", "checkpoint": str(checkpoint), "shape": ck.shape.to_dict(), "alpha": alpha,
               "target": target, "dtype": dtype, "quantize": quantize,
               "accuracy_level": accuracy_level if quantize else None, "provider": provider, "threads": threads,
               "decode_tokens": tokens, "prompt_tokens": len(prompt),
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
-              "order_per_round": orders,
+              "order_per_round": orders, "created_per_round": created_orders,
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),
               **({"speedup_dense_over_dense_portable": float(np.median([1 / r for r in ratios["dense-portable"]]))}

@@ -125,9 +125,12 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
     assert result["speedup_per_round"] == pytest.approx(ratios)
     assert result["speedup"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
     assert all(v > 0 for v in ratios)
-    # running second is an advantage by itself: the order is reversed every other round
+    # where a model runs in a round and when its session was created matter by themselves: the
+    # run order is reversed every other round, and the second half of the rounds runs on
+    # sessions created anew in the reverse order
     first, second = result["order_per_round"]
     assert first[:2] == ["dense", "sparse"] and set(first) == set(timed_rows(result)) and second == first[::-1]
+    assert result["created_per_round"] == [first, second]
     if result["sparse"]["mlp_kernels"] == "native":          # the kernels' own counts of the last sparse run
         counts = result["sparse"]["rows_of_last_run"]
         assert counts["decode_steps_counted"] == 3 and 0 < counts["rows_computed"] < 1 - counts["predicted_sparsity"] + 1e-12

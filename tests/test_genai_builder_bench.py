@@ -235,9 +235,10 @@ def test_the_peer_is_timed_in_alternating_rounds_beside_ours(export_dir, tmp_pat
     """peer_rounds on stub runners: our folder and the peer's, alternating, the peer's entry."""
     peer = tmp_path / "peer"                                  # any genai folder of the same shape
     shutil.copytree(export_dir, peer)
-    calls = []
+    calls, made = [], []
 
     def runner(folder, threads):
+        made.append(folder.name)
         rate = 25.0 if folder == export_dir else 20.0
         inner = _stub(rate, tokens=tuple(range(8)) if folder == export_dir else tuple(range(8, 16)))
 
@@ -247,13 +248,18 @@ def test_the_peer_is_timed_in_alternating_rounds_beside_ours(export_dir, tmp_pat
         return run
 
     result = gb_peer.peer_rounds(export_dir, peer, PROMPT, new_tokens=8, rounds=4, warmup=1, threads=3, runner=runner)
-    assert [c[0] for c in calls] == ["peer", "ours", "ours", "peer", "peer", "ours", "ours", "peer", "peer", "ours"]
+    # two blocks of 2 rounds, each with its warm-up: the runners made in one order, then anew in
+    # the other; the run order alternating across the blocks
+    assert made == ["ours", "peer", "peer", "ours"]
+    assert [c[0] for c in calls] == ["peer", "ours", "ours", "peer", "peer", "ours",
+                                     "peer", "ours", "ours", "peer", "peer", "ours"]
     assert all(c[1:] == (3, PROMPT, 8) for c in calls)
     assert result["name"] == "genai-int4" and result["folder"] == str(peer)
     assert result["tokens_per_s_median"] == pytest.approx(20.0)
     assert result["ours_tokens_per_s_median"] == pytest.approx(25.0)
     assert result["speedup"] == pytest.approx(1.25) and result["speedup_per_round"] == pytest.approx([1.25] * 4)
-    assert [r["round"] for r in result["rounds"]] == ["warmup0", 0, 1, 2, 3]
+    assert [r["round"] for r in result["rounds"]] == ["warmup0", 0, 1, "warmup0", 2, 3]
+    assert [r["created"] for r in result["rounds"]] == [["ours_genai", "peer_genai"]] * 3 + [["peer_genai", "ours_genai"]] * 3
     assert result["settings"]["decode_steps_timed"] == 7 and result["shape"]["num_hidden_layers"] == 2
     assert all(v > 0 for v in result["model_bytes"].values())
     json.dumps(result)

@@ -222,8 +222,9 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     Both exports are written first and flushed to disk, then both are loaded and decode
     the same greedy continuation length after the same prompt: one warm-up each, then
     --repeats rounds that alternate dense and sparse, so that a drift of the machine's
-    state hits all alike, the order reversed every other round (running second is an
-    advantage by itself). Reported: the median tokens/s of each and the median of the
+    state hits all alike, the order reversed every other round; for the second half of
+    the rounds both are loaded anew in the reverse order (a session created second ran
+    faster by itself). Reported: the median tokens/s of each and the median of the
     per-round sparse/dense ratios (the speed-up).
 
     --quantize FORMAT times sparse against dense in that block format (both exports

@@ -5,8 +5,8 @@ genai-int4``.
 
 Both folders decode under onnxruntime-genai's Generator (``runners.GenaiRunner``, the same
 runner for both) in one process, greedy, the same prompt ids, new tokens and intra-op threads,
-in the benchmark's alternating rounds (``rounds.run_rounds``: warm-up rounds, then timed ones
-whose order alternates). Tokens/s is ``Run.decode_tokens_per_s``. The two models need not
+in the benchmark's alternating rounds (``rounds.run_rounds_recreated``: warm-up rounds, then
+timed ones whose order alternates, in two blocks with the models created in opposite orders). Tokens/s is ``Run.decode_tokens_per_s``. The two models need not
 choose the same tokens (a SiLU twin does not): only their speed is compared, so their shapes
 must agree (``facts.decoder_shape``).
 """
@@ -20,7 +20,7 @@ from sparseinfer.reference.errors import SparseInferError
 from .build import run_builder
 from .convert import BUILDER_ACTIVATIONS, write_hf_folder
 from .facts import GENAI_CONFIG, decoder_shape, model_facts
-from .rounds import quiet_summary, run_rounds, summarize_rounds
+from .rounds import quiet_summary, run_rounds_recreated, summarize_rounds
 from .runners import OURS_GENAI, GenaiRunner, Run
 
 PEER_NAME = "genai-int4"
@@ -74,15 +74,16 @@ def peer_rounds(ours, peer, prompt_ids: list[int], *, new_tokens: int = 64, roun
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise SparseInferError("the prompt is empty")
-    runners = {OURS_GENAI: runner(ours, threads), PEER_GENAI: runner(peer, threads)}
-    measured = run_rounds(runners, prompt_ids, new_tokens, rounds, warmup, log, quiet_wait_s)
-    names = list(runners)
+    makers = {OURS_GENAI: lambda: runner(ours, threads), PEER_GENAI: lambda: runner(peer, threads)}
+    measured = run_rounds_recreated(makers, prompt_ids, new_tokens, rounds, warmup, log, quiet_wait_s)
+    names = list(makers)
     summary = summarize_rounds(measured["rounds"], names, reference=PEER_GENAI)
     ratio = summary["ratio_to_" + PEER_GENAI][OURS_GENAI]
     return {
         "name": name,
         "folder": str(peer),
-        "runner": "onnxruntime-genai Generator, greedy, both models in one process, rounds in alternating order",
+        "runner": "onnxruntime-genai Generator, greedy, both models in one process, rounds in alternating order, "
+                  "half of them with the models created in the reverse order",
         "tokens_per_s_median": summary["tokens_per_s"][PEER_GENAI]["median"],
         "ours_tokens_per_s_median": summary["tokens_per_s"][OURS_GENAI]["median"],
         "speedup": ratio["of_medians"],

@@ -9,7 +9,7 @@ from typing import Callable
 from sparseinfer.reference.errors import SparseInferError
 
 from .facts import model_facts, model_file
-from .rounds import quiet_summary, run_rounds, summarize_rounds
+from .rounds import quiet_summary, run_rounds_recreated, summarize_rounds
 from .runners import BUILDER_GENAI, OURS_DECODER, OURS_GENAI, DecoderRunner, GenaiRunner
 
 DEFAULT_PROMPT = ("The history of the Roman Empire begins with the founding of the city of Rome. Over the "
@@ -94,11 +94,12 @@ def benchmark(ours, builder, prompt: str | None = None, prompt_ids: list[int] | 
     prompt_ids = [int(t) for t in prompt_ids]
     if not prompt_ids:
         raise SparseInferError("the prompt is empty")
-    runners: dict[str, Callable] = {OURS_GENAI: GenaiRunner(ours, threads), BUILDER_GENAI: GenaiRunner(builder, threads)}
+    makers: dict[str, Callable] = {OURS_GENAI: lambda: GenaiRunner(ours, threads),
+                                   BUILDER_GENAI: lambda: GenaiRunner(builder, threads)}
     if onnx_decoder:
-        runners[OURS_DECODER] = DecoderRunner(model_file(ours), threads, len(prompt_ids) + new_tokens)
-    measured = run_rounds(runners, prompt_ids, new_tokens, rounds, warmup, log, quiet_wait_s)
-    names = list(runners)
+        makers[OURS_DECODER] = lambda: DecoderRunner(model_file(ours), threads, len(prompt_ids) + new_tokens)
+    measured = run_rounds_recreated(makers, prompt_ids, new_tokens, rounds, warmup, log, quiet_wait_s)
+    names = list(makers)
     summary = summarize_rounds(measured["rounds"], names)
     summary["quiet_rounds"] = quiet_summary(measured["rounds"], names)
     toks = measured["tokens"]

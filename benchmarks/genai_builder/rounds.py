@@ -68,14 +68,53 @@ def wait_quiet(max_wait_s: float, below_cores: float = 0.3, window_s: float = 1.
 
 def round_order(names: list[str], r: int) -> list[str]:
     """Round r's order: as given on even rounds, reversed on odd ones. Where a model runs in
-    its round matters by itself: of two identical decoders taking turns on a 2-core VM, the
-    second decoded 7% faster (2026-12-06), so a fixed order would favour one model."""
+    its round may matter by itself (two identical decoders taking turns on a 2-core VM, 9
+    rounds: the second 7% faster, 2026-12-06, though their creation order, see
+    ``creation_blocks``, was not reversed then), so a fixed order could favour one model."""
     return list(names) if r % 2 == 0 else list(names)[::-1]
 
 
+def creation_blocks(names: list[str], rounds: int) -> list[tuple[list[str], int]]:
+    """The timed rounds in two blocks: the models made (sessions created) in the given order
+    for the first half, rounded up, then made anew in the reverse order for the rest. Which of
+    two sessions was created first matters by itself: of two identical decoders created one
+    after the other on a 2-core VM, the one created second decoded 5-12% faster in four runs
+    (2026-12-06, whichever was run first in a round; the cause was not found), so a fixed
+    creation order would favour one model."""
+    first = (rounds + 1) // 2
+    return [(list(names), first)] + ([(list(names)[::-1], rounds - first)] if rounds > first else [])
+
+
+def run_rounds_recreated(makers: dict[str, Callable[[], Callable[[list[int], int], Run]]], prompt_ids: list[int],
+                         new_tokens: int, rounds: int, warmup: int = 1, log=lambda s: None,
+                         quiet_wait_s: float = 0.0) -> dict:
+    """``run_rounds`` in the two ``creation_blocks``: each block makes the runners (``makers``,
+    name -> a function making one) in its order, runs its warm-up and its share of the rounds
+    (the run order alternating across the blocks as in one sequence), then drops them. Every
+    round row says which order its runners were ``created`` in."""
+    import gc
+
+    names, rows, tokens, done = list(makers), [], {}, 0
+    for order, n in creation_blocks(names, rounds):
+        made = {name: makers[name]() for name in order}
+        got = run_rounds({name: made[name] for name in names}, prompt_ids, new_tokens, n, warmup, log, quiet_wait_s,
+                         first_round=done)
+        del made
+        gc.collect()
+        for row in got["rounds"]:
+            row["created"] = order
+        rows += got["rounds"]
+        for name, toks in got["tokens"].items():
+            tokens.setdefault(name, toks)
+        done += n
+    return {"rounds": rows, "tokens": tokens}
+
+
 def run_rounds(runners: dict[str, Callable[[list[int], int], Run]], prompt_ids: list[int], new_tokens: int,
-               rounds: int, warmup: int = 1, log=lambda s: None, quiet_wait_s: float = 0.0) -> dict:
-    """Warm-up rounds, then ``rounds`` rounds in alternating order (forward, reversed, ...).
+               rounds: int, warmup: int = 1, log=lambda s: None, quiet_wait_s: float = 0.0,
+               first_round: int = 0) -> dict:
+    """Warm-up rounds, then ``rounds`` rounds in alternating order (forward, reversed, ...),
+    numbered (and ordered) from ``first_round``.
 
     Every run must produce exactly ``new_tokens`` tokens (a stop token earlier is an error:
     the runners would not be timed on the same work). Each run records ``other_cores``, the
@@ -87,8 +126,8 @@ def run_rounds(runners: dict[str, Callable[[list[int], int], Run]], prompt_ids: 
     first_tokens: dict[str, list[int]] = {}
     rows = []
     for r in range(-warmup, rounds):
-        order = round_order(names, r)
-        row = {"round": r if r >= 0 else f"warmup{r + warmup}", "order": order}
+        order = round_order(names, r if r < 0 else first_round + r)
+        row = {"round": first_round + r if r >= 0 else f"warmup{r + warmup}", "order": order}
         if quiet_wait_s > 0:
             row.update(wait_quiet(quiet_wait_s))
         row["load1_before"] = _load1()
