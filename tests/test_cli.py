@@ -9,9 +9,7 @@ from sparseinfer.benchmarks.decode_bench import timed_rows
 from sparseinfer.model_export.op_library import OP_TYPE
 from sparseinfer.tools.cli import cli
 
-
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
+from helpers import run_cli as run
 
 
 def test_table1_json():

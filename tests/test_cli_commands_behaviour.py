@@ -9,28 +9,17 @@ import unicodedata
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
 
 from sparseinfer.model_export.generation import Generation
 from sparseinfer.model_export.export_folder import export_checkpoint
 from sparseinfer.model_export.synthetic import make_checkpoint
 from sparseinfer.model_export.tokenizer import byte_level_tokenizer
-from sparseinfer.tools.cli import cli
 from sparseinfer.tools.token_text import TextStream, display_text
 
+from helpers import one_line_error, run_cli as run
+
+
 VOCAB = 258                                   # the tiny checkpoint's: 256 bytes, <s>, </s>
-
-
-def run(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
-
-def one_error_line(r, *needles) -> str:
-    assert r.exit_code == 2, (r.exit_code, r.output)
-    assert r.stdout == "" and r.stderr.count("\n") == 1 and r.stderr.startswith("error: "), repr(r.stderr)
-    for needle in needles:
-        assert needle in r.stderr, (needle, r.stderr)
-    return r.stderr
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,7 @@ def test_export_prints_one_line_without_a_blank_one(tmp_path, checkpoint):
     r = run("export", checkpoint, "--dense", "--out", tmp_path / "d" / "model.onnx")
     assert r.exit_code == 0, r.output
     assert r.stdout == "" and r.stderr.startswith("wrote ") and r.stderr.count("\n") == 1, repr(r.stderr)
-    one_error_line(run("export", checkpoint, "--alpha", "0", "--out", tmp_path / "a" / "model.onnx"), "alpha")
+    one_line_error(run("export", checkpoint, "--alpha", "0", "--out", tmp_path / "a" / "model.onnx"), "alpha")
 
 
 # --- generate: the export folder or its .onnx; a tokenizer that fits the model --------------
@@ -60,7 +49,7 @@ def test_generate_takes_the_export_folder_as_well_as_its_model_file(tmp_path, sp
     assert by_file.exit_code == 0 and by_folder.exit_code == 0, (by_file.output, by_folder.output)
     tokens = json.loads(by_file.stdout)["tokens"]
     assert len(tokens) == 3 and json.loads(by_folder.stdout)["tokens"] == tokens
-    one_error_line(run("generate", tmp_path, *args), str(tmp_path / "model.onnx"))
+    one_line_error(run("generate", tmp_path, *args), str(tmp_path / "model.onnx"))
 
 
 def test_generate_refuses_a_tokenizer_too_small_for_the_model(tmp_path, sparse_export):
@@ -68,7 +57,7 @@ def test_generate_refuses_a_tokenizer_too_small_for_the_model(tmp_path, sparse_e
 
     Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).save(str(tmp_path / "one.json"))
     r = run("generate", sparse_export, "--prompt", "a", "--tokenizer", tmp_path / "one.json", "--json")
-    one_error_line(r, "one.json has 1 token,", f"the {VOCAB}-token model", "eos_token_id 257")
+    one_line_error(r, "one.json has 1 token,", f"the {VOCAB}-token model", "eos_token_id 257")
     big = byte_level_tokenizer()                      # the model's own size: accepted
     big.save(str(tmp_path / "bytes.json"))
     assert run("generate", sparse_export, "--prompt", "a", "--max-new-tokens", "2", "--tokenizer",
@@ -79,7 +68,7 @@ def test_generate_refuses_a_tokenizer_too_small_for_the_model(tmp_path, sparse_e
     (folder / "generation_config.json").write_text("{}")
     Tokenizer(models.WordLevel({chr(0x100 + i): i for i in range(200)}, unk_token="\u0100")).save(
         str(tmp_path / "200.json"))
-    one_error_line(run("generate", folder, "--prompt", "a", "--tokenizer", tmp_path / "200.json"),
+    one_line_error(run("generate", folder, "--prompt", "a", "--tokenizer", tmp_path / "200.json"),
                    "200.json has 200 tokens", f"the {VOCAB}-token model")
     assert run("generate", folder, "--prompt", "a", "--max-new-tokens", "2", "--json").exit_code == 0
 
@@ -90,7 +79,7 @@ def test_compare_names_its_argument_a_checkpoint_and_refuses_an_export(sparse_ex
     r = run("compare", "--help")
     assert r.exit_code == 0 and "CHECKPOINT" in r.stdout and "MODEL_DIR" not in r.stdout, r.stdout
     for export in (sparse_export, sparse_export.parent):
-        one_error_line(run("compare", export, "--prompt", "hi"), str(export), "checkpoint", "generate")
+        one_line_error(run("compare", export, "--prompt", "hi"), str(export), "checkpoint", "generate")
 
 
 # --- tokens as printed: control characters and U+FFFD escaped --------------------------------

@@ -2,13 +2,8 @@
 import json
 
 import pytest
-from click.testing import CliRunner
 
-from sparseinfer.tools.cli import cli
-
-
-def run(*args):
-    return CliRunner().invoke(cli, list(args))
+from helpers import run_cli as run
 
 
 def test_latency_json_breakdown():
