@@ -375,6 +375,21 @@ def test_prefill_and_dense_nodes_at_level_4_are_the_int8_dense_reference(fmt, sh
                           f"{fmt} dense, int8 activations", f"token {t} seed={seed}")
 
 
+@pytest.mark.parametrize("fmt", list(bq.FORMATS))
+@pytest.mark.parametrize("tokens", [4, 5, 6, 7, 9])
+def test_prefill_at_level_4_in_tiles_of_rows_and_tokens_is_the_reference(fmt, tokens):
+    """The prefill's rows x tokens tiles and their tails: tokens past a multiple of 4, a row task
+    of 5 rows (k = 37: 32 + 5), and 17 blocks a row (a scale run of 16, then a lone block)."""
+    rng = np.random.default_rng(tokens)
+    d, k = 32 * 17, 37
+    weights, _ = quantized_layer(rng, d, k, fmt, None)
+    xs = rng.standard_normal((1, tokens, d)).astype(F32)
+    (out,) = _session(quant_model(weights, 1000, Activation.parse("silu"), accuracy_level=4)).run(None, {"x": xs})
+    for t in range(tokens):
+        assert_bits_equal(out[0, t], mlp_dense_quant(xs[0, t], weights, "silu", int8_activations=True),
+                          f"{fmt} prefill, int8 activations", f"token {t} of {tokens}")
+
+
 def test_level_4_refuses_an_infinite_x_and_bad_levels():
     weights, x = quantized_layer(np.random.default_rng(1), 64, 40, "q4_0", None)
     x[0] = np.inf

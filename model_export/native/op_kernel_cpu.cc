@@ -121,11 +121,9 @@ struct BlockRows {
         return tx;
     }
     void gate_up_tokens(const TokensX& tx, int r0, int r1, float* zg, float* zu) const {
-        if (int8_activations) {                                        // token by token; the rows stay in cache
-            for (int t = 0; t < tx.n; ++t) {
-                dot_q8_listed<F>(gate + r0 * row_bytes_q<F>(d), d, nullptr, r1 - r0, tx.q[t], 0, r1 - r0, zg + size_t(t) * (r1 - r0));
-                dot_q8_listed<F>(up + r0 * row_bytes_q<F>(d), d, nullptr, r1 - r0, tx.q[t], 0, r1 - r0, zu + size_t(t) * (r1 - r0));
-            }
+        if (int8_activations) {
+            dot_q8_tokens<F>(gate, d, r0, r1, tx.q.data(), tx.n, zg, r1 - r0);
+            dot_q8_tokens<F>(up, d, r0, r1, tx.q.data(), tx.n, zu, r1 - r0);
             return;
         }
         dot_q_tokens<F>(gate, d, r0, r1, tx.x, tx.n, zg, r1 - r0);

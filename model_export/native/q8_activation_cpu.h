@@ -108,41 +108,87 @@ inline float butterfly_q8(float* acc) {
 }
 
 #if defined(__AVX512BW__)
-// The 16 integer sums of blocks b0 and b1 (b1 null: zeros in lanes 8..15) of a row with x's codes
-// q (two blocks' 64 bytes; past the end for a lone block, zeros) from `start`.
-template <typename F>
-inline __m512i q8_sums(const uint8_t* b0, const uint8_t* b1, __m512i q, __m512i start) {
+// A row's operand for two blocks b0 and b1 (b1 null: zeros in lanes 8..15): its unsigned code
+// bytes in x's code order (each block's codes 0..31), and for q8_0 where they are negative.
+struct Q8Weights {
     __m512i u;
+    __mmask64 negative = 0;
+};
+
+template <typename F>
+inline Q8Weights q8_weights(const uint8_t* b0, const uint8_t* b1) {
+    Q8Weights w;
     if constexpr (std::is_same_v<F, Q8_0>) {
         const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_of<F>(b0)));
         const __m256i c1 = b1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_of<F>(b1))) : _mm256_setzero_si256();
         const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1);
-        u = _mm512_abs_epi8(c);
-        q = _mm512_mask_sub_epi8(q, _mm512_movepi8_mask(c), _mm512_setzero_si512(), q);   // q * sign(c)
+        w.u = _mm512_abs_epi8(c);
+        w.negative = _mm512_movepi8_mask(c);
     } else {
         const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_of<F>(b0)));
         const __m128i c1 = b1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_of<F>(b1))) : _mm_setzero_si128();
         const __m256i pair = _mm256_inserti128_si256(_mm256_castsi128_si256(c0), c1, 1);
         const __m256i low = _mm256_and_si256(pair, _mm256_set1_epi8(0x0F));
         const __m256i high = _mm256_and_si256(_mm256_srli_epi16(pair, 4), _mm256_set1_epi8(0x0F));
-        // [low0 low1 high0 high1] -> [low0 high0 low1 high1]: each block's codes 0..15, 16..31
+        // [low0 low1 high0 high1] -> [low0 high0 low1 high1]: each block's codes 0..31
         const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
-        u = _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
+        w.u = _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
     }
+    return w;
+}
+
+// The 16 integer sums of a row's two blocks (w) with x's codes q (two blocks' 64 bytes; past
+// the end for a lone block, zeros) from `start`: q8_0's x codes take the weights' signs.
+template <typename F>
+inline __m512i q8_sums(const Q8Weights& w, __m512i q, __m512i start) {
+    if constexpr (std::is_same_v<F, Q8_0>)
+        q = _mm512_mask_sub_epi8(q, w.negative, _mm512_setzero_si512(), q);   // q * sign(c)
 #if defined(__AVX512VNNI__)
-    return _mm512_dpbusd_epi32(start, u, q);
+    return _mm512_dpbusd_epi32(start, w.u, q);
 #else
-    return _mm512_add_epi32(start, _mm512_madd_epi16(_mm512_maddubs_epi16(u, q), _mm512_set1_epi16(1)));
+    return _mm512_add_epi32(start, _mm512_madd_epi16(_mm512_maddubs_epi16(w.u, q), _mm512_set1_epi16(1)));
 #endif
 }
 
-// z[r] = rows[r] . x for kRows rows side by side, x quantized (qx); `ahead`: rows to prefetch.
-template <typename F, int kRows>
-inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d, float* z,
+// x's side of a pair of blocks b, b + 1 (`two`: b + 1 exists): codes, sums' starts, scales and,
+// for q4_1, the groups' code sums, in the 16 lanes.
+struct Q8Pair {
+    __m512i q, start;
+    __m512 s, u;
+};
+
+template <typename F>
+inline Q8Pair q8_pair(const QuantizedX& qx, int b, bool two) {
+    const __mmask16 lanes = two ? 0xFFFF : 0x00FF;
+    Q8Pair x;
+    x.q = two ? _mm512_loadu_si512(qx.codes.data() + b * kBlock)
+              : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.codes.data() + b * kBlock)));
+    x.start = _mm512_maskz_loadu_epi32(lanes, qx.start.data() + b * kQ8Groups);
+    x.s = _mm512_maskz_loadu_ps(lanes, qx.scale.data() + b * kQ8Groups);
+    if constexpr (F::kFields == 2) x.u = _mm512_maskz_loadu_ps(lanes, qx.u.data() + b * kQ8Groups);
+    return x;
+}
+
+// A row's pair term: fl(fl(D s) n) per lane (q4_1: plus fl(fl(M s) u)), dv / mv its fields in
+// the lanes.
+template <typename F>
+inline __m512 q8_term(const Q8Weights& w, const Q8Pair& x, __m512 dv, __m512 mv) {
+    __m512 term = _mm512_mul_ps(_mm512_mul_ps(dv, x.s), _mm512_cvtepi32_ps(q8_sums<F>(w, x.q, x.start)));
+    if constexpr (F::kFields == 2) term = _mm512_add_ps(term, _mm512_mul_ps(_mm512_mul_ps(mv, x.s), x.u));
+    return term;
+}
+
+// A tile: z[t][r] = rows[r] . x_t for kRows rows and kT tokens (qx[t]), each (row, token) sum
+// in the steps and order of the 16 lanes above, so a tile's sums are one row's and one token's
+// alone, bit for bit: the rows' codes are unpacked once for the kT tokens and each token's x
+// loaded once for the kRows rows. `ahead` (or null): kRows rows prefetched meanwhile.
+template <typename F, int kRows, int kT>
+inline void dot_q8_tile(const uint8_t* const* rows, const QuantizedX* const* qx, int d, float* const* z,
                         const uint8_t* const* ahead = nullptr) {
     const int blocks = d / kBlock;
-    __m512 acc[kRows];
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+    __m512 acc[kT][kRows];
+    for (int t = 0; t < kT; ++t)
+        for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_setzero_ps();
     const __m512i pair0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
     BlockFields<F, true> fields[kRows];
     for (int b0 = 0; b0 < blocks; b0 += kScaleRun) {
@@ -151,34 +197,39 @@ inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d,
         for (int j = 0; j < n; j += 2) {
             const int b = b0 + j;
             const bool two = j + 1 < n;
-            const __m512i q = two ? _mm512_loadu_si512(qx.codes.data() + b * kBlock)
-                                  : _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(qx.codes.data() + b * kBlock)));
-            const __mmask16 lanes = two ? 0xFFFF : 0x00FF;
-            const __m512i start = _mm512_maskz_loadu_epi32(lanes, qx.start.data() + b * kQ8Groups);
-            const __m512 s = _mm512_maskz_loadu_ps(lanes, qx.scale.data() + b * kQ8Groups);
             const __m512i idx = _mm512_add_epi32(pair0, _mm512_set1_epi32(j));
-            __m512 u;
-            if constexpr (F::kFields == 2) u = _mm512_maskz_loadu_ps(lanes, qx.u.data() + b * kQ8Groups);
+            Q8Weights w[kRows];
+            __m512 dv[kRows], mv[kRows];
             for (int r = 0; r < kRows; ++r) {
                 const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
                 if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
-                const __m512i sums = q8_sums<F>(block, two ? block + F::kBytes : nullptr, q, start);
-                const __m512 dv = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f));
-                __m512 term = _mm512_mul_ps(_mm512_mul_ps(dv, s), _mm512_cvtepi32_ps(sums));
-                if constexpr (F::kFields == 2) {
-                    const __m512 mv = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f + kScaleRun));
-                    term = _mm512_add_ps(term, _mm512_mul_ps(_mm512_mul_ps(mv, s), u));
-                }
-                acc[r] = _mm512_add_ps(acc[r], term);
+                w[r] = q8_weights<F>(block, two ? block + F::kBytes : nullptr);
+                dv[r] = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f));
+                mv[r] = F::kFields == 2 ? _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f + kScaleRun)) : dv[r];
+            }
+            for (int t = 0; t < kT; ++t) {
+                const Q8Pair x = q8_pair<F>(*qx[t], b, two);
+                for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_add_ps(acc[t][r], q8_term<F>(w[r], x, dv[r], mv[r]));
             }
         }
     }
-    for (int r = 0; r < kRows; ++r) {
-        alignas(64) float lanes[kQ8Lanes];
-        _mm512_store_ps(lanes, acc[r]);
-        z[r] = butterfly_q8(lanes);
-    }
+    for (int t = 0; t < kT; ++t)
+        for (int r = 0; r < kRows; ++r) {
+            alignas(64) float lanes[kQ8Lanes];
+            _mm512_store_ps(lanes, acc[t][r]);
+            z[t][r] = butterfly_q8(lanes);
+        }
 }
+
+// z[r] = rows[r] . x for kRows rows side by side, x quantized (qx); `ahead`: rows to prefetch.
+template <typename F, int kRows>
+inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d, float* z,
+                        const uint8_t* const* ahead = nullptr) {
+    const QuantizedX* x = &qx;
+    float* zs = z;
+    dot_q8_tile<F, kRows, 1>(rows, &x, d, &zs, ahead);
+}
+
 #else
 // The 8 integer sums of a block with x's codes q (32) from start[0..7].
 template <typename F>
@@ -252,6 +303,52 @@ inline void dot_q8_listed(const uint8_t* w, int d, const int32_t* rows, int n_ro
                    [&](const uint8_t* row, const uint8_t* ahead, int r) {
                        dot_q8_rows<F, 1>(&row, qx, d, z + r, ahead ? &ahead : nullptr);
                    });
+}
+
+// Prefill on int8 activations: z[t * stride + i - r0] = W[i] . x_t for the rows i in [r0, r1)
+// and the n tokens' quantized x (qx[0 .. n)), each sum dot_q8_rows's bit for bit. With
+// AVX-512 in tiles of kQuantSideBySide rows x kQ8Tokens tokens, a tile's rows read once for all
+// the tokens (x's codes, a few KiB a token, stay in L2); elsewhere token after token.
+constexpr int kQ8Tokens = 4;
+
+template <typename F>
+inline void dot_q8_tokens(const uint8_t* w, int d, int r0, int r1, const QuantizedX* qx, int n, float* z,
+                          int stride) {
+#if defined(__AVX512BW__)
+    const int64_t row_bytes = row_bytes_q<F>(d);
+    auto tile = [&](auto rows_c, auto tokens_c, int i, int t0) {
+        constexpr int R = decltype(rows_c)::value, T = decltype(tokens_c)::value;
+        const uint8_t* rows[R];
+        const QuantizedX* xs[T];
+        float zt[T][R];
+        float* zp[T];
+        for (int r = 0; r < R; ++r) rows[r] = w + int64_t(i + r) * row_bytes;
+        for (int t = 0; t < T; ++t) xs[t] = qx + t0 + t, zp[t] = zt[t];
+        dot_q8_tile<F, R, T>(rows, xs, d, zp);
+        for (int t = 0; t < T; ++t)
+            for (int r = 0; r < R; ++r) z[size_t(t0 + t) * stride + i + r - r0] = zt[t][r];
+    };
+    auto all_tokens = [&](auto rows_c, int i) {
+        using Ic = std::integral_constant<int, kQ8Tokens>;
+        int t0 = 0;
+        for (; t0 + kQ8Tokens <= n; t0 += kQ8Tokens) tile(rows_c, Ic{}, i, t0);
+        static_assert(kQ8Tokens == 4, "the tails below");
+        switch (n - t0) {
+            case 3: tile(rows_c, std::integral_constant<int, 3>{}, i, t0); break;
+            case 2: tile(rows_c, std::integral_constant<int, 2>{}, i, t0); break;
+            case 1: tile(rows_c, std::integral_constant<int, 1>{}, i, t0); break;
+            default: break;
+        }
+    };
+    int i = r0;
+    for (; i + kQuantSideBySide <= r1; i += kQuantSideBySide)
+        all_tokens(std::integral_constant<int, kQuantSideBySide>{}, i);
+    for (; i < r1; ++i) all_tokens(std::integral_constant<int, 1>{}, i);
+#else
+    for (int t = 0; t < n; ++t)
+        dot_q8_listed<F>(w + int64_t(r0) * row_bytes_q<F>(d), d, nullptr, r1 - r0, qx[t], 0, r1 - r0,
+                         z + size_t(t) * stride);
+#endif
 }
 
 }  // namespace sparseinfer
