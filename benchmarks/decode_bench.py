@@ -7,8 +7,9 @@ rounds that alternate dense and sparse, so that a drift of the machine's state h
 alike, in an order reversed every other round (``round_order``); for the second half of the
 rounds the models are loaded anew in the reverse order, with a warm-up again
 (``creation_blocks``: a session created second decoded faster by itself). Reported: the
-median tokens/s of each and the median of the per-round sparse/dense ratios (the speed-up). Optionally each model is then decoded once more with onnxruntime's
-profiler on (``profile_decodes``).
+median tokens/s of each and the median of the per-round sparse/dense ratios (the speed-up).
+Optionally each model is then decoded once more with onnxruntime's profiler on
+(``profile_decodes``).
 """
 from __future__ import annotations
 

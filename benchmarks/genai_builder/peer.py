@@ -6,9 +6,10 @@ genai-int4``.
 Both folders decode under onnxruntime-genai's Generator (``runners.GenaiRunner``, the same
 runner for both) in one process, greedy, the same prompt ids, new tokens and intra-op threads,
 in the benchmark's alternating rounds (``rounds.run_rounds_recreated``: warm-up rounds, then
-timed ones whose order alternates, in two blocks with the models created in opposite orders). Tokens/s is ``Run.decode_tokens_per_s``. The two models need not
-choose the same tokens (a SiLU twin does not): only their speed is compared, so their shapes
-must agree (``facts.decoder_shape``).
+timed ones whose order alternates, in two blocks with the models created in opposite orders).
+Tokens/s is ``Run.decode_tokens_per_s``. The two models need not choose the same tokens (a
+SiLU twin does not): only their speed is compared, so their shapes must agree
+(``facts.decoder_shape``).
 """
 from __future__ import annotations
 

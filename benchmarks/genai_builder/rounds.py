@@ -2,6 +2,7 @@
 processes put on the machine meanwhile; and their summary (medians, ratios)."""
 from __future__ import annotations
 
+import gc
 import os
 import statistics
 import time
@@ -92,8 +93,6 @@ def run_rounds_recreated(makers: dict[str, Callable[[], Callable[[list[int], int
     name -> a function making one) in its order, runs its warm-up and its share of the rounds
     (the run order alternating across the blocks as in one sequence), then drops them. Every
     round row says which order its runners were ``created`` in."""
-    import gc
-
     names, rows, tokens, done = list(makers), [], {}, 0
     for order, n in creation_blocks(names, rounds):
         made = {name: makers[name]() for name in order}

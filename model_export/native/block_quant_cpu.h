@@ -483,7 +483,8 @@ inline void add_rows_q(float* __restrict q, const uint8_t* const* src, const uin
                 const BlockLanes prod = scaled_lanes<F>(block, fj, h[r]);
                 for (int v = 0; v < kBlockVecs; ++v) a[v] = a[v] + prod.w[v];
             }
-            for (int v = 0; v < kBlockVecs; ++v) std::memcpy(qb + v * kVecFloats, &a[v], sizeof a[v]);  // (not through the stack)
+            for (int v = 0; v < kBlockVecs; ++v)                 // register by register, not via the stack
+                std::memcpy(qb + v * kVecFloats, &a[v], sizeof a[v]);
         }
     }
     for (int r = 0; r < kRows; ++r) __builtin_prefetch(ahead[r] + int64_t(blocks) * F::kBytes - 1, 0, 1);
