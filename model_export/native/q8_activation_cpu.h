@@ -202,7 +202,7 @@ inline void dot_q8_tile(const uint8_t* const* rows, const QuantizedX* const* qx,
             __m512 dv[kRows], mv[kRows];
             for (int r = 0; r < kRows; ++r) {
                 const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
-                if (ahead) __builtin_prefetch(ahead[r] + int64_t(b) * F::kBytes, 0, 1);
+                if (ahead) prefetch_blocks<F, 2>(ahead[r] + int64_t(b) * F::kBytes);
                 w[r] = q8_weights<F>(block, two ? block + F::kBytes : nullptr);
                 dv[r] = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f));
                 mv[r] = F::kFields == 2 ? _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f + kScaleRun)) : dv[r];
