@@ -348,37 +348,55 @@ inline void dot_q2(const uint8_t* row_a, const uint8_t* row_b, const float* x, i
 
 constexpr int kQuantSideBySide = 4;      // rows read at once by dot_q_listed
 
+// The first rows (up to kQuantSideBySide) that the next phase of a token will read: the phase
+// before prefetches them as its own list runs out, so that the next one does not start cold.
+struct Upcoming {
+    const uint8_t* rows[kQuantSideBySide];
+    int n = 0;
+};
+
+// Upcoming rows of a matrix with `stride` bytes a row at w: rows[0 ..] of a list of n.
+inline Upcoming upcoming_rows(const uint8_t* w, int64_t stride, const int32_t* rows, int n) {
+    Upcoming u;
+    for (; u.n < std::min(n, kQuantSideBySide); ++u.n) u.rows[u.n] = w + int64_t(rows[u.n]) * stride;
+    return u;
+}
+
 // z[r] = W[row r] . x for r in [r0, r1) of a list of n_rows rows, row r being rows[r] (or r
 // itself where rows is null): kQuantSideBySide rows side by side, the next ones prefetched
 // meanwhile, the last few one at a time.
 // The walk of such a list: group(now, ahead, r) for kQuantSideBySide rows r.. at a time (`ahead`
-// the next ones), then one(row, ahead, r) for the last few (`ahead` the next row, or null).
+// the next ones: past the list's end the `next` phase's first rows, then its last row again),
+// then one(row, ahead, r) for the last few (`ahead` the next row, or null).
 template <typename F, typename Group, typename One>
 inline void walk_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, int r0, int r1, Group&& group,
-                        One&& one) {
+                        One&& one, const Upcoming& next = {}) {
     const int64_t stride = row_bytes_q<F>(d);
     auto row = [&](int r) { return w + int64_t(rows ? rows[r] : r) * stride; };
+    auto ahead_of = [&](int r) {
+        return r < n_rows ? row(r) : r - n_rows < next.n ? next.rows[r - n_rows] : row(n_rows - 1);
+    };
     constexpr int kRows = kQuantSideBySide;
     int r = r0;
     for (; r + kRows <= r1; r += kRows) {
         const uint8_t *now[kRows], *ahead[kRows];
         for (int a = 0; a < kRows; ++a) {
             now[a] = row(r + a);
-            ahead[a] = row(std::min(r + kRows + a, n_rows - 1));
+            ahead[a] = ahead_of(r + kRows + a);
         }
         group(now, ahead, r);
     }
-    for (; r < r1; ++r) one(row(r), r + 1 < n_rows ? row(r + 1) : nullptr, r);
+    for (; r < r1; ++r) one(row(r), r + 1 < n_rows || next.n ? ahead_of(r + 1) : nullptr, r);
 }
 
 template <typename F>
 inline void dot_q_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const float* x, int r0, int r1,
-                         float* z) {
+                         float* z, const Upcoming& next = {}) {
     walk_listed<F>(w, d, rows, n_rows, r0, r1,
                    [&](const uint8_t* const* now, const uint8_t* const* ahead, int r) {
                        dot_q_rows<F, kQuantSideBySide>(now, x, d, z + r, ahead);
                    },
-                   [&](const uint8_t* row, const uint8_t* ahead, int r) { z[r] = dot_q<F>(row, x, d, ahead); });
+                   [&](const uint8_t* row, const uint8_t* ahead, int r) { z[r] = dot_q<F>(row, x, d, ahead); }, next);
 }
 
 // Prefill: rows' dot products with several tokens' x, each sum in the V = 1 order above (lane l

@@ -28,10 +28,14 @@ struct FloatRows {
     int d;
     static constexpr int kColumnStep = kCacheLine / sizeof(float);   // down tasks: whole cache lines
 
-    // z[r] = w[rows[r]] . x for r in [r0, r1) of the n listed rows
-    void dots(const W* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z) const {
+    // z[r] = w[rows[r]] . x for r in [r0, r1) of the n listed rows (`next`: BlockRows's; float rows
+    // keep their own prefetching)
+    void dots(const W* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z,
+              const Upcoming& = {}) const {
         dot_listed_rows(w, d, rows, n, x, r0, r1, z);
     }
+    Upcoming up_rows(const int32_t*, int) const { return {}; }
+    Upcoming down_rows(const int32_t*, int) const { return {}; }
     float dot_row(const W* w, int i, const float* x) const { return dot<W>(w + int64_t(i) * d, x, d, nullptr); }
     FloatRows for_token(const float*) const { return *this; }
     // The prefill's x [n, d] and its tokens interleaved kTokens at a time (dot_row_tokens; a short
@@ -100,9 +104,17 @@ struct BlockRows {
                           ", index " + std::to_string(bad) + "; int8 activations (accuracy_level 4) need a finite x");
         return q;
     }
-    void dots(const uint8_t* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z) const {
-        if (qx) dot_q8_listed<F>(w, d, rows, n, *qx, r0, r1, z);
-        else dot_q_listed<F>(w, d, rows, n, x, r0, r1, z);
+    // z[r] = w[rows[r]] . x for r in [r0, r1) of the n listed rows; `next`: the rows the token's
+    // next phase starts with, prefetched as these run out.
+    void dots(const uint8_t* w, const int32_t* rows, int n, const float* x, int r0, int r1, float* z,
+              const Upcoming& next = {}) const {
+        if (qx) dot_q8_listed<F>(w, d, rows, n, *qx, r0, r1, z, next);
+        else dot_q_listed<F>(w, d, rows, n, x, r0, r1, z, next);
+    }
+    // The first of the listed rows of W_up, of W_down^T (the next phases' Upcoming)
+    Upcoming up_rows(const int32_t* rows, int n) const { return upcoming_rows(up, row_bytes_q<F>(d), rows, n); }
+    Upcoming down_rows(const int32_t* rows, int n) const {
+        return upcoming_rows(down_t, int64_t(d / kBlock) * block_bytes(down_format), rows, n);
     }
     float dot_row(const uint8_t* w, int i, const float* x) const {
         const int32_t row = i;
@@ -204,12 +216,12 @@ void row_phase(const MlpParams& p, const Rows& m, const float* x, const uint64_t
     int n_kept = 0, n_live = 0;
     for (int i = r0; i < r1; ++i)
         if (!out.zero[i]) kept[n_kept++] = i;
-    m.dots(m.gate, kept, n_kept, x, 0, n_kept, z);
+    m.dots(m.gate, kept, n_kept, x, 0, n_kept, z, m.up_rows(kept, n_kept));   // (most kept rows are live)
     for (int r = 0; r < n_kept; ++r) {
         const float h = activate(p, z[r]);
         if (h != 0.0f || every_up) live[n_live] = kept[r], h1[n_live++] = h;
     }
-    m.dots(m.up, live, n_live, x, 0, n_live, up);
+    m.dots(m.up, live, n_live, x, 0, n_live, up, m.down_rows(live, n_live));
     for (int r = 0; r < n_live; ++r) {
         out.computed[live[r]] = 1;
         out.h3[live[r]] = h1[r] != 0.0f ? h1[r] * up[r] : 0.0f;

@@ -295,14 +295,15 @@ inline void dot_q8_rows(const uint8_t* const* rows, const QuantizedX& qx, int d,
 // rows is null): kQuantSideBySide rows side by side, the next ones prefetched meanwhile.
 template <typename F>
 inline void dot_q8_listed(const uint8_t* w, int d, const int32_t* rows, int n_rows, const QuantizedX& qx, int r0,
-                          int r1, float* z) {
+                          int r1, float* z, const Upcoming& next = {}) {
     walk_listed<F>(w, d, rows, n_rows, r0, r1,
                    [&](const uint8_t* const* now, const uint8_t* const* ahead, int r) {
                        dot_q8_rows<F, kQuantSideBySide>(now, qx, d, z + r, ahead);
                    },
                    [&](const uint8_t* row, const uint8_t* ahead, int r) {
                        dot_q8_rows<F, 1>(&row, qx, d, z + r, ahead ? &ahead : nullptr);
-                   });
+                   },
+                   next);
 }
 
 // Prefill on int8 activations: z[t * stride + i - r0] = W[i] . x_t for the rows i in [r0, r1)
