@@ -128,10 +128,10 @@ inline Q8Weights q8_weights(const uint8_t* b0, const uint8_t* b1) {
         const __m128i c0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_of<F>(b0)));
         const __m128i c1 = b1 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(codes_of<F>(b1))) : _mm_setzero_si128();
         const __m256i pair = _mm256_inserti128_si256(_mm256_castsi128_si256(c0), c1, 1);
-        const __m256i low = _mm256_and_si256(pair, _mm256_set1_epi8(0x0F));
-        const __m256i high = _mm256_and_si256(_mm256_srli_epi16(pair, 4), _mm256_set1_epi8(0x0F));
-        // [low0 low1 high0 high1] -> [low0 high0 low1 high1]: each block's codes 0..31
-        const __m512i lh = _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+        // [low0 low1 high0 high1] (one mask for both halves) -> [low0 high0 low1 high1]: each
+        // block's codes 0..31
+        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(pair), _mm256_srli_epi16(pair, 4), 1);
+        const __m512i lh = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
         w.u = _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
     }
     return w;
