@@ -211,7 +211,7 @@ template <typename Rows>
 void row_phase(const MlpParams& p, const Rows& m, const float* x, const uint64_t* signs, const uint64_t* x_words,
                bool every_up, int r0, int r1, RowPhase& out) {
     if (signs) predict_rows(p, signs, x_words, r0, r1, out.zero.data());
-    int32_t kept[kChunkRows], live[kChunkRows];
+    int32_t kept[kChunkRows] = {}, live[kChunkRows] = {};     // (zeroed: g++ cannot see that only n are read)
     float z[kChunkRows], h1[kChunkRows], up[kChunkRows];
     int n_kept = 0, n_live = 0;
     for (int i = r0; i < r1; ++i)

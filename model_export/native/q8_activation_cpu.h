@@ -108,6 +108,9 @@ inline float butterfly_q8(float* acc) {
 }
 
 #if defined(__AVX512BW__)
+// (Full-mask maskz forms where GCC 12 warns of an uninitialized value in the plain ones, as in
+// block_quant_cpu.h: the same instructions.)
+
 // A row's operand for two blocks b0 and b1 (b1 null: zeros in lanes 8..15): its unsigned code
 // bytes in x's code order (each block's codes 0..31), and for q8_0 where they are negative.
 struct Q8Weights {
@@ -121,7 +124,7 @@ inline Q8Weights q8_weights(const uint8_t* b0, const uint8_t* b1) {
     if constexpr (std::is_same_v<F, Q8_0>) {
         const __m256i c0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_of<F>(b0)));
         const __m256i c1 = b1 ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes_of<F>(b1))) : _mm256_setzero_si256();
-        const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(c0), c1, 1);
+        const __m512i c = _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(c0), c1, 1);
         w.u = _mm512_abs_epi8(c);
         w.negative = _mm512_movepi8_mask(c);
     } else {
@@ -130,9 +133,10 @@ inline Q8Weights q8_weights(const uint8_t* b0, const uint8_t* b1) {
         const __m256i pair = _mm256_inserti128_si256(_mm256_castsi128_si256(c0), c1, 1);
         // [low0 low1 high0 high1] (one mask for both halves) -> [low0 high0 low1 high1]: each
         // block's codes 0..31
-        const __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(pair), _mm256_srli_epi16(pair, 4), 1);
+        const __m512i both =
+            _mm512_maskz_inserti64x4(0xFF, _mm512_castsi256_si512(pair), _mm256_srli_epi16(pair, 4), 1);
         const __m512i lh = _mm512_and_si512(both, _mm512_set1_epi8(0x0F));
-        w.u = _mm512_shuffle_i64x2(lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
+        w.u = _mm512_maskz_shuffle_i64x2(0xFF, lh, lh, _MM_SHUFFLE(3, 1, 2, 0));
     }
     return w;
 }
@@ -173,7 +177,8 @@ inline Q8Pair q8_pair(const QuantizedX& qx, int b, bool two) {
 // the lanes.
 template <typename F>
 inline __m512 q8_term(const Q8Weights& w, const Q8Pair& x, __m512 dv, __m512 mv) {
-    __m512 term = _mm512_mul_ps(_mm512_mul_ps(dv, x.s), _mm512_cvtepi32_ps(q8_sums<F>(w, x.q, x.start)));
+    const __m512 n = _mm512_maskz_cvtepi32_ps(0xFFFF, q8_sums<F>(w, x.q, x.start));
+    __m512 term = _mm512_mul_ps(_mm512_mul_ps(dv, x.s), n);
     if constexpr (F::kFields == 2) term = _mm512_add_ps(term, _mm512_mul_ps(_mm512_mul_ps(mv, x.s), x.u));
     return term;
 }
@@ -204,8 +209,10 @@ inline void dot_q8_tile(const uint8_t* const* rows, const QuantizedX* const* qx,
                 const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
                 if (ahead) prefetch_blocks<F, 2>(ahead[r] + int64_t(b) * F::kBytes);
                 w[r] = q8_weights<F>(block, two ? block + F::kBytes : nullptr);
-                dv[r] = _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f));
-                mv[r] = F::kFields == 2 ? _mm512_permutexvar_ps(idx, _mm512_load_ps(fields[r].f + kScaleRun)) : dv[r];
+                dv[r] = _mm512_maskz_permutexvar_ps(0xFFFF, idx, _mm512_load_ps(fields[r].f));
+                mv[r] = F::kFields == 2
+                            ? _mm512_maskz_permutexvar_ps(0xFFFF, idx, _mm512_load_ps(fields[r].f + kScaleRun))
+                            : dv[r];
             }
             for (int t = 0; t < kT; ++t) {
                 const Q8Pair x = q8_pair<F>(*qx[t], b, two);
