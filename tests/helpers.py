@@ -219,3 +219,24 @@ def tiny_sparse_checkpoint(tmp_path_factory) -> str:
     from sparseinfer.model_export.synthetic import make_checkpoint
 
     return str(make_checkpoint("tiny", tmp_path_factory.mktemp("ck"), layers=2, target_sparsity=0.85, seed=3))
+
+
+def load_error_in_capped_child(path, gib: int = 4) -> str:
+    """The one-line SparseInferError of ``load_checkpoint(path)``, run in a child process whose
+    address space is capped at ``gib`` GiB: a loader that tried to build something huge fails
+    there (MemoryError) instead of exhausting the machine that runs the tests."""
+    import resource
+    import subprocess
+    import sys
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (gib << 30, gib << 30))
+
+    code = ("import sys\nfrom sparseinfer.model_export.loaders import load_checkpoint\n"
+            "from sparseinfer.reference.errors import SparseInferError\n"
+            "try:\n    load_checkpoint(sys.argv[1])\nexcept SparseInferError as e:\n    print(e)\n"
+            "else:\n    sys.exit('loaded')\n")
+    r = subprocess.run([sys.executable, "-c", code, str(path)], preexec_fn=cap, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return r.stdout.strip()

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from helpers import load_error_in_capped_child
 from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.loaders.names import hf_tensors
 from sparseinfer.model_export.synthetic import (MAX_LAYERS, N_FEATURES, SYNTHETIC_SHAPES, common_direction,
@@ -217,6 +218,19 @@ def test_every_missing_tensor_is_counted_and_the_first_few_named(tmp_path):
     with pytest.raises(SparseInferError, match=r"tensor model.layers.1.input_layernorm.weight is missing, and 8 more: "
                                                r"model.layers.1.self_attn.q_proj.weight, .*, \.\.\.$"):
         load_checkpoint(path)
+
+
+def test_a_layer_count_far_past_the_weights_is_counted_not_listed(tmp_path):
+    """num_hidden_layers 2**40 over a 1-layer checkpoint: the names of the layers past the stored
+    ones are counted, not built (that list would take terabytes); the same line as for a few."""
+    path = make_checkpoint("tiny", tmp_path / "ck", layers=1)
+    _write_config(path, num_hidden_layers=2**40)
+    missing = 9 * (2**40 - 1)                # every tensor of layers 1 .. 2**40 - 1
+    assert load_error_in_capped_child(path) == (
+        f"{path}: tensor model.layers.1.input_layernorm.weight is missing, and {missing - 1} more: "
+        "model.layers.1.self_attn.q_proj.weight, model.layers.1.self_attn.k_proj.weight, "
+        "model.layers.1.self_attn.v_proj.weight, model.layers.1.self_attn.o_proj.weight, "
+        "model.layers.1.post_attention_layernorm.weight, ...")
 
 
 NORM, DOWN = "model.layers.0.input_layernorm.weight", "model.layers.0.mlp.down_proj.weight"   # adjacent

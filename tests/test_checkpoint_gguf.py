@@ -6,7 +6,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from helpers import finish_gguf, gguf_tensors, write_gguf_llama_vocab, write_gguf_shape
+from helpers import finish_gguf, gguf_tensors, load_error_in_capped_child, write_gguf_llama_vocab, write_gguf_shape
 from sparseinfer.model_export.loaders import load_checkpoint
 from sparseinfer.model_export.loaders.gguf_file import rope_permute
 from sparseinfer.model_export.synthetic import make_weights, synthetic_shape
@@ -66,6 +66,18 @@ def test_gguf_quantized_mlp_is_dequantized(tmp_path):
     assert gate.dtype == np.float32 and gate.shape == want.shape
     err = np.abs(gate - want)
     assert 0 < err.max() <= np.abs(want).max() / 127 * 0.51 + 1e-7             # Q8_0: half a step of 1/127
+
+
+def test_a_gguf_block_count_far_past_its_tensors_is_counted_not_listed(tmp_path):
+    """block_count 2**32 - 1 (its largest) over one layer's tensors: the names of the absent layers
+    are counted, not built (billions), and the first missing ones named as the file calls them."""
+    weights = make_weights(synthetic_shape("tiny", layers=1), seed=1)
+    count = 2**32 - 1
+    _write(tmp_path / "m.gguf", replace(weights, shape=replace(weights.shape, num_layers=count)))
+    got = load_error_in_capped_child(tmp_path / "m.gguf")
+    assert got.startswith(f"{tmp_path / 'm.gguf'}: tensor blk.1.attn_norm.weight is missing, "
+                          f"and {9 * (count - 1) - 1} more: blk.1.attn_q.weight, blk.1.attn_k.weight, "), got
+    assert got.endswith(", ...")
 
 
 def test_gguf_errors(tmp_path):

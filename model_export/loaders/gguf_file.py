@@ -23,7 +23,7 @@ from sparseinfer.reference.errors import SparseInferError
 from ..tokenizer import gguf_tokenizer
 from .config import check_config, token_ids
 from .names import EMBEDDING, FINAL_NORM, LAYER_TENSORS, LM_HEAD, layer_tensor, tensor_names
-from .tensors import check_no_extra_tensors
+from .tensors import check_no_extra_tensors, check_tensors_present, layer_window
 from .weights import Checkpoint, OpenCheckpoint, load_whole
 
 # Hugging Face name (after "model.layers.{i}.") -> GGUF name (after "blk.{i}.")
@@ -165,8 +165,12 @@ def open_gguf_checkpoint(path):
     ids = token_ids(cfg, shape.vocab_size, str(p), rows)
     tokenizer = gguf_tokenizer(_tokenizer_fields(reader), str(p))     # before the weights: fails fast
     to_gguf = dict(GGUF_GLOBAL_NAMES)
-    for i in range(shape.num_layers):
+    window = layer_window(shape.num_layers, by_name)      # (past it no layer holds a tensor)
+    for i in range(window):
         to_gguf.update({layer_tensor(i, hf): f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
+    if window < shape.num_layers:
+        check_tensors_present([to_gguf.get(n, n) for n in tensor_names(shape, window)], by_name, str(p),
+                              absent=(shape.num_layers - window) * len(GGUF_LAYER_NAMES))
 
     def gguf_tensor(hf_name):
         return by_name.get(to_gguf.get(hf_name, hf_name))
@@ -179,7 +183,7 @@ def open_gguf_checkpoint(path):
         heads = rope_heads(hf_name, shape)
         return a if heads is None else rope_unpermute(a, heads)
 
-    check_no_extra_tensors([to_gguf.get(n, n) for n in tensor_names(shape)], by_name, str(p),
+    check_no_extra_tensors([to_gguf.get(n, n) for n in tensor_names(shape, window)], by_name, str(p),
                            tied=shape.tie_word_embeddings)
     types = {t.tensor_type.name for t in reader.tensors}
     yield OpenCheckpoint(shape, tokenizer, str(p), get, **ids, gguf_tensor=gguf_tensor, stored_dtypes=types)

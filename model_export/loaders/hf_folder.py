@@ -14,13 +14,13 @@ from pathlib import Path
 
 from sparseinfer.reference.dtypes import dtype_name
 from sparseinfer.reference.errors import SparseInferError
-from sparseinfer.reference.shapes import read_config
+from sparseinfer.reference.shapes import ModelShape, read_config
 
 from ..tokenizer import load_tokenizer_json
 from .config import check_config, token_ids
-from .names import EMBEDDING, tensor_names
+from .names import EMBEDDING, LAYER_TENSORS, tensor_names
 from .safetensors_header import check_data_tiled, check_safetensors_header
-from .tensors import check_no_extra_tensors, check_tensors_present
+from .tensors import check_no_extra_tensors, check_tensors_present, layer_window
 from .weights import Checkpoint, OpenCheckpoint, load_whole
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -56,19 +56,21 @@ def _safetensor_files(root: Path) -> list[Path]:
 
 
 @contextlib.contextmanager
-def _safetensors_reader(files: list[Path], expected: list[str], source: str, tied: bool = False):
+def _safetensors_reader(files: list[Path], shape: ModelShape, source: str):
     """``get(name) -> ndarray | None`` over the files, each tensor read when asked (so a
     checkpoint is in memory once, not its files' bytes and then its arrays), the set of
     dtypes read so far (bf16 arrives as ml_dtypes.bfloat16) and every stored tensor's shape.
-    The headers are checked first, then that each ``expected`` name is there, then the data's
-    tiling (``check_data_tiled``)."""
+    The headers are checked first, then that each name the config implies is there (and no
+    other), then the data's tiling (``check_data_tiled``)."""
     from safetensors import SafetensorError, safe_open
 
     errors = (SafetensorError, OSError, ValueError, TypeError)
     headers = [check_safetensors_header(f) for f in files]
-    shapes = {name: shape for h in headers for name, shape in h.shapes.items()}
-    check_tensors_present(expected, shapes, source)
-    check_no_extra_tensors(expected, shapes, source, tied=tied)
+    shapes = {name: dims for h in headers for name, dims in h.shapes.items()}
+    window = layer_window(shape.num_layers, shapes)
+    expected = tensor_names(shape, window)
+    check_tensors_present(expected, shapes, source, absent=(shape.num_layers - window) * len(LAYER_TENSORS))
+    check_no_extra_tensors(expected, shapes, source, tied=shape.tie_word_embeddings)
     for h in headers:
         check_data_tiled(h)
     with contextlib.ExitStack() as stack:
@@ -107,8 +109,7 @@ def open_hf_checkpoint(path):
     cfg = read_config(root)
     config_name = str(root / "config.json")
     shape = check_config(cfg, config_name)
-    with _safetensors_reader(_safetensor_files(root), tensor_names(shape), str(root),
-                             tied=shape.tie_word_embeddings) as (get, dtypes, shapes):
+    with _safetensors_reader(_safetensor_files(root), shape, str(root)) as (get, dtypes, shapes):
         embedding = shapes[EMBEDDING]
         ids = token_ids(cfg, shape.vocab_size, config_name, embedding[0] if embedding else None)
         tok = load_tokenizer_json(root / "tokenizer.json") if (root / "tokenizer.json").is_file() else None

@@ -53,10 +53,12 @@ def hf_tensors(weights: LlamaWeights, dtype) -> dict[str, np.ndarray]:
     return {n: np.ascontiguousarray(a.astype(dt, copy=False)) for n, a in named_tensors(weights).items()}
 
 
-def tensor_names(shape: ModelShape) -> list[str]:
-    """The Hugging Face names of every tensor the config implies, in ``assemble``'s order."""
-    layers = [layer_tensor(i, hf) for i in range(shape.num_layers) for hf in LAYER_TENSORS.values()]
-    return [EMBEDDING, *layers, FINAL_NORM, *([] if shape.tie_word_embeddings else [LM_HEAD])]
+def tensor_names(shape: ModelShape, layers: int | None = None) -> list[str]:
+    """The Hugging Face names of every tensor the config implies, in ``assemble``'s order
+    (``layers``: of the first that many decoder layers only)."""
+    n = shape.num_layers if layers is None else min(layers, shape.num_layers)
+    names = [layer_tensor(i, hf) for i in range(n) for hf in LAYER_TENSORS.values()]
+    return [EMBEDDING, *names, FINAL_NORM, *([] if shape.tie_word_embeddings else [LM_HEAD])]
 
 
 def expected_shapes(shape: ModelShape) -> dict[str, tuple[int, ...]]:

@@ -34,18 +34,22 @@ def check_tensor(name: str, array: np.ndarray, expected: tuple[int, ...], source
                                f"the first at {tuple(int(i) for i in first)}")
 
 
-def _and_more(names: list[str]) -> str:
-    """', and 2 more: b, c' after the first of ``names`` (at most five listed)."""
-    if len(names) < 2:
+def _and_more(names: list[str], total: int | None = None) -> str:
+    """', and 2 more: b, c' after the first of ``names`` (at most five listed), of ``total`` in
+    all (default: as many as listed)."""
+    total = len(names) if total is None else total
+    if total < 2:
         return ""
-    return f", and {len(names) - 1} more: {', '.join(names[1:6])}{', ...' if len(names) > 6 else ''}"
+    return f", and {total - 1} more: {', '.join(names[1:6])}{', ...' if total > 6 else ''}"
 
 
-def check_tensors_present(expected: list[str], present, source: str) -> None:
-    """Every expected tensor name among ``present``, else one line naming the missing ones."""
+def check_tensors_present(expected: list[str], present, source: str, absent: int = 0) -> None:
+    """Every expected tensor name among ``present``, else one line naming the missing ones.
+    ``absent``: that many more expected names, all missing, which ``expected`` leaves out
+    (those of the layers past ``layer_window``'s), counted in the line."""
     missing = [name for name in expected if name not in present]
-    if missing:
-        raise SparseInferError(f"{source}: tensor {missing[0]} is missing{_and_more(missing)}")
+    if missing:                          # (absent > 0 leaves the window's last layer missing too)
+        raise SparseInferError(f"{source}: tensor {missing[0]} is missing{_and_more(missing, len(missing) + absent)}")
 
 
 # Buffers some checkpoints store that the config already implies (recomputed from rope_theta).
@@ -56,6 +60,15 @@ DERIVED_TENSOR_SUFFIXES = (".rotary_emb.inv_freq",)
 IGNORED_WHEN_TIED = ("lm_head.weight", "output.weight")
 IGNORED_TENSORS = ("rope_freqs.weight",)
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|blk)\.([0-9]+)\.")
+
+
+def layer_window(num_layers: int, present) -> int:
+    """How many of the config's decoder layers to list tensor names for: up to one past the
+    highest layer index among the stored names (``present``; Hugging Face's layers.N or GGUF's
+    blk.N). The layers beyond hold no stored tensor, so their names are all missing and need
+    only be counted; a corrupted layer count (2**40) would otherwise build that many names."""
+    stored = 1 + max((int(m[1]) for name in present if (m := _LAYER_INDEX.search(name))), default=-1)
+    return min(num_layers, stored + 1)
 
 
 def check_no_extra_tensors(expected: list[str], present, source: str, tied: bool = False) -> None:
