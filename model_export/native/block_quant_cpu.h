@@ -68,9 +68,9 @@ inline float half_at(const uint8_t* p) {
 #endif
 }
 
-// The lines of kN blocks from p prefetched (into L2): a prefetch at each block start where they are
-// at most a line apart, else also one a line on (q8_0's 34-byte blocks: 68 bytes a pair, so a
-// prefetch a pair alone would skip one line in 17).
+// The lines of kN blocks from p prefetched (into L2): one a line over their span, and their last
+// byte's, so that calls a span apart leave no line out (q8_0's 34-byte blocks: 68 bytes a pair,
+// where one prefetch a pair would skip one line in 17; q4_x's 36 or 40 bytes take one).
 template <typename F, int kN>
 inline void prefetch_blocks(const uint8_t* p) {
     constexpr int kSpan = kN * F::kBytes;
