@@ -170,7 +170,7 @@ def open_gguf_checkpoint(path):
         to_gguf.update({layer_tensor(i, hf): f"blk.{i}.{gg}" for hf, gg in GGUF_LAYER_NAMES.items()})
     if window < shape.num_layers:
         check_tensors_present([to_gguf.get(n, n) for n in tensor_names(shape, window)], by_name, str(p),
-                              absent=(shape.num_layers - window) * len(GGUF_LAYER_NAMES))
+                              absent_layers=shape.num_layers - window)
 
     def gguf_tensor(hf_name):
         return by_name.get(to_gguf.get(hf_name, hf_name))

@@ -18,7 +18,7 @@ from sparseinfer.reference.shapes import ModelShape, read_config
 
 from ..tokenizer import load_tokenizer_json
 from .config import check_config, token_ids
-from .names import EMBEDDING, LAYER_TENSORS, tensor_names
+from .names import EMBEDDING, tensor_names
 from .safetensors_header import check_data_tiled, check_safetensors_header
 from .tensors import check_no_extra_tensors, check_tensors_present, layer_window
 from .weights import Checkpoint, OpenCheckpoint, load_whole
@@ -69,7 +69,7 @@ def _safetensors_reader(files: list[Path], shape: ModelShape, source: str):
     shapes = {name: dims for h in headers for name, dims in h.shapes.items()}
     window = layer_window(shape.num_layers, shapes)
     expected = tensor_names(shape, window)
-    check_tensors_present(expected, shapes, source, absent=(shape.num_layers - window) * len(LAYER_TENSORS))
+    check_tensors_present(expected, shapes, source, absent_layers=shape.num_layers - window)
     check_no_extra_tensors(expected, shapes, source, tied=shape.tie_word_embeddings)
     for h in headers:
         check_data_tiled(h)

@@ -11,6 +11,8 @@ import numpy as np
 from sparseinfer.reference.dtypes import BFLOAT16, WEIGHT_DTYPES, dtype_name
 from sparseinfer.reference.errors import SparseInferError
 
+from .names import LAYER_TENSORS
+
 _EXPONENT_BITS = {np.dtype(np.float16): 0x7C00, BFLOAT16: 0x7F80}     # all ones: Inf or NaN
 
 
@@ -43,13 +45,14 @@ def _and_more(names: list[str], total: int | None = None) -> str:
     return f", and {total - 1} more: {', '.join(names[1:6])}{', ...' if total > 6 else ''}"
 
 
-def check_tensors_present(expected: list[str], present, source: str, absent: int = 0) -> None:
+def check_tensors_present(expected: list[str], present, source: str, absent_layers: int = 0) -> None:
     """Every expected tensor name among ``present``, else one line naming the missing ones.
-    ``absent``: that many more expected names, all missing, which ``expected`` leaves out
-    (those of the layers past ``layer_window``'s), counted in the line."""
+    ``absent_layers``: decoder layers past ``layer_window``'s that ``expected`` leaves out, all
+    of whose tensors are missing, counted in the line."""
     missing = [name for name in expected if name not in present]
-    if missing:                          # (absent > 0 leaves the window's last layer missing too)
-        raise SparseInferError(f"{source}: tensor {missing[0]} is missing{_and_more(missing, len(missing) + absent)}")
+    if missing:                          # (absent layers leave the window's last layer missing too)
+        total = len(missing) + absent_layers * len(LAYER_TENSORS)
+        raise SparseInferError(f"{source}: tensor {missing[0]} is missing{_and_more(missing, total)}")
 
 
 # Buffers some checkpoints store that the config already implies (recomputed from rope_theta).
