@@ -227,11 +227,22 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     faster by itself). Reported: the median tokens/s of each and the median of the
     per-round sparse/dense ratios (the speed-up).
 
+    The JSON's machine.huge_pages records the kernel's transparent-huge-page mode and
+    GLIBC_TUNABLES' glibc.malloc.hugetlb. Where huge pages come only on request (madvise)
+    and malloc is not told to ask, onnxruntime's packed MatMulNBits weights sit on 4 KiB
+    pages, and there the second session's advantage shows: a note says so first.
+    GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment puts every model's on 2 MiB
+    pages, and both orders then decode alike (README, "Huge pages").
+
     --quantize FORMAT times sparse against dense in that block format (both exports
     quantized, the dense one with MatMulNBits where it holds the format).
     """
     from sparseinfer.benchmarks.decode_bench import bench_decode, timed_rows
+    from sparseinfer.model_export.machine import huge_page_note, huge_pages
 
+    note = huge_page_note(huge_pages()) if settings["provider"] == "cpu" and not as_json else None
+    if note:
+        echo_err(f"note: {note}")
     result = bench_decode(checkpoint, export=functools.partial(export_checkpoint, quiet=as_json), bar=progress_bar,
                           **settings)
     if as_json:
