@@ -128,7 +128,8 @@ def peer_result(ours, peer_folder, prompt, tokens, repeats, threads, runner=None
     got = peer_rounds(ours, peer_folder, prompt, new_tokens=tokens, rounds=repeats,
                       threads=threads or os.cpu_count() or 1, runner=runner or runners.GenaiRunner)
     keep = ("name", "folder", "runner", "tokens_per_s_median", "ours_tokens_per_s_median", "speedup",
-            "speedup_per_round", "speedup_median_per_round", "quiet_rounds", "model_bytes", "settings")
+            "speedup_per_round", "speedup_median_per_round", "speedup_median_per_round_interval", "quiet_rounds",
+            "model_bytes", "settings")
     return {key: got[key] for key in keep}
 
 
@@ -148,7 +149,7 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
     from sparseinfer.model_export.generation import generate
     from sparseinfer.model_export.loaders import load_checkpoint, open_checkpoint
 
-    from .genai_builder.rounds import creation_blocks, round_order
+    from .genai_builder.rounds import creation_blocks, median_interval, round_order
 
     export = export or export_checkpoint
     if cuda_graph and (provider != "cuda" or portable):
@@ -238,6 +239,7 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
               "decode_tokens": tokens, "prompt_tokens": len(prompt),
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
+              "speedup_interval": median_interval(ratios["sparse"], [str(c) for c in created_orders]),
               "order_per_round": orders, "created_per_round": created_orders,
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),

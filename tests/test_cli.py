@@ -122,6 +122,8 @@ def test_bench_decode_alternates_dense_and_sparse_and_reports_per_round_ratios(t
     ratios = [s / d for s, d in zip(result["sparse"]["tokens_per_s_runs"], result["dense"]["tokens_per_s_runs"])]
     assert result["speedup_per_round"] == pytest.approx(ratios)
     assert result["speedup"] == pytest.approx(sorted(ratios)[0] / 2 + sorted(ratios)[1] / 2)
+    # one round in each creation order: every resample keeps one of each, so the interval is the median
+    assert result["speedup_interval"] == pytest.approx([round(result["speedup"], 4)] * 2)
     assert all(v > 0 for v in ratios)
     # where a model runs in a round and when its session was created matter by themselves: the
     # run order is reversed every other round, and the second half of the rounds runs on

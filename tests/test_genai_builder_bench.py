@@ -177,6 +177,44 @@ def test_rounds_alternate_and_the_summary_has_medians_and_ratios():
     assert s["tokens_per_s"][gb_runners.BUILDER_GENAI]["per_round"] == pytest.approx([20.0] * 3)
     ratio = s["ratio_to_" + gb_runners.BUILDER_GENAI][gb_runners.OURS_GENAI]
     assert ratio["of_medians"] == pytest.approx(1.5) and ratio["per_round"] == pytest.approx([1.5] * 3)
+    assert ratio["median_per_round_interval"] == pytest.approx([1.5, 1.5])
+
+
+def test_median_interval_resamples_within_each_stratum():
+    # two strata a run apart: resampled freely, a resample may hold 6 of one and 4 of the other
+    # and its median jumps to 1 or 3; kept 5 and 5, every resample's median is 2
+    values, strata = [1.0] * 5 + [3.0] * 5, ["dense first"] * 5 + ["sparse first"] * 5
+    assert gb_rounds.median_interval(values, strata) == [2.0, 2.0]
+    assert gb_rounds.median_interval(values) == [1.0, 3.0]
+    # one stratum of [1, 2, 10]: a resample's median is 1 or 10 with probability 7/27 each, more
+    # than the 5% each tail leaves, so the 90% interval spans them
+    assert gb_rounds.median_interval([1.0, 2.0, 10.0]) == [1.0, 10.0]
+    assert gb_rounds.median_interval([1.0, 2.0, 10.0], level=0.2) == [2.0, 2.0]
+    assert gb_rounds.median_interval([4.0]) == [4.0, 4.0]
+
+
+def test_median_interval_holds_the_median_and_is_repeatable():
+    rng = np.random.default_rng(7)
+    values = list(rng.lognormal(0.7, 0.08, size=30))
+    strata = [i // 15 for i in range(30)]
+    low, high = gb_rounds.median_interval(values, strata)
+    assert low < float(np.median(values)) < high and high - low < 0.5
+    assert gb_rounds.median_interval(values, strata) == [low, high]
+    narrower = gb_rounds.median_interval(values, strata, level=0.5)
+    assert low <= narrower[0] <= narrower[1] <= high
+
+
+@pytest.mark.parametrize("values, strata, kwargs, match", [
+    ([], None, {}, "one or more finite values"),
+    ([1.0, float("nan")], None, {}, "one or more finite values"),
+    ([1.0, float("inf")], None, {}, "one or more finite values"),
+    ([1.0, 2.0], ["a"], {}, "1 strata labels for 2 values"),
+    ([1.0, 2.0], None, {"level": 1.0}, "level"),
+    ([1.0, 2.0], None, {"resamples": 0}, "resamples"),
+])
+def test_median_interval_refuses_what_it_cannot_resample(values, strata, kwargs, match):
+    with pytest.raises(SparseInferError, match=match):
+        gb_rounds.median_interval(values, strata, **kwargs)
 
 
 def test_a_runner_that_stops_early_is_an_error():

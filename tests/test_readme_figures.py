@@ -162,3 +162,37 @@ def test_amd_speed_table_is_the_results_files():
     assert p["name"] == "genai-int4"
     assert rows["q4_0", "builder int4"] == (f"{p['ours_tokens_per_s_median']:.2f}", f"{p['tokens_per_s_median']:.2f}",
                                             f"{p['speedup_median_per_round']:.2f}")
+
+
+HUGE_PAGE_RUNS = {"default": ("final", 6), "hugetlb": ("hugepages", 6)}
+
+
+def test_huge_pages_table_is_the_results_files():
+    """The EPYC VM's huge-page table: each run's median per-round ratio in run order, and the
+    pooled median of every round's ratio and share of rounds at 2.0 or more, with the malloc
+    tunable unset and set, are those of the bench-decode --json results files."""
+    results = ROOT / "benchmarks" / "results"
+    found = re.findall(r"^\| (q\d_\d) sparse / (dense q\d_\d|builder int4) \| ([\d., ]+) \| \*\*([\d.]+)\*\*; (\d+)% "
+                       r"\| ([\d., ]+) \| \*\*([\d.]+)\*\*; (\d+)% \|$", README, re.M)
+    assert [(f, b) for f, b, *_ in found] == [("q4_0", "builder int4"), ("q4_0", "dense q4_0"), ("q8_0", "dense q8_0")]
+    for fmt, base, *columns in found:
+        for (runs_text, pooled, share), (setting, tag) in zip((columns[:3], columns[3:]),
+                                                              (("default", "final"), ("hugetlb", "hugepages"))):
+            peer = "-peer" if fmt == "q4_0" else ""
+            files = sorted(results.glob(f"cpu-quant-decode-7b-4l-2026-12-07-epyc2-{fmt}-{tag}{peer}-run*.json"))
+            data = [json.loads(f.read_text()) for f in files]
+            assert len(data) == (5 if (fmt, setting) == ("q8_0", "hugetlb") else 6), (fmt, setting)
+            for d in data:
+                assert d["quantize"] == fmt and d["machine"]["cpu"] == "AMD EPYC"
+                assert d["machine"]["huge_pages"]["glibc.malloc.hugetlb"] == ("1" if setting == "hugetlb" else None)
+            if base == "builder int4":
+                per_run = [d["peer"]["speedup_median_per_round"] for d in data]
+                rounds = [x for d in data for x in d["peer"]["speedup_per_round"]]
+            else:
+                per_run = [d["speedup"] for d in data]
+                rounds = [x for d in data for x in d["speedup_per_round"]]
+            assert runs_text == ", ".join(f"{x:.2f}" for x in per_run), (fmt, base, setting)
+            ordered = sorted(rounds)
+            median = (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
+            assert pooled == f"{median:.2f}", (fmt, base, setting)
+            assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}", (fmt, base, setting)

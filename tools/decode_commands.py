@@ -5,6 +5,7 @@ import functools
 
 import click
 
+from sparseinfer.benchmarks.genai_builder.rounds import INTERVAL_LEVEL
 from sparseinfer.evaluation.quant_quality import DEFAULT_WORK_DIR as QUALITY_WORK_DIR
 from sparseinfer.model_export.ort_profile import one_line
 
@@ -225,7 +226,9 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     state hits all alike, the order reversed every other round; for the second half of
     the rounds both are loaded anew in the reverse order (a session created second ran
     faster by itself). Reported: the median tokens/s of each and the median of the
-    per-round sparse/dense ratios (the speed-up).
+    per-round sparse/dense ratios (the speed-up), with a 90% bootstrap interval of that
+    median (rounds resampled within each creation order: how closely the rounds pin it, not
+    where another run's would fall).
 
     The JSON's machine.huge_pages records the kernel's transparent-huge-page mode and
     GLIBC_TUNABLES' glibc.malloc.hugetlb. Where huge pages come only on request (madvise)
@@ -264,11 +267,16 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     weights = f", weights in {result['quantize']}" if result.get("quantize") else ""
     if "peer" in result:
         peer = result["peer"]
+        low, high = peer["speedup_median_per_round_interval"]
         click.echo(f"sparse / {peer['name']}: {peer['speedup']:.2f}x ({peer['ours_tokens_per_s_median']:.2f} vs "
-                   f"{peer['tokens_per_s_median']:.2f} tokens/s under onnxruntime-genai's Generator)")
+                   f"{peer['tokens_per_s_median']:.2f} tokens/s under onnxruntime-genai's Generator; per round: "
+                   f"median {peer['speedup_median_per_round']:.2f}, {INTERVAL}: {low:.2f}-{high:.2f})")
+    low, high = result["speedup_interval"]
     click.echo(f"sparse / dense: {result['speedup']:.2f}x{weights} ({result['shape']['name']}, "
                f"{result['shape']['num_layers']} layers, {result['provider']} provider, {where}, "
-               f"{result['machine']['date']})")
+               f"{result['machine']['date']}); {INTERVAL}: {low:.2f}-{high:.2f}")
 
+
+INTERVAL = f"{INTERVAL_LEVEL:.0%} interval of the rounds' median"
 
 COMMANDS = (generate_cmd, compare_cmd, quant_quality_cmd, bench_decode_cmd)

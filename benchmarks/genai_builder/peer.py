@@ -90,6 +90,7 @@ def peer_rounds(ours, peer, prompt_ids: list[int], *, new_tokens: int = 64, roun
         "speedup": ratio["of_medians"],
         "speedup_per_round": ratio["per_round"],
         "speedup_median_per_round": ratio["median_per_round"],
+        "speedup_median_per_round_interval": ratio["median_per_round_interval"],
         "tokens_per_s": summary["tokens_per_s"],
         "quiet_rounds": quiet_summary(measured["rounds"], names),
         "model_bytes": {OURS_GENAI: model_facts(ours)["model_bytes"], PEER_GENAI: model_facts(peer)["model_bytes"]},

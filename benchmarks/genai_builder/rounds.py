@@ -13,6 +13,8 @@ from sparseinfer.reference.errors import SparseInferError
 from .runners import BUILDER_GENAI, Run
 
 QUIET_CORES = 0.25           # a round is "quiet" when other processes used less than this many cores in every run
+INTERVAL_LEVEL = 0.9         # median_interval's coverage
+INTERVAL_RESAMPLES = 2000
 
 
 def _load1() -> float | None:
@@ -165,9 +167,37 @@ def summarize_rounds(rounds: list[dict], names: list[str], reference: str = BUIL
             if name == reference:
                 continue
             per = [round(r[name]["decode_tokens_per_s"] / r[reference]["decode_tokens_per_s"], 4) for r in timed]
-            out["ratio_to_" + reference][name] = {"of_medians": round(out["tokens_per_s"][name]["median"] / ref, 4),
-                                                  "per_round": per, "median_per_round": round(statistics.median(per), 4)}
+            out["ratio_to_" + reference][name] = {
+                "of_medians": round(out["tokens_per_s"][name]["median"] / ref, 4), "per_round": per,
+                "median_per_round": round(statistics.median(per), 4),
+                "median_per_round_interval": median_interval(per, [str(r.get("created")) for r in timed])}
     return out
+
+
+def median_interval(values, strata=None, level: float = INTERVAL_LEVEL, resamples: int = INTERVAL_RESAMPLES,
+                    seed: int = 0) -> list[float]:
+    """[low, high]: a percentile-bootstrap interval at ``level`` for the median of ``values``
+    (per-round ratios). Each resample draws with replacement as many values from each stratum
+    (``strata``: one label per value, such as the order the models were created in) as it
+    has, so that every resample keeps the rounds' balance of strata; the interval holds the
+    central ``level`` of the resamples' medians. Deterministic for a ``seed``. The rounds of
+    one run share its machine state, so this says how closely they pin their own median, not
+    where another run's would fall."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
+        raise SparseInferError(f"an interval needs one or more finite values, got {values.size}")
+    if not 0.0 < level < 1.0 or resamples < 1:
+        raise SparseInferError(f"interval level {level} must be in (0, 1) and resamples ({resamples}) >= 1")
+    labels = [None] * values.size if strata is None else [str(x) for x in strata]
+    if len(labels) != values.size:
+        raise SparseInferError(f"{len(labels)} strata labels for {values.size} values")
+    rng = np.random.default_rng(seed)
+    groups = [values[[i for i, x in enumerate(labels) if x == label]] for label in dict.fromkeys(labels)]
+    draws = np.concatenate([g[rng.integers(0, g.size, size=(resamples, g.size))] for g in groups], axis=1)
+    low, high = np.quantile(np.median(draws, axis=1), [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(low), 4), round(float(high), 4)]
 
 
 def quiet_summary(rounds: list[dict], names: list[str]) -> dict:
