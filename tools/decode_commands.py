@@ -233,7 +233,7 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     The JSON's machine.huge_pages records the kernel's transparent-huge-page mode and
     GLIBC_TUNABLES' glibc.malloc.hugetlb. Where huge pages come only on request (madvise)
     and malloc is not told to ask, onnxruntime's packed MatMulNBits weights sit on 4 KiB
-    pages, and there the second session's advantage shows: a note says so first.
+    pages, and there the second session's advantage shows: a note after the results says so.
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 in the environment puts every model's on 2 MiB
     pages, and both orders then decode alike (README, "Huge pages").
 
@@ -241,11 +241,8 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     quantized, the dense one with MatMulNBits where it holds the format).
     """
     from sparseinfer.benchmarks.decode_bench import bench_decode, timed_rows
-    from sparseinfer.model_export.machine import huge_page_note, huge_pages
+    from sparseinfer.model_export.machine import huge_page_note
 
-    note = huge_page_note(huge_pages()) if settings["provider"] == "cpu" and not as_json else None
-    if note:
-        echo_err(f"note: {note}")
     result = bench_decode(checkpoint, export=functools.partial(export_checkpoint, quiet=as_json), bar=progress_bar,
                           **settings)
     if as_json:
@@ -275,6 +272,9 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     click.echo(f"sparse / dense: {result['speedup']:.2f}x{weights} ({result['shape']['name']}, "
                f"{result['shape']['num_layers']} layers, {result['provider']} provider, {where}, "
                f"{result['machine']['date']}); {INTERVAL}: {low:.2f}-{high:.2f}")
+    note = huge_page_note(result["machine"]["huge_pages"]) if result["provider"] == "cpu" else None
+    if note:
+        echo_err(f"note: {note}")
 
 
 INTERVAL = f"{INTERVAL_LEVEL:.0%} interval of the rounds' median"

@@ -182,17 +182,20 @@ def median_interval(values, strata=None, level: float = INTERVAL_LEVEL, resample
     has, so that every resample keeps the rounds' balance of strata; the interval holds the
     central ``level`` of the resamples' medians. Deterministic for a ``seed``. The rounds of
     one run share its machine state, so this says how closely they pin their own median, not
-    where another run's would fall."""
+    where another run's would fall. A value that is not finite (a timing that failed) leaves
+    the interval undefined: [nan, nan]."""
     import numpy as np
 
     values = np.asarray(values, dtype=np.float64)
-    if values.ndim != 1 or values.size == 0 or not np.all(np.isfinite(values)):
-        raise SparseInferError(f"an interval needs one or more finite values, got {values.size}")
+    if values.ndim != 1 or values.size == 0:
+        raise SparseInferError(f"an interval needs one or more values, got shape {values.shape}")
     if not 0.0 < level < 1.0 or resamples < 1:
         raise SparseInferError(f"interval level {level} must be in (0, 1) and resamples ({resamples}) >= 1")
     labels = [None] * values.size if strata is None else [str(x) for x in strata]
     if len(labels) != values.size:
         raise SparseInferError(f"{len(labels)} strata labels for {values.size} values")
+    if not np.all(np.isfinite(values)):
+        return [float("nan"), float("nan")]
     rng = np.random.default_rng(seed)
     groups = [values[[i for i, x in enumerate(labels) if x == label]] for label in dict.fromkeys(labels)]
     draws = np.concatenate([g[rng.integers(0, g.size, size=(resamples, g.size))] for g in groups], axis=1)
