@@ -239,7 +239,7 @@ def bench_decode(checkpoint, *, shape_name, layers, target_sparsity, alpha, targ
               "decode_tokens": tokens, "prompt_tokens": len(prompt),
               "repeats": repeats, "portable": portable, **rows,
               "speedup": float(np.median(ratios["sparse"])), "speedup_per_round": ratios["sparse"],
-              "speedup_interval": median_interval(ratios["sparse"], [str(c) for c in created_orders]),
+              "speedup_interval": median_interval(ratios["sparse"], created_orders),
               "order_per_round": orders, "created_per_round": created_orders,
               **({"speedup_function_bodies": float(np.median(ratios["sparse-function"]))}
                  if "sparse-function" in ratios else {}),

@@ -71,11 +71,15 @@ def malloc_hugetlb(environ=None) -> str | None:
     return value
 
 
-def glibc_version(libc_ver=platform.libc_ver) -> tuple[int, ...] | None:
+def _major_minor(version: str | None) -> tuple[int, int] | None:
+    parts = re.match(r"(\d+)\.(\d+)", version or "")
+    return (int(parts.group(1)), int(parts.group(2))) if parts else None
+
+
+def glibc_version(libc_ver=platform.libc_ver) -> tuple[int, int] | None:
     """(major, minor) of the glibc this Python runs on; None for another C library."""
     lib, version = libc_ver()
-    parts = re.match(r"(\d+)\.(\d+)", version or "")
-    return (int(parts.group(1)), int(parts.group(2))) if lib == "glibc" and parts else None
+    return _major_minor(version) if lib == "glibc" else None
 
 
 def huge_pages(environ=None, mode_file=THP_MODE_FILE, libc_ver=platform.libc_ver) -> dict:
@@ -89,7 +93,7 @@ def huge_pages(environ=None, mode_file=THP_MODE_FILE, libc_ver=platform.libc_ver
 def huge_page_note(facts: dict) -> str | None:
     """One line for a user timing decodes on the CPU where onnxruntime's weight buffers will sit
     on 4 KiB pages and one environment variable would put them on 2 MiB pages; else None."""
-    glibc = tuple(int(v) for v in facts["glibc"].split(".")) if facts.get("glibc") else None
+    glibc = _major_minor(facts.get("glibc"))
     if (facts.get("transparent_huge_pages") != "madvise" or facts.get(MALLOC_HUGETLB) not in (None, "0")
             or glibc is None or glibc < MALLOC_HUGETLB_SINCE):
         return None

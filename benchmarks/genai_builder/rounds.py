@@ -170,7 +170,7 @@ def summarize_rounds(rounds: list[dict], names: list[str], reference: str = BUIL
             out["ratio_to_" + reference][name] = {
                 "of_medians": round(out["tokens_per_s"][name]["median"] / ref, 4), "per_round": per,
                 "median_per_round": round(statistics.median(per), 4),
-                "median_per_round_interval": median_interval(per, [str(r.get("created")) for r in timed])}
+                "median_per_round_interval": median_interval(per, [r.get("created") for r in timed])}
     return out
 
 
