@@ -487,32 +487,34 @@ inline void dot_q_tokens(const uint8_t* w, int d, int r0, int r1, const float* x
     }
 }
 
-// q[0 : 32 * blocks] = (((q + h[0] * row 0) + h[1] * row 1) + ...) for kRows rows' blocks, per
-// column in that order: down_columns's one-, two- and four-row steps. The rows `ahead` are
+// (((q + h[0] * row 0) + h[1] * row 1) + ...) for kRows rows' blocks (32 * blocks columns), per
+// column in that order, q and where the sums go as `how` says (down_walk's DownStep):
+// down_columns's one-, two- and four-row steps. The rows `ahead` are
 // prefetched meanwhile, a line every other block (36 bytes apart, so no line is missed): spread
 // over the work instead of in one burst that would wait for the memory before any arithmetic.
 template <typename F, int kRows>
-inline void add_rows_q(float* __restrict q, const uint8_t* const* src, const uint8_t* const* ahead, const float* h,
-                       int blocks) {
+inline void add_rows_q(const uint8_t* const* src, const uint8_t* const* ahead, const float* h, int blocks,
+                       const DownStep& how) {
     BlockFields<F> fields[kRows];
+    float hr[kRows];                 // (copied: the sums' stores could alias h, which would be reloaded)
+    for (int r = 0; r < kRows; ++r) hr[r] = h[r];
     for (int b0 = 0; b0 < blocks; b0 += kScaleRun) {
         const int n = std::min(kScaleRun, blocks - b0);
         for (int r = 0; r < kRows; ++r) fields[r].load(src[r], b0, n);
         for (int j = 0; j < n; ++j) {
             if ((j & 1) == 0)
                 for (int r = 0; r < kRows; ++r) prefetch_blocks<F, 2>(ahead[r] + int64_t(b0 + j) * F::kBytes);
-            float* qb = q + (b0 + j) * kBlock;
+            const int col = (b0 + j) * kBlock;
             VecF a[kBlockVecs];
-            for (int v = 0; v < kBlockVecs; ++v) a[v] = load_vec<VecF>(qb + v * kVecFloats);
+            for (int v = 0; v < kBlockVecs; ++v) a[v] = how.start<VecF>(col + v * kVecFloats);
             for (int r = 0; r < kRows; ++r) {
                 const uint8_t* block = src[r] + int64_t(b0 + j) * F::kBytes;
                 float fj[F::kFields];
                 fields[r].of(block, j, fj);
-                const BlockLanes prod = scaled_lanes<F>(block, fj, h[r]);
+                const BlockLanes prod = scaled_lanes<F>(block, fj, hr[r]);
                 for (int v = 0; v < kBlockVecs; ++v) a[v] = a[v] + prod.w[v];
             }
-            for (int v = 0; v < kBlockVecs; ++v)                 // register by register, not via the stack
-                std::memcpy(qb + v * kVecFloats, &a[v], sizeof a[v]);
+            for (int v = 0; v < kBlockVecs; ++v) how.finish(col + v * kVecFloats, a[v]);   // register by register
         }
     }
     for (int r = 0; r < kRows; ++r) __builtin_prefetch(ahead[r] + int64_t(blocks) * F::kBytes - 1, 0, 1);
@@ -526,8 +528,9 @@ inline void down_columns_q(const uint8_t* __restrict wt, int d, const int32_t* r
     const int blocks = (j1 - j0) / kBlock;
     const int64_t stride = row_bytes_q<F>(d), first = int64_t(j0 / kBlock) * F::kBytes;
     down_walk(rows, h3, n, j1 - j0, out + j0, [&](int r) { return wt + int64_t(rows[r]) * stride + first; }, 0,
-              [&](float* q, const uint8_t* const* src, const uint8_t* const* ahead, const float* h, auto step) {
-                  add_rows_q<F, decltype(step)::value>(q, src, ahead, h, blocks);
+              [&](const uint8_t* const* src, const uint8_t* const* ahead, const float* h, auto step,
+                  const DownStep& how) {
+                  add_rows_q<F, decltype(step)::value>(src, ahead, h, blocks, how);
               });
 }
 

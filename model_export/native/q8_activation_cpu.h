@@ -186,7 +186,9 @@ inline __m512 q8_term(const Q8Weights& w, const Q8Pair& x, __m512 dv, __m512 mv)
 // A tile: z[t][r] = rows[r] . x_t for kRows rows and kT tokens (qx[t]), each (row, token) sum
 // in the steps and order of the 16 lanes above, so a tile's sums are one row's and one token's
 // alone, bit for bit: the rows' codes are unpacked once for the kT tokens and each token's x
-// loaded once for the kRows rows. `ahead` (or null): kRows rows prefetched meanwhile.
+// loaded once for the kRows rows. `ahead`: kRows rows prefetched meanwhile (null: the rows
+// themselves, in cache by then, so that the loop has no branch for it). A run of 16 blocks is
+// 8 whole pairs; only a short last run can end with a lone block.
 template <typename F, int kRows, int kT>
 inline void dot_q8_tile(const uint8_t* const* rows, const QuantizedX* const* qx, int d, float* const* z,
                         const uint8_t* const* ahead = nullptr) {
@@ -195,29 +197,35 @@ inline void dot_q8_tile(const uint8_t* const* rows, const QuantizedX* const* qx,
     for (int t = 0; t < kT; ++t)
         for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_setzero_ps();
     const __m512i pair0 = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const uint8_t* const* pf = ahead ? ahead : rows;
     BlockFields<F, true> fields[kRows];
+    auto pair = [&](int b, int j, auto two_c) {
+        constexpr bool two = decltype(two_c)::value;
+        const __m512i idx = _mm512_add_epi32(pair0, _mm512_set1_epi32(j));
+        Q8Weights w[kRows];
+        __m512 dv[kRows], mv[kRows];
+        for (int r = 0; r < kRows; ++r) {
+            const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
+            prefetch_blocks<F, 2>(pf[r] + int64_t(b) * F::kBytes);
+            w[r] = q8_weights<F>(block, two ? block + F::kBytes : nullptr);
+            dv[r] = _mm512_maskz_permutexvar_ps(0xFFFF, idx, _mm512_load_ps(fields[r].f));
+            mv[r] = F::kFields == 2 ? _mm512_maskz_permutexvar_ps(0xFFFF, idx, _mm512_load_ps(fields[r].f + kScaleRun))
+                                    : dv[r];
+        }
+        for (int t = 0; t < kT; ++t) {
+            const Q8Pair x = q8_pair<F>(*qx[t], b, two);
+            for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_add_ps(acc[t][r], q8_term<F>(w[r], x, dv[r], mv[r]));
+        }
+    };
     for (int b0 = 0; b0 < blocks; b0 += kScaleRun) {
         const int n = std::min(kScaleRun, blocks - b0);
         for (int r = 0; r < kRows; ++r) fields[r].load(rows[r], b0, n);
-        for (int j = 0; j < n; j += 2) {
-            const int b = b0 + j;
-            const bool two = j + 1 < n;
-            const __m512i idx = _mm512_add_epi32(pair0, _mm512_set1_epi32(j));
-            Q8Weights w[kRows];
-            __m512 dv[kRows], mv[kRows];
-            for (int r = 0; r < kRows; ++r) {
-                const uint8_t* block = rows[r] + int64_t(b) * F::kBytes;
-                if (ahead) prefetch_blocks<F, 2>(ahead[r] + int64_t(b) * F::kBytes);
-                w[r] = q8_weights<F>(block, two ? block + F::kBytes : nullptr);
-                dv[r] = _mm512_maskz_permutexvar_ps(0xFFFF, idx, _mm512_load_ps(fields[r].f));
-                mv[r] = F::kFields == 2
-                            ? _mm512_maskz_permutexvar_ps(0xFFFF, idx, _mm512_load_ps(fields[r].f + kScaleRun))
-                            : dv[r];
-            }
-            for (int t = 0; t < kT; ++t) {
-                const Q8Pair x = q8_pair<F>(*qx[t], b, two);
-                for (int r = 0; r < kRows; ++r) acc[t][r] = _mm512_add_ps(acc[t][r], q8_term<F>(w[r], x, dv[r], mv[r]));
-            }
+        if (n == kScaleRun) {
+            for (int j = 0; j < kScaleRun; j += 2) pair(b0 + j, j, std::true_type{});
+        } else {
+            int j = 0;
+            for (; j + 1 < n; j += 2) pair(b0 + j, j, std::true_type{});
+            if (j < n) pair(b0 + j, j, std::false_type{});
         }
     }
     for (int t = 0; t < kT; ++t)

@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 #include <cstring>
+#include <memory>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -312,49 +313,89 @@ inline void add_in_place(float* __restrict acc, const float* __restrict terms, s
     for (size_t j = 0; j < n; ++j) acc[j] = acc[j] + terms[j];
 }
 
+// Where a step of down_walk (below) starts its columns' sums and where it leaves them: from q, or
+// from +0.0 (`zeros`) where the step is its sub-chunk's first; into q, or where it is the
+// sub-chunk's last, added to the chunk's partial so far, and where it is also the chunk's last,
+// that added to the total so far (each +0.0 where it has none yet). The walk's additions in its
+// order, done while a column's sum is in a register: no passes of their own over the columns.
+// (+0.0 + v is v but for -0.0, which becomes +0.0, as the walk's sums from +0.0 do; a partial or
+// total is never -0.0, so sub-chunks or chunks without rows, which would add +0.0 to them,
+// change nothing and are not visited.)
+struct DownStep {
+    enum End { kToQ, kToPart, kToTotal };
+    const float* from;        // q, or zeros
+    End end;
+    const float* part;        // kToPart, kToTotal: the partial so far (or zeros)
+    const float* total;       // kToTotal: the total so far (or zeros)
+    float* dst;               // q, the partial or the total
+
+    template <typename V>
+    V start(int j) const { return load_span<V>(from + j); }
+    template <typename V>
+    void finish(int j, V sum) const {
+        if (end != kToQ) sum = load_span<V>(part + j) + sum;
+        if (end == kToTotal) sum = load_span<V>(total + j) + sum;
+        std::memcpy(dst + j, &sum, sizeof sum);
+    }
+    template <typename V>
+    static V load_span(const float* p) {
+        V v;
+        std::memcpy(&v, p, sizeof v);
+        return v;
+    }
+};
+
 // The contract's walk of the down projection over the listed rows of W_down^T (ascending,
 // h3 != 0), for one token, into out[0:m] (m columns of a task): per chunk a partial from
 // +0.0, per sub-chunk q from +0.0 adding the sub-chunk's rows in order, sub-chunks added in
 // order into the partial, chunks in order into out. What a row adds is the weights' business:
-// `row(r)` points at listed row r's first column of the task, and `add(q, src, ahead, h, step)`
-// adds the `step` rows src[0 ..] times h[0 ..] to q[0:m], column by column in that order (step:
-// a std::integral_constant 4, 2 or 1, as many memory streams; all the rows of one sub-chunk),
+// `row(r)` points at listed row r's first column of the task, and `add(src, ahead, h, step, how)`
+// adds the `step` rows src[0 ..] times h[0 ..] to the sums that `how` (a DownStep) starts from,
+// column by column in that order, and leaves them where `how` says (step: a
+// std::integral_constant 4, 2 or 1, as many memory streams; all the rows of one sub-chunk),
 // `ahead` being the next step's rows (the last row where the list ends) for it to prefetch
 // while it works. With `bytes` > 0 the walk prefetches those rows' `bytes` bytes itself, all
 // at once before the step.
 template <typename RowAt, typename AddRows>
 inline void down_walk(const int32_t* rows, const float* h3, int n, int m, float* __restrict out, RowAt&& row,
                       size_t bytes, AddRows&& add) {
-    std::vector<float> buf(3 * size_t(m));
-    float* __restrict total = buf.data();
-    float* __restrict part = total + m;
+    if (n == 0) {
+        std::fill(out, out + m, 0.0f);
+        return;
+    }
+    const std::unique_ptr<float[]> buf(new float[3 * size_t(m)]);
+    float* __restrict part = buf.get();                 // (part and q are read only where written)
     float* __restrict q = part + m;
-    std::fill(total, total + m, 0.0f);
+    float* zeros = q + m;
+    std::fill(zeros, zeros + m, 0.0f);
+    auto chunk_of = [&](int r) { return rows[r] / (kSubRows * kSubs); };
+    auto sub_of = [&](int r) { return rows[r] / kSubRows; };
     int r = 0;
-    while (r < n) {
-        const int chunk = rows[r] / (kSubRows * kSubs);
-        std::fill(part, part + m, 0.0f);
-        for (int s = 0; s < kSubs; ++s) {
-            const int end = chunk * kSubs + s + 1;            // first sub-chunk past this one
-            std::fill(q, q + m, 0.0f);
-            while (r < n && rows[r] / kSubRows < end) {
+    for (bool first_chunk = true; r < n; first_chunk = false) {
+        const int chunk = chunk_of(r);
+        for (bool first_sub = true; r < n && chunk_of(r) == chunk; first_sub = false) {
+            const int sub = sub_of(r);
+            for (bool first_step = true; r < n && sub_of(r) == sub; first_step = false) {
                 int step = 1;
-                if (r + 3 < n && rows[r + 3] / kSubRows < end) step = 4;
-                else if (r + 1 < n && rows[r + 1] / kSubRows < end) step = 2;
+                if (r + 3 < n && sub_of(r + 3) == sub) step = 4;
+                else if (r + 1 < n && sub_of(r + 1) == sub) step = 2;
+                const bool ends_sub = r + step == n || sub_of(r + step) != sub;
+                const bool ends_chunk = r + step == n || chunk_of(r + step) != chunk;
+                const DownStep how{first_step ? zeros : q,
+                                   !ends_sub ? DownStep::kToQ : !ends_chunk ? DownStep::kToPart : DownStep::kToTotal,
+                                   first_sub ? zeros : part, first_chunk ? zeros : out,
+                                   !ends_sub ? q : !ends_chunk ? part : out};
                 if (bytes)
                     for (int a = r + step; a < std::min(n, r + 2 * step); ++a) prefetch_span(row(a), bytes);
                 decltype(row(0)) src[4], ahead[4];
                 for (int a = 0; a < step; ++a) src[a] = row(r + a), ahead[a] = row(std::min(n - 1, r + step + a));
-                if (step == 4) add(q, src, ahead, h3 + r, std::integral_constant<int, 4>{});
-                else if (step == 2) add(q, src, ahead, h3 + r, std::integral_constant<int, 2>{});
-                else add(q, src, ahead, h3 + r, std::integral_constant<int, 1>{});
+                if (step == 4) add(src, ahead, h3 + r, std::integral_constant<int, 4>{}, how);
+                else if (step == 2) add(src, ahead, h3 + r, std::integral_constant<int, 2>{}, how);
+                else add(src, ahead, h3 + r, std::integral_constant<int, 1>{}, how);
                 r += step;
             }
-            add_in_place(part, q, m);
         }
-        add_in_place(total, part, m);
     }
-    std::memcpy(out, total, m * sizeof(float));
 }
 
 // down_walk for `n_tokens` tokens at once (prefill): h3 [n_tokens, k]; token t's m columns go
@@ -405,20 +446,38 @@ inline void down_walk_tokens(int k, const float* __restrict h3, int n_tokens, in
     for (int t = 0; t < n_tokens; ++t) std::memcpy(out + t * out_stride, total + size_t(t) * m, m * sizeof(float));
 }
 
-// q[0:m] = (((q + h[0] * src[0]) + h[1] * src[1]) + ...) for kRows rows, per column in that order.
-template <typename W, int kRows>
-inline void add_rows(float* __restrict q, const W* const* src, const float* h, int m) {
+// (((q + h[0] * src[0]) + h[1] * src[1]) + ...) for kRows rows, per column in that order, q and
+// where the sums go as `how` says (down_walk's DownStep; its end a constant of the loop, which
+// the compiler vectorizes).
+template <typename W, int kRows, DownStep::End kEnd>
+inline void add_rows_to(const W* const* src, const float* h, int m, const DownStep& how) {
     const W* __restrict s0 = src[0];
     const W* __restrict s1 = src[kRows > 1 ? 1 : 0];
     const W* __restrict s2 = src[kRows > 2 ? 2 : 0];
     const W* __restrict s3 = src[kRows > 3 ? 3 : 0];
-    static_assert(kRows == 1 || kRows == 2 || kRows == 4, "down_walk's steps");
+    const float h0 = h[0], h1 = h[kRows > 1 ? 1 : 0], h2 = h[kRows > 2 ? 2 : 0], h3 = h[kRows > 3 ? 3 : 0];
+    const float* from = how.from;             // (q, part and total may be dst itself: no __restrict)
+    const float* part = how.part;
+    const float* total = how.total;
+    float* dst = how.dst;
     for (int j = 0; j < m; ++j) {
-        float a = q[j] + h[0] * float(s0[j]);
-        if (kRows > 1) a = a + h[1] * float(s1[j]);
-        if (kRows > 2) a = a + h[2] * float(s2[j]);
-        if (kRows > 3) a = a + h[3] * float(s3[j]);
-        q[j] = a;
+        float a = from[j] + h0 * float(s0[j]);
+        if (kRows > 1) a = a + h1 * float(s1[j]);
+        if (kRows > 2) a = a + h2 * float(s2[j]);
+        if (kRows > 3) a = a + h3 * float(s3[j]);
+        if (kEnd != DownStep::kToQ) a = part[j] + a;
+        if (kEnd == DownStep::kToTotal) a = total[j] + a;
+        dst[j] = a;
+    }
+}
+
+template <typename W, int kRows>
+inline void add_rows(const W* const* src, const float* h, int m, const DownStep& how) {
+    static_assert(kRows == 1 || kRows == 2 || kRows == 4, "down_walk's steps");
+    switch (how.end) {
+        case DownStep::kToQ: return add_rows_to<W, kRows, DownStep::kToQ>(src, h, m, how);
+        case DownStep::kToPart: return add_rows_to<W, kRows, DownStep::kToPart>(src, h, m, how);
+        default: return add_rows_to<W, kRows, DownStep::kToTotal>(src, h, m, how);
     }
 }
 
@@ -428,8 +487,8 @@ inline void down_columns(const W* __restrict wt, int d, const int32_t* rows, con
                          int j1, float* __restrict out) {
     const int m = j1 - j0;
     down_walk(rows, h3, n, m, out + j0, [&](int r) { return wt + int64_t(rows[r]) * d + j0; }, m * sizeof(W),
-              [&](float* q, const W* const* src, const W* const*, const float* h, auto step) {
-                  add_rows<W, decltype(step)::value>(q, src, h, m);
+              [&](const W* const* src, const W* const*, const float* h, auto step, const DownStep& how) {
+                  add_rows<W, decltype(step)::value>(src, h, m, how);
               });
 }
 
