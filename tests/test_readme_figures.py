@@ -164,24 +164,31 @@ def test_amd_speed_table_is_the_results_files():
                                             f"{p['speedup_median_per_round']:.2f}")
 
 
-HUGE_PAGE_RUNS = {"default": ("final", 6), "hugetlb": ("hugepages", 6)}
+# The EPYC VM's huge-page tables, in README order: per table, each setting's results-file tag and
+# its number of runs per format.
+HUGE_PAGE_TABLES = (
+    {"default": ("final", {"q4_0": 6, "q8_0": 6}), "hugetlb": ("hugepages", {"q4_0": 6, "q8_0": 5})},
+    {"default": ("fold-default", {"q4_0": 6, "q8_0": 6}), "hugetlb": ("fold-hugepages", {"q4_0": 6, "q8_0": 6})},
+)
 
 
-def test_huge_pages_table_is_the_results_files():
-    """The EPYC VM's huge-page table: each run's median per-round ratio in run order, and the
+def test_huge_pages_tables_are_the_results_files():
+    """The EPYC VM's huge-page tables: each run's median per-round ratio in run order, and the
     pooled median of every round's ratio and share of rounds at 2.0 or more, with the malloc
     tunable unset and set, are those of the bench-decode --json results files."""
     results = ROOT / "benchmarks" / "results"
     found = re.findall(r"^\| (q\d_\d) sparse / (dense q\d_\d|builder int4) \| ([\d., ]+) \| \*\*([\d.]+)\*\*; (\d+)% "
                        r"\| ([\d., ]+) \| \*\*([\d.]+)\*\*; (\d+)% \|$", README, re.M)
-    assert [(f, b) for f, b, *_ in found] == [("q4_0", "builder int4"), ("q4_0", "dense q4_0"), ("q8_0", "dense q8_0")]
-    for fmt, base, *columns in found:
-        for (runs_text, pooled, share), (setting, tag) in zip((columns[:3], columns[3:]),
-                                                              (("default", "final"), ("hugetlb", "hugepages"))):
+    rows = [("q4_0", "builder int4"), ("q4_0", "dense q4_0"), ("q8_0", "dense q8_0")]
+    assert [(f, b) for f, b, *_ in found] == rows * len(HUGE_PAGE_TABLES)
+    for i, (fmt, base, *columns) in enumerate(found):
+        table = HUGE_PAGE_TABLES[i // len(rows)]
+        for (runs_text, pooled, share), setting in zip((columns[:3], columns[3:]), ("default", "hugetlb")):
+            tag, runs = table[setting]
             peer = "-peer" if fmt == "q4_0" else ""
             files = sorted(results.glob(f"cpu-quant-decode-7b-4l-2026-12-07-epyc2-{fmt}-{tag}{peer}-run*.json"))
             data = [json.loads(f.read_text()) for f in files]
-            assert len(data) == (5 if (fmt, setting) == ("q8_0", "hugetlb") else 6), (fmt, setting)
+            assert len(data) == runs[fmt], (fmt, tag)
             for d in data:
                 assert d["quantize"] == fmt and d["machine"]["cpu"] == "AMD EPYC"
                 assert d["machine"]["huge_pages"]["glibc.malloc.hugetlb"] == ("1" if setting == "hugetlb" else None)
@@ -191,8 +198,8 @@ def test_huge_pages_table_is_the_results_files():
             else:
                 per_run = [d["speedup"] for d in data]
                 rounds = [x for d in data for x in d["speedup_per_round"]]
-            assert runs_text == ", ".join(f"{x:.2f}" for x in per_run), (fmt, base, setting)
+            assert runs_text == ", ".join(f"{x:.2f}" for x in per_run), (fmt, base, tag)
             ordered = sorted(rounds)
             median = (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
-            assert pooled == f"{median:.2f}", (fmt, base, setting)
-            assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}", (fmt, base, setting)
+            assert pooled == f"{median:.2f}", (fmt, base, tag)
+            assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}", (fmt, base, tag)
