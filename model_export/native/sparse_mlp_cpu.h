@@ -455,16 +455,17 @@ inline void add_rows_to(const W* const* src, const float* h, int m, const DownSt
     const W* __restrict s1 = src[kRows > 1 ? 1 : 0];
     const W* __restrict s2 = src[kRows > 2 ? 2 : 0];
     const W* __restrict s3 = src[kRows > 3 ? 3 : 0];
-    const float h0 = h[0], h1 = h[kRows > 1 ? 1 : 0], h2 = h[kRows > 2 ? 2 : 0], h3 = h[kRows > 3 ? 3 : 0];
-    const float* from = how.from;             // (q, part and total may be dst itself: no __restrict)
+    const float f0 = h[0], f1 = h[kRows > 1 ? 1 : 0], f2 = h[kRows > 2 ? 2 : 0], f3 = h[kRows > 3 ? 3 : 0];
+    const float* from = how.from;             // (q, part and total may be dst itself: no __restrict;
+                                              // h's values copied, so that dst's stores do not reload them)
     const float* part = how.part;
     const float* total = how.total;
     float* dst = how.dst;
     for (int j = 0; j < m; ++j) {
-        float a = from[j] + h0 * float(s0[j]);
-        if (kRows > 1) a = a + h1 * float(s1[j]);
-        if (kRows > 2) a = a + h2 * float(s2[j]);
-        if (kRows > 3) a = a + h3 * float(s3[j]);
+        float a = from[j] + f0 * float(s0[j]);
+        if (kRows > 1) a = a + f1 * float(s1[j]);
+        if (kRows > 2) a = a + f2 * float(s2[j]);
+        if (kRows > 3) a = a + f3 * float(s3[j]);
         if (kEnd != DownStep::kToQ) a = part[j] + a;
         if (kEnd == DownStep::kToTotal) a = total[j] + a;
         dst[j] = a;
