@@ -203,3 +203,35 @@ def test_huge_pages_tables_are_the_results_files():
             median = (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
             assert pooled == f"{median:.2f}", (fmt, base, tag)
             assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}", (fmt, base, tag)
+
+
+def test_second_huge_page_series_is_the_results_files():
+    """The second q4_0 series on huge pages: per-run ratios, pooled medians, and both series'
+    rounds pooled (with the share at 2.0 or more), as the results files give them."""
+    results = ROOT / "benchmarks" / "results"
+    prefix = "cpu-quant-decode-7b-4l-2026-12-07-epyc2-q4_0-fold-"
+
+    def load(tag):
+        data = [json.loads(f.read_text()) for f in sorted(results.glob(f"{prefix}{tag}-peer-run*.json"))]
+        assert len(data) == 6 and all(d["machine"]["huge_pages"]["glibc.malloc.hugetlb"] == "1" for d in data), tag
+        return data
+
+    def pooled(rounds):
+        ordered = sorted(rounds)
+        return (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
+
+    second, first = load("hugepages2"), load("hugepages")
+    text = re.search(r"A second series of six q4_0 runs on huge pages, right after: over the builder's int4 ([\d., ]+?), "
+                     r"pooled \*\*([\d.]+)\*\*; over our dense q4_0 ([\d., ]+?), pooled \*\*([\d.]+)\*\*; the two "
+                     r"series' 120 rounds pooled: \*\*([\d.]+)\*\* and \*\*([\d.]+)\*\* \((\d+)% and (\d+)% of the rounds",
+                     " ".join(README.split()))
+    assert text, "the second series' sentence"
+    peer_runs, peer_pooled, dense_runs, dense_pooled, both_peer, both_dense, share_peer, share_dense = text.groups()
+    assert peer_runs == ", ".join(f"{d['peer']['speedup_median_per_round']:.2f}" for d in second)
+    assert dense_runs == ", ".join(f"{d['speedup']:.2f}" for d in second)
+    assert peer_pooled == f"{pooled([x for d in second for x in d['peer']['speedup_per_round']]):.2f}"
+    assert dense_pooled == f"{pooled([x for d in second for x in d['speedup_per_round']]):.2f}"
+    for got, share, rounds in ((both_peer, share_peer, [x for d in first + second for x in d["peer"]["speedup_per_round"]]),
+                               (both_dense, share_dense, [x for d in first + second for x in d["speedup_per_round"]])):
+        assert len(rounds) == 120 and got == f"{pooled(rounds):.2f}"
+        assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}"
