@@ -5,6 +5,7 @@ and checked against the command's --json."""
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -199,9 +200,7 @@ def test_huge_pages_tables_are_the_results_files():
                 per_run = [d["speedup"] for d in data]
                 rounds = [x for d in data for x in d["speedup_per_round"]]
             assert runs_text == ", ".join(f"{x:.2f}" for x in per_run), (fmt, base, tag)
-            ordered = sorted(rounds)
-            median = (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
-            assert pooled == f"{median:.2f}", (fmt, base, tag)
+            assert pooled == f"{statistics.median(rounds):.2f}", (fmt, base, tag)
             assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}", (fmt, base, tag)
 
 
@@ -216,10 +215,6 @@ def test_second_huge_page_series_is_the_results_files():
         assert len(data) == 6 and all(d["machine"]["huge_pages"]["glibc.malloc.hugetlb"] == "1" for d in data), tag
         return data
 
-    def pooled(rounds):
-        ordered = sorted(rounds)
-        return (ordered[len(ordered) // 2] + ordered[(len(ordered) - 1) // 2]) / 2
-
     second, first = load("hugepages2"), load("hugepages")
     text = re.search(r"A second series of six q4_0 runs on huge pages, right after: over the builder's int4 ([\d., ]+?), "
                      r"pooled \*\*([\d.]+)\*\*; over our dense q4_0 ([\d., ]+?), pooled \*\*([\d.]+)\*\*; the two "
@@ -229,9 +224,9 @@ def test_second_huge_page_series_is_the_results_files():
     peer_runs, peer_pooled, dense_runs, dense_pooled, both_peer, both_dense, share_peer, share_dense = text.groups()
     assert peer_runs == ", ".join(f"{d['peer']['speedup_median_per_round']:.2f}" for d in second)
     assert dense_runs == ", ".join(f"{d['speedup']:.2f}" for d in second)
-    assert peer_pooled == f"{pooled([x for d in second for x in d['peer']['speedup_per_round']]):.2f}"
-    assert dense_pooled == f"{pooled([x for d in second for x in d['speedup_per_round']]):.2f}"
+    assert peer_pooled == f"{statistics.median([x for d in second for x in d['peer']['speedup_per_round']]):.2f}"
+    assert dense_pooled == f"{statistics.median([x for d in second for x in d['speedup_per_round']]):.2f}"
     for got, share, rounds in ((both_peer, share_peer, [x for d in first + second for x in d["peer"]["speedup_per_round"]]),
                                (both_dense, share_dense, [x for d in first + second for x in d["speedup_per_round"]])):
-        assert len(rounds) == 120 and got == f"{pooled(rounds):.2f}"
+        assert len(rounds) == 120 and got == f"{statistics.median(rounds):.2f}"
         assert share == f"{100 * sum(x >= 2.0 for x in rounds) / len(rounds):.0f}"

@@ -14,6 +14,8 @@ from .output import echo_err, echo_json, format_table
 from .progress import export_checkpoint, progress_bar
 from .token_text import TextStream, display_text
 
+INTERVAL = f"{INTERVAL_LEVEL:.0%} interval of the rounds' median"     # bench-decode's wording
+
 
 @click.command("generate", short_help="Decode text from an ONNX export.")
 @click.argument("model", type=click.Path())
@@ -276,7 +278,5 @@ def bench_decode_cmd(checkpoint, as_json, **settings):
     if note:
         echo_err(f"note: {note}")
 
-
-INTERVAL = f"{INTERVAL_LEVEL:.0%} interval of the rounds' median"
 
 COMMANDS = (generate_cmd, compare_cmd, quant_quality_cmd, bench_decode_cmd)

@@ -91,13 +91,6 @@ inline void halves_to_floats(const uint8_t* p, int64_t stride, int n, float* out
 }
 #endif
 
-template <typename V>
-inline V load_vec(const void* p) {
-    V v;
-    std::memcpy(&v, p, sizeof v);
-    return v;
-}
-
 // kVecFloats bytes at p widened to int32 lanes, signed (int8 codes) or not (nibble pairs): one
 // instruction where the target has it (GCC's generic __builtin_convertvector goes byte by byte).
 template <bool kSigned>

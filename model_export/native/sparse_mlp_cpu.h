@@ -313,6 +313,14 @@ inline void add_in_place(float* __restrict acc, const float* __restrict terms, s
     for (size_t j = 0; j < n; ++j) acc[j] = acc[j] + terms[j];
 }
 
+// A vector (or scalar) of type V read from p, whatever p's alignment.
+template <typename V>
+inline V load_vec(const void* p) {
+    V v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+
 // Where a step of down_walk (below) starts its columns' sums and where it leaves them: from q, or
 // from +0.0 (`zeros`) where the step is its sub-chunk's first; into q, or where it is the
 // sub-chunk's last, added to the chunk's partial so far, and where it is also the chunk's last,
@@ -330,18 +338,12 @@ struct DownStep {
     float* dst;               // q, the partial or the total
 
     template <typename V>
-    V start(int j) const { return load_span<V>(from + j); }
+    V start(int j) const { return load_vec<V>(from + j); }
     template <typename V>
     void finish(int j, V sum) const {
-        if (end != kToQ) sum = load_span<V>(part + j) + sum;
-        if (end == kToTotal) sum = load_span<V>(total + j) + sum;
+        if (end != kToQ) sum = load_vec<V>(part + j) + sum;
+        if (end == kToTotal) sum = load_vec<V>(total + j) + sum;
         std::memcpy(dst + j, &sum, sizeof sum);
-    }
-    template <typename V>
-    static V load_span(const float* p) {
-        V v;
-        std::memcpy(&v, p, sizeof v);
-        return v;
     }
 };
 
